@@ -173,7 +173,8 @@ class ModelSpec:
             return dict(model_type="gpt2", vocab_size=self.vocab_size, n_embd=self.hidden_size,
                         n_layer=self.num_layers, n_head=self.num_heads,
                         n_inner=self.intermediate_size, n_positions=self.max_positions,
-                        tie_word_embeddings=self.tie_embeddings)
+                        tie_word_embeddings=self.tie_embeddings, bos_token_id=None,
+                        eos_token_id=None)
         return dict(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
                     num_key_value_heads=self.num_kv_heads,

@@ -1,0 +1,170 @@
+"""The local backend: the reference interpreter of a Program, in one process.
+
+It runs the nodes of the graph in order on one device (CPU, or one GPU), frees each
+value after its last use (as torch.fx's Interpreter does), feeds carried values (new
+weights) into the next step, and records a measured timeline. It is the oracle the other
+backends are compared against.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from graphrl import signatures as sig
+from graphrl.errors import ExecutionError, GraphRLError
+from graphrl.graph import CALL, OP, SYSTEM, Graph, Node
+from graphrl.timeline import Event
+from graphrl.trace import Program
+from graphrl.types import PayloadSpec
+
+from .engines.base import ModelEngine, create_engine
+from .engines.hf import seed_for
+
+
+@dataclass(frozen=True)
+class WeightsToken:
+    """The runtime value of a Weights edge: which model, at which version."""
+
+    model: str
+    version: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: dict[str, Any]   # graph output name (without %) -> payload dict
+    events: tuple[Event, ...]
+    seconds: float
+
+
+def check_payload(node: Node, spec: PayloadSpec, value: Any) -> None:
+    """Raise if an engine or op returned something other than its declared payload."""
+    if spec.is_weights:
+        return
+    if not isinstance(value, Mapping):
+        raise ExecutionError(f"node {node.name} ({node.call}) returned "
+                             f"{type(value).__name__}, expected a {spec.kind} payload dict")
+    want = {f.name for f in spec.fields}
+    if set(value) != want:
+        raise ExecutionError(f"node {node.name} ({node.call}) returned fields "
+                             f"{sorted(value)}, its {spec.kind} payload declares {sorted(want)}")
+    for f in spec.fields:
+        shape = tuple(getattr(value[f.name], "shape", ()))
+        if shape != f.shape(spec.batch, spec.seq):
+            raise ExecutionError(f"node {node.name} ({node.call}): field {f.name} has shape "
+                                 f"{shape}, {spec.text()} declares "
+                                 f"{f.shape(spec.batch, spec.seq)}")
+
+
+def last_uses(graph: Graph) -> dict[str, list[str]]:
+    """Node name -> values that are dead after it runs."""
+    keep = set(graph.outputs) | {src for _, src in graph.carries}
+    last: dict[str, str] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            last[i] = n.name
+    dead: dict[str, list[str]] = {}
+    for value, node in last.items():
+        if value not in keep:
+            dead.setdefault(node, []).append(value)
+    return dead
+
+
+class LocalExecutor:
+    """Runs a Program step by step. `engines` may be passed in to share them."""
+
+    def __init__(self, program: Program, device: str = "cpu", seed: int = 0,
+                 engines: Mapping[str, ModelEngine] | None = None):
+        self.program, self.graph, self.seed = program, program.graph, seed
+        self.engines = dict(engines) if engines is not None else self._create(device)
+        self.carried: dict[str, Any] | None = None  # set at the first step
+        self._dead = last_uses(self.graph)
+        self._clock0 = time.perf_counter()
+
+    def _create(self, device: str) -> dict[str, ModelEngine]:
+        engines = {name: create_engine(m.engine, m.decl(), m.options, device, self.seed)
+                   for name, m in self.program.models.items()}
+        for name, m in self.program.models.items():
+            if m.init_from:
+                engines[name].load_weights(engines[m.init_from].export_weights())
+        return engines
+
+    def now(self) -> float:
+        return time.perf_counter() - self._clock0
+
+    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
+        g = self.graph
+        if self.carried is None:  # weights enter at whatever version set-up left them
+            self.carried = {v.name: WeightsToken(v.spec.model, self.engines[v.spec.model].version)
+                            for v in g.inputs if v.spec.is_weights}
+        env: dict[str, Any] = dict(self.carried)
+        for v in g.inputs:
+            if v.spec.is_weights:
+                continue
+            key = v.name.lstrip("%")
+            if key not in inputs:
+                raise ExecutionError(f"step @{g.name}: input {key!r} was not given "
+                                     f"(given: {', '.join(inputs) or 'none'})")
+            env[v.name] = inputs[key]
+        events: list[Event] = []
+        t0 = self.now()
+        for n in g.nodes:
+            start = self.now()
+            try:
+                results = self.run_node(n, [env[i] for i in n.inputs], iteration)
+            except GraphRLError:
+                raise
+            except Exception as e:  # name the node; keep the cause for debugging
+                raise ExecutionError(f"node {n.name} ({n.call}) failed at iteration "
+                                     f"{iteration}: {type(e).__name__}: {e}") from e
+            end = self.now()
+            for v, r in zip(n.outputs, results):
+                check_payload(n, v.spec, r)
+                env[v.name] = r
+            events.append(Event(n.name, n.call, n.model, "local", start, end, iteration))
+            for dead in self._dead.get(n.name, ()):
+                env.pop(dead, None)
+        self.carried = {dst: env[src] for dst, src in g.carries} | {
+            k: v for k, v in self.carried.items() if k not in dict(g.carries)}
+        outputs = {o.lstrip("%"): env[o] for o in g.outputs}
+        return StepResult(outputs, tuple(events), self.now() - t0)
+
+    # -- one node ---------------------------------------------------------------------
+    def run_node(self, n: Node, args: list[Any], iteration: int) -> list[Any]:
+        seed = seed_for(self.seed, iteration, n.name)
+        if n.kind == OP:
+            out = self.program.ops[n.target].fn(*args, **n.attr_dict)
+            return list(out) if isinstance(out, tuple) else [out]
+        if n.kind == CALL:
+            return self.run_call(n, args, seed)
+        if n.kind == SYSTEM:
+            return self.run_system(n, args)
+        raise ExecutionError(f"node {n.name}: unknown kind {n.kind!r}")
+
+    def run_call(self, n: Node, args: list[Any], seed: int) -> list[Any]:
+        engine = self.engines[n.model]
+        weights, data = args[0], args[1:]
+        if weights.version != engine.version:
+            raise ExecutionError(f"node {n.name} ({n.call}) reads {n.model} weights version "
+                                 f"{weights.version} but the engine holds {engine.version}")
+        attrs = n.attr_dict
+        if n.target == "generate":
+            return [engine.generate(data[0], seed=seed, **attrs)]
+        if n.target == "forward":
+            return [engine.forward(data[0])]
+        if n.target == "train":
+            import torch
+
+            loss = attrs.pop("loss")
+            names = [name for name, _ in sig.LOSSES[loss][0]]
+            stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
+            return [WeightsToken(n.model, engine.version),
+                    {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}]
+        raise ExecutionError(f"node {n.name}: unknown method {n.target!r}")
+
+    def run_system(self, n: Node, args: list[Any]) -> list[Any]:
+        """In one process weights have one layout: reshard is the identity; offload and
+        onload move an engine's tensors between device and host."""
+        if n.target in ("offload", "onload"):
+            getattr(self.engines[n.model], n.target)()
+        return list(args[: len(n.outputs)])

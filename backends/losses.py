@@ -1,0 +1,88 @@
+"""Training losses an engine optimises, by the name a train node carries.
+
+Each loss takes `forward(tokens) -> tensor` (the model's head quantity with gradients:
+per-token log-probs, per-token values or per-sequence scores), the minibatch's named
+payloads and hyper-parameters, and returns (loss tensor, stats dict of floats).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+Forward = Callable[[Any], Any]
+
+
+def masked_mean(x: Any, mask: Any) -> Any:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _clipped_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any, clip: float) -> tuple:
+    """PPO's clipped surrogate objective (Schulman et al. 2017, eq. 7), token level."""
+    import torch
+
+    ratio = torch.exp(new_lp - old_lp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    clip_frac = masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
+    return loss, clip_frac
+
+
+def ppo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float = 0.2,
+        **_: Any) -> tuple[Any, dict[str, float]]:
+    r = mb["rollout"]
+    mask = r["response_mask"]
+    new_lp = forward(r["tokens"])
+    old_lp = mb["old_logprobs"]["logprobs"]
+    loss, clip_frac = _clipped_surrogate(new_lp, old_lp, mb["advantages"]["advantages"],
+                                         mask, clip)
+    approx_kl = masked_mean(old_lp - new_lp.detach(), mask)
+    return loss, {"loss": loss.item(), "clip_fraction": clip_frac.item(),
+                  "approx_kl": approx_kl.item()}
+
+
+def grpo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float = 0.2,
+         kl_coef: float = 0.04, **_: Any) -> tuple[Any, dict[str, float]]:
+    """GRPO (Shao et al. 2024, eq. 3): clipped surrogate plus kl_coef times the k3 KL
+    estimator to the reference, exp(ref - new) - (ref - new) - 1 (Schulman 2020)."""
+    import torch
+
+    r = mb["rollout"]
+    mask = r["response_mask"]
+    new_lp = forward(r["tokens"])
+    surrogate, clip_frac = _clipped_surrogate(new_lp, mb["old_logprobs"]["logprobs"],
+                                              mb["advantages"]["advantages"], mask, clip)
+    diff = mb["ref_logprobs"]["logprobs"] - new_lp
+    kl = masked_mean(torch.exp(diff) - diff - 1.0, mask)
+    loss = surrogate + kl_coef * kl
+    return loss, {"loss": loss.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
+
+
+def value(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, value_clip: float = 0.2,
+          **_: Any) -> tuple[Any, dict[str, float]]:
+    """Clipped value loss (as in OpenAI baselines' PPO2): 0.5 * max of the squared errors
+    of the new value and of the old value moved by at most value_clip."""
+    import torch
+
+    r = mb["rollout"]
+    mask = r["response_mask"]
+    new_v = forward(r["tokens"])
+    old_v, ret = mb["old_values"]["values"], mb["returns"]["returns"]
+    clipped = old_v + torch.clamp(new_v - old_v, -value_clip, value_clip)
+    err = torch.maximum((new_v - ret) ** 2, (clipped - ret) ** 2)
+    loss = 0.5 * masked_mean(err, mask)
+    frac = masked_mean(((new_v - old_v).abs() > value_clip).float(), mask)
+    return loss, {"loss": loss.item(), "value_clip_fraction": frac.item()}
+
+
+def bradley_terry(forward: Forward, mb: Mapping[str, Mapping[str, Any]],
+                  **_: Any) -> tuple[Any, dict[str, float]]:
+    """Reward-model loss on preference pairs: -log sigmoid(r(chosen) - r(rejected))
+    (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1)."""
+    import torch.nn.functional as F
+
+    margin = forward(mb["chosen"]["tokens"]) - forward(mb["rejected"]["tokens"])
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item()}
+
+
+LOSS_FUNCTIONS = {"ppo": ppo, "grpo": grpo, "value": value, "bradley_terry": bradley_terry}

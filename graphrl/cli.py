@@ -1,0 +1,120 @@
+"""The `graphrl` command line.
+
+    graphrl run EXAMPLE.py [--iterations N --seed S --metrics FILE --trace FILE --device D]
+    graphrl show EXAMPLE.py            print the traced graph's text form
+    graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import GraphRLError, UsageError
+from .experiment import Experiment, RunOptions, add_run_options, run_options
+
+DESCRIPTION = """graphrl: trace an RLHF step (PPO, GRPO) into a dataflow graph, compile it
+and run it. An EXAMPLE is a Python file defining build(options) -> Experiment, such as
+examples/ppo.py and examples/grpo.py."""
+
+
+def load_example(path: str) -> Callable[[RunOptions], Experiment]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"no such example file: {path}")
+    spec = importlib.util.spec_from_file_location(f"graphrl_example_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise UsageError(f"{path} defines no build(options) -> Experiment function")
+    return build
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from .runner import run_experiment
+
+    build = load_example(ns.example)
+    run_experiment(build(run_options(ns)), run_options(ns))
+    return 0
+
+
+def _show(ns: argparse.Namespace) -> int:
+    build = load_example(ns.example)
+    print(build(run_options(ns)).program().graph.text(), end="")
+    return 0
+
+
+def _estimate(argv: Sequence[str]) -> int:
+    from .estimate import main as estimate_main
+
+    return estimate_main(list(argv))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphrl", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run an example's RL loop on the local backend",
+                         description="Run EXAMPLE for N iterations with a progress bar, "
+                                     "then print a summary (reward first/last 5, seconds "
+                                     "per call).")
+    run.add_argument("example", metavar="EXAMPLE.py")
+    add_run_options(run)
+    run.set_defaults(func=_run)
+    show = sub.add_parser("show", help="print the traced graph of an example",
+                          description="Trace EXAMPLE's step and print its canonical text form.")
+    show.add_argument("example", metavar="EXAMPLE.py")
+    add_run_options(show)
+    show.set_defaults(func=_show)
+    sub.add_parser("estimate", help="predict seconds and memory of one call (cost model)",
+                   add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["estimate"]:
+        return _guarded(lambda: _estimate(argv[1:]))
+    p = parser()
+    ns = p.parse_args(argv)
+    return _guarded(lambda: ns.func(ns), p)
+
+
+def example_main(build: Callable[[RunOptions], Experiment],
+                 argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python examples/NAME.py [run options]`."""
+    p = argparse.ArgumentParser(description=(build.__doc__ or "").strip() or None)
+    add_run_options(p)
+    ns = p.parse_args(argv)
+
+    def go() -> int:
+        from .runner import run_experiment
+
+        run_experiment(build(run_options(ns)), run_options(ns))
+        return 0
+    return _guarded(go, p)
+
+
+def _guarded(fn: Callable[[], Any], p: argparse.ArgumentParser | None = None) -> int:
+    """graphrl errors become one clear line (exit 2 for usage, 1 otherwise); Ctrl-C 130."""
+    try:
+        return int(fn() or 0)
+    except UsageError as e:
+        if p is not None:
+            p.print_usage(sys.stderr)
+        print(f"graphrl: error: {e}", file=sys.stderr)
+        return 2
+    except GraphRLError as e:
+        print(f"graphrl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("graphrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Run an Experiment for N iterations on a backend: progress bar, metrics, trace, summary."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .experiment import Experiment, RunOptions
+from .timeline import Event, seconds_per_call, write_chrome_trace
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    rows: tuple[dict[str, Any], ...]
+    events: tuple[Event, ...]
+    prepare: dict[str, float]
+    seconds: float
+
+    def reward_window(self, first: bool, k: int = 5) -> float:
+        rows = self.rows[:k] if first else self.rows[-k:]
+        return sum(r["reward_mean"] for r in rows) / len(rows)
+
+
+def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: float,
+                events: tuple[Event, ...]) -> dict[str, Any]:
+    row: dict[str, Any] = {"iteration": iteration,
+                           "reward_mean": float(outputs[reward]["score"].float().mean()),
+                           "step_seconds": round(seconds, 6)}
+    for call, s in sorted(seconds_per_call(events).items()):
+        row[f"seconds/{call}"] = round(s, 6)
+    for name, payload in sorted(outputs.items()):
+        if name == reward:
+            continue
+        for f, t in sorted(payload.items()):
+            if t.numel() == 1:
+                row[f"{name}/{f}"] = float(t)
+            elif t.dtype.is_floating_point:
+                row[f"{name}/{f}_mean"] = float(t.mean())
+    return row
+
+
+def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout) -> RunSummary:
+    from tqdm import tqdm
+
+    from graphrl.backends.local import LocalExecutor
+
+    start = time.perf_counter()
+    iterations = opts.iterations or exp.iterations
+    program = exp.program()
+    executor = LocalExecutor(program, device=opts.device, seed=opts.seed)
+    prepared = dict(exp.prepare(executor.engines)) if exp.prepare else {}
+    if prepared and not opts.quiet:
+        print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
+                                                      prepared.items()), file=out)
+    metrics = open(opts.metrics, "w") if opts.metrics else None
+    rows: list[dict[str, Any]] = []
+    events: list[Event] = []
+    bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        for i in bar:
+            result = executor.run_step(exp.data(i), iteration=i)
+            row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
+            rows.append(row)
+            events.extend(result.events)
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+    if opts.trace:
+        write_chrome_trace(opts.trace, events, source="measured")
+    summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
+    if not opts.quiet:
+        print(format_summary(exp.name, summary, opts), file=out)
+    return summary
+
+
+def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:
+    k = min(5, len(s.rows))
+    step_s = sum(r["step_seconds"] for r in s.rows) / len(s.rows)
+    lines = [f"[{name}] {len(s.rows)} iterations in {s.seconds:.1f} s "
+             f"({step_s:.3f} s per step)",
+             f"  reward_mean  first {k}: {s.reward_window(True, k):.3f}   "
+             f"last {k}: {s.reward_window(False, k):.3f}   "
+             f"change: {s.reward_window(False, k) - s.reward_window(True, k):+.3f}",
+             "  seconds per call (total):"]
+    for call, sec in sorted(seconds_per_call(s.events).items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {call:<24} {sec:8.3f}")
+    for what, path in (("metrics", opts.metrics), ("trace", opts.trace)):
+        if path:
+            lines.append(f"  {what}: {Path(path)}")
+    return "\n".join(lines)

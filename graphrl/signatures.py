@@ -1,0 +1,61 @@
+"""What each model method and each training loss takes and returns, as payload types.
+
+This is the contract between tracing (which builds typed nodes), verify (which checks
+producers against it) and the engines (which must return exactly these fields).
+
+Conventions for a rollout of `seq` tokens (prompt then response):
+  tokens[b, t]         token ids
+  response_mask[b, t]  1.0 where token t was generated
+  logprobs[b, t]       log p(token t | tokens < t) for t >= 1, 0 at t = 0
+  values[b, t]         critic's value of the state that generated token t (t >= 1)
+  score[b]             reward model's scalar for the whole sequence
+"""
+from __future__ import annotations
+
+from .types import Field, PayloadSpec
+
+PROMPTS = "Prompts"
+ROLLOUT = "Rollout"
+LOGPROBS = "LogProbs"
+VALUES = "Values"
+SCORES = "Scores"
+ADVANTAGES = "Advantages"
+RETURNS = "Returns"
+STATS = "Stats"
+
+PROMPT_FIELDS = (Field("tokens", "i64"),)
+ROLLOUT_FIELDS = (Field("tokens", "i64"), Field("response_mask", "f32"))
+FORWARD_OUTPUT = {  # head -> (kind, fields, output name suffix)
+    "lm": (LOGPROBS, (Field("logprobs", "f32"),), "logprobs"),
+    "value": (VALUES, (Field("values", "f32"),), "values"),
+    "score": (SCORES, (Field("score", "f32", per_token=False),), "scores"),
+}
+
+# loss -> (named inputs with their payload kinds, stats fields it reports)
+LOSSES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+    "ppo": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS), ("advantages", ADVANTAGES)),
+            ("loss", "clip_fraction", "approx_kl")),
+    "grpo": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS), ("ref_logprobs", LOGPROBS),
+              ("advantages", ADVANTAGES)),
+             ("loss", "clip_fraction", "kl")),
+    "value": ((("rollout", ROLLOUT), ("old_values", VALUES), ("returns", RETURNS)),
+              ("loss", "value_clip_fraction")),
+}
+
+
+def prompts_spec(batch: int, seq: int) -> PayloadSpec:
+    return PayloadSpec(PROMPTS, batch, seq, PROMPT_FIELDS)
+
+
+def rollout_spec(batch: int, seq: int) -> PayloadSpec:
+    return PayloadSpec(ROLLOUT, batch, seq, ROLLOUT_FIELDS)
+
+
+def forward_spec(head: str, rollout: PayloadSpec) -> tuple[PayloadSpec, str]:
+    kind, fields, suffix = FORWARD_OUTPUT[head]
+    return PayloadSpec(kind, rollout.batch, rollout.seq, fields), suffix
+
+
+def stats_spec(loss: str) -> PayloadSpec:
+    return PayloadSpec(STATS, 1, 1, tuple(Field(n, "f32", per_token=False)
+                                          for n in LOSSES[loss][1]))

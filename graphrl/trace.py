@@ -1,0 +1,295 @@
+"""The user API: declare models, write a step in plain Python, trace it into a Graph.
+
+    policy = Model("policy", llama_config, role="policy", trainable=True)
+    ...
+    def step(prompts, policy, reference, reward):
+        rollout = policy.generate(prompts, max_new_tokens=16)
+        ...
+    program = trace(step, models=[policy, reference, reward], prompts=prompts_spec(32, 8))
+
+Tracing calls the step once with stand-ins: each model argument is a handle whose
+methods record call nodes, each data argument a TracedValue; ops (graphrl.ops) record op
+nodes. Nothing global: the tracer travels inside the handles and values.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+from . import signatures as sig
+from .errors import TraceError
+from .graph import CALL, OP, Graph, ModelDecl, Node, Value
+from .printer import format_attr
+from .types import Field, ModelSpec, PayloadSpec, weights_spec
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model of the RL step, as the user declares it.
+
+    config: a transformers config (Llama- or GPT-2-shaped), its dict, or a ModelSpec.
+    head: lm (policy, reference), value (critic) or score (reward model).
+    options: engine settings (lr, weight_decay, grad_clip, ...).
+    init_from: name of a model whose initial weights this one copies (a reference model
+    starts as the policy).
+    """
+
+    name: str
+    config: Any
+    role: str
+    trainable: bool = False
+    head: str = "lm"
+    engine: str = "hf"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    init_from: str = ""
+
+    @property
+    def spec(self) -> ModelSpec:
+        if isinstance(self.config, ModelSpec):
+            return replace(self.config, head=self.head)
+        return ModelSpec.from_hf_config(self.config, head=self.head)
+
+    def decl(self) -> ModelDecl:
+        return ModelDecl(self.name, self.spec, self.role, self.trainable, self.engine)
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """A pure tensor op usable in a step: `fn(*payload_dicts, **attrs)` returns one dict
+    per output. `inputs` are the payload kinds it takes; `outputs` (name, kind, fields)
+    what it returns, with the batch and sequence length of its first data input."""
+
+    name: str
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...]
+    outputs: tuple[tuple[str, str, tuple[Field, ...]], ...]
+
+    def __call__(self, *args: "TracedValue", **attrs: Any) -> Any:
+        if not args or not all(isinstance(a, TracedValue) for a in args):
+            raise TraceError(f"op {self.name}: call it inside a step on traced values")
+        outs = args[0].tracer.record_op(self, args, attrs)
+        return outs[0] if len(outs) == 1 else outs
+
+
+@dataclass(frozen=True)
+class Program:
+    """A traced step: the Graph plus what runs it (models' engine settings, op kernels)."""
+
+    graph: Graph
+    models: Mapping[str, Model]
+    ops: Mapping[str, OpDef]
+
+
+class TracedValue:
+    """A stand-in for a payload while tracing."""
+
+    def __init__(self, tracer: "Tracer", name: str, spec: PayloadSpec):
+        self.tracer, self.name, self.spec = tracer, name, spec
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: {self.spec.text()}>"
+
+    def __bool__(self) -> bool:
+        raise TraceError(f"{self.name} is a traced payload: a step cannot branch on its "
+                         "contents (use an op)")
+
+
+class ModelHandle:
+    """What a step receives for each model: calling a method records a call node."""
+
+    def __init__(self, tracer: "Tracer", model: Model):
+        self._tracer, self._model = tracer, model
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        decl = self._tracer.decls[self._model.name]
+        if method not in decl.methods:
+            raise TraceError(f"{self._model.name}.{method}: model {self._model.name!r} "
+                             f"(role {decl.role}, head {decl.spec.head}, "
+                             f"{'trainable' if decl.trainable else 'frozen'}) has no method "
+                             f"{method!r}; its methods are {', '.join(decl.methods)}")
+        return lambda *a, **kw: getattr(self._tracer, f"call_{method}")(self._model, *a, **kw)
+
+
+class Tracer:
+    def __init__(self, name: str, models: list[Model]):
+        self.name = name
+        self.decls = {m.name: m.decl() for m in models}
+        self.models = {m.name: m for m in models}
+        self.nodes: list[Node] = []
+        self.inputs: list[Value] = []
+        self.names: set[str] = set()
+        self.weights: dict[str, str] = {}   # model -> value name of its current weights
+        self.versions: dict[str, int] = {}
+        self.ops: dict[str, OpDef] = {}
+
+    # -- names and values -------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, k = f"%{base}", 1
+        while name in self.names:
+            name, k = f"%{base}.{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def add_input(self, base: str, spec: PayloadSpec) -> TracedValue:
+        name = self.fresh(base)
+        self.inputs.append(Value(name, spec))
+        return TracedValue(self, name, spec)
+
+    def _check(self, where: str, value: Any, kind: str) -> TracedValue:
+        if not isinstance(value, TracedValue):
+            raise TraceError(f"{where}: expected a traced {kind} payload, got "
+                             f"{type(value).__name__} {value!r}")
+        if value.tracer is not self:
+            raise TraceError(f"{where}: {value.name} comes from another trace")
+        if value.spec.kind != kind:
+            raise TraceError(f"{where}: payload mismatch: {value.name} is "
+                             f"{value.spec.kind} but {where} takes {kind}")
+        return value
+
+    def _attrs(self, where: str, attrs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        for k, v in attrs.items():
+            try:
+                format_attr(v)
+            except TypeError as e:
+                raise TraceError(f"{where}: argument {k}={v!r}: {e}") from None
+        return tuple(sorted(attrs.items()))
+
+    def _record(self, kind: str, target: str, model: str, args: list[TracedValue],
+                expects: list[str], outs: list[tuple[str, PayloadSpec]],
+                attrs: tuple[tuple[str, Any], ...]) -> list[TracedValue]:
+        values = [Value(self.fresh(base), spec) for base, spec in outs]
+        self.nodes.append(Node(kind, target, tuple(a.name for a in args), tuple(expects),
+                               tuple(values), model, attrs))
+        return [TracedValue(self, v.name, v.spec) for v in values]
+
+    def _weights(self, model: Model) -> TracedValue:
+        name = self.weights[model.name]
+        return TracedValue(self, name, weights_spec(model.name, self.decls[model.name].spec))
+
+    # -- model methods ----------------------------------------------------------------
+    def call_generate(self, model: Model, prompts: Any, *, max_new_tokens: int,
+                      temperature: float = 1.0, samples: int = 1) -> TracedValue:
+        where = f"{model.name}.generate"
+        p = self._check(where, prompts, sig.PROMPTS)
+        spec = self.decls[model.name].spec
+        seq = p.spec.seq + int(max_new_tokens)
+        if max_new_tokens < 1 or samples < 1:
+            raise TraceError(f"{where}: max_new_tokens and samples must be >= 1")
+        if seq > spec.max_positions:
+            raise TraceError(f"{where}: prompt {p.spec.seq} + {max_new_tokens} new tokens = "
+                             f"{seq} exceeds the model's context of {spec.max_positions}")
+        attrs = self._attrs(where, dict(max_new_tokens=int(max_new_tokens),
+                                        temperature=float(temperature), samples=int(samples)))
+        w = self._weights(model)
+        out = sig.rollout_spec(p.spec.batch * samples, seq)
+        return self._record(CALL, "generate", model.name, [w, p],
+                            [f"Weights[{model.name}]", sig.PROMPTS], [("rollout", out)],
+                            attrs)[0]
+
+    def call_forward(self, model: Model, rollout: Any) -> TracedValue:
+        where = f"{model.name}.forward"
+        r = self._check(where, rollout, sig.ROLLOUT)
+        out, suffix = sig.forward_spec(self.decls[model.name].spec.head, r.spec)
+        return self._record(CALL, "forward", model.name, [self._weights(model), r],
+                            [f"Weights[{model.name}]", sig.ROLLOUT],
+                            [(f"{model.name}_{suffix}", out)], ())[0]
+
+    def call_train(self, model: Model, *, loss: str, **kwargs: Any) -> TracedValue:
+        where = f"{model.name}.train"
+        if loss not in sig.LOSSES:
+            raise TraceError(f"{where}: unknown loss {loss!r} (known: {', '.join(sig.LOSSES)})")
+        wanted, _ = sig.LOSSES[loss]
+        args = [self._check(f"{where} argument {k}", kwargs.pop(k, None), kind)
+                for k, kind in wanted]
+        batches = {a.spec.batch for a in args}
+        if len(batches) > 1:
+            raise TraceError(f"{where}: payload mismatch: inputs disagree on batch size "
+                             + ", ".join(f"{a.name}={a.spec.batch}" for a in args))
+        attrs = self._attrs(where, dict(kwargs, loss=loss))
+        w = self._weights(model)
+        version = self.versions[model.name] + 1
+        outs = self._record(CALL, "train", model.name, [w] + args,
+                            [f"Weights[{model.name}]"] + [k for _, k in wanted],
+                            [(f"{model.name}@{version}", w.spec),
+                             (f"{model.name}_stats", sig.stats_spec(loss))], attrs)
+        self.weights[model.name], self.versions[model.name] = outs[0].name, version
+        return outs[1]
+
+    # -- ops ----------------------------------------------------------------------------
+    def record_op(self, op: OpDef, args: tuple[TracedValue, ...],
+                  attrs: Mapping[str, Any]) -> list[TracedValue]:
+        where = f"op {op.name}"
+        if len(args) != len(op.inputs):
+            raise TraceError(f"{where}: takes {len(op.inputs)} payloads "
+                             f"({', '.join(op.inputs)}), got {len(args)}")
+        checked = [self._check(f"{where} argument {i + 1}", a, kind) if kind != "*" else a
+                   for i, (a, kind) in enumerate(zip(args, op.inputs))]
+        known = self.ops.setdefault(op.name, op)
+        if known is not op:
+            raise TraceError(f"{where}: two different ops share the name {op.name!r}")
+        first = checked[0].spec
+        outs = [(name, PayloadSpec(kind, first.batch, first.seq, fields))
+                for name, kind, fields in op.outputs]
+        return self._record(OP, op.name, "", checked, list(op.inputs), outs,
+                            self._attrs(where, attrs))
+
+    # -- the graph ------------------------------------------------------------------------
+    def graph(self, outputs: list[str]) -> Graph:
+        carries = tuple((f"%{m}@0", w) for m, w in self.weights.items() if w != f"%{m}@0")
+        return Graph(self.name, tuple(self.decls.values()), tuple(self.inputs),
+                     tuple(self.nodes), tuple(outputs), carries)
+
+
+def _rename(g: Graph, old: str, new: str) -> Graph:
+    def fix(name: str) -> str:
+        return new if name == old else name
+    nodes = tuple(replace(n, inputs=tuple(map(fix, n.inputs)),
+                          outputs=tuple(Value(fix(v.name), v.spec) for v in n.outputs))
+                  for n in g.nodes)
+    return replace(g, nodes=nodes, outputs=tuple(map(fix, g.outputs)),
+                   carries=tuple((fix(a), fix(b)) for a, b in g.carries))
+
+
+def trace(step: Callable[..., Any], models: list[Model], name: str | None = None,
+          **inputs: PayloadSpec) -> Program:
+    """Trace `step` into a Program. Its parameters are matched by name: each model by
+    its name, each data input by a keyword given here (e.g. prompts=prompts_spec(...))."""
+    from .verify import verify_graph
+
+    name = name or step.__name__
+    by_name = {m.name: m for m in models}
+    if len(by_name) != len(models):
+        raise TraceError(f"step {name}: two models share a name")
+    for m in models:
+        if m.init_from and m.init_from not in by_name:
+            raise TraceError(f"model {m.name}: init_from={m.init_from!r} is not a model")
+    tracer = Tracer(name, models)
+    kwargs: dict[str, Any] = {}
+    for pname in inspect.signature(step).parameters:
+        if pname in by_name:
+            kwargs[pname] = ModelHandle(tracer, by_name[pname])
+        elif pname in inputs:
+            kwargs[pname] = tracer.add_input(pname, inputs[pname])
+        else:
+            raise TraceError(f"step {name}: parameter {pname!r} is neither a model "
+                             f"({', '.join(by_name)}) nor a given input "
+                             f"({', '.join(inputs) or 'none'})")
+    for m in models:
+        w = tracer.add_input(f"{m.name}@0", weights_spec(m.name, tracer.decls[m.name].spec))
+        tracer.weights[m.name], tracer.versions[m.name] = w.name, 0
+    result = step(**kwargs)
+    if not isinstance(result, Mapping) or not all(isinstance(v, TracedValue)
+                                                  for v in result.values()):
+        raise TraceError(f"step {name} must return a dict of traced payloads, e.g. "
+                         "{'score': scores}")
+    graph = tracer.graph([v.name for v in result.values()])
+    for key, value in result.items():
+        if f"%{key}" != value.name:
+            if f"%{key}" in tracer.names:
+                raise TraceError(f"step {name}: output name {key!r} is already a value")
+            graph = _rename(graph, value.name, f"%{key}")
+            tracer.names.add(f"%{key}")
+    return Program(verify_graph(graph), by_name, dict(tracer.ops))

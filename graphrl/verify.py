@@ -1,0 +1,132 @@
+"""verify_graph: the invariants every graph holds, before and after every pass.
+
+Each failure raises GraphError naming the node and showing the graph text around it,
+with the offending line marked `>>`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .errors import GraphError
+from .graph import CALL, NODE_KINDS, Graph, Node
+from .graph_algos import ancestors, find_cycle
+from .printer import graph_lines
+from .types import WEIGHTS, PayloadSpec
+
+CONTEXT_LINES = 3
+
+
+def _context(g: Graph, node: Node | None) -> str:
+    lines = graph_lines(g)
+    if node is None:
+        return "\n".join("   " + ln for ln in lines)
+    at = 1 + len(g.models) + len(g.inputs) + g.nodes.index(node)
+    lo, hi = max(0, at - CONTEXT_LINES), min(len(lines), at + CONTEXT_LINES + 1)
+    return "\n".join((">> " if i == at else "   ") + lines[i] for i in range(lo, hi))
+
+
+def _fail(g: Graph, node: Node | None, message: str) -> GraphError:
+    where = f"node {node.name} ({node.call}): " if node is not None else ""
+    return GraphError(f"graph @{g.name}: {where}{message}", node.name if node else "",
+                      _context(g, node))
+
+
+def kind_of(spec: PayloadSpec) -> str:
+    """The kind string an `expects` entry is matched against."""
+    return f"{WEIGHTS}[{spec.model}]" if spec.is_weights else spec.kind
+
+
+def verify_graph(g: Graph) -> Graph:
+    """Check every invariant; return the graph unchanged so it chains."""
+    _check_names(g)
+    values = {v.name: v.spec for v in g.values()}
+    producers = g.producers()
+    for n in g.nodes:
+        _check_node(g, n, values)
+    cycle = find_cycle(g)
+    if cycle:
+        raise _fail(g, g.node(cycle[0]), "dependency cycle " + " -> ".join(cycle))
+    seen = {v.name for v in g.inputs}
+    for n in g.nodes:
+        for i in n.inputs:
+            if i not in seen:
+                raise _fail(g, n, f"uses {i} before it is defined by {producers[i].name} "
+                                  "(nodes must be listed in topological order)")
+        seen.update(v.name for v in n.outputs)
+    for o in g.outputs:
+        if o not in values:
+            raise _fail(g, None, f"output {o} is not defined")
+    _check_carries(g, values)
+    _check_weight_updates(g)
+    return g
+
+
+def _check_names(g: Graph) -> None:
+    for label, names in (("model", [m.name for m in g.models]),
+                         ("value", [v.name for v in g.values()])):
+        dup = [n for n, c in Counter(names).items() if c > 1]
+        if dup:
+            node = next((n for n in g.nodes if any(v.name == dup[0] for v in n.outputs)), None)
+            raise _fail(g, node, f"duplicate {label} name {dup[0]}")
+
+
+def _check_node(g: Graph, n: Node, values: dict[str, PayloadSpec]) -> None:
+    if not n.outputs:
+        raise _fail(g, n, "a node needs at least one output")
+    if n.kind not in NODE_KINDS:
+        raise _fail(g, n, f"unknown node kind {n.kind!r} (known: {', '.join(NODE_KINDS)})")
+    if n.model:
+        names = [m.name for m in g.models]
+        if n.model not in names:
+            raise _fail(g, n, f"unknown model {n.model!r} (declared: {', '.join(names)})")
+        model = g.model(n.model)
+        if n.kind == CALL and n.target not in model.methods:
+            raise _fail(g, n, f"model {n.model!r} has no method {n.target!r} "
+                              f"(its methods: {', '.join(model.methods)})")
+    elif n.kind == CALL:
+        raise _fail(g, n, "a call needs a model")
+    for i in n.inputs:
+        if i not in values:
+            raise _fail(g, n, f"undefined input {i}")
+    if len(n.expects) != len(n.inputs):
+        raise _fail(g, n, f"signature lists {len(n.expects)} inputs but the node has "
+                          f"{len(n.inputs)}")
+    batches = {}
+    for i, want in zip(n.inputs, n.expects):
+        got = values[i]
+        if want != "*" and kind_of(got) != want:
+            raise _fail(g, n, f"payload mismatch: input {i} is {kind_of(got)} "
+                              f"({got.text()}) but {n.call} expects {want}")
+        if not got.is_weights:
+            batches[i] = got.batch
+    if n.kind == CALL and len(set(batches.values())) > 1:
+        shown = ", ".join(f"{i}: {b}" for i, b in batches.items())
+        raise _fail(g, n, f"payload mismatch: inputs disagree on batch size ({shown})")
+
+
+def _check_carries(g: Graph, values: dict[str, PayloadSpec]) -> None:
+    inputs = {v.name for v in g.inputs}
+    for dst, src in g.carries:
+        if dst not in inputs:
+            raise _fail(g, None, f"carry target {dst} is not a graph input")
+        if src not in values:
+            raise _fail(g, None, f"carry source {src} is not defined")
+        if kind_of(values[dst]) != kind_of(values[src]):
+            raise _fail(g, None, f"carry {dst} <- {src}: {kind_of(values[src])} cannot feed "
+                                 f"{kind_of(values[dst])}")
+
+
+def _check_weight_updates(g: Graph) -> None:
+    """A train updates weights in place: every other reader of the weights it consumes
+    must run before it (be its ancestor), or it would read half-updated weights."""
+    readers = g.consumers()
+    for n in g.nodes:
+        if n.target != "train":
+            continue
+        weights = [i for i, e in zip(n.inputs, n.expects) if e.startswith(WEIGHTS)]
+        before = ancestors(g, n.name)
+        for w in weights:
+            for r in readers.get(w, []):
+                if r is not n and r.name not in before:
+                    raise _fail(g, n, f"train overwrites {w} while {r.name} ({r.call}) "
+                                      "still reads it and is not ordered before the train")
