@@ -120,7 +120,7 @@ def _model_spec(c: _Cursor) -> ModelSpec:
     kw["tie_embeddings"] = bool(kw.get("tie_embeddings", 0))
     try:
         return ModelSpec(family, **kw)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:   # heads=0 divides by zero
         raise c.fail(f"a valid model spec ({e})") from None
 
 

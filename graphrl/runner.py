@@ -77,8 +77,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout) 
     if opts.trace:
         write_chrome_trace(opts.trace, events, source="measured")
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
-    if not opts.quiet:
-        print(format_summary(exp.name, summary, opts), file=out)
+    print(format_summary(exp.name, summary, opts), file=out)
     return summary
 
 

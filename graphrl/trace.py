@@ -202,8 +202,11 @@ class Tracer:
         if loss not in sig.LOSSES:
             raise TraceError(f"{where}: unknown loss {loss!r} (known: {', '.join(sig.LOSSES)})")
         wanted, _ = sig.LOSSES[loss]
-        args = [self._check(f"{where} argument {k}", kwargs.pop(k, None), kind)
-                for k, kind in wanted]
+        missing = [k for k, _ in wanted if k not in kwargs]
+        if missing:
+            raise TraceError(f"{where}: loss {loss!r} needs argument(s) {', '.join(missing)} "
+                             f"(it takes {', '.join(f'{k}: {t}' for k, t in wanted)})")
+        args = [self._check(f"{where} argument {k}", kwargs.pop(k), kind) for k, kind in wanted]
         batches = {a.spec.batch for a in args}
         if len(batches) > 1:
             raise TraceError(f"{where}: payload mismatch: inputs disagree on batch size "

@@ -16,19 +16,25 @@ from .types import WEIGHTS, PayloadSpec
 CONTEXT_LINES = 3
 
 
-def _context(g: Graph, node: Node | None) -> str:
+def _context(g: Graph, node: Node | None, line: int | None = None) -> str:
+    """The graph text around `node` (or around line `line` of graph_lines), marked `>>`."""
     lines = graph_lines(g)
-    if node is None:
+    at = (1 + len(g.models) + len(g.inputs) + g.nodes.index(node)) if node is not None else line
+    if at is None:
         return "\n".join("   " + ln for ln in lines)
-    at = 1 + len(g.models) + len(g.inputs) + g.nodes.index(node)
     lo, hi = max(0, at - CONTEXT_LINES), min(len(lines), at + CONTEXT_LINES + 1)
     return "\n".join((">> " if i == at else "   ") + lines[i] for i in range(lo, hi))
 
 
-def _fail(g: Graph, node: Node | None, message: str) -> GraphError:
+def _fail(g: Graph, node: Node | None, message: str, line: int | None = None) -> GraphError:
     where = f"node {node.name} ({node.call}): " if node is not None else ""
     return GraphError(f"graph @{g.name}: {where}{message}", node.name if node else "",
-                      _context(g, node))
+                      _context(g, node, line))
+
+
+def _tail_line(g: Graph) -> int:
+    """Index in graph_lines of the `output` line (or of the first carry if none)."""
+    return 1 + len(g.models) + len(g.inputs) + len(g.nodes)
 
 
 def kind_of(spec: PayloadSpec) -> str:
@@ -55,7 +61,7 @@ def verify_graph(g: Graph) -> Graph:
         seen.update(v.name for v in n.outputs)
     for o in g.outputs:
         if o not in values:
-            raise _fail(g, None, f"output {o} is not defined")
+            raise _fail(g, None, f"output {o} is not defined", _tail_line(g))
     _check_carries(g, values)
     _check_weight_updates(g)
     return g
@@ -66,8 +72,15 @@ def _check_names(g: Graph) -> None:
                          ("value", [v.name for v in g.values()])):
         dup = [n for n, c in Counter(names).items() if c > 1]
         if dup:
-            node = next((n for n in g.nodes if any(v.name == dup[0] for v in n.outputs)), None)
-            raise _fail(g, node, f"duplicate {label} name {dup[0]}")
+            # Point at the redefinition: the last node producing the name, else the second
+            # declaration line (models are lines 1.., graph inputs follow them).
+            node = next((n for n in reversed(g.nodes)
+                         if any(v.name == dup[0] for v in n.outputs)), None)
+            line = None
+            if node is None:
+                second = [i for i, n in enumerate(names) if n == dup[0]][1]
+                line = 1 + second + (len(g.models) if label == "value" else 0)
+            raise _fail(g, node, f"duplicate {label} name {dup[0]}", line)
 
 
 def _check_node(g: Graph, n: Node, values: dict[str, PayloadSpec]) -> None:
@@ -106,14 +119,15 @@ def _check_node(g: Graph, n: Node, values: dict[str, PayloadSpec]) -> None:
 
 def _check_carries(g: Graph, values: dict[str, PayloadSpec]) -> None:
     inputs = {v.name for v in g.inputs}
-    for dst, src in g.carries:
+    first = _tail_line(g) + (1 if g.outputs else 0)
+    for k, (dst, src) in enumerate(g.carries):
         if dst not in inputs:
-            raise _fail(g, None, f"carry target {dst} is not a graph input")
+            raise _fail(g, None, f"carry target {dst} is not a graph input", first + k)
         if src not in values:
-            raise _fail(g, None, f"carry source {src} is not defined")
+            raise _fail(g, None, f"carry source {src} is not defined", first + k)
         if kind_of(values[dst]) != kind_of(values[src]):
             raise _fail(g, None, f"carry {dst} <- {src}: {kind_of(values[src])} cannot feed "
-                                 f"{kind_of(values[dst])}")
+                                 f"{kind_of(values[dst])}", first + k)
 
 
 def _check_weight_updates(g: Graph) -> None:
