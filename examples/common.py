@@ -11,50 +11,58 @@ from graphrl.synthetic import TopicTokensTask
 TASK = TopicTokensTask(vocab_size=16, prompt_len=6, response_len=8)
 
 
-def llama_config(hidden: int = 64, layers: int = 2, heads: int = 4) -> dict[str, Any]:
+def llama_config(hidden: int = 64, layers: int = 2, heads: int = 4,
+                 context: int = 64) -> dict[str, Any]:
     """A tiny Llama-shaped Hugging Face config (random init, built in code)."""
     return dict(model_type="llama", vocab_size=TASK.vocab_size, hidden_size=hidden,
                 intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=heads,
-                max_position_embeddings=32)
+                max_position_embeddings=context)
 
 
 def gpt2_config(hidden: int = 64, layers: int = 2, heads: int = 4) -> dict[str, Any]:
     """A tiny GPT-2-shaped Hugging Face config."""
     return dict(model_type="gpt2", vocab_size=TASK.vocab_size, n_embd=hidden, n_layer=layers,
-                n_head=heads, n_inner=4 * hidden, n_positions=32)
+                n_head=heads, n_inner=4 * hidden, n_positions=64)
 
 
-task_score = gr.ops.op("task_score", (ROLLOUT,), (("task_score", SCORES, (
-    gr.Field("score", "f32", per_token=False),)),))(TASK.score_rollout)
+def task_score(task: TopicTokensTask) -> gr.OpDef:
+    """The rule-based scorer as an op node: Rollout -> Scores in [0, 1]."""
+    return gr.ops.op("task_score", (ROLLOUT,), (("task_score", SCORES, (
+        gr.Field("score", "f32", per_token=False),)),))(task.score_rollout)
 
 
-def reward_model(name: str = "reward") -> gr.Model:
-    return gr.Model(name, llama_config(), role="reward", head="score",
-                    options={"lr": 1e-3})
+def task_for(opts: gr.RunOptions) -> TopicTokensTask:
+    return TopicTokensTask(TASK.vocab_size, opts.prompt_len or TASK.prompt_len,
+                           opts.response_len or TASK.response_len)
 
 
-def train_reward_model(engine: Any, seed: int, pairs: int = 2048, epochs: int = 10,
+def reward_model(opts: gr.RunOptions) -> gr.Model:
+    return gr.Model("reward", opts.config_for("reward", llama_config()), role="reward",
+                    head="score", options={"lr": 1e-3})
+
+
+def train_reward_model(engine: Any, task: TopicTokensTask, seed: int, pairs: int = 2048, epochs: int = 10,
                        minibatch: int = 32) -> Mapping[str, float]:
     """Fit the reward model on synthetic preference pairs ranked by the task score, then
     report its pairwise accuracy on held-out pairs."""
     import torch
 
-    chosen, rejected = TASK.preference_pairs(pairs, seed=seed + 1)
+    chosen, rejected = task.preference_pairs(pairs, seed=seed + 1)
     n = chosen["tokens"].shape[0] // minibatch * minibatch
     stats = engine.train({"chosen": {"tokens": chosen["tokens"][:n]},
                           "rejected": {"tokens": rejected["tokens"][:n]}},
                          loss="bradley_terry", seed=seed, epochs=epochs,
                          minibatches=n // minibatch)
-    test_c, test_r = TASK.preference_pairs(512, seed=seed + 2)
+    test_c, test_r = task.preference_pairs(512, seed=seed + 2)
     margin = engine.forward(test_c)["score"] - engine.forward(test_r)["score"]
     return {"rm_train_loss": stats["loss"],
             "rm_heldout_accuracy": float((margin > 0).float().mean()),
             "rm_pairs": float(n)}
 
 
-def prompt_data(batch: int, seed: int):
+def prompt_data(task: TopicTokensTask, batch: int, seed: int):
     """Iteration -> that iteration's prompts (seeded, reproducible)."""
     def data(iteration: int) -> dict[str, Any]:
-        return {"prompts": TASK.prompts(batch, seed=seed * 100_003 + iteration)}
+        return {"prompts": task.prompts(batch, seed=seed * 100_003 + iteration)}
     return data

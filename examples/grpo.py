@@ -14,40 +14,43 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
-from common import (TASK, llama_config, prompt_data, reward_model, task_score,  # noqa: E402
-                    train_reward_model)
+from common import (llama_config, prompt_data, reward_model, task_for,  # noqa: E402
+                    task_score, train_reward_model)
 
 GROUP_SIZE = 4
 
 
-def grpo_step(prompts, policy, reference, reward):
-    rollout = policy.generate(prompts, max_new_tokens=TASK.response_len, temperature=1.0,
-                              samples=GROUP_SIZE)
-    old_logprobs = policy.forward(rollout)
-    ref_logprobs = reference.forward(rollout)
-    rm_score = reward.forward(rollout)
-    advantages = gr.ops.group_advantages(rollout, rm_score, group_size=GROUP_SIZE)
-    policy_stats = policy.train(loss="grpo", rollout=rollout, old_logprobs=old_logprobs,
-                                ref_logprobs=ref_logprobs, advantages=advantages, clip=0.2,
-                                kl_coef=0.01, epochs=2, minibatches=2)
-    return {"task_score": task_score(rollout), "rm_score": rm_score,
-            "policy_stats": policy_stats}
-
-
 def build(opts: gr.RunOptions) -> gr.Experiment:
     """GRPO with a learned reward model on a synthetic task (graphrl example)."""
+    task = task_for(opts)
+    score_task = task_score(task)
+
+    def grpo_step(prompts, policy, reference, reward):
+        rollout = policy.generate(prompts, max_new_tokens=task.response_len, temperature=1.0,
+                                  samples=GROUP_SIZE)
+        old_logprobs = policy.forward(rollout)
+        ref_logprobs = reference.forward(rollout)
+        rm_score = reward.forward(rollout)
+        advantages = gr.ops.group_advantages(rollout, rm_score, group_size=GROUP_SIZE)
+        policy_stats = policy.train(loss="grpo", rollout=rollout, old_logprobs=old_logprobs,
+                                    ref_logprobs=ref_logprobs, advantages=advantages,
+                                    clip=0.2, kl_coef=0.01, epochs=2, minibatches=2)
+        return {"task_score": score_task(rollout), "rm_score": rm_score,
+                "policy_stats": policy_stats}
+
     prompts = opts.batch_size or 16
     models = (
-        gr.Model("policy", llama_config(), role="policy", trainable=True,
-                 options={"lr": 2e-3}),
-        gr.Model("reference", llama_config(), role="reference", init_from="policy"),
-        reward_model(),
+        gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
+                 trainable=True, options={"lr": 2e-3}),
+        gr.Model("reference", opts.config_for("reference", llama_config()), role="reference",
+                 init_from="policy"),
+        reward_model(opts),
     )
     return gr.Experiment(
         name="grpo_step", step=grpo_step, models=models,
-        inputs={"prompts": gr.prompts_spec(prompts, TASK.prompt_len)},
-        data=prompt_data(prompts, opts.seed), reward="task_score", iterations=60,
-        prepare=lambda engines: train_reward_model(engines["reward"], opts.seed))
+        inputs={"prompts": gr.prompts_spec(prompts, task.prompt_len)},
+        data=prompt_data(task, prompts, opts.seed), reward="task_score", iterations=60,
+        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
 
 
 if __name__ == "__main__":

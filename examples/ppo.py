@@ -11,42 +11,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
-from common import (TASK, gpt2_config, llama_config, prompt_data, reward_model, task_score,  # noqa: E402
-                    train_reward_model)
-
-
-def ppo_step(prompts, policy, reference, reward, critic):
-    rollout = policy.generate(prompts, max_new_tokens=TASK.response_len, temperature=1.0)
-    old_logprobs = policy.forward(rollout)
-    ref_logprobs = reference.forward(rollout)
-    rm_score = reward.forward(rollout)
-    values = critic.forward(rollout)
-    advantages, returns = gr.ops.gae(rollout, rm_score, values, old_logprobs, ref_logprobs,
-                                     gamma=1.0, lam=0.95, kl_coef=0.01)
-    policy_stats = policy.train(loss="ppo", rollout=rollout, old_logprobs=old_logprobs,
-                                advantages=advantages, clip=0.2, epochs=2, minibatches=2)
-    critic_stats = critic.train(loss="value", rollout=rollout, old_values=values,
-                                returns=returns, value_clip=0.5, epochs=2, minibatches=2)
-    return {"task_score": task_score(rollout), "rm_score": rm_score,
-            "policy_stats": policy_stats, "critic_stats": critic_stats}
+from common import (gpt2_config, llama_config, prompt_data, reward_model,  # noqa: E402
+                    task_for, task_score, train_reward_model)
 
 
 def build(opts: gr.RunOptions) -> gr.Experiment:
     """PPO with a learned reward model on a synthetic task (graphrl example)."""
+    task = task_for(opts)
+    score_task = task_score(task)
+
+    def ppo_step(prompts, policy, reference, reward, critic):
+        rollout = policy.generate(prompts, max_new_tokens=task.response_len, temperature=1.0)
+        old_logprobs = policy.forward(rollout)
+        ref_logprobs = reference.forward(rollout)
+        rm_score = reward.forward(rollout)
+        values = critic.forward(rollout)
+        advantages, returns = gr.ops.gae(rollout, rm_score, values, old_logprobs, ref_logprobs,
+                                         gamma=1.0, lam=0.95, kl_coef=0.01)
+        policy_stats = policy.train(loss="ppo", rollout=rollout, old_logprobs=old_logprobs,
+                                    advantages=advantages, clip=0.2, epochs=2, minibatches=2)
+        critic_stats = critic.train(loss="value", rollout=rollout, old_values=values,
+                                    returns=returns, value_clip=0.5, epochs=2, minibatches=2)
+        return {"task_score": score_task(rollout), "rm_score": rm_score,
+                "policy_stats": policy_stats, "critic_stats": critic_stats}
+
     batch = opts.batch_size or 64
     models = (
-        gr.Model("policy", llama_config(), role="policy", trainable=True,
-                 options={"lr": 2e-3}),
-        gr.Model("reference", llama_config(), role="reference", init_from="policy"),
-        reward_model(),
-        gr.Model("critic", gpt2_config(), role="critic", head="value", trainable=True,
-                 options={"lr": 2e-3}),
+        gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
+                 trainable=True, options={"lr": 2e-3}),
+        gr.Model("reference", opts.config_for("reference", llama_config()), role="reference",
+                 init_from="policy"),
+        reward_model(opts),
+        gr.Model("critic", opts.config_for("critic", gpt2_config()), role="critic",
+                 head="value", trainable=True, options={"lr": 2e-3}),
     )
     return gr.Experiment(
         name="ppo_step", step=ppo_step, models=models,
-        inputs={"prompts": gr.prompts_spec(batch, TASK.prompt_len)},
-        data=prompt_data(batch, opts.seed), reward="task_score", iterations=60,
-        prepare=lambda engines: train_reward_model(engines["reward"], opts.seed))
+        inputs={"prompts": gr.prompts_spec(batch, task.prompt_len)},
+        data=prompt_data(task, batch, opts.seed), reward="task_score", iterations=60,
+        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class GPUType:
     intra_node_bw: float         # GPU-to-GPU inside a node (NVLink), per GPU, per direction, B/s
     inter_node_bw: float         # across nodes (InfiniBand NIC per GPU), per direction, B/s
     source: str = ""
+    host_bw: float = 25e9        # host <-> device (PCIe), per direction, B/s: offload/onload
 
     def __post_init__(self) -> None:
         for name in ("peak_bf16_flops", "hbm_bandwidth", "memory_bytes", "intra_node_bw",
@@ -50,14 +51,14 @@ class GPUType:
 
 A100_80G = GPUType(
     "A100-80G", peak_bf16_flops=312e12, hbm_bandwidth=2.039e12, memory_bytes=80 * GiB,
-    intra_node_bw=300e9, inter_node_bw=25e9,
+    intra_node_bw=300e9, inter_node_bw=25e9, host_bw=25e9,  # PCIe 4 x16: 32 GB/s peak
     source=("NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, "
             "2,039 GB/s HBM2e, NVLink 3 600 GB/s bidirectional (300 GB/s per direction); "
             "one HDR InfiniBand 200 Gb/s NIC per GPU (DGX A100 user guide) = 25 GB/s"))
 
 H100_80G = GPUType(
     "H100-80G", peak_bf16_flops=989.4e12, hbm_bandwidth=3.35e12, memory_bytes=80 * GiB,
-    intra_node_bw=450e9, inter_node_bw=50e9,
+    intra_node_bw=450e9, inter_node_bw=50e9, host_bw=47.8e9,  # calibration: pinned h2d
     source=("NVIDIA H100 Tensor Core GPU datasheet (SXM5 80GB): 989.4 TFLOPS BF16 dense "
             "(1,979 with sparsity), 3.35 TB/s HBM3, NVLink 4 900 GB/s bidirectional "
             "(450 GB/s per direction); one ConnectX-7 NDR 400 Gb/s NIC per GPU "
@@ -65,14 +66,14 @@ H100_80G = GPUType(
 
 H200 = GPUType(
     "H200", peak_bf16_flops=989.4e12, hbm_bandwidth=4.8e12, memory_bytes=141 * 10 ** 9,
-    intra_node_bw=450e9, inter_node_bw=50e9,
+    intra_node_bw=450e9, inter_node_bw=50e9, host_bw=47.8e9,  # same PCIe 5 host link
     source=("NVIDIA H200 Tensor Core GPU datasheet (SXM 141GB): 989 TFLOPS BF16 dense, "
             "4.8 TB/s HBM3e, 141 GB, NVLink 900 GB/s bidirectional (450 GB/s per "
             "direction); one NDR 400 Gb/s NIC per GPU (DGX H200) = 50 GB/s"))
 
 CPU = GPUType(
     "cpu", peak_bf16_flops=1e12, hbm_bandwidth=50e9, memory_bytes=24 * GiB,
-    intra_node_bw=10e9, inter_node_bw=1.25e9,
+    intra_node_bw=10e9, inter_node_bw=1.25e9, host_bw=10e9,
     source=("local runs on host CPUs: assumed modest figures, not a datasheet: ~1 TFLOP/s "
             "of bf16 matmul, ~50 GB/s DRAM, 24 GiB per process, ~10 GB/s shared-memory "
             "copies between processes (gloo), 10 GbE (1.25 GB/s) between machines"))

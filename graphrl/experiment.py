@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from .errors import UsageError
 
 from .trace import Model, Program, trace
 from .types import PayloadSpec
@@ -22,6 +25,47 @@ class RunOptions:
     device: str = "cpu"
     batch_size: int | None = None
     quiet: bool = False
+    model_size: str | None = None        # "7b" for every model, or "policy=70b,reward=7b"
+    model_config: tuple[tuple[str, str], ...] = ()  # (role, HF config.json path)
+    prompt_len: int | None = None
+    response_len: int | None = None
+
+    def sizes(self) -> dict[str, str]:
+        """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
+        if not self.model_size:
+            return {}
+        out = {}
+        for part in filter(None, (p.strip() for p in self.model_size.split(","))):
+            role, _, size = part.rpartition("=")
+            out[role or "*"] = size
+        return out
+
+    def config_for(self, role: str, default: Any) -> Any:
+        """The config a role's model uses: --model-config ROLE=FILE, else --model-size,
+        else the example's default."""
+        import json
+
+        from .types import llama2
+
+        configs = dict(self.model_config)
+        if role in configs:
+            try:
+                return json.loads(Path(configs[role]).read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--model-config {role}={configs[role]}: {e}") from None
+        sizes = self.sizes()
+        size = sizes.get(role, sizes.get("*"))
+        if size is None:
+            return default
+        try:
+            return llama2(size)
+        except ValueError as e:
+            raise UsageError(f"--model-size: {e}") from None
+
+    @property
+    def planning_only(self) -> bool:
+        """Full-size models: the graph is for compiling, too large to run here."""
+        return bool(self.model_size or self.model_config)
 
 
 @dataclass(frozen=True)
@@ -71,8 +115,30 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="prompts per iteration (default: the example's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--model-size", metavar="SIZES",
+                   help="plan with Llama-2-shaped models: 7b|13b|34b|70b for every model, "
+                        "or per role, e.g. policy=70b,reward=7b (roles: policy, reference, "
+                        "reward, critic)")
+    p.add_argument("--model-config", metavar="ROLE=CONFIG.json", action="append", default=[],
+                   help="a Hugging Face config file for one role (repeatable)")
+    p.add_argument("--prompt-len", type=positive_int, metavar="P",
+                   help="prompt tokens (default: the example's task)")
+    p.add_argument("--response-len", type=positive_int, metavar="R",
+                   help="generated tokens per response (default: the example's task)")
+
+
+def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        role, sep, path = item.partition("=")
+        if not sep or not role or not path:
+            raise argparse.ArgumentTypeError(f"--model-config expects ROLE=CONFIG.json, "
+                                             f"got {item!r}")
+        out.append((role, path))
+    return tuple(out)
 
 
 def run_options(ns: argparse.Namespace) -> RunOptions:
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
-                      ns.quiet)
+                      ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
+                      ns.response_len)

@@ -257,7 +257,7 @@ def test_signature_arity_mismatch():
 def models() -> list[gr.Model]:
     return [gr.Model("policy", llama_config(), role="policy", trainable=True),
             gr.Model("reference", llama_config(), role="reference"),
-            reward_model(),
+            reward_model(gr.RunOptions()),
             gr.Model("critic", gpt2_config(), role="critic", head="value", trainable=True)]
 
 
@@ -340,10 +340,10 @@ def test_trace_train_argument_of_the_wrong_kind():
 
 def test_trace_generate_past_the_context():
     def step(prompts, policy):
-        return {"rollout": policy.generate(prompts, max_new_tokens=40)}
+        return {"rollout": policy.generate(prompts, max_new_tokens=70)}
 
-    trace_fails(step, "policy.generate: prompt 6 + 40 new tokens = 46 exceeds the model's "
-                      "context of 32")
+    trace_fails(step, "policy.generate: prompt 6 + 70 new tokens = 76 exceeds the model's "
+                      "context of 64")
 
 
 def test_trace_parameter_neither_model_nor_input():

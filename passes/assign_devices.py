@@ -1,0 +1,135 @@
+"""assign-devices: a mesh and a parallel strategy for every model call.
+
+Builds the placement problem (search.py) from the graph, runs the chosen policy
+(policies.py) with the user's pins, and annotates each call node with its Placement.
+Ops stay on the host (no placement).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from graphrl.cluster import ClusterSpec
+from graphrl.errors import UsageError
+from graphrl.graph import CALL, Graph, Node, Placement
+from graphrl.parallel import DeviceMesh
+
+from .base import PassContext
+from .policies import POLICIES, run_policy, smallest_cluster
+from .search import CallInfo, Infeasible, Pin, Problem
+
+PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches")
+
+
+def unit_of(n: Node) -> str:
+    return f"{n.model}.generate" if n.target == "generate" else n.model
+
+
+def call_infos(graph: Graph) -> list[CallInfo]:
+    producers = graph.producers()
+    out = []
+    for n in graph.nodes:
+        deps = tuple(dict.fromkeys(producers[i].name for i in n.inputs if i in producers))
+        if n.kind != CALL:
+            out.append(CallInfo(n.name, n.call, n.model, "", "op", deps=deps))
+            continue
+        data = [graph.value(i).spec for i in n.inputs if not graph.value(i).spec.is_weights]
+        if n.target == "generate":
+            prompts = data[0]
+            out.append(CallInfo(n.name, n.call, n.model, unit_of(n), "generate",
+                                n.outputs[0].spec.batch, prompts.seq,
+                                int(n.attr("max_new_tokens")), deps))
+        else:
+            out.append(CallInfo(n.name, n.call, n.model, unit_of(n), n.target,
+                                data[0].batch, data[0].seq, 0, deps))
+    return out
+
+
+def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
+    specs = {m.name: m.spec for m in graph.models}
+    return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins)
+
+
+def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
+               cluster: ClusterSpec) -> dict[str, Pin]:
+    """Placement-file entries (`policy.train: {gpus: "0-15", dp: 16, zero: 3}`) -> Pins,
+    with errors naming the entry."""
+    calls = {n.call: n for n in graph.calls()}
+    pins: dict[str, Pin] = {}
+    for call, entry in entries.items():
+        if call not in calls:
+            raise UsageError(f"placement {call!r}: no such call in @{graph.name} "
+                             f"(calls: {', '.join(calls)})")
+        if not isinstance(entry, Mapping):
+            raise UsageError(f"placement {call!r}: expected a mapping of {', '.join(PIN_KEYS)}")
+        bad = sorted(set(entry) - set(PIN_KEYS))
+        if bad:
+            raise UsageError(f"placement {call!r}: unknown key(s) {', '.join(bad)} "
+                             f"(known: {', '.join(PIN_KEYS)})")
+        mesh = None
+        if "gpus" in entry:
+            g = entry["gpus"]
+            try:
+                mesh = (DeviceMesh.parse(g) if isinstance(g, str) else
+                        DeviceMesh((int(g),)) if isinstance(g, int) else DeviceMesh(tuple(map(int, g))))
+            except ValueError as e:
+                raise UsageError(f"placement {call!r}: bad gpus {g!r}: {e}") from None
+            if max(mesh.gpus) >= cluster.num_gpus or min(mesh.gpus) < 0:
+                raise UsageError(f"placement {call!r}: gpus {mesh.text()} outside the cluster "
+                                 f"{cluster.text()} (GPUs 0-{cluster.num_gpus - 1})")
+        fields = tuple(sorted((k, int(v)) for k, v in entry.items() if k != "gpus"))
+        f = dict(fields)
+        if mesh is not None and {"tp", "pp", "dp"} <= set(f) and f["tp"] * f["pp"] * f["dp"] != mesh.size:
+            raise UsageError(f"placement {call!r}: dp {f['dp']} x tp {f['tp']} x pp {f['pp']} "
+                             f"= {f['tp'] * f['pp'] * f['dp']} does not divide its "
+                             f"{mesh.size} GPUs ({mesh.text()})")
+        pins[call] = Pin(mesh, fields)
+    units: dict[str, DeviceMesh] = {}
+    for call, pin in pins.items():
+        u = unit_of(calls[call])
+        if pin.mesh is not None:
+            if u in units and units[u] != pin.mesh:
+                raise UsageError(f"placement {call!r}: gpus {pin.mesh.text()} differ from "
+                                 f"{units[u].text()} pinned for another call of {u}; a "
+                                 "model's forward and train share one mesh")
+            units[u] = pin.mesh
+    return pins
+
+
+def infeasible_error(problem: Problem, e: Infeasible, policy: str) -> UsageError:
+    c = problem.cluster
+    nodes = smallest_cluster(problem, policy)
+    hint = (f"; the smallest cluster that fits: {nodes}x{c.gpus_per_node}x{c.gpu.name}"
+            if nodes else "")
+    if e.need:
+        return UsageError(f"no placement fits on {c.text()}: {e.call} needs "
+                          f"{e.need / 2**30:.1f} GiB per GPU at best (on {e.mesh_size} GPUs), "
+                          f"the most a {c.gpu.name} offers is {e.have / 2**30:.1f} GiB{hint}")
+    return UsageError(f"no placement fits on {c.text()} under policy {policy}{hint}")
+
+
+@dataclass(frozen=True)
+class AssignDevices:
+    policy: str = "auto"
+    name: str = "assign-devices"
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
+        problem = problem_from_graph(graph, ctx)
+        for call, pin in ctx.pins.items():
+            if pin.mesh is not None:
+                name = next(n.name for n in graph.calls() if n.call == call)
+                if not problem.fits(name, pin.mesh.size):
+                    raise UsageError(f"placement {call!r}: {problem._choice(name, pin.mesh.size)}"
+                                     f" (pinned to GPUs {pin.mesh.text()} with "
+                                     f"{dict(pin.fields) or 'no strategy fields'})")
+        try:
+            ev = run_policy(problem, self.policy)
+        except Infeasible as e:
+            raise infeasible_error(problem, e, self.policy) from None
+        ctx.findings.update(problem=problem, evaluation=ev, policy=self.policy)
+        placed = {s.name: s for s in ev.schedule if s.choice is not None}
+        nodes = [replace(n, placement=Placement(placed[n.name].mesh, placed[n.name].choice.strategy))
+                 if n.name in placed else n for n in graph.nodes]
+        return graph.with_nodes(nodes)

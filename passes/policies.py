@@ -1,0 +1,265 @@
+"""Placement policies: which GPUs each unit (see search.py) gets.
+
+- colocate-all: every unit on all GPUs, run one after another (DeepSpeed-Chat, verl).
+- split: every unit on its own GPU pool, generation apart from training (OpenRLHF).
+- hybridflow: HybridFlow's Algorithm 1 (Sheng et al., EuroSys'25, §6): enumerate the
+  colocation plans of the models (set partitions; the actor's generation stays with its
+  training), allocate GPUs to each colocated set, search each model's strategy,
+  simulate, keep the fastest.
+- auto: the same enumeration over *units* (so generation may also leave its model's
+  GPUs), with micro-batch streaming, seeded with every other policy's answer so it is
+  never worse than any of them.
+
+All share one allocation search and the per-call strategy search of `Problem`, so a
+comparison measures placement, never a handicapped baseline.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Iterator, Sequence
+
+from graphrl.parallel import DeviceMesh
+
+from .search import Evaluation, Infeasible, Problem
+
+EXHAUSTIVE_LIMIT = 4000   # allocations of one partition enumerated exhaustively up to this
+STREAMS = (1, 2, 4, 8)
+
+
+def set_partitions(items: Sequence[str]) -> Iterator[list[list[str]]]:
+    """All partitions of items into non-empty blocks (Bell-number many), deterministic."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        yield [[first]] + part
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+def mesh_sizes(problem: Problem) -> list[int]:
+    """Sizes a mesh may have: any count inside one node, whole nodes beyond."""
+    c = problem.cluster
+    sizes = list(range(1, c.gpus_per_node + 1))
+    sizes += [k * c.gpus_per_node for k in range(2, c.nodes + 1)]
+    return sizes
+
+
+def layout(sizes: Sequence[int], gpus_per_node: int, total: int) -> list[DeviceMesh] | None:
+    """Node-aligned meshes for these sizes: multi-node groups take whole nodes first, then
+    sub-node groups are packed first-fit-decreasing into the remaining nodes (a mesh never
+    straddles a node). None if they do not fit."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    meshes: list[DeviceMesh | None] = [None] * len(sizes)
+    node = 0
+    free: list[int] = []  # free GPUs left in partially used nodes: list of (next gpu, end)
+    nodes = total // gpus_per_node
+    spans: list[list[int]] = []
+    for i in order:
+        s = sizes[i]
+        if s >= gpus_per_node:
+            if s % gpus_per_node or node + s // gpus_per_node > nodes:
+                return None
+            meshes[i] = DeviceMesh.range(node * gpus_per_node, s)
+            node += s // gpus_per_node
+            continue
+        for span in spans:
+            if span[1] - span[0] >= s:
+                meshes[i] = DeviceMesh.range(span[0], s)
+                span[0] += s
+                break
+        else:
+            if node >= nodes:
+                return None
+            spans.append([node * gpus_per_node + s, (node + 1) * gpus_per_node])
+            meshes[i] = DeviceMesh.range(node * gpus_per_node, s)
+            node += 1
+    del free
+    return meshes  # type: ignore[return-value]
+
+
+def _assignment(blocks: list[list[str]], meshes: list[DeviceMesh]) -> dict[str, DeviceMesh]:
+    return {u: m for block, m in zip(blocks, meshes) for u in block}
+
+
+def best_allocation(problem: Problem, blocks: list[list[str]], streams: Sequence[int] = (1,),
+                    ) -> Evaluation | None:
+    """The fastest GPU allocation for these colocated blocks (each block on one mesh,
+    blocks on disjoint meshes): exhaustive when small, else coordinate descent from an
+    even split."""
+    c = problem.cluster
+    sizes = [s for s in mesh_sizes(problem)]
+    k = len(blocks)
+    if k > c.num_gpus:
+        return None
+
+    def score(alloc: tuple[int, ...]) -> Evaluation | None:
+        if sum(alloc) > c.num_gpus:
+            return None
+        meshes = layout(alloc, c.gpus_per_node, c.num_gpus)
+        if meshes is None:
+            return None
+        best = None
+        for st in streams:
+            ev = problem.try_evaluate(_assignment(blocks, meshes), st)
+            if ev is not None and (best is None or ev.step_seconds < best.step_seconds):
+                best = ev
+        return best
+
+    if len(sizes) ** k <= EXHAUSTIVE_LIMIT:
+        results = (score(a) for a in itertools.product(sizes, repeat=k))
+        return _fastest(results)
+    return _descend(score, sizes, k, c.num_gpus)
+
+
+def _fastest(results: "Iterator[Evaluation | None]") -> Evaluation | None:
+    best = None
+    for ev in results:
+        if ev is not None and (best is None or ev.step_seconds < best.step_seconds - 1e-12):
+            best = ev
+    return best
+
+
+def _descend(score: Callable[[tuple[int, ...]], Evaluation | None], sizes: list[int], k: int,
+             total: int) -> Evaluation | None:
+    """Coordinate descent over allocations: start from several balanced splits, then move
+    one size step between two blocks while that shortens the step."""
+    index = {s: i for i, s in enumerate(sizes)}
+    starts = set()
+    for share in range(1, len(sizes) + 1):
+        s = max((x for x in sizes if x * k <= total), default=None)
+        if s is not None:
+            starts.add(tuple([s] * k))
+        break
+    for i in range(k):  # one block large, others small
+        for big in sizes:
+            rest = (total - big) // max(1, k - 1)
+            small = max((x for x in sizes if x <= rest), default=None)
+            if small is not None and k > 1:
+                starts.add(tuple(big if j == i else small for j in range(k)))
+    best: Evaluation | None = None
+    for start in sorted(starts):
+        cur, cur_ev = start, score(start)
+        if cur_ev is None:
+            continue
+        improved = True
+        while improved:
+            improved = False
+            for i, j in itertools.permutations(range(k), 2):
+                for di, dj in ((1, -1), (1, 0), (0, -1)):
+                    a, b = index[cur[i]] + di, index[cur[j]] + dj
+                    if not (0 <= a < len(sizes) and 0 <= b < len(sizes)):
+                        continue
+                    cand = list(cur)
+                    cand[i], cand[j] = sizes[a], sizes[b]
+                    ev = score(tuple(cand))
+                    if ev is not None and ev.step_seconds < cur_ev.step_seconds - 1e-12:
+                        cur, cur_ev, improved = tuple(cand), ev, True
+        if best is None or cur_ev.step_seconds < best.step_seconds:
+            best = cur_ev
+    return best
+
+
+# -- the policies -------------------------------------------------------------------------
+def gen_units(problem: Problem) -> dict[str, str]:
+    """Generation unit -> the unit of its model's other calls."""
+    out = {}
+    for c in problem.calls:
+        if c.phase == "generate" and c.model in problem.units:
+            out[c.unit] = c.model
+    return out
+
+
+def colocate_all(problem: Problem) -> Evaluation | None:
+    mesh = DeviceMesh.range(0, problem.cluster.num_gpus)
+    return problem.try_evaluate({u: mesh for u in problem.units})
+
+
+def split(problem: Problem) -> Evaluation | None:
+    return best_allocation(problem, [[u] for u in problem.units])
+
+
+def _model_partitions(problem: Problem) -> Iterator[list[list[str]]]:
+    """Partitions of the models, each generation unit kept with its model (HybridFlow)."""
+    gens = gen_units(problem)
+    models = [u for u in problem.units if u not in gens]
+    for part in set_partitions(models):
+        yield [block + [g for g, m in gens.items() if m in block] for block in part]
+
+
+def hybridflow(problem: Problem) -> Evaluation | None:
+    return _fastest(best_allocation(problem, blocks) for blocks in _model_partitions(problem))
+
+
+def auto(problem: Problem) -> Evaluation | None:
+    found = [best_allocation(problem, blocks, STREAMS)
+             for blocks in set_partitions(problem.units)]
+    found += [colocate_all(problem), split(problem), hybridflow(problem)]
+    return _fastest(iter(found))
+
+
+def brute_force(problem: Problem) -> Evaluation | None:
+    """Every unit on every node-aligned mesh at every offset, every streaming factor:
+    for small clusters only (tests compare auto against it)."""
+    c = problem.cluster
+    meshes = []
+    for size in mesh_sizes(problem):
+        step = c.gpus_per_node if size >= c.gpus_per_node else 1
+        for start in range(0, c.num_gpus - size + 1, step):
+            if size < c.gpus_per_node and start // c.gpus_per_node != (start + size - 1) // c.gpus_per_node:
+                continue
+            meshes.append(DeviceMesh.range(start, size))
+    results = (problem.try_evaluate(dict(zip(problem.units, combo)), st)
+               for combo in itertools.product(meshes, repeat=len(problem.units))
+               for st in STREAMS)
+    return _fastest(results)
+
+
+POLICIES: dict[str, Callable[[Problem], Evaluation | None]] = {
+    "colocate-all": colocate_all, "split": split, "hybridflow": hybridflow, "auto": auto}
+
+
+def run_policy(problem: Problem, policy: str) -> Evaluation:
+    """The policy's best evaluation; Infeasible (naming the hardest call) if none fits."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown placement policy {policy!r} (known: {', '.join(POLICIES)})")
+    ev = POLICIES[policy](problem)
+    if ev is None:
+        raise hardest_call(problem)
+    return ev
+
+
+def hardest_call(problem: Problem) -> Infeasible:
+    """The call whose best strategy on all GPUs needs the most memory."""
+    n = problem.cluster.num_gpus
+    worst: Infeasible | None = None
+    for c in problem.calls:
+        if c.phase == "op":
+            continue
+        ch = problem._choice(c.name, n)
+        if isinstance(ch, Infeasible) and (worst is None or ch.need > worst.need):
+            worst = ch
+    if worst is None:  # each call fits alone, but the policy's pools were too small
+        worst = Infeasible("the step", n, 0, problem.capacity)
+    return worst
+
+
+def smallest_cluster(problem: Problem, policy: str, max_nodes: int = 1024) -> int | None:
+    """Fewest nodes (same node shape) on which the policy finds a placement."""
+    from .search import replace_cluster
+    from dataclasses import replace
+
+    nodes = problem.cluster.nodes
+    while nodes <= max_nodes:
+        nodes *= 2
+        bigger = replace_cluster(problem, replace(problem.cluster, nodes=nodes))
+        if colocate_all(bigger) is not None or (policy != "colocate-all"
+                                                and POLICIES[policy](bigger) is not None):
+            return nodes
+    return None
+
+
+__all__ = ["POLICIES", "run_policy", "brute_force", "set_partitions", "layout", "mesh_sizes",
+           "best_allocation", "smallest_cluster", "hardest_call", "math"]

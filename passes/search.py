@@ -1,0 +1,331 @@
+"""The placement problem on plain numbers: calls, meshes, strategies and a step-time model.
+
+A *unit* is what gets a mesh: each model's calls share one mesh (its forward and train),
+except that a policy's generation is a unit of its own, so that it may run on the
+model's training GPUs (HybridFlow's hybrid engine) or on a pool apart (OpenRLHF's
+separate vLLM engines). `Problem.evaluate(assignment)` predicts the step time of one
+unit -> mesh assignment by list scheduling the step's nodes:
+
+- every call picks its fastest strategy (dp, tp, pp, micro-batches, ZeRO) that fits a
+  GPU on a mesh of that size (the same search for every policy);
+- calls on overlapping meshes run one after the other, calls on disjoint meshes at the
+  same time, each starting when its inputs are ready;
+- when the models resident on a GPU do not fit together, each call there onloads its
+  model's state from host memory before it runs and offloads it after (verl's and
+  DeepSpeed-Chat's offload), paying 2 x state bytes / PCIe bandwidth;
+- the policy's new weights move from the training layout to the generation layout at
+  the start of the step: the bytes on the busiest link over its bandwidth, with
+  zero-redundancy grouping when both share GPUs (HybridFlow §5.4);
+- with streaming k > 1, downstream calls on meshes disjoint from the generator's start
+  when the first of k micro-batches of rollouts is ready.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Iterable, Mapping
+
+from graphrl.cluster import ClusterSpec
+from graphrl.cost import CALIBRATED, CostParams, estimate, model_state_bytes
+from graphrl.parallel import DeviceMesh, Strategy
+from graphrl.types import ModelSpec
+
+OP_SECONDS = 1e-3  # host-side ops (advantages, scoring): small, fixed
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One node of the step as the search sees it. Ops have phase "op"."""
+
+    name: str
+    call: str
+    model: str
+    unit: str
+    phase: str          # generate | forward | train | op
+    batch: int = 0
+    seq: int = 0        # prompt length for generate, full length otherwise
+    new_tokens: int = 0
+    deps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A user's fixed placement for one call: a mesh and/or strategy fields."""
+
+    mesh: DeviceMesh | None = None
+    fields: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: Strategy
+    seconds: float
+    peak_bytes: int
+    resident_bytes: int  # what stays on each GPU between calls (weights / Adam states)
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    name: str
+    mesh: DeviceMesh | None
+    choice: Choice | None
+    start: float
+    end: float
+    offload_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    assignment: tuple[tuple[str, DeviceMesh], ...]
+    step_seconds: float
+    schedule: tuple[Scheduled, ...]
+    reshard_seconds: float
+    reshard_bytes: int
+    stream: int
+    offloaded_gpus: tuple[int, ...]
+
+    def mesh_of(self, unit: str) -> DeviceMesh:
+        return dict(self.assignment)[unit]
+
+
+class Infeasible(Exception):
+    """No strategy of a call fits a GPU on the mesh it was given."""
+
+    def __init__(self, call: str, mesh_size: int, need_bytes: int, have_bytes: int):
+        self.call, self.mesh_size, self.need, self.have = call, mesh_size, need_bytes, have_bytes
+        super().__init__(f"{call} does not fit on {mesh_size} GPU(s): needs "
+                         f"{need_bytes / 2**30:.1f} GiB per GPU at best, a GPU has "
+                         f"{have_bytes / 2**30:.1f} GiB")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
+                         gpus_per_node: int) -> Iterable[Strategy]:
+    """Every dp x tp x pp = n split that divides the model and batch; tp within a node
+    (Megatron-LM keeps tensor parallelism on NVLink), micro-batches and ZeRO for train."""
+    for tp in divisors(n):
+        if tp > gpus_per_node or spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+            continue
+        for pp in divisors(n // tp):
+            dp = n // (tp * pp)
+            if spec.num_layers % pp or dp > batch or batch % dp:
+                continue
+            if phase == "generate" and pp > 1:
+                continue  # inference engines serve with tp (and dp replicas)
+            per_replica = batch // dp
+            mbs = [m for m in (1, 2, 4, 8, 16, 32) if per_replica % m == 0 and m <= per_replica]
+            if pp > 1:
+                mbs = [m for m in mbs if m >= pp] or mbs[-1:]
+            zeros = (0, 1, 2, 3) if phase == "train" and dp > 1 else (0,)
+            for mb in (mbs if phase == "train" or pp > 1 else [1]):
+                for zero in zeros:
+                    yield Strategy(dp, tp, pp, mb, zero)
+
+
+class Problem:
+    """The step's calls on a cluster; caches per-call strategy choices by mesh size."""
+
+    def __init__(self, calls: list[CallInfo], specs: Mapping[str, ModelSpec],
+                 cluster: ClusterSpec, gen_engine: str = "hf",
+                 params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None):
+        self.calls = list(calls)
+        self.by_name = {c.name: c for c in self.calls}
+        self.specs = dict(specs)
+        self.cluster = cluster
+        self.gen_engine = gen_engine
+        self.params = params
+        self.pins = dict(pins or {})
+        self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
+        self.capacity = cluster.gpu.memory_bytes
+        self._choice = lru_cache(maxsize=None)(self._best_choice)
+        self._cache: dict[tuple, Evaluation | None] = {}
+
+    # -- strategies -----------------------------------------------------------------------
+    def cost(self, c: CallInfo, s: Strategy) -> Choice:
+        spec = self.specs[c.model]
+        cc = estimate(spec, c.phase, c.batch, c.seq, s, self.cluster.gpu, c.new_tokens,
+                      self.gen_engine if c.phase == "generate" else "hf", params=self.params,
+                      gpus_per_node=self.cluster.gpus_per_node)
+        if c.phase == "train":
+            resident = int(model_state_bytes(spec, s))
+        else:
+            resident = int(spec.weight_bytes / (s.tp * s.pp))
+        return Choice(s, cc.seconds, cc.peak_memory_bytes, resident)
+
+    def _best_choice(self, name: str, n: int) -> Choice | Infeasible:
+        c = self.by_name[name]
+        pinned = dict(self.pins[c.call].fields) if c.call in self.pins else {}
+        best: Choice | None = None
+        least = math.inf
+        for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
+                                      self.cluster.gpus_per_node):
+            if any(getattr(s, k) != v for k, v in pinned.items()):
+                continue
+            ch = self.cost(c, s)
+            least = min(least, ch.peak_bytes)
+            if ch.peak_bytes <= self.capacity and (best is None or ch.seconds < best.seconds):
+                best = ch
+        if best is None:
+            return Infeasible(c.call, n, int(least) if least < math.inf else 0, self.capacity)
+        return best
+
+    def choice(self, name: str, n: int) -> Choice:
+        ch = self._choice(name, n)
+        if isinstance(ch, Infeasible):
+            raise ch
+        return ch
+
+    def fits(self, name: str, n: int) -> bool:
+        return not isinstance(self._choice(name, n), Infeasible)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, assignment: Mapping[str, DeviceMesh], stream: int = 1) -> Evaluation:
+        """Predicted step of one assignment (raises Infeasible if a call cannot fit)."""
+        for call, pin in self.pins.items():
+            unit = next((c.unit for c in self.calls if c.call == call), None)
+            if pin.mesh is not None and unit is not None:
+                assignment = {**assignment, unit: pin.mesh}
+        key = (tuple(sorted((u, m.gpus) for u, m in assignment.items())), stream)
+        if key not in self._cache:
+            try:
+                self._cache[key] = self._evaluate(dict(assignment), stream)
+            except Infeasible:
+                self._cache[key] = None
+                raise
+        ev = self._cache[key]
+        if ev is None:
+            raise Infeasible("a call", 0, 0, self.capacity)
+        return ev
+
+    def try_evaluate(self, assignment: Mapping[str, DeviceMesh],
+                     stream: int = 1) -> Evaluation | None:
+        try:
+            return self.evaluate(assignment, stream)
+        except Infeasible:
+            return None
+
+    def _evaluate(self, assign: dict[str, DeviceMesh], stream: int) -> Evaluation:
+        choices = {c.name: self.choice(c.name, assign[c.unit].size)
+                   for c in self.calls if c.phase != "op"}
+        resident = self._resident(assign, choices)
+        offloaded = self._offloaded_gpus(assign, resident, choices)
+        reshard_s, reshard_bytes, reshard_gpus = self._reshard(assign, choices)
+        free: dict[int, float] = {g: 0.0 for g in reshard_gpus}
+        for g in reshard_gpus:
+            free[g] = reshard_s
+        done: dict[str, Scheduled] = {}
+        gen_names = {c.name for c in self.calls if c.phase == "generate"}
+        for c in self.calls:
+            ready = max((done[d].end for d in c.deps), default=0.0)
+            if c.phase == "op":
+                done[c.name] = Scheduled(c.name, None, None, ready, ready + OP_SECONDS)
+                continue
+            mesh, ch = assign[c.unit], choices[c.name]
+            swap = 0.0
+            if offloaded & set(mesh.gpus):
+                swap = 2 * resident[c.unit] / self.cluster.gpu.host_bw
+            dur = ch.seconds + swap
+            streamed = [done[d] for d in c.deps if d in gen_names and stream > 1
+                        and not done[d].mesh.overlaps(mesh)]
+            if streamed:
+                gen = streamed[0]
+                first = gen.start + (gen.end - gen.start) / stream
+                others = max((done[d].end for d in c.deps if d != gen.name), default=0.0)
+                ready = max(first, others)
+            start = max([ready] + [free.get(g, 0.0) for g in mesh.gpus])
+            end = start + dur
+            if streamed:
+                end = max(end, streamed[0].end + dur / stream)
+            for g in mesh.gpus:
+                free[g] = end
+            done[c.name] = Scheduled(c.name, mesh, ch, start, end, swap)
+        step = max(s.end for s in done.values())
+        return Evaluation(tuple(sorted(assign.items())), step,
+                          tuple(done[c.name] for c in self.calls), reshard_s, reshard_bytes,
+                          stream, tuple(sorted(offloaded)))
+
+    def _resident(self, assign: dict[str, DeviceMesh],
+                  choices: dict[str, Choice]) -> dict[str, int]:
+        """Bytes each unit keeps on each of its GPUs between calls."""
+        out: dict[str, int] = {}
+        for unit in self.units:
+            calls = [c for c in self.calls if c.unit == unit and c.phase != "op"]
+            if all(c.phase == "generate" for c in calls):
+                owner = calls[0].model
+                if owner in assign and assign[owner] == assign[unit]:
+                    out[unit] = 0  # hybrid engine: generation reuses the training weights
+                    continue
+            out[unit] = max(choices[c.name].resident_bytes for c in calls)
+        return out
+
+    def _offloaded_gpus(self, assign: dict[str, DeviceMesh], resident: dict[str, int],
+                        choices: dict[str, Choice]) -> set[int]:
+        """GPUs whose units' states plus the largest call's working memory overflow."""
+        on_gpu: dict[int, list[str]] = {}
+        for unit, mesh in assign.items():
+            for g in mesh.gpus:
+                on_gpu.setdefault(g, []).append(unit)
+        over = set()
+        for g, units in on_gpu.items():
+            if len(units) < 2:
+                continue
+            states = sum(resident[u] for u in units)
+            transient = max(choices[c.name].peak_bytes - resident[c.unit]
+                            for c in self.calls if c.unit in units and c.phase != "op")
+            if states + transient > self.capacity:
+                over.add(g)
+        return over
+
+    def _reshard(self, assign: dict[str, DeviceMesh],
+                 choices: dict[str, Choice]) -> tuple[float, int, tuple[int, ...]]:
+        """Moving each trained policy's weights into its generation layout (§ module doc)."""
+        seconds, nbytes, gpus = 0.0, 0, set()
+        for gen in (c for c in self.calls if c.phase == "generate"):
+            train = next((c for c in self.calls if c.model == gen.model and c.phase == "train"),
+                         None)
+            if train is None:
+                continue
+            st, sg = choices[train.name].strategy, choices[gen.name].strategy
+            mt, mg = assign[train.unit], assign[gen.unit]
+            m = self.specs[gen.model].weight_bytes
+            gen_shard = m / (sg.tp * sg.pp)
+            if mt == mg:
+                held = m / (st.tp * st.pp) / (st.dp if st.zero == 3 else 1)
+                received = max(0.0, gen_shard - held)
+                bw = self.cluster.group_bandwidth(mg.gpus)
+            else:
+                received = gen_shard
+                bw = self.cluster.group_bandwidth(tuple(set(mt.gpus) | set(mg.gpus)))
+            if received > 0:
+                seconds = max(seconds, received / bw)
+                nbytes += int(received * mg.size)
+                gpus |= set(mt.gpus) | set(mg.gpus)
+        return seconds, nbytes, tuple(sorted(gpus))
+
+    # -- what the user needs to hear when nothing fits ------------------------------------
+    def min_gpus(self, name: str, limit: int = 4096) -> int | None:
+        """Smallest mesh size on which the call fits at all."""
+        n = 1
+        while n <= limit:
+            if self.fits(name, n):
+                return n
+            n *= 2
+        return None
+
+
+def with_pins(problem: Problem, pins: Mapping[str, Pin]) -> Problem:
+    return Problem(problem.calls, problem.specs, problem.cluster, problem.gen_engine,
+                   problem.params, pins)
+
+
+def replace_cluster(problem: Problem, cluster: ClusterSpec) -> Problem:
+    return Problem(problem.calls, problem.specs, cluster, problem.gen_engine, problem.params,
+                   problem.pins)
+
+
+__all__ = ["CallInfo", "Pin", "Choice", "Scheduled", "Evaluation", "Infeasible", "Problem",
+           "candidate_strategies", "with_pins", "replace_cluster", "replace"]
