@@ -56,20 +56,6 @@ def check_payload(node: Node, spec: PayloadSpec, value: Any) -> None:
                                  f"{f.shape(spec.batch, spec.seq)}")
 
 
-def last_uses(graph: Graph) -> dict[str, list[str]]:
-    """Node name -> values that are dead after it runs."""
-    keep = set(graph.outputs) | {src for _, src in graph.carries}
-    last: dict[str, str] = {}
-    for n in graph.nodes:
-        for i in n.inputs:
-            last[i] = n.name
-    dead: dict[str, list[str]] = {}
-    for value, node in last.items():
-        if value not in keep:
-            dead.setdefault(node, []).append(value)
-    return dead
-
-
 class LocalExecutor:
     """Runs a Program step by step. `engines` may be passed in to share them."""
 
@@ -78,7 +64,7 @@ class LocalExecutor:
         self.program, self.graph, self.seed = program, program.graph, seed
         self.engines = dict(engines) if engines is not None else self._create(device)
         self.carried: dict[str, Any] | None = None  # set at the first step
-        self._dead = last_uses(self.graph)
+        self._dead = self.graph.last_uses()
         self._clock0 = time.perf_counter()
 
     def _create(self, device: str) -> dict[str, ModelEngine]:

@@ -1,7 +1,9 @@
 """The `graphrl` command line.
 
     graphrl run EXAMPLE.py [--iterations N --seed S --metrics FILE --trace FILE --device D]
-    graphrl show EXAMPLE.py            print the traced graph's text form
+    graphrl show EXAMPLE.py|plan.json  print the traced graph, or a saved plan
+    graphrl compile EXAMPLE.py --cluster 4x8xH100 --policy auto --dump DIR
+    graphrl compare EXAMPLE.py --cluster 4x8xH100 [--json]
     graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
 """
 from __future__ import annotations
@@ -44,9 +46,33 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _show(ns: argparse.Namespace) -> int:
+    if ns.example.endswith(".json"):
+        from .dump import plan_text
+        from .plan import Plan
+
+        try:
+            plan = Plan.from_json(Path(ns.example).read_text())
+        except OSError as e:
+            raise UsageError(f"{ns.example}: {e.strerror}") from None
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"{ns.example} is not a graphrl plan: {e}") from None
+        print(plan_text(plan), end="")
+        return 0
     build = load_example(ns.example)
     print(build(run_options(ns)).program().graph.text(), end="")
     return 0
+
+
+def _compile(ns: argparse.Namespace) -> int:
+    from .compile_cli import compile_main
+
+    return compile_main(ns, load_example(ns.example))
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from .compile_cli import compare_main
+
+    return compare_main(ns, load_example(ns.example))
 
 
 def _estimate(argv: Sequence[str]) -> int:
@@ -65,11 +91,35 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("example", metavar="EXAMPLE.py")
     add_run_options(run)
     run.set_defaults(func=_run)
-    show = sub.add_parser("show", help="print the traced graph of an example",
-                          description="Trace EXAMPLE's step and print its canonical text form.")
-    show.add_argument("example", metavar="EXAMPLE.py")
+    show = sub.add_parser("show", help="print an example's traced graph, or a saved plan",
+                          description="Trace EXAMPLE's step and print its canonical text "
+                                      "form, or print a plan.json written by compile --dump.")
+    show.add_argument("example", metavar="EXAMPLE.py|plan.json")
     add_run_options(show)
     show.set_defaults(func=_show)
+    from .compile_cli import POLICY_NAMES, add_compile_options
+
+    comp = sub.add_parser("compile", help="place, schedule and reshard a step for a cluster",
+                          description="Compile EXAMPLE's step for a cluster: print a table "
+                                      "(call, mesh, strategy, predicted seconds, peak memory) "
+                                      "and the predicted step time; --dump DIR writes the "
+                                      "numbered pass dumps, plan.txt/json/dot, trace.json and "
+                                      "gantt.png/svg.")
+    comp.add_argument("example", metavar="EXAMPLE.py")
+    comp.add_argument("--policy", default="auto", choices=POLICY_NAMES,
+                      help="placement policy (default auto)")
+    comp.add_argument("--dump", metavar="DIR", help="write dumps into DIR")
+    add_compile_options(comp)
+    add_run_options(comp)
+    comp.set_defaults(func=_compile)
+    cmp = sub.add_parser("compare", help="every placement policy side by side",
+                         description="Compile EXAMPLE with every policy and print the "
+                                     "predicted step times and auto's speedup over each.")
+    cmp.add_argument("example", metavar="EXAMPLE.py")
+    cmp.add_argument("--json", action="store_true", help="print a JSON list instead")
+    add_compile_options(cmp)
+    add_run_options(cmp)
+    cmp.set_defaults(func=_compare)
     sub.add_parser("estimate", help="predict seconds and memory of one call (cost model)",
                    add_help=False)
     return p

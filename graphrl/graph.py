@@ -147,6 +147,19 @@ class Graph:
     def calls(self) -> Iterator[Node]:
         return (n for n in self.nodes if n.kind == CALL)
 
+    def last_uses(self) -> dict[str, list[str]]:
+        """Node name -> values dead after it runs (never outputs or carried values)."""
+        keep = set(self.outputs) | {src for _, src in self.carries}
+        last: dict[str, str] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                last[i] = n.name
+        dead: dict[str, list[str]] = {}
+        for value, node in last.items():
+            if value not in keep:
+                dead.setdefault(node, []).append(value)
+        return dead
+
     # -- functional updates -----------------------------------------------------------
     def replace_node(self, name: str, new: Node) -> "Graph":
         return replace(self, nodes=tuple(new if n.name == name else n for n in self.nodes))

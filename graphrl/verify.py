@@ -144,3 +144,54 @@ def _check_weight_updates(g: Graph) -> None:
                 if r is not n and r.name not in before:
                     raise _fail(g, n, f"train overwrites {w} while {r.name} ({r.call}) "
                                       "still reads it and is not ordered before the train")
+
+
+def verify_plan(plan: "Plan") -> "Plan":
+    """A plan's invariants: every send has its recv, dependencies exist, the
+    happens-before graph is acyclic (no deadlock), and simulated memory never exceeds a
+    GPU. Raises GraphError naming the instruction; returns the plan."""
+    from collections import Counter as _Counter
+
+    from .simulate import find_deadlock, happens_before, pair_key
+
+    ids = {i.id for _, i in plan.instrs()}
+    ends = _Counter()
+    for w, i in plan.instrs():
+        key = pair_key(w, i)
+        if key:
+            ends[(key, i.op)] += 1
+        for d in i.deps:
+            if d not in ids:
+                raise GraphError(f"plan: {i.id} ({i.label or i.op}) waits on unknown "
+                                 f"instruction {d}", i.id)
+    for (key, op), count in sorted(ends.items()):
+        other = "recv" if op == "send" else "send"
+        if ends[(key, other)] != count:
+            raise GraphError(f"plan: {op} {key} has no matching {other} "
+                             f"({count} {op} vs {ends[(key, other)]} {other})", key)
+    cycle = find_deadlock(happens_before(plan))
+    if cycle:
+        raise GraphError("plan: deadlock, these wait on each other: " + " -> ".join(cycle))
+    capacity = plan.cluster.gpu.memory_bytes
+    resident: dict[int, dict[str, int]] = {}
+    for gpu, model, nbytes in plan.resident:
+        resident.setdefault(gpu, {})[model] = max(nbytes, resident.get(gpu, {}).get(model, 0))
+    for s in plan.streams:
+        full = dict(resident.get(s.worker, {}))
+        # a GPU in offload mode keeps every model's state in host memory between calls
+        offloaded = any(i.op == "offload" for i in s.instrs)
+        present = {} if offloaded else dict(full)
+        for i in s.instrs:
+            if i.op == "offload":
+                present.pop(i.model, None)
+            elif i.op == "onload":
+                present[i.model] = full.get(i.model, 0)
+            elif i.op == "run" and i.mem:
+                others = sum(b for m, b in present.items() if m != i.model)
+                need = i.mem + others
+                if need > capacity:
+                    raise GraphError(f"plan: {i.id} ({i.label}) needs {need / 2**30:.1f} GiB on "
+                                     f"GPU {s.worker} ({i.mem / 2**30:.1f} GiB for the call + "
+                                     f"{others / 2**30:.1f} GiB of other resident models), the "
+                                     f"GPU has {capacity / 2**30:.1f} GiB", i.id)
+    return plan

@@ -41,7 +41,8 @@ def call_infos(graph: Graph) -> list[CallInfo]:
                                 int(n.attr("max_new_tokens")), deps))
         else:
             out.append(CallInfo(n.name, n.call, n.model, unit_of(n), n.target,
-                                data[0].batch, data[0].seq, 0, deps))
+                                data[0].batch, data[0].seq, 0, deps,
+                                int(n.attr("epochs", 1)) if n.target == "train" else 1))
     return out
 
 

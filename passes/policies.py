@@ -16,14 +16,13 @@ comparison measures placement, never a handicapped baseline.
 from __future__ import annotations
 
 import itertools
-import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from graphrl.parallel import DeviceMesh
 
 from .search import Evaluation, Infeasible, Problem
 
-EXHAUSTIVE_LIMIT = 4000   # allocations of one partition enumerated exhaustively up to this
+EXHAUSTIVE_LIMIT = 1100   # allocations of one partition enumerated exhaustively up to this
 STREAMS = (1, 2, 4, 8)
 
 
@@ -54,9 +53,8 @@ def layout(sizes: Sequence[int], gpus_per_node: int, total: int) -> list[DeviceM
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     meshes: list[DeviceMesh | None] = [None] * len(sizes)
     node = 0
-    free: list[int] = []  # free GPUs left in partially used nodes: list of (next gpu, end)
     nodes = total // gpus_per_node
-    spans: list[list[int]] = []
+    spans: list[list[int]] = []  # [next free GPU, end] of partly used nodes
     for i in order:
         s = sizes[i]
         if s >= gpus_per_node:
@@ -76,7 +74,6 @@ def layout(sizes: Sequence[int], gpus_per_node: int, total: int) -> list[DeviceM
             spans.append([node * gpus_per_node + s, (node + 1) * gpus_per_node])
             meshes[i] = DeviceMesh.range(node * gpus_per_node, s)
             node += 1
-    del free
     return meshes  # type: ignore[return-value]
 
 
@@ -87,13 +84,15 @@ def _assignment(blocks: list[list[str]], meshes: list[DeviceMesh]) -> dict[str, 
 def best_allocation(problem: Problem, blocks: list[list[str]], streams: Sequence[int] = (1,),
                     ) -> Evaluation | None:
     """The fastest GPU allocation for these colocated blocks (each block on one mesh,
-    blocks on disjoint meshes): exhaustive when small, else coordinate descent from an
-    even split."""
+    blocks on disjoint meshes): exhaustive when small, else coordinate descent."""
     c = problem.cluster
-    sizes = [s for s in mesh_sizes(problem)]
+    sizes = mesh_sizes(problem)
     k = len(blocks)
     if k > c.num_gpus:
         return None
+    gens = set(gen_units(problem))
+    gen_alone = any(set(b) & gens and not set(b) - gens for b in blocks)
+    tried_streams = streams if gen_alone else (1,)
 
     def score(alloc: tuple[int, ...]) -> Evaluation | None:
         if sum(alloc) > c.num_gpus:
@@ -101,20 +100,15 @@ def best_allocation(problem: Problem, blocks: list[list[str]], streams: Sequence
         meshes = layout(alloc, c.gpus_per_node, c.num_gpus)
         if meshes is None:
             return None
-        best = None
-        for st in streams:
-            ev = problem.try_evaluate(_assignment(blocks, meshes), st)
-            if ev is not None and (best is None or ev.step_seconds < best.step_seconds):
-                best = ev
-        return best
+        assignment = _assignment(blocks, meshes)
+        return _fastest(problem.try_evaluate(assignment, st) for st in tried_streams)
 
     if len(sizes) ** k <= EXHAUSTIVE_LIMIT:
-        results = (score(a) for a in itertools.product(sizes, repeat=k))
-        return _fastest(results)
-    return _descend(score, sizes, k, c.num_gpus)
+        return _fastest(score(a) for a in itertools.product(sizes, repeat=k))
+    return _descend(score, sizes, _starts(problem, blocks, sizes))
 
 
-def _fastest(results: "Iterator[Evaluation | None]") -> Evaluation | None:
+def _fastest(results: Iterable[Evaluation | None]) -> Evaluation | None:
     best = None
     for ev in results:
         if ev is not None and (best is None or ev.step_seconds < best.step_seconds - 1e-12):
@@ -122,41 +116,60 @@ def _fastest(results: "Iterator[Evaluation | None]") -> Evaluation | None:
     return best
 
 
-def _descend(score: Callable[[tuple[int, ...]], Evaluation | None], sizes: list[int], k: int,
-             total: int) -> Evaluation | None:
-    """Coordinate descent over allocations: start from several balanced splits, then move
-    one size step between two blocks while that shortens the step."""
+def _snap(sizes: list[int], want: float) -> int:
+    return min(sizes, key=lambda s: (abs(s - want), s))
+
+
+def _starts(problem: Problem, blocks: list[list[str]], sizes: list[int]) -> list[tuple[int, ...]]:
+    """Balanced and work-proportional allocations to start the descent from. A block's
+    work is its calls' GPU-seconds on the whole cluster."""
+    n, k = problem.cluster.num_gpus, len(blocks)
+    work = []
+    for b in blocks:
+        w = 0.0
+        for call in problem.calls:
+            if call.unit in b and problem.fits(call.name, n):
+                w += problem.choice(call.name, n).seconds * n
+        work.append(max(w, 1e-9))
+    total = sum(work)
+    starts = {tuple(_snap(sizes, n / k) for _ in blocks),
+              tuple(_snap(sizes, n * w / total) for w in work)}
+    for i in range(k):  # one block on half the cluster, the rest share the other half
+        starts.add(tuple(_snap(sizes, n / 2 if j == i else n / 2 / max(1, k - 1))
+                         for j in range(k)))
+    return sorted(starts)
+
+
+def _descend(score: Callable[[tuple[int, ...]], Evaluation | None], sizes: list[int],
+             starts: list[tuple[int, ...]]) -> Evaluation | None:
+    """Coordinate descent over allocations: move one size step up or down for one block,
+    or between two blocks, while that shortens the step."""
     index = {s: i for i, s in enumerate(sizes)}
-    starts = set()
-    for share in range(1, len(sizes) + 1):
-        s = max((x for x in sizes if x * k <= total), default=None)
-        if s is not None:
-            starts.add(tuple([s] * k))
-        break
-    for i in range(k):  # one block large, others small
-        for big in sizes:
-            rest = (total - big) // max(1, k - 1)
-            small = max((x for x in sizes if x <= rest), default=None)
-            if small is not None and k > 1:
-                starts.add(tuple(big if j == i else small for j in range(k)))
     best: Evaluation | None = None
-    for start in sorted(starts):
+    for start in starts:
         cur, cur_ev = start, score(start)
         if cur_ev is None:
             continue
         improved = True
         while improved:
             improved = False
-            for i, j in itertools.permutations(range(k), 2):
-                for di, dj in ((1, -1), (1, 0), (0, -1)):
-                    a, b = index[cur[i]] + di, index[cur[j]] + dj
-                    if not (0 <= a < len(sizes) and 0 <= b < len(sizes)):
+            k = len(cur)
+            moves = [(i, d, None, 0) for i in range(k) for d in (1, -1)]
+            moves += [(i, 1, j, -1) for i in range(k) for j in range(k) if i != j]
+            for i, di, j, dj in moves:
+                cand = list(cur)
+                a = index[cur[i]] + di
+                if not 0 <= a < len(sizes):
+                    continue
+                cand[i] = sizes[a]
+                if j is not None:
+                    b = index[cur[j]] + dj
+                    if not 0 <= b < len(sizes):
                         continue
-                    cand = list(cur)
-                    cand[i], cand[j] = sizes[a], sizes[b]
-                    ev = score(tuple(cand))
-                    if ev is not None and ev.step_seconds < cur_ev.step_seconds - 1e-12:
-                        cur, cur_ev, improved = tuple(cand), ev, True
+                    cand[j] = sizes[b]
+                ev = score(tuple(cand))
+                if ev is not None and ev.step_seconds < cur_ev.step_seconds - 1e-12:
+                    cur, cur_ev, improved = tuple(cand), ev, True
         if best is None or cur_ev.step_seconds < best.step_seconds:
             best = cur_ev
     return best
@@ -262,4 +275,4 @@ def smallest_cluster(problem: Problem, policy: str, max_nodes: int = 1024) -> in
 
 
 __all__ = ["POLICIES", "run_policy", "brute_force", "set_partitions", "layout", "mesh_sizes",
-           "best_allocation", "smallest_cluster", "hardest_call", "math"]
+           "best_allocation", "smallest_cluster", "hardest_call"]

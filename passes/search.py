@@ -47,6 +47,7 @@ class CallInfo:
     seq: int = 0        # prompt length for generate, full length otherwise
     new_tokens: int = 0
     deps: tuple[str, ...] = ()
+    repeats: int = 1    # train: passes over the batch (PPO epochs)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Evaluation:
     reshard_bytes: int
     stream: int
     offloaded_gpus: tuple[int, ...]
+    resident: tuple[tuple[str, int], ...] = ()  # unit -> bytes it keeps on each GPU
 
     def mesh_of(self, unit: str) -> DeviceMesh:
         return dict(self.assignment)[unit]
@@ -154,7 +156,7 @@ class Problem:
             resident = int(model_state_bytes(spec, s))
         else:
             resident = int(spec.weight_bytes / (s.tp * s.pp))
-        return Choice(s, cc.seconds, cc.peak_memory_bytes, resident)
+        return Choice(s, cc.seconds * c.repeats, cc.peak_memory_bytes, resident)
 
     def _best_choice(self, name: str, n: int) -> Choice | Infeasible:
         c = self.by_name[name]
@@ -246,7 +248,7 @@ class Problem:
         step = max(s.end for s in done.values())
         return Evaluation(tuple(sorted(assign.items())), step,
                           tuple(done[c.name] for c in self.calls), reshard_s, reshard_bytes,
-                          stream, tuple(sorted(offloaded)))
+                          stream, tuple(sorted(offloaded)), tuple(sorted(resident.items())))
 
     def _resident(self, assign: dict[str, DeviceMesh],
                   choices: dict[str, Choice]) -> dict[str, int]:

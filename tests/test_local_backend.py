@@ -10,7 +10,7 @@ import torch
 
 import graphrl as gr
 from conftest import load_build
-from graphrl.backends.local import LocalExecutor, last_uses
+from graphrl.backends.local import LocalExecutor
 from graphrl.runner import run_experiment
 from graphrl.timeline import read_chrome_trace
 
@@ -56,7 +56,7 @@ def test_same_seed_same_results(ppo):
 
 def test_dead_values_are_freed(ppo):
     g = ppo.program().graph
-    dead = last_uses(g)
+    dead = g.last_uses()
     freed = {v for vs in dead.values() for v in vs}
     assert "%rollout" in freed and "%advantages" in freed
     assert not freed & set(g.outputs)

@@ -1,0 +1,139 @@
+"""`graphrl compile` and `graphrl compare`: plan an example's step for a cluster."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+POLICY_NAMES = ("auto", "colocate-all", "split", "hybridflow")
+
+
+def add_compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", required=True, metavar="NxGxTYPE",
+                   help="nodes x GPUs per node x GPU type, e.g. 4x8xH100 (types: A100-80G, "
+                        "H100-80G, H200, cpu)")
+    p.add_argument("--gen-engine", choices=("hf", "graph"), default=None,
+                   help="generation engine the cost model assumes: hf (eager Hugging Face "
+                        "generate) or graph (CUDA-graph captured, vLLM/SGLang class); "
+                        "default: graph for --model-size plans, else hf")
+    p.add_argument("--placement", metavar="FILE",
+                   help="pin calls: YAML or JSON, one entry per call, e.g. "
+                        "'policy.train: {gpus: \"0-15\", dp: 16, zero: 3}'")
+
+
+def load_placement(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--placement {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--placement {path}: not YAML or JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--placement {path}: expected a mapping of call -> placement")
+    return data
+
+
+def cluster_of(text: str):
+    from .cluster import ClusterSpec
+
+    try:
+        return ClusterSpec.parse(text)
+    except ValueError as e:
+        raise UsageError(f"--cluster: {e}") from None
+
+
+def gen_engine(ns: argparse.Namespace, planning: bool) -> str:
+    return ns.gen_engine or ("graph" if planning else "hf")
+
+
+def format_table(compiled: Any) -> str:
+    """call | mesh | strategy | predicted seconds | peak memory per GPU."""
+    ev = compiled.findings["evaluation"]
+    sched = {s.name: s for s in ev.schedule}
+    rows = [("call", "mesh", "strategy", "start s", "seconds", "peak GiB")]
+    for n in compiled.graph.nodes:
+        s = sched.get(n.name)
+        if n.placement is None or s is None or s.choice is None:
+            continue
+        rows.append((n.call, n.placement.mesh.text(), n.placement.strategy.text(),
+                     f"{s.start:.2f}", f"{s.choice.seconds:.2f}",
+                     f"{s.choice.peak_bytes / 2**30:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compile_main(ns: argparse.Namespace, build: Any) -> int:
+    from .compiler import compile_graph
+    from .experiment import run_options
+
+    opts = run_options(ns)
+    graph = build(opts).program().graph
+    dump = Path(ns.dump) if ns.dump else None
+    compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
+                             placement=load_placement(ns.placement),
+                             gen_engine=gen_engine(ns, opts.planning_only), dump_dir=dump)
+    plan = compiled.plan
+    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
+    print(format_table(compiled))
+    notes = dict(plan.notes)
+    print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
+          f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    if dump is not None:
+        from .dump import write_dumps
+
+        paths = write_dumps(plan, dump)
+        print(f"dumps: {dump}/ ({', '.join(sorted(Path(p).name for p in paths))} and the "
+              "numbered pass dumps)")
+    return 0
+
+
+def compare_rows(graph: Any, cluster: Any, engine: str,
+                 placement: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    from .compiler import compile_graph
+    from .errors import GraphRLError
+
+    rows = []
+    for policy in POLICY_NAMES:
+        try:
+            c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine)
+            rows.append({"policy": policy, "feasible": True,
+                         "step_seconds": c.plan.predicted_step_seconds,
+                         "compile_seconds": c.compile_seconds, "error": ""})
+        except GraphRLError as e:
+            rows.append({"policy": policy, "feasible": False, "step_seconds": None,
+                         "compile_seconds": None, "error": str(e).splitlines()[0]})
+    auto = rows[0]["step_seconds"]
+    for r in rows:
+        r["auto_speedup"] = (r["step_seconds"] / auto if auto and r["step_seconds"] else None)
+    return rows
+
+
+def compare_main(ns: argparse.Namespace, build: Any) -> int:
+    from .experiment import run_options
+
+    opts = run_options(ns)
+    graph = build(opts).program().graph
+    cluster = cluster_of(ns.cluster)
+    rows = compare_rows(graph, cluster, gen_engine(ns, opts.planning_only),
+                        load_placement(ns.placement))
+    if ns.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"graphrl compare: @{graph.name} on {cluster.text()}")
+    print(f"{'policy':<14}{'step s':>10}{'auto speedup':>14}{'compile s':>11}")
+    for r in rows:
+        if r["feasible"]:
+            print(f"{r['policy']:<14}{r['step_seconds']:>10.3f}{r['auto_speedup']:>13.2f}x"
+                  f"{r['compile_seconds']:>11.2f}")
+        else:
+            print(f"{r['policy']:<14}{'infeasible':>10}   {r['error']}")
+    return 0

@@ -1,0 +1,50 @@
+"""compile(graph, cluster, policy) -> Plan: the pass pipeline end to end."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .cluster import ClusterSpec
+from .graph import Graph
+from .plan import Plan
+
+DEFAULT_PIPELINE = "assign-devices{{policy={policy}}},choose-overlap,insert-reshard"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    plan: Plan
+    graph: Graph
+    findings: Mapping[str, Any]
+    timings: tuple[tuple[str, float], ...]
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(t for _, t in self.timings)
+
+
+def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
+                  placement: Mapping[str, Mapping[str, Any]] | None = None,
+                  gen_engine: str = "hf", check: bool = True,
+                  dump_dir: str | Path | None = None) -> Compiled:
+    """Place, schedule, reshard and lower a traced graph for a cluster."""
+    import time
+
+    from graphrl.passes.assign_devices import parse_pins
+    from graphrl.passes.base import PassContext, parse_pipeline, run_pipeline
+    from graphrl.passes.lower import lower
+
+    from .verify import verify_plan
+
+    pins = parse_pins(placement or {}, graph, cluster)
+    ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
+                      dump_dir=Path(dump_dir) if dump_dir else None)
+    passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
+    placed = run_pipeline(graph, passes, ctx)
+    t0 = time.perf_counter()
+    plan = lower(placed, ctx)
+    ctx.timings.append(("lower", time.perf_counter() - t0))
+    if check:
+        verify_plan(plan)
+    return Compiled(plan, placed, dict(ctx.findings), tuple(ctx.timings))

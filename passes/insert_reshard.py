@@ -1,0 +1,122 @@
+"""insert-reshard: move trained weights into the layout their next reader wants.
+
+Wherever a model's weights are produced in one layout (the train call's mesh and
+strategy) and consumed in another (its generate call's), a `reshard[model]` system node
+is inserted before the consumer. Its attributes carry the symbolic transfer plan's
+totals (bytes on the busiest link, total network bytes, the source layout); the plan
+itself (which source rank sends which slice to which destination rank) is built from
+the shard algebra by passes/reshard_plan.py and kept in the context for lower and the
+executors. When both layouts share GPUs the generation ranks are ordered for
+zero-redundancy grouping (HybridFlow §5.4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from graphrl.graph import SYSTEM, Graph, Node, Placement, Value
+from graphrl.parallel import DeviceMesh, Strategy
+from graphrl.shard import ModelLayout, llama_params, model_layout
+from graphrl.types import ModelSpec
+
+from .base import PassContext
+from .reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
+
+
+def weight_layout(spec: ModelSpec, mesh: DeviceMesh, strategy: Strategy,
+                  layers: int | None = None) -> ModelLayout:
+    """The weights' layout under a strategy: TP slices, pipeline stages, and for ZeRO-3
+    FSDP2's even dim-0 chunks over data-parallel ranks (other stages replicate weights).
+    `layers` limits the model to its first layers (see representative_plan)."""
+    params = llama_params(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+                          spec.intermediate_size, spec.vocab_size,
+                          tie_embeddings=spec.tie_embeddings)
+    if layers is not None:
+        params = tuple(p for p in params if p.layer_index is None or p.layer_index < layers
+                       or p.layer_index == spec.num_layers or p.layer_index == -1)
+    return model_layout(params, mesh, strategy, num_layers=spec.num_layers, zero_format="dim0")
+
+
+@dataclass(frozen=True)
+class ReshardTraffic:
+    """Per-GPU bytes a reshard moves over the network."""
+
+    sent: tuple[tuple[int, int], ...]
+    received: tuple[tuple[int, int], ...]
+
+    @property
+    def max_link_bytes(self) -> int:
+        return max([b for _, b in self.sent] + [b for _, b in self.received] + [0])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b for _, b in self.sent)
+
+    def sent_by(self, gpu: int) -> int:
+        return dict(self.sent).get(gpu, 0)
+
+
+def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraffic:
+    """Per-GPU traffic of the full transfer plan. Decoder layers of one model have the
+    same shapes and, without pipeline stages, the same layouts: the plan of one layer is
+    computed and scaled by the layer count (exact for pp == 1)."""
+    if src.strategy.pp == 1 and dst.strategy.pp == 1 and spec.num_layers > 1:
+        one = _plan(spec, src, dst, layers=1)
+        rest = _plan(spec, src, dst, layers=0)
+        scale = spec.num_layers
+        sent = {g: rest.bytes_sent_by(g) + scale * (one.bytes_sent_by(g) - rest.bytes_sent_by(g))
+                for g in set(src.mesh.gpus) | set(dst.mesh.gpus)}
+        recv = {g: rest.bytes_received_by(g)
+                + scale * (one.bytes_received_by(g) - rest.bytes_received_by(g))
+                for g in set(src.mesh.gpus) | set(dst.mesh.gpus)}
+    else:
+        full = _plan(spec, src, dst, layers=None)
+        gpus = set(src.mesh.gpus) | set(dst.mesh.gpus)
+        sent = {g: full.bytes_sent_by(g) for g in gpus}
+        recv = {g: full.bytes_received_by(g) for g in gpus}
+    return ReshardTraffic(tuple(sorted(sent.items())), tuple(sorted(recv.items())))
+
+
+def _plan(spec: ModelSpec, src: Placement, dst: Placement, layers: int | None
+          ) -> ModelTransferPlan:
+    return plan_model_reshard(weight_layout(spec, src.mesh, src.strategy, layers),
+                              weight_layout(spec, dst.mesh, dst.strategy, layers))
+
+
+def generation_placement(train: Placement, gen: Placement) -> Placement:
+    """Reorder a generation mesh on the training GPUs for zero-redundancy grouping."""
+    if set(train.mesh.gpus) != set(gen.mesh.gpus) or train.mesh.size != gen.mesh.size:
+        return gen
+    try:
+        return replace(gen, mesh=zero_redundancy_mesh(train.mesh, train.strategy, gen.strategy))
+    except ValueError:
+        return gen
+
+
+@dataclass(frozen=True)
+class InsertReshard:
+    name: str = "insert-reshard"
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        trains = {n.model: n for n in graph.nodes if n.target == "train" and n.placement}
+        for n in list(graph.nodes):
+            if n.target != "generate" or n.model not in trains or n.placement is None:
+                continue
+            src = trains[n.model].placement
+            dst = generation_placement(src, n.placement)
+            if dst != n.placement:
+                graph = graph.replace_node(n.name, replace(n, placement=dst))
+                n = graph.node(n.name)
+            if src == dst:
+                continue
+            spec = graph.model(n.model).spec
+            traffic = plan_traffic(spec, src, dst)
+            ctx.findings.setdefault("reshards", {})[n.model] = traffic
+            weights = n.inputs[0]
+            out = Value(f"{weights}.gen", graph.value(weights).spec)
+            node = Node(SYSTEM, "reshard", (weights,), (f"Weights[{n.model}]",), (out,),
+                        n.model, (("max_link_bytes", traffic.max_link_bytes),
+                                  ("network_bytes", traffic.total_bytes),
+                                  ("src", f"{src.mesh.text()}:{src.strategy.text()}")),
+                        dst)
+            graph = graph.insert_before(n.name, node).rename_input(n.name, weights, out.name)
+        return graph

@@ -1,0 +1,185 @@
+"""lower: a placed, resharded graph -> per-worker instruction streams (a Plan).
+
+Rules:
+- a call runs as a gang on every GPU of its mesh; ops run on the host (worker -1);
+- a data value moves only between meshes: the producer mesh's first GPU (or the host)
+  sends it to the consumer mesh's first GPU, which shares it inside its mesh as part of
+  the run; weights never move as data, only through reshard gangs;
+- on GPUs where colocated models do not fit together (choose-overlap), each call onloads
+  its model before and offloads it after;
+- with streaming (k micro-batches), the generate run and the runs of consumers on other
+  meshes are split into k parts, part i of a consumer after part i of the rollouts;
+- a value is freed on a worker after its last use there.
+Durations come from the search's cost model; `simulate` turns the plan into a timeline.
+"""
+from __future__ import annotations
+
+from graphrl.cluster import ClusterSpec
+from graphrl.graph import Graph, Node
+from graphrl.plan import HOST, Plan, StreamBuilder
+
+from .base import PassContext
+from .search import Evaluation
+
+
+def _bandwidth(cluster: ClusterSpec, src: int, dst: int) -> float:
+    if HOST in (src, dst):
+        return cluster.gpu.host_bw
+    return cluster.bandwidth(src, dst)
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, ctx: PassContext):
+        self.g, self.ctx, self.cluster = graph, ctx, ctx.cluster
+        self.ev: Evaluation = ctx.findings["evaluation"]
+        self.sched = {s.name: s for s in self.ev.schedule}
+        self.resident = dict(self.ev.resident)
+        self.offloaded = set(ctx.findings.get("offloaded_gpus", ()))
+        self.stream = int(ctx.findings.get("stream", 1))
+        self.sb = StreamBuilder()
+        self.where: dict[str, tuple[int, ...]] = {v.name: (HOST,) for v in graph.inputs}
+        self.made: dict[tuple[str, int], str] = {}   # (value, worker) -> instr id holding it
+        self.part_made: dict[tuple[str, int, str], str] = {}  # streamed parts
+        self.dead = graph.last_uses()
+        producers = self.producers = graph.producers()
+        self.gens = {n.name for n in graph.nodes if n.target == "generate"}
+        self.streamed = {
+            n.name for n in graph.nodes
+            if self.stream > 1 and n.placement is not None and any(
+                i in producers and producers[i].name in self.gens
+                and not producers[i].placement.mesh.overlaps(n.placement.mesh)
+                for i in n.inputs)}
+        if self.streamed:
+            self.streamed |= self.gens
+
+    def workers(self, n: Node) -> tuple[int, ...]:
+        return n.placement.mesh.gpus if n.placement is not None else (HOST,)
+
+    def unit(self, n: Node) -> str:
+        return f"{n.model}.generate" if n.target == "generate" else n.model
+
+    def bring(self, value: str, dst: int, part: str = "") -> str | None:
+        """Make `value` present on worker dst; returns the instr id to wait for."""
+        if (value, dst) in self.made and not part:
+            return self.made[(value, dst)]
+        src = self.where[value][0]
+        spec = self.g.value(value).spec
+        nbytes = spec.nbytes // (self.stream if part else 1)
+        label = f"{value}" + (f"[{part}]" if part else "")
+        dep = self.part_made.get((value, src, part)) or self.made.get((value, src))
+        send = self.sb.add(src, "send", value=label, peer=dst, nbytes=nbytes,
+                           seconds=nbytes / _bandwidth(self.cluster, src, dst),
+                           label=f"send {label}", deps=(dep,) if dep else ())
+        recv = self.sb.add(dst, "recv", value=label, peer=src, nbytes=nbytes,
+                           seconds=send.seconds, label=f"recv {label}")
+        if not part:
+            self.made[(value, dst)] = recv.id
+        return recv.id
+
+    def lower_node(self, n: Node) -> None:
+        workers = self.workers(n)
+        if n.target == "reshard":
+            return self.lower_reshard(n)
+        leader = workers[0]
+        parts = self.stream if n.name in self.streamed else 1
+        seconds, mem = self.cost(n)
+        for k in range(parts):
+            part = f"{k + 1}/{parts}" if parts > 1 else ""
+            deps: list[str] = []
+            for i in n.inputs:
+                if self.g.value(i).spec.is_weights:
+                    continue
+                if set(self.where[i]) == set(workers):
+                    dep = self.made.get((i, leader))
+                else:
+                    streamed_in = part and self._produced_by_gen(i)
+                    dep = self.bring(i, leader, part if streamed_in else "")
+                if dep:
+                    deps.append(dep)
+            for w in workers:
+                if w in self.offloaded and k == 0:
+                    self.sb.add(w, "onload", model=n.model, node=n.name,
+                                seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
+                                label=f"onload {n.model}")
+                run = self.sb.add(w, "run", node=n.name, model=n.model, label=n.call,
+                                  seconds=seconds / parts, mem=mem, deps=tuple(deps), part=part)
+                for v in n.outputs:
+                    self.made[(v.name, w)] = run.id
+                    if part:
+                        self.part_made[(v.name, w, part)] = run.id
+        for w in workers:
+            if w in self.offloaded:
+                self.sb.add(w, "offload", model=n.model, node=n.name,
+                            seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
+                            label=f"offload {n.model}")
+        for v in n.outputs:
+            self.where[v.name] = workers
+        for value in self.dead.get(n.name, ()):
+            for w in workers + tuple(x for (val, x) in self.made if val == value
+                                      and x not in workers):
+                if (value, w) in self.made:
+                    self.sb.add(w, "free", value=value, label=f"free {value}")
+                    del self.made[(value, w)]
+
+    def _produced_by_gen(self, value: str) -> bool:
+        p = self.producers.get(value)
+        return p is not None and p.name in self.gens
+
+    def lower_reshard(self, n: Node) -> None:
+        traffic = self.ctx.findings.get("reshards", {}).get(n.model)
+        src_text = str(n.attr("src", ""))
+        src_gpus = _gpus_of(src_text)
+        gang = tuple(sorted(set(src_gpus) | set(n.placement.mesh.gpus)))
+        mesh_bw = self.cluster.group_bandwidth(gang)
+        seconds = int(n.attr("max_link_bytes", 0)) / mesh_bw
+        for w in gang:
+            sent = traffic.sent_by(w) if traffic is not None else 0
+            self.sb.add(w, "reshard", node=n.name, model=n.model, nbytes=sent, seconds=seconds,
+                        label=f"reshard {n.model}")
+        for v in n.outputs:
+            self.where[v.name] = n.placement.mesh.gpus
+
+    def cost(self, n: Node) -> tuple[float, int]:
+        s = self.sched.get(n.name)
+        if s is None:
+            return 0.0, 0
+        if s.choice is None:
+            return s.end - s.start, 0
+        return s.choice.seconds, s.choice.peak_bytes
+
+    def plan(self, policy: str) -> Plan:
+        for n in self.g.nodes:
+            self.lower_node(n)
+        resident = []
+        for unit, nbytes in self.ev.resident:
+            mesh = self.ev.mesh_of(unit)
+            model = unit.split(".")[0]
+            for gpu in mesh.gpus:
+                if nbytes:
+                    resident.append((gpu, model, nbytes))
+        notes = (("stream", str(self.stream)),
+                 ("offloaded_gpus", ",".join(map(str, sorted(self.offloaded))) or "none"),
+                 ("search_step_seconds", f"{self.ev.step_seconds:.6f}"))
+        plan = Plan(self.g, self.cluster, policy, self.sb.build(), 0.0,
+                    tuple(sorted(resident)), notes)
+        from graphrl.simulate import simulate
+
+        _, step = simulate(plan)
+        return Plan(plan.graph, plan.cluster, plan.policy, plan.streams, step, plan.resident,
+                    plan.notes)
+
+
+def _gpus_of(src: str) -> tuple[int, ...]:
+    from graphrl.parallel import DeviceMesh
+
+    mesh_text = src.split(":", 1)[0]
+    return DeviceMesh.parse(mesh_text).gpus if mesh_text else ()
+
+
+def lower(graph: Graph, ctx: PassContext) -> Plan:
+    """The Plan of a graph that has been through assign-devices, choose-overlap and
+    insert-reshard in this context."""
+    return _Lowering(graph, ctx).plan(str(ctx.findings.get("policy", "")))
+
+
+__all__ = ["lower"]
