@@ -18,7 +18,7 @@ matplotlib is imported only inside `gantt`, through its object API on the Agg ca
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -64,6 +64,7 @@ PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
            "#CCB974", "#64B5CD", "#2CA02C", "#D62728", "#9467BD")
 OP_COLOR = "#B0B0B0"
 SYSTEM_KINDS = ("reshard", "offload", "onload", "send", "recv")
+_SHORT = {"generate": "gen", "forward": "fwd", "train": "train"}  # bar text when narrow
 _HATCH = {"reshard": "///", "offload": "...", "onload": "...", "send": "xxx", "recv": "xxx"}
 
 
@@ -90,15 +91,32 @@ def _worker_sort_key(name: str) -> tuple:
     return (is_host, m.group(1), int(m.group(2)), "") if m else (is_host, name, -1, name)
 
 
+def _compact(nums: Sequence[int]) -> str:
+    """`0-3`, `0-3,8-11`, `0,3..69` (a stride), or `[23 of 0-69]` when still long."""
+    n = sorted(nums)
+    step = n[1] - n[0] if len(n) > 2 else 0
+    if step > 1 and all(b - a == step for a, b in zip(n, n[1:])):
+        return f"{n[0]},{n[1]}..{n[-1]}"
+    runs: list[list[int]] = []
+    for x in n:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    text = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return text if len(text) <= 24 else f"[{len(n)} of {n[0]}-{n[-1]}]"
+
+
 def merged_label(workers: Sequence[str]) -> str:
-    """`gpu0-3` for gpu0..gpu3, `gpu0,2` for a gap, else the names joined by commas."""
+    """`gpu0-3` for gpu0..gpu3, `gpu0-3,8-11`, `gpu0,2..14` for a stride, else the names
+    joined by commas."""
     if len(workers) == 1:
         return workers[0]
     parts = [_NUMBERED.match(w) for w in workers]
     if all(parts) and len({p.group(1) for p in parts}) == 1:  # type: ignore[union-attr]
-        nums = tuple(int(p.group(2)) for p in parts)  # type: ignore[union-attr]
+        nums = [int(p.group(2)) for p in parts]  # type: ignore[union-attr]
         if len(set(nums)) == len(nums):
-            return parts[0].group(1) + DeviceMesh(nums).text()  # type: ignore[union-attr]
+            return parts[0].group(1) + _compact(nums)  # type: ignore[union-attr]
     return ",".join(workers)
 
 
@@ -125,30 +143,46 @@ class Row:
 
 
 def merge_rows(events: Iterable[Event], max_rows: int = 32) -> tuple[list[Row], int]:
-    """Rows of workers with identical event sequences (call, model, start, end).
+    """Rows of workers whose timelines agree, coarser only as far as needed:
 
-    When that leaves more than `max_rows` rows, workers are merged on (call, start)
-    alone (reshard parts of different sizes end at different times), and the merged row
-    shows every member's bars. Returns at most `max_rows` rows and how many were left out.
+    1. identical event sequences (call, model, start, end);
+    2. else, if over `max_rows`, the same calls at the same starts (reshard parts of
+       different sizes end at different times): a bar per (call, start), to the last end;
+    3. else the same sequence of calls: the k-th call's bar spans the members' earliest
+       start to latest end.
+
+    Returns at most `max_rows` rows (by worker order) and how many were left out.
     """
     per_worker = _by_worker(events)
 
-    def group(key_of) -> list[Row]:
+    def at_start(e: Event, k: int) -> tuple:
+        return (e.call, e.model, _t(e.start))
+
+    def kth_call(e: Event, k: int) -> tuple:
+        return (e.call, e.model, k)
+
+    def group(key_of, bar_of) -> list[Row]:
         groups: dict[tuple, list[str]] = {}
         for w, evs in per_worker.items():
             groups.setdefault(key_of(evs), []).append(w)
         rows = []
         for members in groups.values():
-            seen: dict[tuple, Event] = {}
+            bars: dict[tuple, Event] = {}
             for w in members:
-                for e in per_worker[w]:
-                    seen.setdefault((e.call, e.model, _t(e.start), _t(e.end)), e)
-            rows.append(Row(merged_label(members), tuple(members), tuple(seen.values())))
+                for k, e in enumerate(per_worker[w]):
+                    key = bar_of(e, k)
+                    old = bars.get(key, e)
+                    bars[key] = replace(old, start=min(old.start, e.start),
+                                        end=max(old.end, e.end))
+            rows.append(Row(merged_label(members), tuple(members), tuple(bars.values())))
         return sorted(rows, key=lambda r: _worker_sort_key(r.workers[0]))
 
-    rows = group(lambda evs: tuple((e.call, e.model, _t(e.start), _t(e.end)) for e in evs))
+    rows = group(lambda evs: tuple((e.call, e.model, _t(e.start), _t(e.end)) for e in evs),
+                 at_start)
     if len(rows) > max_rows:
-        rows = group(lambda evs: tuple((e.call, _t(e.start)) for e in evs))
+        rows = group(lambda evs: tuple((e.call, e.model, _t(e.start)) for e in evs), at_start)
+    if len(rows) > max_rows:
+        rows = group(lambda evs: tuple((e.call, e.model) for e in evs), kth_call)
     return rows[:max_rows], max(0, len(rows) - max_rows)
 
 
@@ -201,24 +235,44 @@ def _cell_label(e: Event) -> str:
     return f"{e.call} {e.node}" if e.call in SYSTEM_KINDS and e.node else e.call
 
 
+def _stamps(times: Sequence[float]):
+    """A formatter of times in seconds with the fewest decimals (2 to 6) that keeps
+    distinct times distinct (to the microsecond), so clock rows never read the same."""
+    distinct = sorted(set(times))
+    for d in range(2, 7):
+        if len({f"{t:.{d}f}" for t in distinct}) == len(distinct):
+            break
+    return lambda t: f"{t:.{d}f}s"
+
+
 def clock_lines(events: Iterable[Event], step_seconds: float) -> list[str]:
-    """The clock view: one row per distinct start time, one column per merged worker
-    group; a cell names what starts there (`a+b` if several), `"` while it continues,
-    blank when idle."""
+    """The clock view: one row per distinct start time (to the microsecond), one column
+    per merged worker group; a cell names what starts there (`a+b` if several), `"`
+    while something continues, blank when idle."""
     rows, _ = merge_rows(events, max_rows=10 ** 9)
-    slots = sorted({_t(e.start) for r in rows for e in r.events})
+    starts = sorted({_t(e.start) for r in rows for e in r.events})
+    stamp = _stamps(starts + [_t(step_seconds)])
+    slots: dict[str, float] = {}      # printed time -> the earliest exact start
+    for t in starts:
+        slots.setdefault(stamp(t), t)
     table = [["time"] + [r.label for r in rows]]
-    for t in slots:
-        line = [human_seconds(t)]
+    for text, t in slots.items():
+        line = [text]
         for r in rows:
-            starting = [_cell_label(e) for e in r.events if _t(e.start) == t]
+            starting = [_cell_label(e) for e in r.events if stamp(_t(e.start)) == text]
             running = any(_t(e.start) < t < _t(e.end) for e in r.events)
             line.append("+".join(starting) if starting else ('"' if running else ""))
         table.append(line)
-    table.append([human_seconds(step_seconds), "end"] + [""] * (len(rows) - 1))
-    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
-    return [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-            for row in table]
+    table.append([stamp(_t(step_seconds)), "end"] + [""] * max(0, len(rows) - 1))
+    ncols = max(len(row) for row in table)
+    widths = [max(len(row[c]) for row in table if c < len(row)) for c in range(ncols)]
+    lines = []
+    for row in table:
+        while len(row) > 1 and not row[-1]:
+            row = row[:-1]
+        cells = [row[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append(" | ".join(cells).rstrip())
+    return lines
 
 
 def plan_text(plan: Plan) -> str:
@@ -376,10 +430,15 @@ def gantt(plan: Plan, path_png: str | Path, path_svg: str | Path | None = None,
             width = max(e.end - e.start, xmax * 0.002)
             ax.barh(y, width, left=e.start, height=0.72, color=face,
                     hatch=_HATCH.get(kind), edgecolor="#303030", linewidth=0.5)
-            text = e.call
-            if width * px_per_s > 5.5 * len(text) + 6:
+            method = e.call.rpartition(".")[2]
+            fits = [t for t in (e.call, method, _SHORT.get(method, ""))
+                    if t and width * px_per_s > 6.2 * len(t) + 6]
+            if fits:
+                text = fits[0]
+                box = (dict(facecolor="white", alpha=0.75, edgecolor="none", pad=0.8)
+                       if kind in SYSTEM_KINDS else None)
                 ax.text(e.start + width / 2, y, text, ha="center", va="center", fontsize=7,
-                        clip_on=True)
+                        clip_on=True, bbox=box)
     ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, xmax * 1.01)

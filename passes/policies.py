@@ -207,23 +207,111 @@ def hybridflow(problem: Problem) -> Evaluation | None:
 
 
 def auto(problem: Problem) -> Evaluation | None:
+    """Best of: every partition of the units onto disjoint meshes, the other policies'
+    answers, then a local search that moves one unit at a time onto any mesh (nested
+    meshes included: e.g. reference and reward side by side on the two halves of the
+    policy's GPUs) while that shortens the step."""
     found = [best_allocation(problem, blocks, STREAMS)
              for blocks in set_partitions(problem.units)]
     found += [colocate_all(problem), split(problem), hybridflow(problem)]
-    return _fastest(iter(found))
+    seeds = sorted((ev for ev in found if ev is not None), key=lambda ev: ev.step_seconds)
+    meshes = all_meshes(problem) if problem.cluster.num_gpus <= 16 else buddy_meshes(problem)
+    refined = [refine(problem, ev, meshes) for ev in seeds[:REFINE_SEEDS]]
+    return _fastest(iter(refined + seeds[:1]))
+
+
+REFINE_SEEDS = 3
+
+
+def all_meshes(problem: Problem) -> list[DeviceMesh]:
+    """Every node-aligned mesh: inside one node any size at any offset on a single-node
+    cluster, aligned to its size on larger ones; whole nodes beyond."""
+    c = problem.cluster
+    out = []
+    for size in mesh_sizes(problem):
+        if size >= c.gpus_per_node:
+            step = c.gpus_per_node
+        else:
+            step = 1 if c.nodes == 1 else size
+        for start in range(0, c.num_gpus - size + 1, step):
+            if size < c.gpus_per_node and start // c.gpus_per_node != (start + size - 1) // c.gpus_per_node:
+                continue
+            out.append(DeviceMesh.range(start, size))
+    return out
+
+
+def valid_mesh(problem: Problem, start: int, size: int) -> bool:
+    g = problem.cluster.gpus_per_node
+    if size >= g:
+        return size % g == 0 and start % g == 0
+    return start // g == (start + size - 1) // g
+
+
+def splits(problem: Problem, mesh: DeviceMesh) -> Iterator[tuple[DeviceMesh, DeviceMesh]]:
+    """Ways to cut a contiguous mesh into two node-aligned contiguous halves."""
+    start, m = mesh.gpus[0], mesh.size
+    if mesh.gpus != tuple(range(start, start + m)):
+        return
+    for a in range(1, m):
+        if valid_mesh(problem, start, a) and valid_mesh(problem, start + a, m - a):
+            yield DeviceMesh.range(start, a), DeviceMesh.range(start + a, m - a)
+
+
+def _moves(problem: Problem, assign: dict[str, DeviceMesh],
+           meshes: list[DeviceMesh]) -> Iterator[dict[str, DeviceMesh]]:
+    """One unit onto another mesh; or the units sharing a mesh each stay or move to one
+    of its two halves (nested placement: side by side inside the larger mesh)."""
+    for unit in problem.units:
+        for mesh in meshes:
+            if mesh != assign[unit]:
+                yield {**assign, unit: mesh}
+    by_mesh: dict[DeviceMesh, list[str]] = {}
+    for u, m in assign.items():
+        by_mesh.setdefault(m, []).append(u)
+    for mesh, units in by_mesh.items():
+        if len(units) < 2:
+            continue
+        halves = list(splits(problem, mesh))
+        for choice in itertools.product((0, 1, 2), repeat=len(units)):
+            if 1 not in choice or 2 not in choice:
+                continue  # something must move to each half
+            for a, b in halves:
+                where = (mesh, a, b)
+                yield {**assign, **{u: where[c] for u, c in zip(units, choice)}}
+
+
+def buddy_meshes(problem: Problem) -> list[DeviceMesh]:
+    """Large clusters: whole-node meshes of 1, 2, 4, ... nodes at offsets aligned to their
+    size (sub-node and odd shapes are still reached by the split moves of refine)."""
+    c = problem.cluster
+    out, nodes = [], 1
+    while nodes <= c.nodes:
+        size = nodes * c.gpus_per_node
+        out += [DeviceMesh.range(start, size) for start in range(0, c.num_gpus - size + 1, size)]
+        nodes *= 2
+    if c.nodes & (c.nodes - 1):
+        out.append(DeviceMesh.range(0, c.num_gpus))
+    return out
+
+
+def refine(problem: Problem, ev: Evaluation, meshes: list[DeviceMesh]) -> Evaluation:
+    """Local search over (unit -> mesh, streaming factor) with the moves of _moves."""
+    best = ev
+    improved = True
+    while improved:
+        improved = False
+        for trial in list(_moves(problem, dict(best.assignment), meshes)):
+            for st in STREAMS:
+                cand = problem.try_evaluate(trial, st)
+                if cand is not None and cand.step_seconds < best.step_seconds - 1e-12:
+                    best, improved = cand, True
+    return best
 
 
 def brute_force(problem: Problem) -> Evaluation | None:
     """Every unit on every node-aligned mesh at every offset, every streaming factor:
     for small clusters only (tests compare auto against it)."""
-    c = problem.cluster
-    meshes = []
-    for size in mesh_sizes(problem):
-        step = c.gpus_per_node if size >= c.gpus_per_node else 1
-        for start in range(0, c.num_gpus - size + 1, step):
-            if size < c.gpus_per_node and start // c.gpus_per_node != (start + size - 1) // c.gpus_per_node:
-                continue
-            meshes.append(DeviceMesh.range(start, size))
+    meshes = all_meshes(problem)
     results = (problem.try_evaluate(dict(zip(problem.units, combo)), st)
                for combo in itertools.product(meshes, repeat=len(problem.units))
                for st in STREAMS)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from graphrl.cluster import ClusterSpec
 from graphrl.cost import CALIBRATED, CostParams, estimate, model_state_bytes
 from graphrl.parallel import DeviceMesh, Strategy
@@ -99,6 +101,13 @@ class Infeasible(Exception):
         super().__init__(f"{call} does not fit on {mesh_size} GPU(s): needs "
                          f"{need_bytes / 2**30:.1f} GiB per GPU at best, a GPU has "
                          f"{have_bytes / 2**30:.1f} GiB")
+
+
+def _index(mesh: DeviceMesh) -> slice | list[int]:
+    """numpy index of a mesh's GPUs: a slice for a contiguous range."""
+    g = mesh.gpus
+    return slice(g[0], g[-1] + 1) if g[-1] - g[0] + 1 == len(g) and g == tuple(
+        range(g[0], g[-1] + 1)) else list(g)
 
 
 def divisors(n: int) -> list[int]:
@@ -191,7 +200,8 @@ class Problem:
             unit = next((c.unit for c in self.calls if c.call == call), None)
             if pin.mesh is not None and unit is not None:
                 assignment = {**assignment, unit: pin.mesh}
-        key = (tuple(sorted((u, m.gpus) for u, m in assignment.items())), stream)
+        key = (tuple(sorted((u, m.gpus[0], m.gpus[-1], m.size) for u, m in assignment.items())),
+               stream)
         if key not in self._cache:
             try:
                 self._cache[key] = self._evaluate(dict(assignment), stream)
@@ -216,9 +226,8 @@ class Problem:
         resident = self._resident(assign, choices)
         offloaded = self._offloaded_gpus(assign, resident, choices)
         reshard_s, reshard_bytes, reshard_gpus = self._reshard(assign, choices)
-        free: dict[int, float] = {g: 0.0 for g in reshard_gpus}
-        for g in reshard_gpus:
-            free[g] = reshard_s
+        free = np.zeros(self.cluster.num_gpus)  # when each GPU is next free
+        free[list(reshard_gpus)] = reshard_s
         done: dict[str, Scheduled] = {}
         gen_names = {c.name for c in self.calls if c.phase == "generate"}
         for c in self.calls:
@@ -238,12 +247,12 @@ class Problem:
                 first = gen.start + (gen.end - gen.start) / stream
                 others = max((done[d].end for d in c.deps if d != gen.name), default=0.0)
                 ready = max(first, others)
-            start = max([ready] + [free.get(g, 0.0) for g in mesh.gpus])
+            idx = _index(mesh)
+            start = max(ready, float(free[idx].max()))
             end = start + dur
             if streamed:
                 end = max(end, streamed[0].end + dur / stream)
-            for g in mesh.gpus:
-                free[g] = end
+            free[idx] = end
             done[c.name] = Scheduled(c.name, mesh, ch, start, end, swap)
         step = max(s.end for s in done.values())
         return Evaluation(tuple(sorted(assign.items())), step,
@@ -267,19 +276,20 @@ class Problem:
     def _offloaded_gpus(self, assign: dict[str, DeviceMesh], resident: dict[str, int],
                         choices: dict[str, Choice]) -> set[int]:
         """GPUs whose units' states plus the largest call's working memory overflow."""
-        on_gpu: dict[int, list[str]] = {}
-        for unit, mesh in assign.items():
-            for g in mesh.gpus:
-                on_gpu.setdefault(g, []).append(unit)
+        units = list(assign)
+        mask = np.zeros(self.cluster.num_gpus, dtype=np.int64)
+        for i, u in enumerate(units):
+            mask[_index(assign[u])] |= 1 << i
         over = set()
-        for g, units in on_gpu.items():
-            if len(units) < 2:
+        for m in np.unique(mask):
+            present = [u for i, u in enumerate(units) if int(m) >> i & 1]
+            if len(present) < 2:
                 continue
-            states = sum(resident[u] for u in units)
+            states = sum(resident[u] for u in present)
             transient = max(choices[c.name].peak_bytes - resident[c.unit]
-                            for c in self.calls if c.unit in units and c.phase != "op")
+                            for c in self.calls if c.unit in present and c.phase != "op")
             if states + transient > self.capacity:
-                over.add(g)
+                over.update(int(g) for g in np.flatnonzero(mask == m))
         return over
 
     def _reshard(self, assign: dict[str, DeviceMesh],
@@ -298,15 +308,22 @@ class Problem:
             if mt == mg:
                 held = m / (st.tp * st.pp) / (st.dp if st.zero == 3 else 1)
                 received = max(0.0, gen_shard - held)
-                bw = self.cluster.group_bandwidth(mg.gpus)
+                bw = self._link(mg.gpus)
             else:
                 received = gen_shard
-                bw = self.cluster.group_bandwidth(tuple(set(mt.gpus) | set(mg.gpus)))
+                bw = self._link(mt.gpus + mg.gpus)
             if received > 0:
                 seconds = max(seconds, received / bw)
                 nbytes += int(received * mg.size)
                 gpus |= set(mt.gpus) | set(mg.gpus)
         return seconds, nbytes, tuple(sorted(gpus))
+
+    def _link(self, gpus: tuple[int, ...]) -> float:
+        """NVLink if these GPUs share a node (ids are node-major), else the NIC."""
+        c = self.cluster
+        if c.node_of(min(gpus)) == c.node_of(max(gpus)):
+            return c.gpu.intra_node_bw
+        return c.gpu.inter_node_bw
 
     # -- what the user needs to hear when nothing fits ------------------------------------
     def min_gpus(self, name: str, limit: int = 4096) -> int | None:

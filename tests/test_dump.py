@@ -16,8 +16,8 @@ import pytest
 import graphrl
 from graphrl.cluster import ClusterSpec
 from graphrl.dump import (event_kind, gantt, human_bytes, human_seconds, merge_rows,
-                          model_colors, plan_dot, plan_text, write_dumps)
-from graphrl.graph import CALL, OP, SYSTEM, Node, Value
+                          merged_label, model_colors, plan_dot, plan_text, write_dumps)
+from graphrl.graph import SYSTEM, Node, Value
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.plan import HOST, Plan, StreamBuilder
 from graphrl.simulate import simulate
@@ -59,17 +59,18 @@ def lower_by_hand(g) -> Plan:
     """Topological order, gangs per node, a send/recv pair for every value crossing
     from one worker set to another (sent by the producer's first worker)."""
     b = StreamBuilder()
-    home: dict[str, tuple[int, ...]] = {v.name: (0,) for v in g.inputs}  # inputs on GPU 0
+    home: dict[str, list[int]] = {v.name: [0] for v in g.inputs}  # inputs on GPU 0
     for n in g.nodes:
         workers = n.placement.mesh.gpus if n.placement is not None else (HOST,)
         for i in n.inputs:
-            src = home[i]
-            if g.value(i).spec.is_weights or set(workers) <= set(src):
+            src = list(home[i])
+            if g.value(i).spec.is_weights:
                 continue
             nbytes = g.value(i).spec.nbytes
             for w in workers:
-                if w in src:
+                if w in home[i]:
                     continue
+                home[i].append(w)
                 b.add(src[0], "send", value=i, peer=w, nbytes=nbytes, seconds=nbytes / 1e6,
                       label=f"send {i}")
                 b.add(w, "recv", value=i, peer=src[0], nbytes=nbytes, seconds=nbytes / 1e6,
@@ -89,7 +90,7 @@ def lower_by_hand(g) -> Plan:
             for w in workers:
                 b.add(w, "offload", model="reference", nbytes=168_576, seconds=0.05)
         for v in n.outputs:
-            home[v.name] = workers
+            home[v.name] = list(workers)
     b.add(HOST, "free", value="%rollout")
     streams = b.build()
     plan = Plan(g, ClusterSpec(1, 4), "split", streams, 0.0,
@@ -105,17 +106,17 @@ def plan() -> Plan:
 
 
 def tiny_plan() -> Plan:
-    """Two GPUs running one gang, a send/recv pair to the host, an op there."""
+    """Four GPUs running one gang, a send/recv pair to the host, an op there."""
     g = placed_graph()
     b = StreamBuilder()
-    for w in (0, 1):
+    for w in range(4):
         b.add(w, "run", node="%rollout", model="policy", label="policy.generate",
               seconds=2.31, mem=12 << 30)
     b.add(0, "send", value="%rollout", peer=HOST, nbytes=128 << 20, seconds=0.25)
     b.add(HOST, "recv", value="%rollout", peer=0, nbytes=128 << 20, seconds=0.25)
     b.add(HOST, "run", node="%task_score", label="task_score", seconds=0.5,
           deps=("w1.0",))
-    return Plan(g, ClusterSpec(1, 2), "colocate-all", b.build(), 3.06)
+    return Plan(g, ClusterSpec(1, 4), "colocate-all", b.build(), 3.06)
 
 
 # -- formatters ---------------------------------------------------------------------------
@@ -133,19 +134,19 @@ def test_human_units():
 def test_tiny_plan_text_exact_lines():
     text = plan_text(tiny_plan())
     lines = text.splitlines()
-    assert lines[:5] == ["plan @ppo_step", "  cluster    1x2xH100-80G",
+    assert lines[:5] == ["plan @ppo_step", "  cluster    1x4xH100-80G",
                          "  policy     colocate-all", "  predicted  3.06s per step",
-                         "  workers    3 streams, 5 instructions"]
+                         "  workers    5 streams, 7 instructions"]
     assert "  w0.0  run      %rollout  policy.generate  2.31s  mem=12.0GiB" in lines
     assert "  w0.1  send     %rollout -> host  128.0MiB  250.0ms" in lines
     assert "  host.0  recv     %rollout <- w0  128.0MiB  250.0ms" in lines
     assert "  host.1  run      %task_score  task_score  500.0ms  deps=[w1.0]" in lines
     clock = lines[lines.index("== clock (simulated step 3.06s) =="):]
     assert clock[1:] == [
-        "time  | gpu0                 | gpu1            | host",
-        "0s    | policy.generate      | policy.generate |",
-        '2.31s | send %rollout        |                 | recv %rollout',
-        '2.56s |                      |                 | task_score',
+        " time | gpu0            | gpu1-3          | host",
+        "0.00s | policy.generate | policy.generate",
+        "2.31s | send %rollout   |                 | recv %rollout",
+        "2.56s |                 |                 | task_score",
         "3.06s | end",
     ]
 
@@ -164,7 +165,7 @@ def test_plan_text_structure(plan):
         assert f"stream {name}  ({len(s.instrs)} instructions)" in text
         for i in s.instrs:
             assert re.search(rf"^  {re.escape(i.id)} +{i.op} ", text, re.M), i.id
-    assert re.search(r"reshard +%policy@1g  reshard\[policy\]  40\.0KiB  100\.0ms", text)
+    assert re.search(r"reshard +%policy@1g  reshard\[policy\]  39\.1KiB  100\.0ms", text)
     assert re.search(r"send +%rollout -> w2  672B", text)
     assert re.search(r"offload +reference  164\.6KiB  50\.0ms", text)
     assert "resident (bytes per GPU between calls)\n  w0-1: policy 164.6KiB\n" \
@@ -179,15 +180,13 @@ def test_clock_view_rows_in_time_order_and_merged(plan):
     assert header[0] == "time" and header[-1] == "host"
     assert all(h.startswith("gpu") for h in header[1:-1])
 
-    def secs(cell: str) -> float:
-        return float(cell[:-2]) * 1e-3 if cell.endswith("ms") else float(cell[:-1])
-
-    times = [secs(ln.split(" | ")[0].strip()) for ln in lines[1:]]
+    times = [float(ln.split(" | ")[0].strip().rstrip("s")) for ln in lines[1:]]
     assert times == sorted(times) and len(set(times)) == len(times)
     assert lines[-1].split(" | ")[1].strip() == "end"
     events, step = simulate(plan)
     assert len(lines) - 2 == len({round(e.start, 9) for e in events})
-    assert "policy.generate" in lines[1] and "reshard[policy]" in lines[-2]
+    assert "send %prompts" in lines[1] and "policy.generate" in lines[2]
+    assert "reshard[policy]" in lines[-2]
 
 
 def test_json_round_trip(plan):
@@ -199,15 +198,23 @@ def test_json_round_trip(plan):
     assert Plan.from_json(tiny_plan().to_json()) == tiny_plan()
 
 
-def test_deadlocked_plan_still_prints():
+def test_deadlocked_plan_still_prints(tmp_path):
     g = placed_graph()
     b = StreamBuilder()
     b.add(0, "send", value="%rollout", peer=1, nbytes=8, seconds=0.1)
     b.add(0, "recv", value="%x", peer=1, nbytes=8, seconds=0.1)
     b.add(1, "send", value="%x", peer=0, nbytes=8, seconds=0.1)
     b.add(1, "recv", value="%rollout", peer=0, nbytes=8, seconds=0.1)
-    text = plan_text(Plan(g, ClusterSpec(1, 2), "broken", b.build(), 0.0))
-    assert "== clock ==\n  no timeline: deadlock: " in text
+    broken = Plan(g, ClusterSpec(1, 2), "broken", b.build(), 0.0)
+    assert "== clock ==\n  no timeline: deadlock: " in plan_text(broken)
+    with pytest.raises(ValueError, match="deadlock: .*wrote .*plan.dot"):
+        write_dumps(broken, tmp_path)
+    assert (tmp_path / "plan.txt").read_text() == plan_text(broken)
+
+
+def test_empty_plan_text():
+    empty = Plan(placed_graph(), ClusterSpec(1, 1), "none", (), 0.0)
+    assert plan_text(empty).endswith("== clock (simulated step 0s) ==\n time\n0.00s | end\n")
 
 
 # -- DOT ----------------------------------------------------------------------------------
@@ -257,6 +264,21 @@ def test_merge_rows_and_kinds(plan):
     assert len(two) == 2 and hidden >= 1
     same = [Event("%a", "m.forward", "m", f"gpu{g}", 0.0, 1.0) for g in range(8)]
     assert [r.label for r in merge_rows(same)[0]] == ["gpu0-7"]
+    # 64 GPUs whose reshard parts all differ: merged on their sequence of calls
+    many = [Event(n, c, m, f"gpu{g}", s + (0.01 * g if c.startswith("reshard") else 0),
+                  t + (0.01 * g if c.startswith("reshard") else 0))
+            for g in range(64) for n, c, m, s, t in
+            (("%r", "policy.generate", "policy", 0, 2), ("%w", "reshard[policy]", "policy",
+                                                          2, 2.5))]
+    many.append(Event("%o", "offload", "reference", "gpu3", 2.7, 2.9))
+    rows, hidden = merge_rows(many)
+    assert [r.label for r in rows] == ["gpu0-2,4-63", "gpu3"] and hidden == 0
+    assert [(e.call, e.start, e.end) for e in rows[0].events] == [
+        ("policy.generate", 0, 2), ("reshard[policy]", 2, 2.5 + 0.63)]
+    assert merged_label(["gpu0", "gpu1", "gpu8", "gpu9"]) == "gpu0-1,8-9"
+    assert merged_label([f"rank{r}" for r in range(0, 70, 3)]) == "rank0,3..69"
+    assert merged_label([f"r{r}" for r in range(0, 70) if r % 3 and r % 5]) == "r[37 of 1-68]"
+    assert merged_label(["local", "gpu0"]) == "local,gpu0"
 
 
 def test_gantt_png_svg(plan, tmp_path):
@@ -284,6 +306,8 @@ def test_write_dumps(plan, tmp_path):
     events, _ = simulate(plan)
     assert trace == json.loads(json.dumps(chrome_trace(events, "predicted")))
     assert trace["traceEvents"] and all(e["ph"] == "X" for e in trace["traceEvents"])
+    again = write_dumps(plan, tmp_path / "again")  # byte for byte, images included
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
 
 
 def test_import_graphrl_stays_light():

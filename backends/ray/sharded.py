@@ -1,0 +1,258 @@
+"""Engines that hold one rank's part of a model, and the layouts their tensors follow.
+
+Each engine here has a `layout` (graphrl.shard.ModelLayout over global GPU ids) and
+`local_arrays()`: for every weight, the rank's tensors in `layout[name].pieces_on(gpu)`
+order — writable views of the live weights, which is what `reshard.execute_plan` reads
+and writes.
+
+- `FSDPEngine`: an HF model wrapped by FSDP2, `fully_shard` per decoder layer and on the
+  root, over the ranks of a process group (DESIGN.md, "Sharded training on CPU with
+  gloo"). Every weight is a DTensor `Shard(0)`: even dim-0 chunks with torch.chunk
+  semantics = `layout_for(..., zero=3, zero_format="dim0")`. Calls on it are collectives
+  over its mesh: every rank of the mesh makes the same call.
+- `ReplicatedEngine`: a full HF model on each rank of its mesh (generation / inference).
+- `ShardBuffers`: plain arrays for any layout (tensor-parallel, flat ZeRO, …) with no
+  model behind them: a destination for layouts no engine here runs yet.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from graphrl.errors import UsageError
+from graphrl.graph import ModelDecl
+from graphrl.parallel import DeviceMesh, Strategy
+from graphrl.shard import Box, ModelLayout, ParamSpec, llama_params, model_layout
+
+from ..engines.hf import HFEngine, build_module
+
+
+# -- layouts -------------------------------------------------------------------------------
+def param_specs(decl: ModelDecl) -> tuple[ParamSpec, ...]:
+    """The weights of `decl`'s HF module in state_dict order (built on the meta device, so
+    nothing is allocated). Llama weights carry their tensor-parallel kinds and layers
+    (graphrl.shard.llama_params); others are `replicate`, on every stage."""
+    with torch.device("meta"):
+        module = build_module(decl)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    known: dict[str, ParamSpec] = {}
+    s = decl.spec
+    if s.family == "llama":
+        known = {p.name: p for p in llama_params(s.hidden_size, s.num_layers, s.num_heads,
+                                                 s.num_kv_heads, s.intermediate_size,
+                                                 s.vocab_size, tie_embeddings=s.tie_embeddings)}
+    out = []
+    for name, shape in shapes.items():
+        p = known.get(name)
+        out.append(p if p is not None and p.shape == shape
+                   else ParamSpec(name, shape, "replicate", None))
+    return tuple(out)
+
+
+def fsdp_layout(specs: Sequence[ParamSpec], gpus: Sequence[int], num_layers: int = 1
+                ) -> ModelLayout:
+    """FSDP2 over `gpus` (mesh rank i = gpus[i]): every weight in even dim-0 chunks."""
+    return model_layout(specs, DeviceMesh(tuple(gpus)), Strategy(dp=len(gpus), zero=3),
+                        num_layers=num_layers, zero_format="dim0")
+
+
+def replicated_layout(specs: Sequence[ParamSpec], gpus: Sequence[int], num_layers: int = 1
+                      ) -> ModelLayout:
+    """A full copy of every weight on each of `gpus`."""
+    return model_layout(specs, DeviceMesh(tuple(gpus)), Strategy(dp=len(gpus)),
+                        num_layers=num_layers)
+
+
+def _arrays_for(layout: ModelLayout, gpu: int, named: Mapping[str, torch.Tensor],
+                what: str) -> dict[str, list[torch.Tensor]]:
+    """One tensor per weight, checked against the piece `gpu` holds (none: empty)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, lay in layout.items():
+        pieces = lay.pieces_on(gpu)
+        t = named[name]
+        if not pieces:
+            if t.numel():
+                raise ValueError(f"{what}: {name} holds {t.numel()} elements on GPU {gpu}, "
+                                 "its layout says none")
+            out[name] = []
+            continue
+        if len(pieces) != 1 or not isinstance(pieces[0], Box) or \
+                tuple(t.shape) != pieces[0].extents:
+            raise ValueError(f"{what}: {name} on GPU {gpu} has shape {tuple(t.shape)}, "
+                             f"layout {lay.text()}")
+        out[name] = [t]
+    return out
+
+
+def _check_decl(decl: ModelDecl, specs: Sequence[ParamSpec], module: nn.Module) -> None:
+    got = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
+    if got != [(p.name, p.shape) for p in specs]:
+        raise UsageError(f"model {decl.name}: weights differ from param_specs()")
+
+
+# -- engines -------------------------------------------------------------------------------
+class ReplicatedEngine:
+    """A full HFEngine on this rank; one of `gpus` replicas."""
+
+    def __init__(self, decl: ModelDecl, options: Mapping[str, Any], gpus: Sequence[int],
+                 gpu: int, *, device: str = "cpu", seed: int = 0):
+        if gpu not in gpus:
+            raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
+        self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
+        self.engine = HFEngine(decl, options, device=device, seed=seed)
+        self.specs = param_specs(decl)
+        self.layout = replicated_layout(self.specs, self.gpus, decl.spec.num_layers)
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        named = dict(self.engine.module.state_dict(keep_vars=True))
+        return _arrays_for(self.layout, self.gpu, {k: v.data for k, v in named.items()},
+                           self.decl.name)
+
+    def generate(self, prompts: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.engine.generate(prompts, **kw)
+
+    def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
+        return self.engine.forward(rollout)
+
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], **kw: Any) -> dict[str, float]:
+        return self.engine.train(inputs, **kw)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return self.engine.export_weights()
+
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
+        self.engine.load_weights(named)
+
+    def offload(self) -> None:
+        self.engine.offload()
+
+    def onload(self) -> None:
+        self.engine.onload()
+
+
+def decoder_layers(module: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The ModuleList of decoder layers (HF Llama `model.layers`, GPT-2 `transformer.h`)."""
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == num_layers:
+            return m
+    raise UsageError(f"found no list of {num_layers} decoder layers in "
+                     f"{type(module).__name__}")
+
+
+class FSDPEngine:
+    """An HF model sharded by FSDP2 over the ranks `gpus` of process group `group`.
+
+    Every rank builds the same seeded model, then `fully_shard` keeps its dim-0 chunk of
+    each weight. `train` takes this rank's slice of the batch (`shard_batch`); gradients
+    are averaged over the mesh, so equal slices give the single-process step on the whole
+    batch. `train`, `forward`, `generate` and `export_weights` are collectives: every
+    rank of the mesh must make the same call.
+    """
+
+    def __init__(self, decl: ModelDecl, options: Mapping[str, Any], gpus: Sequence[int],
+                 gpu: int, group: Any, *, device: str = "cpu", seed: int = 0):
+        from torch.distributed.device_mesh import DeviceMesh as TorchMesh
+        from torch.distributed.fsdp import fully_shard
+
+        if gpu not in gpus:
+            raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
+        self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
+        self.engine = HFEngine(decl, options, device=device, seed=seed)
+        self.specs = param_specs(decl)
+        _check_decl(decl, self.specs, self.engine.module)
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        self.mesh = TorchMesh.from_group(group, kind, mesh=list(self.gpus))
+        module = self.engine.module
+        for layer in decoder_layers(module, decl.spec.num_layers):
+            fully_shard(layer, mesh=self.mesh)
+        fully_shard(module, mesh=self.mesh)
+        self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
+        self.local_arrays()   # checks the layout against the real shards
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def _dtensors(self) -> dict[str, Any]:
+        from torch.distributed.tensor import DTensor, Shard
+
+        out = {}
+        for name, t in self.engine.module.state_dict(keep_vars=True).items():
+            if not isinstance(t, DTensor) or tuple(t.placements) != (Shard(0),):
+                raise ValueError(f"{self.decl.name}: {name} is not a Shard(0) DTensor")
+            out[name] = t
+        return out
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        named = {k: v.data.to_local() for k, v in self._dtensors().items()}
+        return _arrays_for(self.layout, self.gpu, named, self.decl.name)
+
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], **kw: Any) -> dict[str, float]:
+        return self.engine.train(inputs, **kw)
+
+    def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
+        return self.engine.forward(rollout)
+
+    def generate(self, prompts: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.engine.generate(prompts, **kw)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Full weights on every rank of the mesh (all-gathers: a collective)."""
+        return {k: v.full_tensor().detach().cpu().clone() for k, v in self._dtensors().items()}
+
+    @torch.no_grad()
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Take this rank's chunks of full weights (every rank passes the same ones)."""
+        arrays = self.local_arrays()
+        missing = sorted(set(arrays) - set(named))
+        if missing:
+            raise UsageError(f"model {self.decl.name}: weights lack {missing[:3]}")
+        for name, arrs in arrays.items():
+            for piece, a in zip(self.layout[name].pieces_on(self.gpu), arrs):
+                a.copy_(named[name][piece.slices()])
+
+    def offload(self) -> None:
+        self.engine.offload()
+
+    def onload(self) -> None:
+        self.engine.onload()
+
+
+class ShardBuffers:
+    """Zeroed local arrays of any layout, for data only (no model): `local_arrays()`."""
+
+    def __init__(self, layout: ModelLayout, gpu: int, *, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+        from graphrl.shard import piece_local_shape
+
+        self.layout, self.gpu, self.version = layout, gpu, 0
+        self.arrays = {name: [torch.zeros(piece_local_shape(p), dtype=dtype, device=device)
+                              for p in lay.pieces_on(gpu)] for name, lay in layout.items()}
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        return self.arrays
+
+
+def shard_batch(inputs: Mapping[str, Mapping[str, Any]], index: int, count: int
+                ) -> dict[str, dict[str, Any]]:
+    """Data-parallel slice `index` of `count` of every payload (equal slices along the
+    batch dim, torch.chunk semantics; the batch must divide evenly)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, payload in inputs.items():
+        out[key] = {}
+        for f, t in payload.items():
+            if t.shape[0] % count:
+                raise UsageError(f"{key}.{f}: batch {t.shape[0]} does not split into "
+                                 f"{count} equal data-parallel slices")
+            out[key][f] = t.chunk(count)[index]
+    return out
+
+
+__all__ = ["param_specs", "fsdp_layout", "replicated_layout", "ReplicatedEngine",
+           "FSDPEngine", "ShardBuffers", "shard_batch", "decoder_layers"]
