@@ -17,30 +17,15 @@ from typing import Any
 
 from .cluster import GPU_TYPES, gpu_type
 from .cost import ENGINES, PHASES, CallCost, estimate
+from .argtypes import int_at_least
 from .parallel import Strategy
 from .types import HEADS, ModelSpec
 
 PROG = "graphrl estimate"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def _gpu(text: str) -> str:

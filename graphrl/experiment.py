@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .argtypes import positive_int
 from .errors import UsageError
 
 from .trace import Model, Program, trace
@@ -88,16 +89,6 @@ class Experiment:
 
     def program(self) -> Program:
         return trace(self.step, list(self.models), name=self.name, **self.inputs)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ per model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -57,7 +57,3 @@ def seconds_per_call(events: Iterable[Event]) -> dict[str, float]:
     for e in events:
         totals[e.call] = totals.get(e.call, 0.0) + e.seconds
     return totals
-
-
-def event_dict(e: Event) -> dict:
-    return asdict(e)

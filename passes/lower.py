@@ -42,6 +42,7 @@ class _Lowering:
         self.part_made: dict[tuple[str, int, str], str] = {}  # streamed parts
         self.dead = graph.last_uses()
         producers = self.producers = graph.producers()
+        self.consumers = graph.consumers()
         self.gens = {n.name for n in graph.nodes if n.target == "generate"}
         self.streamed = {
             n.name for n in graph.nodes
@@ -62,6 +63,8 @@ class _Lowering:
         """Make `value` present on worker dst; returns the instr id to wait for."""
         if (value, dst) in self.made and not part:
             return self.made[(value, dst)]
+        if part and (value, dst, part) in self.part_made:
+            return self.part_made[(value, dst, part)]  # each part crosses once per worker
         src = self.where[value][0]
         spec = self.g.value(value).spec
         nbytes = spec.nbytes // (self.stream if part else 1)
@@ -72,7 +75,9 @@ class _Lowering:
                            label=f"send {label}", deps=(dep,) if dep else ())
         recv = self.sb.add(dst, "recv", value=label, peer=src, nbytes=nbytes,
                            seconds=send.seconds, label=f"recv {label}")
-        if not part:
+        if part:
+            self.part_made[(value, dst, part)] = recv.id
+        else:
             self.made[(value, dst)] = recv.id
         return recv.id
 
@@ -107,19 +112,34 @@ class _Lowering:
                     self.made[(v.name, w)] = run.id
                     if part:
                         self.part_made[(v.name, w, part)] = run.id
+        for v in n.outputs:
+            self.where[v.name] = workers
+            self.send_ahead(v.name, workers)
         for w in workers:
             if w in self.offloaded:
                 self.sb.add(w, "offload", model=n.model, node=n.name,
                             seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
                             label=f"offload {n.model}")
-        for v in n.outputs:
-            self.where[v.name] = workers
         for value in self.dead.get(n.name, ()):
             for w in workers + tuple(x for (val, x) in self.made if val == value
                                       and x not in workers):
                 if (value, w) in self.made:
                     self.sb.add(w, "free", value=value, label=f"free {value}")
                     del self.made[(value, w)]
+
+    def send_ahead(self, value: str, workers: tuple[int, ...]) -> None:
+        """Move a value to the other meshes that read it as soon as it exists (the
+        search starts a reader when its inputs are ready, not when the producer's mesh
+        has finished its later calls); streamed rollouts move part by part instead."""
+        import os
+        if self.g.value(value).spec.is_weights or os.environ.get("NOEAGER"):
+            return
+        for c in self.consumers.get(value, ()):
+            if c.target == "reshard" or (c.name in self.streamed and self._produced_by_gen(value)):
+                continue
+            dst = self.workers(c)
+            if set(dst) != set(workers):
+                self.bring(value, dst[0])
 
     def _produced_by_gen(self, value: str) -> bool:
         p = self.producers.get(value)

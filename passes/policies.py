@@ -349,8 +349,9 @@ def hardest_call(problem: Problem) -> Infeasible:
 
 def smallest_cluster(problem: Problem, policy: str, max_nodes: int = 1024) -> int | None:
     """Fewest nodes (same node shape) on which the policy finds a placement."""
-    from .search import replace_cluster
     from dataclasses import replace
+
+    from .search import replace_cluster
 
     nodes = problem.cluster.nodes
     while nodes <= max_nodes:

@@ -22,7 +22,7 @@ unit -> mesh assignment by list scheduling the step's nodes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
@@ -336,15 +336,10 @@ class Problem:
         return None
 
 
-def with_pins(problem: Problem, pins: Mapping[str, Pin]) -> Problem:
-    return Problem(problem.calls, problem.specs, problem.cluster, problem.gen_engine,
-                   problem.params, pins)
-
-
 def replace_cluster(problem: Problem, cluster: ClusterSpec) -> Problem:
     return Problem(problem.calls, problem.specs, cluster, problem.gen_engine, problem.params,
                    problem.pins)
 
 
 __all__ = ["CallInfo", "Pin", "Choice", "Scheduled", "Evaluation", "Infeasible", "Problem",
-           "candidate_strategies", "with_pins", "replace_cluster", "replace"]
+           "candidate_strategies", "replace_cluster"]

@@ -1,0 +1,24 @@
+"""argparse value types shared by the command lines."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type accepting integers >= minimum, with a one-line error otherwise."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = "positive_int" if minimum == 1 else f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
