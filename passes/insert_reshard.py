@@ -58,7 +58,10 @@ class ReshardTraffic:
 def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraffic:
     """Per-GPU traffic of the full transfer plan. Decoder layers of one model have the
     same shapes and, without pipeline stages, the same layouts: the plan of one layer is
-    computed and scaled by the layer count (exact for pp == 1)."""
+    computed and scaled by the layer count (exact for pp == 1). Beyond
+    EXACT_PLAN_MAX_GPUS GPUs, the closed form of analytic_traffic."""
+    if len(set(src.mesh.gpus) | set(dst.mesh.gpus)) > EXACT_PLAN_MAX_GPUS:
+        return analytic_traffic(spec, src, dst)
     if src.strategy.pp == 1 and dst.strategy.pp == 1 and spec.num_layers > 1:
         one = _plan(spec, src, dst, layers=1)
         rest = _plan(spec, src, dst, layers=0)
@@ -74,6 +77,29 @@ def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraf
         sent = {g: full.bytes_sent_by(g) for g in gpus}
         recv = {g: full.bytes_received_by(g) for g in gpus}
     return ReshardTraffic(tuple(sorted(sent.items())), tuple(sorted(recv.items())))
+
+
+EXACT_PLAN_MAX_GPUS = 32  # larger reshards use the closed form below (the exact
+                          # planner is O(source pieces x destination pieces) per tensor)
+
+
+def analytic_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraffic:
+    """Closed-form per-GPU traffic (HybridFlow §5.4): each destination GPU receives its
+    generation shard M/(t_g p_g) minus what it already holds of the training layout
+    (M/(t p), /dp under ZeRO-3) when it is one of the training GPUs; senders share the
+    total evenly."""
+    m = spec.weight_bytes
+    st, sg = src.strategy, dst.strategy
+    held = m / (st.tp * st.pp) / (st.dp if st.zero == 3 else 1)
+    shard = m / (sg.tp * sg.pp)
+    src_gpus = set(src.mesh.gpus)
+    received = {g: int(max(0.0, shard - (held if g in src_gpus else 0.0)))
+                for g in dst.mesh.gpus}
+    total = sum(received.values())
+    sent = {g: total // len(src_gpus) for g in src_gpus}
+    gpus = src_gpus | set(dst.mesh.gpus)
+    return ReshardTraffic(tuple(sorted((g, sent.get(g, 0)) for g in gpus)),
+                          tuple(sorted((g, received.get(g, 0)) for g in gpus)))
 
 
 def _plan(spec: ModelSpec, src: Placement, dst: Placement, layers: int | None

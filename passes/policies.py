@@ -252,7 +252,9 @@ def splits(problem: Problem, mesh: DeviceMesh) -> Iterator[tuple[DeviceMesh, Dev
     start, m = mesh.gpus[0], mesh.size
     if mesh.gpus != tuple(range(start, start + m)):
         return
-    for a in range(1, m):
+    cuts = range(1, m) if m <= problem.cluster.gpus_per_node else sorted(
+        {m // 4, m // 2, m - m // 4} - {0, m})  # multi-node meshes: quarter points
+    for a in cuts:
         if valid_mesh(problem, start, a) and valid_mesh(problem, start + a, m - a):
             yield DeviceMesh.range(start, a), DeviceMesh.range(start + a, m - a)
 
@@ -294,18 +296,26 @@ def buddy_meshes(problem: Problem) -> list[DeviceMesh]:
     return out
 
 
+def _streams(problem: Problem, assign: dict[str, DeviceMesh]) -> Sequence[int]:
+    """Streaming matters only when a generation mesh is apart from another unit's."""
+    for g in gen_units(problem):
+        if any(not assign[g].overlaps(m) for u, m in assign.items() if u != g):
+            return STREAMS
+    return (1,)
+
+
 def refine(problem: Problem, ev: Evaluation, meshes: list[DeviceMesh]) -> Evaluation:
-    """Local search over (unit -> mesh, streaming factor) with the moves of _moves."""
+    """Best-improvement local search over (unit -> mesh, streaming factor) with the moves
+    of _moves, until no move shortens the step."""
     best = ev
-    improved = True
-    while improved:
-        improved = False
-        for trial in list(_moves(problem, dict(best.assignment), meshes)):
-            for st in STREAMS:
-                cand = problem.try_evaluate(trial, st)
-                if cand is not None and cand.step_seconds < best.step_seconds - 1e-12:
-                    best, improved = cand, True
-    return best
+    while True:
+        trials = (problem.try_evaluate(trial, st)
+                  for trial in _moves(problem, dict(best.assignment), meshes)
+                  for st in _streams(problem, trial))
+        cand = _fastest(trials)
+        if cand is None or cand.step_seconds >= best.step_seconds - 1e-12:
+            return best
+        best = cand
 
 
 def brute_force(problem: Problem) -> Evaluation | None:
@@ -333,14 +343,20 @@ def run_policy(problem: Problem, policy: str) -> Evaluation:
 
 
 def hardest_call(problem: Problem) -> Infeasible:
-    """The call whose best strategy on all GPUs needs the most memory."""
+    """The call that fits on no mesh of the cluster, reported at the mesh size where it
+    comes closest (a cluster's GPU count itself may admit no strategy, e.g. 6 GPUs for a
+    batch of 128: then a smaller mesh says what is missing); the one needing most."""
     n = problem.cluster.num_gpus
     worst: Infeasible | None = None
     for c in problem.calls:
         if c.phase == "op":
             continue
-        ch = problem._choice(c.name, n)
-        if isinstance(ch, Infeasible) and (worst is None or ch.need > worst.need):
+        tries = [problem._choice(c.name, size) for size in mesh_sizes(problem)]
+        if not all(isinstance(t, Infeasible) for t in tries):
+            continue
+        ch = min((t for t in tries if t.need), key=lambda t: t.need,
+                 default=problem._choice(c.name, n))
+        if worst is None or ch.need > worst.need:
             worst = ch
     if worst is None:  # each call fits alone, but the policy's pools were too small
         worst = Infeasible("the step", n, 0, problem.capacity)
