@@ -33,8 +33,11 @@ def load_placement(path: str | None) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise UsageError(f"--placement {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"--placement {path}: not YAML or JSON: {e}") from None
+    except yaml.YAMLError as e:  # one line: where, and what the parser expected
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"--placement {path}: not YAML or JSON{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--placement {path}: expected a mapping of call -> placement")
     return data

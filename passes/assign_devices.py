@@ -40,9 +40,12 @@ def call_infos(graph: Graph) -> list[CallInfo]:
                                 n.outputs[0].spec.batch, prompts.seq,
                                 int(n.attr("max_new_tokens")), deps))
         else:
-            out.append(CallInfo(n.name, n.call, n.model, unit_of(n), n.target,
-                                data[0].batch, data[0].seq, 0, deps,
-                                int(n.attr("epochs", 1)) if n.target == "train" else 1))
+            batch, steps = data[0].batch, 1
+            if n.target == "train":  # each minibatch is one optimizer step (and gradient sync)
+                minibatches = max(1, int(n.attr("minibatches", 1)))
+                batch, steps = max(1, batch // minibatches), int(n.attr("epochs", 1)) * minibatches
+            out.append(CallInfo(n.name, n.call, n.model, unit_of(n), n.target, batch,
+                                data[0].seq, 0, deps, steps))
     return out
 
 
@@ -78,12 +81,17 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
             if max(mesh.gpus) >= cluster.num_gpus or min(mesh.gpus) < 0:
                 raise UsageError(f"placement {call!r}: gpus {mesh.text()} outside the cluster "
                                  f"{cluster.text()} (GPUs 0-{cluster.num_gpus - 1})")
-        fields = tuple(sorted((k, int(v)) for k, v in entry.items() if k != "gpus"))
+        try:
+            fields = tuple(sorted((k, int(v)) for k, v in entry.items() if k != "gpus"))
+        except (TypeError, ValueError):
+            bad = sorted(k for k, v in entry.items() if k != "gpus" and not _is_int(v))
+            raise UsageError(f"placement {call!r}: {', '.join(bad)} must be an integer, got "
+                             f"{', '.join(repr(entry[k]) for k in bad)}") from None
         f = dict(fields)
         if mesh is not None and {"tp", "pp", "dp"} <= set(f) and f["tp"] * f["pp"] * f["dp"] != mesh.size:
             raise UsageError(f"placement {call!r}: dp {f['dp']} x tp {f['tp']} x pp {f['pp']} "
-                             f"= {f['tp'] * f['pp'] * f['dp']} does not divide its "
-                             f"{mesh.size} GPUs ({mesh.text()})")
+                             f"= {f['tp'] * f['pp'] * f['dp']}, not the {mesh.size} GPUs it "
+                             f"is pinned to ({mesh.text()})")
         pins[call] = Pin(mesh, fields)
     units: dict[str, DeviceMesh] = {}
     for call, pin in pins.items():
@@ -95,6 +103,14 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
                                  "model's forward and train share one mesh")
             units[u] = pin.mesh
     return pins
+
+
+def _is_int(v: Any) -> bool:
+    try:
+        int(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def infeasible_error(problem: Problem, e: Infeasible, policy: str) -> UsageError:
@@ -122,7 +138,12 @@ class AssignDevices:
             if pin.mesh is not None:
                 name = next(n.name for n in graph.calls() if n.call == call)
                 if not problem.fits(name, pin.mesh.size):
-                    raise UsageError(f"placement {call!r}: {problem._choice(name, pin.mesh.size)}"
+                    why = problem._choice(name, pin.mesh.size)
+                    if not why.need:  # no candidate strategy at all, memory aside
+                        why = (f"no dp x tp x pp split of {pin.mesh.size} GPU(s) suits "
+                               f"{call} (tp must divide the heads and stay in a node, "
+                               "pp the layers, dp the batch)")
+                    raise UsageError(f"placement {call!r}: {why}"
                                      f" (pinned to GPUs {pin.mesh.text()} with "
                                      f"{dict(pin.fields) or 'no strategy fields'})")
         try:

@@ -9,10 +9,18 @@ Rules:
   its model before and offloads it after;
 - with streaming (k micro-batches), the generate run and the runs of consumers on other
   meshes are split into k parts, part i of a consumer after part i of the rollouts;
-- a value is freed on a worker after its last use there.
+- a value is freed on a worker after its last use there;
+- instructions are emitted in the order of the search's schedule: each run (part) at its
+  predicted start, each transfer as soon as its value (part) is ready there. A send and
+  its recv are emitted together, as are a gang's runs, so all streams meet transfers and
+  gangs in one global order (no deadlock), and a sender never waits behind its mesh's
+  later calls.
 Durations come from the search's cost model; `simulate` turns the plan into a timeline.
 """
 from __future__ import annotations
+
+import heapq
+import math
 
 from graphrl.cluster import ClusterSpec
 from graphrl.graph import Graph, Node
@@ -43,6 +51,12 @@ class _Lowering:
         self.dead = graph.last_uses()
         producers = self.producers = graph.producers()
         self.consumers = graph.consumers()
+        # queued transfers: (ready at, sequence, value, destination worker, part)
+        self.pending: list[tuple[float, int, str, int, str]] = []
+        self.runs: dict[int, list[tuple[float, float]]] = {}  # GPU -> busy (start, end)
+        for s in self.ev.schedule:
+            for gpu in (s.mesh.gpus if s.mesh is not None else ()):
+                self.runs.setdefault(gpu, []).append((s.start, s.end))
         self.gens = {n.name for n in graph.nodes if n.target == "generate"}
         self.streamed = {
             n.name for n in graph.nodes
@@ -81,40 +95,55 @@ class _Lowering:
             self.made[(value, dst)] = recv.id
         return recv.id
 
-    def lower_node(self, n: Node) -> None:
+    def parts(self, n: Node) -> int:
+        return self.stream if n.name in self.streamed else 1
+
+    def lower_part(self, n: Node, k: int) -> None:
+        """Part k of n's run (all of it when n is not streamed); the node's offload, its
+        outgoing transfers and frees follow its last part."""
         workers = self.workers(n)
         if n.target == "reshard":
             return self.lower_reshard(n)
         leader = workers[0]
-        parts = self.stream if n.name in self.streamed else 1
+        parts = self.parts(n)
         seconds, mem = self.cost(n)
-        for k in range(parts):
-            part = f"{k + 1}/{parts}" if parts > 1 else ""
-            deps: list[str] = []
-            for i in n.inputs:
-                if self.g.value(i).spec.is_weights:
-                    continue
-                if set(self.where[i]) == set(workers):
-                    dep = self.made.get((i, leader))
-                else:
-                    streamed_in = part and self._produced_by_gen(i)
-                    dep = self.bring(i, leader, part if streamed_in else "")
-                if dep:
-                    deps.append(dep)
-            for w in workers:
-                if w in self.offloaded and k == 0:
-                    self.sb.add(w, "onload", model=n.model, node=n.name,
-                                seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
-                                label=f"onload {n.model}")
-                run = self.sb.add(w, "run", node=n.name, model=n.model, label=n.call,
-                                  seconds=seconds / parts, mem=mem, deps=tuple(deps), part=part)
-                for v in n.outputs:
-                    self.made[(v.name, w)] = run.id
-                    if part:
-                        self.part_made[(v.name, w, part)] = run.id
+        part = f"{k + 1}/{parts}" if parts > 1 else ""
+        deps: list[str] = []
+        for i in n.inputs:
+            if self.g.value(i).spec.is_weights:
+                continue
+            if set(self.where[i]) == set(workers):
+                dep = self.made.get((i, leader))
+            else:
+                streamed_in = part and self._produced_by_gen(i)
+                dep = self.bring(i, leader, part if streamed_in else "")
+            if dep:
+                deps.append(dep)
+        for w in workers:
+            if w in self.offloaded and k == 0:
+                self.sb.add(w, "onload", model=n.model, node=n.name,
+                            seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
+                            label=f"onload {n.model}")
+            run = self.sb.add(w, "run", node=n.name, model=n.model, label=n.call,
+                              seconds=seconds / parts, mem=mem, deps=tuple(deps), part=part)
+            for v in n.outputs:
+                self.made[(v.name, w)] = run.id
+                if part:
+                    self.part_made[(v.name, w, part)] = run.id
         for v in n.outputs:
             self.where[v.name] = workers
-            self.send_ahead(v.name, workers)
+        if part and n.name in self.gens:  # rollout part k goes to its streamed readers
+            for v in n.outputs:
+                for c in self.consumers.get(v.name, ()):
+                    if c.name in self.streamed and not set(self.workers(c)) & set(workers):
+                        self.pending.append((self.part_end(n, k), len(self.pending), v.name,
+                                             self.workers(c)[0], part))
+        if k == parts - 1:
+            self.finish(n)
+
+    def finish(self, n: Node) -> None:
+        workers = self.workers(n)
+        self.send_ahead(n)
         for w in workers:
             if w in self.offloaded:
                 self.sb.add(w, "offload", model=n.model, node=n.name,
@@ -127,19 +156,86 @@ class _Lowering:
                     self.sb.add(w, "free", value=value, label=f"free {value}")
                     del self.made[(value, w)]
 
-    def send_ahead(self, value: str, workers: tuple[int, ...]) -> None:
-        """Move a value to the other meshes that read it as soon as it exists (the
-        search starts a reader when its inputs are ready, not when the producer's mesh
-        has finished its later calls); streamed rollouts move part by part instead."""
-        import os
-        if self.g.value(value).spec.is_weights or os.environ.get("NOEAGER"):
-            return
-        for c in self.consumers.get(value, ()):
-            if c.target == "reshard" or (c.name in self.streamed and self._produced_by_gen(value)):
+    def send_ahead(self, n: Node) -> None:
+        """Queue n's outputs for the other meshes that read them: they move when n ends
+        in the search's schedule (see plan), not when a reader is lowered; streamed
+        rollouts move part by part (lower_part)."""
+        end = self.sched[n.name].end if n.name in self.sched else 0.0
+        for v in n.outputs:
+            if v.spec.is_weights:
                 continue
-            dst = self.workers(c)
-            if set(dst) != set(workers):
-                self.bring(value, dst[0])
+            for c in self.consumers.get(v.name, ()):
+                if c.target == "reshard" or (c.name in self.streamed and n.name in self.gens):
+                    continue
+                dst = self.workers(c)
+                if set(dst) != set(self.where[v.name]):
+                    at = self.idle_time(end, self.where[v.name][0], dst[0], self.part_start(c, 0))
+                    self.pending.append((at, len(self.pending), v.name, dst[0], ""))
+
+    def idle_time(self, ready: float, src: int, dst: int, needed: float) -> float:
+        """The first time from `ready` to `needed` at which neither end of a transfer is
+        inside a run of the search's schedule (a send meets its recv: if either end were
+        busy, the other would wait); `ready` if there is none."""
+        t = ready
+        while t <= needed + 1e-12:
+            ends = [e for w in (src, dst) for s, e in self.runs.get(w, ())
+                    if s < t - 1e-12 and t < e - 1e-12]
+            if not ends:
+                return t
+            t = max(ends)
+        return ready
+
+    def flush(self, until: float) -> None:
+        """Emit the queued transfers of values produced by `until`, earliest first."""
+        self.pending.sort()
+        while self.pending and self.pending[0][0] <= until + 1e-12:
+            _, _, value, dst, part = self.pending.pop(0)
+            self.bring(value, dst, part)
+
+    # -- the order instructions are emitted in ---------------------------------------------
+    def part_end(self, gen: Node, k: int) -> float:
+        s = self.sched[gen.name]
+        return s.start + (k + 1) * (s.end - s.start) / self.parts(gen)
+
+    def part_start(self, n: Node, k: int) -> float:
+        """When part k of n starts in the search's schedule (search.py: a streamed reader
+        starts with the first part of the rollouts and keeps pace with them)."""
+        s = self.sched.get(n.name)
+        if s is None:
+            return -1.0
+        parts = self.parts(n)
+        if parts == 1:
+            return s.start
+        if n.name in self.gens:
+            return s.start + k * (s.end - s.start) / parts
+        dur = (s.choice.seconds if s.choice else 0.0) + s.offload_seconds
+        gens = [self.producers[i] for i in n.inputs
+                if self._produced_by_gen(i) and not self.producers[i].placement.mesh.overlaps(
+                    n.placement.mesh)]
+        return max(s.start + k * dur / parts, self.part_end(gens[0], k))
+
+    def order(self) -> list[Node]:
+        """Nodes in the order of the search's predicted start times (a topological order;
+        ties and unscheduled nodes, such as reshards, in graph order first)."""
+        index = {n.name: k for k, n in enumerate(self.g.nodes)}
+        start = {n.name: self.part_start(n, 0) for n in self.g.nodes}
+        waits = {n.name: {self.producers[i].name for i in n.inputs if i in self.producers}
+                 for n in self.g.nodes}
+        users: dict[str, list[str]] = {}
+        for name, deps in waits.items():
+            for d in deps:
+                users.setdefault(d, []).append(name)
+        ready = [(start[k], index[k], k) for k, deps in waits.items() if not deps]
+        heapq.heapify(ready)
+        out = []
+        while ready:
+            _, _, name = heapq.heappop(ready)
+            out.append(self.g.node(name))
+            for u in users.get(name, ()):
+                waits[u].discard(name)
+                if not waits[u]:
+                    heapq.heappush(ready, (start[u], index[u], u))
+        return out
 
     def _produced_by_gen(self, value: str) -> bool:
         p = self.producers.get(value)
@@ -168,8 +264,20 @@ class _Lowering:
         return s.choice.seconds, s.choice.peak_bytes
 
     def plan(self, policy: str) -> Plan:
-        for n in self.g.nodes:
-            self.lower_node(n)
+        """Emit every node part in the order of its predicted start (ties: topological
+        order), each queued transfer as soon as its value exists in that schedule. A
+        send and its recv are emitted together, as are a gang's runs, so every stream
+        meets them in one global order: the plan cannot deadlock."""
+        rank = {n.name: r for r, n in enumerate(self.order())}
+        items = sorted((self.part_start(n, k), rank[n.name], k, n.name)
+                       for n in self.g.nodes for k in range(self.parts(n)))
+        last = {name: i for i, (_, _, _, name) in enumerate(items)}
+        self.dead = self.g.with_nodes(self.g.node(name) for name in sorted(last, key=last.get)
+                                      ).last_uses()
+        for start, _, k, name in items:
+            self.flush(start)
+            self.lower_part(self.g.node(name), k)
+        self.flush(math.inf)
         resident = []
         for unit, nbytes in self.ev.resident:
             mesh = self.ev.mesh_of(unit)

@@ -49,7 +49,7 @@ class CallInfo:
     seq: int = 0        # prompt length for generate, full length otherwise
     new_tokens: int = 0
     deps: tuple[str, ...] = ()
-    repeats: int = 1    # train: passes over the batch (PPO epochs)
+    repeats: int = 1    # train: optimizer steps (epochs x minibatches), each on `batch`
 
 
 @dataclass(frozen=True)
