@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from graphrl import signatures as sig
 from graphrl.errors import ExecutionError, GraphRLError
@@ -77,6 +77,14 @@ class LocalExecutor:
 
     def now(self) -> float:
         return time.perf_counter() - self._clock0
+
+    def prepare(self, fn: Callable[[Mapping[str, ModelEngine]], Mapping[str, float]]
+                ) -> dict[str, float]:
+        """Run an Experiment's set-up (e.g. reward-model training) on the engines."""
+        return dict(fn(self.engines))
+
+    def close(self) -> None:
+        """Nothing to release in one process (the Executor interface)."""
 
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
         g = self.graph

@@ -30,6 +30,11 @@ class RunOptions:
     model_config: tuple[tuple[str, str], ...] = ()  # (role, HF config.json path)
     prompt_len: int | None = None
     response_len: int | None = None
+    backend: str = "local"               # local | ray
+    cluster: str | None = None           # ray: NxGxTYPE (default 1x4xcpu)
+    policy: str | None = None            # ray: placement policy (default auto)
+    placement: str | None = None         # ray: placement file pinning calls
+    address: str | None = None           # ray: join this cluster instead of starting one
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -91,7 +96,14 @@ class Experiment:
         return trace(self.step, list(self.models), name=self.name, **self.inputs)
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
+BACKENDS = ("local", "ray")
+
+
+def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    """The options of every example run; `backend` adds --backend and the Ray options
+    (commands that compile take --cluster/--policy/--placement themselves)."""
+    if backend:
+        add_backend_options(p)
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -118,6 +130,26 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="generated tokens per response (default: the example's task)")
 
 
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    from .compile_cli import POLICY_NAMES
+
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="local: one process (default); ray: compile the step for --cluster "
+                        "and run the plan on Ray, one actor per GPU")
+    g.add_argument("--cluster", metavar="NxGxTYPE",
+                   help="ray: the cluster to compile for and start, e.g. 1x4xcpu (default; "
+                        "fake GPUs on CPU) or 2x8xH100")
+    g.add_argument("--policy", choices=POLICY_NAMES,
+                   help="ray: placement policy (default auto)")
+    g.add_argument("--placement", metavar="FILE",
+                   help="ray: pin calls (YAML or JSON), e.g. "
+                        "'policy.train: {gpus: \"0-1\", dp: 2, zero: 3}'")
+    g.add_argument("--address", metavar="ADDR",
+                   help="ray: join the Ray cluster at ADDR (e.g. auto, or host:6379 after "
+                        "`ray start --head`) instead of starting a local one")
+
+
 def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
     out = []
     for item in items:
@@ -130,6 +162,14 @@ def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def run_options(ns: argparse.Namespace) -> RunOptions:
+    backend = getattr(ns, "backend", None) or "local"
+    ray_opts = {k: getattr(ns, k, None) for k in ("cluster", "policy", "placement", "address")}
+    if backend == "local" and hasattr(ns, "backend"):
+        given = [f"--{k}" for k, v in ray_opts.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to "
+                             "--backend ray")
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
                       ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
-                      ns.response_len)
+                      ns.response_len, backend=backend,
+                      **(ray_opts if backend == "ray" else {}))

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .errors import UsageError
 from .experiment import Experiment, RunOptions
-from .timeline import Event, seconds_per_call, write_chrome_trace
+from .timeline import Event, call_seconds, write_chrome_trace
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
     row: dict[str, Any] = {"iteration": iteration,
                            "reward_mean": float(outputs[reward]["score"].float().mean()),
                            "step_seconds": round(seconds, 6)}
-    for call, s in sorted(seconds_per_call(events).items()):
+    for call, s in sorted(call_seconds(events).items()):
         row[f"seconds/{call}"] = round(s, 6)
     for name, payload in sorted(outputs.items()):
         if name == reward:
@@ -42,25 +43,48 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
     return row
 
 
-def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout) -> RunSummary:
+def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> Any:
+    """The executor `opts.backend` names, for `program` (see graphrl.backends.base)."""
+    if opts.backend == "local":
+        from graphrl.backends.local import LocalExecutor
+
+        return LocalExecutor(program, device=opts.device, seed=opts.seed)
+    if opts.backend == "ray":
+        from graphrl.backends.ray.launch import start_executor
+
+        return start_executor(program, opts, out=None if opts.quiet else out)
+    raise UsageError(f"unknown backend {opts.backend!r} (known: local, ray)")
+
+
+def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
+                   executor: Any = None) -> RunSummary:
+    """Run `exp` for its iterations on `executor` (default: a new one of `opts.backend`,
+    closed at the end — also on errors and Ctrl-C; one passed in stays open)."""
     from tqdm import tqdm
 
-    from graphrl.backends.local import LocalExecutor
-
+    if opts.model_size:
+        raise UsageError(f"--model-size {opts.model_size} plans full-size models for graphrl "
+                         "compile/compare; they are not run here (run the examples at their "
+                         "own size, or give small configs with --model-config ROLE=FILE)")
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     program = exp.program()
-    executor = LocalExecutor(program, device=opts.device, seed=opts.seed)
-    prepared = dict(exp.prepare(executor.engines)) if exp.prepare else {}
-    if prepared and not opts.quiet:
-        print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
-                                                      prepared.items()), file=out)
-    metrics = open(opts.metrics, "w") if opts.metrics else None
+    owned = executor is None
+    metrics = None
+    bar = None
     rows: list[dict[str, Any]] = []
     events: list[Event] = []
-    bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
-               dynamic_ncols=True, file=sys.stderr)
+    extra: list[str] = []
     try:
+        if executor is None:
+            executor = make_executor(program, opts, out)
+        prepared = executor.prepare(exp.prepare) if exp.prepare else {}
+        if prepared and not opts.quiet:
+            print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
+                                                          prepared.items()), file=out)
+        metrics = open(opts.metrics, "w") if opts.metrics else None
+        bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
+                   dynamic_ncols=True, file=sys.stderr)
         for i in bar:
             result = executor.run_step(exp.data(i), iteration=i)
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
@@ -70,14 +94,20 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout) 
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
+        report = getattr(executor, "summary_lines", None)
+        if report is not None:
+            extra = list(report(events, len(rows)))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if metrics:
             metrics.close()
+        if owned and executor is not None:
+            executor.close()
     if opts.trace:
         write_chrome_trace(opts.trace, events, source="measured")
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
-    print(format_summary(exp.name, summary, opts), file=out)
+    print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary
 
 
@@ -90,7 +120,7 @@ def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:
              f"last {k}: {s.reward_window(False, k):.3f}   "
              f"change: {s.reward_window(False, k) - s.reward_window(True, k):+.3f}",
              "  seconds per call (total):"]
-    for call, sec in sorted(seconds_per_call(s.events).items(), key=lambda kv: -kv[1]):
+    for call, sec in sorted(call_seconds(s.events).items(), key=lambda kv: -kv[1]):
         lines.append(f"    {call:<24} {sec:8.3f}")
     for what, path in (("metrics", opts.metrics), ("trace", opts.trace)):
         if path:

@@ -57,3 +57,17 @@ def seconds_per_call(events: Iterable[Event]) -> dict[str, float]:
     for e in events:
         totals[e.call] = totals.get(e.call, 0.0) + e.seconds
     return totals
+
+
+def call_seconds(events: Iterable[Event]) -> dict[str, float]:
+    """Total seconds per call name, each run of a node counted once: a node that ran on
+    several workers (a gang of GPUs) spans its first start to its last end."""
+    spans: dict[tuple[int, str, str], tuple[float, float]] = {}
+    for e in events:
+        key = (e.iteration, e.node, e.call)
+        start, end = spans.get(key, (e.start, e.end))
+        spans[key] = (min(start, e.start), max(end, e.end))
+    totals: dict[str, float] = {}
+    for (_, _, call), (start, end) in spans.items():
+        totals[call] = totals.get(call, 0.0) + end - start
+    return totals

@@ -21,3 +21,51 @@ def load_build(name: str):
     from graphrl.cli import load_example
 
     return load_example(str(EXAMPLES / f"{name}.py"))
+
+
+class SharedRay:
+    """One local Ray cluster (4 fake GPUs, 2 CPUs) for every Ray test of the session,
+    started on first use (`session()`; each ray.init costs seconds). Ray can be
+    initialised once per process: a test that needs its own cluster calls `stop()`
+    first (the next `session()` starts a fresh one). No memory monitor (a shared CI
+    machine's other processes must not get our workers killed); no auth token, so
+    nothing is written under $HOME; the session folder is removed on stop."""
+
+    GPUS = 4
+
+    def __init__(self) -> None:
+        self._session = None
+
+    def session(self):
+        from graphrl.backends.ray.cluster import start_ray
+
+        if self._session is None or self._session.closed:
+            self._session = start_ray(num_gpus=self.GPUS, num_cpus=2, auth="disabled",
+                                      memory_monitor=False)
+        return self._session
+
+    def stop(self) -> None:
+        if self._session is not None:
+            self._session.shutdown()
+            self._session = None
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The SharedRay of this test session (nothing starts until `.session()`)."""
+    shared = SharedRay()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_session(shared_ray):
+    """The shared Ray session, started if needed; module fixtures may depend on it."""
+    return shared_ray.session()
+
+
+@pytest.fixture
+def own_ray(shared_ray):
+    """For a test that starts and stops Ray itself: the shared session is stopped first."""
+    shared_ray.stop()
+    yield

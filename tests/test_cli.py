@@ -45,6 +45,7 @@ def test_bad_arguments_are_one_line_usage_errors(root):
     for args, needle in ((["run", EXAMPLE, "--iterations", "zero"], "positive integer"),
                          (["run", EXAMPLE, "--device", "tpu"], "invalid choice"),
                          (["run", "nope.py"], "no such example file"),
+                         (["run", EXAMPLE, "--cluster", "1x4xcpu"], "applies to --backend ray"),
                          (["frobnicate"], "invalid choice")):
         out = run(*args, cwd=root)
         assert out.returncode == 2, (args, out.stderr)

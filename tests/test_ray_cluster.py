@@ -13,7 +13,7 @@ from graphrl.backends.ray.cluster import mesh_placement_group, start_ray  # noqa
 from graphrl.errors import UsageError  # noqa: E402
 
 
-def test_session_leaves_no_state(tmp_path, monkeypatch):
+def test_session_leaves_no_state(own_ray, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))        # where Ray would write a token
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     session = start_ray(num_gpus=2, num_cpus=1, auth="disabled")
@@ -38,7 +38,7 @@ def test_session_leaves_no_state(tmp_path, monkeypatch):
     session.shutdown()   # twice is fine
 
 
-def test_bad_arguments_are_usage_errors():
+def test_bad_arguments_are_usage_errors(own_ray):
     with pytest.raises(UsageError, match="auth"):
         start_ray(auth="maybe")
     with pytest.raises(UsageError, match="local cluster"):

@@ -2,7 +2,8 @@
 weights with a TransferPlan onto replicas on the same GPUs, on other GPUs, and onto a
 tensor-parallel layout — exact, and moving exactly the bytes the plan says.
 
-One module-scoped cluster: 4 fake GPUs on CPU, one RankWorker actor per GPU, gloo.
+The session-wide cluster of tests/conftest.py (4 fake GPUs on CPU), one RankWorker
+actor per GPU in a module-scoped placement group, gloo.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ torch = pytest.importorskip("torch")
 
 import graphrl as gr  # noqa: E402
 from graphrl.backends.engines.hf import HFEngine  # noqa: E402
-from graphrl.backends.ray.cluster import mesh_placement_group, start_ray  # noqa: E402
+from graphrl.backends.ray.cluster import (mesh_placement_group,  # noqa: E402
+                                          remove_mesh_placement_group)
 from graphrl.backends.ray.group import RankGroup, WorkerError  # noqa: E402
 from graphrl.backends.ray.sharded import (fsdp_layout, param_specs,  # noqa: E402
                                           replicated_layout, shard_batch)
@@ -43,10 +45,9 @@ def batch(n: int = 4, seq: int = 8) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    # shared CI machines: another process's memory must not get our workers killed
-    session = start_ray(num_gpus=4, num_cpus=2, auth="disabled", memory_monitor=False)
-    group = None
+def ranks(ray_session):
+    """Four rank actors on the session-wide cluster (tests/conftest.py: 4 fake GPUs)."""
+    group = pg = None
     try:
         pg = mesh_placement_group(4, timeout_s=TIMEOUT)
         group = RankGroup.spawn(4, placement_group=pg, env=ENV, timeout_s=TIMEOUT)
@@ -56,7 +57,8 @@ def ranks():
     finally:
         if group is not None:
             group.shutdown()
-        session.shutdown()
+        if pg is not None:
+            remove_mesh_placement_group(pg)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,8 @@ class HFEngine:
         self.module.eval()  # no dropout anywhere; train() only toggles autograd
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = 0
+        # called after each backward, before clipping: data-parallel gradient averaging
+        self.after_backward: Callable[[], None] | None = None
 
     # -- inference ------------------------------------------------------------------------
     def _to(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,20 +117,33 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Mapping[str, Any], *, max_new_tokens: int,
-                 temperature: float = 1.0, samples: int = 1, seed: int = 0) -> dict[str, Any]:
+                 temperature: float = 1.0, samples: int = 1, seed: int = 0,
+                 noise_rows: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Sample `max_new_tokens` per sequence. Each step draws one token per row by the
+        exponential race argmax(p / E), E ~ Exp(1) from the seeded generator (the draw
+        torch.multinomial(p, 1) makes on CPU, bit for bit). `noise_rows=(first, total)`
+        says these prompts are rows first.. of a batch of `total` rollout rows split over
+        data-parallel ranks: every step draws the noise of all `total` rows and uses this
+        slice's, so a split batch samples exactly what the whole batch would."""
         if self.decl.spec.head != "lm":
             raise UsageError(f"model {self.decl.name} has a {self.decl.spec.head} head: "
                              "it cannot generate")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         cache_arg = cache_argument(self.module)
         ids = self._to(prompts["tokens"]).repeat_interleave(samples, dim=0)
+        first, total = noise_rows if noise_rows is not None else (0, ids.shape[0])
+        if not 0 <= first <= first + ids.shape[0] <= total:
+            raise UsageError(f"generate: noise_rows {noise_rows} do not hold the "
+                             f"{ids.shape[0]} rows of this slice")
         prompt_len = ids.shape[1]
         out = self.module(input_ids=ids, use_cache=True)
         past, logits = output_cache(out), out.logits[:, -1].float()
         for step in range(max_new_tokens):
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                tok = torch.multinomial(probs, 1, generator=gen)
+                noise = torch.empty((total, probs.shape[-1]), dtype=probs.dtype,
+                                    device=probs.device).exponential_(1, generator=gen)
+                tok = (probs / noise[first:first + ids.shape[0]]).argmax(-1, keepdim=True)
             else:
                 tok = logits.argmax(dim=-1, keepdim=True)
             ids = torch.cat([ids, tok], dim=1)
@@ -149,7 +164,13 @@ class HFEngine:
         return self.optimizer
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
-              epochs: int = 1, minibatches: int = 1, **hyper: Any) -> dict[str, float]:
+              epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,
+              **hyper: Any) -> dict[str, float]:
+        """Optimise `loss` over `epochs` passes of `minibatches` random minibatches.
+        `shard=(index, count)`: this process is data-parallel rank `index` of `count`
+        that all see the whole batch: each minibatch is drawn from the same seeded
+        permutation as in one process and this rank takes its `index`-th equal part;
+        `after_backward` (if set) must then average the gradients over the ranks."""
         if loss not in LOSS_FUNCTIONS:
             raise UsageError(f"model {self.decl.name}: unknown loss {loss!r} "
                              f"(known: {', '.join(LOSS_FUNCTIONS)})")
@@ -165,11 +186,20 @@ class HFEngine:
         count = 0
         for _ in range(epochs):
             for idx in torch.randperm(n, generator=gen).chunk(minibatches):
+                if shard is not None:
+                    rank, ranks = shard
+                    if idx.numel() % ranks:
+                        raise UsageError(f"{self.decl.name}.train: minibatch of "
+                                         f"{idx.numel()} does not split into {ranks} "
+                                         "equal data-parallel parts")
+                    idx = idx.chunk(ranks)[rank]
                 mb = {k: {f: self._to(t[idx]) for f, t in p.items()} for k, p in inputs.items()}
                 with torch.enable_grad():
                     value, stats = loss_fn(self._head, mb, **hyper)
                     opt.zero_grad(set_to_none=True)
                     value.backward()
+                if self.after_backward is not None:
+                    self.after_backward()
                 if self.options["grad_clip"]:
                     nn.utils.clip_grad_norm_(self.module.parameters(), self.options["grad_clip"])
                 opt.step()

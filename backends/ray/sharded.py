@@ -197,10 +197,27 @@ class FSDPEngine:
         return self.engine.train(inputs, **kw)
 
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
-        return self.engine.forward(rollout)
+        try:
+            return self.engine.forward(rollout)
+        finally:
+            self._reshard()
 
     def generate(self, prompts: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
-        return self.engine.generate(prompts, **kw)
+        try:
+            return self.engine.generate(prompts, **kw)
+        finally:
+            self._reshard()
+
+    def _reshard(self) -> None:
+        """Free the all-gathered weights after a pass without backward. FSDP2 keeps the
+        root module's parameters unsharded after forward (backward would need them);
+        with no backward they would stay so, and the next training pass would compute
+        with them while the optimizer updates the shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.engine.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Full weights on every rank of the mesh (all-gathers: a collective)."""

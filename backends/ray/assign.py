@@ -1,0 +1,161 @@
+"""What the Ray executor derives from a Plan before it starts anything (pure; no Ray).
+
+- `assign_engines`: which engines each model needs and on which ranks. A model's
+  forward and train calls share one engine on their mesh (the compiler gives them one
+  mesh); its generate call reads a separate generation engine `<model>.gen` when a
+  reshard node feeds it or its mesh differs, else the same engine. Engine kinds:
+  a trainable model whose train placement has ZeRO-3 on more than one GPU trains with
+  FSDP2 over its mesh (`fsdp`); one trained on a mesh of more than one GPU with ZeRO 0-2
+  keeps a full copy per rank and averages gradients over the mesh after each backward
+  (`replicas` with a group: data-parallel, as DDP; optimizer state is replicated, so
+  ZeRO-1/2's memory savings are not reproduced); every other engine is a full copy per
+  rank (`replicas`).
+- `split_rows`: how a call's batch is split over its ranks. Every call runs on every rank
+  of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n). Tensor- and
+  pipeline-parallel degrees are executed as more data parallelism: the engines here have
+  no TP/PP execution yet.
+- `dispatch_order`: the plan's instruction groups (gangs, send/recv pairs, single
+  instructions; `graphrl.simulate.happens_before`) in one total order that respects every
+  happens-before edge, earliest predicted start first. The driver issues them in this
+  order, so every rank sees its calls in its stream's order and every gang's members
+  see the gang at the same point of their sequences: no collective can wait on a call
+  queued behind another collective (the plan is deadlock-free: `verify_plan`).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from graphrl.errors import UsageError
+from graphrl.graph import CALL, Graph
+from graphrl.plan import Instr, Plan
+from graphrl.simulate import happens_before, schedule
+
+from .specs import EngineSpec
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The engines of a plan: specs by key, the engine each call node uses, and the
+    process groups (name -> ranks) the engines need."""
+
+    specs: Mapping[str, EngineSpec]
+    node_engine: Mapping[str, str]
+    groups: Mapping[str, tuple[int, ...]]
+    gen_engine: Mapping[str, str]     # model -> key of the engine its generate reads
+
+
+def _mesh_group(gpus: tuple[int, ...]) -> str:
+    return "mesh:" + ",".join(map(str, gpus))
+
+
+def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
+                   noop: bool = False) -> EnginePlan:
+    """`models`: name -> graphrl.Model (engine options and init_from)."""
+    specs: dict[str, EngineSpec] = {}
+    node_engine: dict[str, str] = {}
+    groups: dict[str, tuple[int, ...]] = {}
+    gen_engine: dict[str, str] = {}
+    resharded = {n.model for n in graph.nodes if n.target == "reshard"}
+    for decl in graph.models:
+        calls = [n for n in graph.nodes if n.kind == CALL and n.model == decl.name]
+        for n in calls:
+            if n.placement is None:
+                raise UsageError(f"node {n.name} ({n.call}) has no placement: compile the "
+                                 "graph before running it on Ray")
+        main = [n for n in calls if n.target != "generate"]
+        gens = [n for n in calls if n.target == "generate"]
+        model = models[decl.name]
+        init_from = models[model.init_from].decl() if model.init_from else None
+        if main:
+            meshes = {n.placement.mesh.gpus for n in main}
+            if len(meshes) > 1:
+                raise UsageError(f"model {decl.name}: its forward and train calls run on "
+                                 f"different meshes {sorted(meshes)}; the Ray backend keeps "
+                                 "one engine per model for them")
+            train = next((n for n in main if n.target == "train"), None)
+            gpus = main[0].placement.mesh.gpus
+            kind, group = "replicas", ""
+            if train is not None and len(gpus) > 1:
+                group = _mesh_group(gpus)
+                kind = "fsdp" if train.placement.strategy.zero == 3 else "replicas"
+            if noop:
+                kind, group = "noop", ""
+            if group:
+                groups[group] = gpus
+            specs[decl.name] = EngineSpec(decl.name, decl, dict(model.options), kind, gpus,
+                                          group, seed, init_from)
+            for n in main:
+                node_engine[n.name] = decl.name
+        for n in gens:
+            gpus = n.placement.mesh.gpus
+            if main and decl.name not in resharded and gpus == specs[decl.name].gpus:
+                key = decl.name
+            else:
+                key = f"{decl.name}.gen" if main else decl.name
+                if key in specs and specs[key].gpus != gpus:
+                    raise UsageError(f"model {decl.name}: generate calls on different "
+                                     "meshes")
+                specs[key] = EngineSpec(key, decl, dict(model.options),
+                                        "noop" if noop else "replicas", gpus, "", seed,
+                                        init_from)
+            node_engine[n.name] = gen_engine[decl.name] = key
+    return EnginePlan(specs, node_engine, groups, gen_engine)
+
+
+def split_rows(batch: int, ranks: int, i: int) -> tuple[int, int]:
+    """Rows of data-parallel slice i of `ranks` over a batch of `batch` rows."""
+    return i * batch // ranks, (i + 1) * batch // ranks
+
+
+@dataclass(frozen=True)
+class Group:
+    """Instructions the driver issues together: `op` of the first member."""
+
+    key: str
+    op: str
+    members: tuple[tuple[int, Instr], ...]
+
+    @property
+    def node(self) -> str:
+        return self.members[0][1].node
+
+    @property
+    def workers(self) -> tuple[int, ...]:
+        return tuple(w for w, _ in self.members)
+
+
+def dispatch_order(plan: Plan) -> tuple[Group, ...]:
+    """Every instruction group of `plan`, topologically ordered (see module doc)."""
+    hb = happens_before(plan)
+    times = schedule(plan)
+    index = {n.name: k for k, n in enumerate(plan.graph.nodes)}
+
+    def prio(key: str) -> tuple[float, int, str]:
+        members = hb.groups[key]
+        node = members[0][1].node
+        return (times[key][0], index.get(node, len(index)), key)
+
+    waiting = {k: set(v) for k, v in hb.edges.items()}
+    users: dict[str, list[str]] = {k: [] for k in hb.groups}
+    for k, deps in hb.edges.items():
+        for d in deps:
+            users[d].append(k)
+    heap = [prio(k) for k, v in waiting.items() if not v]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        *_, key = heapq.heappop(heap)
+        members = tuple(hb.groups[key])
+        out.append(Group(key, members[0][1].op, members))
+        for u in users[key]:
+            waiting[u].discard(key)
+            if not waiting[u]:
+                heapq.heappush(heap, prio(u))
+    if len(out) != len(hb.groups):
+        raise UsageError("the plan's instructions wait on each other in a cycle")
+    return tuple(out)
+
+
+__all__ = ["EnginePlan", "assign_engines", "split_rows", "Group", "dispatch_order"]

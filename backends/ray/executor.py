@@ -1,0 +1,580 @@
+"""`RayExecutor`: run a compiled Plan on Ray, one actor per GPU rank.
+
+Set-up (once): one placement group per node of the plan's cluster, a {GPU: 1} bundle per
+GPU, STRICT_PACK, so the ranks of a node-aligned mesh share a Ray node; one
+`runtime.ExecWorker` actor per GPU in its bundle (world rank == global GPU id); a gloo
+world group and one sub-group per mesh that trains data-parallel; the engines
+`assign.assign_engines` chooses (colocated calls share their rank's process); for every
+reshard node a TransferPlan (`plan_model_reshard`) from the training engine's real layout
+to the generation engine's, on the real parameter names and shapes.
+
+A step walks the plan's instruction groups in `assign.dispatch_order`:
+- `run` on GPUs: every rank of the node's mesh gets its call with its slice of the batch
+  (`assign.split_rows`; training: every rank sees the whole batch and takes its part of
+  each minibatch). The call is issued without waiting; its result stays a Ray object
+  that later calls take as arguments, so calls on disjoint meshes run at the same time.
+  A streamed run (parts k/K) runs whole at its first part.
+- `run` on the host: an op, on the driver, once its inputs have arrived.
+- `reshard`: every GPU of the TransferPlan runs its part (torch.distributed
+  point-to-point); the bytes each sent are recorded beside the plan's figure.
+- `offload` / `onload`: on each rank; `send` / `recv`: nothing to do (data moves as Ray
+  objects); `free`: the driver drops the value once every worker has freed it.
+Every wait has a deadline and watches every call in flight, so a rank that dies or
+raises ends the step at once with an ExecutionError naming the node, the call and the
+rank. A failed executor is closed by its owner (`close()`), which kills the actors,
+removes the placement groups and, if it started Ray, shuts Ray down.
+
+Sampling matches the local backend: each generate call uses the node's seed
+(`seed_for(seed, iteration, node)`) and every data-parallel rank draws the noise of the
+whole batch, using its own rows (`HFEngine.generate(noise_rows=...)`).
+Timelines: workers stamp calls with time.time(); the driver maps each rank's clock to its
+own with an offset measured at start (half a round trip of uncertainty).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import ray
+
+from graphrl.backends.engines.hf import seed_for
+from graphrl.backends.local import StepResult, WeightsToken, check_payload
+from graphrl.errors import ExecutionError, GraphRLError, UsageError
+from graphrl.graph import CALL, Node
+from graphrl.plan import HOST, Plan
+from graphrl.timeline import Event
+from graphrl.trace import Program
+
+from .assign import Group, assign_engines, dispatch_order, split_rows
+from .group import GRACE_S, RankGroup, WorkerError, gather
+from .report import ReshardRecord, predicted_call_seconds, summary_lines
+from .specs import CallSpec, InputSpec, Stamp
+
+ITEMSIZE = 4   # engines hold float32 weights; reshards move them as float32
+
+
+@dataclass
+class _Value:
+    """A payload on the driver: Ray objects (parts, concatenated along the batch; `bounds`
+    their rows) or a local payload, or a weights token."""
+
+    parts: Optional[list[Any]] = None
+    bounds: Optional[list[tuple[int, int]]] = None
+    stamps: list[Any] = field(default_factory=list)   # stamp refs of the producing calls
+    mean: bool = False       # parts are per-rank statistics to average, not rows
+    local: Any = None
+    token: Optional[WeightsToken] = None
+
+
+class _DriverEngines(Mapping[str, Any]):
+    """Engines built on the driver on first use, for an Experiment's `prepare` (e.g.
+    reward-model training), seeded as the workers' engines are."""
+
+    def __init__(self, program: Program, seed: int):
+        self.program, self.seed, self.built = program, seed, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.built:
+            from graphrl.backends.engines.base import create_engine
+
+            m = self.program.models[name]
+            eng = create_engine(m.engine, m.decl(), m.options, "cpu", self.seed)
+            if m.init_from:
+                eng.load_weights(self[m.init_from].export_weights())
+            self.built[name] = eng
+        return self.built[name]
+
+    def __iter__(self):
+        return iter(self.program.models)
+
+    def __len__(self) -> int:
+        return len(self.program.models)
+
+
+class RayExecutor:
+    """Runs `program`'s step as `plan` (compiled from program.graph) on Ray ranks.
+
+    Ray must be initialised (`cluster.start_ray`) with the plan's GPUs. `store_host`:
+    where rank 0 opens the process-group store (None: rank 0's node address);
+    `env`: environment of the rank processes (e.g. GLOO_SOCKET_IFNAME=lo on one
+    machine). `noop`: engines that only return zeros of the declared shapes (dispatch
+    overhead). `check_reshards`: after each reshard, compare the generation weights with
+    the training weights (all-gathers; for tests). `session`: a RaySession this executor
+    owns and shuts down on close(). `timeout_s`: the longest any one wait may take (the
+    driver for results, a rank in a collective or a reshard transfer)."""
+
+    def __init__(self, program: Program, plan: Plan, *, seed: int = 0, device: str = "cpu",
+                 timeout_s: float = 120.0, noop: bool = False, check_reshards: bool = False,
+                 store_host: Optional[str] = "127.0.0.1",
+                 env: Optional[Mapping[str, str]] = None, session: Any = None):
+        self._t0 = time.time()
+        self.program, self.plan, self.graph = program, plan, plan.graph
+        self.seed, self.device, self.timeout_s = seed, device, timeout_s
+        self.noop, self.check_reshards, self.session = noop, check_reshards, session
+        self.group: Optional[RankGroup] = None
+        self.placement_groups: list[Any] = []
+        self.reshards: list[ReshardRecord] = []
+        self.instructions_dispatched = 0
+        self.actor_calls = 0
+        self._broken: Optional[str] = None
+        self._pending: dict[Any, tuple[str, str, int]] = {}   # stamp ref -> node, call, rank
+        self._stamps: list[Stamp] = []
+        self._carried: Optional[dict[str, Optional[WeightsToken]]] = None
+        try:
+            if not ray.is_initialized():
+                raise UsageError("Ray is not initialised: start it first "
+                                 "(graphrl.backends.ray.cluster.start_ray)")
+            self.engines = assign_engines(self.graph, program.models, seed, noop)
+            self.order = dispatch_order(plan)
+            self._frees = self._count_frees()
+            self._check_batches()
+            self._start(store_host, dict(env or {}))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _count_frees(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, i in self.plan.instrs():
+            if i.op == "free":
+                counts[i.value] = counts.get(i.value, 0) + 1
+        return counts
+
+    def _check_batches(self) -> None:
+        """Data-parallel training needs equal slices of every minibatch (the gradients of
+        the ranks' mean losses average to the whole minibatch's only then)."""
+        for n in self.graph.nodes:
+            if n.kind != CALL or n.target != "train":
+                continue
+            ranks = len(n.placement.mesh.gpus)
+            batch = self.graph.value(n.inputs[1]).spec.batch
+            mb = int(n.attr("minibatches", 1))
+            if ranks > 1 and (batch % mb or (batch // mb) % ranks):
+                raise UsageError(f"node {n.name} ({n.call}): batch {batch} in {mb} "
+                                 f"minibatches does not split evenly over its {ranks} "
+                                 f"data-parallel ranks {n.placement.mesh.text()}")
+
+    def _start(self, store_host: Optional[str], env: dict[str, str]) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .cluster import mesh_placement_group
+        from .runtime import ExecWorker
+
+        cluster = self.plan.cluster
+        gpn, world = cluster.gpus_per_node, cluster.num_gpus
+        tag = f"graphrl-{id(self):x}"
+        for node in range(cluster.nodes):
+            try:
+                self.placement_groups.append(mesh_placement_group(
+                    gpn, "STRICT_PACK", timeout_s=min(self.timeout_s, 60.0),
+                    name=f"{tag}-node{node}"))
+            except TimeoutError as e:
+                raise ExecutionError(f"the plan needs {cluster.text()}: {cluster.nodes} "
+                                     f"node(s) with {gpn} GPUs each; Ray could not place "
+                                     f"node {node}'s: {e}") from None
+        actor_cls = ray.remote(ExecWorker)
+        actors = {}
+        for rank in range(world):
+            strategy = PlacementGroupSchedulingStrategy(
+                self.placement_groups[rank // gpn], placement_group_bundle_index=rank % gpn)
+            actors[rank] = actor_cls.options(
+                num_gpus=1, num_cpus=0.1, max_restarts=0, max_task_retries=0,
+                scheduling_strategy=strategy).remote(rank, world, device=self.device,
+                                                     num_threads=1, env=env)
+        self.group = RankGroup(actors, timeout_s=self.timeout_s)
+        self.group.call("ping")
+        self.rank_nodes = self.group.call("node_id")
+        host = store_host or self.group.call("node_ip", on=[0])[0]
+        self.group.init_process_group(host, timeout_s=self.timeout_s)
+        for name in sorted(self.engines.groups):
+            self.group.new_group(name, self.engines.groups[name], timeout_s=self.timeout_s)
+        refs = {(key, rank): self.group.actors[rank].build.remote(spec)
+                for key, spec in sorted(self.engines.specs.items()) for rank in spec.gpus}
+        self.layouts = {key: layout for (key, _), layout in
+                        self._gather_keyed(refs, "build").items()}
+        self.versions = {key: 0 for key in self.engines.specs}
+        self._transfer_plans = self._plan_reshards()
+        self.clock_offsets = self._clock_offsets()
+
+    def _gather_keyed(self, refs: Mapping[tuple[str, int], Any], what: str) -> dict:
+        """Results of (engine key, rank) -> ref calls, in completion order; the first
+        failure raises a WorkerError naming the engine and the rank."""
+        key_of = {ref: k for k, ref in refs.items()}
+        out = {}
+        pending = list(refs.values())
+        deadline = time.monotonic() + self.timeout_s + GRACE_S
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                late = sorted(key_of[r] for r in pending)
+                raise WorkerError(f"{what}: (engine, rank) {late} did not finish within "
+                                  f"{self.timeout_s:g} s", late[0][1], what)
+            key, rank = key_of[ready[0]]
+            out[(key, rank)] = gather({rank: ready[0]}, f"{what} {key}", self.timeout_s)[rank]
+        return out
+
+    def _plan_reshards(self) -> dict[str, tuple[Any, Any]]:
+        """Reshard node -> (TransferPlan, its Ray object), on the engines' real layouts."""
+        from graphrl.passes.reshard_plan import plan_model_reshard
+
+        out = {}
+        for n in self.graph.nodes:
+            if n.target != "reshard":
+                continue
+            src, dst = self.layouts.get(n.model), self.layouts.get(self.engines.gen_engine[n.model])
+            if src is None or dst is None:     # noop engines
+                out[n.name] = (None, None)
+                continue
+            tp = plan_model_reshard(src, dst, itemsize=ITEMSIZE)
+            out[n.name] = (tp, ray.put(tp))
+        return out
+
+    def _clock_offsets(self) -> dict[int, float]:
+        """rank -> (rank clock - driver clock), from one round trip each."""
+        offsets = {}
+        for rank, actor in self.group.actors.items():
+            t0 = time.time()
+            remote = ray.get(actor.clock.remote(), timeout=self.timeout_s)
+            t1 = time.time()
+            offsets[rank] = remote - (t0 + t1) / 2
+        return offsets
+
+    # -- Experiment.prepare -------------------------------------------------------------------
+    def prepare(self, fn: Callable[[Mapping[str, Any]], Mapping[str, float]]
+                ) -> dict[str, float]:
+        """Run `fn` on driver-side engines, then load the weights it changed into every
+        engine of those models on the ranks (optimizer state stays behind)."""
+        engines = _DriverEngines(self.program, self.seed)
+        result = dict(fn(engines))
+        for name, eng in engines.built.items():
+            keys = [k for k, s in self.engines.specs.items() if s.decl.name == name]
+            if not keys or self.noop:
+                continue
+            weights = ray.put(eng.export_weights())
+            refs = {(k, r): self.group.actors[r].load_weights.remote(k, weights)
+                    for k in keys for r in self.engines.specs[k].gpus}
+            self._gather_keyed(refs, "load_weights")
+            for k in keys:
+                self.versions[k] = eng.version
+        return result
+
+    # -- a step -------------------------------------------------------------------------------
+    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
+        if self._broken:
+            raise ExecutionError(f"the Ray executor failed earlier ({self._broken}); "
+                                 "start a new one")
+        try:
+            return self._step(inputs, iteration)
+        except GraphRLError as e:
+            self._broken = str(e).splitlines()[0]
+            raise
+        except BaseException as e:
+            self._broken = type(e).__name__
+            raise
+
+    def _step(self, inputs: Mapping[str, Any], iteration: int) -> StepResult:
+        g = self.graph
+        start = time.time()
+        self._stamps = []
+        env: dict[str, _Value] = {}
+        for v in g.inputs:
+            if v.spec.is_weights:   # at first, whatever version set-up left
+                first = WeightsToken(v.spec.model, self.versions.get(v.spec.model, 0))
+                token = (self._carried or {}).get(v.name, first)
+                env[v.name] = _Value(token=token)
+                continue
+            name = v.name.lstrip("%")
+            if name not in inputs:
+                raise ExecutionError(f"step @{g.name}: input {name!r} was not given "
+                                     f"(given: {', '.join(inputs) or 'none'})")
+            env[v.name] = _Value(local=inputs[name])
+        host_events: list[Event] = []
+        frees = dict(self._frees)
+        checks: list[tuple[str, Any, Any]] = []
+        reshards: list[tuple[Node, dict[int, Any]]] = []
+        for grp in self.order:
+            self.instructions_dispatched += len(grp.members)
+            if grp.op == "run":
+                n = g.node(grp.node)
+                if grp.workers == (HOST,):
+                    host_events.append(self._run_op(n, env, iteration))
+                elif grp.members[0][1].part in ("",) or \
+                        grp.members[0][1].part.startswith("1/"):   # streamed: whole at part 1
+                    self._run_call(n, env, iteration)
+            elif grp.op == "reshard":
+                n = g.node(grp.node)
+                reshards.append((n, self._run_reshard(n, env, iteration)))
+                if self.check_reshards and not self.noop:
+                    checks.append(self._check_reshard(n))
+            elif grp.op in ("offload", "onload"):
+                self._memory_op(grp, iteration)
+            elif grp.op == "free":
+                value = grp.members[0][1].value
+                frees[value] -= 1
+                if not frees[value]:
+                    env.pop(value, None)
+        outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs}
+        self._await(list(self._pending), "the step's last calls")
+        self._record_reshards(reshards, checks, iteration)
+        self._carried = {dst: env[src].token for dst, src in g.carries} | {
+            k: v for k, v in (self._carried or {}).items() if k not in dict(g.carries)}
+        events = [self._event(s) for s in self._stamps] + host_events
+        events.sort(key=lambda e: (e.start, e.worker))
+        return StepResult(outputs, tuple(events), time.time() - start)
+
+    def _event(self, s: Stamp) -> Event:
+        off = self.clock_offsets.get(s.rank, 0.0) + self._t0
+        return Event(s.node, s.call, s.model, f"gpu{s.rank}", s.start - off, s.end - off,
+                     s.iteration, s.nbytes)
+
+    # -- instructions -------------------------------------------------------------------------
+    def _submit(self, rank: int, method: str, node: Node, *args: Any, **kw: Any
+                ) -> tuple[Any, Any]:
+        """Issue `method` on `rank` (returns result ref, stamp ref); tracked until done."""
+        actor = self.group.actors[rank]
+        result, stamp = getattr(actor, method).options(num_returns=2).remote(*args, **kw)
+        self._pending[stamp] = (node.name, node.call, rank)
+        self.actor_calls += 1
+        return result, stamp
+
+    def _weights(self, n: Node, env: Mapping[str, _Value], key: str) -> WeightsToken:
+        token = env[n.inputs[0]].token
+        if token is None or token.version != self.versions[key]:
+            raise ExecutionError(f"node {n.name} ({n.call}) reads {n.model} weights version "
+                                 f"{getattr(token, 'version', None)} but engine {key} holds "
+                                 f"{self.versions[key]}")
+        return token
+
+    def _run_call(self, n: Node, env: dict[str, _Value], iteration: int) -> None:
+        key = self.engines.node_engine[n.name]
+        spec = self.engines.specs[key]
+        token = self._weights(n, env, key)
+        ranks = n.placement.mesh.gpus
+        data = [env[i] for i in n.inputs[1:]]
+        for v in data:
+            self._to_refs(v)
+        out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
+        seed = seed_for(self.seed, iteration, n.name)
+        common = dict(node=n.name, call=n.call, model=n.model, method=n.target, engine=key,
+                      attrs=n.attrs, seed=seed, iteration=iteration, output=out_spec)
+        results, stamps, bounds = [], [], []
+        if n.target == "train":
+            for i, rank in enumerate(ranks):
+                args = [r for v in data for r in v.parts]
+                cs = CallSpec(inputs=tuple(InputSpec(len(v.parts)) for v in data),
+                              shard=(i, len(ranks)) if len(ranks) > 1 else None, **common)
+                r, s = self._submit(rank, "run", n, cs, *args)
+                results.append(r)
+                stamps.append(s)
+            self.versions[key] += 1
+            env[n.outputs[0].name] = _Value(token=WeightsToken(n.model, token.version + 1))
+            env[n.outputs[1].name] = _Value(parts=results, stamps=stamps, mean=True)
+            return
+        batch = self.graph.value(n.inputs[1]).spec.batch
+        samples = int(n.attr("samples", 1)) if n.target == "generate" else 1
+        collective = spec.kind == "fsdp"
+        if collective and batch < len(ranks):
+            raise ExecutionError(f"node {n.name} ({n.call}): batch {batch} is smaller than "
+                                 f"its FSDP mesh of {len(ranks)} ranks")
+        for i, rank in enumerate(ranks):
+            lo, hi = split_rows(batch, len(ranks), i)
+            if hi == lo and not collective:
+                continue
+            v = data[0]
+            picked = [k for k, (a, b) in enumerate(v.bounds) if a < hi and b > lo] or [0]
+            cs = CallSpec(inputs=(InputSpec(len(picked), v.bounds[picked[0]][0]),),
+                          rows=(lo, hi), total=batch, **common)
+            r, s = self._submit(rank, "run", n, cs, *[v.parts[k] for k in picked])
+            results.append(r)
+            stamps.append(s)
+            bounds.append((lo * samples, hi * samples))
+        env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
+
+    def _to_refs(self, v: _Value) -> None:
+        """A driver-side payload becomes one Ray object (put once, read by every rank)."""
+        if v.mean:   # per-rank statistics: average them first
+            self._resolve(v, "statistics")
+            v.parts, v.mean = None, False
+        if v.parts is None:
+            v.parts = [ray.put(v.local)]
+            v.bounds = [(0, next(iter(v.local.values())).shape[0])]
+
+    def _run_op(self, n: Node, env: dict[str, _Value], iteration: int) -> Event:
+        args = [self._resolve(env[i], i) for i in n.inputs]
+        start = time.time()
+        try:
+            out = self.program.ops[n.target].fn(*args, **n.attr_dict)
+        except GraphRLError:
+            raise
+        except Exception as e:
+            raise ExecutionError(f"node {n.name} ({n.call}) failed at iteration "
+                                 f"{iteration}: {type(e).__name__}: {e}") from e
+        end = time.time()
+        results = list(out) if isinstance(out, tuple) else [out]
+        for v, r in zip(n.outputs, results):
+            check_payload(n, v.spec, r)
+            env[v.name] = _Value(local=r)
+        return Event(n.name, n.call, n.model, "host", start - self._t0, end - self._t0,
+                     iteration)
+
+    def _run_reshard(self, n: Node, env: dict[str, _Value], iteration: int
+                     ) -> dict[int, Any]:
+        src, dst = n.model, self.engines.gen_engine[n.model]
+        token = self._weights(n, env, src)
+        tp, tp_ref = self._transfer_plans[n.name]
+        if tp is None:   # noop engines: every GPU of the gang just stamps
+            gang = sorted({w for w, i in self.plan.instrs() if i.op == "reshard"
+                           and i.node == n.name})
+        else:
+            from .reshard import participants
+
+            gang = list(participants(tp))
+        stats = {}
+        for rank in gang:
+            r, _ = self._submit(rank, "reshard_node", n, n.name, n.call, n.model, iteration,
+                                tp_ref, src, dst, timeout_s=self.timeout_s)
+            stats[rank] = r
+        self.versions[dst] = token.version
+        env[n.outputs[0].name] = _Value(token=token)
+        return stats
+
+    def _check_reshard(self, n: Node) -> tuple[str, Any, Any]:
+        src, dst = self.engines.specs[n.model], self.engines.specs[self.engines.gen_engine[n.model]]
+        want = {r: self.group.actors[r].export_weights.remote(src.key) for r in src.gpus}
+        got = {r: self.group.actors[r].export_weights.remote(dst.key) for r in dst.gpus}
+        return n.name, want, got
+
+    def _memory_op(self, grp: Group, iteration: int) -> None:
+        n = self.graph.node(grp.node)
+        key = self.engines.node_engine.get(n.name, n.model)
+        for w, i in grp.members:
+            self._submit(w, "memory_op", n, i.op, key, n.name, iteration)
+
+    # -- waiting ------------------------------------------------------------------------------
+    def _resolve(self, v: _Value, name: str) -> Any:
+        """The payload of a value on the driver (waits for the calls making it)."""
+        if v.token is not None:
+            return v.token
+        if v.local is None:
+            import torch
+
+            self._await(v.stamps, f"value {name}")
+            parts = ray.get(v.parts, timeout=self.timeout_s)
+            if v.mean:
+                v.local = {f: torch.stack([p[f] for p in parts]).mean(0) for f in parts[0]}
+            else:
+                v.local = ({f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+                           if len(parts) > 1 else parts[0])
+        return v.local
+
+    def _await(self, needed: Sequence[Any], what: str) -> None:
+        """Wait until the calls of `needed` stamp refs finish, watching every call in
+        flight: the first failure anywhere ends the wait with an ExecutionError."""
+        left = {r for r in needed if r in self._pending}
+        deadline = time.monotonic() + self.timeout_s + GRACE_S
+        while left:
+            pending = list(self._pending)
+            ready, _ = ray.wait(pending, num_returns=1,
+                                timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                late = sorted({f"{self._pending[r][0]} ({self._pending[r][1]}) on rank "
+                               f"{self._pending[r][2]}" for r in left})
+                first = self._pending[next(iter(left))]
+                raise WorkerError(f"waiting for {what}: {', '.join(late)} did not finish "
+                                  f"within {self.timeout_s:g} s", first[2], first[1])
+            more, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+            done = set(ready) | set(more)
+            for ref in [r for r in pending if r in done]:   # in the order they were issued
+                self._harvest(ref)
+                left.discard(ref)
+
+    def _harvest(self, ref: Any) -> None:
+        node, call, rank = self._pending.pop(ref)
+        running = sorted({r for _, _, r in self._pending.values()} - {rank})
+        try:
+            self._stamps.append(ray.get(ref, timeout=self.timeout_s))
+        except ray.exceptions.RayActorError as e:
+            raise WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
+                              f"(other ranks with calls in flight: {running}): "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                              rank, call) from None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None) or e
+            raise WorkerError(f"node {node} ({call}) failed on rank {rank}: "
+                              f"{type(cause).__name__}: {cause}", rank, call) from cause
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerError(f"node {node} ({call}) on rank {rank} did not answer within "
+                              f"{self.timeout_s:g} s", rank, call) from None
+
+    def _record_reshards(self, reshards: list[tuple[Node, dict[int, Any]]],
+                         checks: list[tuple[str, Any, Any]], iteration: int) -> None:
+        import torch
+
+        from graphrl.types import DTYPE_BYTES
+
+        exact: dict[str, bool] = {}
+        for name, want, got in checks:
+            w = gather(want, f"export_weights (check of {name})", self.timeout_s)
+            gt = gather(got, f"export_weights (check of {name})", self.timeout_s)
+            ref = next(iter(w.values()))
+            exact[name] = all(list(ws) == list(ref) and all(torch.equal(ws[k], ref[k])
+                                                            for k in ref)
+                              for ws in list(w.values()) + list(gt.values()))
+        for n, refs in reshards:
+            stats = {r: ray.get(ref, timeout=self.timeout_s) for r, ref in refs.items()}
+            tp = self._transfer_plans[n.name][0]
+            compiled = {w: i.nbytes for w, i in self.plan.instrs()
+                        if i.op == "reshard" and i.node == n.name}
+            spec = self.graph.model(n.model).spec
+            self.reshards.append(ReshardRecord(
+                iteration, n.name, n.model,
+                {r: (s.sent_bytes if s is not None else 0) for r, s in stats.items()},
+                {r: tp.bytes_sent_by(r) for r in stats} if tp is not None else {},
+                compiled, ITEMSIZE / DTYPE_BYTES[spec.dtype], exact.get(n.name)))
+
+    # -- inspection and shutdown --------------------------------------------------------------
+    def weights(self, key: str) -> dict[int, dict[str, Any]]:
+        """rank -> full weights of engine `key` on each of its ranks (FSDP: all-gathers)."""
+        spec = self.engines.specs[key]
+        return self.group.call("export_weights", key, on=list(spec.gpus))
+
+    def predicted_call_seconds(self) -> dict[str, float]:
+        """Call -> predicted seconds per step (graphrl.simulate's timeline)."""
+        return predicted_call_seconds(self.plan)
+
+    def summary_lines(self, events: Sequence[Event], steps: int) -> list[str]:
+        """Predicted vs measured seconds per call (per step), and each reshard's bytes."""
+        return summary_lines(self.plan, self.reshards, events, steps)
+
+    def close(self) -> None:
+        """Kill the actors, remove the placement groups, shut down an owned session."""
+        if self.group is not None:
+            try:
+                self.group.shutdown()
+            except Exception:   # noqa: BLE001  best effort: Ray may be going down
+                pass
+            self.group = None
+        if self.placement_groups:
+            from .cluster import remove_mesh_placement_group
+
+            for pg in self.placement_groups:
+                try:
+                    remove_mesh_placement_group(pg)
+                except Exception:   # noqa: BLE001
+                    pass
+            self.placement_groups = []
+        if self.session is not None:
+            self.session.shutdown()
+            self.session = None
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["RayExecutor", "ReshardRecord"]

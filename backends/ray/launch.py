@@ -1,0 +1,60 @@
+"""`graphrl run --backend ray`: compile the step for the cluster, start or join Ray, and
+start a RayExecutor on the plan.
+
+Without --address a local cluster is started with the plan's GPU count (fake GPUs on a
+machine without any) and shut down when the executor closes; the ranks then meet on
+127.0.0.1 over the loopback interface. With --address the ranks meet at rank 0's node
+address and Ray stays up. In a process where Ray is already initialised (tests, a
+notebook) that session is used and left running.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, TextIO
+
+import ray
+
+from graphrl.errors import ExecutionError
+from graphrl.experiment import RunOptions
+
+DEFAULT_CLUSTER = "1x4xcpu"
+
+
+def compile_for(program: Any, opts: RunOptions) -> Any:
+    from graphrl.compile_cli import cluster_of, load_placement
+    from graphrl.compiler import compile_graph
+
+    return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
+                         opts.policy or "auto", placement=load_placement(opts.placement),
+                         gen_engine="hf")
+
+
+def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
+                   **kw: Any) -> Any:
+    """A RayExecutor running `program` as compiled for `opts`; it owns the Ray session it
+    had to start (closing the executor shuts it down)."""
+    from .cluster import start_ray
+    from .executor import RayExecutor
+
+    compiled = compile_for(program, opts)
+    plan = compiled.plan
+    if out is not None:
+        print(f"[ray] @{plan.graph.name} compiled for {plan.cluster.text()} (policy "
+              f"{opts.policy or 'auto'}): predicted {plan.predicted_step_seconds:.3f} s "
+              "per step", file=out)
+    session = None
+    if not ray.is_initialized():
+        try:
+            session = (start_ray(address=opts.address) if opts.address
+                       else start_ray(num_gpus=plan.cluster.num_gpus))
+        except (OSError, ConnectionError, RuntimeError, ValueError) as e:
+            where = f"join Ray at {opts.address}" if opts.address else "start Ray"
+            raise ExecutionError(f"could not {where}: {type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0]}") from e
+    local = opts.address is None
+    env = {"GLOO_SOCKET_IFNAME": "lo"} if local and sys.platform.startswith("linux") else {}
+    return RayExecutor(program, plan, seed=opts.seed, device=opts.device, session=session,
+                       store_host="127.0.0.1" if local else None, env=env, **kw)
+
+
+__all__ = ["start_executor", "compile_for", "DEFAULT_CLUSTER"]

@@ -1,0 +1,73 @@
+"""What a Ray run reports beside the RL loop's summary: each reshard's bytes (measured,
+the executor's TransferPlan, the compiled plan's figure) and predicted vs measured
+seconds per call."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+from graphrl.plan import Plan
+from graphrl.timeline import Event
+
+
+@dataclass(frozen=True)
+class ReshardRecord:
+    """One reshard of one step: bytes each GPU sent, three ways."""
+
+    iteration: int
+    node: str
+    model: str
+    measured: Mapping[int, int]        # bytes each rank sent (ReshardStats)
+    transfer_plan: Mapping[int, int]   # the executor's TransferPlan, float32 on the wire
+    compiled: Mapping[int, int]        # the compiled plan's reshard instructions (weights
+                                       # in the model spec's dtype, e.g. bf16)
+    scale: float                       # wire itemsize / the spec dtype's bytes
+    exact: Optional[bool] = None       # generation weights == training weights (check)
+
+
+def predicted_call_seconds(plan: Plan) -> dict[str, float]:
+    """Call -> predicted seconds per step: the spans of its runs (and reshards) in
+    `graphrl.simulate.simulate(plan)`'s timeline, named as the measured events are."""
+    import dataclasses
+
+    from graphrl.simulate import simulate
+    from graphrl.timeline import call_seconds
+
+    events, _ = simulate(plan)
+    names = {n.name: n for n in plan.graph.nodes}
+    kept = [dataclasses.replace(e, call=names[e.node].call) for e in events
+            if e.node in names and (e.call == names[e.node].call
+                                    or e.call.startswith("reshard "))]
+    return call_seconds(kept)
+
+
+def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequence[Event],
+                  steps: int) -> list[str]:
+    """Predicted vs measured seconds per call (per step), and each reshard's bytes."""
+    from graphrl.timeline import call_seconds
+
+    predicted = predicted_call_seconds(plan)
+    measured = {c: s / max(steps, 1) for c, s in call_seconds(events).items()}
+    lines = [f"  predicted vs measured seconds per call, per step (plan: "
+             f"{plan.cluster.text()}, predicted step "
+             f"{plan.predicted_step_seconds:.3f} s):",
+             f"    {'call':<24} {'predicted':>10} {'measured':>10}"]
+    for call in sorted(set(predicted) | set(measured),
+                       key=lambda c: -measured.get(c, predicted.get(c, 0.0))):
+        p = f"{predicted[call]:10.4f}" if call in predicted else f"{'-':>10}"
+        m = f"{measured[call]:10.4f}" if call in measured else f"{'-':>10}"
+        lines.append(f"    {call:<24} {p} {m}")
+    last: dict[str, ReshardRecord] = {}
+    for r in reshards:
+        last[r.node] = r
+    for r in last.values():
+        ok = r.measured == r.transfer_plan
+        lines.append(f"  reshard[{r.model}] bytes sent per GPU: measured "
+                     f"{dict(sorted(r.measured.items()))} "
+                     f"({'=' if ok else '!='} the transfer plan); compiled plan "
+                     f"{dict(sorted(r.compiled.items()))} in the spec dtype, x{r.scale:g} "
+                     "for the float32 weights run here")
+    return lines
+
+
+__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines"]

@@ -1,0 +1,190 @@
+"""The executor's side of a rank: `ExecWorker` runs graph nodes on the engines of its GPU.
+
+`ExecWorker` extends `RankWorker` (process groups, engines, resharding) with what
+`executor.RayExecutor` sends it: `build` an engine from an `EngineSpec`, `run` one call
+node's share of the batch from a `CallSpec`, `reshard_node` (a TransferPlan between two
+of its engines), each returning a `Stamp` (what ran, when, bytes sent) beside the result,
+so the driver learns that a call finished, and its timeline, from one small object.
+
+Data arrive as the parts (Ray objects, resolved by Ray before the call) of each input
+payload: the payload is their concatenation along the batch dimension; a rank slices out
+the rows it computes. Engine kinds:
+
+- `fsdp`: FSDP2 over the mesh (`sharded.FSDPEngine`); every call on it is a collective of
+  the mesh's ranks, each with its slice of the batch.
+- `replicas`: a full copy on each rank (`sharded.ReplicatedEngine`); with `group` set,
+  training averages gradients over the group after every backward (data-parallel, as
+  DDP does), so the copies stay identical.
+- `noop`: no model; calls return zeros of the declared payload shapes (dispatch-overhead
+  measurements).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from graphrl import signatures as sig
+from graphrl.errors import UsageError
+from graphrl.types import PayloadSpec
+
+from .specs import CallSpec, EngineSpec, Stamp
+from .worker import RankWorker
+
+
+def _cat(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+
+
+def _rows(payload: Mapping[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    return {f: t[lo:hi] for f, t in payload.items()}
+
+
+class NoopEngine:
+    """Stands in for a model: no weights, outputs of the right shapes."""
+
+    layout = None
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        return {}
+
+    def offload(self) -> None:
+        pass
+
+    def onload(self) -> None:
+        pass
+
+
+def zeros_payload(spec: PayloadSpec, rows: int) -> dict[str, torch.Tensor]:
+    dtypes = {"i64": torch.int64, "i32": torch.int32}
+    return {f.name: torch.zeros((rows,) + tuple(f.shape(spec.batch, spec.seq))[1:],
+                                dtype=dtypes.get(f.dtype, torch.float32))
+            for f in spec.fields}
+
+
+class ExecWorker(RankWorker):
+    """A RankWorker that runs call nodes for `executor.RayExecutor`."""
+
+    def clock(self) -> float:
+        return time.time()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    # -- engines ----------------------------------------------------------------------------
+    def build(self, spec: EngineSpec) -> Any:
+        """Build `spec`'s engine on this rank (fsdp: a collective of its ranks); returns
+        its layout (None for noop)."""
+        if spec.kind == "noop":
+            self._add(spec.key, NoopEngine())
+            return None
+        if spec.kind == "fsdp":
+            layout = self.build_fsdp_engine(spec.key, spec.decl, spec.options, spec.group,
+                                            seed=spec.seed)
+        elif spec.kind == "replicas":
+            layout = self.build_replicated_engine(spec.key, spec.decl, spec.options,
+                                                  list(spec.gpus), seed=spec.seed)
+            if spec.group:
+                self._average_gradients(spec.key, spec.group)
+        else:
+            raise UsageError(f"engine {spec.key}: unknown kind {spec.kind!r}")
+        if spec.init_from is not None:
+            from ..engines.hf import HFEngine
+
+            source = HFEngine(spec.init_from, {}, device="cpu", seed=spec.seed)
+            self.engine(spec.key).load_weights(source.export_weights())
+        return layout
+
+    def _average_gradients(self, key: str, group: str) -> None:
+        """Data-parallel replicas: after each backward, all-reduce the gradients (one
+        flat message) over `group` and divide by its size, as DDP does."""
+        ranks, pg = self._group(group)
+        hf = self.engine(key).engine
+        params = [p for p in hf.module.parameters() if p.requires_grad]
+
+        def average() -> None:
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=pg)
+            flat /= len(ranks)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        hf.after_backward = average
+
+    # -- calls ------------------------------------------------------------------------------
+    def run(self, spec: CallSpec, *parts: Any) -> tuple[Any, Stamp]:
+        """Run this rank's share of a call node; returns (payload, stamp)."""
+        start = time.time()
+        data, k = [], 0
+        for inp in spec.inputs:
+            data.append((_cat(parts[k:k + inp.parts]), inp.first))
+            k += inp.parts
+        engine = self.engine(spec.engine)
+        attrs = dict(spec.attrs)
+        if isinstance(engine, NoopEngine):
+            out = self._noop(spec, engine)
+        elif spec.method == "generate":
+            (prompts, first), = data
+            lo, hi = spec.rows or (0, spec.total)
+            samples = int(attrs.get("samples", 1))
+            out = engine.generate(_rows(prompts, lo - first, hi - first), seed=spec.seed,
+                                  noise_rows=(lo * samples, spec.total * samples), **attrs)
+        elif spec.method == "forward":
+            (rollout, first), = data
+            lo, hi = spec.rows or (0, spec.total)
+            out = engine.forward(_rows(rollout, lo - first, hi - first))
+        elif spec.method == "train":
+            loss = attrs.pop("loss")
+            names = [name for name, _ in sig.LOSSES[loss][0]]
+            stats = engine.train(dict(zip(names, (d for d, _ in data))), loss=loss,
+                                 seed=spec.seed, shard=spec.shard, **attrs)
+            out = {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}
+        else:
+            raise UsageError(f"node {spec.node}: unknown method {spec.method!r}")
+        return out, Stamp(spec.node, spec.call, spec.model, self.rank, start, time.time(),
+                          spec.iteration)
+
+    def _noop(self, spec: CallSpec, engine: NoopEngine) -> Any:
+        if spec.method == "train":
+            engine.version += 1
+            loss = dict(spec.attrs)["loss"]
+            return {k: torch.zeros(1) for k in sig.LOSSES[loss][1]}
+        lo, hi = spec.rows or (0, spec.total)
+        samples = int(dict(spec.attrs).get("samples", 1)) if spec.method == "generate" else 1
+        return zeros_payload(spec.output, (hi - lo) * samples)
+
+    def reshard_node(self, node: str, call: str, model: str, iteration: int, plan: Any,
+                     src: str, dst: str, *, wire_dtype: str = "float32",
+                     timeout_s: float = 60.0) -> tuple[Any, Stamp]:
+        """This rank's part of a reshard node; returns (ReshardStats or None, stamp)."""
+        start = time.time()
+        stats = None
+        if plan is not None:   # None: noop engines
+            stats = self.reshard(plan, src, dst, wire_dtype=wire_dtype, timeout_s=timeout_s)
+        return stats, Stamp(node, call, model, self.rank, start, time.time(), iteration,
+                            stats.sent_bytes if stats is not None else 0)
+
+    def memory_op(self, op: str, key: str, node: str, iteration: int) -> tuple[None, Stamp]:
+        """offload / onload an engine."""
+        start = time.time()
+        getattr(self.engine(key), op)()
+        return None, Stamp(node, f"{op}[{key}]", key, self.rank, start, time.time(), iteration)
+
+
+__all__ = ["ExecWorker", "NoopEngine", "zeros_payload"]

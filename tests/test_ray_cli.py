@@ -1,0 +1,68 @@
+"""`graphrl run --backend ray` end to end in a subprocess: it compiles for the cluster,
+starts its own Ray, runs the RL loop, and on Ctrl-C (SIGINT) shuts Ray down — exit 130,
+one line, and Ray's session folder gone."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+# the PPO example without its minute of reward-model pre-training
+TINY = """import dataclasses, sys
+sys.path.insert(0, {examples!r})
+from ppo import build as ppo_build
+
+
+def build(opts):
+    return dataclasses.replace(ppo_build(opts), prepare=None)
+"""
+
+
+def test_ray_run_and_ctrl_c(root, tmp_path, request):
+    example = tmp_path / "tiny_ppo.py"
+    example.write_text(TINY.format(examples=str(root / "examples")))
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"policy.train": {"gpus": "0"},
+                                     "policy.generate": {"gpus": "1"}}))
+    metrics, home = tmp_path / "m.jsonl", tmp_path / "home"
+    home.mkdir()
+    # a short TMPDIR: Ray puts unix sockets under it (paths of at most 107 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="grtest-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    env = dict(os.environ, TMPDIR=str(tmp), HOME=str(home))
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graphrl.cli", "run", str(example), "--backend", "ray",
+         "--cluster", "1x2xcpu", "--placement", str(placement), "--iterations", "1000",
+         "--batch-size", "4", "--quiet", "--metrics", str(metrics)],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert len(metrics.read_text().splitlines()) >= 2, "no iterations within 150 s"
+        assert [p.name for p in tmp.iterdir() if p.name.startswith("graphrl-ray-")]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "graphrl: interrupted" in err and "Traceback" not in err, err[-3000:]
+    row = json.loads(metrics.read_text().splitlines()[0])
+    assert row["seconds/reshard[policy]"] > 0 and 0.0 <= row["reward_mean"] <= 1.0
+    assert not [p for p in tmp.iterdir() if p.name.startswith("graphrl-ray-")]

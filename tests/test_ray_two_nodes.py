@@ -1,0 +1,65 @@
+"""Two Ray nodes of two fake GPUs each (ray.cluster_utils.Cluster, one machine): the
+executor's ranks land node-aligned (every mesh of the plan on one node) and a plan whose
+training and generation meshes sit on different nodes runs an iteration, resharding
+across the nodes.
+
+Its own cluster: the shared session is stopped first (one Ray per process); Ray's files
+go to a temporary folder (RAY_TMPDIR), not /tmp/ray."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("torch")
+
+from conftest import load_build  # noqa: E402
+from graphrl.cluster import ClusterSpec  # noqa: E402
+from graphrl.compiler import compile_graph  # noqa: E402
+from graphrl.experiment import RunOptions  # noqa: E402
+
+PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3},
+             "policy.generate": {"gpus": "2-3"}}
+
+
+@pytest.fixture
+def two_nodes(own_ray, tmp_path_factory, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    tmp = tmp_path_factory.mktemp("ray2", numbered=True)
+    (tmp / "ray").mkdir()     # Ray writes its address file there before the session's
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=2, temp_dir=str(tmp / "ray"),
+                         _system_config={"memory_monitor_refresh_ms": 0})
+        cluster.add_node(num_cpus=1, num_gpus=2)
+        cluster.wait_for_nodes(timeout=60)
+        ray.init(address=cluster.address, namespace="graphrl", log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_meshes_are_node_aligned_and_a_two_node_plan_runs(two_nodes):
+    from graphrl.backends.ray.executor import RayExecutor
+
+    exp = dataclasses.replace(load_build("ppo")(RunOptions(batch_size=4)), prepare=None)
+    plan = compile_graph(exp.program().graph, ClusterSpec.parse("2x2xcpu"), "auto",
+                         placement=PLACEMENT).plan
+    with RayExecutor(exp.program(), plan, timeout_s=60.0, check_reshards=True,
+                     env={"GLOO_SOCKET_IFNAME": "lo"}) as ex:
+        nodes = ex.rank_nodes
+        assert len(set(nodes.values())) == 2
+        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]
+        for n in plan.graph.nodes:
+            if n.placement is not None:
+                assert len({nodes[g] for g in n.placement.mesh.gpus}) == 1, n.call
+        result = ex.run_step(exp.data(0), iteration=0)
+        assert result.outputs["task_score"]["score"].shape == (4,)
+        assert {e.worker for e in result.events} >= {"gpu0", "gpu1", "gpu2", "gpu3"}
+        (r,) = ex.reshards
+        assert r.exact and r.measured == r.transfer_plan and r.measured[0] > 0
