@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from graphrl.parallel import DeviceMesh, Strategy
+from graphrl.units import human_bytes
 from graphrl.shard import (Box, ModelLayout, Piece, TensorLayout, flat_intervals,
                            piece_local_shape, region_intersect, region_size, region_subtract,
                            split_region)
@@ -46,7 +47,7 @@ class Transfer:
     nbytes: int
 
     def text(self) -> str:
-        return (f"g{self.dst_gpu} <- g{self.src_gpu}: {_fmt_bytes(self.nbytes)} "
+        return (f"g{self.dst_gpu} <- g{self.src_gpu}: {human_bytes(self.nbytes)} "
                 + " ".join(b.text() for b in self.boxes))
 
 
@@ -130,10 +131,10 @@ class TransferPlan(_Traffic):
 
     def text(self) -> str:
         head = (f"reshard {self.name or '<tensor>'} {list(self.src.shape)}: network "
-                f"{_fmt_bytes(self.total_network_bytes)}, busiest link "
-                f"{_fmt_bytes(self.max_link_bytes)}")
+                f"{human_bytes(self.total_network_bytes)}, busiest link "
+                f"{human_bytes(self.max_link_bytes)}")
         lines = [head] + ["  " + t.text() for t in self.transfers]
-        lines += [f"  g{c.gpu} local: {_fmt_bytes(c.nbytes)}" for c in self.local_copies]
+        lines += [f"  g{c.gpu} local: {human_bytes(c.nbytes)}" for c in self.local_copies]
         return "\n".join(lines)
 
 
@@ -157,20 +158,12 @@ class ModelTransferPlan(_Traffic):
 
     def text(self) -> str:
         lines = [f"reshard model: {len(self.plans)} tensors, network "
-                 f"{_fmt_bytes(self.total_network_bytes)}, busiest link "
-                 f"{_fmt_bytes(self.max_link_bytes)}"]
+                 f"{human_bytes(self.total_network_bytes)}, busiest link "
+                 f"{human_bytes(self.max_link_bytes)}"]
         for g, v in self.totals_per_gpu().items():
-            lines.append(f"  g{g}: sent {_fmt_bytes(v.sent)}, received "
-                         f"{_fmt_bytes(v.received)}, local {_fmt_bytes(v.local)}")
+            lines.append(f"  g{g}: sent {human_bytes(v.sent)}, received "
+                         f"{human_bytes(v.received)}, local {human_bytes(v.local)}")
         return "\n".join(lines)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}B"
 
 
 # -- planning ------------------------------------------------------------------------------
