@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from graphrl.graph import SYSTEM, Graph, Node, Placement, Value
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.shard import ModelLayout, llama_params, model_layout
-from graphrl.types import ModelSpec
+from graphrl.types import DTYPE_BYTES, ModelSpec
 
 from .base import PassContext
 from .reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
@@ -105,7 +105,8 @@ def analytic_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> Reshard
 def _plan(spec: ModelSpec, src: Placement, dst: Placement, layers: int | None
           ) -> ModelTransferPlan:
     return plan_model_reshard(weight_layout(spec, src.mesh, src.strategy, layers),
-                              weight_layout(spec, dst.mesh, dst.strategy, layers))
+                              weight_layout(spec, dst.mesh, dst.strategy, layers),
+                              itemsize=DTYPE_BYTES[spec.dtype])
 
 
 def generation_placement(train: Placement, gen: Placement) -> Placement:
@@ -135,6 +136,8 @@ class InsertReshard:
             if src == dst:
                 continue
             spec = graph.model(n.model).spec
+            if ctx.cluster.gpu.name == "cpu":  # CPU engines keep float32 weights
+                spec = replace(spec, dtype="f32")
             traffic = plan_traffic(spec, src, dst)
             ctx.findings.setdefault("reshards", {})[n.model] = traffic
             weights = n.inputs[0]

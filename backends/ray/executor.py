@@ -533,7 +533,12 @@ class RayExecutor:
                 iteration, n.name, n.model,
                 {r: (s.sent_bytes if s is not None else 0) for r, s in stats.items()},
                 {r: tp.bytes_sent_by(r) for r in stats} if tp is not None else {},
-                compiled, ITEMSIZE / DTYPE_BYTES[spec.dtype], exact.get(n.name)))
+                compiled, ITEMSIZE / self._planned_itemsize(spec), exact.get(n.name)))
+
+    def _planned_itemsize(self, spec: Any) -> int:
+        """Bytes per weight the compiled plan counted: float32 on a cpu cluster (what the
+        CPU engines hold), else the spec's serving dtype."""
+        return 4 if self.plan.cluster.gpu.name == "cpu" else DTYPE_BYTES[spec.dtype]
 
     # -- inspection and shutdown --------------------------------------------------------------
     def weights(self, key: str) -> dict[int, dict[str, Any]]:

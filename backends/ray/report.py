@@ -62,11 +62,13 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
         last[r.node] = r
     for r in last.values():
         ok = r.measured == r.transfer_plan
+        same = r.measured == {g: int(b * r.scale) for g, b in r.compiled.items()}
+        compiled = (f"{'=' if same else '!='} the compiled plan" if r.scale == 1 else
+                    f"compiled plan {dict(sorted(r.compiled.items()))} in the spec dtype, "
+                    f"x{r.scale:g} for the float32 weights run here")
         lines.append(f"  reshard[{r.model}] bytes sent per GPU: measured "
                      f"{dict(sorted(r.measured.items()))} "
-                     f"({'=' if ok else '!='} the transfer plan); compiled plan "
-                     f"{dict(sorted(r.compiled.items()))} in the spec dtype, x{r.scale:g} "
-                     "for the float32 weights run here")
+                     f"({'=' if ok else '!='} the transfer plan; {compiled})")
     return lines
 
 
