@@ -120,8 +120,9 @@ def infeasible_error(problem: Problem, e: Infeasible, policy: str) -> UsageError
             if nodes else "")
     if e.need:
         return UsageError(f"no placement fits on {c.text()}: {e.call} needs "
-                          f"{e.need / 2**30:.1f} GiB per GPU at best (on {e.mesh_size} GPUs), "
-                          f"the most a {c.gpu.name} offers is {e.have / 2**30:.1f} GiB{hint}")
+                          f"{e.need / 2**30:.1f} GiB per GPU at best (on {e.mesh_size} "
+                          f"GPU{'s' if e.mesh_size != 1 else ''}), the most one {c.gpu.name} "
+                          f"offers is {e.have / 2**30:.1f} GiB{hint}")
     return UsageError(f"no placement fits on {c.text()} under policy {policy}{hint}")
 
 

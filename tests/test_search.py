@@ -183,7 +183,7 @@ def test_infeasible_placement_names_call_memory_and_smallest_cluster(policy):
     assert err is not None and "\n" not in err
     assert err.startswith("no placement fits on 1x8xA100-80G: policy.train needs "), err
     need, have = map(float, GIB.findall(err))
-    assert need > have and f"the most a A100-80G offers is {have:.1f} GiB" in err
+    assert need > have and f"the most one A100-80G offers is {have:.1f} GiB" in err
     assert have == 80.0
     m = re.search(r"the smallest cluster that fits: (\S+)$", err)
     assert m and m.group(1) == "2x8xA100-80G", err
