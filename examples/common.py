@@ -37,6 +37,24 @@ def task_for(opts: gr.RunOptions) -> TopicTokensTask:
                            opts.response_len or TASK.response_len)
 
 
+def policy_and_reference(opts: gr.RunOptions) -> tuple[gr.Model, gr.Model]:
+    """The trained policy and its frozen reference, which starts as a copy of it."""
+    return (gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
+                     trainable=True, options={"lr": 2e-3}),
+            gr.Model("reference", opts.config_for("reference", llama_config()),
+                     role="reference", init_from="policy"))
+
+
+def rl_experiment(name: str, step: Any, models: tuple[gr.Model, ...], task: TopicTokensTask,
+                  prompts: int, opts: gr.RunOptions) -> gr.Experiment:
+    """An example's Experiment: `prompts` prompts a step, reward model trained first."""
+    return gr.Experiment(
+        name=name, step=step, models=models,
+        inputs={"prompts": gr.prompts_spec(prompts, task.prompt_len)},
+        data=prompt_data(task, prompts, opts.seed), reward="task_score", iterations=60,
+        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
+
+
 def reward_model(opts: gr.RunOptions) -> gr.Model:
     return gr.Model("reward", opts.config_for("reward", llama_config()), role="reward",
                     head="score", options={"lr": 1e-3})

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
-from common import (llama_config, prompt_data, reward_model, task_for,  # noqa: E402
-                    task_score, train_reward_model)
+from common import (policy_and_reference, reward_model, rl_experiment,  # noqa: E402
+                    task_for, task_score)
 
 GROUP_SIZE = 4
 
@@ -38,19 +38,8 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
         return {"task_score": score_task(rollout), "rm_score": rm_score,
                 "policy_stats": policy_stats}
 
-    prompts = opts.batch_size or 16
-    models = (
-        gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
-                 trainable=True, options={"lr": 2e-3}),
-        gr.Model("reference", opts.config_for("reference", llama_config()), role="reference",
-                 init_from="policy"),
-        reward_model(opts),
-    )
-    return gr.Experiment(
-        name="grpo_step", step=grpo_step, models=models,
-        inputs={"prompts": gr.prompts_spec(prompts, task.prompt_len)},
-        data=prompt_data(task, prompts, opts.seed), reward="task_score", iterations=60,
-        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
+    models = (*policy_and_reference(opts), reward_model(opts))
+    return rl_experiment("grpo_step", grpo_step, models, task, opts.batch_size or 16, opts)
 
 
 if __name__ == "__main__":

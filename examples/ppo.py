@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
-from common import (gpt2_config, llama_config, prompt_data, reward_model,  # noqa: E402
-                    task_for, task_score, train_reward_model)
+from common import (gpt2_config, policy_and_reference, reward_model,  # noqa: E402
+                    rl_experiment, task_for, task_score)
 
 
 def build(opts: gr.RunOptions) -> gr.Experiment:
@@ -35,21 +35,10 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
         return {"task_score": score_task(rollout), "rm_score": rm_score,
                 "policy_stats": policy_stats, "critic_stats": critic_stats}
 
-    batch = opts.batch_size or 64
-    models = (
-        gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
-                 trainable=True, options={"lr": 2e-3}),
-        gr.Model("reference", opts.config_for("reference", llama_config()), role="reference",
-                 init_from="policy"),
-        reward_model(opts),
-        gr.Model("critic", opts.config_for("critic", gpt2_config()), role="critic",
-                 head="value", trainable=True, options={"lr": 2e-3}),
-    )
-    return gr.Experiment(
-        name="ppo_step", step=ppo_step, models=models,
-        inputs={"prompts": gr.prompts_spec(batch, task.prompt_len)},
-        data=prompt_data(task, batch, opts.seed), reward="task_score", iterations=60,
-        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
+    models = (*policy_and_reference(opts), reward_model(opts),
+              gr.Model("critic", opts.config_for("critic", gpt2_config()), role="critic",
+                       head="value", trainable=True, options={"lr": 2e-3}))
+    return rl_experiment("ppo_step", ppo_step, models, task, opts.batch_size or 64, opts)
 
 
 if __name__ == "__main__":
