@@ -1,17 +1,23 @@
 """Fit the cost model's efficiency factors and overhead floors to measured step times.
 
-    python -m graphrl.calibrate PATH/h100_hf_llama.jsonl [--no-fit]
+    python -m graphrl.calibrate FILE.jsonl [FILE.jsonl ...] [--check HELDOUT.jsonl ...]
+                                [--no-fit]
 
 loads the measurements (one JSON object a line, see shared/calibration/README.md), fits
 `graphrl.cost.CostParams` by least squares over log(predicted / measured) with a
 coordinate (pattern) search in log-parameter space (Hooke & Jeeves 1961; numpy only),
 prints the fitted constants in the form cost.py stores them, and a table of predicted vs
-measured time and peak memory with % error for every run. `--no-fit` prints the table
-for the constants stored in cost.py.
+measured time and peak memory with % error for every run, then the same for the held-out
+`--check` files (never fitted). `--no-fit` uses the constants stored in cost.py.
 
 Time parameters are fitted on run times (all phases at once); memory parameters on the
-peak memory of the train (activations, logits) and forward/generate runs (transients).
-The HBM efficiency is read off the `hw` record (measured copy / datasheet bandwidth).
+peak memory of the train (activations, logits) and forward/generate runs (transients);
+the captured-engine decode constants on `decode` records (benchmarks/h100_check.py). The
+HBM efficiency is read off the first `hw` copy record (measured / datasheet bandwidth).
+The constants in cost.py come from
+
+    python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl \
+        benchmarks/data/h100_decode.jsonl --check benchmarks/data/h100_heldout.jsonl
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .cluster import GiB, GPUType, H100_80G
-from .cost import CALIBRATED, KORTHIKANTI_ACT_BYTES, CallCost, CostParams, estimate
+from .cost import (CALIBRATED, KORTHIKANTI_ACT_BYTES, CallCost, CostParams, estimate,
+                   generate_breakdown)
 from .parallel import Strategy
 from .types import ModelSpec
 
@@ -50,6 +57,10 @@ FORWARD_MEMORY_PARAMS: Mapping[str, tuple[float, float]] = MappingProxyType({
 })
 GENERATE_MEMORY_PARAMS: Mapping[str, tuple[float, float]] = MappingProxyType({
     "fwd_transient_bytes": (0.1, 500.0),
+})
+DECODE_PARAMS: Mapping[str, tuple[float, float]] = MappingProxyType({
+    "decode_bw_slowdown": (1.0, 8.0),   # nothing reads memory faster than the bound
+    "graph_layer_s": (1e-6, 1e-3),
 })
 
 
@@ -89,22 +100,54 @@ class RunPoint:
 
 
 @dataclass(frozen=True)
+class DecodePoint:
+    """One measured step of a CUDA-graph-captured decode (a `decode` record): `batch`
+    sequences attending over a static cache of `context` positions."""
+
+    model: str
+    batch: int
+    context: int
+    seconds: float
+    phase = "decode"
+    peak_bytes = 0          # not compared: the step's memory is its own static cache
+
+    def label(self) -> str:
+        return f"{self.model} decode b{self.batch} ctx{self.context}"
+
+
+@dataclass(frozen=True)
 class Calibration:
-    """What a calibration file holds: models by name, runs, and the hardware ceilings."""
+    """What calibration files hold: models by name, runs, decode steps, and the hardware
+    ceilings."""
 
     models: tuple[tuple[str, ModelSpec], ...]
     runs: tuple[RunPoint, ...]
     matmul_tflops: float = 0.0
     copy_gbps_rw: float = 0.0
+    decodes: tuple[DecodePoint, ...] = ()
 
     def model(self, name: str) -> ModelSpec:
         return dict(self.models)[name]
 
+    def merged(self, other: "Calibration") -> "Calibration":
+        """Both files' points; a model both describe must have one shape; the first
+        file's hardware ceilings win."""
+        mine = dict(self.models)
+        for name, spec in other.models:
+            if mine.setdefault(name, spec) != spec:
+                raise ValueError(f"model {name!r} has two different shapes")
+        return Calibration(tuple(mine.items()), self.runs + other.runs,
+                           self.matmul_tflops or other.matmul_tflops,
+                           self.copy_gbps_rw or other.copy_gbps_rw,
+                           self.decodes + other.decodes)
+
 
 def load(path: str | Path) -> Calibration:
-    """Parse a calibration jsonl file (kinds env, hw, model, run)."""
+    """Parse a calibration jsonl file (kinds env, hw, model, run, decode; runs and
+    decode steps marked `oom` are skipped)."""
     models: dict[str, ModelSpec] = {}
     runs: list[RunPoint] = []
+    decodes: list[DecodePoint] = []
     tflops = gbps = 0.0
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -119,6 +162,11 @@ def load(path: str | Path) -> Calibration:
                 raise ValueError(f"{path}:{lineno}: model {rec['model']}: ModelSpec counts "
                                  f"{spec.num_params} parameters, the file says {rec['params']}")
             models[rec["model"]] = spec
+        elif kind in ("run", "decode") and rec.get("oom"):
+            continue
+        elif kind == "decode":
+            decodes.append(DecodePoint(rec["model"], rec["batch"], rec["context"],
+                                       float(rec["s_step"])))
         elif kind == "run":
             generate = rec["phase"] == "generate"
             runs.append(RunPoint(rec["model"], rec["phase"], rec["batch"],
@@ -129,26 +177,46 @@ def load(path: str | Path) -> Calibration:
             tflops = float(rec["tflops"])
         elif kind == "hw" and rec.get("what", "").startswith("d2d_copy"):
             gbps = float(rec["gbps_rw"])
-    unknown = {r.model for r in runs} - set(models)
+    unknown = {r.model for r in [*runs, *decodes]} - set(models)
     if unknown:
         raise ValueError(f"{path}: runs of models without a model record: {sorted(unknown)}")
-    return Calibration(tuple(models.items()), tuple(runs), tflops, gbps)
+    return Calibration(tuple(models.items()), tuple(runs), tflops, gbps, tuple(decodes))
+
+
+def load_all(paths: Sequence[str | Path]) -> Calibration:
+    """The points of every file, merged (see Calibration.merged)."""
+    cals = [load(p) for p in paths]
+    out = cals[0]
+    for c in cals[1:]:
+        out = out.merged(c)
+    return out
 
 
 def predict(cal: Calibration, point: RunPoint, params: CostParams = CALIBRATED,
             gpu: GPUType = H100_80G) -> CallCost:
     """The model's prediction for one measured run (one GPU, HF eager engine)."""
     return estimate(cal.model(point.model), point.phase, point.batch, point.seq, Strategy(),
-                    gpu, new_tokens=point.new_tokens, engine="hf", params=params)
+                    gpu, new_tokens=point.new_tokens, engine="hf", params=params,
+                    forward_kv_cache=True)
 
 
-def _log_errors(cal: Calibration, points: Sequence[RunPoint], params: CostParams,
-                what: str, gpu: GPUType) -> np.ndarray:
+def predict_decode(cal: Calibration, point: DecodePoint, params: CostParams = CALIBRATED,
+                   gpu: GPUType = H100_80G) -> float:
+    """The model's seconds for one decode step of a graph-captured engine (one GPU)."""
+    return generate_breakdown(cal.model(point.model), point.batch, point.context, 0,
+                              Strategy(), gpu, "graph", params=params)["decode_step"]
+
+
+def _log_errors(cal: Calibration, points: Sequence[RunPoint | DecodePoint],
+                params: CostParams, what: str, gpu: GPUType) -> np.ndarray:
     out = []
     for p in points:
-        cost = predict(cal, p, params, gpu)
-        pred, meas = ((cost.seconds, p.seconds) if what == "time"
-                      else (cost.peak_memory_bytes, p.peak_bytes))
+        if isinstance(p, DecodePoint):
+            pred, meas = predict_decode(cal, p, params, gpu), p.seconds
+        else:
+            cost = predict(cal, p, params, gpu)
+            pred, meas = ((cost.seconds, p.seconds) if what == "time"
+                          else (cost.peak_memory_bytes, p.peak_bytes))
         out.append(math.log(pred / meas))
     return np.asarray(out)
 
@@ -220,12 +288,13 @@ def fit(cal: Calibration, start: CostParams = FIT_START, gpu: GPUType = H100_80G
     gen = [p for p in cal.runs if p.phase == "generate"]
     params = _fit_group(cal, gen, params, GENERATE_MEMORY_PARAMS, "memory", gpu)
     fwd = [p for p in cal.runs if p.phase == "forward"]
-    return _fit_group(cal, fwd, params, FORWARD_MEMORY_PARAMS, "memory", gpu)
+    params = _fit_group(cal, fwd, params, FORWARD_MEMORY_PARAMS, "memory", gpu)
+    return _fit_group(cal, cal.decodes, params, DECODE_PARAMS, "time", gpu)
 
 
 @dataclass(frozen=True)
 class Row:
-    point: RunPoint
+    point: RunPoint | DecodePoint
     predicted_s: float
     predicted_bytes: int
 
@@ -234,7 +303,9 @@ class Row:
         return self.predicted_s / self.point.seconds - 1.0
 
     @property
-    def memory_error(self) -> float:
+    def memory_error(self) -> float | None:
+        if not self.point.peak_bytes:
+            return None
         return self.predicted_bytes / self.point.peak_bytes - 1.0
 
 
@@ -244,6 +315,7 @@ def compare(cal: Calibration, params: CostParams = CALIBRATED,
     for p in cal.runs:
         cost = predict(cal, p, params, gpu)
         rows.append(Row(p, cost.seconds, cost.peak_memory_bytes))
+    rows += [Row(d, predict_decode(cal, d, params, gpu), 0) for d in cal.decodes]
     return rows
 
 
@@ -257,26 +329,33 @@ def table_text(rows: Iterable[Row]) -> str:
     lines = [f"{'run':<34} {'meas s':>9} {'pred s':>9} {'err':>7}   "
              f"{'meas GiB':>8} {'pred GiB':>8} {'err':>7}"]
     for r in rows:
+        memory = ("" if r.memory_error is None else
+                  f"   {r.point.peak_bytes / GiB:8.2f} {r.predicted_bytes / GiB:8.2f} "
+                  f"{100 * r.memory_error:+6.1f}%")
         lines.append(f"{r.point.label():<34} {r.point.seconds:9.4f} {r.predicted_s:9.4f} "
-                     f"{100 * r.time_error:+6.1f}%   {r.point.peak_bytes / GiB:8.2f} "
-                     f"{r.predicted_bytes / GiB:8.2f} {100 * r.memory_error:+6.1f}%")
+                     f"{100 * r.time_error:+6.1f}%{memory}")
     for phase in sorted({r.point.phase for r in rows}):
         sel = [r for r in rows if r.point.phase == phase]
+        mem = [abs(r.memory_error) for r in sel if r.memory_error is not None]
         lines.append(f"worst {phase:<9} time {100 * max(abs(r.time_error) for r in sel):5.1f}%"
-                     f"   memory {100 * max(abs(r.memory_error) for r in sel):5.1f}%")
+                     + (f"   memory {100 * max(mem):5.1f}%" if mem else ""))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphrl.calibrate",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="calibration jsonl (e.g. ../shared/calibration/"
-                                     "h100_hf_llama.jsonl)")
+    parser.add_argument("paths", nargs="+", metavar="FILE.jsonl",
+                        help="measurements to fit (e.g. ../shared/calibration/"
+                             "h100_hf_llama.jsonl benchmarks/data/h100_decode.jsonl)")
+    parser.add_argument("--check", action="append", default=[], metavar="FILE.jsonl",
+                        help="held-out measurements: predicted and compared, never fitted")
     parser.add_argument("--no-fit", action="store_true",
-                        help="only print the table for the constants stored in cost.py")
+                        help="use the constants stored in cost.py instead of fitting")
     args = parser.parse_args(argv)
     try:
-        cal = load(args.path)
+        cal = load_all(args.paths)
+        held_out = load_all(args.check) if args.check else None
     except (OSError, ValueError, KeyError) as e:
         print(f"python -m graphrl.calibrate: error: {e}", file=sys.stderr)
         return 2
@@ -286,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         print(constants_text(params))
         print()
     print(table_text(compare(cal, params)))
+    if held_out is not None:
+        print("\n# held out (not fitted)")
+        print(table_text(compare(held_out, params)))
     return 0
 
 

@@ -58,16 +58,6 @@ KORTHIKANTI_SCORE_BYTES = 5
 # Latency of one step of a ring / tree collective (NCCL small-message latency is a few
 # microseconds per hop on NVLink; Thakur, Rabenseifner & Gropp 2005 alpha-beta model).
 COLLECTIVE_STEP_LATENCY_S = 2e-6
-# Decode kernels run at 1.5-2x the HBM-bandwidth bound even in CUDA-graph engines of
-# the vLLM (Kwon et al. SOSP'23) / SGLang (Zheng et al. 2024) class: skinny GEMMs and
-# attention over the cache (shared/calibration/README.md: a naive captured step measured
-# 4x the bound, vLLM/SGLang-class engines are quoted at 1.5-2x). We take 1.75x for the
-# device side of a decode step in both engines (HF eager kernels are no faster); the
-# engines differ in the host side: HF pays the fitted eager per-layer overhead, a graph
-# engine a small per-step floor (scheduler, sampling, graph replay). Not fitted: no
-# measurement of such an engine is in the calibration file.
-DECODE_BW_SLOWDOWN = 1.75
-GRAPH_STEP_FLOOR_S = 0.5e-3
 
 # ---------------------------------------------------------------------------------------
 # Fitted constants. Obtained by `graphrl.calibrate.fit`: least squares over
@@ -76,25 +66,35 @@ GRAPH_STEP_FLOOR_S = 0.5e-3
 # SDPA), by a coordinate search from `calibrate.FIT_START`; the time constants on the run
 # times, then the memory constants on the peak memory of the train / generate / forward
 # runs; matmul_eff is capped by the measured matmul ceiling (741 TFLOP/s), hbm_eff is the
-# measured copy bandwidth. Refit (prints these lines and a predicted-vs-measured table):
-#     python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl
+# measured copy bandwidth. Refit (prints these lines and a predicted-vs-measured table,
+# then the held-out points of benchmarks/h100_check.py: 1B-7B, 4k tokens, never fitted):
+#     python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl \
+#         benchmarks/data/h100_decode.jsonl --check benchmarks/data/h100_heldout.jsonl
 # Efficiencies are fractions of the datasheet figures of `GPUType`, so they carry over to
 # other GPU kinds; host overheads are seconds (an eager PyTorch host of the H100 era).
 # ---------------------------------------------------------------------------------------
-FITTED_MATMUL_EFF = 0.4897         # bf16 matmuls: fraction of datasheet peak (485 TFLOP/s)
+FITTED_MATMUL_EFF = 0.4893         # bf16 matmuls: fraction of datasheet peak (484 TFLOP/s)
 FITTED_HBM_EFF = 0.8454            # hw record: 2832 GB/s measured copy / 3350 datasheet
-FITTED_TOKEN_LAYER_FLOPS = 5.325e7  # device work per token per layer beyond 2N (FLOP-equiv.;
+FITTED_TOKEN_LAYER_FLOPS = 5.384e7  # device work per token per layer beyond 2N (FLOP-equiv.;
                                     # 54 ns on an H100)
-FITTED_HOST_CALL_S = 0.4844e-3     # eager model call: embedding, masks, head, Python
-FITTED_HOST_LAYER_S = 0.7962e-3    # eager model call: per decoder layer (README: ~0.75 ms)
-FITTED_OVERLAP_EXP = 1.798         # p of the host/device p-norm
-FITTED_TRAIN_HOST_LAYER_S = 3.041e-3  # train step: per layer, forward + backward + optimizer
-FITTED_BWD_EFF_RATIO = 0.8913      # backward matmul efficiency relative to forward
+FITTED_HOST_CALL_S = 0.4846e-3     # eager model call: embedding, masks, head, Python
+FITTED_HOST_LAYER_S = 0.7894e-3    # eager model call: per decoder layer (README: ~0.75 ms)
+FITTED_OVERLAP_EXP = 1.808         # p of the host/device p-norm
+FITTED_TRAIN_HOST_LAYER_S = 3.044e-3  # train step: per layer, forward + backward + optimizer
+FITTED_BWD_EFF_RATIO = 0.8937      # backward matmul efficiency relative to forward
 FITTED_ACT_MEM_BYTES = 50.35       # train activations, bytes per token per hidden per layer
                                    # (Korthikanti's 34 for fp16; HF autocast keeps fp32 copies)
 FITTED_LOGIT_TRAIN_BYTES = 12.89   # train: bytes per logit (bf16 + fp32 loss copies + grads)
-FITTED_LOGIT_FWD_BYTES = 3.472     # forward peak: bytes per logit (bf16 + transient copies)
+FITTED_LOGIT_FWD_BYTES = 2.0       # forward peak: bytes per logit (the bf16 logits)
 FITTED_FWD_TRANSIENT_BYTES = 16.63  # inference peak: transient bytes per token per hidden
+# Decode step of a CUDA-graph-captured engine, fitted on the `decode` records of
+# benchmarks/data/h100_decode.jsonl (one H100; `python benchmarks/h100_check.py --measure`):
+# step = slowdown * (weights + KV cache) / HBM bandwidth + a floor per layer (a captured
+# graph still runs ~20 small kernels a layer back to back; Pope et al. 2022 §2 for the
+# bandwidth bound). Measured: 1.2-3.4x the bound, the floor dominating small steps; the
+# fit is within 8% of all nine steps (1B and 7B Llama, batch 1-256, context 512-4096).
+FITTED_DECODE_BW_SLOWDOWN = 1.028  # decode kernels: time over the HBM-bandwidth bound
+FITTED_GRAPH_LAYER_S = 0.0999e-3   # captured decode step: seconds per layer
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ class CostParams:
     logit_train_bytes: float = FITTED_LOGIT_TRAIN_BYTES
     logit_fwd_bytes: float = FITTED_LOGIT_FWD_BYTES
     fwd_transient_bytes: float = FITTED_FWD_TRANSIENT_BYTES
+    decode_bw_slowdown: float = FITTED_DECODE_BW_SLOWDOWN
+    graph_layer_s: float = FITTED_GRAPH_LAYER_S
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -446,16 +448,18 @@ def generate_breakdown(spec: ModelSpec, batch: int, prompt_len: int, new_tokens:
     step_comm = (_tp_comm(spec, b, sp.layers, 2, strategy, tp_bw)
                  + _pp_p2p(spec, b, strategy, pp_bw))
     bound = nbytes / hbm_bw
-    step_device = max(DECODE_BW_SLOWDOWN * bound, compute) + step_comm
+    # The per-layer floor is device time (small kernels run back to back), in both engines.
+    floor = params.graph_layer_s * sp.layers
+    step_device = max(params.decode_bw_slowdown * bound, compute) + floor + step_comm
     if engine == "hf":
         # A decode step is one eager model call (sampling etc. fitted as negligible).
         host = params.host_call_s + params.host_layer_s * sp.layers
         step_stage = smooth_max(host, step_device, params.overlap_exp)
         prefill_stage = smooth_max(host, pre_device, params.overlap_exp)
-    else:
-        host = GRAPH_STEP_FLOOR_S
-        step_stage = max(host, step_device)
-        prefill_stage = max(host, pre_device)
+    else:   # one graph replay a step: no host term beyond the device's own floor
+        host = 0.0
+        step_stage = step_device
+        prefill_stage = pre_device
     # Pipeline stages process a token in turn; micro-batches fill them (at most pp busy).
     slots = max(sp.micro_batches, strategy.pp)
     prefill = _pipeline(prefill_stage, strategy, sp.micro_batches)
@@ -518,14 +522,18 @@ def _weights_per_gpu(spec: ModelSpec, strategy: Strategy) -> float:
 
 
 def forward_memory(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = Strategy(), *,
-                   params: CostParams = CALIBRATED) -> int:
+                   params: CostParams = CALIBRATED, kv_cache: bool = False) -> int:
     """Weights (bf16) + the returned logits with the head's transient copies
-    (`logit_fwd_bytes` per logit, fitted) + one layer's transient activations."""
+    (`logit_fwd_bytes` per logit, fitted) + one layer's transient activations, + with
+    `kv_cache` the KV cache of every token, which Hugging Face models build in a plain
+    `model(ids)` call (use_cache defaults to True; the calibration protocol measured it,
+    graphrl's engines pass use_cache=False)."""
     sp = _split(spec, batch, strategy)
     tokens = sp.per_micro * seq
     logits = tokens * _head_width(spec) / strategy.tp * params.logit_fwd_bytes
     transient = params.fwd_transient_bytes * tokens * spec.hidden_size / strategy.tp
-    return int(_weights_per_gpu(spec, strategy) + logits + transient)
+    kv = kv_cache_bytes(spec, sp.per_micro, seq, strategy.tp, strategy.pp) if kv_cache else 0
+    return int(_weights_per_gpu(spec, strategy) + logits + transient + kv)
 
 
 def generate_memory(spec: ModelSpec, batch: int, prompt_len: int, new_tokens: int,
@@ -547,13 +555,15 @@ def generate_memory(spec: ModelSpec, batch: int, prompt_len: int, new_tokens: in
 def estimate(spec: ModelSpec, phase: str, batch: int, seq: int,
              strategy: Strategy = Strategy(), gpu: GPUType = H100_80G, new_tokens: int = 0,
              engine: str = "hf", *, params: CostParams = CALIBRATED,
-             gpus_per_node: int = 8) -> CallCost:
+             gpus_per_node: int = 8, forward_kv_cache: bool = False) -> CallCost:
     """Seconds and peak bytes per GPU of one call. For "generate", `seq` is the prompt
-    length and `new_tokens` the tokens generated per sequence."""
+    length and `new_tokens` the tokens generated per sequence. `forward_kv_cache`: the
+    forward builds a KV cache (a plain HF `model(ids)` call; see forward_memory)."""
     if phase == "forward":
         terms = forward_breakdown(spec, batch, seq, strategy, gpu, params=params,
                                   gpus_per_node=gpus_per_node)
-        mem = forward_memory(spec, batch, seq, strategy, params=params)
+        mem = forward_memory(spec, batch, seq, strategy, params=params,
+                             kv_cache=forward_kv_cache)
     elif phase == "train":
         terms = train_breakdown(spec, batch, seq, strategy, gpu, params=params,
                                 gpus_per_node=gpus_per_node)

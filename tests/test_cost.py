@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from graphrl import cost
-from graphrl.calibrate import compare, fit, load, main as calibrate_main, table_text
+from graphrl.calibrate import (compare, fit, load, load_all, main as calibrate_main,
+                               table_text)
 from graphrl.cluster import A100_80G, CPU, GiB, H100_80G, H200
 from graphrl.cost import (CALIBRATED, CallCost, CostParams, allgather_time, allreduce_time,
                           estimate, forward_flops, forward_memory, forward_time,
@@ -25,7 +26,12 @@ CALIBRATION = TESTS / "data" / "h100_hf_llama.jsonl"
 # The original lives in the shared folder beside the repository (<repo>/../shared).
 SHARED_CALIBRATION = TESTS.parents[1] / "shared" / "calibration" / "h100_hf_llama.jsonl"
 
-CAL = load(CALIBRATION)
+# Measured on an H100 by benchmarks/h100_check.py: graph-captured decode steps (fitted)
+# and held-out HF runs of larger models and longer sequences (never fitted).
+DECODE = TESTS.parent / "benchmarks" / "data" / "h100_decode.jsonl"
+HELD_OUT = TESTS.parent / "benchmarks" / "data" / "h100_heldout.jsonl"
+
+CAL = load_all([CALIBRATION, DECODE])
 TIME_TOLERANCE = 0.25
 MEMORY_TOLERANCE = 0.25
 
@@ -39,10 +45,14 @@ def test_copy_matches_shared_calibration():
 
 
 def test_calibration_file_loads():
-    assert {name for name, _ in CAL.models} == {"llama-125m", "llama-350m", "llama-1b"}
-    assert {p.phase for p in CAL.runs} == {"forward", "generate", "train"}
-    assert len(CAL.runs) == 21
-    assert CAL.matmul_tflops == pytest.approx(741.39, rel=1e-3)
+    cal = load(CALIBRATION)
+    assert {name for name, _ in cal.models} == {"llama-125m", "llama-350m", "llama-1b"}
+    assert {p.phase for p in cal.runs} == {"forward", "generate", "train"}
+    assert len(cal.runs) == 21 and not cal.decodes
+    assert cal.matmul_tflops == pytest.approx(741.39, rel=1e-3)
+    assert len(CAL.decodes) == 9 and {d.model for d in CAL.decodes} == {"llama-1b", "llama-7b"}
+    # merged files keep the first file's hardware ceilings
+    assert CAL.matmul_tflops == cal.matmul_tflops
 
 
 ROWS = compare(CAL)
@@ -57,7 +67,10 @@ def test_every_calibration_run_time_within_25_percent(row):
         f"{CALIBRATION}`")
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.point.label() for r in ROWS])
+MEMORY_ROWS = [r for r in ROWS if r.memory_error is not None]
+
+
+@pytest.mark.parametrize("row", MEMORY_ROWS, ids=[r.point.label() for r in MEMORY_ROWS])
 def test_every_calibration_run_peak_memory_within_25_percent(row):
     assert abs(row.memory_error) <= MEMORY_TOLERANCE, (
         f"{row.point.label()}: predicted {row.predicted_bytes / GiB:.2f} GiB, measured "
@@ -72,17 +85,37 @@ def test_stored_constants_are_what_the_fit_prints():
             f"{getattr(fitted, name):.4g}: paste the printed constants into cost.py")
 
 
+HELD_OUT_ROWS = compare(load(HELD_OUT))
+
+
+@pytest.mark.parametrize("row", HELD_OUT_ROWS, ids=[r.point.label() for r in HELD_OUT_ROWS])
+def test_held_out_runs(row):
+    """Points the constants never saw (3B and 7B models, 4k tokens, 256 new tokens): time
+    and memory within 25%, except HF generate's time, which the model underpredicts by
+    up to 36% for the 3B/7B models (docs/cost_model_check.md); held to 40% so that the
+    gap cannot grow unnoticed."""
+    limit = 0.40 if row.point.phase == "generate" else TIME_TOLERANCE
+    assert abs(row.time_error) <= limit, f"{row.point.label()}: {100 * row.time_error:+.1f}%"
+    assert abs(row.memory_error) <= MEMORY_TOLERANCE, (
+        f"{row.point.label()}: memory {100 * row.memory_error:+.1f}%")
+
+
 def test_calibrate_cli_prints_constants_and_table(capsys):
-    assert calibrate_main([str(CALIBRATION), "--no-fit"]) == 0
+    assert calibrate_main([str(CALIBRATION), str(DECODE), "--check", str(HELD_OUT),
+                           "--no-fit"]) == 0
     out = capsys.readouterr().out
     assert "llama-1b train 8x1024" in out and "worst forward" in out
+    assert "llama-7b decode b64 ctx1024" in out and "worst decode" in out
+    held = out.split("# held out")[1]
+    assert "llama-7b forward 16x512" in held and "llama-1b train 8x1024" not in held
     assert calibrate_main([str(TESTS / "data" / "missing.jsonl")]) == 2
     assert "error" in capsys.readouterr().err
 
 
 def test_table_text_has_a_row_per_run():
     text = table_text(ROWS)
-    assert len([ln for ln in text.splitlines() if ln.startswith("llama-")]) == len(CAL.runs)
+    assert (len([ln for ln in text.splitlines() if ln.startswith("llama-")])
+            == len(CAL.runs) + len(CAL.decodes))
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +308,7 @@ def test_zero_stages_shrink_memory(spec, dp, batch, seq):
 def test_graph_engine_never_slower_than_hf(spec, strategy, gpu, batch, prompt, new):
     hf = generate_time(spec, batch, prompt, new, strategy, gpu, "hf")
     graph = generate_time(spec, batch, prompt, new, strategy, gpu, "graph")
-    assert graph <= hf * 1.0001 + cost.GRAPH_STEP_FLOOR_S * new
+    assert graph <= hf * 1.0001
 
 
 @settings(max_examples=100, deadline=None)

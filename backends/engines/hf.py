@@ -103,7 +103,7 @@ class HFEngine:
         """The head quantity of this model for each sequence, with gradients if enabled."""
         head = self.decl.spec.head
         if head == "lm":
-            logits = self.module(input_ids=tokens).logits.float()
+            logits = self.module(input_ids=tokens, use_cache=False).logits.float()
             lp = torch.log_softmax(logits[:, :-1], dim=-1)
             picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             return F.pad(picked, (1, 0))
