@@ -7,6 +7,7 @@ rank order (dp, pp, tp) with tp fastest, as Megatron-LM orders its groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,11 @@ class DeviceMesh:
         return cls(tuple(range(start, start + count)))
 
     def overlaps(self, other: "DeviceMesh") -> bool:
-        return bool(set(self.gpus) & set(other.gpus))
+        return not self.gpu_set.isdisjoint(other.gpu_set)
+
+    @cached_property
+    def gpu_set(self) -> frozenset[int]:
+        return frozenset(self.gpus)
 
     def text(self) -> str:
         """`0-7` for a contiguous range, else `0,2,4`."""

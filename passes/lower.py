@@ -7,8 +7,8 @@ Rules:
   the run; weights never move as data, only through reshard gangs;
 - on GPUs where colocated models do not fit together (choose-overlap), each call onloads
   its model before and offloads it after;
-- with streaming (k micro-batches), the generate run and the runs of consumers on other
-  meshes are split into k parts, part i of a consumer after part i of the rollouts;
+- with streaming (k micro-batches), the generate run and the runs of forward calls on
+  other meshes are split into k parts, part i of a consumer after part i of the rollouts;
 - a value is freed on a worker after its last use there;
 - instructions are emitted in the order of the search's schedule: each run (part) at its
   predicted start, each transfer as soon as its value (part) is ready there. A send and
@@ -58,9 +58,9 @@ class _Lowering:
             for gpu in (s.mesh.gpus if s.mesh is not None else ()):
                 self.runs.setdefault(gpu, []).append((s.start, s.end))
         self.gens = {n.name for n in graph.nodes if n.target == "generate"}
-        self.streamed = {
+        self.streamed = {   # inference readers only: training takes the whole batch
             n.name for n in graph.nodes
-            if self.stream > 1 and n.placement is not None and any(
+            if self.stream > 1 and n.target == "forward" and any(
                 i in producers and producers[i].name in self.gens
                 and not producers[i].placement.mesh.overlaps(n.placement.mesh)
                 for i in n.inputs)}

@@ -16,8 +16,8 @@ unit -> mesh assignment by list scheduling the step's nodes:
 - the policy's new weights move from the training layout to the generation layout at
   the start of the step: the bytes on the busiest link over its bandwidth, with
   zero-redundancy grouping when both share GPUs (HybridFlow §5.4);
-- with streaming k > 1, downstream calls on meshes disjoint from the generator's start
-  when the first of k micro-batches of rollouts is ready.
+- with streaming k > 1, forward calls on meshes disjoint from the generator's start when
+  the first of k micro-batches of rollouts is ready (training waits for the whole batch).
 """
 from __future__ import annotations
 
@@ -213,6 +213,11 @@ class Problem:
             raise Infeasible("a call", 0, 0, self.capacity)
         return ev
 
+    @property
+    def evaluations(self) -> int:
+        """Distinct (placement, streaming) pairs evaluated so far."""
+        return len(self._cache)
+
     def try_evaluate(self, assignment: Mapping[str, DeviceMesh],
                      stream: int = 1) -> Evaluation | None:
         try:
@@ -241,7 +246,7 @@ class Problem:
                 swap = 2 * resident[c.unit] / self.cluster.gpu.host_bw
             dur = ch.seconds + swap
             streamed = [done[d] for d in c.deps if d in gen_names and stream > 1
-                        and not done[d].mesh.overlaps(mesh)]
+                        and c.phase == "forward" and not done[d].mesh.overlaps(mesh)]
             if streamed:
                 gen = streamed[0]
                 first = gen.start + (gen.end - gen.start) / stream
