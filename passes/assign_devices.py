@@ -15,8 +15,8 @@ from graphrl.graph import CALL, Graph, Node, Placement
 from graphrl.parallel import DeviceMesh
 
 from .base import PassContext
-from .policies import POLICIES, run_policy, smallest_cluster
-from .search import CallInfo, Infeasible, Pin, Problem
+from .policies import POLICIES, auto_finalists, hardest_call, run_policy, smallest_cluster
+from .search import CallInfo, Evaluation, Infeasible, Pin, Problem
 
 PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches")
 
@@ -148,11 +148,46 @@ class AssignDevices:
                                      f" (pinned to GPUs {pin.mesh.text()} with "
                                      f"{dict(pin.fields) or 'no strategy fields'})")
         try:
-            ev = run_policy(problem, self.policy)
+            if self.policy == "auto":
+                ev = _fastest_lowered(graph, problem, ctx, auto_finalists(problem))
+            else:
+                ev = run_policy(problem, self.policy)
         except Infeasible as e:
             raise infeasible_error(problem, e, self.policy) from None
         ctx.findings.update(problem=problem, evaluation=ev, policy=self.policy)
-        placed = {s.name: s for s in ev.schedule if s.choice is not None}
-        nodes = [replace(n, placement=Placement(placed[n.name].mesh, placed[n.name].choice.strategy))
-                 if n.name in placed else n for n in graph.nodes]
-        return graph.with_nodes(nodes)
+        return placed_graph(graph, ev)
+
+
+def placed_graph(graph: Graph, ev: Evaluation) -> Graph:
+    """The graph with each call node annotated with its mesh and strategy from `ev`."""
+    placed = {s.name: s for s in ev.schedule if s.choice is not None}
+    return graph.with_nodes(
+        replace(n, placement=Placement(placed[n.name].mesh, placed[n.name].choice.strategy))
+        if n.name in placed else n for n in graph.nodes)
+
+
+def _fastest_lowered(graph: Graph, problem: Problem, ctx: PassContext,
+                     finalists: list[Evaluation]) -> Evaluation:
+    """The finalist whose lowered plan simulates fastest (the first on ties). The search
+    estimates each placement; lowering adds what it leaves out (exact reshard plans,
+    onload/offload order, streamed transfers), which can reorder close finalists."""
+    from .choose_overlap import ChooseOverlap
+    from .insert_reshard import InsertReshard
+    from .lower import lower
+
+    if not finalists:
+        raise hardest_call(problem)
+    if len(finalists) == 1:
+        return finalists[0]
+
+    def seconds(ev: Evaluation) -> float:
+        scratch = PassContext(ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins, check=False,
+                              findings={"problem": problem, "evaluation": ev,
+                                        "policy": "auto"})
+        g = placed_graph(graph, ev)
+        for p in (ChooseOverlap(), InsertReshard()):
+            g = p.run(g, scratch)
+        return lower(g, scratch).predicted_step_seconds
+
+    times = [seconds(ev) for ev in finalists]
+    return finalists[times.index(min(times))]

@@ -103,6 +103,7 @@ class Infeasible(Exception):
                          f"{have_bytes / 2**30:.1f} GiB")
 
 
+@lru_cache(maxsize=4096)
 def _index(mesh: DeviceMesh) -> slice | list[int]:
     """numpy index of a mesh's GPUs: a slice for a contiguous range."""
     g = mesh.gpus
@@ -137,6 +138,11 @@ def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
                     yield Strategy(dp, tp, pp, mb, zero)
 
 
+# Shares of a colocated GPU group's room that leaner strategies may keep resident, tried
+# in turn when the fastest strategies overflow it (evenly split among its models).
+LEAN_SHARES = (1.0, 0.7)
+
+
 class Problem:
     """The step's calls on a cluster; caches per-call strategy choices by mesh size."""
 
@@ -153,6 +159,7 @@ class Problem:
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self.capacity = cluster.gpu.memory_bytes
         self._choice = lru_cache(maxsize=None)(self._best_choice)
+        self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
 
     # -- strategies -----------------------------------------------------------------------
@@ -167,10 +174,12 @@ class Problem:
             resident = int(spec.weight_bytes / (s.tp * s.pp))
         return Choice(s, cc.seconds * c.repeats, cc.peak_memory_bytes, resident)
 
-    def _best_choice(self, name: str, n: int) -> Choice | Infeasible:
+    def _options(self, name: str, n: int) -> tuple[tuple[Choice, ...], int]:
+        """Every strategy on n GPUs that fits a GPU (and the pins), fastest first; and the
+        least peak bytes of any strategy (what an infeasible call would need)."""
         c = self.by_name[name]
         pinned = dict(self.pins[c.call].fields) if c.call in self.pins else {}
-        best: Choice | None = None
+        fitting: list[Choice] = []
         least = math.inf
         for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
                                       self.cluster.gpus_per_node):
@@ -178,14 +187,22 @@ class Problem:
                 continue
             ch = self.cost(c, s)
             least = min(least, ch.peak_bytes)
-            if ch.peak_bytes <= self.capacity and (best is None or ch.seconds < best.seconds):
-                best = ch
+            if ch.peak_bytes <= self.capacity:
+                fitting.append(ch)
+        fitting.sort(key=lambda ch: ch.seconds)   # stable: ties keep enumeration order
+        return tuple(fitting), int(least) if least < math.inf else 0
+
+    def _best_choice(self, name: str, n: int, budget: float = math.inf) -> Choice | Infeasible:
+        """The fastest strategy on n GPUs that fits a GPU and keeps at most `budget` bytes
+        resident on each between calls."""
+        fitting, least = self._all_options(name, n)
+        best = next((ch for ch in fitting if ch.resident_bytes <= budget), None)
         if best is None:
-            return Infeasible(c.call, n, int(least) if least < math.inf else 0, self.capacity)
+            return Infeasible(self.by_name[name].call, n, least, self.capacity)
         return best
 
-    def choice(self, name: str, n: int) -> Choice:
-        ch = self._choice(name, n)
+    def choice(self, name: str, n: int, budget: float = math.inf) -> Choice:
+        ch = self._choice(name, n, budget)
         if isinstance(ch, Infeasible):
             raise ch
         return ch
@@ -226,7 +243,53 @@ class Problem:
             return None
 
     def _evaluate(self, assign: dict[str, DeviceMesh], stream: int) -> Evaluation:
-        choices = {c.name: self.choice(c.name, assign[c.unit].size)
+        """The faster of: each call's fastest strategy (offloading where colocated models
+        overflow a GPU), and leaner strategies (more tensor/pipeline sharding, ZeRO) that
+        keep what stays resident within a share of the GPU, so that colocated models fit
+        together and nothing is offloaded (ReaLHF, Mei et al. 2024, §3: each call gets its
+        own parallel layout; verl shards colocated models for the same reason)."""
+        ev = self._schedule(assign, stream, {})
+        for share in LEAN_SHARES:
+            if not ev.offloaded_gpus:
+                break
+            budgets = self._lean_budgets(assign, ev, share)
+            try:
+                lean = self._schedule(assign, stream, budgets)
+            except Infeasible:
+                continue
+            if lean.step_seconds < ev.step_seconds:
+                ev = lean
+        return ev
+
+    def _lean_budgets(self, assign: dict[str, DeviceMesh], ev: Evaluation,
+                      share: float) -> dict[str, float]:
+        """Resident bytes per GPU allowed to each unit on overflowing GPUs: `share` of the
+        room its GPU group leaves after the largest transient, split evenly among the
+        units that keep state there (whole GiB, so that choices stay cached)."""
+        resident = dict(ev.resident)
+        transient: dict[str, int] = {}   # unit -> its largest call's working memory
+        for sc in ev.schedule:
+            if sc.choice is not None:
+                u = self.by_name[sc.name].unit
+                transient[u] = max(transient.get(u, 0), sc.choice.peak_bytes - resident[u])
+        keeping = [u for u in assign if resident[u] > 0]
+        mask = np.zeros(self.cluster.num_gpus, dtype=np.int64)
+        for i, u in enumerate(keeping):
+            mask[_index(assign[u])] |= 1 << i
+        budgets: dict[str, float] = {}
+        for m in np.unique(mask[list(ev.offloaded_gpus)]):
+            present = [u for i, u in enumerate(keeping) if int(m) >> i & 1]
+            if len(present) < 2:
+                continue
+            room = (self.capacity - max(transient[u] for u in present)) * share / len(present)
+            for u in present:
+                budgets[u] = min(budgets.get(u, math.inf), float(int(room) >> 30 << 30))
+        return budgets
+
+    def _schedule(self, assign: dict[str, DeviceMesh], stream: int,
+                  budgets: Mapping[str, float]) -> Evaluation:
+        choices = {c.name: self.choice(c.name, assign[c.unit].size,
+                                       budgets.get(c.unit, math.inf))
                    for c in self.calls if c.phase != "op"}
         resident = self._resident(assign, choices)
         offloaded = self._offloaded_gpus(assign, resident, choices)
@@ -285,15 +348,18 @@ class Problem:
         mask = np.zeros(self.cluster.num_gpus, dtype=np.int64)
         for i, u in enumerate(units):
             mask[_index(assign[u])] |= 1 << i
+        transient: dict[str, int] = {}   # unit -> its largest call's working memory
+        for c in self.calls:
+            if c.phase != "op":
+                transient[c.unit] = max(transient.get(c.unit, 0),
+                                        choices[c.name].peak_bytes - resident[c.unit])
         over = set()
         for m in np.unique(mask):
             present = [u for i, u in enumerate(units) if int(m) >> i & 1]
             if len(present) < 2:
                 continue
             states = sum(resident[u] for u in present)
-            transient = max(choices[c.name].peak_bytes - resident[c.unit]
-                            for c in self.calls if c.unit in present and c.phase != "op")
-            if states + transient > self.capacity:
+            if states + max(transient[u] for u in present) > self.capacity:
                 over.update(int(g) for g in np.flatnonzero(mask == m))
         return over
 
