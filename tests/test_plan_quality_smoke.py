@@ -38,6 +38,12 @@ def test_quick_suite_auto_never_worse_and_report_has_table(plan_quality, tmp_pat
                     (r.case.name, b, r.auto.step_seconds, other.step_seconds)
                 assert r.speedup(b) >= 1 - plan_quality.TIE
         assert r.auto.compile_wall > 0
+        # the lower bound holds for every policy's placement (in the search's own model)
+        assert r.bound is not None and 0 < r.bound <= r.auto.search_seconds * (1 + 1e-9)
+        for b in plan_quality.BASELINES:
+            if r.results[b].status == "ok":
+                assert r.bound <= r.results[b].search_seconds * (1 + 1e-9), (r.case.name, b)
+    assert summary["ceiling"] >= summary["per_baseline"]["colocate-all"]["geomean"] * 0.99
 
     text = out.read_text()
     header = "| case | " + " | ".join(f"{p} s" for p in plan_quality.POLICY_NAMES)

@@ -236,3 +236,34 @@ def test_placement_of_generation_reuses_training_gpus_only_when_shared():
     assert generation_placement(train, apart) == apart
     same = generation_placement(train, Placement(DeviceMesh.range(0, 8), Strategy(dp=4, tp=2)))
     assert set(same.mesh.gpus) == set(range(8)) and same.strategy == Strategy(dp=4, tp=2)
+
+
+# -- the lower bound --------------------------------------------------------------------
+@pytest.mark.parametrize("example, cluster", [("grpo", "1x4xH100"), ("ppo", "2x2xH100")])
+def test_lower_bound_is_below_the_optimum_and_not_trivial(example, cluster):
+    from graphrl.passes.bound import step_lower_bound
+
+    graph = planning_graph(example, "7b", 512, 512, 64)
+    problem = problem_from_graph(graph, PassContext(ClusterSpec.parse(cluster),
+                                                    gen_engine="graph"))
+    bound = step_lower_bound(problem)
+    best = policies.brute_force(problem).step_seconds
+    assert bound is not None and bound <= best
+    # generation alone at its best is part of it: the bound is more than half the optimum
+    assert bound > 0.5 * best
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from(["ppo", "grpo"]), st.sampled_from(["7b", "13b"]),
+       st.sampled_from(["1x8xH100", "2x8xH100", "4x8xA100"]))
+def test_no_policy_beats_the_lower_bound(example, size, cluster):
+    from graphrl.passes.bound import step_lower_bound
+
+    graph = planning_graph(example, size, 512, 512, 64)
+    problem = problem_from_graph(graph, PassContext(ClusterSpec.parse(cluster),
+                                                    gen_engine="graph"))
+    bound = step_lower_bound(problem)
+    for name, policy in policies.POLICIES.items():
+        ev = policy(problem)
+        if ev is not None:
+            assert bound <= ev.step_seconds * (1 + 1e-9), name

@@ -1,0 +1,71 @@
+"""A lower bound on the step time of any placement of a problem (search.py's model).
+
+No placement of a synchronous RL step can be faster than
+
+    generation  +  training
+
+where *generation* is the fastest any generate call can run on any mesh the cluster offers
+(every later call needs its rollouts: forwards may start on a first streamed micro-batch,
+but training needs advantages of the whole batch), and *training* is the fastest the train
+calls can run together after it: one alone at its best mesh size; two either one after the
+other (each at its best) or side by side on disjoint meshes that share the cluster; more
+than two no faster than their least total GPU-seconds spread over the whole cluster.
+Forward passes, resharding and offloading count as zero, and each call is costed alone
+(its fastest strategy, memory aside from fitting), so the bound is optimistic everywhere:
+a placement policy's speedup over another can never exceed that one's step over the bound.
+benchmarks/plan_quality.py reports it per case.
+"""
+from __future__ import annotations
+
+import math
+
+from .policies import mesh_sizes
+from .search import CallInfo, Problem
+
+
+def _fastest(problem: Problem, c: CallInfo, at_most: int) -> float:
+    return min((problem.choice(c.name, n).seconds for n in mesh_sizes(problem)
+                if n <= at_most and problem.fits(c.name, n)), default=math.inf)
+
+
+def _gpu_seconds(problem: Problem, c: CallInfo) -> float:
+    return min((n * problem.choice(c.name, n).seconds for n in mesh_sizes(problem)
+                if problem.fits(c.name, n)), default=math.inf)
+
+
+def _depends_on(problem: Problem, call: CallInfo, target: str) -> bool:
+    seen, todo = set(), list(call.deps)
+    while todo:
+        d = todo.pop()
+        if d == target:
+            return True
+        if d not in seen:
+            seen.add(d)
+            todo.extend(problem.by_name[d].deps)
+    return False
+
+
+def step_lower_bound(problem: Problem) -> float | None:
+    """Seconds no placement's step can beat (see module doc); None when the step has no
+    generate call, or a train call that does not need every rollout."""
+    n = problem.cluster.num_gpus
+    gens = [c for c in problem.calls if c.phase == "generate"]
+    trains = [c for c in problem.calls if c.phase == "train"]
+    if not gens or not all(_depends_on(problem, t, g.name) for t in trains for g in gens):
+        return None
+    generation = max(_fastest(problem, g, n) for g in gens)
+    if not trains:
+        training = 0.0
+    elif len(trains) == 1:
+        training = _fastest(problem, trains[0], n)
+    elif len(trains) == 2:
+        a, b = trains
+        serial = _fastest(problem, a, n) + _fastest(problem, b, n)
+        side_by_side = min((max(_fastest(problem, a, k), _fastest(problem, b, n - k))
+                            for k in mesh_sizes(problem) if k < n), default=math.inf)
+        training = min(serial, side_by_side)
+    else:
+        training = max(max(_fastest(problem, t, n) for t in trains),
+                       sum(_gpu_seconds(problem, t) for t in trains) / n)
+    total = generation + training
+    return None if math.isinf(total) else total
