@@ -164,6 +164,14 @@ def _wait(work: Any, what: str, timeout_s: float) -> None:
                            f"{type(e).__name__}: {e}") from e
 
 
+def _post(start: Callable[[], Any], what: str) -> Any:
+    """Start a point-to-point op; a peer already gone fails here, named like _wait."""
+    try:
+        return start()
+    except Exception as e:
+        raise ReshardError(f"{what} failed: {type(e).__name__}: {e}") from e
+
+
 @torch.no_grad()
 def execute_plan(plan: AnyPlan, gpu: int, src: Locals, dst: Locals, *,
                  group: Any = None, rank_of: Optional[Callable[[int], int]] = None,
@@ -207,8 +215,9 @@ def execute_plan(plan: AnyPlan, gpu: int, src: Locals, dst: Locals, *,
         for peer in sorted(incoming):
             n = sum(region_size(t.boxes) for _, t in incoming[peer])
             buf = torch.empty(n, dtype=wire_dtype, device=_device_of(dst))
-            works.append((dist.irecv(buf, src=rank(peer), group=group),
-                          f"bucket {bi}: GPU {gpu} receiving from GPU {peer}"))
+            what = f"bucket {bi}: GPU {gpu} receiving from GPU {peer}"
+            works.append((_post(lambda: dist.irecv(buf, src=rank(peer), group=group), what),
+                          what))
             recv_bufs.append((peer, buf))
             recv_from[peer] += buf.numel() * itemsize
             n_recv += 1
@@ -217,8 +226,9 @@ def execute_plan(plan: AnyPlan, gpu: int, src: Locals, dst: Locals, *,
             payload = torch.cat([pack(items[name].src, gpu, src[name], t.boxes, wire_dtype)
                                  for name, t in outgoing[peer]])
             send_bufs.append(payload)
-            works.append((dist.isend(payload, dst=rank(peer), group=group),
-                          f"bucket {bi}: GPU {gpu} sending to GPU {peer}"))
+            what = f"bucket {bi}: GPU {gpu} sending to GPU {peer}"
+            works.append((_post(lambda: dist.isend(payload, dst=rank(peer), group=group),
+                                what), what))
             sent_to[peer] += payload.numel() * payload.element_size()
             n_sent += 1
         deadline = time.monotonic() + timeout_s
