@@ -307,13 +307,65 @@ def measure(folder: Path, device: str = "cuda", runs=RUNS, decode=DECODE,
         _measure_runs(out, torch, runs, models, device)
 
 
+def explain_generate(path: Path, device: str = "cuda", cases=(("llama-3b", 16, 256, 64),
+                     ("llama-7b", 16, 128, 64), ("llama-1b", 64, 128, 64)),
+                     models: dict = MODELS) -> None:
+    """Where an eager HF decode step's time goes: for each (model, batch, prompt, steps),
+    seconds per token step of `generate`, of a plain loop of cached model calls, and the
+    profiler's device-busy time (sum of kernel durations) per step of that loop. Writes
+    `explain` records to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with open(path, "w") as out:
+        for name, batch, prompt, steps in cases:
+            model = _hf_model(models[name], torch, torch.bfloat16, device).eval()
+            ids = torch.randint(1, VOCAB, (batch, prompt), device=device)
+            gen_fn = _phase_fn(model, "generate", ids, steps, torch, device)
+            gen_times, _ = _timed(gen_fn, torch)
+
+            @torch.no_grad()
+            def loop(n=steps):
+                out_ = model(input_ids=ids, use_cache=True)
+                cache, tok = out_.past_key_values, out_.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(n - 1):
+                    out_ = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    cache, tok = out_.past_key_values, out_.logits[:, -1].argmax(-1,
+                                                                                keepdim=True)
+            loop_times, _ = _timed(loop, torch)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                                  if device != "cpu" else [])
+            with profile(activities=activities) as prof:
+                loop()
+                if device != "cpu":
+                    torch.cuda.synchronize()
+            busy_us = sum(e.device_time_total for e in prof.key_averages()
+                          if e.device_type.name == "CUDA")
+            kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+            _emit(out, {"kind": "explain", "model": name, "batch": batch, "prompt": prompt,
+                        "steps": steps,
+                        "generate_s_step": statistics.median(gen_times) / steps,
+                        "loop_s_step": statistics.median(loop_times) / steps,
+                        "device_busy_s_step": busy_us / 1e6 / steps,
+                        "kernels_per_step": kernels / steps})
+            del model
+            if device != "cpu":
+                torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measure", type=Path, metavar="DIR", required=True,
-                        help="measure on this machine's CUDA GPU; write DIR/h100_decode.jsonl "
-                             "and DIR/h100_heldout.jsonl")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--measure", type=Path, metavar="DIR",
+                      help="measure on this machine's CUDA GPU; write DIR/h100_decode.jsonl "
+                           "and DIR/h100_heldout.jsonl")
+    mode.add_argument("--explain-generate", type=Path, metavar="FILE.jsonl",
+                      help="split eager HF decode steps into generate() overhead, model "
+                           "calls and device-busy time")
     args = parser.parse_args(argv)
-    measure(args.measure)
+    if args.measure:
+        measure(args.measure)
+    else:
+        explain_generate(args.explain_generate)
     return 0
 
 

@@ -91,9 +91,10 @@ HELD_OUT_ROWS = compare(load(HELD_OUT))
 @pytest.mark.parametrize("row", HELD_OUT_ROWS, ids=[r.point.label() for r in HELD_OUT_ROWS])
 def test_held_out_runs(row):
     """Points the constants never saw (3B and 7B models, 4k tokens, 256 new tokens): time
-    and memory within 25%, except HF generate's time, which the model underpredicts by
-    up to 36% for the 3B/7B models (docs/cost_model_check.md); held to 40% so that the
-    gap cannot grow unnoticed."""
+    and memory within 25%, except eager HF generate's time, which is host-bound and was up
+    to 36% slower than predicted on this run's machine (within 6% on another machine of
+    the same kind: docs/cost_model_check.md); held to 40% so that the gap cannot grow
+    unnoticed."""
     limit = 0.40 if row.point.phase == "generate" else TIME_TOLERANCE
     assert abs(row.time_error) <= limit, f"{row.point.label()}: {100 * row.time_error:+.1f}%"
     assert abs(row.memory_error) <= MEMORY_TOLERANCE, (

@@ -47,3 +47,13 @@ def test_measured_files_in_benchmarks_data_load():
     held = load(data / "h100_heldout.jsonl")
     assert len(decode.decodes) == 9 and not decode.runs
     assert {p.model for p in held.runs} == {"llama-1b", "llama-3b", "llama-7b"}
+
+
+def test_explain_generate_on_cpu(tmp_path):
+    h = _script()
+    out = tmp_path / "explain.jsonl"
+    h.explain_generate(out, device="cpu", cases=(("tiny", 2, 8, 4),), models=TINY)
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["kind"] == "explain" and rec["steps"] == 4
+    assert rec["generate_s_step"] > 0 and rec["loop_s_step"] > 0
+    assert rec["device_busy_s_step"] == 0       # no CUDA kernels on CPU
