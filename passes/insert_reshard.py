@@ -55,12 +55,13 @@ class ReshardTraffic:
         return dict(self.sent).get(gpu, 0)
 
 
-def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraffic:
+def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement,
+                 exact: bool = True) -> ReshardTraffic:
     """Per-GPU traffic of the full transfer plan. Decoder layers of one model have the
     same shapes and, without pipeline stages, the same layouts: the plan of one layer is
     computed and scaled by the layer count (exact for pp == 1). Beyond
-    EXACT_PLAN_MAX_GPUS GPUs, the closed form of analytic_traffic."""
-    if len(set(src.mesh.gpus) | set(dst.mesh.gpus)) > EXACT_PLAN_MAX_GPUS:
+    EXACT_PLAN_MAX_GPUS GPUs, or without `exact`, the closed form of analytic_traffic."""
+    if not exact or len(set(src.mesh.gpus) | set(dst.mesh.gpus)) > EXACT_PLAN_MAX_GPUS:
         return analytic_traffic(spec, src, dst)
     if src.strategy.pp == 1 and dst.strategy.pp == 1 and spec.num_layers > 1:
         one = _plan(spec, src, dst, layers=1)
@@ -121,6 +122,7 @@ def generation_placement(train: Placement, gen: Placement) -> Placement:
 
 @dataclass(frozen=True)
 class InsertReshard:
+    exact: bool = True     # False: the closed form everywhere (auto ranks finalists so)
     name: str = "insert-reshard"
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
@@ -138,7 +140,7 @@ class InsertReshard:
             spec = graph.model(n.model).spec
             if ctx.cluster.gpu.name == "cpu":  # CPU engines keep float32 weights
                 spec = replace(spec, dtype="f32")
-            traffic = plan_traffic(spec, src, dst)
+            traffic = plan_traffic(spec, src, dst, self.exact)
             ctx.findings.setdefault("reshards", {})[n.model] = traffic
             weights = n.inputs[0]
             out = Value(f"{weights}.gen", graph.value(weights).spec)

@@ -138,6 +138,18 @@ def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
                     yield Strategy(dp, tp, pp, mb, zero)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A placement's strategies and what follows from them alone (see Problem._layout)."""
+
+    choices: Mapping[str, Choice]
+    resident: Mapping[str, int]
+    offloaded: frozenset[int]
+    reshard_s: float
+    reshard_bytes: int
+    reshard_gpus: tuple[int, ...]
+
+
 # Shares of a colocated GPU group's room that leaner strategies may keep resident, tried
 # in turn when the fastest strategies overflow it (evenly split among its models).
 LEAN_SHARES = (1.0, 0.7)
@@ -157,10 +169,12 @@ class Problem:
         self.params = params
         self.pins = dict(pins or {})
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
+        self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
         self.capacity = cluster.gpu.memory_bytes
         self._choice = lru_cache(maxsize=None)(self._best_choice)
         self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
+        self._layouts: dict[tuple, _Layout | Infeasible] = {}
 
     # -- strategies -----------------------------------------------------------------------
     def cost(self, c: CallInfo, s: Strategy) -> Choice:
@@ -248,36 +262,38 @@ class Problem:
         keep what stays resident within a share of the GPU, so that colocated models fit
         together and nothing is offloaded (ReaLHF, Mei et al. 2024, §3: each call gets its
         own parallel layout; verl shards colocated models for the same reason)."""
-        ev = self._schedule(assign, stream, {})
+        fast = self._layout(assign, {})
+        ev = self._schedule(assign, stream, fast)
+        if not fast.offloaded:
+            return ev
         for share in LEAN_SHARES:
-            if not ev.offloaded_gpus:
-                break
-            budgets = self._lean_budgets(assign, ev, share)
             try:
-                lean = self._schedule(assign, stream, budgets)
+                lean = self._layout(assign, self._lean_budgets(assign, fast, share))
             except Infeasible:
                 continue
-            if lean.step_seconds < ev.step_seconds:
-                ev = lean
+            lean_ev = self._schedule(assign, stream, lean)
+            if lean_ev.step_seconds < ev.step_seconds:
+                ev = lean_ev
+            if not lean.offloaded:
+                break   # a smaller share only makes calls slower, with no swap left to save
         return ev
 
-    def _lean_budgets(self, assign: dict[str, DeviceMesh], ev: Evaluation,
+    def _lean_budgets(self, assign: dict[str, DeviceMesh], fast: "_Layout",
                       share: float) -> dict[str, float]:
         """Resident bytes per GPU allowed to each unit on overflowing GPUs: `share` of the
         room its GPU group leaves after the largest transient, split evenly among the
         units that keep state there (whole GiB, so that choices stay cached)."""
-        resident = dict(ev.resident)
+        resident = fast.resident
         transient: dict[str, int] = {}   # unit -> its largest call's working memory
-        for sc in ev.schedule:
-            if sc.choice is not None:
-                u = self.by_name[sc.name].unit
-                transient[u] = max(transient.get(u, 0), sc.choice.peak_bytes - resident[u])
+        for name, ch in fast.choices.items():
+            u = self.by_name[name].unit
+            transient[u] = max(transient.get(u, 0), ch.peak_bytes - resident[u])
         keeping = [u for u in assign if resident[u] > 0]
         mask = np.zeros(self.cluster.num_gpus, dtype=np.int64)
         for i, u in enumerate(keeping):
             mask[_index(assign[u])] |= 1 << i
         budgets: dict[str, float] = {}
-        for m in np.unique(mask[list(ev.offloaded_gpus)]):
+        for m in np.unique(mask[list(fast.offloaded)]):
             present = [u for i, u in enumerate(keeping) if int(m) >> i & 1]
             if len(present) < 2:
                 continue
@@ -286,18 +302,38 @@ class Problem:
                 budgets[u] = min(budgets.get(u, math.inf), float(int(room) >> 30 << 30))
         return budgets
 
+    def _layout(self, assign: dict[str, DeviceMesh], budgets: Mapping[str, float]) -> "_Layout":
+        """What does not depend on streaming: strategies, resident state, offloaded GPUs
+        and the reshard (cached: the search tries every streaming factor of a placement)."""
+        key = (tuple(sorted((u, m.gpus) for u, m in assign.items())),
+               tuple(sorted(budgets.items())))
+        if key not in self._layouts:
+            try:
+                choices = {c.name: self.choice(c.name, assign[c.unit].size,
+                                               budgets.get(c.unit, math.inf))
+                           for c in self.calls if c.phase != "op"}
+            except Infeasible as e:
+                self._layouts[key] = e
+                raise
+            resident = self._resident(assign, choices)
+            self._layouts[key] = _Layout(choices, resident,
+                                         frozenset(self._offloaded_gpus(assign, resident,
+                                                                        choices)),
+                                         *self._reshard(assign, choices))
+        out = self._layouts[key]
+        if isinstance(out, Infeasible):
+            raise out
+        return out
+
     def _schedule(self, assign: dict[str, DeviceMesh], stream: int,
-                  budgets: Mapping[str, float]) -> Evaluation:
-        choices = {c.name: self.choice(c.name, assign[c.unit].size,
-                                       budgets.get(c.unit, math.inf))
-                   for c in self.calls if c.phase != "op"}
-        resident = self._resident(assign, choices)
-        offloaded = self._offloaded_gpus(assign, resident, choices)
-        reshard_s, reshard_bytes, reshard_gpus = self._reshard(assign, choices)
+                  layout: "_Layout") -> Evaluation:
+        choices, resident, offloaded = layout.choices, layout.resident, layout.offloaded
+        reshard_s, reshard_bytes, reshard_gpus = (layout.reshard_s, layout.reshard_bytes,
+                                                  layout.reshard_gpus)
         free = np.zeros(self.cluster.num_gpus)  # when each GPU is next free
         free[list(reshard_gpus)] = reshard_s
         done: dict[str, Scheduled] = {}
-        gen_names = {c.name for c in self.calls if c.phase == "generate"}
+        gen_names = self._gen_names
         for c in self.calls:
             ready = max((done[d].end for d in c.deps), default=0.0)
             if c.phase == "op":
@@ -305,11 +341,11 @@ class Problem:
                 continue
             mesh, ch = assign[c.unit], choices[c.name]
             swap = 0.0
-            if offloaded & set(mesh.gpus):
+            if offloaded and not offloaded.isdisjoint(mesh.gpu_set):
                 swap = 2 * resident[c.unit] / self.cluster.gpu.host_bw
             dur = ch.seconds + swap
-            streamed = [done[d] for d in c.deps if d in gen_names and stream > 1
-                        and c.phase == "forward" and not done[d].mesh.overlaps(mesh)]
+            streamed = [done[d] for d in c.deps if stream > 1 and c.phase == "forward"
+                        and d in gen_names and not done[d].mesh.overlaps(mesh)]
             if streamed:
                 gen = streamed[0]
                 first = gen.start + (gen.end - gen.start) / stream
@@ -360,7 +396,7 @@ class Problem:
                 continue
             states = sum(resident[u] for u in present)
             if states + max(transient[u] for u in present) > self.capacity:
-                over.update(int(g) for g in np.flatnonzero(mask == m))
+                over.update(np.flatnonzero(mask == m).tolist())
         return over
 
     def _reshard(self, assign: dict[str, DeviceMesh],
