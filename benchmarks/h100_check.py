@@ -293,18 +293,14 @@ def measure(folder: Path, device: str = "cuda", runs=RUNS, decode=DECODE,
                        "sms": props.multi_processor_count, "torch": torch.__version__,
                        "transformers": transformers.__version__})
         header += _hw(torch)
-    with open(folder / "h100_decode.jsonl", "w") as out:
-        for rec in header:
-            _emit(out, rec)
-        for name in dict.fromkeys(d[0] for d in decode):
-            _emit(out, _model_record(name, models[name]))
-        _measure_decode(out, torch, decode, models, device)
-    with open(folder / "h100_heldout.jsonl", "w") as out:
-        for rec in header:
-            _emit(out, rec)
-        for name in dict.fromkeys(r[0] for r in runs):
-            _emit(out, _model_record(name, models[name]))
-        _measure_runs(out, torch, runs, models, device)
+    for filename, points, measure_points in (("h100_decode.jsonl", decode, _measure_decode),
+                                             ("h100_heldout.jsonl", runs, _measure_runs)):
+        with open(folder / filename, "w") as out:
+            for rec in header:
+                _emit(out, rec)
+            for name in dict.fromkeys(point[0] for point in points):
+                _emit(out, _model_record(name, models[name]))
+            measure_points(out, torch, points, models, device)
 
 
 def explain_generate(path: Path, device: str = "cuda", cases=(("llama-3b", 16, 256, 64),
