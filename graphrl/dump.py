@@ -197,8 +197,8 @@ def _stream_lines(s: Stream) -> list[str]:
 
 def _resident_lines(plan: Plan) -> list[str]:
     per_gpu: dict[int, list[tuple[str, int]]] = {}
-    for gpu, model, nbytes in plan.resident:
-        per_gpu.setdefault(gpu, []).append((model, nbytes))
+    for gpu, unit, nbytes in plan.resident:
+        per_gpu.setdefault(gpu, []).append((unit, nbytes))
     groups: dict[tuple, list[int]] = {}
     for gpu in sorted(per_gpu):
         groups.setdefault(tuple(sorted(per_gpu[gpu])), []).append(gpu)

@@ -73,7 +73,8 @@ class Plan:
     policy: str
     streams: tuple[Stream, ...]
     predicted_step_seconds: float
-    resident: tuple[tuple[int, str, int], ...] = ()   # (gpu, model, bytes)
+    resident: tuple[tuple[int, str, int], ...] = ()   # (gpu, unit, bytes); unit = a model,
+                                                      # or `<model>.generate` for its copy
     notes: tuple[tuple[str, str], ...] = ()          # search findings for people
 
     def instrs(self) -> Iterator[tuple[int, Instr]]:

@@ -174,8 +174,13 @@ def verify_plan(plan: "Plan") -> "Plan":
         raise GraphError("plan: deadlock, these wait on each other: " + " -> ".join(cycle))
     capacity = plan.cluster.gpu.memory_bytes
     resident: dict[int, dict[str, int]] = {}
-    for gpu, model, nbytes in plan.resident:
-        resident.setdefault(gpu, {})[model] = max(nbytes, resident.get(gpu, {}).get(model, 0))
+    for gpu, unit, nbytes in plan.resident:
+        resident.setdefault(gpu, {})[unit] = max(nbytes, resident.get(gpu, {}).get(unit, 0))
+
+    generates = {n.name for n in plan.graph.nodes if n.target == "generate"}
+
+    def unit_of(i) -> str:   # a policy's generation keeps its own copy of the weights
+        return f"{i.model}.generate" if i.node in generates else i.model
     for s in plan.streams:
         full = dict(resident.get(s.worker, {}))
         # a GPU in offload mode keeps every model's state in host memory between calls
@@ -183,11 +188,11 @@ def verify_plan(plan: "Plan") -> "Plan":
         present = {} if offloaded else dict(full)
         for i in s.instrs:
             if i.op == "offload":
-                present.pop(i.model, None)
+                present.pop(unit_of(i), None)
             elif i.op == "onload":
-                present[i.model] = full.get(i.model, 0)
+                present[unit_of(i)] = full.get(unit_of(i), 0)
             elif i.op == "run" and i.mem:
-                others = sum(b for m, b in present.items() if m != i.model)
+                others = sum(b for u, b in present.items() if u != unit_of(i))
                 need = i.mem + others
                 if need > capacity:
                     raise GraphError(f"plan: {i.id} ({i.label}) needs {need / 2**30:.1f} GiB on "

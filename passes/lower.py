@@ -279,12 +279,10 @@ class _Lowering:
             self.lower_part(self.g.node(name), k)
         self.flush(math.inf)
         resident = []
-        for unit, nbytes in self.ev.resident:
-            mesh = self.ev.mesh_of(unit)
-            model = unit.split(".")[0]
-            for gpu in mesh.gpus:
+        for unit, nbytes in self.ev.resident:   # a policy's generation copy is its own unit
+            for gpu in self.ev.mesh_of(unit).gpus:
                 if nbytes:
-                    resident.append((gpu, model, nbytes))
+                    resident.append((gpu, unit, nbytes))
         notes = (("stream", str(self.stream)),
                  ("offloaded_gpus", ",".join(map(str, sorted(self.offloaded))) or "none"),
                  ("search_step_seconds", f"{self.ev.step_seconds:.6f}"))

@@ -246,7 +246,7 @@ def auto_finalists(problem: Problem) -> list[Evaluation]:
 # to REFINE_SEEDS while fewer than REFINE_BUDGET placements have been evaluated (a count,
 # not a clock, so that compiling stays deterministic). Small clusters refine all eight
 # (auto then equals brute force on the enumerable cases); 256 GPUs stay under 2 s.
-MIN_REFINE_SEEDS = 3
+MIN_REFINE_SEEDS = 2
 REFINE_SEEDS = 8
 REFINE_BUDGET = 4000
 

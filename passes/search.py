@@ -22,8 +22,8 @@ unit -> mesh assignment by list scheduling the step's nodes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -148,6 +148,16 @@ class _Layout:
     reshard_s: float
     reshard_bytes: int
     reshard_gpus: tuple[int, ...]
+    assignment: tuple[tuple[str, DeviceMesh], ...] = ()
+    lean: dict[float, dict[str, float]] = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def offloaded_sorted(self) -> tuple[int, ...]:
+        return tuple(sorted(self.offloaded))
+
+    @cached_property
+    def resident_sorted(self) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted(self.resident.items()))
 
 
 # Shares of a colocated GPU group's room that leaner strategies may keep resident, tried
@@ -268,7 +278,9 @@ class Problem:
             return ev
         for share in LEAN_SHARES:
             try:
-                lean = self._layout(assign, self._lean_budgets(assign, fast, share))
+                if share not in fast.lean:   # the same for every streaming factor
+                    fast.lean[share] = self._lean_budgets(assign, fast, share)
+                lean = self._layout(assign, fast.lean[share])
             except Infeasible:
                 continue
             lean_ev = self._schedule(assign, stream, lean)
@@ -319,7 +331,8 @@ class Problem:
             self._layouts[key] = _Layout(choices, resident,
                                          frozenset(self._offloaded_gpus(assign, resident,
                                                                         choices)),
-                                         *self._reshard(assign, choices))
+                                         *self._reshard(assign, choices),
+                                         assignment=tuple(sorted(assign.items())))
         out = self._layouts[key]
         if isinstance(out, Infeasible):
             raise out
@@ -359,9 +372,9 @@ class Problem:
             free[idx] = end
             done[c.name] = Scheduled(c.name, mesh, ch, start, end, swap)
         step = max(s.end for s in done.values())
-        return Evaluation(tuple(sorted(assign.items())), step,
+        return Evaluation(layout.assignment, step,
                           tuple(done[c.name] for c in self.calls), reshard_s, reshard_bytes,
-                          stream, tuple(sorted(offloaded)), tuple(sorted(resident.items())))
+                          stream, layout.offloaded_sorted, layout.resident_sorted)
 
     def _resident(self, assign: dict[str, DeviceMesh],
                   choices: dict[str, Choice]) -> dict[str, int]:

@@ -30,6 +30,7 @@ from graphrl.passes.insert_reshard import InsertReshard, generation_placement, p
 from graphrl.passes.lower import lower
 from graphrl.plan import HOST, Plan
 from graphrl.simulate import simulate
+from graphrl.errors import GraphError
 from graphrl.verify import verify_graph, verify_plan
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -401,3 +402,22 @@ def test_hybridflow_zero_redundancy_reshard_of_llama2_7b():
     # without the reordering some GPU's generation shard misses its own training shard
     plain = plan_traffic(spec, train, Placement(DeviceMesh.range(0, 8), Strategy(dp=4, tp=2)))
     assert plain.max_link_bytes > bound
+
+
+def test_verify_plan_counts_a_generation_copy_beside_its_training_state():
+    """The policy's generation copy on part of its training GPUs is a unit of its own:
+    verify_plan adds its bytes to the training state's (it once kept the larger of the
+    two, keyed by model) and rejects a plan whose sum does not fit."""
+    plan, ev = lower_assignment("7b", "1x8xH100", {
+        "policy.generate": "0-3", "policy": "0-7", "reference": "0-7", "reward": "4-7",
+        "critic": "4-7"}, stream=1)
+    on_gpu0 = {unit: nbytes for gpu, unit, nbytes in plan.resident if gpu == 0}
+    assert set(on_gpu0) == {"policy", "policy.generate", "reference"}
+    cap = plan.cluster.gpu.memory_bytes
+    # each copy alone leaves room for reference.forward on GPU 0; both together do not
+    ref_mem = max(i.mem for i in plan.stream(0).instrs if i.label == "reference.forward")
+    each = (cap - ref_mem) * 3 // 4
+    tight = dataclasses.replace(plan, resident=tuple(
+        (g, u, each if g == 0 and u.startswith("policy") else b) for g, u, b in plan.resident))
+    with pytest.raises(GraphError, match=r"GPU 0 .*of other resident models"):
+        verify_plan(tight)
