@@ -21,6 +21,7 @@ class EngineSpec:
     group: str = ""             # process group of the mesh (fsdp, data-parallel training)
     seed: int = 0
     init_from: Optional[ModelDecl] = None   # start from this model's initial weights
+    init_checkpoint: Optional[str] = None   # ... loaded from this model directory
 
 
 @dataclass(frozen=True)
