@@ -20,5 +20,8 @@ class Executor(Protocol):
                 ) -> dict[str, float]:
         """Run an Experiment's set-up on engines by model name."""
 
+    def export_weights(self, model: str) -> dict[str, Any]:
+        """The full weights of `model` now (name -> tensor copies), e.g. to save it."""
+
     def close(self) -> None:
         """Release processes, actors and sessions; safe to call twice."""

@@ -86,6 +86,10 @@ class LocalExecutor:
     def close(self) -> None:
         """Nothing to release in one process (the Executor interface)."""
 
+    def export_weights(self, model: str) -> dict[str, Any]:
+        """The full weights of `model` as they are now (copies)."""
+        return self.engines[model].export_weights()
+
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
         g = self.graph
         if self.carried is None:  # weights enter at whatever version set-up left them

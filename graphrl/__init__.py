@@ -3,7 +3,7 @@
 Write one RL step as plain Python over model handles, trace it into a Graph, compile and
 run it. `import graphrl` imports neither torch nor ray; backends load them when they run.
 """
-from . import ops, signatures
+from . import data, ops, recipes, rewards, signatures
 from .errors import (ExecutionError, GraphError, GraphRLError, GraphSyntaxError, TraceError,
                      UsageError)
 from .experiment import Experiment, RunOptions
@@ -11,6 +11,7 @@ from .graph import Graph, ModelDecl, Node, Placement, Value
 from .parallel import DeviceMesh, Strategy
 from .parser import parse_graph
 from .printer import print_graph
+from .runner import run
 from .signatures import prompts_spec
 from .trace import Model, OpDef, Program, trace
 from .types import Field, ModelSpec, PayloadSpec, llama2
@@ -18,7 +19,7 @@ from .verify import verify_graph
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "signatures", "ExecutionError", "GraphError", "GraphRLError",
+__all__ = ["data", "ops", "recipes", "rewards", "run", "signatures", "ExecutionError", "GraphError", "GraphRLError",
            "GraphSyntaxError", "TraceError", "UsageError", "Experiment", "RunOptions", "Graph",
            "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
            "print_graph", "prompts_spec", "Model", "OpDef", "Program", "trace", "Field",

@@ -6,6 +6,7 @@
     graphrl compile EXAMPLE.py --cluster 4x8xH100 --policy auto --dump DIR
     graphrl compare EXAMPLE.py --cluster 4x8xH100 [--json]
     graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
+    graphrl plot METRICS.jsonl [-o curves.png]      reward, KL, lengths, seconds per call
 """
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def _compare(ns: argparse.Namespace) -> int:
     return compare_main(ns, load_example(ns.example))
 
 
+def _plot(ns: argparse.Namespace) -> int:
+    from .plot import plot_metrics
+
+    print(f"graphrl plot: wrote {plot_metrics(ns.metrics, ns.output)}")
+    return 0
+
+
 def _estimate(argv: Sequence[str]) -> int:
     from .estimate import main as estimate_main
 
@@ -124,6 +132,13 @@ def parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=_compare)
     sub.add_parser("estimate", help="predict seconds and memory of one call (cost model)",
                    add_help=False)
+    plot = sub.add_parser("plot", help="draw a run's metrics (reward, KL, response length, "
+                                       "seconds per call)",
+                          description="Draw the curves of a --metrics file over iterations "
+                                      "into a PNG (default: the metrics path with .png).")
+    plot.add_argument("metrics", metavar="METRICS.jsonl")
+    plot.add_argument("-o", "--output", metavar="PNG", help="picture to write")
+    plot.set_defaults(func=_plot)
     return p
 
 

@@ -79,7 +79,9 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .experiment import run_options
 
     opts = run_options(ns)
-    graph = build(opts).program().graph
+    exp = build(opts)
+    exp.check_roles(opts)
+    graph = exp.program().graph
     dump = Path(ns.dump) if ns.dump else None
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
@@ -124,7 +126,9 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     from .experiment import run_options
 
     opts = run_options(ns)
-    graph = build(opts).program().graph
+    exp = build(opts)
+    exp.check_roles(opts)
+    graph = exp.program().graph
     cluster = cluster_of(ns.cluster)
     rows = compare_rows(graph, cluster, gen_engine(ns, opts.planning_only),
                         load_placement(ns.placement))

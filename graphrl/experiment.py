@@ -35,6 +35,13 @@ class RunOptions:
     policy: str | None = None            # ray: placement policy (default auto)
     placement: str | None = None         # ray: placement file pinning calls
     address: str | None = None           # ray: join this cluster instead of starting one
+    model_dirs: tuple[tuple[str, str], ...] = ()    # (role, local HF model directory)
+    data: str | None = None              # prompts file (JSONL or Parquet)
+    prompt_field: str = "prompt"
+    chat_template: bool = False
+    save: str | None = None              # write the trained models here (HF directories)
+    reward: str | None = None            # FILE.py:FUNCTION, a reward over text
+    run_dir: str = "runs"                # where examples write what they generate
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -47,12 +54,16 @@ class RunOptions:
         return out
 
     def config_for(self, role: str, default: Any) -> Any:
-        """The config a role's model uses: --model-config ROLE=FILE, else --model-size,
-        else the example's default."""
+        """The config a role's model uses: --model ROLE=DIR (a local Hugging Face model
+        directory), else --model-config ROLE=FILE, else --model-size, else the example's
+        default."""
         import json
 
         from .types import llama2
 
+        dirs = dict(self.model_dirs)
+        if role in dirs:
+            return dirs[role]
         configs = dict(self.model_config)
         if role in configs:
             try:
@@ -67,6 +78,10 @@ class RunOptions:
             return llama2(size)
         except ValueError as e:
             raise UsageError(f"--model-size: {e}") from None
+
+    def model_dir(self, role: str) -> str | None:
+        """The --model directory given for `role`, if any."""
+        return dict(self.model_dirs).get(role)
 
     @property
     def planning_only(self) -> bool:
@@ -94,6 +109,21 @@ class Experiment:
 
     def program(self) -> Program:
         return trace(self.step, list(self.models), name=self.name, **self.inputs)
+
+    def check_roles(self, opts: RunOptions) -> None:
+        """Every role named by --model/--model-config/--model-size is a model here."""
+        import difflib
+
+        names = [m.name for m in self.models]
+        given = [("--model", r) for r, _ in opts.model_dirs] + \
+                [("--model-config", r) for r, _ in opts.model_config] + \
+                [("--model-size", r) for r in opts.sizes() if r != "*"]
+        for flag, role in given:
+            if role not in names:
+                near = difflib.get_close_matches(role, names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise UsageError(f"{flag} {role}=...: {self.name} has no model {role!r} "
+                                 f"(its models: {', '.join(names)}){hint}")
 
 
 BACKENDS = ("local", "ray")
@@ -124,6 +154,28 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                         "reward, critic)")
     p.add_argument("--model-config", metavar="ROLE=CONFIG.json", action="append", default=[],
                    help="a Hugging Face config file for one role (repeatable)")
+    p.add_argument("--model", metavar="ROLE=DIR", action="append", default=[],
+                   dest="model_dirs",
+                   help="a local Hugging Face model directory (config.json, weights, "
+                        "tokenizer) for one role, e.g. policy=./my-llama (repeatable; "
+                        "compile plans its real shapes; never downloads)")
+    p.add_argument("--data", metavar="FILE",
+                   help="prompts file: JSONL (one JSON object per line) or Parquet, for "
+                        "examples that read text prompts")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME",
+                   help="the field of each data row holding the prompt (default prompt)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--reward", metavar="FILE.py:FUNCTION",
+                   help="a reward function over text, def f(prompt, response, **row_fields) "
+                        "-> float, for examples that score text (FILE runs as Python)")
+    p.add_argument("--run-dir", default="runs", metavar="DIR",
+                   help="where examples write what they generate (tiny default model, "
+                        "data file); default runs/")
+    p.add_argument("--save", metavar="DIR",
+                   help="after the run, write the trained policy as a Hugging Face "
+                        "directory (tokenizer copied beside it; a critic in DIR/critic), "
+                        "atomically")
     p.add_argument("--prompt-len", type=positive_int, metavar="P",
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
@@ -150,13 +202,13 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "`ray start --head`) instead of starting a local one")
 
 
-def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
+def _role_paths(items: list[str], flag: str = "--model-config",
+                what: str = "CONFIG.json") -> tuple[tuple[str, str], ...]:
     out = []
     for item in items:
         role, sep, path = item.partition("=")
         if not sep or not role or not path:
-            raise argparse.ArgumentTypeError(f"--model-config expects ROLE=CONFIG.json, "
-                                             f"got {item!r}")
+            raise UsageError(f"{flag} expects ROLE={what}, got {item!r}")
         out.append((role, path))
     return tuple(out)
 
@@ -172,4 +224,10 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
                       ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
                       ns.response_len, backend=backend,
+                      model_dirs=_role_paths(getattr(ns, "model_dirs", []), "--model", "DIR"),
+                      data=getattr(ns, "data", None),
+                      prompt_field=getattr(ns, "prompt_field", "prompt"),
+                      chat_template=getattr(ns, "chat_template", False),
+                      save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
+                      run_dir=getattr(ns, "run_dir", "runs"),
                       **(ray_opts if backend == "ray" else {}))

@@ -35,12 +35,53 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
     for name, payload in sorted(outputs.items()):
         if name == reward:
             continue
+        if {"tokens", "attention_mask", "response_mask"} <= set(payload):
+            row.update(token_counts(payload))
+            continue
         for f, t in sorted(payload.items()):
             if t.numel() == 1:
                 row[f"{name}/{f}"] = float(t)
             elif t.dtype.is_floating_point:
                 row[f"{name}/{f}_mean"] = float(t.mean())
     return row
+
+
+def token_counts(rollout: dict[str, Any]) -> dict[str, float]:
+    """Token accounting of a Rollout: prompt, response and padding tokens, and response
+    lengths (a response ends at its stop token)."""
+    real, response = rollout["attention_mask"], rollout["response_mask"]
+    lengths = response.sum(dim=1)
+    return {"tokens/prompt": float(real.sum() - response.sum()),
+            "tokens/response": float(response.sum()),
+            "tokens/padding": float(real.numel() - real.sum()),
+            "response_length_mean": float(lengths.mean()),
+            "response_length_max": float(lengths.max())}
+
+
+def check_save_target(path: str) -> None:
+    """--save must be creatable: not a file, its parent a writable directory."""
+    import os
+
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--save {path}: is a file")
+    if not parent.is_dir():
+        raise UsageError(f"--save {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--save {path}: directory {parent} is not writable")
+
+
+def save_run(program: Any, executor: Any, target: str) -> list[str]:
+    """Write the run's trained models as Hugging Face directories (graphrl.backends)."""
+    from graphrl.backends.engines.hf_checkpoint import save_trained
+    from graphrl.hf_dir import TOKENIZER_FILES
+
+    policy = next((m for m in program.models.values() if m.trainable and m.head == "lm"), None)
+    source = policy.checkpoint if policy is not None else None
+    if source is not None and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        source = None
+    return save_trained(target, program.models, executor.export_weights, source)
 
 
 def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> Any:
@@ -68,6 +109,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                          "own size, or give small configs with --model-config ROLE=FILE)")
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
+    exp.check_roles(opts)
+    if opts.save:
+        check_save_target(opts.save)
     program = exp.program()
     owned = executor is None
     metrics = None
@@ -97,6 +141,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         report = getattr(executor, "summary_lines", None)
         if report is not None:
             extra = list(report(events, len(rows)))
+        if opts.save:
+            saved = save_run(program, executor, opts.save)
+            extra.append("  saved: " + ", ".join(saved))
     finally:
         if bar is not None:
             bar.close()
@@ -109,6 +156,12 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
     print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary
+
+
+def run(exp: Experiment, **options: Any) -> RunSummary:
+    """Run `exp` from Python: options as on the command line (iterations, seed, metrics,
+    trace, device, backend, save, ...), e.g. run(exp, iterations=100, save="out/")."""
+    return run_experiment(exp, RunOptions(**options))
 
 
 def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:

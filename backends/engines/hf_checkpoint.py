@@ -105,20 +105,53 @@ def special_tokens(path: str | None, config: Any) -> SpecialTokens:
     return SpecialTokens(eos, int(pad), tokenizer)
 
 
-def save_hf_dir(target: str, module: Any, state: Mapping[str, Any],
+def empty_module(decl: Any, checkpoint: str | None) -> Any:
+    """The HF module of `decl` (its checkpoint's config, else its spec) on the meta
+    device: the shape to save weights into, nothing allocated."""
+    import torch
+    import transformers
+
+    from .hf import hf_class
+
+    head = decl.spec.head
+    if checkpoint is None:
+        config = decl.spec.hf_config()
+        cls = hf_class(decl.spec)
+    else:
+        config = transformers.AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+        cls = hf_class(decl.spec, auto=True)
+    if head != "lm":
+        config.num_labels = 1
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _write_model(directory: Path, module: Any, state: Mapping[str, Any]) -> None:
+    module.load_state_dict(dict(state), assign=True)
+    if getattr(module.config, "tie_word_embeddings", False):
+        module.tie_weights()
+    module.save_pretrained(directory, safe_serialization=True)
+
+
+def save_models(target: str, models: Sequence[tuple[str, Any, Mapping[str, Any]]],
                 tokenizer_from: str | None = None) -> Path:
-    """Write `module` with weights `state` as a Hugging Face directory at `target`
-    (config, safetensors weights, the tokenizer files of `tokenizer_from`): written to
-    a temporary directory beside it, then renamed into place (an existing target is
-    replaced only after the new one is complete)."""
+    """Write trained models as Hugging Face directories: `models` are (subdirectory,
+    module, weights), "" for the target itself (the policy: `from_pretrained(target)`
+    loads it), e.g. "critic" beside it; the tokenizer of `tokenizer_from` is copied into
+    each. Written to a temporary directory beside `target`, then renamed into place (an
+    existing target is replaced only once the new one is complete)."""
     out = Path(target)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--save {target}: is a file")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        module.load_state_dict(dict(state))
-        module.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer_from is not None:
-            load_tokenizer(tokenizer_from).save_pretrained(tmp)
+        tokenizer = load_tokenizer(tokenizer_from) if tokenizer_from else None
+        for sub, module, state in models:
+            directory = tmp / sub if sub else tmp
+            _write_model(directory, module, state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -130,3 +163,21 @@ def save_hf_dir(target: str, module: Any, state: Mapping[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_trained(target: str, models: Mapping[str, Any], export: Callable[[str], Any],
+                 tokenizer_from: str | None = None) -> list[str]:
+    """Save every trainable model of a run (graphrl.Model by name): the policy (lm head)
+    at `target`, any other (a critic) in `target/<name>`. `export(name)` gives a
+    model's full weights. Returns the directories written."""
+    chosen = [m for m in models.values() if m.trainable]
+    if not chosen:
+        raise UsageError("--save: no model of this run trains")
+    policy = next((m for m in chosen if m.head == "lm"), None)
+    entries, written = [], []
+    for m in chosen:
+        sub = "" if m is policy else m.name
+        entries.append((sub, empty_module(m.decl(), m.checkpoint), export(m.name)))
+        written.append(str(Path(target) / sub) if sub else target)
+    save_models(target, entries, tokenizer_from)
+    return written

@@ -546,6 +546,11 @@ class RayExecutor:
         spec = self.engines.specs[key]
         return self.group.call("export_weights", key, on=list(spec.gpus))
 
+    def export_weights(self, model: str) -> dict[str, Any]:
+        """The full weights of `model`'s training engine (one rank's copy)."""
+        per_rank = self.weights(model)
+        return per_rank[min(per_rank)]
+
     def predicted_call_seconds(self) -> dict[str, float]:
         """Call -> predicted seconds per step (graphrl.simulate's timeline)."""
         return predicted_call_seconds(self.plan)

@@ -1,0 +1,75 @@
+"""`graphrl plot METRICS.jsonl`: a run's curves as one picture.
+
+Four panels over iterations: reward (reward_mean), KL (every metric whose name ends in
+`kl`), response length (mean and max), and seconds per call (`seconds/<call>`). A panel
+whose metrics the file lacks says so instead of drawing nothing silently.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics file (one JSON object per line), checked."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such metrics file")
+    rows = []
+    for lineno, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{path} line {lineno}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "iteration" not in row:
+            raise UsageError(f"{path} line {lineno}: not a metrics row (no 'iteration')")
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path}: no metrics rows")
+    return rows
+
+
+def panels(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Panel title -> the metric names it draws."""
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    return {"reward": [k for k in keys if k == "reward_mean"],
+            "KL": [k for k in keys if k.lower().endswith("kl")],
+            "response length (tokens)": [k for k in keys if k.startswith("response_length")],
+            "seconds per call": [k for k in keys if k.startswith("seconds/")]}
+
+
+def plot_metrics(path: str, out: str | None = None) -> Path:
+    """Draw `path`'s curves into `out` (default: beside it, .png); returns the file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(path)
+    target = Path(out) if out else Path(path).with_suffix(".png")
+    if not target.parent.is_dir():
+        raise UsageError(f"-o {target}: directory {target.parent} does not exist")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (title, names) in zip(axes.flat, panels(rows).items()):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        for name in names:
+            pts = [(r["iteration"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name.split("/")[-1]
+                    if title == "seconds per call" else name, lw=1.2)
+        if names:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not in this metrics file", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    fig.suptitle(Path(path).name)
+    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(target)
+    return target
