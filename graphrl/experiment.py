@@ -131,7 +131,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
-    from .compile_cli import POLICY_NAMES
+    from .placement_file import POLICY_NAMES
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="local",

@@ -21,7 +21,7 @@ DEFAULT_CLUSTER = "1x4xcpu"
 
 
 def compile_for(program: Any, opts: RunOptions) -> Any:
-    from graphrl.compile_cli import cluster_of, load_placement
+    from graphrl.placement_file import cluster_of, load_placement
     from graphrl.compiler import compile_graph
 
     return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
