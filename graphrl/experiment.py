@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .argtypes import positive_int
@@ -49,16 +48,15 @@ class RunOptions:
     def config_for(self, role: str, default: Any) -> Any:
         """The config a role's model uses: --model-config ROLE=FILE, else --model-size,
         else the example's default."""
-        import json
-
+        from .model_config import load_hf_config
         from .types import llama2
 
         configs = dict(self.model_config)
         if role in configs:
             try:
-                return json.loads(Path(configs[role]).read_text())
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--model-config {role}={configs[role]}: {e}") from None
+                return dict(load_hf_config(configs[role]))
+            except ValueError as e:
+                raise UsageError(f"--model-config {role}={e}") from None
         sizes = self.sizes()
         size = sizes.get(role, sizes.get("*"))
         if size is None:
@@ -155,8 +153,7 @@ def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
     for item in items:
         role, sep, path = item.partition("=")
         if not sep or not role or not path:
-            raise argparse.ArgumentTypeError(f"--model-config expects ROLE=CONFIG.json, "
-                                             f"got {item!r}")
+            raise UsageError(f"--model-config expects ROLE=CONFIG.json, got {item!r}")
         out.append((role, path))
     return tuple(out)
 
