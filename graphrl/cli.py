@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .error_report import ArgumentParser, guarded, split_debug
-from .errors import UsageError
 from .example_file import load_example
 from .experiment import Experiment, RunOptions, add_run_options, run_options
 
@@ -37,15 +35,9 @@ def _run(ns: argparse.Namespace) -> int:
 def _show(ns: argparse.Namespace) -> int:
     if ns.example.endswith(".json"):
         from .dump import plan_text
-        from .plan import Plan
+        from .plan_file import load_plan
 
-        try:
-            plan = Plan.from_json(Path(ns.example).read_text())
-        except OSError as e:
-            raise UsageError(f"{ns.example}: {e.strerror}") from None
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"{ns.example} is not a graphrl plan: {e}") from None
-        print(plan_text(plan), end="")
+        print(plan_text(load_plan(ns.example)), end="")
         return 0
     build = load_example(ns.example)
     print(build(run_options(ns)).program().graph.text(), end="")
