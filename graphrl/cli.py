@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                          description="Run EXAMPLE for N iterations with a progress bar, "
                                      "then print a summary (reward first/last 5, seconds "
                                      "per call; on Ray, predicted vs measured seconds per "
-                                     "call and reshard bytes).")
+                                     "call and reshard bytes). EXAMPLE.py is executed as "
+                                     "Python: run only files you trust.")
     run.add_argument("example", metavar="EXAMPLE.py")
     add_run_options(run)
     run.set_defaults(func=_run)

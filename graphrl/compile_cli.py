@@ -48,6 +48,10 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
     from .experiment import run_options
 
+    from .outputs import check_output_dir
+
+    if ns.dump:  # before compiling: say now, not after the search, that DIR is unusable
+        check_output_dir("--dump", ns.dump)
     opts = run_options(ns)
     graph = build(opts).program().graph
     dump = Path(ns.dump) if ns.dump else None

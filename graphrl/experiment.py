@@ -34,6 +34,8 @@ class RunOptions:
     policy: str | None = None            # ray: placement policy (default auto)
     placement: str | None = None         # ray: placement file pinning calls
     address: str | None = None           # ray: join this cluster instead of starting one
+    overwrite: bool = False              # --metrics may replace an earlier run's file
+    call_timeout: float | None = None    # ray: seconds one wait may take (None: from plan)
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -108,6 +110,8 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--metrics", metavar="FILE",
                    help="write one JSON line per iteration (iteration, reward_mean, "
                         "step_seconds, seconds per call, losses)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --metrics replace an existing file (refused otherwise)")
     p.add_argument("--trace", metavar="FILE",
                    help="write the measured timeline as Chrome trace JSON (open in "
                         "ui.perfetto.dev)")
@@ -168,5 +172,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                              "--backend ray")
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
                       ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
-                      ns.response_len, backend=backend,
+                      ns.response_len, backend=backend, overwrite=ns.overwrite,
                       **(ray_opts if backend == "ray" else {}))
