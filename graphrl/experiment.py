@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .argtypes import positive_int
+from .argtypes import positive_int, positive_seconds
 from .errors import UsageError
 
 from .trace import Model, Program, trace
@@ -150,6 +150,9 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", metavar="ADDR",
                    help="ray: join the Ray cluster at ADDR (e.g. auto, or host:6379 after "
                         "`ray start --head`) instead of starting a local one")
+    g.add_argument("--call-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="ray: the longest one wait on a worker may take (default: 10x the "
+                        "plan's longest predicted call, at least 120 s)")
 
 
 def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
@@ -164,9 +167,10 @@ def _role_paths(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 def run_options(ns: argparse.Namespace) -> RunOptions:
     backend = getattr(ns, "backend", None) or "local"
-    ray_opts = {k: getattr(ns, k, None) for k in ("cluster", "policy", "placement", "address")}
+    ray_opts = {k: getattr(ns, k, None)
+                for k in ("cluster", "policy", "placement", "address", "call_timeout")}
     if backend == "local" and hasattr(ns, "backend"):
-        given = [f"--{k}" for k, v in ray_opts.items() if v is not None]
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_opts.items() if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to "
                              "--backend ray")
