@@ -42,8 +42,11 @@ class RunOptions:
         if not self.model_size:
             return {}
         out = {}
-        for part in filter(None, (p.strip() for p in self.model_size.split(","))):
-            role, _, size = part.rpartition("=")
+        for part in (p.strip() for p in self.model_size.split(",")):
+            role, sep, size = part.rpartition("=")
+            if not size or (sep and not role):
+                raise UsageError(f"--model-size {self.model_size}: expected SIZE or "
+                                 "ROLE=SIZE[,ROLE=SIZE...], e.g. policy=70b,reward=7b")
             out[role or "*"] = size
         return out
 

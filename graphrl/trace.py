@@ -325,6 +325,12 @@ def trace(step: Callable[..., Any], models: list[Model], name: str | None = None
                                                   for v in result.values()):
         raise TraceError(f"step {name} must return a dict of traced payloads, e.g. "
                          "{'score': scores}")
+    seen: dict[str, str] = {}
+    for key, value in result.items():
+        if value.name in seen:
+            raise TraceError(f"step {name}: outputs {seen[value.name]!r} and {key!r} are the "
+                             "same value; return each payload once")
+        seen[value.name] = key
     graph = tracer.graph([v.name for v in result.values()])
     for key, value in result.items():
         if f"%{key}" != value.name:
