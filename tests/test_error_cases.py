@@ -183,3 +183,38 @@ def test_step_returning_one_value_twice_is_an_error():
         return {"a": r, "b": r}
     with pytest.raises(TraceError, match="'a' and 'b' are the same value"):
         trace(step, [Model("policy", llama2("7b"), "policy")], prompts=prompts_spec(2, 8))
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"epochz": 99}, "unknown argument 'epochz' (did you mean 'epochs'?)"),
+    ({"epochs": 0}, "epochs=0 must be an int >= 1"),
+    ({"epochs": 2.5}, "epochs=2.5 must be an int >= 1"),
+    ({"clip": -0.1}, "clip=-0.1 must be a number >= 0"),
+    ({"kl_coef": 0.1}, "unknown argument 'kl_coef'"),
+])
+def test_train_keyword_arguments_are_checked(kwargs, needle):
+    from graphrl.signatures import prompts_spec
+    from graphrl.trace import Model, trace
+    from graphrl.types import llama2
+
+    def step(policy, prompts):
+        r = policy.generate(prompts, max_new_tokens=4)
+        lp = policy.forward(r)
+        return {"s": policy.train(loss="ppo", rollout=r, old_logprobs=lp, advantages=lp,
+                                  **kwargs)}
+    with pytest.raises(TraceError, match=None) as e:
+        trace(step, [Model("policy", llama2("7b"), "policy", trainable=True)],
+              prompts=prompts_spec(2, 8))
+    assert "policy.train" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_train_options_match_the_loss_functions():
+    import inspect
+
+    from graphrl.backends.losses import LOSS_FUNCTIONS
+    from graphrl.train_options import LOSS_HYPERPARAMETERS
+
+    for loss, fn in LOSS_FUNCTIONS.items():
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY]
+        assert tuple(params) == LOSS_HYPERPARAMETERS[loss], loss
