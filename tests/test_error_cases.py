@@ -218,3 +218,20 @@ def test_train_options_match_the_loss_functions():
         params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind is p.KEYWORD_ONLY]
         assert tuple(params) == LOSS_HYPERPARAMETERS[loss], loss
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"kind": "model", "model": "x"}', "model record lacks the field 'vocab'"),
+    ('{"kind": "run", "model": "x", "phase": "train", "batch": 1, "seq": 2, "s": "x", '
+     '"peak_gib": 1}', "run record has a field of the wrong type"),
+    ("[1, 2]", "expected a JSON object per line"),
+    ('{"kind": "run", ', "not a JSON line"),
+])
+def test_calibration_files_name_the_line_and_field(tmp_path, line, needle):
+    from graphrl.calibrate import load
+
+    path = tmp_path / "cal.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=None) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path}:1: ") and needle in str(e.value)
