@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .error_report import ArgumentParser, guarded, split_debug
 from .example_file import load_example
