@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -152,35 +152,58 @@ def load(path: str | Path) -> Calibration:
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
-        kind = rec.get("kind")
-        if kind == "model":
-            spec = ModelSpec("llama", rec["vocab"], rec["hidden_size"], rec["num_hidden_layers"],
-                             rec["num_attention_heads"], rec["num_key_value_heads"],
-                             rec["intermediate_size"], 2048)
-            if "params" in rec and spec.num_params != rec["params"]:
-                raise ValueError(f"{path}:{lineno}: model {rec['model']}: ModelSpec counts "
-                                 f"{spec.num_params} parameters, the file says {rec['params']}")
-            models[rec["model"]] = spec
-        elif kind in ("run", "decode") and rec.get("oom"):
-            continue
-        elif kind == "decode":
-            decodes.append(DecodePoint(rec["model"], rec["batch"], rec["context"],
-                                       float(rec["s_step"])))
-        elif kind == "run":
-            generate = rec["phase"] == "generate"
-            runs.append(RunPoint(rec["model"], rec["phase"], rec["batch"],
-                                 rec["prompt"] if generate else rec["seq"],
-                                 rec.get("new", 0) if generate else 0,
-                                 float(rec["s"]), int(rec["peak_gib"] * GiB)))
-        elif kind == "hw" and rec.get("what", "").startswith("bf16_matmul"):
-            tflops = float(rec["tflops"])
-        elif kind == "hw" and rec.get("what", "").startswith("d2d_copy"):
-            gbps = float(rec["gbps_rw"])
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+        try:
+            tflops, gbps = _read_record(rec, path, lineno, models, runs, decodes, tflops, gbps)
+        except KeyError as e:
+            raise ValueError(f"{path}:{lineno}: {rec.get('kind')} record lacks the field "
+                             f"{e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            if str(e).startswith(f"{path}:"):
+                raise
+            raise ValueError(f"{path}:{lineno}: {rec.get('kind')} record has a field of the "
+                             f"wrong type ({e})") from None
     unknown = {r.model for r in [*runs, *decodes]} - set(models)
     if unknown:
         raise ValueError(f"{path}: runs of models without a model record: {sorted(unknown)}")
     return Calibration(tuple(models.items()), tuple(runs), tflops, gbps, tuple(decodes))
+
+
+def _read_record(rec: dict[str, Any], path: str | Path, lineno: int,
+                 models: dict[str, ModelSpec], runs: list[RunPoint],
+                 decodes: list[DecodePoint], tflops: float,
+                 gbps: float) -> tuple[float, float]:
+    """Add one record of a calibration file; returns the (tflops, gbps) seen so far."""
+    kind = rec.get("kind")
+    if kind == "model":
+        spec = ModelSpec("llama", rec["vocab"], rec["hidden_size"], rec["num_hidden_layers"],
+                         rec["num_attention_heads"], rec["num_key_value_heads"],
+                         rec["intermediate_size"], 2048)
+        if "params" in rec and spec.num_params != rec["params"]:
+            raise ValueError(f"{path}:{lineno}: model {rec['model']}: ModelSpec counts "
+                             f"{spec.num_params} parameters, the file says {rec['params']}")
+        models[rec["model"]] = spec
+    elif kind in ("run", "decode") and rec.get("oom"):
+        pass
+    elif kind == "decode":
+        decodes.append(DecodePoint(rec["model"], rec["batch"], rec["context"],
+                                   float(rec["s_step"])))
+    elif kind == "run":
+        generate = rec["phase"] == "generate"
+        runs.append(RunPoint(rec["model"], rec["phase"], rec["batch"],
+                             rec["prompt"] if generate else rec["seq"],
+                             rec.get("new", 0) if generate else 0,
+                             float(rec["s"]), int(rec["peak_gib"] * GiB)))
+    elif kind == "hw" and rec.get("what", "").startswith("bf16_matmul"):
+        tflops = float(rec["tflops"])
+    elif kind == "hw" and rec.get("what", "").startswith("d2d_copy"):
+        gbps = float(rec["gbps_rw"])
+    return tflops, gbps
 
 
 def load_all(paths: Sequence[str | Path]) -> Calibration:

@@ -11,32 +11,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from .errors import GraphRLError, UsageError
+from .error_report import ArgumentParser, guarded, split_debug
+from .example_file import load_example
 from .experiment import Experiment, RunOptions, add_run_options, run_options
 
 DESCRIPTION = """graphrl: trace an RLHF step (PPO, GRPO) into a dataflow graph, compile it
 and run it. An EXAMPLE is a Python file defining build(options) -> Experiment, such as
-examples/ppo.py and examples/grpo.py."""
-
-
-def load_example(path: str) -> Callable[[RunOptions], Experiment]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"no such example file: {path}")
-    spec = importlib.util.spec_from_file_location(f"graphrl_example_{file.stem}", file)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"{path} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    build = getattr(module, "build", None)
-    if not callable(build):
-        raise UsageError(f"{path} defines no build(options) -> Experiment function")
-    return build
+examples/ppo.py and examples/grpo.py. `graphrl run/show/compile/compare EXAMPLE.py`
+executes EXAMPLE.py as Python: run only files you trust. --debug (anywhere) prints full
+tracebacks."""
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -50,15 +36,9 @@ def _run(ns: argparse.Namespace) -> int:
 def _show(ns: argparse.Namespace) -> int:
     if ns.example.endswith(".json"):
         from .dump import plan_text
-        from .plan import Plan
+        from .plan_file import load_plan
 
-        try:
-            plan = Plan.from_json(Path(ns.example).read_text())
-        except OSError as e:
-            raise UsageError(f"{ns.example}: {e.strerror}") from None
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"{ns.example} is not a graphrl plan: {e}") from None
-        print(plan_text(plan), end="")
+        print(plan_text(load_plan(ns.example)), end="")
         return 0
     build = load_example(ns.example)
     print(build(run_options(ns)).program().graph.text(), end="")
@@ -91,13 +71,15 @@ def _estimate(argv: Sequence[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graphrl", description=DESCRIPTION)
+    p = ArgumentParser(prog="graphrl", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="run an example's RL loop (local or Ray backend)",
                          description="Run EXAMPLE for N iterations with a progress bar, "
                                      "then print a summary (reward first/last 5, seconds "
                                      "per call; on Ray, predicted vs measured seconds per "
-                                     "call and reshard bytes).")
+                                     "call and reshard bytes). EXAMPLE.py is executed as "
+                                     "Python: run only files you trust.")
     run.add_argument("example", metavar="EXAMPLE.py")
     add_run_options(run)
     run.set_defaults(func=_run)
@@ -143,44 +125,32 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["estimate"]:
-        return _guarded(lambda: _estimate(argv[1:]))
+        return guarded(lambda: _estimate(argv[1:]), debug=debug)
     p = parser()
+    return guarded(lambda: _dispatch(p, argv), debug=debug)
+
+
+def _dispatch(p: argparse.ArgumentParser, argv: list[str]) -> int:
     ns = p.parse_args(argv)
-    return _guarded(lambda: ns.func(ns), p)
+    return ns.func(ns)
 
 
 def example_main(build: Callable[[RunOptions], Experiment],
                  argv: Sequence[str] | None = None) -> int:
     """Entry point of `python examples/NAME.py [run options]`."""
-    p = argparse.ArgumentParser(description=(build.__doc__ or "").strip() or None)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
+    p = ArgumentParser(description=(build.__doc__ or "").strip() or None)
     add_run_options(p)
-    ns = p.parse_args(argv)
 
     def go() -> int:
         from .runner import run_experiment
 
+        ns = p.parse_args(argv)
         run_experiment(build(run_options(ns)), run_options(ns))
         return 0
-    return _guarded(go, p)
-
-
-def _guarded(fn: Callable[[], Any], p: argparse.ArgumentParser | None = None) -> int:
-    """graphrl errors become one clear line (exit 2 for usage, 1 otherwise); Ctrl-C 130."""
-    try:
-        return int(fn() or 0)
-    except UsageError as e:
-        if p is not None:
-            p.print_usage(sys.stderr)
-        print(f"graphrl: error: {e}", file=sys.stderr)
-        return 2
-    except GraphRLError as e:
-        print(f"graphrl: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("graphrl: interrupted", file=sys.stderr)
-        return 130
+    return guarded(go, debug=debug)
 
 
 if __name__ == "__main__":

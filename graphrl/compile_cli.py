@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .placement_file import POLICY_NAMES, cluster_of, gen_engine, load_placement
 
-POLICY_NAMES = ("auto", "colocate-all", "split", "hybridflow")
+__all__ = ["POLICY_NAMES", "add_compile_options", "compile_main", "compare_main",
+           "compare_rows", "cluster_of", "gen_engine", "load_placement"]
+
 
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:
@@ -22,38 +24,6 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", metavar="FILE",
                    help="pin calls: YAML or JSON, one entry per call, e.g. "
                         "'policy.train: {gpus: \"0-15\", dp: 16, zero: 3}'")
-
-
-def load_placement(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--placement {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:  # one line: where, and what the parser expected
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"--placement {path}: not YAML or JSON{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--placement {path}: expected a mapping of call -> placement")
-    return data
-
-
-def cluster_of(text: str):
-    from .cluster import ClusterSpec
-
-    try:
-        return ClusterSpec.parse(text)
-    except ValueError as e:
-        raise UsageError(f"--cluster: {e}") from None
-
-
-def gen_engine(ns: argparse.Namespace, planning: bool) -> str:
-    return ns.gen_engine or ("graph" if planning else "hf")
 
 
 def format_table(compiled: Any) -> str:
@@ -78,6 +48,10 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
     from .experiment import run_options
 
+    from .outputs import check_output_dir
+
+    if ns.dump:  # before compiling: say now, not after the search, that DIR is unusable
+        check_output_dir("--dump", ns.dump)
     opts = run_options(ns)
     exp = build(opts)
     exp.check_roles(opts)
@@ -85,7 +59,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     dump = Path(ns.dump) if ns.dump else None
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
-                             gen_engine=gen_engine(ns, opts.planning_only), dump_dir=dump)
+                             gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
+                             dump_dir=dump)
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
@@ -130,7 +105,7 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     exp.check_roles(opts)
     graph = exp.program().graph
     cluster = cluster_of(ns.cluster)
-    rows = compare_rows(graph, cluster, gen_engine(ns, opts.planning_only),
+    rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
                         load_placement(ns.placement))
     if ns.json:
         print(json.dumps(rows, indent=1))

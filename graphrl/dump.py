@@ -459,9 +459,11 @@ def write_dumps(plan: Plan, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "plan.txt", out / "plan.json", out / "plan.dot"]
-    paths[0].write_text(plan_text(plan), encoding="utf-8")
-    paths[1].write_text(plan.to_json(), encoding="utf-8")
-    paths[2].write_text(plan_dot(plan), encoding="utf-8")
+    from .outputs import atomic_write_text
+
+    atomic_write_text(paths[0], plan_text(plan))
+    atomic_write_text(paths[1], plan.to_json())
+    atomic_write_text(paths[2], plan_dot(plan))
     try:
         events, _ = simulate(plan)
     except ValueError as e:

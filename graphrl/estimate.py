@@ -18,6 +18,8 @@ from typing import Any
 from .cluster import GPU_TYPES, gpu_type
 from .cost import ENGINES, PHASES, CallCost, estimate
 from .argtypes import int_at_least
+from .error_report import ArgumentParser
+from .errors import UsageError
 from .parallel import Strategy
 from .types import HEADS, ModelSpec
 
@@ -36,7 +38,7 @@ def _gpu(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG, description="Predict seconds and peak memory per GPU of one model call "
                                "with graphrl's analytic cost model (graphrl.cost).")
     p.add_argument("--model-config", required=True, metavar="CONFIG.json",
@@ -67,21 +69,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_spec(path: str, head: str) -> ModelSpec:
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except OSError as e:
-        raise ValueError(f"cannot read model config {path!r}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model config {path!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"model config {path!r} is not a JSON object")
-    try:
-        return ModelSpec.from_hf_config(config, head=head)
-    except KeyError as e:
-        raise ValueError(f"model config {path!r} lacks the key {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model config {path!r}: {e}") from None
+    from .model_config import load_hf_config
+
+    return ModelSpec.from_hf_config(load_hf_config(path), head=head)
 
 
 def result_dict(spec: ModelSpec, args: argparse.Namespace, strategy: Strategy,
@@ -123,8 +113,15 @@ def table_text(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 2 with usage and one `graphrl: error:` line for bad input."""
+    from .error_report import guarded
+
     p = parser()
-    args = p.parse_args(argv)          # bad arguments: usage + exit 2
+    return guarded(lambda: _main(p, argv))
+
+
+def _main(p: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = p.parse_args(argv)
     if args.phase == "generate" and not args.new_tokens:
         p.error("--phase generate needs --new-tokens >= 1")
     if args.phase != "generate" and args.new_tokens:
@@ -133,15 +130,31 @@ def main(argv: list[str] | None = None) -> int:
         strategy = Strategy(dp=args.dp, tp=args.tp, pp=args.pp,
                             micro_batches=args.micro_batches, zero=args.zero)
         spec = _load_spec(args.model_config, args.head)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_strategy(spec, strategy)
+    try:
         cost = estimate(spec, args.phase, args.batch, args.seq, strategy, gpu_type(args.gpu),
                         new_tokens=args.new_tokens or 0, engine=args.engine,
                         gpus_per_node=args.gpus_per_node)
     except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     result = result_dict(spec, args, strategy, cost)
     print(json.dumps(result, indent=2) if args.json else table_text(result))
     return 0
+
+
+def check_strategy(spec: ModelSpec, strategy: Strategy) -> None:
+    """Degrees the model's shape allows: tp divides the attention heads (and the KV heads,
+    Megatron-LM's GQA split), pp at most the layers."""
+    if spec.num_heads % strategy.tp:
+        raise UsageError(f"--tp {strategy.tp} does not divide the model's "
+                         f"{spec.num_heads} attention heads")
+    if spec.num_kv_heads % strategy.tp and strategy.tp % spec.num_kv_heads:
+        raise UsageError(f"--tp {strategy.tp} and the model's {spec.num_kv_heads} key/value "
+                         "heads: one must divide the other")
+    if strategy.pp > spec.num_layers:
+        raise UsageError(f"--pp {strategy.pp} exceeds the model's {spec.num_layers} layers")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .argtypes import positive_int
+from .argtypes import positive_int, positive_seconds
 from .errors import UsageError
 
 from .trace import Model, Program, trace
@@ -42,14 +41,19 @@ class RunOptions:
     save: str | None = None              # write the trained models here (HF directories)
     reward: str | None = None            # FILE.py:FUNCTION, a reward over text
     run_dir: str = "runs"                # where examples write what they generate
+    overwrite: bool = False              # --metrics may replace an earlier run's file
+    call_timeout: float | None = None    # ray: seconds one wait may take (None: from plan)
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
         if not self.model_size:
             return {}
         out = {}
-        for part in filter(None, (p.strip() for p in self.model_size.split(","))):
-            role, _, size = part.rpartition("=")
+        for part in (p.strip() for p in self.model_size.split(",")):
+            role, sep, size = part.rpartition("=")
+            if not size or (sep and not role):
+                raise UsageError(f"--model-size {self.model_size}: expected SIZE or "
+                                 "ROLE=SIZE[,ROLE=SIZE...], e.g. policy=70b,reward=7b")
             out[role or "*"] = size
         return out
 
@@ -57,8 +61,7 @@ class RunOptions:
         """The config a role's model uses: --model ROLE=DIR (a local Hugging Face model
         directory), else --model-config ROLE=FILE, else --model-size, else the example's
         default."""
-        import json
-
+        from .model_config import load_hf_config
         from .types import llama2
 
         dirs = dict(self.model_dirs)
@@ -67,9 +70,9 @@ class RunOptions:
         configs = dict(self.model_config)
         if role in configs:
             try:
-                return json.loads(Path(configs[role]).read_text())
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--model-config {role}={configs[role]}: {e}") from None
+                return dict(load_hf_config(configs[role]))
+            except ValueError as e:
+                raise UsageError(f"--model-config {role}={e}") from None
         sizes = self.sizes()
         size = sizes.get(role, sizes.get("*"))
         if size is None:
@@ -140,6 +143,8 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--metrics", metavar="FILE",
                    help="write one JSON line per iteration (iteration, reward_mean, "
                         "step_seconds, seconds per call, losses)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --metrics replace an existing file (refused otherwise)")
     p.add_argument("--trace", metavar="FILE",
                    help="write the measured timeline as Chrome trace JSON (open in "
                         "ui.perfetto.dev)")
@@ -183,7 +188,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
-    from .compile_cli import POLICY_NAMES
+    from .placement_file import POLICY_NAMES
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="local",
@@ -200,6 +205,9 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", metavar="ADDR",
                    help="ray: join the Ray cluster at ADDR (e.g. auto, or host:6379 after "
                         "`ray start --head`) instead of starting a local one")
+    g.add_argument("--call-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="ray: the longest one wait on a worker may take (default: 10x the "
+                        "plan's longest predicted call, at least 120 s)")
 
 
 def _role_paths(items: list[str], flag: str = "--model-config",
@@ -215,15 +223,16 @@ def _role_paths(items: list[str], flag: str = "--model-config",
 
 def run_options(ns: argparse.Namespace) -> RunOptions:
     backend = getattr(ns, "backend", None) or "local"
-    ray_opts = {k: getattr(ns, k, None) for k in ("cluster", "policy", "placement", "address")}
+    ray_opts = {k: getattr(ns, k, None)
+                for k in ("cluster", "policy", "placement", "address", "call_timeout")}
     if backend == "local" and hasattr(ns, "backend"):
-        given = [f"--{k}" for k, v in ray_opts.items() if v is not None]
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_opts.items() if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to "
                              "--backend ray")
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
                       ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
-                      ns.response_len, backend=backend,
+                      ns.response_len, backend=backend, overwrite=ns.overwrite,
                       model_dirs=_role_paths(getattr(ns, "model_dirs", []), "--model", "DIR"),
                       data=getattr(ns, "data", None),
                       prompt_field=getattr(ns, "prompt_field", "prompt"),

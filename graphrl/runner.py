@@ -1,7 +1,6 @@
 """Run an Experiment for N iterations on a backend: progress bar, metrics, trace, summary."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -107,14 +106,20 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         raise UsageError(f"--model-size {opts.model_size} plans full-size models for graphrl "
                          "compile/compare; they are not run here (run the examples at their "
                          "own size, or give small configs with --model-config ROLE=FILE)")
+    from .outputs import MetricsLog, check_output_file
+
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
     if opts.save:
         check_save_target(opts.save)
+    if opts.trace:  # before any work: a long run must not die at the end on its trace path
+        check_output_file("--trace", opts.trace)
     program = exp.program()
     owned = executor is None
-    metrics = None
+    metrics = MetricsLog(opts.metrics, overwrite=opts.overwrite) if opts.metrics else None
+    prepared: dict[str, float] = {}
+    finished = False
     bar = None
     rows: list[dict[str, Any]] = []
     events: list[Event] = []
@@ -126,7 +131,6 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if prepared and not opts.quiet:
             print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                           prepared.items()), file=out)
-        metrics = open(opts.metrics, "w") if opts.metrics else None
         bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
                    dynamic_ncols=True, file=sys.stderr)
         for i in bar:
@@ -135,8 +139,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             rows.append(row)
             events.extend(result.events)
             if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                metrics.write(row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
         report = getattr(executor, "summary_lines", None)
         if report is not None:
@@ -144,6 +147,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if opts.save:
             saved = save_run(program, executor, opts.save)
             extra.append("  saved: " + ", ".join(saved))
+        finished = True
     finally:
         if bar is not None:
             bar.close()
@@ -151,8 +155,13 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             metrics.close()
         if owned and executor is not None:
             executor.close()
-    if opts.trace:
-        write_chrome_trace(opts.trace, events, source="measured")
+        if opts.trace:  # also when the run failed or was interrupted: what was measured
+            write_chrome_trace(opts.trace, events, source="measured")
+        if not finished and rows:
+            partial = RunSummary(tuple(rows), tuple(events), prepared,
+                                 time.perf_counter() - start)
+            print(f"[{exp.name}] stopped early; the completed iterations:\n"
+                  + format_summary(exp.name, partial, opts), file=out)
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
     print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary

@@ -40,7 +40,9 @@ def chrome_trace(events: Iterable[Event], source: str) -> dict:
 
 
 def write_chrome_trace(path: str | Path, events: Iterable[Event], source: str) -> None:
-    Path(path).write_text(json.dumps(chrome_trace(events, source), indent=1))
+    from .outputs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(chrome_trace(events, source), indent=1))
 
 
 def read_chrome_trace(path: str | Path) -> list[Event]:

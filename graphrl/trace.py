@@ -22,6 +22,7 @@ from .errors import TraceError
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
 from .hf_dir import is_model_dir, read_config
 from .printer import format_attr
+from .train_options import check_train_options
 from .types import Field, ModelSpec, PayloadSpec, weights_spec
 
 
@@ -239,6 +240,8 @@ class Tracer:
         if loss not in sig.LOSSES:
             raise TraceError(f"{where}: unknown loss {loss!r} (known: {', '.join(sig.LOSSES)})")
         wanted, _ = sig.LOSSES[loss]
+        check_train_options(where, loss, {k: v for k, v in kwargs.items()
+                                          if k not in dict(wanted)})
         missing = [k for k, _ in wanted if k not in kwargs]
         if missing:
             raise TraceError(f"{where}: loss {loss!r} needs argument(s) {', '.join(missing)} "
@@ -325,6 +328,12 @@ def trace(step: Callable[..., Any], models: list[Model], name: str | None = None
                                                   for v in result.values()):
         raise TraceError(f"step {name} must return a dict of traced payloads, e.g. "
                          "{'score': scores}")
+    seen: dict[str, str] = {}
+    for key, value in result.items():
+        if value.name in seen:
+            raise TraceError(f"step {name}: outputs {seen[value.name]!r} and {key!r} are the "
+                             "same value; return each payload once")
+        seen[value.name] = key
     graph = tracer.graph([v.name for v in result.values()])
     for key, value in result.items():
         if f"%{key}" != value.name:

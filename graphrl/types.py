@@ -152,7 +152,10 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: Any, head: str = "lm") -> "ModelSpec":
         """From a transformers config object or its dict (config.json contents)."""
-        c: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
+        from .model_config import check_hf_config
+
+        c = check_hf_config(config if isinstance(config, Mapping) or not hasattr(
+            config, "to_dict") else config.to_dict())
         model_type = c.get("model_type", "llama")
         if model_type == "gpt2":
             h = c["n_embd"]

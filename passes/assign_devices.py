@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from graphrl.cluster import ClusterSpec
 from graphrl.errors import UsageError
 from graphrl.graph import CALL, Graph, Node, Placement
+from graphrl.nearest import suggest
 from graphrl.parallel import DeviceMesh
 
 from .base import PassContext
@@ -62,8 +63,8 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
     pins: dict[str, Pin] = {}
     for call, entry in entries.items():
         if call not in calls:
-            raise UsageError(f"placement {call!r}: no such call in @{graph.name} "
-                             f"(calls: {', '.join(calls)})")
+            raise UsageError(f"placement {call!r}: no such call in @{graph.name}"
+                             f"{suggest(call, calls)} (calls: {', '.join(calls)})")
         if not isinstance(entry, Mapping):
             raise UsageError(f"placement {call!r}: expected a mapping of {', '.join(PIN_KEYS)}")
         bad = sorted(set(entry) - set(PIN_KEYS))

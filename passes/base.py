@@ -18,6 +18,7 @@ from graphrl.cluster import ClusterSpec
 from graphrl.cost import CALIBRATED, CostParams
 from graphrl.errors import UsageError
 from graphrl.graph import Graph
+from graphrl.outputs import atomic_write_text
 from graphrl.verify import verify_graph
 
 from .search import Pin
@@ -85,7 +86,7 @@ def run_pipeline(graph: Graph, passes: list[Any], ctx: PassContext,
     """Run passes in order; verify after each (ctx.check), dump and time each."""
     if ctx.dump_dir is not None:
         ctx.dump_dir.mkdir(parents=True, exist_ok=True)
-        (ctx.dump_dir / "000_traced.txt").write_text(graph.text())
+        atomic_write_text(ctx.dump_dir / "000_traced.txt", graph.text())
     for i, p in enumerate(passes, start=1):
         t0 = time.perf_counter()
         graph = p.run(graph, ctx)
@@ -93,7 +94,7 @@ def run_pipeline(graph: Graph, passes: list[Any], ctx: PassContext,
         if ctx.check:
             verify_graph(graph)
         if ctx.dump_dir is not None:
-            (ctx.dump_dir / f"{i:03d}_{p.name}.txt").write_text(graph.text())
+            atomic_write_text(ctx.dump_dir / f"{i:03d}_{p.name}.txt", graph.text())
         if on_pass is not None:
             on_pass(p.name, graph)
     return graph

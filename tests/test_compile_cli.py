@@ -118,7 +118,7 @@ def test_bad_cluster_is_one_line_listing_the_presets(capsys):
     ("- policy.train\n", "placement.yaml: expected a mapping of call -> placement"),
     ("policy.sample: {gpus: 0-3}\n", "placement 'policy.sample': no such call"),
     ('{"policy.train": {"gpus": "0-3", "tp": "four"}}',
-     "placement 'policy.train': tp must be an integer, got 'four'"),
+     "policy.train: tp must be an integer, got a str"),
 ])
 def test_bad_placement_file_is_a_clear_error(tmp_path, capsys, content, expected):
     path = tmp_path / "placement.yaml"

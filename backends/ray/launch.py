@@ -21,12 +21,27 @@ DEFAULT_CLUSTER = "1x4xcpu"
 
 
 def compile_for(program: Any, opts: RunOptions) -> Any:
-    from graphrl.compile_cli import cluster_of, load_placement
+    from graphrl.placement_file import cluster_of, load_placement
     from graphrl.compiler import compile_graph
 
     return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
                          opts.policy or "auto", placement=load_placement(opts.placement),
                          gen_engine="hf")
+
+
+# One wait on a worker may take WAIT_FACTOR x the plan's longest predicted instruction, and
+# never less than WAIT_FLOOR_S (start-up, first-call compilation, a slow shared machine).
+WAIT_FLOOR_S = 120.0
+WAIT_FACTOR = 10.0
+
+
+def wait_deadline(plan: Any, requested: Optional[float] = None) -> float:
+    """Seconds one wait of the executor may take: --call-timeout when given, else derived
+    from the plan's predicted instruction times, so a 100 s train call is not cut off."""
+    if requested is not None:
+        return float(requested)
+    longest = max((i.seconds for s in plan.streams for i in s.instrs), default=0.0)
+    return max(WAIT_FLOOR_S, WAIT_FACTOR * longest)
 
 
 def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
@@ -36,6 +51,10 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
     from .cluster import start_ray
     from .executor import RayExecutor
 
+    if opts.address and not ray.is_initialized():
+        from .address import check_address
+
+        check_address(opts.address)
     compiled = compile_for(program, opts)
     plan = compiled.plan
     if out is not None:
@@ -53,8 +72,9 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
                                  f"{str(e).strip().splitlines()[0]}") from e
     local = opts.address is None
     env = {"GLOO_SOCKET_IFNAME": "lo"} if local and sys.platform.startswith("linux") else {}
+    kw.setdefault("timeout_s", wait_deadline(plan, opts.call_timeout))
     return RayExecutor(program, plan, seed=opts.seed, device=opts.device, session=session,
                        store_host="127.0.0.1" if local else None, env=env, **kw)
 
 
-__all__ = ["start_executor", "compile_for", "DEFAULT_CLUSTER"]
+__all__ = ["start_executor", "compile_for", "wait_deadline", "DEFAULT_CLUSTER"]

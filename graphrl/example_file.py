@@ -1,0 +1,60 @@
+"""Load an example file (`graphrl run FILE.py` executes FILE as Python) and check what its
+build(options) returns, and that the options name only the example's models."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UsageError
+from .nearest import suggest
+
+
+def load_example(path: str) -> Callable[[Any], Any]:
+    """The example's build(options), wrapped so that it returns a checked Experiment."""
+    file = Path(path)
+    if file.suffix != ".py":
+        raise UsageError(f"{path}: an example is a Python file (.py) defining "
+                         "build(options) -> Experiment")
+    if not file.is_file():
+        raise UsageError(f"no such example file: {path}")
+    spec = importlib.util.spec_from_file_location(f"graphrl_example_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        source = file.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if b"\0" in source:
+        raise UsageError(f"{path} is not a Python file (it contains NUL bytes)")
+    spec.loader.exec_module(module)  # errors here are the user's: reported with their frames
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise UsageError(f"{path} defines no build(options) -> Experiment function")
+
+    def checked_build(options: Any) -> Any:
+        from .experiment import Experiment
+
+        exp = build(options)
+        if not isinstance(exp, Experiment):
+            raise UsageError(f"{path}: build(options) returned {type(exp).__name__}, "
+                             "expected a graphrl Experiment")
+        check_roles(exp, options)
+        return exp
+    checked_build.__doc__ = build.__doc__
+    return checked_build
+
+
+def check_roles(exp: Any, options: Any) -> None:
+    """--model-size and --model-config may only name the example's models."""
+    roles = [m.name for m in exp.models]
+    named = [("--model-size", r) for r in options.sizes() if r != "*"]
+    named += [("--model-config", r) for r, _ in options.model_config]
+    for flag, role in named:
+        if role not in roles:
+            raise UsageError(f"{flag}: {exp.name} has no model {role!r}{suggest(role, roles)} "
+                             f"(its models: {', '.join(roles)})")
+
+
+__all__ = ["load_example", "check_roles"]
