@@ -37,6 +37,7 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
 from ..losses import LOSS_FUNCTIONS
+from .base import loss_tokens
 from .hf import DEFAULTS, build_module, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
@@ -449,7 +450,7 @@ class MegatronEngine:
         mbs = [{k: {f: t[mine[s]] for f, t in p.items()} for k, p in inputs.items()}
                for s in self._split(mine.numel(), m, "train (micro-batches)")]
         fed = sorted(k for k in inputs if "tokens" in inputs[k])   # what the loss forwards
-        weights = torch.tensor([self._loss_tokens(mb) for mb in mbs], dtype=torch.float64)
+        weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
         total = weights.sum().clone()
         if self.dp > 1:
             dist.all_reduce(total, group=self.groups["dp"])
@@ -489,14 +490,6 @@ class MegatronEngine:
         self._finish_grads()
         opt.step()
         return self._reduce_stats(stat_sums)
-
-    def _loss_tokens(self, mb: Mapping[str, Mapping[str, Any]]) -> float:
-        """How much of the minibatch's loss a micro-batch carries: its response tokens
-        (masked-mean losses), else its rows (pairwise losses)."""
-        r = mb.get("rollout")
-        if r is not None and "response_mask" in r:
-            return float(r["response_mask"].sum())
-        return float(next(iter(next(iter(mb.values())).values())).shape[0])
 
     def _reduce_stats(self, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Weighted stats from the last stage, summed over dp, on every rank."""
