@@ -42,6 +42,10 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                       dump_dir=Path(dump_dir) if dump_dir else None)
     passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
     placed = run_pipeline(graph, passes, ctx)
+    from .engines import resolve_engines, with_engines
+
+    placed = with_engines(placed, pins)
+    resolve_engines(placed)   # refuses a strategy no engine of its call can run
     t0 = time.perf_counter()
     plan = lower(placed, ctx)
     ctx.timings.append(("lower", time.perf_counter() - t0))

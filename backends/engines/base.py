@@ -50,6 +50,13 @@ def loss_tokens(mb: Mapping[str, Mapping[str, Any]]) -> float:
     return float(next(iter(next(iter(mb.values())).values())).shape[0])
 
 
+def fit_micro_batches(rows: int, planned: int) -> int:
+    """The micro-batches a split engine runs: the plan's count, or the largest count below
+    it that divides the rows it has (the plan's count is sized for the planning batch,
+    not every batch); engines report the count they ran."""
+    return max(k for k in range(1, max(1, min(planned, rows)) + 1) if rows % k == 0)
+
+
 def create_engine(engine: str, decl: Any, options: Mapping[str, Any], device: str,
                   seed: int) -> ModelEngine:
     """Build the engine a ModelDecl names (`hf`)."""

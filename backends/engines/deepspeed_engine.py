@@ -29,7 +29,7 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
 from ..losses import LOSS_FUNCTIONS
-from .base import loss_tokens
+from .base import fit_micro_batches, loss_tokens
 from .hf import HFEngine
 
 
@@ -88,6 +88,7 @@ class DeepSpeedEngine:
         self.ranks, self.rank, self.group = tuple(ranks), rank, group
         self.dp, self.dp_rank = len(self.ranks), self.ranks.index(rank)
         self.micro_batches, self.device_name, self.seed = micro_batches, device, seed
+        self.ran_micro_batches = micro_batches
         self.options = dict(options)
         self.self_group = self_group
         self.version = 0
@@ -179,11 +180,12 @@ class DeepSpeedEngine:
 
     def _minibatch(self, loss_fn: Any, inputs: Mapping[str, Mapping[str, Any]],
                    idx: torch.Tensor, hyper: Mapping[str, Any]) -> dict[str, float]:
-        m = self.micro_batches
         mine = idx[self._slice(idx.numel(), "train")]
-        if mine.numel() % m:
-            raise UsageError(f"{self.decl.name}.train: {mine.numel()} rows per rank do not "
-                             f"split into {m} micro-batches")
+        m = fit_micro_batches(mine.numel(), self.micro_batches)
+        if self.zero != 3 and m != self.ds.gradient_accumulation_steps():
+            # DeepSpeed's public setter: train batch = micro (1) x accumulation x dp
+            self.ds.set_train_batch_size(m * self.dp)
+        self.ran_micro_batches = m
         k = mine.numel() // m
         mbs = [{key: {f: self.hf._to(t[mine[i * k:(i + 1) * k]]) for f, t in p.items()}
                 for key, p in inputs.items()} for i in range(m)]
@@ -264,7 +266,7 @@ class DeepSpeedEngine:
     def degrees(self) -> dict[str, Any]:
         return {"engine": "deepspeed", "dp": self.dp, "tp": 1, "pp": 1, "sp": False,
                 "zero": self.zero, "offload": self.offload,
-                "micro_batches": self.micro_batches}
+                "micro_batches": self.ran_micro_batches}
 
 
 def _tied(module: torch.nn.Module, name: str) -> torch.nn.Parameter:

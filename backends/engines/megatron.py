@@ -35,42 +35,13 @@ from torch import nn
 
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
+from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-export)
 
 from ..losses import LOSS_FUNCTIONS
-from .base import loss_tokens
+from .base import fit_micro_batches, loss_tokens
 from .hf import DEFAULTS, build_module, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
-
-GROUP_KINDS = ("tp", "pp", "dp", "embd", "cp")
-
-
-def megatron_groups(gpus: Sequence[int], dp: int, tp: int, pp: int
-                    ) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Every process group an engine over `gpus` needs, by kind: tensor-, pipeline- and
-    data-parallel groups, the embedding groups (first and last stage of each pipeline:
-    tied embeddings), and one-rank context-parallel groups (megatron-core asks for one).
-    Every rank of the world must create all of them, in this order."""
-    if len(gpus) != dp * tp * pp:
-        raise UsageError(f"mesh of {len(gpus)} GPUs != dp {dp} x tp {tp} x pp {pp}")
-
-    def at(d: int, p: int, t: int) -> int:
-        return gpus[(d * pp + p) * tp + t]
-
-    out: dict[str, list[tuple[int, ...]]] = {k: [] for k in GROUP_KINDS}
-    for d in range(dp):
-        for p in range(pp):
-            out["tp"].append(tuple(at(d, p, t) for t in range(tp)))
-        for t in range(tp):
-            stages = tuple(at(d, p, t) for p in range(pp))
-            out["pp"].append(stages)
-            out["embd"].append(tuple(dict.fromkeys((stages[0], stages[-1]))))
-    for p in range(pp):
-        for t in range(tp):
-            out["dp"].append(tuple(at(d, p, t) for d in range(dp)))
-    out["cp"] = [(g,) for g in gpus]
-    return {k: tuple(v) for k, v in out.items()}
-
 
 def _rope_theta(config: Any) -> float:
     theta = getattr(config, "rope_theta", None)
@@ -139,7 +110,7 @@ class MegatronEngine:
             allow_cpu()
         self.ranks, self.rank = tuple(ranks), rank
         self.dp, self.tp, self.pp, self.zero = dp, tp, pp, zero
-        self.micro_batches = micro_batches
+        self.micro_batches = self.ran_micro_batches = micro_batches
         self.sp = bool(sequence_parallel and tp > 1)
         self.groups = dict(groups)
         local = self.ranks.index(rank)
@@ -446,7 +417,7 @@ class MegatronEngine:
         opt = self._optimizer()
         opt.zero_grad(set_to_none=True)
         mine = idx[self._split(idx.numel(), self.dp, "train")[self.dp_rank]]
-        m = self.micro_batches
+        m = self.ran_micro_batches = fit_micro_batches(mine.numel(), self.micro_batches)
         mbs = [{k: {f: t[mine[s]] for f, t in p.items()} for k, p in inputs.items()}
                for s in self._split(mine.numel(), m, "train (micro-batches)")]
         fed = sorted(k for k in inputs if "tokens" in inputs[k])   # what the loss forwards
@@ -536,7 +507,7 @@ class MegatronEngine:
     def degrees(self) -> dict[str, Any]:
         """What this engine runs: its engine name and parallel degrees."""
         return {"engine": "megatron", "dp": self.dp, "tp": self.tp, "pp": self.pp,
-                "sp": self.sp, "zero": self.zero, "micro_batches": self.micro_batches}
+                "sp": self.sp, "zero": self.zero, "micro_batches": self.ran_micro_batches}
 
 
 __all__ = ["MegatronEngine", "megatron_groups", "GROUP_KINDS"]

@@ -375,6 +375,9 @@ class RayExecutor:
             return
         batch = self.graph.value(n.inputs[1]).spec.batch
         samples = int(n.attr("samples", 1)) if n.target == "generate" else 1
+        if spec.kind in ("megatron", "deepspeed"):   # every rank takes the whole batch
+            self._run_whole(n, data[0], common, batch, env)
+            return
         collective = spec.kind == "fsdp"
         if collective and batch < len(ranks):
             raise ExecutionError(f"node {n.name} ({n.call}): batch {batch} is smaller than "
@@ -392,6 +395,20 @@ class RayExecutor:
             stamps.append(s)
             bounds.append((lo * samples, hi * samples))
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
+
+    def _run_whole(self, n: Node, v: _Value, common: dict, batch: int,
+                   env: dict[str, _Value]) -> None:
+        """A forward on a megatron / DeepSpeed engine: a collective of the mesh; each rank
+        gets the whole batch, splits it by its own coordinates and returns the whole
+        result (the first rank's is used; every rank's call is awaited)."""
+        results, stamps = [], []
+        for rank in n.placement.mesh.gpus:
+            cs = CallSpec(inputs=(InputSpec(len(v.parts), v.bounds[0][0]),), rows=(0, batch),
+                          total=batch, **common)
+            r, s = self._submit(rank, "run", n, cs, *v.parts)
+            results.append(r)
+            stamps.append(s)
+        env[n.outputs[0].name] = _Value(parts=results[:1], bounds=[(0, batch)], stamps=stamps)
 
     def _to_refs(self, v: _Value) -> None:
         """A driver-side payload becomes one Ray object (put once, read by every rank)."""
@@ -550,9 +567,26 @@ class RayExecutor:
         """Call -> predicted seconds per step (graphrl.simulate's timeline)."""
         return predicted_call_seconds(self.plan)
 
+    def call_engines(self) -> dict[str, dict[str, Any]]:
+        """Call -> the engine that ran it and its degrees, beside the planned strategy
+        (micro-batches as last run)."""
+        out = {}
+        for n in self.graph.nodes:
+            key = self.engines.node_engine.get(n.name)
+            if key is None:
+                continue
+            eng = self.group.call("degrees", key, on=[self.engines.specs[key].gpus[0]])
+            out[n.call] = {"planned": n.placement.strategy.text(),
+                           "mesh": n.placement.mesh.text(), **next(iter(eng.values()))}
+        return out
+
     def summary_lines(self, events: Sequence[Event], steps: int) -> list[str]:
-        """Predicted vs measured seconds per call (per step), and each reshard's bytes."""
-        return summary_lines(self.plan, self.reshards, events, steps)
+        """Predicted vs measured seconds per call (per step), each reshard's bytes, and the
+        engine and degrees each call ran with."""
+        from .report import engine_lines
+
+        return (summary_lines(self.plan, self.reshards, events, steps)
+                + engine_lines(self.call_engines()))
 
     def close(self) -> None:
         """Kill the actors, remove the placement groups, shut down an owned session."""

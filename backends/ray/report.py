@@ -72,4 +72,15 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
     return lines
 
 
-__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines"]
+def engine_lines(engines: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """Per call: the planned strategy and the engine and degrees that ran it."""
+    lines = ["  engine and degrees per call (planned strategy | what ran):",
+             f"    {'call':<20} {'mesh':<6} {'planned':<40} ran"]
+    for call, e in engines.items():
+        ran = " ".join(f"{k}={e[k]}" for k in ("engine", "dp", "tp", "pp", "sp", "zero",
+                                                "micro_batches", "as", "offload") if k in e)
+        lines.append(f"    {call:<20} {e['mesh']:<6} {e['planned']:<40} {ran}")
+    return lines
+
+
+__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines", "engine_lines"]
