@@ -79,3 +79,38 @@ def test_megatron_matches_hf(tmp_path):
         assert r["loss"] < LOSS, r
         assert r["update"] < UPDATE, r
         assert r["weights"] < WEIGHTS < r["moved"], r
+
+
+def test_unsupported_strategy_is_refused_before_launch():
+    """A pinned engine that cannot run the planned strategy, and a strategy no engine
+    runs, fail at compile time naming the call, the strategy and the engines that can."""
+    from graphrl.compile_cli import cluster_of
+    from graphrl.compiler import compile_graph
+    from graphrl.errors import UsageError
+
+    graph = _ppo_graph()
+    cluster = cluster_of("1x4xcpu")
+    bad = {"policy.train": {"gpus": "0-3", "tp": 2, "pp": 2, "engine": "deepspeed"}}
+    with pytest.raises(UsageError, match=r"call policy.train .*engine deepspeed cannot run "
+                                         r"its strategy dp=1,tp=2,pp=2.*engines that can: "
+                                         r"megatron"):
+        compile_graph(graph, cluster, placement=bad, engines=True)
+    none = {"policy.train": {"gpus": "0-3", "tp": 2, "dp": 2, "zero": 3}}
+    with pytest.raises(UsageError, match=r"call policy.train .*zero=3.*no engine here can "
+                                         r"run it"):
+        compile_graph(graph, cluster, placement=none, engines=True)
+    ok = {"policy.train": {"gpus": "0-3", "tp": 2, "pp": 2, "engine": "megatron"},
+          "critic.train": {"gpus": "0-3", "dp": 4, "zero": 2, "engine": "deepspeed"}}
+    plan = compile_graph(graph, cluster, placement=ok, engines=True).plan
+    from graphrl.engines import resolve_engines
+
+    chosen = {n.call: e for n, e in ((plan.graph.node(k), v)
+                                     for k, v in resolve_engines(plan.graph).items())}
+    assert chosen["policy.train"] == chosen["policy.forward"] == "megatron"
+    assert chosen["critic.train"] == "deepspeed" and chosen["policy.generate"] == "hf"
+
+
+def _ppo_graph():
+    from test_ray_executor import ppo_experiment
+
+    return ppo_experiment().program().graph
