@@ -68,7 +68,7 @@ class LocalExecutor:
         self._clock0 = time.perf_counter()
 
     def _create(self, device: str) -> dict[str, ModelEngine]:
-        engines = {name: create_engine(m.engine, m.decl(), m.options, device, self.seed)
+        engines = {name: create_engine(m.engine, m.decl(), m.engine_options(), device, self.seed)
                    for name, m in self.program.models.items()}
         for name, m in self.program.models.items():
             if m.init_from:

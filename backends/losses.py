@@ -1,8 +1,10 @@
 """Training losses an engine optimises, by the name a train node carries.
 
-Each loss takes `forward(tokens) -> tensor` (the model's head quantity with gradients:
-per-token log-probs, per-token values or per-sequence scores), the minibatch's named
-payloads and hyper-parameters, and returns (loss tensor, stats dict of floats).
+Each loss takes `forward(payload) -> tensor` (the model's head quantity with gradients for
+a payload's tokens and attention mask: per-token log-probs, per-token values or
+per-sequence scores), the minibatch's named payloads and hyper-parameters, and returns
+(loss tensor, stats dict of floats). Token-level terms count response tokens only
+(`response_mask`): padding after a sequence's EOS contributes nothing.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def ppo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float = 
         **_: Any) -> tuple[Any, dict[str, float]]:
     r = mb["rollout"]
     mask = r["response_mask"]
-    new_lp = forward(r["tokens"])
+    new_lp = forward(r)
     old_lp = mb["old_logprobs"]["logprobs"]
     loss, clip_frac = _clipped_surrogate(new_lp, old_lp, mb["advantages"]["advantages"],
                                          mask, clip)
@@ -48,7 +50,7 @@ def grpo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float =
 
     r = mb["rollout"]
     mask = r["response_mask"]
-    new_lp = forward(r["tokens"])
+    new_lp = forward(r)
     surrogate, clip_frac = _clipped_surrogate(new_lp, mb["old_logprobs"]["logprobs"],
                                               mb["advantages"]["advantages"], mask, clip)
     diff = mb["ref_logprobs"]["logprobs"] - new_lp
@@ -65,7 +67,7 @@ def value(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, value_clip: 
 
     r = mb["rollout"]
     mask = r["response_mask"]
-    new_v = forward(r["tokens"])
+    new_v = forward(r)
     old_v, ret = mb["old_values"]["values"], mb["returns"]["returns"]
     clipped = old_v + torch.clamp(new_v - old_v, -value_clip, value_clip)
     err = torch.maximum((new_v - ret) ** 2, (clipped - ret) ** 2)
@@ -80,7 +82,7 @@ def bradley_terry(forward: Forward, mb: Mapping[str, Mapping[str, Any]],
     (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1)."""
     import torch.nn.functional as F
 
-    margin = forward(mb["chosen"]["tokens"]) - forward(mb["rejected"]["tokens"])
+    margin = forward(mb["chosen"]) - forward(mb["rejected"])
     loss = -F.logsigmoid(margin).mean()
     return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item()}
 

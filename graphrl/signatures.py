@@ -4,8 +4,14 @@ This is the contract between tracing (which builds typed nodes), verify (which c
 producers against it) and the engines (which must return exactly these fields).
 
 Conventions for a rollout of `seq` tokens (prompt then response):
-  tokens[b, t]         token ids
-  response_mask[b, t]  1.0 where token t was generated
+  tokens[b, t]         token ids; prompts are left-padded, finished responses right-padded
+                       (with the tokenizer's pad id)
+  attention_mask[b, t] 1.0 where token t is real (a prompt token, or a generated token up
+                       to and including the one that stopped the sequence), 0.0 on padding
+  response_mask[b, t]  1.0 where token t was generated (up to and including the stop
+                       token): the positions losses, advantages and KL count
+  row[b]               index of the data row the prompt came from (a reward on text looks
+                       the row's other fields up by it); a rollout repeats it per sample
   logprobs[b, t]       log p(token t | tokens < t) for t >= 1, 0 at t = 0
   values[b, t]         critic's value of the state that generated token t (t >= 1)
   score[b]             reward model's scalar for the whole sequence
@@ -23,8 +29,10 @@ ADVANTAGES = "Advantages"
 RETURNS = "Returns"
 STATS = "Stats"
 
-PROMPT_FIELDS = (Field("tokens", "i64"),)
-ROLLOUT_FIELDS = (Field("tokens", "i64"), Field("response_mask", "f32"))
+ROW = Field("row", "i64", per_token=False)
+PROMPT_FIELDS = (Field("tokens", "i64"), Field("attention_mask", "f32"), ROW)
+ROLLOUT_FIELDS = (Field("tokens", "i64"), Field("attention_mask", "f32"),
+                  Field("response_mask", "f32"), ROW)
 FORWARD_OUTPUT = {  # head -> (kind, fields, output name suffix)
     "lm": (LOGPROBS, (Field("logprobs", "f32"),), "logprobs"),
     "value": (VALUES, (Field("values", "f32"),), "values"),

@@ -28,7 +28,9 @@ class TopicTokensTask:
 
         g = torch.Generator().manual_seed(seed)
         return {"tokens": torch.randint(0, self.vocab_size, (batch, self.prompt_len),
-                                        generator=g)}
+                                        generator=g),
+                "attention_mask": torch.ones(batch, self.prompt_len),
+                "row": torch.arange(batch)}
 
     def score(self, tokens: Any) -> Any:
         """Fraction of response tokens from the half of the vocabulary the topic asks for."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 from . import signatures as sig
 from .errors import TraceError
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
+from .hf_dir import is_model_dir, read_config
 from .printer import format_attr
 from .types import Field, ModelSpec, PayloadSpec, weights_spec
 
@@ -28,7 +29,9 @@ from .types import Field, ModelSpec, PayloadSpec, weights_spec
 class Model:
     """A model of the RL step, as the user declares it.
 
-    config: a transformers config (Llama- or GPT-2-shaped), its dict, or a ModelSpec.
+    config: a local Hugging Face model directory (its config.json is planned from and its
+    weights and tokenizer loaded), a transformers config (Llama- or GPT-2-shaped), its
+    dict, or a ModelSpec.
     head: lm (policy, reference), value (critic) or score (reward model).
     options: engine settings (lr, weight_decay, grad_clip, ...).
     init_from: name of a model whose initial weights this one copies (a reference model
@@ -45,10 +48,25 @@ class Model:
     init_from: str = ""
 
     @property
+    def checkpoint(self) -> str | None:
+        """The model directory the weights load from (None: random init)."""
+        return str(self.config) if is_model_dir(self.config) else None
+
+    @property
     def spec(self) -> ModelSpec:
         if isinstance(self.config, ModelSpec):
             return replace(self.config, head=self.head)
-        return ModelSpec.from_hf_config(self.config, head=self.head)
+        config = read_config(self.config) if is_model_dir(self.config) else self.config
+        try:
+            return ModelSpec.from_hf_config(config, head=self.head)
+        except (KeyError, ValueError, TypeError) as e:
+            where = self.checkpoint or "its config"
+            raise TraceError(f"model {self.name} ({where}): not a Llama- or GPT-2-shaped "
+                             f"config: {type(e).__name__} {e}") from None
+
+    def engine_options(self) -> dict[str, Any]:
+        """What the engine is built with: `options`, plus the checkpoint directory."""
+        return {**self.options, **({"checkpoint": self.checkpoint} if self.checkpoint else {})}
 
     def decl(self) -> ModelDecl:
         return ModelDecl(self.name, self.spec, self.role, self.trainable, self.engine)
@@ -171,18 +189,37 @@ class Tracer:
 
     # -- model methods ----------------------------------------------------------------
     def call_generate(self, model: Model, prompts: Any, *, max_new_tokens: int,
-                      temperature: float = 1.0, samples: int = 1) -> TracedValue:
+                      temperature: float = 1.0, samples: int = 1, top_p: float = 1.0,
+                      top_k: int = 0, stop: str = "", stop_at_eos: bool = True
+                      ) -> TracedValue:
+        """Rows end at the model's EOS (unless stop_at_eos=False), at the `stop` string,
+        or after max_new_tokens; top_p / top_k filter the sampled distribution."""
         where = f"{model.name}.generate"
         p = self._check(where, prompts, sig.PROMPTS)
         spec = self.decls[model.name].spec
+        checks = [(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+                   f"max_new_tokens={max_new_tokens!r} must be an int >= 1"),
+                  (isinstance(samples, int) and samples >= 1,
+                   f"samples={samples!r} must be an int >= 1"),
+                  (isinstance(temperature, (int, float)) and temperature >= 0,
+                   f"temperature={temperature!r} must be a number >= 0 (0: greedy)"),
+                  (isinstance(top_p, (int, float)) and 0 < top_p <= 1,
+                   f"top_p={top_p!r} must be in (0, 1]"),
+                  (isinstance(top_k, int) and top_k >= 0, f"top_k={top_k!r} must be an int >= 0"),
+                  (isinstance(stop, str), f"stop={stop!r} must be a string")]
+        for ok, message in checks:
+            if not ok:
+                raise TraceError(f"{where}: {message}")
         seq = p.spec.seq + int(max_new_tokens)
-        if max_new_tokens < 1 or samples < 1:
-            raise TraceError(f"{where}: max_new_tokens and samples must be >= 1")
         if seq > spec.max_positions:
             raise TraceError(f"{where}: prompt {p.spec.seq} + {max_new_tokens} new tokens = "
                              f"{seq} exceeds the model's context of {spec.max_positions}")
+        extra = dict(top_p=float(top_p), top_k=int(top_k), stop=stop,
+                     stop_at_eos=bool(stop_at_eos))
+        defaults = dict(top_p=1.0, top_k=0, stop="", stop_at_eos=True)
         attrs = self._attrs(where, dict(max_new_tokens=int(max_new_tokens),
-                                        temperature=float(temperature), samples=int(samples)))
+                                        temperature=float(temperature), samples=int(samples),
+                                        **{k: v for k, v in extra.items() if v != defaults[k]}))
         w = self._weights(model)
         out = sig.rollout_spec(p.spec.batch * samples, seq)
         return self._record(CALL, "generate", model.name, [w, p],

@@ -180,7 +180,8 @@ class ModelSpec:
                     num_key_value_heads=self.num_kv_heads,
                     intermediate_size=self.intermediate_size,
                     max_position_embeddings=self.max_positions,
-                    tie_word_embeddings=self.tie_embeddings)
+                    tie_word_embeddings=self.tie_embeddings, bos_token_id=None,
+                    eos_token_id=None, pad_token_id=None)
 
     def hf_config(self) -> Any:
         """A transformers config object (imports transformers)."""

@@ -166,7 +166,7 @@ def test_plan_text_structure(plan):
         for i in s.instrs:
             assert re.search(rf"^  {re.escape(i.id)} +{i.op} ", text, re.M), i.id
     assert re.search(r"reshard +%policy@1g  reshard\[policy\]  39\.1KiB  100\.0ms", text)
-    assert re.search(r"send +%rollout -> w2  672B", text)
+    assert re.search(r"send +%rollout -> w2  928B", text)
     assert re.search(r"offload +reference  164\.6KiB  50\.0ms", text)
     assert "resident (bytes per GPU between calls)\n  w0-1: policy 164.6KiB\n" \
            "  w2-3: critic 205.6KiB\n" in text
@@ -228,7 +228,7 @@ def test_dot_structure(plan):
         assert re.search(rf'^\s+"{re.escape(n.name)}" \[label=', dot, re.M), n.name
     assert re.search(r'"%policy@1g" \[label="%policy@1g = reshard\[policy\]\\n@\[0-1\] '
                      r'dp=1,tp=2,pp=1", shape=diamond', dot)
-    assert '"%rollout" -> "%policy_logprobs" [label="672B"]' in dot
+    assert '"%rollout" -> "%policy_logprobs" [label="928B"]' in dot
     assert '"%policy@0" -> "%rollout" [label="164.6KiB"]' in dot
     assert '"%advantages" -> "%critic@1" [label="%returns 224B"]' in dot
     assert '"%policy@1g" -> "%policy@0" [style=dashed' in dot

@@ -168,7 +168,7 @@ def test_golden_text_reads_as_the_ppo_step():
     for piece in ("graph @ppo_step {",
                   "model policy = llama{", "role=policy trainable engine=hf",
                   "role=reference frozen", "head=score", "head=value",
-                  "input %prompts : Prompts[4, seq=6]{tokens:i64[s]}",
+                  "input %prompts : Prompts[4, seq=6]{tokens:i64[s], attention_mask:f32[s], row:i64}",
                   "%rollout = call generate[policy](%policy@0, %prompts)",
                   "%advantages, %returns = op gae(",
                   "%policy@1, %policy_stats = call train[policy](%policy@0, %rollout,",
@@ -234,7 +234,8 @@ END = object()   # the error is found at the end of the line
     ("%rm_score =", "(%reward@0, %rollout)", "(%reward@0, rollout)", "rollout)",
      "a value name like %rollout"),
     # an unknown dtype in a payload field
-    ("input %prompts", "tokens:i64[s]", "tokens:i63[s]", "}", "a valid field"),
+    ("input %prompts", "tokens:i64[s]", "tokens:i63[s]", ", attention_mask",
+     "a valid field"),
     # an unknown key in a model spec
     ("model policy", "ffn=128", "fnn=128", "=128", "one of vocab"),
     # zero heads in a model spec (used to escape as ZeroDivisionError)

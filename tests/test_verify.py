@@ -131,7 +131,8 @@ def test_unknown_model():
 def test_payload_mismatch_kind():
     g = edit_text("forward[reward](%reward@0, %rollout)", "forward[reward](%reward@0, %prompts)")
     verify_fails(g, "payload mismatch: input %prompts is Prompts (Prompts[4, seq=6]"
-                    "{tokens:i64[s]}) but reward.forward expects Rollout",
+                    "{tokens:i64[s], attention_mask:f32[s], row:i64}) but reward.forward "
+                    "expects Rollout",
                  node="%rm_score", call="reward.forward", marked="%rm_score = call")
 
 

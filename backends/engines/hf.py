@@ -1,15 +1,18 @@
-"""Model engine on Hugging Face transformers models (random init, built in code).
+"""Model engine on Hugging Face transformers models: random init built in code, or loaded
+from a local Hugging Face directory.
 
-LM heads use `LlamaForCausalLM` / `GPT2LMHeadModel`; value and score heads put a linear
-layer on the bare `LlamaModel` / `GPT2Model`. Runs on CPU, or CUDA when asked. Generation
-is a sampling loop over the model's own forward with its KV cache, driven by a seeded
-torch.Generator so that a run is reproducible across backends.
+LM heads are causal LMs (`LlamaForCausalLM`, `GPT2LMHeadModel`, or a checkpoint's own
+class); value heads are token classification and score heads sequence classification
+models with one label, so saved critics and reward models load with transformers' Auto
+classes. Runs on CPU, or CUDA when asked. Generation is a sampling loop over the model's
+own forward with its KV cache, driven by a seeded torch.Generator so that a run is
+reproducible across backends; rows stop at EOS or stop strings.
 """
 from __future__ import annotations
 
 import inspect
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
 from ..losses import LOSS_FUNCTIONS
+from .hf_checkpoint import special_tokens
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
 
@@ -32,32 +36,69 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class ScalarHead(nn.Module):
-    """A transformer body with a linear layer to one scalar per position."""
-
-    def __init__(self, body: nn.Module, hidden: int):
-        super().__init__()
-        self.body = body
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=tokens).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+SCALAR_HEADS = {  # head -> (HF class suffix, the attribute holding the head's Linear)
+    "value": "ForTokenClassification",      # a scalar per token: a critic
+    "score": "ForSequenceClassification",   # a scalar per sequence: a reward model
+}
 
 
-def build_module(decl: ModelDecl) -> nn.Module:
+def hf_class(spec: Any, auto: bool = False) -> Any:
+    """The transformers class of a model with this head: a causal LM for `lm`, token
+    classification (one label) for `value`, sequence classification (one label) for
+    `score`; `auto` picks the Auto class (a checkpoint's own architecture)."""
     import transformers
 
-    config = decl.spec.hf_config()
+    suffix = "ForCausalLM" if spec.head == "lm" else SCALAR_HEADS[spec.head]
+    if auto:
+        return getattr(transformers, "AutoModel" + suffix)
+    if spec.family == "gpt2":
+        return getattr(transformers, "GPT2LMHeadModel" if spec.head == "lm" else "GPT2" + suffix)
+    return getattr(transformers, "Llama" + suffix)
+
+
+def inference_config(config: Any, head: str) -> Any:
+    """The config as graphrl runs it: SDPA attention, no dropout (RL needs the same
+    function in every pass), one label for scalar heads."""
     config._attn_implementation = "sdpa"
-    if decl.spec.family == "gpt2":  # no dropout: RL needs the same function in every pass
-        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
-    if decl.spec.head == "lm":
-        cls = (transformers.GPT2LMHeadModel if decl.spec.family == "gpt2"
-               else transformers.LlamaForCausalLM)
-        return cls(config)
-    body = transformers.GPT2Model if decl.spec.family == "gpt2" else transformers.LlamaModel
-    return ScalarHead(body(config), decl.spec.hidden_size)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
+                "classifier_dropout", "hidden_dropout", "summary_first_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    if head != "lm":
+        config.num_labels = 1
+    return config
+
+
+def build_module(decl: ModelDecl, checkpoint: str | None = None) -> nn.Module:
+    """The HF module of `decl`: random init from its spec, or the weights of a local
+    Hugging Face directory (never a hub download). A scalar head missing from the
+    checkpoint (a causal-LM checkpoint used as reward or critic) starts fresh."""
+    if checkpoint is None:
+        config = inference_config(decl.spec.hf_config(), decl.spec.head)
+        return hf_class(decl.spec)(config)
+    from .hf_checkpoint import load_hf_module
+
+    return load_hf_module(checkpoint, decl.spec.head,
+                          lambda config: inference_config(config, decl.spec.head),
+                          hf_class(decl.spec, auto=True))
+
+
+def scalar_parts(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(body, head Linear) of a token/sequence classification model."""
+    head = getattr(module, "score", None) or getattr(module, "classifier", None)
+    if head is None:
+        raise UsageError(f"{type(module).__name__} has no score/classifier head")
+    return module.base_model, head
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token."""
+    return mask.shape[1] - 1 - torch.flip(mask, [1]).argmax(dim=1)
 
 
 def cache_argument(module: nn.Module) -> str:
@@ -71,6 +112,26 @@ def output_cache(out: Any) -> Any:
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
+def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero the probabilities outside the top-k tokens and outside the smallest set whose
+    mass reaches top_p (nucleus sampling, Holtzman et al. 2020); the most likely token
+    always stays. The result is unnormalised: argmax(p / E) samples it all the same."""
+    if top_k and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def prompt_rows(prompts: Mapping[str, Any], n: int) -> torch.Tensor:
+    """The prompts' data-row indices (0.. when a caller gave none)."""
+    row = prompts.get("row")
+    return torch.arange(n) if row is None else torch.as_tensor(row).cpu()
+
+
 def seed_for(*parts: object) -> int:
     """A stable 31-bit seed from any labels (no Python hash randomisation)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -82,77 +143,135 @@ def shifted(x: torch.Tensor) -> torch.Tensor:
 
 
 class HFEngine:
+    """options: engine settings (lr, weight_decay, grad_clip, betas) and `checkpoint`, a
+    local Hugging Face directory to load the weights (and stop/pad token ids) from."""
+
     def __init__(self, decl: ModelDecl, options: Mapping[str, Any], device: str = "cpu",
                  seed: int = 0):
         self.decl = decl
         self.device = resolve_device(device)
         self.options = {**DEFAULTS, **options}
+        checkpoint = self.options.get("checkpoint")
         torch.manual_seed(seed_for(seed, decl.name))
-        self.module = build_module(decl).to(self.device)
+        self.module = build_module(decl, checkpoint).to(self.device)
         self.module.eval()  # no dropout anywhere; train() only toggles autograd
+        self.tokens = special_tokens(checkpoint, self.module.config)
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = 0
         # called after each backward, before clipping: data-parallel gradient averaging
         self.after_backward: Callable[[], None] | None = None
+        # generate runs every step even when all its rows have stopped (ranks of a
+        # sharded engine must make the same number of collective forward passes)
+        self.lockstep = False
 
     # -- inference ------------------------------------------------------------------------
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
 
-    def _head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The head quantity of this model for each sequence, with gradients if enabled."""
+    def _inputs(self, payload: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, attention mask) of a payload; no mask means every token is real."""
+        tokens = self._to(payload["tokens"])
+        mask = payload.get("attention_mask")
+        mask = torch.ones_like(tokens) if mask is None else self._to(mask).long()
+        return tokens, mask
+
+    def _head(self, payload: Mapping[str, Any]) -> torch.Tensor:
+        """The head quantity of this model for each sequence, with gradients if enabled:
+        per-token log-probs (lm), per-token values (value) or a score at each row's last
+        real token (score). Padding is masked out of attention and positions."""
+        tokens, mask = self._inputs(payload)
+        pos = positions(mask)
         head = self.decl.spec.head
         if head == "lm":
-            logits = self.module(input_ids=tokens, use_cache=False).logits.float()
+            logits = self.module(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                                 use_cache=False).logits.float()
             lp = torch.log_softmax(logits[:, :-1], dim=-1)
             picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             return F.pad(picked, (1, 0))
-        out = self.module(tokens).float()
-        return shifted(out) if head == "value" else out[:, -1]
+        body, linear = scalar_parts(self.module)
+        hidden = body(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                      use_cache=False).last_hidden_state
+        out = linear(hidden).squeeze(-1).float()
+        if head == "value":
+            return shifted(out)
+        return out[torch.arange(out.shape[0], device=out.device), last_index(mask)]
 
     @torch.no_grad()
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
-        out = self._head(self._to(rollout["tokens"])).cpu()
+        out = self._head(rollout).cpu()
         return {{"lm": "logprobs", "value": "values", "score": "score"}[self.decl.spec.head]: out}
 
     @torch.no_grad()
     def generate(self, prompts: Mapping[str, Any], *, max_new_tokens: int,
                  temperature: float = 1.0, samples: int = 1, seed: int = 0,
+                 top_p: float = 1.0, top_k: int = 0, stop: str = "",
+                 stop_at_eos: bool = True, stop_token_ids: Sequence[int] | None = None,
+                 pad_token_id: int | None = None,
                  noise_rows: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Sample `max_new_tokens` per sequence. Each step draws one token per row by the
-        exponential race argmax(p / E), E ~ Exp(1) from the seeded generator (the draw
-        torch.multinomial(p, 1) makes on CPU, bit for bit). `noise_rows=(first, total)`
-        says these prompts are rows first.. of a batch of `total` rollout rows split over
-        data-parallel ranks: every step draws the noise of all `total` rows and uses this
-        slice's, so a split batch samples exactly what the whole batch would."""
+        """Sample up to `max_new_tokens` per sequence; a row stops at a stop token (the
+        model's EOS unless `stop_at_eos` is false, `stop_token_ids`, or a one-token `stop`
+        string) or when its ids end with a multi-token `stop` string. Later positions of a
+        stopped row hold the pad id with both masks 0; the loop ends once all rows stop.
+
+        Each step draws one token per row by the exponential race argmax(p / E),
+        E ~ Exp(1) from the seeded generator (the draw torch.multinomial(p, 1) makes on
+        CPU, bit for bit), after top-k / top-p (nucleus, Holtzman et al. 2020) filtering.
+        `noise_rows=(first, total)` says these prompts are rows first.. of a batch of
+        `total` rollout rows split over data-parallel ranks: every step draws the noise
+        of all `total` rows and uses this slice's, so a split batch samples exactly what
+        the whole batch would."""
         if self.decl.spec.head != "lm":
             raise UsageError(f"model {self.decl.name} has a {self.decl.spec.head} head: "
                              "it cannot generate")
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        cache_arg = cache_argument(self.module)
-        ids = self._to(prompts["tokens"]).repeat_interleave(samples, dim=0)
-        first, total = noise_rows if noise_rows is not None else (0, ids.shape[0])
-        if not 0 <= first <= first + ids.shape[0] <= total:
+        stops = self.tokens.stop_ids(stop_at_eos, stop_token_ids, stop)
+        single = torch.tensor([s[0] for s in stops if len(s) == 1], dtype=torch.long,
+                              device=self.device)
+        multi = [torch.tensor(s, device=self.device) for s in stops if len(s) > 1]
+        pad = self.tokens.pad_id if pad_token_id is None else int(pad_token_id)
+        prompt_ids, prompt_mask = self._inputs(prompts)
+        prompt_ids = prompt_ids.repeat_interleave(samples, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
+        rows, plen = prompt_ids.shape
+        first, total = noise_rows if noise_rows is not None else (0, rows)
+        if not 0 <= first <= first + rows <= total:
             raise UsageError(f"generate: noise_rows {noise_rows} do not hold the "
-                             f"{ids.shape[0]} rows of this slice")
-        prompt_len = ids.shape[1]
-        out = self.module(input_ids=ids, use_cache=True)
-        past, logits = output_cache(out), out.logits[:, -1].float()
+                             f"{rows} rows of this slice")
+        width = plen + max_new_tokens
+        ids = torch.full((rows, width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+        ids[:, :plen], mask[:, :plen] = prompt_ids, prompt_mask
+        alive = torch.ones(rows, dtype=torch.bool, device=self.device)
+        next_pos = prompt_mask.sum(-1, keepdim=True)
+        cache_arg = cache_argument(self.module)
+        out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
+                          position_ids=positions(prompt_mask), use_cache=True)
         for step in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = filter_probs(torch.softmax(logits / temperature, dim=-1), top_k, top_p)
                 noise = torch.empty((total, probs.shape[-1]), dtype=probs.dtype,
                                     device=probs.device).exponential_(1, generator=gen)
-                tok = (probs / noise[first:first + ids.shape[0]]).argmax(-1, keepdim=True)
+                tok = (probs / noise[first:first + rows]).argmax(-1)
             else:
-                tok = logits.argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, tok], dim=1)
-            if step + 1 < max_new_tokens:
-                out = self.module(input_ids=tok, use_cache=True, **{cache_arg: past})
-                past, logits = output_cache(out), out.logits[:, -1].float()
-        mask = torch.zeros(ids.shape, dtype=torch.float32)
-        mask[:, prompt_len:] = 1.0
-        return {"tokens": ids.cpu(), "response_mask": mask}
+                tok = logits.argmax(dim=-1)
+            col = plen + step
+            tok = torch.where(alive, tok, pad)
+            ids[:, col], mask[:, col] = tok, alive.long()
+            alive &= ~torch.isin(tok, single)
+            for seq in multi:
+                if col + 1 - plen >= len(seq):
+                    alive &= ~(ids[:, col + 1 - len(seq):col + 1] == seq).all(-1)
+            if step + 1 == max_new_tokens or not (alive.any() or self.lockstep):
+                break
+            out = self.module(input_ids=tok.unsqueeze(-1), attention_mask=mask[:, :col + 1],
+                              position_ids=next_pos + step, use_cache=True,
+                              **{cache_arg: output_cache(out)})
+        response = torch.zeros((rows, width), dtype=torch.float32)
+        response[:, plen:] = mask[:, plen:].float().cpu()
+        return {"tokens": ids.cpu(), "attention_mask": mask.float().cpu(),
+                "response_mask": response,
+                "row": prompt_rows(prompts, rows // samples).repeat_interleave(samples)}
 
     # -- training -------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:

@@ -95,6 +95,7 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
         gens = [n for n in calls if n.target == "generate"]
         model = models[decl.name]
         init_from = models[model.init_from].decl() if model.init_from else None
+        init_ckpt = models[model.init_from].checkpoint if model.init_from else None
         if main:
             meshes = {n.placement.mesh.gpus for n in main}
             if len(meshes) > 1:
@@ -117,8 +118,9 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                 groups[group] = gpus
             if kind in ("megatron", "deepspeed"):
                 names = _engine_groups(kind, gpus, strategy, groups)
-            specs[decl.name] = EngineSpec(decl.name, decl, dict(model.options), kind, gpus,
-                                          group, seed, init_from, engine, strategy, names)
+            specs[decl.name] = EngineSpec(decl.name, decl, model.engine_options(), kind, gpus,
+                                          group, seed, init_from, init_ckpt, engine, strategy,
+                                          names)
             for n in main:
                 node_engine[n.name] = decl.name
         for n in gens:
@@ -130,9 +132,9 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                 if key in specs and specs[key].gpus != gpus:
                     raise UsageError(f"model {decl.name}: generate calls on different "
                                      "meshes")
-                specs[key] = EngineSpec(key, decl, dict(model.options),
+                specs[key] = EngineSpec(key, decl, model.engine_options(),
                                         "noop" if noop else "replicas", gpus, "", seed,
-                                        init_from)
+                                        init_from, init_ckpt)
             node_engine[n.name] = gen_engine[decl.name] = key
     return EnginePlan(specs, node_engine, groups, gen_engine)
 

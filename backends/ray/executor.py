@@ -79,7 +79,7 @@ class _DriverEngines(Mapping[str, Any]):
             from graphrl.backends.engines.base import create_engine
 
             m = self.program.models[name]
-            eng = create_engine(m.engine, m.decl(), m.options, "cpu", self.seed)
+            eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)
             if m.init_from:
                 eng.load_weights(self[m.init_from].export_weights())
             self.built[name] = eng

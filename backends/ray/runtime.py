@@ -107,7 +107,8 @@ class ExecWorker(RankWorker):
         if spec.init_from is not None:
             from ..engines.hf import HFEngine
 
-            source = HFEngine(spec.init_from, {}, device="cpu", seed=spec.seed)
+            options = {"checkpoint": spec.init_checkpoint} if spec.init_checkpoint else {}
+            source = HFEngine(spec.init_from, options, device="cpu", seed=spec.seed)
             self.engine(spec.key).load_weights(source.export_weights())
         return layout
 

@@ -22,6 +22,7 @@ class EngineSpec:
     group: str = ""             # process group of the mesh (fsdp, data-parallel training)
     seed: int = 0
     init_from: Optional[ModelDecl] = None   # start from this model's initial weights
+    init_checkpoint: Optional[str] = None   # ... loaded from this model directory
     engine: str = "hf"          # hf | megatron | deepspeed (graphrl.engines)
     strategy: Optional[Strategy] = None     # the degrees it runs (megatron, deepspeed)
     groups: tuple[str, ...] = ()            # process groups it needs (megatron, deepspeed)

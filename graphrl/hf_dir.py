@@ -1,0 +1,51 @@
+"""What a local Hugging Face model directory must hold, checked without torch.
+
+The compiler plans from `config.json` alone; engines load the weights and the tokenizer
+(backends/engines/hf_checkpoint.py). Checking here first turns a wrong path into one clear
+error instead of a deep transformers traceback or, worse, a hub lookup.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def is_model_dir(value: Any) -> bool:
+    """Whether a Model's config names a directory (a str or Path) rather than a config."""
+    return isinstance(value, (str, Path))
+
+
+def check_model_dir(path: str | Path, need_tokenizer: bool = False) -> Path:
+    d = Path(path)
+    if not d.is_dir():
+        raise UsageError(f"model directory {path}: "
+                         f"{'is a file' if d.exists() else 'does not exist'} (graphrl loads "
+                         "models from local Hugging Face directories only, never a hub)")
+    if not (d / "config.json").is_file():
+        raise UsageError(f"model directory {path}: no config.json")
+    if not any((d / f).is_file() for f in WEIGHT_FILES):
+        raise UsageError(f"model directory {path}: no weights (expected one of "
+                         f"{', '.join(WEIGHT_FILES)})")
+    if need_tokenizer and not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"model directory {path}: no tokenizer files (expected one of "
+                         f"{', '.join(TOKENIZER_FILES)})")
+    return d
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a model directory, as a dict."""
+    file = check_model_dir(path) / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{file}: not a JSON config: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
