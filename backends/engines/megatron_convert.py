@@ -34,8 +34,6 @@ Tensor = torch.Tensor
 # -- names -------------------------------------------------------------------------------
 def _hf_prefix(spec: ModelSpec) -> str:
     """Prefix of the transformer body in the HF state dict (graphrl.backends.engines.hf)."""
-    if spec.head != "lm":
-        return "body."
     return "transformer." if spec.family == "gpt2" else "model."
 
 
@@ -68,6 +66,14 @@ def check_degrees(spec: ModelSpec, tp: int, pp: int) -> None:
         problems.append(f"pp {pp} does not divide the {spec.num_layers} layers")
     if problems:
         raise UsageError("megatron-core cannot split this model: " + "; ".join(problems))
+
+
+def head_name(names: Any) -> str:
+    """The scalar head's module name in an HF classification model."""
+    for h in ("score", "classifier"):
+        if h + ".weight" in names:
+            return h
+    raise UsageError("no scalar head (score / classifier) among the HF weights")
 
 
 # -- fused tensors -----------------------------------------------------------------------
@@ -164,9 +170,11 @@ def to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, *, tp: int = 1, tp_ra
         if spec.head == "lm":
             src = emb if spec.tie_embeddings else hf["lm_head.weight"]
             out["output_layer.weight"] = _chunk(src, tp, r)   # tied, pp > 1: a copy
-        else:
-            out["output_layer.weight"] = hf["head.weight"].clone()
-            out["output_layer.bias"] = hf["head.bias"].clone()
+        else:   # HF token / sequence classification heads: `score` or `classifier`
+            h = head_name(hf)
+            out["output_layer.weight"] = hf[h + ".weight"].clone()
+            out["output_layer.bias"] = (hf[h + ".bias"].clone() if h + ".bias" in hf
+                                        else torch.zeros(1))
     return out
 
 
@@ -240,8 +248,10 @@ def from_megatron(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: 
     if spec.head == "lm":
         out["lm_head.weight"] = emb if spec.tie_embeddings else _cat(last, "output_layer.weight")
     else:
-        out["head.weight"] = last[0]["output_layer.weight"].clone()
-        out["head.bias"] = last[0]["output_layer.bias"].clone()
+        h = head_name(order or ("score.weight",))
+        out[h + ".weight"] = last[0]["output_layer.weight"].clone()
+        if order is None or h + ".bias" in list(order):
+            out[h + ".bias"] = last[0]["output_layer.bias"].clone()
     if order is not None:
         keys = list(order)
         extra, lack = sorted(set(out) - set(keys)), sorted(set(keys) - set(out))
