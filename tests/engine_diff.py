@@ -30,27 +30,42 @@ def batch(head: str, ref: Any) -> tuple[dict, str]:
     import torch
 
     g = torch.Generator().manual_seed(1)
-    toks = torch.randint(0, VOCAB, (B, S), generator=g)
+    toks = torch.randint(1, VOCAB, (B, S), generator=g)
+    att = torch.ones(B, S)
+    att[1::2, :2] = 0          # left padding on odd rows
+    toks[att == 0] = 0
     mask = torch.zeros(B, S)
     mask[:, 6:] = 1
-    mask[::2, 10:] = 0
+    mask[::2, 10:] = 0         # even rows stop early: their tail is padding
+    att[::2, 10:] = 0
     if head == "score":
-        return {"chosen": {"tokens": toks}, "rejected": {"tokens": toks.flip(1)}}, "bradley_terry"
-    out = next(iter(ref.forward({"tokens": toks}).values()))
+        return ({"chosen": {"tokens": toks, "attention_mask": att},
+                 "rejected": {"tokens": toks.flip(1), "attention_mask": att.flip(1)}},
+                "bradley_terry")
+    out = next(iter(ref.forward({"tokens": toks, "attention_mask": att}).values()))
     if head == "lm":
-        return ({"rollout": {"tokens": toks, "response_mask": mask},
+        return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
                  "old_logprobs": {"logprobs": out + 0.01 * torch.randn(B, S, generator=g)},
                  "advantages": {"advantages": torch.randn(B, S, generator=g)}}, "ppo")
-    return ({"rollout": {"tokens": toks, "response_mask": mask}, "old_values": {"values": out},
+    return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
+             "old_values": {"values": out},
              "returns": {"returns": torch.randn(B, S, generator=g)}}, "value")
 
 
 def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
+    import torch
+
     inputs, loss = batch(head, ref)
     start = ref.export_weights()
-    tokens = next(p["tokens"] for p in inputs.values() if "tokens" in p)
-    f1 = next(iter(eng.forward({"tokens": tokens}).values()))
-    f2 = next(iter(ref.forward({"tokens": tokens}).values()))
+    fed = next(p for p in inputs.values() if "tokens" in p)
+    fed = {k: fed[k] for k in ("tokens", "attention_mask")}
+    f1 = next(iter(eng.forward(fed).values()))
+    f2 = next(iter(ref.forward(fed).values()))
+    att = fed["attention_mask"]   # outputs read at a real position from a real one: the
+    keep = (att * torch.nn.functional.pad(att[:, :-1], (1, 0))) > 0   # others are unused
+    if f1.dim() == 1:
+        keep = torch.ones_like(f1, dtype=torch.bool)
+    f1, f2 = f1[keep], f2[keep]
     s1 = eng.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
     s2 = ref.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
     we, wr = eng.export_weights(), ref.export_weights()

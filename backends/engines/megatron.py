@@ -39,7 +39,7 @@ from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-exp
 
 from ..losses import LOSS_FUNCTIONS
 from .base import fit_micro_batches, loss_tokens
-from .hf import DEFAULTS, build_module, resolve_device, seed_for
+from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
 
@@ -69,10 +69,10 @@ class ScalarOutput(nn.Module):
     weight replicated on every tensor-parallel rank (hidden states gathered first under
     sequence parallelism)."""
 
-    def __init__(self, hidden: int, sequence_parallel: bool, tp_group: Any):
+    def __init__(self, hidden: int, sequence_parallel: bool, tp_group: Any, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, hidden))
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(1)) if bias else None
         self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
 
     def forward(self, hidden: torch.Tensor, weight: Any = None, **_: Any) -> tuple:
@@ -121,10 +121,11 @@ class MegatronEngine:
                            pp_ranks[self.pp_rank - 1] if self.pp_rank > 0 else None,
                            pp_ranks[self.pp_rank + 1] if self.pp_rank < pp - 1 else None,
                            self.groups["pp"], timeout_s)
-        self.module = self._build()
         torch.manual_seed(seed_for(seed, decl.name))   # as HFEngine: same initial weights
-        hf = build_module(decl)
+        hf = build_module(decl, self.options.get("checkpoint"))
         self.hf_names = list(hf.state_dict())
+        self.module = self._build(head_bias=any(k.endswith(("score.bias", "classifier.bias"))
+                                                for k in self.hf_names))
         self.load_weights(hf.state_dict())
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -153,7 +154,7 @@ class MegatronEngine:
                                  activation_func=lambda x: F.gelu(x, approximate="tanh"),
                                  add_bias_linear=True, add_qkv_bias=True)
 
-    def _build(self) -> nn.Module:
+    def _build(self, head_bias: bool) -> nn.Module:
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.process_groups_config import ProcessGroupCollection
@@ -190,7 +191,8 @@ class MegatronEngine:
             kw.update(position_embedding_type="learned_absolute")
         model = GPTModel(**kw)
         if last and not lm:
-            model.output_layer = ScalarOutput(s.hidden_size, self.sp, self.groups["tp"])
+            model.output_layer = ScalarOutput(s.hidden_size, self.sp, self.groups["tp"],
+                                              head_bias)
         model.eval()   # no dropout anywhere (as HFEngine)
         return model.to(self.device)
 
@@ -261,7 +263,10 @@ class MegatronEngine:
         if head == "lm":
             return F.pad(self._logprobs(out, tokens[:, 1:]), (1, 0))
         out = out[..., 0].float()
-        return F.pad(out[:, :-1], (1, 0)) if head == "value" else out[:, -1]
+        if head == "value":
+            return F.pad(out[:, :-1], (1, 0))
+        real = torch.ones_like(tokens) if mask is None else mask.to(self.device).long()
+        return out[torch.arange(out.shape[0], device=out.device), last_index(real)]
 
     def _logprobs(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) from vocab-parallel logits [b, s, V/tp] (positions 0..s-2), as
@@ -442,15 +447,15 @@ class MegatronEngine:
                 return out
             pieces = dict(zip(fed, out.split([mb[k]["tokens"].shape[0] for k in fed])))
 
-            def head(t: torch.Tensor) -> torch.Tensor:
+            local = {k: {f: v.to(self.device) for f, v in p.items()} for k, p in mb.items()}
+
+            def head(payload: Mapping[str, Any]) -> torch.Tensor:
                 for k in fed:
-                    if t is mb[k]["tokens"] or t.data_ptr() == mb[k]["tokens"].data_ptr():
+                    if payload is local[k]:
                         return pieces[k]
-                raise UsageError(f"{self.decl.name}.train: the loss forwards tokens the "
+                raise UsageError(f"{self.decl.name}.train: the loss forwards a payload the "
                                  "engine did not run")
 
-            local = {k: {f: (v.to(self.device) if f != "tokens" else v) for f, v in p.items()}
-                     for k, p in mb.items()}
             value, stats = loss_fn(head, local, **hyper)
             w = float(weights[i])
             for k, v in stats.items():

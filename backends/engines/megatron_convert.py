@@ -173,8 +173,8 @@ def to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, *, tp: int = 1, tp_ra
         else:   # HF token / sequence classification heads: `score` or `classifier`
             h = head_name(hf)
             out["output_layer.weight"] = hf[h + ".weight"].clone()
-            out["output_layer.bias"] = (hf[h + ".bias"].clone() if h + ".bias" in hf
-                                        else torch.zeros(1))
+            if h + ".bias" in hf:
+                out["output_layer.bias"] = hf[h + ".bias"].clone()
     return out
 
 
@@ -250,7 +250,7 @@ def from_megatron(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: 
     else:
         h = head_name(order or ("score.weight",))
         out[h + ".weight"] = last[0]["output_layer.weight"].clone()
-        if order is None or h + ".bias" in list(order):
+        if "output_layer.bias" in last[0]:
             out[h + ".bias"] = last[0]["output_layer.bias"].clone()
     if order is not None:
         keys = list(order)
