@@ -69,7 +69,7 @@ def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
     s1 = eng.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
     s2 = ref.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
     we, wr = eng.export_weights(), ref.export_weights()
-    return {"forward": float((f1 - f2).abs().max()),
+    return {"layout": _layout_error(eng, we),"forward": float((f1 - f2).abs().max()),
             "loss": abs(s1["loss"] - s2["loss"]),
             "weights": max(float((we[k] - wr[k]).abs().max()) for k in wr),
             "moved": max(float((wr[k] - start[k]).abs().max()) for k in wr),
@@ -79,6 +79,32 @@ def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
             "update": _update_error(we, wr, start),
             "worst": max(wr, key=lambda k: float((we[k] - wr[k]).abs().max())),
             "same_names": list(we) == list(wr)}
+
+
+def _layout_error(eng: Any, full: dict) -> str:
+    """'' when this rank's local arrays hold exactly what the engine's layout (graphrl.shard)
+    says of the full weights, else the first mismatch."""
+    import torch
+
+    from graphrl.shard import Box
+
+    arrays = eng.local_arrays()
+    if list(arrays) != list(full):
+        return "names differ"
+    for name, lay in eng.layout.items():
+        for piece, a in zip(lay.pieces_on(eng.rank), arrays[name]):
+            if isinstance(piece, Box):
+                want = full[name][piece.slices()]
+            else:
+                flat = full[name].reshape(-1)
+                want = torch.zeros(piece.stop - piece.start)
+                got = flat[piece.start:piece.stop]
+                want[:got.numel()] = got
+            if not torch.equal(a.reshape(want.shape), want):
+                return f"{name} {piece.text()}"
+        if len(lay.pieces_on(eng.rank)) != len(arrays[name]):
+            return f"{name}: {len(arrays[name])} arrays"
+    return ""
 
 
 def _update_error(we: dict, wr: dict, start: dict) -> float:

@@ -75,6 +75,7 @@ def test_megatron_matches_hf(tmp_path):
     assert [r["config"] for r in results] == configs
     for r in results:
         assert r["same_names"], r
+        assert r["layout"] == "", r   # local arrays = the shard-algebra layout
         assert r["forward"] < FWD, r
         assert r["loss"] < LOSS, r
         assert r["update"] < UPDATE, r

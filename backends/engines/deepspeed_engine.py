@@ -94,7 +94,20 @@ class DeepSpeedEngine:
         self.version = 0
         self.hf = HFEngine(decl, options, device=device, seed=seed)
         self.names = list(self.hf.module.state_dict())
+        self.layout = self._make_layout()
         self._initialize()
+
+    def _make_layout(self) -> Any:
+        """ZeRO-3: each weight a flat slice of its row-major flattening per rank, padded
+        at the end (DeepSpeed's `ds_tensor`); ZeRO 0-2: a full copy on every rank."""
+        from graphrl.parallel import DeviceMesh, Strategy
+        from graphrl.shard import ParamSpec, model_layout
+
+        specs = [ParamSpec(k, tuple(v.shape), "replicate", None)
+                 for k, v in self.hf.module.state_dict().items()]
+        zero = 3 if self.zero == 3 else 0
+        return model_layout(specs, DeviceMesh(self.ranks), Strategy(dp=self.dp, zero=zero),
+                            num_layers=self.decl.spec.num_layers, zero_format="flat")
 
     def _initialize(self) -> None:
         import deepspeed

@@ -127,6 +127,7 @@ class MegatronEngine:
         self.module = self._build(head_bias=any(k.endswith(("score.bias", "classifier.bias"))
                                                 for k in self.hf_names))
         self.load_weights(hf.state_dict())
+        self.layout = self._make_layout([(k, tuple(v.shape)) for k, v in hf.state_dict().items()])
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # -- building -----------------------------------------------------------------------
@@ -217,6 +218,36 @@ class MegatronEngine:
                 raise UsageError(f"model {self.decl.name}: {k} is {tuple(p.shape)} here, "
                                  f"{tuple(local[k].shape)} converted")
             p.copy_(local[k])
+
+    def _make_layout(self, shapes: Sequence[tuple[str, Sequence[int]]]) -> Any:
+        from graphrl.parallel import DeviceMesh, Strategy
+        from graphrl.shard import megatron_params, model_layout
+
+        return model_layout(megatron_params(shapes, self.spec.num_layers),
+                            DeviceMesh(self.ranks), Strategy(self.dp, self.tp, self.pp),
+                            num_layers=self.spec.num_layers)
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        """This rank's pieces of every HF weight, in `layout[name].pieces_on(rank)` order
+        (copies: a reshard source reads them; graphrl.shard.megatron_params)."""
+        from .megatron_convert import local_hf
+
+        mine = local_hf(dict(self._params()), self.spec, tp=self.tp, pp=self.pp,
+                        pp_rank=self.pp_rank)
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, lay in self.layout.items():
+            pieces = lay.pieces_on(self.rank)
+            if not pieces:
+                out[name] = []
+                continue
+            t = mine[name]
+            parts = list(t.chunk(3, dim=-1)) if len(pieces) == 3 else [t]
+            for piece, a in zip(pieces, parts):
+                if tuple(a.shape) != piece.extents:
+                    raise ValueError(f"{self.decl.name}: {name} piece {tuple(a.shape)} on "
+                                     f"rank {self.rank}, layout {lay.text()}")
+            out[name] = [a.contiguous() for a in parts]
+        return out
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's megatron parameters (copies)."""

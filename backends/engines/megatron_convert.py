@@ -262,5 +262,42 @@ def from_megatron(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: 
     return out
 
 
-__all__ = ["to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
+def local_hf(local: Mapping[str, Tensor], spec: ModelSpec, *, tp: int, pp: int,
+             pp_rank: int) -> dict[str, Tensor]:
+    """One rank's megatron state in HF names and coordinates: for every HF weight its
+    stage holds, the part this tensor-parallel rank holds (copies), as one tensor — GPT-2's
+    c_attn weight/bias hold the rank's q, k and v blocks side by side along the last dim
+    (three pieces of graphrl.shard's `fused3` layout). Un-fusing uses the rank's own head
+    counts, so no other rank's shard is needed."""
+    import dataclasses
+
+    sub = dataclasses.replace(spec, num_heads=spec.num_heads // tp,
+                              num_kv_heads=spec.num_kv_heads // tp)
+    pre, gpt2 = _hf_prefix(spec), spec.family == "gpt2"
+    out: dict[str, Tensor] = {}
+    if pp_rank == 0:
+        out[pre + ("wte.weight" if gpt2 else "embed_tokens.weight")] = \
+            local["embedding.word_embeddings.weight"].detach().clone()
+        if gpt2:
+            out[pre + "wpe.weight"] = local["embedding.position_embeddings.weight"].detach().clone()
+    det = {k: v.detach() for k, v in local.items()}
+    for i_local, i in enumerate(stage_layers(spec, pp, pp_rank)):
+        out.update(_layer_from_megatron([det], sub, i, i_local))
+    if pp_rank == pp - 1:
+        norm = pre + ("ln_f." if gpt2 else "norm.")
+        out[norm + "weight"] = det["decoder.final_layernorm.weight"].clone()
+        if gpt2:
+            out[norm + "bias"] = det["decoder.final_layernorm.bias"].clone()
+        if spec.head == "lm":
+            lm = det.get("output_layer.weight", det.get("embedding.word_embeddings.weight"))
+            out["lm_head.weight"] = lm.clone()
+        else:
+            h = "classifier" if gpt2 and spec.head == "value" else "score"
+            out[h + ".weight"] = det["output_layer.weight"].clone()
+            if "output_layer.bias" in det:
+                out[h + ".bias"] = det["output_layer.bias"].clone()
+    return out
+
+
+__all__ = ["local_hf", "to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
            "check_degrees"]
