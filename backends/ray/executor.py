@@ -148,7 +148,7 @@ class RayExecutor:
         for n in self.graph.nodes:
             if n.kind != CALL or n.target != "train":
                 continue
-            ranks = len(n.placement.mesh.gpus)
+            ranks = n.placement.strategy.dp   # the rest of the mesh is tp x pp (megatron)
             batch = self.graph.value(n.inputs[1]).spec.batch
             mb = int(n.attr("minibatches", 1))
             if ranks > 1 and (batch % mb or (batch // mb) % ranks):
