@@ -375,15 +375,15 @@ class RayExecutor:
             return
         batch = self.graph.value(n.inputs[1]).spec.batch
         samples = int(n.attr("samples", 1)) if n.target == "generate" else 1
-        if spec.kind in ("megatron", "deepspeed"):   # every rank takes the whole batch
-            self._run_whole(n, data[0], common, batch, env)
-            return
+        # megatron / DeepSpeed: a collective; every rank takes the whole batch, splits it
+        # by its own coordinates and returns the whole result (the first rank's is used)
+        whole = spec.kind in ("megatron", "deepspeed")
         collective = spec.kind == "fsdp"
         if collective and batch < len(ranks):
             raise ExecutionError(f"node {n.name} ({n.call}): batch {batch} is smaller than "
                                  f"its FSDP mesh of {len(ranks)} ranks")
         for i, rank in enumerate(ranks):
-            lo, hi = split_rows(batch, len(ranks), i)
+            lo, hi = (0, batch) if whole else split_rows(batch, len(ranks), i)
             if hi == lo and not collective:
                 continue
             v = data[0]
@@ -394,21 +394,9 @@ class RayExecutor:
             results.append(r)
             stamps.append(s)
             bounds.append((lo * samples, hi * samples))
+        if whole:
+            results, bounds = results[:1], bounds[:1]
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
-
-    def _run_whole(self, n: Node, v: _Value, common: dict, batch: int,
-                   env: dict[str, _Value]) -> None:
-        """A forward on a megatron / DeepSpeed engine: a collective of the mesh; each rank
-        gets the whole batch, splits it by its own coordinates and returns the whole
-        result (the first rank's is used; every rank's call is awaited)."""
-        results, stamps = [], []
-        for rank in n.placement.mesh.gpus:
-            cs = CallSpec(inputs=(InputSpec(len(v.parts), v.bounds[0][0]),), rows=(0, batch),
-                          total=batch, **common)
-            r, s = self._submit(rank, "run", n, cs, *v.parts)
-            results.append(r)
-            stamps.append(s)
-        env[n.outputs[0].name] = _Value(parts=results[:1], bounds=[(0, batch)], stamps=stamps)
 
     def _to_refs(self, v: _Value) -> None:
         """A driver-side payload becomes one Ray object (put once, read by every rank)."""
@@ -568,21 +556,13 @@ class RayExecutor:
         return predicted_call_seconds(self.plan)
 
     def call_engines(self) -> dict[str, dict[str, Any]]:
-        """Call -> the engine that ran it and its degrees, beside the planned strategy
-        (micro-batches as last run)."""
-        out = {}
-        for n in self.graph.nodes:
-            key = self.engines.node_engine.get(n.name)
-            if key is None:
-                continue
-            eng = self.group.call("degrees", key, on=[self.engines.specs[key].gpus[0]])
-            out[n.call] = {"planned": n.placement.strategy.text(),
-                           "mesh": n.placement.mesh.text(), **next(iter(eng.values()))}
-        return out
+        """Call -> its mesh, planned strategy, and the engine and degrees that ran it."""
+        from .report import call_engines
+
+        return call_engines(self.graph, self.engines, self.group)
 
     def summary_lines(self, events: Sequence[Event], steps: int) -> list[str]:
-        """Predicted vs measured seconds per call (per step), each reshard's bytes, and the
-        engine and degrees each call ran with."""
+        """Predicted vs measured seconds per call, reshard bytes, engines and degrees."""
         from .report import engine_lines
 
         return (summary_lines(self.plan, self.reshards, events, steps)

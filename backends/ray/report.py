@@ -4,7 +4,7 @@ seconds per call."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from graphrl.plan import Plan
 from graphrl.timeline import Event
@@ -72,6 +72,20 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
     return lines
 
 
+def call_engines(graph: Any, engines: Any, group: Any) -> dict[str, dict[str, Any]]:
+    """Call -> {"planned": strategy text, "mesh", and the `degrees` its engine reports
+    (engine, dp, tp, pp, sp, zero, micro-batches as last run)}."""
+    out = {}
+    for n in graph.nodes:
+        key = engines.node_engine.get(n.name)
+        if key is None:
+            continue
+        ran = group.call("degrees", key, on=[engines.specs[key].gpus[0]])
+        out[n.call] = {"planned": n.placement.strategy.text(),
+                       "mesh": n.placement.mesh.text(), **next(iter(ran.values()))}
+    return out
+
+
 def engine_lines(engines: Mapping[str, Mapping[str, object]]) -> list[str]:
     """Per call: the planned strategy and the engine and degrees that ran it."""
     lines = ["  engine and degrees per call (planned strategy | what ran):",
@@ -83,4 +97,5 @@ def engine_lines(engines: Mapping[str, Mapping[str, object]]) -> list[str]:
     return lines
 
 
-__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines", "engine_lines"]
+__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines", "engine_lines",
+           "call_engines"]
