@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# Training engines: built against the torch above (no build isolation, else deepspeed's
+# sdist build pulls a CUDA torch); DeepSpeed's CPU communication op is compiled once here,
+# into TORCH_EXTENSIONS_DIR, not on a test's first use (~80 s).
+ENGINES := megatron-core==0.16.1 deepspeed==0.19.8
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
@@ -15,7 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation $(ENGINES)
+	$(PY) -m pip install -q -e '.[dev,engines]'
+	DS_ACCELERATOR=cpu LOCAL_RANK=0 $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -60,7 +60,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
-                             dump_dir=dump)
+                             dump_dir=dump, engines=not opts.planning_only)
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
@@ -84,7 +84,8 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
     rows = []
     for policy in POLICY_NAMES:
         try:
-            c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine)
+            c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
+                              engines=False)   # comparing placements, not running them
             rows.append({"policy": policy, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})

@@ -27,8 +27,10 @@ class Compiled:
 def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   placement: Mapping[str, Mapping[str, Any]] | None = None,
                   gen_engine: str = "hf", check: bool = True,
-                  dump_dir: str | Path | None = None) -> Compiled:
-    """Place, schedule, reshard and lower a traced graph for a cluster."""
+                  dump_dir: str | Path | None = None, engines: bool = False) -> Compiled:
+    """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
+    a call whose strategy no engine of graphrl runs (graphrl.engines; off for plans that
+    are run: the Ray launcher (backends/ray/launch.py) and `graphrl compile` outside planning-only mode)."""
     import time
 
     from graphrl.passes.assign_devices import parse_pins
@@ -42,6 +44,11 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                       dump_dir=Path(dump_dir) if dump_dir else None)
     passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
     placed = run_pipeline(graph, passes, ctx)
+    from .engines import resolve_engines, with_engines
+
+    placed = with_engines(placed, pins)
+    if engines:
+        resolve_engines(placed)   # refuses a strategy no engine of its call can run
     t0 = time.perf_counter()
     plan = lower(placed, ctx)
     ctx.timings.append(("lower", time.perf_counter() - t0))

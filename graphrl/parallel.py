@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Strategy:
     pp: int = 1
     micro_batches: int = 1
     zero: int = 0
+    engine: str = ""   # the engine that runs it when pinned (graphrl.engines); "" = any
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batches"):
@@ -99,6 +101,8 @@ class Strategy:
             parts.append(f"mb={self.micro_batches}")
         if self.zero:
             parts.append(f"zero={self.zero}")
+        if self.engine:
+            parts.append(f"engine={self.engine}")
         return ",".join(parts)
 
     @classmethod
@@ -110,7 +114,40 @@ class Strategy:
             if not part:
                 continue
             k, _, v = part.partition("=")
+            if k == "engine":
+                kw["engine"] = v
+                continue
             if k not in keys:
                 raise ValueError(f"unknown strategy key {k!r} in {text!r}")
             kw[keys[k]] = int(v)
         return cls(**kw)
+
+
+GROUP_KINDS = ("tp", "pp", "dp", "embd", "cp")
+
+
+def megatron_groups(gpus: Sequence[int], dp: int, tp: int, pp: int
+                    ) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Every process group an engine over `gpus` needs, by kind: tensor-, pipeline- and
+    data-parallel groups, the embedding groups (first and last stage of each pipeline:
+    tied embeddings), and one-rank context-parallel groups (megatron-core asks for one).
+    Every rank of the world must create all of them, in this order."""
+    if len(gpus) != dp * tp * pp:
+        raise ValueError(f"mesh of {len(gpus)} GPUs != dp {dp} x tp {tp} x pp {pp}")
+
+    def at(d: int, p: int, t: int) -> int:
+        return gpus[(d * pp + p) * tp + t]
+
+    out: dict[str, list[tuple[int, ...]]] = {k: [] for k in GROUP_KINDS}
+    for d in range(dp):
+        for p in range(pp):
+            out["tp"].append(tuple(at(d, p, t) for t in range(tp)))
+        for t in range(tp):
+            stages = tuple(at(d, p, t) for p in range(pp))
+            out["pp"].append(stages)
+            out["embd"].append(tuple(dict.fromkeys((stages[0], stages[-1]))))
+    for p in range(pp):
+        for t in range(tp):
+            out["dp"].append(tuple(at(d, p, t) for d in range(dp)))
+    out["cp"] = [(g,) for g in gpus]
+    return {k: tuple(v) for k, v in out.items()}

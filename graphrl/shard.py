@@ -32,7 +32,7 @@ from typing import Iterator, Optional, Sequence, Union
 from graphrl.parallel import DeviceMesh, Strategy
 
 Interval = tuple[int, int]
-TP_KINDS = ("colwise", "rowwise", "replicate")
+TP_KINDS = ("colwise", "rowwise", "replicate", "fused3")
 ZERO_FORMATS = ("flat", "dim0")   # DeepSpeed ZeRO-3 flat slices | FSDP2 Shard(0) chunks
 
 
@@ -340,6 +340,26 @@ def _tp_box(shape: tuple[int, ...], kind: str, tp_rank: int, tp: int) -> Optiona
     return Box(full.bounds[:dim] + (cb,) + full.bounds[dim + 1:])
 
 
+def _tp_pieces(shape: tuple[int, ...], kind: str, tp_rank: int, tp: int) -> list[Box]:
+    """The boxes one tensor-parallel rank holds: one, or for `fused3` (a tensor whose last
+    dim is three equal blocks, each split over tp: GPT-2's fused c_attn as megatron-core
+    splits its q, k, v heads) three."""
+    if kind != "fused3" or tp == 1:
+        box = _tp_box(shape, "replicate" if kind == "fused3" else kind, tp_rank, tp)
+        return [box] if box is not None else []
+    last = len(shape) - 1
+    block = shape[last] // 3
+    if block * 3 != shape[last]:
+        raise ValueError(f"fused3 needs a last dim divisible by 3, got shape {shape}")
+    full = Box.full(shape)
+    out = []
+    for j in range(3):
+        cb = chunk_bounds(block, tp, tp_rank)
+        if cb is not None:
+            out.append(Box(full.bounds[:last] + ((j * block + cb[0], j * block + cb[1]),)))
+    return out
+
+
 def _zero_piece(local: Box, dp_rank: int, dp: int, fmt: str, shape) -> Optional[Piece]:
     if fmt == "flat":   # DeepSpeed ZeRO-3: ceil(numel/dp) elements per rank, padded at the end
         per = -(-local.size // dp)
@@ -375,11 +395,12 @@ def layout_for(param_name: str, shape: Sequence[int], mesh: DeviceMesh, strategy
         dp, pp, tp = strategy.coords(rank)
         if stage is not None and pp != stage:
             continue
-        piece: Optional[Piece] = _tp_box(shape, kind, tp, strategy.tp)
-        if piece is not None and strategy.zero == 3 and strategy.dp > 1:
-            piece = _zero_piece(piece, dp, strategy.dp, zero_format, shape)
-        if piece is not None:
-            pieces.append((gpu, piece))
+        for box in _tp_pieces(shape, kind, tp, strategy.tp):
+            piece: Optional[Piece] = box
+            if strategy.zero == 3 and strategy.dp > 1:
+                piece = _zero_piece(box, dp, strategy.dp, zero_format, shape)
+            if piece is not None:
+                pieces.append((gpu, piece))
     return TensorLayout(shape, tuple(pieces))
 
 
@@ -469,7 +490,45 @@ def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
     return tuple(out)
 
 
-__all__ = ["Box", "FlatRange", "Piece", "TensorLayout", "ParamSpec", "ModelLayout", "TP_KINDS",
+_MEGATRON_KINDS = (   # (pattern, kind, layer: "i" = the matched layer, -1 first, "L" last)
+    (r"(embed_tokens|wte)\.weight$", "colwise", -1),
+    (r"wpe\.weight$", "replicate", -1),
+    (r"\.(\d+)\.self_attn\.[qkv]_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.self_attn\.o_proj\.weight$", "rowwise", "i"),
+    (r"\.(\d+)\.mlp\.(gate|up)_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.mlp\.down_proj\.weight$", "rowwise", "i"),
+    (r"\.(\d+)\.attn\.c_attn\.(weight|bias)$", "fused3", "i"),
+    (r"\.(\d+)\.attn\.c_proj\.weight$", "colwise", "i"),    # Conv1D [in, out]: row-parallel
+    (r"\.(\d+)\.mlp\.c_fc\.weight$", "rowwise", "i"),       # Conv1D: column-parallel
+    (r"\.(\d+)\.mlp\.c_fc\.bias$", "colwise", "i"),
+    (r"\.(\d+)\.mlp\.c_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.", "replicate", "i"),                          # norms, row-parallel biases
+    (r"^lm_head\.weight$", "colwise", "L"),
+    (r"", "replicate", "L"),                                      # final norm, scalar head
+)
+
+
+def megatron_params(shapes: Sequence[tuple[str, Sequence[int]]], num_layers: int
+                    ) -> tuple[ParamSpec, ...]:
+    """The HF weights of a Llama or GPT-2 model (any head) with the tensor-parallel kind
+    and layer megatron-core gives them (backends/engines/megatron_convert.py), in HF
+    coordinates: a rank's q, k and v rows are contiguous there (its query groups), GPT-2's
+    fused c_attn is three blocks (`fused3`), Conv1D weights are transposed."""
+    import re
+
+    out = []
+    for name, shape in shapes:
+        for pattern, kind, layer in _MEGATRON_KINDS:
+            m = re.search(pattern, name)
+            if m:
+                idx = (int(m.group(1)) if layer == "i" else num_layers if layer == "L"
+                       else layer)
+                out.append(ParamSpec(name, tuple(shape), kind, idx))
+                break
+    return tuple(out)
+
+
+__all__ = ["megatron_params", "Box", "FlatRange", "Piece", "TensorLayout", "ParamSpec", "ModelLayout", "TP_KINDS",
            "ZERO_FORMATS", "region_size", "region_intersect", "region_subtract",
            "flat_to_boxes", "flat_intervals", "split_region", "piece_region",
            "piece_local_shape", "chunk_bounds", "stage_of", "layout_for", "model_layout",

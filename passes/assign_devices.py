@@ -19,7 +19,7 @@ from .base import PassContext
 from .policies import POLICIES, auto_finalists, hardest_call, run_policy, smallest_cluster
 from .search import CallInfo, Evaluation, Infeasible, Pin, Problem
 
-PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches")
+PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches", "engine")
 
 
 def unit_of(n: Node) -> str:
@@ -82,10 +82,19 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
             if max(mesh.gpus) >= cluster.num_gpus or min(mesh.gpus) < 0:
                 raise UsageError(f"placement {call!r}: gpus {mesh.text()} outside the cluster "
                                  f"{cluster.text()} (GPUs 0-{cluster.num_gpus - 1})")
+        engine = str(entry.get("engine", ""))
+        if engine:
+            from graphrl.engines import ENGINES
+
+            if engine not in ENGINES:
+                raise UsageError(f"placement {call!r}: unknown engine {engine!r} (known: "
+                                 f"{', '.join(ENGINES)})")
         try:
-            fields = tuple(sorted((k, int(v)) for k, v in entry.items() if k != "gpus"))
+            fields = tuple(sorted((k, int(v)) for k, v in entry.items()
+                                  if k not in ("gpus", "engine")))
         except (TypeError, ValueError):
-            bad = sorted(k for k, v in entry.items() if k != "gpus" and not _is_int(v))
+            bad = sorted(k for k, v in entry.items()
+                         if k not in ("gpus", "engine") and not _is_int(v))
             raise UsageError(f"placement {call!r}: {', '.join(bad)} must be an integer, got "
                              f"{', '.join(repr(entry[k]) for k in bad)}") from None
         f = dict(fields)
@@ -93,7 +102,7 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
             raise UsageError(f"placement {call!r}: dp {f['dp']} x tp {f['tp']} x pp {f['pp']} "
                              f"= {f['tp'] * f['pp'] * f['dp']}, not the {mesh.size} GPUs it "
                              f"is pinned to ({mesh.text()})")
-        pins[call] = Pin(mesh, fields)
+        pins[call] = Pin(mesh, fields, engine)
     units: dict[str, DeviceMesh] = {}
     for call, pin in pins.items():
         u = unit_of(calls[call])

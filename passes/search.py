@@ -58,6 +58,7 @@ class Pin:
 
     mesh: DeviceMesh | None = None
     fields: tuple[tuple[str, int], ...] = ()
+    engine: str = ""   # a training/inference engine the user asked for (graphrl.engines)
 
 
 @dataclass(frozen=True)

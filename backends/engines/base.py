@@ -39,6 +39,24 @@ class ModelEngine(Protocol):
         """Bring them back to the engine's device."""
 
 
+def loss_tokens(mb: Mapping[str, Mapping[str, Any]]) -> float:
+    """How much of a minibatch's loss one of its micro-batches carries, for engines that
+    split a minibatch: its response tokens (the masked-mean losses), else its rows
+    (pairwise losses). Weighting micro-batch losses by these shares makes the summed
+    gradient that of the whole minibatch's loss."""
+    r = mb.get("rollout")
+    if r is not None and "response_mask" in r:
+        return float(r["response_mask"].sum())
+    return float(next(iter(next(iter(mb.values())).values())).shape[0])
+
+
+def fit_micro_batches(rows: int, planned: int) -> int:
+    """The micro-batches a split engine runs: the plan's count, or the largest count below
+    it that divides the rows it has (the plan's count is sized for the planning batch,
+    not every batch); engines report the count they ran."""
+    return max(k for k in range(1, max(1, min(planned, rows)) + 1) if rows % k == 0)
+
+
 def create_engine(engine: str, decl: Any, options: Mapping[str, Any], device: str,
                   seed: int) -> ModelEngine:
     """Build the engine a ModelDecl names (`hf`)."""

@@ -9,7 +9,10 @@
   keeps a full copy per rank and averages gradients over the mesh after each backward
   (`replicas` with a group: data-parallel, as DDP; optimizer state is replicated, so
   ZeRO-1/2's memory savings are not reproduced); every other engine is a full copy per
-  rank (`replicas`).
+  rank (`replicas`). A model whose calls graphrl.engines.resolve_engines gives to
+  `megatron` or `deepspeed` gets that engine over its mesh, with the plan's degrees of its
+  train call (or forward calls), and the process groups it needs; a strategy no engine
+  runs is refused there, before anything starts.
 - `split_rows`: how a call's batch is split over its ranks. Every call runs on every rank
   of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n). Tensor- and
   pipeline-parallel degrees are executed as more data parallelism: the engines here have
@@ -50,9 +53,33 @@ def _mesh_group(gpus: tuple[int, ...]) -> str:
     return "mesh:" + ",".join(map(str, gpus))
 
 
+def _engine_groups(kind: str, gpus: tuple[int, ...], s: Any,
+                   groups: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """Process groups a megatron / deepspeed engine over `gpus` needs (added to `groups`);
+    their names, `<mesh>/<kind>/<i>`."""
+    from graphrl.parallel import megatron_groups
+
+    mesh = _mesh_group(gpus)
+    groups[mesh] = gpus
+    names = [mesh]
+    if kind == "megatron":
+        lists = megatron_groups(gpus, s.dp, s.tp, s.pp)
+    else:   # deepspeed: the mesh is its data-parallel group; one-rank model-parallel groups
+        lists = {"self": tuple((g,) for g in gpus)}
+    for k, ranks in lists.items():
+        for i, r in enumerate(ranks):
+            name = f"{mesh}/{k}/{i}"
+            groups[name] = r
+            names.append(name)
+    return tuple(names)
+
+
 def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                    noop: bool = False) -> EnginePlan:
     """`models`: name -> graphrl.Model (engine options and init_from)."""
+    from graphrl.engines import resolve_engines
+
+    chosen = resolve_engines(graph, {name: m.engine for name, m in models.items()})
     specs: dict[str, EngineSpec] = {}
     node_engine: dict[str, str] = {}
     groups: dict[str, tuple[int, ...]] = {}
@@ -77,16 +104,23 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                                  "one engine per model for them")
             train = next((n for n in main if n.target == "train"), None)
             gpus = main[0].placement.mesh.gpus
-            kind, group = "replicas", ""
-            if train is not None and len(gpus) > 1:
+            engine = chosen[(train or main[0]).name]
+            strategy = (train or main[0]).placement.strategy
+            kind, group, names = "replicas", "", ()
+            if engine in ("megatron", "deepspeed"):
+                kind = engine
+            elif train is not None and len(gpus) > 1:
                 group = _mesh_group(gpus)
                 kind = "fsdp" if train.placement.strategy.zero == 3 else "replicas"
             if noop:
                 kind, group = "noop", ""
             if group:
                 groups[group] = gpus
+            if kind in ("megatron", "deepspeed"):
+                names = _engine_groups(kind, gpus, strategy, groups)
             specs[decl.name] = EngineSpec(decl.name, decl, model.engine_options(), kind, gpus,
-                                          group, seed, init_from, init_ckpt)
+                                          group, seed, init_from, init_ckpt, engine, strategy,
+                                          names)
             for n in main:
                 node_engine[n.name] = decl.name
         for n in gens:

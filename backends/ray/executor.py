@@ -148,7 +148,7 @@ class RayExecutor:
         for n in self.graph.nodes:
             if n.kind != CALL or n.target != "train":
                 continue
-            ranks = len(n.placement.mesh.gpus)
+            ranks = n.placement.strategy.dp   # the rest of the mesh is tp x pp (megatron)
             batch = self.graph.value(n.inputs[1]).spec.batch
             mb = int(n.attr("minibatches", 1))
             if ranks > 1 and (batch % mb or (batch // mb) % ranks):
@@ -375,12 +375,15 @@ class RayExecutor:
             return
         batch = self.graph.value(n.inputs[1]).spec.batch
         samples = int(n.attr("samples", 1)) if n.target == "generate" else 1
+        # megatron / DeepSpeed: a collective; every rank takes the whole batch, splits it
+        # by its own coordinates and returns the whole result (the first rank's is used)
+        whole = spec.kind in ("megatron", "deepspeed")
         collective = spec.kind == "fsdp"
         if collective and batch < len(ranks):
             raise ExecutionError(f"node {n.name} ({n.call}): batch {batch} is smaller than "
                                  f"its FSDP mesh of {len(ranks)} ranks")
         for i, rank in enumerate(ranks):
-            lo, hi = split_rows(batch, len(ranks), i)
+            lo, hi = (0, batch) if whole else split_rows(batch, len(ranks), i)
             if hi == lo and not collective:
                 continue
             v = data[0]
@@ -391,6 +394,8 @@ class RayExecutor:
             results.append(r)
             stamps.append(s)
             bounds.append((lo * samples, hi * samples))
+        if whole:
+            results, bounds = results[:1], bounds[:1]
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
 
     def _to_refs(self, v: _Value) -> None:
@@ -555,9 +560,18 @@ class RayExecutor:
         """Call -> predicted seconds per step (graphrl.simulate's timeline)."""
         return predicted_call_seconds(self.plan)
 
+    def call_engines(self) -> dict[str, dict[str, Any]]:
+        """Call -> its mesh, planned strategy, and the engine and degrees that ran it."""
+        from .report import call_engines
+
+        return call_engines(self.graph, self.engines, self.group)
+
     def summary_lines(self, events: Sequence[Event], steps: int) -> list[str]:
-        """Predicted vs measured seconds per call (per step), and each reshard's bytes."""
-        return summary_lines(self.plan, self.reshards, events, steps)
+        """Predicted vs measured seconds per call, reshard bytes, engines and degrees."""
+        from .report import engine_lines
+
+        return (summary_lines(self.plan, self.reshards, events, steps)
+                + engine_lines(self.call_engines()))
 
     def close(self) -> None:
         """Kill the actors, remove the placement groups, shut down an owned session."""

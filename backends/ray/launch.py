@@ -26,7 +26,7 @@ def compile_for(program: Any, opts: RunOptions) -> Any:
 
     return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
                          opts.policy or "auto", placement=load_placement(opts.placement),
-                         gen_engine="hf")
+                         gen_engine="hf", engines=True)   # refuse what no engine runs
 
 
 # One wait on a worker may take WAIT_FACTOR x the plan's longest predicted instruction, and

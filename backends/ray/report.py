@@ -4,7 +4,7 @@ seconds per call."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from graphrl.plan import Plan
 from graphrl.timeline import Event
@@ -72,4 +72,30 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
     return lines
 
 
-__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines"]
+def call_engines(graph: Any, engines: Any, group: Any) -> dict[str, dict[str, Any]]:
+    """Call -> {"planned": strategy text, "mesh", and the `degrees` its engine reports
+    (engine, dp, tp, pp, sp, zero, micro-batches as last run)}."""
+    out = {}
+    for n in graph.nodes:
+        key = engines.node_engine.get(n.name)
+        if key is None:
+            continue
+        ran = group.call("degrees", key, on=[engines.specs[key].gpus[0]])
+        out[n.call] = {"planned": n.placement.strategy.text(),
+                       "mesh": n.placement.mesh.text(), **next(iter(ran.values()))}
+    return out
+
+
+def engine_lines(engines: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """Per call: the planned strategy and the engine and degrees that ran it."""
+    lines = ["  engine and degrees per call (planned strategy | what ran):",
+             f"    {'call':<20} {'mesh':<6} {'planned':<40} ran"]
+    for call, e in engines.items():
+        ran = " ".join(f"{k}={e[k]}" for k in ("engine", "dp", "tp", "pp", "sp", "zero",
+                                                "micro_batches", "as", "offload") if k in e)
+        lines.append(f"    {call:<20} {e['mesh']:<6} {e['planned']:<40} {ran}")
+    return lines
+
+
+__all__ = ["ReshardRecord", "predicted_call_seconds", "summary_lines", "engine_lines",
+           "call_engines"]

@@ -95,6 +95,8 @@ class ExecWorker(RankWorker):
         if spec.kind == "fsdp":
             layout = self.build_fsdp_engine(spec.key, spec.decl, spec.options, spec.group,
                                             seed=spec.seed)
+        elif spec.kind in ("megatron", "deepspeed"):
+            layout = self._build_sharded(spec)
         elif spec.kind == "replicas":
             layout = self.build_replicated_engine(spec.key, spec.decl, spec.options,
                                                   list(spec.gpus), seed=spec.seed)
@@ -109,6 +111,54 @@ class ExecWorker(RankWorker):
             source = HFEngine(spec.init_from, options, device="cpu", seed=spec.seed)
             self.engine(spec.key).load_weights(source.export_weights())
         return layout
+
+    def _member_groups(self, spec: EngineSpec) -> dict[str, Any]:
+        """kind -> this rank's group of that kind, among the groups `spec` names
+        (`<mesh>/<kind>/<i>`; the mesh group itself is `mesh`)."""
+        out = {}
+        for name in spec.groups:
+            ranks, pg = self._groups.get(name, ((), None))
+            if pg is None:
+                continue
+            kind = name.split("/")[1] if "/" in name else "mesh"
+            out[kind] = pg
+        return out
+
+    def _build_sharded(self, spec: EngineSpec) -> Any:
+        """A megatron-core or DeepSpeed engine over the mesh, with the plan's degrees (a
+        collective over the mesh's ranks); returns its layout."""
+        groups = self._member_groups(spec)
+        s = spec.strategy
+        if spec.kind == "megatron":
+            from ..engines.megatron import MegatronEngine
+
+            eng = MegatronEngine(spec.decl, spec.options, ranks=spec.gpus, rank=self.rank,
+                                 groups=groups, dp=s.dp, tp=s.tp, pp=s.pp,
+                                 micro_batches=s.micro_batches, zero=s.zero,
+                                 sequence_parallel=s.tp > 1, device=self.device,
+                                 seed=spec.seed)
+        else:
+            from ..engines.deepspeed_engine import DeepSpeedEngine
+
+            eng = DeepSpeedEngine(spec.decl, spec.options, ranks=spec.gpus, rank=self.rank,
+                                  group=groups["mesh"], self_group=groups["self"],
+                                  zero=s.zero, micro_batches=s.micro_batches,
+                                  device=self.device, seed=spec.seed)
+        self._add(spec.key, eng)
+        return getattr(eng, "layout", None)
+
+    def degrees(self, key: str) -> dict[str, Any]:
+        """The engine and the degrees it runs with, as built on this rank."""
+        eng = self.engine(key)
+        if hasattr(eng, "degrees"):
+            return eng.degrees()
+        if isinstance(eng, NoopEngine):
+            return {"engine": "noop"}
+        kind = type(eng).__name__
+        n = len(getattr(eng, "gpus", (self.rank,)))
+        return {"engine": "hf", "dp": n, "tp": 1, "pp": 1, "sp": False,
+                "zero": 3 if kind == "FSDPEngine" else 0, "micro_batches": 1,
+                "as": "fsdp2" if kind == "FSDPEngine" else "replicas"}
 
     def _average_gradients(self, key: str, group: str) -> None:
         """Data-parallel replicas: after each backward, all-reduce the gradients (one

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from graphrl.graph import ModelDecl
+from graphrl.parallel import Strategy
 from graphrl.types import PayloadSpec
 
 
@@ -16,12 +17,15 @@ class EngineSpec:
     key: str                    # the engine's name on the rank: "policy", "policy.gen"
     decl: ModelDecl
     options: Mapping[str, Any]
-    kind: str                   # fsdp | replicas | noop
+    kind: str                   # fsdp | replicas | megatron | deepspeed | noop
     gpus: tuple[int, ...]
     group: str = ""             # process group of the mesh (fsdp, data-parallel training)
     seed: int = 0
     init_from: Optional[ModelDecl] = None   # start from this model's initial weights
     init_checkpoint: Optional[str] = None   # ... loaded from this model directory
+    engine: str = "hf"          # hf | megatron | deepspeed (graphrl.engines)
+    strategy: Optional[Strategy] = None     # the degrees it runs (megatron, deepspeed)
+    groups: tuple[str, ...] = ()            # process groups it needs (megatron, deepspeed)
 
 
 @dataclass(frozen=True)

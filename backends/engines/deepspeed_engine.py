@@ -1,0 +1,292 @@
+"""A model engine on DeepSpeed ZeRO (Rajbhandari et al. 2020): stages 1, 2, 3, optional
+CPU offload of the optimizer state (ZeRO-Offload, Ren et al. 2021).
+
+`DeepSpeedEngine` is one data-parallel rank of a model over a mesh of ranks (a process
+group of its own, handed to DeepSpeed as the data-parallel group of an `mpu`, so the
+mesh may be part of a larger world). It wraps the seeded HF module that HFEngine builds
+(same initial weights, same `_head`), with a torch AdamW (no DeepSpeed op to compile) and
+gradient clipping set explicitly from the engine options (DeepSpeed's own default is 1.0).
+
+Every call is a collective over the mesh (ZeRO-3 gathers parameters in forward; every
+rank passes the whole batch and computes its equal slice). Training takes HFEngine's
+minibatches (same seeded permutation), each rank its slice, split into the plan's
+micro-batches as DeepSpeed gradient-accumulation steps; micro-batch losses are weighted
+by their share of the minibatch's loss tokens, so the step equals the one-process step
+on the whole minibatch's masked mean.
+
+Set DS_ACCELERATOR=cpu in the process environment before DeepSpeed is imported on CPU
+(`ensure_accelerator`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from graphrl.errors import UsageError
+from graphrl.graph import ModelDecl
+
+from ..losses import LOSS_FUNCTIONS
+from .base import fit_micro_batches, loss_tokens
+from .hf import HFEngine
+
+
+def ensure_accelerator(device: str, local_rank: int = 0) -> None:
+    """DeepSpeed picks its accelerator once, at import: CPU needs DS_ACCELERATOR=cpu; it
+    also insists on a LOCAL_RANK, which launchers set (this process may have none)."""
+    if not device.startswith("cuda"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+class _MeshMPU:
+    """DeepSpeed's model-parallel-unit interface: no model parallelism, data parallelism
+    over the engine's mesh group."""
+
+    def __init__(self, group: Any, ranks: Sequence[int], rank: int):
+        self.group, self.ranks, self.rank = group, tuple(ranks), rank
+        self._self_group: Any = None   # a one-rank group (model parallelism of 1)
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_group(self) -> Any:
+        return self._self_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ranks.index(self.rank)
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.ranks)
+
+    def get_data_parallel_group(self) -> Any:
+        return self.group
+
+    # tensor-parallel aliases some DeepSpeed versions ask for
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+class DeepSpeedEngine:
+    """One data-parallel rank of a DeepSpeed ZeRO model (see module doc)."""
+
+    def __init__(self, decl: ModelDecl, options: Mapping[str, Any], *, ranks: Sequence[int],
+                 rank: int, group: Any, self_group: Any = None, zero: int = 1,
+                 offload: bool = False, micro_batches: int = 1, device: str = "cpu",
+                 seed: int = 0):
+        if zero not in (0, 1, 2, 3):
+            raise UsageError(f"model {decl.name}: ZeRO stage must be 0-3, got {zero}")
+        if rank not in ranks:
+            raise UsageError(f"model {decl.name}: rank {rank} is not in its mesh {list(ranks)}")
+        ensure_accelerator(device, ranks.index(rank))
+        self.decl, self.zero, self.offload = decl, zero, offload
+        self.ranks, self.rank, self.group = tuple(ranks), rank, group
+        self.dp, self.dp_rank = len(self.ranks), self.ranks.index(rank)
+        self.micro_batches, self.device_name, self.seed = micro_batches, device, seed
+        self.ran_micro_batches = micro_batches
+        self.options = dict(options)
+        self.self_group = self_group
+        self.version = 0
+        self.hf = HFEngine(decl, options, device=device, seed=seed)
+        self.names = list(self.hf.module.state_dict())
+        self.layout = self._make_layout()
+        self._initialize()
+
+    def _make_layout(self) -> Any:
+        """ZeRO-3: each weight a flat slice of its row-major flattening per rank, padded
+        at the end (DeepSpeed's `ds_tensor`); ZeRO 0-2: a full copy on every rank."""
+        from graphrl.parallel import DeviceMesh, Strategy
+        from graphrl.shard import ParamSpec, model_layout
+
+        specs = [ParamSpec(k, tuple(v.shape), "replicate", None)
+                 for k, v in self.hf.module.state_dict().items()]
+        zero = 3 if self.zero == 3 else 0
+        return model_layout(specs, DeviceMesh(self.ranks), Strategy(dp=self.dp, zero=zero),
+                            num_layers=self.decl.spec.num_layers, zero_format="flat")
+
+    def _initialize(self) -> None:
+        import deepspeed
+
+        o = self.hf.options
+        opt = torch.optim.AdamW(self.hf.module.parameters(), lr=o["lr"],
+                                betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        zero: dict[str, Any] = {"stage": self.zero}
+        if self.offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": self._accumulation_steps(),
+            "gradient_clipping": float(o["grad_clip"] or 0.0),   # explicit: DS defaults to 1
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        mpu = _MeshMPU(self.group, self.ranks, self.rank)
+        mpu._self_group = self.self_group
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.hf.module, optimizer=opt, config=config, mpu=mpu,
+            dist_init_required=False)
+
+    def _accumulation_steps(self) -> int:
+        """DeepSpeed gradient-accumulation steps: one per micro-batch, except under ZeRO-3,
+        where deepspeed 0.19.8 on CPU accumulated wrong gradients over micro-batches in
+        our differential test (tests/test_engine_deepspeed.py); there the micro-batches'
+        weighted losses are summed into one backward (same numbers, the activations of
+        all micro-batches held at once)."""
+        return 1 if self.zero == 3 else self.micro_batches
+
+    # -- inference ----------------------------------------------------------------------
+    def _slice(self, n: int, what: str) -> slice:
+        if n % self.dp:
+            raise UsageError(f"{self.decl.name}.{what}: {n} rows do not split over its "
+                             f"{self.dp} data-parallel ranks")
+        k = n // self.dp
+        return slice(self.dp_rank * k, (self.dp_rank + 1) * k)
+
+    @torch.no_grad()
+    def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
+        """The head quantity for the whole batch on every rank (each its slice, gathered)."""
+        n = next(iter(rollout.values())).shape[0]
+        mine = self._slice(n, "forward")
+        out = self.hf.forward({k: v[mine] for k, v in rollout.items()})
+        key, local = next(iter(out.items()))
+        full = [torch.zeros_like(local) for _ in range(self.dp)]
+        dist.all_gather(full, local.contiguous(), group=self.group)
+        return {key: torch.cat(full)}
+
+    def generate(self, prompts: Mapping[str, Any], **_: Any) -> dict[str, Any]:
+        raise UsageError(f"model {self.decl.name}: the deepspeed engine does not generate; "
+                         "generation runs on the HF engine after a reshard")
+
+    # -- training -----------------------------------------------------------------------
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
+              epochs: int = 1, minibatches: int = 1, shard: Any = None,
+              **hyper: Any) -> dict[str, float]:
+        if loss not in LOSS_FUNCTIONS:
+            raise UsageError(f"model {self.decl.name}: unknown loss {loss!r} "
+                             f"(known: {', '.join(LOSS_FUNCTIONS)})")
+        loss_fn = LOSS_FUNCTIONS[loss]
+        batch = next(iter(inputs.values()))
+        n = next(iter(batch.values())).shape[0]
+        if n % minibatches:
+            raise UsageError(f"{self.decl.name}.train: batch {n} does not split into "
+                             f"{minibatches} minibatches")
+        gen = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        count = 0
+        self.ds.train()
+        self.hf.module.eval()   # no dropout (as HFEngine); DeepSpeed's train() flag only
+        for _ in range(epochs):
+            for idx in torch.randperm(n, generator=gen).chunk(minibatches):
+                for k, v in self._minibatch(loss_fn, inputs, idx, hyper).items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+        self.version += 1
+        return {k: v / count for k, v in totals.items()}
+
+    def _minibatch(self, loss_fn: Any, inputs: Mapping[str, Mapping[str, Any]],
+                   idx: torch.Tensor, hyper: Mapping[str, Any]) -> dict[str, float]:
+        mine = idx[self._slice(idx.numel(), "train")]
+        m = fit_micro_batches(mine.numel(), self.micro_batches)
+        if self.zero != 3 and m != self.ds.gradient_accumulation_steps():
+            # DeepSpeed's public setter: train batch = micro (1) x accumulation x dp
+            self.ds.set_train_batch_size(m * self.dp)
+        self.ran_micro_batches = m
+        k = mine.numel() // m
+        mbs = [{key: {f: self.hf._to(t[mine[i * k:(i + 1) * k]]) for f, t in p.items()}
+                for key, p in inputs.items()} for i in range(m)]
+        weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
+        total = weights.sum().clone()
+        if self.dp > 1:
+            dist.all_reduce(total, group=self.group)
+        weights = weights / total.clamp(min=1.0)
+        sums: dict[str, float] = {}
+        summed = None
+        for i, mb in enumerate(mbs):
+            with torch.enable_grad():
+                value, stats = loss_fn(self.hf._head, mb, **hyper)
+                # DeepSpeed averages gradients over dp: x dp makes it the weighted sum
+                value = value * float(weights[i]) * self.dp
+                if self._accumulation_steps() == 1 and m > 1:
+                    summed = value if summed is None else summed + value
+                else:
+                    self.ds.backward(value, scale_wrt_gas=False)
+                    self.ds.step()   # applies at the gradient-accumulation boundary only
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(weights[i]) * v
+        if summed is not None:
+            with torch.enable_grad():
+                self.ds.backward(summed, scale_wrt_gas=False)
+            self.ds.step()
+        names = sorted(sums)
+        vec = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+        if self.dp > 1:
+            dist.all_reduce(vec, group=self.group)
+        return dict(zip(names, vec.tolist()))
+
+    # -- weights ------------------------------------------------------------------------
+    def _gathered(self) -> Any:
+        import contextlib
+
+        if self.zero != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.hf.module.parameters()),
+                                                 modifier_rank=None)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Full weights (ZeRO-3: an all-gather over the mesh, a collective)."""
+        with self._gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
+
+    def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Replace the weights (every rank passes the same full ones). Allowed before the
+        first training step only: DeepSpeed keeps its own fp32 master copies, so the
+        engine is rebuilt around a fresh module holding these weights."""
+        if self.version:
+            raise UsageError(f"model {self.decl.name}: the deepspeed engine loads weights "
+                             "only before training (its optimizer holds master copies)")
+        self.hf = HFEngine(self.decl, self.options, device=self.device_name, seed=self.seed)
+        self.hf.load_weights(named)
+        self._initialize()
+
+    def local_arrays(self) -> dict[str, list[torch.Tensor]]:
+        """This rank's piece of every weight, as the layout (deepspeed_layout) says: the
+        flat ZeRO-3 partition (`ds_tensor`), or the full tensor under ZeRO 0-2."""
+        out = {}
+        params = dict(self.hf.module.named_parameters())
+        for name in self.names:
+            p = params.get(name)
+            if p is None:   # a tied name (GPT-2's lm_head): the parameter it shares
+                p = _tied(self.hf.module, name)
+            out[name] = [p.ds_tensor.data if self.zero == 3 else p.data]
+        return out
+
+    def offload(self) -> None:
+        """Nothing to move on CPU; on CUDA DeepSpeed's own offload does this."""
+
+    def onload(self) -> None:
+        """See offload."""
+
+    def degrees(self) -> dict[str, Any]:
+        return {"engine": "deepspeed", "dp": self.dp, "tp": 1, "pp": 1, "sp": False,
+                "zero": self.zero, "offload": self.offload,
+                "micro_batches": self.ran_micro_batches}
+
+
+def _tied(module: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    obj: Any = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+__all__ = ["DeepSpeedEngine", "ensure_accelerator"]
