@@ -26,7 +26,7 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
 from .fast_model import FastLM
-from .fast_sampling import sample
+from .fast_sampling import Sampler
 from .hf import HFEngine, prompt_rows
 
 DEFAULT_SLOTS = 256
@@ -103,8 +103,10 @@ class FastEngine(HFEngine):
         gen_len = torch.zeros(n, dtype=torch.long)
         if n and max_new_tokens:
             self._run(compact_left(prompt_ids, prompt_mask), lens, out, gen_len,
-                      max_new_tokens, stops, dict(temperature=temperature, top_k=top_k,
-                                                  top_p=top_p, seed=seed), first)
+                      max_new_tokens, stops,
+                      Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              first=first, n=n, max_new=max_new_tokens,
+                              vocab=self.module.config.vocab_size, device=self.device))
         new = out[:n, :max_new_tokens]
         new_mask = (torch.arange(max_new_tokens)[None, :] < gen_len[:, None]).to(self.device)
         new = torch.where(new_mask, new, pad)
@@ -117,7 +119,7 @@ class FastEngine(HFEngine):
 
     def _run(self, compact: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
              gen_len: torch.Tensor, max_new: int, stops: list[tuple[int, ...]],
-             sampling: dict[str, Any], first: int) -> None:
+             sample: Sampler) -> None:
         """Continuous batching: fill free slots from the queue (prefill), decode all held
         slots a step, free the slots of stopped sequences; until queue and slots are empty.
         Writes tokens into out[seq, step] and each sequence's length into gen_len."""
@@ -164,7 +166,7 @@ class FastEngine(HFEngine):
                 s_dev = torch.tensor(where, device=dev)
                 logits = lm.prefill(compact[q_dev, :width], lens[q_dev], s_dev)
                 zero = torch.zeros(len(take), dtype=torch.long, device=dev)
-                t = sample(logits, rows=q_dev + first, steps=zero, **sampling)
+                t = sample(logits, q_dev, zero)
                 out[q_dev, 0] = t
                 done = finished(t, zero, q_dev).tolist()
                 prefills += 1
@@ -184,7 +186,7 @@ class FastEngine(HFEngine):
                 logits = lm.decode(tok[:b], pos[:b], kv_len)
             decode_steps += 1
             nstep = step[:b] + 1
-            t = sample(logits, rows=seq[:b] + first, steps=nstep, **sampling)
+            t = sample(logits, seq[:b], nstep)
             live = seq[:b] < n
             out[seq[:b], torch.where(live, nstep, 0)] = torch.where(live, t, out[n, 0])
             done = (finished(t, nstep, seq[:b]) & live).tolist()

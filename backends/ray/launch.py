@@ -26,7 +26,17 @@ def compile_for(program: Any, opts: RunOptions) -> Any:
 
     return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
                          opts.policy or "auto", placement=load_placement(opts.placement),
-                         gen_engine="hf")
+                         gen_engine=gen_class(program.graph))
+
+
+def gen_class(graph: Any) -> str:
+    """The generation cost class the plan assumes: "graph" when every generating model
+    is declared engine="fast", else "hf"."""
+    from graphrl.cost import generation_class
+
+    gens = {n.model for n in graph.nodes if getattr(n, "target", "") == "generate"}
+    classes = {generation_class(m.engine) for m in graph.models if m.name in gens}
+    return "graph" if classes == {"graph"} else "hf"
 
 
 def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
