@@ -200,6 +200,19 @@ class FastLM:
         n, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
 
+    def _attend_one(self, q, k, v, mask, i: int) -> torch.Tensor:
+        """Attention of one query token per row (decode): q [b,H,1,d] over k, v
+        [b,Hkv,T,d] with mask [b,1,1,T], as two batched matmuls (query heads grouped by
+        their kv head, Ainslie et al. 2023). On CPU this is several times cheaper than
+        scaled_dot_product_attention with a mask for a single query."""
+        b, hk, t, d = k.shape
+        g = self.heads // hk
+        qg = q.reshape(b, hk, g, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scales[i]   # [b,hk,g,T]
+        scores = scores.masked_fill(~mask.view(b, 1, 1, t), float("-inf"))
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # [b,hk,g,d]
+        return out.reshape(b, 1, self.heads * d)
+
     # -- passes ---------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, lens: torch.Tensor,
                 slot_idx: torch.Tensor) -> torch.Tensor:
@@ -234,6 +247,6 @@ class FastLM:
             self.k[i, rows, :, pos] = k[:, :, 0]
             self.v[i, rows, :, pos] = v[:, :, 0]
             keys, vals = self.k[i, :b, :, :kv_len], self.v[i, :b, :, :kv_len]
-            x = x + self._lin(self._attend(q, keys, vals, mask, i), f"{i}.o_w")
+            x = x + self._lin(self._attend_one(q, keys, vals, mask, i), f"{i}.o_w")
             x = x + self._mlp(x, i)
         return self._logits(x[:, 0])
