@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo grpo test bench clean
+.PHONY: install demo grpo test bench clean trl
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 grpo: $(STAMP)
 	$(VENV)/bin/graphrl run examples/grpo.py
+
+# TRL, for benchmarks/vs_trl.py only (not needed by make test)
+trl: $(STAMP)
+	$(PY) -m pip install -q trl
 
 test: $(STAMP)
 	$(PY) -m pytest tests
