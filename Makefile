@@ -11,7 +11,7 @@ ENGINES := megatron-core==0.16.1 deepspeed==0.19.8
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo grpo test bench clean
+.PHONY: install demo grpo test bench clean trl
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 grpo: $(STAMP)
 	$(VENV)/bin/graphrl run examples/grpo.py
+
+# TRL, for benchmarks/vs_trl.py only (not needed by make test)
+trl: $(STAMP)
+	$(PY) -m pip install -q trl
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -34,6 +34,20 @@ from .types import DTYPE_BYTES, ModelSpec
 
 PHASES = ("forward", "train", "generate")
 ENGINES = ("hf", "graph")
+# The "graph" class is graphrl's fast engine (backends/engines/fast.py: static KV cache,
+# continuous batching, a CUDA graph per batch bucket): a model declared engine="fast"
+# generates in it; every other engine generates like Hugging Face eager code ("hf").
+GENERATION_CLASS = {"fast": "graph"}
+# The fast engine measured eagerly on CPU (no CUDA graphs there; 1 thread, shared 2-core
+# machine, benchmarks/generation.py and docs/generation.md): seconds per decode step =
+# call + layers * layer, against the HF engine's loop measured alongside (1.29 ms, 0.87 ms).
+# Its GPU constants are the "graph" terms below until a GPU measurement replaces them.
+FAST_ENGINE_CPU = {"call_s": 1.43e-3, "layer_s": 0.74e-3}
+
+
+def generation_class(engine: str) -> str:
+    """The cost class ("hf" or "graph") of generation on a model declared with `engine`."""
+    return GENERATION_CLASS.get(engine, "hf")
 
 # ---------------------------------------------------------------------------------------
 # Constants taken from the literature (not fitted)

@@ -59,11 +59,16 @@ def fit_micro_batches(rows: int, planned: int) -> int:
 
 def create_engine(engine: str, decl: Any, options: Mapping[str, Any], device: str,
                   seed: int) -> ModelEngine:
-    """Build the engine a ModelDecl names (`hf`)."""
+    """Build the engine a ModelDecl names: `hf` (Hugging Face models throughout) or
+    `fast` (the same, generating with the static-KV-cache, continuous-batching engine)."""
     if engine == "hf":
         from .hf import HFEngine
 
         return HFEngine(decl, options, device=device, seed=seed)
+    if engine == "fast":
+        from .fast import FastEngine
+
+        return FastEngine(decl, options, device=device, seed=seed)
     from graphrl.errors import UsageError
 
-    raise UsageError(f"model {decl.name}: unknown engine {engine!r} (available: hf)")
+    raise UsageError(f"model {decl.name}: unknown engine {engine!r} (available: hf, fast)")

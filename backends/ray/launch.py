@@ -26,7 +26,8 @@ def compile_for(program: Any, opts: RunOptions) -> Any:
 
     return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
                          opts.policy or "auto", placement=load_placement(opts.placement),
-                         gen_engine="hf", engines=True)   # refuse what no engine runs
+                         gen_engine=gen_class(program.graph),
+                         engines=True)   # refuse what no engine runs
 
 
 # One wait on a worker may take WAIT_FACTOR x the plan's longest predicted instruction, and
@@ -42,6 +43,16 @@ def wait_deadline(plan: Any, requested: Optional[float] = None) -> float:
         return float(requested)
     longest = max((i.seconds for s in plan.streams for i in s.instrs), default=0.0)
     return max(WAIT_FLOOR_S, WAIT_FACTOR * longest)
+
+
+def gen_class(graph: Any) -> str:
+    """The generation cost class the plan assumes: "graph" when every generating model
+    is declared engine="fast", else "hf"."""
+    from graphrl.cost import generation_class
+
+    gens = {n.model for n in graph.nodes if getattr(n, "target", "") == "generate"}
+    classes = {generation_class(m.engine) for m in graph.models if m.name in gens}
+    return "graph" if classes == {"graph"} else "hf"
 
 
 def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,

@@ -94,14 +94,17 @@ def _check_decl(decl: ModelDecl, specs: Sequence[ParamSpec], module: nn.Module) 
 
 # -- engines -------------------------------------------------------------------------------
 class ReplicatedEngine:
-    """A full HFEngine on this rank; one of `gpus` replicas."""
+    """A full engine of the model's declared kind (HFEngine, or FastEngine for
+    engine=fast) on this rank; one of `gpus` replicas."""
 
     def __init__(self, decl: ModelDecl, options: Mapping[str, Any], gpus: Sequence[int],
                  gpu: int, *, device: str = "cpu", seed: int = 0):
         if gpu not in gpus:
             raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
         self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
-        self.engine = HFEngine(decl, options, device=device, seed=seed)
+        from ..engines.base import create_engine
+
+        self.engine = create_engine(decl.engine, decl, options, device, seed)
         self.specs = param_specs(decl)
         self.layout = replicated_layout(self.specs, self.gpus, decl.spec.num_layers)
 
@@ -163,7 +166,9 @@ class FSDPEngine:
         if gpu not in gpus:
             raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
         self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
-        self.engine = HFEngine(decl, options, device=device, seed=seed)
+        from ..engines.base import create_engine
+
+        self.engine = create_engine(decl.engine, decl, options, device, seed)
         self.specs = param_specs(decl)
         _check_decl(decl, self.specs, self.engine.module)
         kind = "cuda" if device.startswith("cuda") else "cpu"

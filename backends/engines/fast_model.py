@@ -1,0 +1,252 @@
+"""Decode-only torch model code for the fast engine: Llama- and GPT-2-shaped causal LMs
+over a preallocated static KV cache of `slots` sequences x `max_len` positions.
+
+The weights are copied (in place, so captured CUDA graphs stay valid) from the Hugging
+Face module the engine trains, with Llama's q/k/v and gate/up projections fused into one
+matmul each. Sequences are stored unpadded: a sequence in slot s holds its real tokens at
+cache positions 0..len-1, so position ids equal cache positions and a decode step masks
+each slot by its own length. Formulas follow the architectures' papers: RMSNorm (Zhang &
+Sennrich 2019), rotary embeddings (Su et al. 2021), SwiGLU (Shazeer 2020) for Llama
+(Touvron et al. 2023); pre-LayerNorm blocks with learned positions and tanh-GELU for GPT-2
+(Radford et al. 2019).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphrl.errors import UsageError
+
+
+def _rope_theta(config: Any) -> float:
+    """The rotary base of a Llama config; only the default (unscaled) rope is supported."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    params = params or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise UsageError(f"engine fast: rope_type {kind!r} is not supported (default only); "
+                         "use engine=hf for this checkpoint")
+    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
+    return float(theta or 10000.0)
+
+
+class FastLM:
+    """Prefill and decode over a static KV cache. `module` is the Hugging Face causal LM
+    whose weights `refresh()` copies."""
+
+    def __init__(self, module: nn.Module, slots: int, max_len: int):
+        cfg = module.config
+        self.module = module
+        self.family = "gpt2" if cfg.model_type == "gpt2" else "llama"
+        p = next(module.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if self.family == "gpt2":
+            self.layers, self.heads = cfg.n_layer, cfg.n_head
+            self.kv_heads = self.heads
+            self.head_dim = cfg.n_embd // self.heads
+            self.eps = cfg.layer_norm_epsilon
+            if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+                raise UsageError(f"engine fast: GPT-2 activation {cfg.activation_function!r} "
+                                 "is not supported")
+            self.gelu = "none" if cfg.activation_function == "gelu" else "tanh"
+            scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
+            self.scales = [scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+                           for i in range(self.layers)]
+            self.max_positions = cfg.n_positions
+        else:
+            if getattr(cfg, "hidden_act", "silu") != "silu":
+                raise UsageError(f"engine fast: Llama activation {cfg.hidden_act!r} is not "
+                                 "supported (silu only)")
+            self.layers, self.heads = cfg.num_hidden_layers, cfg.num_attention_heads
+            self.kv_heads = cfg.num_key_value_heads or self.heads
+            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+            self.eps = cfg.rms_norm_eps
+            self.scales = [1.0 / math.sqrt(self.head_dim)] * self.layers
+            self.max_positions = cfg.max_position_embeddings
+        if max_len > self.max_positions:
+            raise UsageError(f"engine fast: prompt + new tokens = {max_len} positions exceed "
+                             f"the model's {self.max_positions}")
+        self.slots, self.max_len = slots, max_len
+        shape = (self.layers, slots, self.kv_heads, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.w: dict[str, torch.Tensor] = {}
+        if self.family == "llama":
+            inv = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, self.head_dim, 2,
+                                                            dtype=torch.float32,
+                                                            device=self.device)
+                                               / self.head_dim))
+            ang = torch.arange(max_len, dtype=torch.float32, device=self.device)[:, None] * inv
+            ang = torch.cat([ang, ang], dim=-1)
+            self.cos, self.sin = ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+        self.refresh()
+
+    # -- weights --------------------------------------------------------------------------
+    def _put(self, name: str, value: torch.Tensor) -> None:
+        """Copy into the persistent buffer `name` (allocated on first use)."""
+        value = value.detach()
+        if name not in self.w:
+            self.w[name] = torch.empty(value.shape, dtype=self.dtype, device=self.device)
+        self.w[name].copy_(value)
+
+    def refresh(self) -> None:
+        """Copy the module's current weights into this model's buffers (in place)."""
+        m = self.module
+        if self.family == "gpt2":
+            t = m.transformer
+            self._put("wte", t.wte.weight)
+            self._put("wpe", t.wpe.weight)
+            self._put("lnf_w", t.ln_f.weight)
+            self._put("lnf_b", t.ln_f.bias)
+            self._put("head", m.lm_head.weight)
+            for i, blk in enumerate(t.h):
+                for name, param in (("ln1_w", blk.ln_1.weight), ("ln1_b", blk.ln_1.bias),
+                                    ("ln2_w", blk.ln_2.weight), ("ln2_b", blk.ln_2.bias),
+                                    ("qkv_w", blk.attn.c_attn.weight),
+                                    ("qkv_b", blk.attn.c_attn.bias),
+                                    ("o_w", blk.attn.c_proj.weight), ("o_b", blk.attn.c_proj.bias),
+                                    ("fc_w", blk.mlp.c_fc.weight), ("fc_b", blk.mlp.c_fc.bias),
+                                    ("pr_w", blk.mlp.c_proj.weight),
+                                    ("pr_b", blk.mlp.c_proj.bias)):
+                    self._put(f"{i}.{name}", param)   # Conv1D: x @ W + b, W is [in, out]
+            return
+        body = m.model
+        self._put("wte", body.embed_tokens.weight)
+        self._put("norm", body.norm.weight)
+        self._put("head", m.lm_head.weight)
+        for i, layer in enumerate(body.layers):
+            a, f = layer.self_attn, layer.mlp
+            self._put(f"{i}.ln1", layer.input_layernorm.weight)
+            self._put(f"{i}.ln2", layer.post_attention_layernorm.weight)
+            self._put(f"{i}.qkv_w", torch.cat([a.q_proj.weight, a.k_proj.weight,
+                                               a.v_proj.weight]).t())
+            if a.q_proj.bias is not None:
+                self._put(f"{i}.qkv_b", torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            self._put(f"{i}.o_w", a.o_proj.weight.t())
+            if a.o_proj.bias is not None:
+                self._put(f"{i}.o_b", a.o_proj.bias)
+            self._put(f"{i}.gu_w", torch.cat([f.gate_proj.weight, f.up_proj.weight]).t())
+            if f.gate_proj.bias is not None:
+                self._put(f"{i}.gu_b", torch.cat([f.gate_proj.bias, f.up_proj.bias]))
+            self._put(f"{i}.dn_w", f.down_proj.weight.t())
+            if f.down_proj.bias is not None:
+                self._put(f"{i}.dn_b", f.down_proj.bias)
+
+    # -- blocks ---------------------------------------------------------------------------
+    def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        b = self.w.get(name[:-1] + "b")
+        w = self.w[name]
+        return x @ w if b is None else torch.addmm(b, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(self.dtype)
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [n, heads, t, d] rotated at positions pos [n, t] (Su et al. 2021)."""
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _norm1(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.family == "gpt2":
+            return F.layer_norm(x, x.shape[-1:], self.w[f"{i}.ln1_w"], self.w[f"{i}.ln1_b"],
+                                self.eps)
+        return self._rms(x, self.w[f"{i}.ln1"])
+
+    def _mlp(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.family == "gpt2":
+            h = F.layer_norm(x, x.shape[-1:], self.w[f"{i}.ln2_w"], self.w[f"{i}.ln2_b"],
+                             self.eps)
+            h = F.gelu(self._lin(h, f"{i}.fc_w"), approximate=self.gelu)
+            return self._lin(h, f"{i}.pr_w")
+        h = self._lin(self._rms(x, self.w[f"{i}.ln2"]), f"{i}.gu_w")
+        gate, up = h.chunk(2, dim=-1)
+        return self._lin(F.silu(gate) * up, f"{i}.dn_w")
+
+    def _qkv(self, x: torch.Tensor, i: int, pos: torch.Tensor):
+        """q [n,H,t,d], k and v [n,Hkv,t,d] of hidden states x [n,t,e] at positions pos."""
+        n, t, _ = x.shape
+        qkv = self._lin(self._norm1(x, i), f"{i}.qkv_w")
+        hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split([hq, hk, hk], dim=-1)
+        q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.family == "llama":
+            q, k = self._rope(q, pos), self._rope(k, pos)
+        return q, k, v
+
+    def _embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(tokens, self.w["wte"])
+        return x + F.embedding(pos, self.w["wpe"]) if self.family == "gpt2" else x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "gpt2":
+            x = F.layer_norm(x, x.shape[-1:], self.w["lnf_w"], self.w["lnf_b"], self.eps)
+        else:
+            x = self._rms(x, self.w["norm"])
+        return (x @ self.w["head"].t()).float()
+
+    def _attend(self, q, k, v, mask, i: int) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scales[i],
+                                             enable_gqa=self.kv_heads != self.heads)
+        n, _, t, _ = out.shape
+        return out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
+
+    def _attend_one(self, q, k, v, mask, i: int) -> torch.Tensor:
+        """Attention of one query token per row (decode): q [b,H,1,d] over k, v
+        [b,Hkv,T,d] with mask [b,1,1,T], as two batched matmuls (query heads grouped by
+        their kv head, Ainslie et al. 2023). On CPU this is several times cheaper than
+        scaled_dot_product_attention with a mask for a single query."""
+        b, hk, t, d = k.shape
+        g = self.heads // hk
+        qg = q.reshape(b, hk, g, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scales[i]   # [b,hk,g,T]
+        scores = scores.masked_fill(~mask.view(b, 1, 1, t), float("-inf"))
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # [b,hk,g,d]
+        return out.reshape(b, 1, self.heads * d)
+
+    # -- passes ---------------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor,
+                slot_idx: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts tokens [n, t] (real lengths `lens`) into the cache rows
+        `slot_idx` at positions 0..t-1; returns the logits [n, V] at each last real token.
+        Padding sits after the real tokens, so causal attention never lets a real token see
+        it, and the decode steps overwrite it."""
+        n, t = tokens.shape
+        pos = torch.arange(t, device=tokens.device).expand(n, t)
+        x = self._embed(tokens, pos)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        for i in range(self.layers):
+            q, k, v = self._qkv(x, i, pos)
+            self.k[i, slot_idx, :, :t] = k
+            self.v[i, slot_idx, :, :t] = v
+            x = x + self._lin(self._attend(q, k, v, causal, i), f"{i}.o_w")
+            x = x + self._mlp(x, i)
+        last = x[torch.arange(n, device=x.device), lens - 1]
+        return self._logits(last)
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One decode step for slots 0..b-1 (b = len(tok)): token tok[s] at position
+        pos[s] of slot s, attending to the slot's cache positions <= pos[s] (of the first
+        `kv_len`). Returns logits [b, V]. Static shapes for a fixed (b, kv_len): this is
+        what a CUDA graph captures."""
+        b = tok.shape[0]
+        rows = torch.arange(b, device=tok.device)
+        x = self._embed(tok[:, None], pos[:, None])
+        mask = (torch.arange(kv_len, device=tok.device) <= pos[:, None])[:, None, None, :]
+        for i in range(self.layers):
+            q, k, v = self._qkv(x, i, pos[:, None])
+            self.k[i, rows, :, pos] = k[:, :, 0]
+            self.v[i, rows, :, pos] = v[:, :, 0]
+            keys, vals = self.k[i, :b, :, :kv_len], self.v[i, :b, :, :kv_len]
+            x = x + self._lin(self._attend_one(q, keys, vals, mask, i), f"{i}.o_w")
+            x = x + self._mlp(x, i)
+        return self._logits(x[:, 0])
