@@ -27,8 +27,11 @@ class Compiled:
 def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   placement: Mapping[str, Mapping[str, Any]] | None = None,
                   gen_engine: str = "hf", check: bool = True,
-                  dump_dir: str | Path | None = None) -> Compiled:
-    """Place, schedule, reshard and lower a traced graph for a cluster."""
+                  dump_dir: str | Path | None = None,
+                  response_lengths: Any = None) -> Compiled:
+    """Place, schedule, reshard and lower a traced graph for a cluster.
+    `response_lengths`: a `graphrl.lengths.LengthDist` (or its text, `lognormal:mean=..,
+    max=..`) the generation cost is priced over; None = every response max_new_tokens."""
     import time
 
     from graphrl.passes.assign_devices import parse_pins
@@ -37,9 +40,14 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
 
     from .verify import verify_plan
 
+    from .lengths import parse as parse_lengths
+
+    if isinstance(response_lengths, str):
+        response_lengths = parse_lengths(response_lengths)
     pins = parse_pins(placement or {}, graph, cluster)
     ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
-                      dump_dir=Path(dump_dir) if dump_dir else None)
+                      dump_dir=Path(dump_dir) if dump_dir else None,
+                      lengths=response_lengths)
     passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
     placed = run_pipeline(graph, passes, ctx)
     t0 = time.perf_counter()

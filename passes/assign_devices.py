@@ -51,7 +51,8 @@ def call_infos(graph: Graph) -> list[CallInfo]:
 
 def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
     specs = {m.name: m.spec for m in graph.models}
-    return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins)
+    return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins,
+                   ctx.lengths)
 
 
 def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
@@ -184,6 +185,7 @@ def _fastest_lowered(graph: Graph, problem: Problem, ctx: PassContext,
 
     def seconds(ev: Evaluation) -> float:
         scratch = PassContext(ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins, check=False,
+                              lengths=ctx.lengths,
                               findings={"problem": problem, "evaluation": ev,
                                         "policy": "auto"})
         g = placed_graph(graph, ev)

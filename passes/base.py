@@ -18,6 +18,7 @@ from graphrl.cluster import ClusterSpec
 from graphrl.cost import CALIBRATED, CostParams
 from graphrl.errors import UsageError
 from graphrl.graph import Graph
+from graphrl.lengths import LengthDist
 from graphrl.verify import verify_graph
 
 from .search import Pin
@@ -35,6 +36,7 @@ class PassContext:
     pins: Mapping[str, Pin] = field(default_factory=dict)
     check: bool = True
     dump_dir: Path | None = None
+    lengths: LengthDist | None = None   # response lengths; None = all max_new_tokens
     findings: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
 

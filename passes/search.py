@@ -30,6 +30,7 @@ import numpy as np
 
 from graphrl.cluster import ClusterSpec
 from graphrl.cost import CALIBRATED, CostParams, estimate, model_state_bytes
+from graphrl.lengths import LengthDist
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.types import ModelSpec
 
@@ -170,8 +171,10 @@ class Problem:
 
     def __init__(self, calls: list[CallInfo], specs: Mapping[str, ModelSpec],
                  cluster: ClusterSpec, gen_engine: str = "hf",
-                 params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None):
+                 params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None,
+                 lengths: LengthDist | None = None):
         self.calls = list(calls)
+        self.lengths = lengths   # response lengths (None: every one max_new_tokens)
         self.by_name = {c.name: c for c in self.calls}
         self.specs = dict(specs)
         self.cluster = cluster
@@ -189,9 +192,16 @@ class Problem:
     # -- strategies -----------------------------------------------------------------------
     def cost(self, c: CallInfo, s: Strategy) -> Choice:
         spec = self.specs[c.model]
+        if c.phase == "generate":   # a serving engine: KV budget, continuous refill, tail
+            from graphrl.serving import serve_generate
+
+            r = serve_generate(spec, c.batch, c.seq, c.new_tokens, s, self.cluster.gpu,
+                               self.gen_engine, lengths=self.lengths, params=self.params,
+                               gpus_per_node=self.cluster.gpus_per_node)
+            return Choice(s, r.seconds * c.repeats, r.peak_bytes,
+                          int(spec.weight_bytes / (s.tp * s.pp)))
         cc = estimate(spec, c.phase, c.batch, c.seq, s, self.cluster.gpu, c.new_tokens,
-                      self.gen_engine if c.phase == "generate" else "hf", params=self.params,
-                      gpus_per_node=self.cluster.gpus_per_node)
+                      "hf", params=self.params, gpus_per_node=self.cluster.gpus_per_node)
         if c.phase == "train":
             resident = int(model_state_bytes(spec, s))
         else:
@@ -458,7 +468,7 @@ class Problem:
 
 def replace_cluster(problem: Problem, cluster: ClusterSpec) -> Problem:
     return Problem(problem.calls, problem.specs, cluster, problem.gen_engine, problem.params,
-                   problem.pins)
+                   problem.pins, problem.lengths)
 
 
 __all__ = ["CallInfo", "Pin", "Choice", "Scheduled", "Evaluation", "Infeasible", "Problem",
