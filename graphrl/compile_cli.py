@@ -24,6 +24,9 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
                         "lognormal:mean=M,max=X[,sigma=S] or empirical:FILE (one length a "
                         "line); sets --response-len to its max unless given; default: every "
                         "response --response-len long")
+    p.add_argument("--memory-headroom", metavar="FRACTION", type=float, default=None,
+                   help="share of each GPU's memory (and each node's host RAM) plans leave "
+                        "free; default 0.08")
     p.add_argument("--placement", metavar="FILE",
                    help="pin calls: YAML or JSON, one entry per call, e.g. "
                         "'policy.train: {gpus: \"0-15\", dp: 16, zero: 3}'")
@@ -124,7 +127,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
                              gen_engine=gen_engine(ns, opts.planning_only), dump_dir=dump,
-                             response_lengths=lengths)
+                             response_lengths=lengths, memory_headroom=ns.memory_headroom)
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
@@ -145,7 +148,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
 
 def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
-                 lengths: Any = None) -> list[dict[str, Any]]:
+                 lengths: Any = None, headroom: float | None = None) -> list[dict[str, Any]]:
     from .compiler import compile_graph
     from .errors import GraphRLError
 
@@ -153,7 +156,7 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
     for policy in POLICY_NAMES:
         try:
             c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
-                              response_lengths=lengths)
+                              response_lengths=lengths, memory_headroom=headroom)
             rows.append({"policy": policy, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
@@ -174,7 +177,7 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     graph = build(opts).program().graph
     cluster = cluster_of(ns.cluster)
     rows = compare_rows(graph, cluster, gen_engine(ns, opts.planning_only),
-                        load_placement(ns.placement), lengths)
+                        load_placement(ns.placement), lengths, ns.memory_headroom)
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0

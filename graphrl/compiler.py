@@ -28,10 +28,12 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   placement: Mapping[str, Mapping[str, Any]] | None = None,
                   gen_engine: str = "hf", check: bool = True,
                   dump_dir: str | Path | None = None,
-                  response_lengths: Any = None) -> Compiled:
+                  response_lengths: Any = None, memory_headroom: float | None = None
+                  ) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster.
     `response_lengths`: a `graphrl.lengths.LengthDist` (or its text, `lognormal:mean=..,
-    max=..`) the generation cost is priced over; None = every response max_new_tokens."""
+    max=..`) the generation cost is priced over; None = every response max_new_tokens.
+    `memory_headroom`: share of each GPU's and node's memory left free (default 8%)."""
     import time
 
     from graphrl.passes.assign_devices import parse_pins
@@ -48,6 +50,12 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
                       dump_dir=Path(dump_dir) if dump_dir else None,
                       lengths=response_lengths)
+    if memory_headroom is not None:
+        if not 0 <= memory_headroom < 1:
+            from .errors import UsageError
+
+            raise UsageError(f"memory headroom must be in [0, 1), got {memory_headroom!r}")
+        ctx.headroom = memory_headroom
     passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
     placed = run_pipeline(graph, passes, ctx)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from .base import PassContext
 from .policies import POLICIES, auto_finalists, hardest_call, run_policy, smallest_cluster
 from .search import CallInfo, Evaluation, Infeasible, Pin, Problem
 
-PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches")
+PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches", "recompute", "offload")
 
 
 def unit_of(n: Node) -> str:
@@ -52,7 +52,7 @@ def call_infos(graph: Graph) -> list[CallInfo]:
 def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
     specs = {m.name: m.spec for m in graph.models}
     return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins,
-                   ctx.lengths)
+                   ctx.lengths, ctx.headroom)
 
 
 def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
@@ -119,11 +119,15 @@ def infeasible_error(problem: Problem, e: Infeasible, policy: str) -> UsageError
     nodes = smallest_cluster(problem, policy)
     hint = (f"; the smallest cluster that fits: {nodes}x{c.gpus_per_node}x{c.gpu.name}"
             if nodes else "")
+    if e.host:
+        return UsageError(f"no placement fits on {c.text()}: {e} (after {problem.headroom:.0%} "
+                          f"headroom){hint}")
     if e.need:
+        headroom = f" after {problem.headroom:.0%} headroom" if problem.headroom else ""
         return UsageError(f"no placement fits on {c.text()}: {e.call} needs "
                           f"{e.need / 2**30:.1f} GiB per GPU at best (on {e.mesh_size} "
                           f"GPU{'s' if e.mesh_size != 1 else ''}), the most one {c.gpu.name} "
-                          f"offers is {e.have / 2**30:.1f} GiB{hint}")
+                          f"offers is {e.have / 2**30:.1f} GiB{headroom}{hint}")
     return UsageError(f"no placement fits on {c.text()} under policy {policy}{hint}")
 
 
@@ -185,7 +189,7 @@ def _fastest_lowered(graph: Graph, problem: Problem, ctx: PassContext,
 
     def seconds(ev: Evaluation) -> float:
         scratch = PassContext(ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins, check=False,
-                              lengths=ctx.lengths,
+                              lengths=ctx.lengths, headroom=ctx.headroom,
                               findings={"problem": problem, "evaluation": ev,
                                         "policy": "auto"})
         g = placed_graph(graph, ev)

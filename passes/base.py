@@ -21,7 +21,7 @@ from graphrl.graph import Graph
 from graphrl.lengths import LengthDist
 from graphrl.verify import verify_graph
 
-from .search import Pin
+from .search import DEFAULT_HEADROOM, Pin
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PassContext:
     check: bool = True
     dump_dir: Path | None = None
     lengths: LengthDist | None = None   # response lengths; None = all max_new_tokens
+    headroom: float = DEFAULT_HEADROOM  # share of GPU / host memory plans leave free
     findings: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
 
