@@ -277,3 +277,13 @@ def test_no_policy_beats_the_lower_bound(example, size, cluster):
         ev = policy(problem)
         if ev is not None:
             assert bound <= ev.step_seconds * (1 + 1e-9), name
+
+
+def test_auto_is_not_beaten_on_the_lowered_plan_of_a_close_case():
+    """auto's finalists are ranked on lowered plans with the same (exact) reshard plans
+    the pipeline uses: here the closed form once ranked auto 0.6% behind hybridflow."""
+    graph = planning_graph("ppo", "7b", 128, 256, 64)
+    cluster = ClusterSpec.parse("2x8xH100")
+    auto = compile_graph(graph, cluster, "auto", gen_engine="graph")
+    hybrid = compile_graph(graph, cluster, "hybridflow", gen_engine="graph")
+    assert auto.plan.predicted_step_seconds <= hybrid.plan.predicted_step_seconds * (1 + 1e-9)
