@@ -32,6 +32,7 @@ from graphrl.cli import load_example  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compile_cli import POLICY_NAMES  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
+from graphrl.lengths import parse as parse_lengths  # noqa: E402
 from graphrl.passes.assign_devices import problem_from_graph  # noqa: E402
 from graphrl.passes.base import PassContext  # noqa: E402
 from graphrl.passes.bound import step_lower_bound  # noqa: E402
@@ -62,6 +63,7 @@ class Case:
     gpu: str = "H100"    # a key of GPUS
     prompt_len: int = 1024
     response_len: int = 1024
+    tail: str = ""       # a --response-lengths distribution (long-tail cases), else fixed
 
     @property
     def gpus(self) -> int:
@@ -73,7 +75,14 @@ class Case:
 
     @property
     def lengths(self) -> str:
+        if self.tail:
+            d = parse_lengths(self.tail)
+            return f"{self.prompt_len}/tail{d.mean / 1024:g}k-{d.max_len // 1024}k"
         return f"{self.prompt_len}/{self.response_len}"
+
+    @property
+    def dist(self) -> Any:
+        return parse_lengths(self.tail) if self.tail else None
 
     @property
     def name(self) -> str:
@@ -84,6 +93,8 @@ class Case:
         size = SIZES[self.size]
         if self.algo == "grpo" and "critic=" in size:  # GRPO has no critic
             size = ",".join(p for p in size.split(",") if not p.startswith("critic="))
+        if self.tail:   # long responses: the same shapes with a 64k context
+            size = ",".join(f"{p}-64k" for p in size.split(","))
         return size
 
 
@@ -104,10 +115,25 @@ SUITE = (  # GPU, (prompt, response) tokens, algorithm, size mixes, nodes of 8 G
 )
 
 
+# Reasoning-style long tails (issue 13): log-normal response lengths, mean 2-4k tokens,
+# capped at 16k / 32k (DAPO and AReaL train at such caps), at 16 to 256 GPUs.
+TAIL_SUITE = (  # algorithm, sizes, distribution, nodes of 8 H100s
+    ("grpo", ("7b", "34b"), "lognormal:mean=3072,max=16384", (2, 8, 32)),
+    ("ppo", ("7b",), "lognormal:mean=2048,max=32768", (2, 8, 32)),
+)
+
+
+def tail_suite() -> list[Case]:
+    return [Case(algo, size, n, prompt_len=1024, response_len=parse_lengths(d).max_len,
+                 tail=d) for algo, sizes, d, nodes in TAIL_SUITE for size in sizes for n in nodes]
+
+
 def full_suite() -> list[Case]:
-    """The representative suite: SUITE's blocks, each size mix on each cluster size."""
+    """The representative suite: SUITE's blocks, each size mix on each cluster size, and
+    the long-tail cases."""
     return [Case(algo, size, n, gpu=gpu, prompt_len=p, response_len=r)
-            for gpu, (p, r), algo, sizes, nodes in SUITE for size in sizes for n in nodes]
+            for gpu, (p, r), algo, sizes, nodes in SUITE for size in sizes
+            for n in nodes] + tail_suite()
 
 
 def cross_product_size() -> int:
@@ -184,10 +210,12 @@ def _describe(compiled: Any) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
-def compile_one(graph: Any, cluster: ClusterSpec, policy: str) -> PolicyResult:
+def compile_one(graph: Any, cluster: ClusterSpec, policy: str,
+                lengths: Any = None) -> PolicyResult:
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        compiled = compile_graph(graph, cluster, policy, gen_engine=GEN_ENGINE)
+        compiled = compile_graph(graph, cluster, policy, gen_engine=GEN_ENGINE,
+                                 response_lengths=lengths)
     except graphrl.GraphRLError as e:
         return PolicyResult(policy, "infeasible", compile_wall=time.perf_counter() - t0,
                             compile_cpu=time.process_time() - c0,
@@ -231,10 +259,11 @@ def run_case(case: Case) -> CaseResult:
     cluster = ClusterSpec.parse(case.cluster)
     out = CaseResult(case)
     for policy in POLICY_NAMES:   # auto first, as `graphrl compare` does
-        out.results[policy] = compile_one(graph, cluster, policy)
+        out.results[policy] = compile_one(graph, cluster, policy, case.dist)
     out.wall = time.perf_counter() - t0
     if out.auto.status == "ok":
-        problem = problem_from_graph(graph, PassContext(cluster, gen_engine=GEN_ENGINE))
+        problem = problem_from_graph(graph, PassContext(cluster, gen_engine=GEN_ENGINE,
+                                                        lengths=case.dist))
         out.bound = step_lower_bound(problem)
     return out
 

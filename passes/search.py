@@ -209,6 +209,7 @@ class Problem:
         self.gen_engine = gen_engine
         self.params = params
         self.pins = dict(pins or {})
+        self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
         self.capacity = int(cluster.gpu.memory_bytes * (1 - headroom))
@@ -218,6 +219,21 @@ class Problem:
         self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
         self._layouts: dict[tuple, _Layout | Infeasible] = {}
+
+    def _packed_lengths(self) -> dict[str, int]:
+        """Forward and train calls over rollouts run on packed sequences (no padding to
+        the longest response: ReaLHF, Mei et al. 2024 §5, and verl's remove-padding pack
+        variable-length sequences), so with a length distribution they cost prompt + the
+        mean response per sequence. Call name -> the sequence length to price."""
+        if self.lengths is None:
+            return {}
+        out = {}
+        for g in (c for c in self.calls if c.phase == "generate"):
+            mean = self.lengths.capped(max(g.new_tokens, 1)).quantiles(512).mean()
+            for c in self.calls:
+                if c.phase in ("forward", "train") and c.seq == g.seq + g.new_tokens:
+                    out[c.name] = int(round(g.seq + mean))
+        return out
 
     # -- strategies -----------------------------------------------------------------------
     def cost(self, c: CallInfo, s: Strategy) -> Choice:
@@ -230,7 +246,8 @@ class Problem:
                                gpus_per_node=self.cluster.gpus_per_node)
             return Choice(s, r.seconds * c.repeats, r.peak_bytes,
                           int(spec.weight_bytes / (s.tp * s.pp)))
-        cc = estimate(spec, c.phase, c.batch, c.seq, s, self.cluster.gpu, c.new_tokens,
+        cc = estimate(spec, c.phase, c.batch, self._packed.get(c.name, c.seq), s,
+                      self.cluster.gpu, c.new_tokens,
                       "hf", params=self.params, gpus_per_node=self.cluster.gpus_per_node)
         if c.phase == "train":
             resident = int(model_state_bytes(spec, s))

@@ -91,3 +91,19 @@ def test_13b_ppo_long_generation_on_16_a100_is_feasible():
                if problem.by_name[s.name].phase == "generate")
     assert gen.choice.peak_bytes <= A100_80G.memory_bytes
     assert c.plan.predicted_step_seconds > 0
+
+
+def test_forward_and_train_price_packed_sequences_under_a_distribution():
+    from graphrl.passes.assign_devices import problem_from_graph
+    from graphrl.passes.base import PassContext
+
+    opts = gr.RunOptions(model_size="7b-32k", prompt_len=256, response_len=8192, batch_size=32)
+    graph = load_build("grpo")(opts).program().graph
+    tail = parse("lognormal:mean=1024,max=8192")
+    ctx = PassContext(ClusterSpec.parse("1x8xH100"), gen_engine="graph", lengths=tail)
+    problem = problem_from_graph(graph, ctx)
+    mean = tail.quantiles(512).mean()
+    priced = {c.phase: problem._packed.get(c.name) for c in problem.calls
+              if c.phase in ("forward", "train")}
+    assert priced == {"forward": round(256 + mean), "train": round(256 + mean)}
+    assert problem_from_graph(graph, PassContext(ctx.cluster))._packed == {}
