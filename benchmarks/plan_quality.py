@@ -32,6 +32,7 @@ from graphrl.cli import load_example  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compile_cli import POLICY_NAMES  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
+from graphrl.lengths import parse as parse_lengths  # noqa: E402
 from graphrl.passes.assign_devices import problem_from_graph  # noqa: E402
 from graphrl.passes.base import PassContext  # noqa: E402
 from graphrl.passes.bound import step_lower_bound  # noqa: E402
@@ -40,8 +41,10 @@ BASELINES = tuple(p for p in POLICY_NAMES if p != "auto")
 GEN_ENGINE = "graph"
 PPO_PROMPTS = 512          # PPO: 512 prompts, one response each
 GRPO_PROMPTS = 128         # GRPO: 128 prompts x GROUP_SIZE (4) responses = 512 sequences
-COMPILE_TARGET_S = 2.0     # issue target: auto compiles 4-model PPO on 256 GPUs in < 2 s
-GEOMEAN_TARGET = 1.3       # issue target: geomean speedup over colocate-all >= 1.3
+COMPILE_TARGET_S = 5.0     # issue 13: auto compiles 4-model PPO on 1024 GPUs in < 5 s (CPU)
+COMPILE_GPUS = 1024
+GEOMEAN_TARGET = 1.3       # issue 3's target (geomean over colocate-all), still reported
+BOUND_TARGET = 1.10        # issue 13: synchronous auto within 1.10x of the lower bound
 DEFAULT_OUT = ROOT / "docs" / "plan_quality.md"
 TIE = 1e-6                 # relative: auto slower than a baseline by more than this = worse
 
@@ -62,6 +65,7 @@ class Case:
     gpu: str = "H100"    # a key of GPUS
     prompt_len: int = 1024
     response_len: int = 1024
+    tail: str = ""       # a --response-lengths distribution (long-tail cases), else fixed
 
     @property
     def gpus(self) -> int:
@@ -73,7 +77,14 @@ class Case:
 
     @property
     def lengths(self) -> str:
+        if self.tail:
+            d = parse_lengths(self.tail)
+            return f"{self.prompt_len}/tail{d.mean / 1024:g}k-{d.max_len // 1024}k"
         return f"{self.prompt_len}/{self.response_len}"
+
+    @property
+    def dist(self) -> Any:
+        return parse_lengths(self.tail) if self.tail else None
 
     @property
     def name(self) -> str:
@@ -84,6 +95,8 @@ class Case:
         size = SIZES[self.size]
         if self.algo == "grpo" and "critic=" in size:  # GRPO has no critic
             size = ",".join(p for p in size.split(",") if not p.startswith("critic="))
+        if self.tail:   # long responses: the same shapes with a 64k context
+            size = ",".join(f"{p}-64k" for p in size.split(","))
         return size
 
 
@@ -104,10 +117,25 @@ SUITE = (  # GPU, (prompt, response) tokens, algorithm, size mixes, nodes of 8 G
 )
 
 
+# Reasoning-style long tails (issue 13): log-normal response lengths, mean 2-4k tokens,
+# capped at 16k / 32k (DAPO and AReaL train at such caps), at 16 to 256 GPUs.
+TAIL_SUITE = (  # algorithm, sizes, distribution, nodes of 8 H100s
+    ("grpo", ("7b", "34b"), "lognormal:mean=3072,max=16384", (2, 8, 32)),
+    ("ppo", ("7b",), "lognormal:mean=2048,max=32768", (2, 8, 32)),
+)
+
+
+def tail_suite() -> list[Case]:
+    return [Case(algo, size, n, prompt_len=1024, response_len=parse_lengths(d).max_len,
+                 tail=d) for algo, sizes, d, nodes in TAIL_SUITE for size in sizes for n in nodes]
+
+
 def full_suite() -> list[Case]:
-    """The representative suite: SUITE's blocks, each size mix on each cluster size."""
+    """The representative suite: SUITE's blocks, each size mix on each cluster size, and
+    the long-tail cases."""
     return [Case(algo, size, n, gpu=gpu, prompt_len=p, response_len=r)
-            for gpu, (p, r), algo, sizes, nodes in SUITE for size in sizes for n in nodes]
+            for gpu, (p, r), algo, sizes, nodes in SUITE for size in sizes
+            for n in nodes] + tail_suite() + [Case("ppo", "7b", COMPILE_GPUS // 8)]
 
 
 def cross_product_size() -> int:
@@ -184,10 +212,12 @@ def _describe(compiled: Any) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
-def compile_one(graph: Any, cluster: ClusterSpec, policy: str) -> PolicyResult:
+def compile_one(graph: Any, cluster: ClusterSpec, policy: str,
+                lengths: Any = None) -> PolicyResult:
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        compiled = compile_graph(graph, cluster, policy, gen_engine=GEN_ENGINE)
+        compiled = compile_graph(graph, cluster, policy, gen_engine=GEN_ENGINE,
+                                 response_lengths=lengths)
     except graphrl.GraphRLError as e:
         return PolicyResult(policy, "infeasible", compile_wall=time.perf_counter() - t0,
                             compile_cpu=time.process_time() - c0,
@@ -231,10 +261,11 @@ def run_case(case: Case) -> CaseResult:
     cluster = ClusterSpec.parse(case.cluster)
     out = CaseResult(case)
     for policy in POLICY_NAMES:   # auto first, as `graphrl compare` does
-        out.results[policy] = compile_one(graph, cluster, policy)
+        out.results[policy] = compile_one(graph, cluster, policy, case.dist)
     out.wall = time.perf_counter() - t0
     if out.auto.status == "ok":
-        problem = problem_from_graph(graph, PassContext(cluster, gen_engine=GEN_ENGINE))
+        problem = problem_from_graph(graph, PassContext(cluster, gen_engine=GEN_ENGINE,
+                                                        lengths=case.dist))
         out.bound = step_lower_bound(problem)
     return out
 
@@ -286,7 +317,8 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:
     s["max_compile"] = (slow.auto.compile_wall, slow.auto.compile_cpu, slow.case.name)
     s["ppo256"] = [(r.case.name, r.auto.compile_wall, r.auto.compile_cpu, r.auto.assign_seconds,
                     r.auto.reshard_pass_seconds) for r in results
-                   if r.case.algo == "ppo" and r.case.gpus == 256 and r.auto.status == "ok"]
+                   if r.case.algo == "ppo" and r.case.gpus == COMPILE_GPUS
+                   and r.auto.status == "ok"]
     colo = s["per_baseline"]["colocate-all"]["geomean"]
     if s["ppo256"]:
         w = max(s["ppo256"], key=lambda x: x[1])
@@ -294,20 +326,24 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:
         s["ppo256_max"] = (f"slowest {w[1]:.2f} s wall ({w[0]}); by CPU time the slowest is "
                            f"{c[2]:.2f} s ({c[0]}), "
                            f"{'under' if c[2] < COMPILE_TARGET_S else 'over'} the target")
+    s["auto_over_bound"] = geomean([r.auto.step_seconds / r.bound for r in results
+                                    if r.bound and r.auto.status == "ok"])
     s["targets"] = {
-        "auto >= every policy on every case": not worse,
-        f"geomean speedup over colocate-all >= {GEOMEAN_TARGET}":
+        "auto >= every policy on every case (final lowered plans)": not worse,
+        f"synchronous auto within {BOUND_TARGET:.2f}x of the lower bound (geomean)":
+            None if s["auto_over_bound"] is None else s["auto_over_bound"] <= BOUND_TARGET,
+        f"auto compiles 4-model PPO on {COMPILE_GPUS} GPUs in < {COMPILE_TARGET_S:g} s CPU":
+            None if not s["ppo256"] else all(c is not None and c < COMPILE_TARGET_S
+                                             for _, _, c, _, _ in s["ppo256"]),
+        "auto with staleness <= 1 >= 1.5x over synchronous colocate-all on long-tail cases "
+        "at >= 64 GPUs": False,   # asynchronous steps are not built yet (issue 13 part 4)
+        f"(issue 3) geomean speedup over colocate-all >= {GEOMEAN_TARGET}":
             colo is not None and colo >= GEOMEAN_TARGET,
-        f"auto compiles 4-model PPO on 256 GPUs in < {COMPILE_TARGET_S:g} s":
-            None if not s["ppo256"] else all(w is not None and w < COMPILE_TARGET_S
-                                             for _, w, _, _, _ in s["ppo256"]),
     }
     ceilings = [r.ceiling() for r in results if r.ceiling() is not None]
     s["ceiling"] = geomean(ceilings)
     s["ceiling_over_target"] = sum(1 for x in ceilings if x >= GEOMEAN_TARGET)
     s["ceiling_cases"] = len(ceilings)
-    s["auto_over_bound"] = geomean([r.auto.step_seconds / r.bound for r in results
-                                    if r.bound and r.auto.status == "ok"])
     s["wall"] = sum(r.wall for r in results)
     return s
 
@@ -351,7 +387,11 @@ def md_table(rows: list[list[str]]) -> str:
 
 
 def _detail(s: dict[str, Any], target: str) -> str:
-    if target.startswith("geomean"):
+    if target.startswith("synchronous") and s.get("auto_over_bound"):
+        return f" ({s['auto_over_bound']:.3f}x)"
+    if "staleness" in target:
+        return " (asynchronous off-policy steps are not implemented: no number)"
+    if target.startswith("(issue 3) geomean"):
         g = s["per_baseline"]["colocate-all"]["geomean"]
         c = s.get("ceiling")
         return ("" if g is None else f" ({g:.3f}x" + (
@@ -396,7 +436,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"auto compile, {name}: {w:.2f} s wall, {c:.2f} s CPU, of which "
                      f"placement search (assign-devices) {a:.2f} s, insert-reshard {rs:.2f} s")
     for t, ok in s["targets"].items():
-        verdict = "not measured in this run" if ok is None else "met" if ok else "NOT MET"
+        verdict = ("not measured in this run" if ok is None else "met" if ok else
+                   "NOT MET" if "staleness" not in t else "NOT BUILT")
         lines.append(f"target: {t}: {verdict}{_detail(s, t)}")
     return lines
 

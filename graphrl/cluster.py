@@ -31,6 +31,7 @@ class GPUType:
     inter_node_bw: float         # across nodes (InfiniBand NIC per GPU), per direction, B/s
     source: str = ""
     host_bw: float = 25e9        # host <-> device (PCIe), per direction, B/s: offload/onload
+    host_memory_bytes: int = 256 * 2**30  # host RAM per GPU: DGX A100/H100 have 2 TB for 8
 
     def __post_init__(self) -> None:
         for name in ("peak_bf16_flops", "hbm_bandwidth", "memory_bytes", "intra_node_bw",

@@ -21,6 +21,14 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
                    help="generation engine the cost model assumes: hf (eager Hugging Face "
                         "generate) or graph (CUDA-graph captured, vLLM/SGLang class); "
                         "default: graph for --model-size plans, else hf")
+    p.add_argument("--response-lengths", metavar="DIST", default=None,
+                   help="response-length distribution generation is priced over: fixed:N, "
+                        "lognormal:mean=M,max=X[,sigma=S] or empirical:FILE (one length a "
+                        "line); sets --response-len to its max unless given; default: every "
+                        "response --response-len long")
+    p.add_argument("--memory-headroom", metavar="FRACTION", type=float, default=None,
+                   help="share of each GPU's memory (and each node's host RAM) plans leave "
+                        "free; default 0.08")
     p.add_argument("--placement", metavar="FILE",
                    help="pin calls: YAML or JSON, one entry per call, e.g. "
                         "'policy.train: {gpus: \"0-15\", dp: 16, zero: 3}'")
@@ -44,6 +52,40 @@ def format_table(compiled: Any) -> str:
     return "\n".join(lines)
 
 
+def response_lengths(ns: argparse.Namespace) -> Any:
+    """The parsed --response-lengths (None if absent); a --response-len left unset
+    becomes the distribution's max."""
+    from .lengths import parse
+
+    if not getattr(ns, "response_lengths", None):
+        return None
+    dist = parse(ns.response_lengths)
+    if getattr(ns, "response_len", None) is None:
+        ns.response_len = dist.max_len
+    return dist
+
+
+def spread_lines(compiled: Any, lengths: Any) -> list[str]:
+    """p50 / p90 of each generate call's predicted seconds over sampled length draws."""
+    from .serving import SPREAD_DRAWS, generation_spread
+
+    ev = compiled.findings["evaluation"]
+    problem = compiled.findings["problem"]
+    out = []
+    for s in ev.schedule:
+        c = problem.by_name[s.name]
+        if c.phase != "generate" or s.choice is None:
+            continue
+        p50, p90 = generation_spread(problem.specs[c.model], c.batch, c.seq, c.new_tokens,
+                                     s.choice.strategy, problem.cluster.gpu,
+                                     problem.gen_engine, lengths=lengths,
+                                     params=problem.params,
+                                     gpus_per_node=problem.cluster.gpus_per_node)
+        out.append(f"{c.call}: {s.choice.seconds:.2f} s priced, p50 {p50:.2f} s, p90 "
+                   f"{p90:.2f} s over {SPREAD_DRAWS} length draws")
+    return out
+
+
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
     from .experiment import run_options
@@ -52,6 +94,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
 
     if ns.dump:  # before compiling: say now, not after the search, that DIR is unusable
         check_output_dir("--dump", ns.dump)
+    lengths = response_lengths(ns)
     opts = run_options(ns)
     exp = build(opts)
     exp.check_roles(opts)
@@ -60,13 +103,17 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
-                             dump_dir=dump, engines=not opts.planning_only)
+                             dump_dir=dump, engines=not opts.planning_only,
+                             response_lengths=lengths, memory_headroom=ns.memory_headroom)
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
     notes = dict(plan.notes)
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    if lengths is not None:
+        print(f"response lengths {lengths.text()}; generation " + "; ".join(
+            spread_lines(compiled, lengths)))
     if dump is not None:
         from .dump import write_dumps
 
@@ -77,7 +124,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
 
 
 def compare_rows(graph: Any, cluster: Any, engine: str,
-                 placement: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 placement: dict[str, Any] | None = None,
+                 lengths: Any = None, headroom: float | None = None) -> list[dict[str, Any]]:
     from .compiler import compile_graph
     from .errors import GraphRLError
 
@@ -85,7 +133,8 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
     for policy in POLICY_NAMES:
         try:
             c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
-                              engines=False)   # comparing placements, not running them
+                              engines=False,   # comparing placements, not running them
+                              response_lengths=lengths, memory_headroom=headroom)
             rows.append({"policy": policy, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
@@ -101,13 +150,14 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
     from .experiment import run_options
 
+    lengths = response_lengths(ns)
     opts = run_options(ns)
     exp = build(opts)
     exp.check_roles(opts)
     graph = exp.program().graph
     cluster = cluster_of(ns.cluster)
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
-                        load_placement(ns.placement))
+                        load_placement(ns.placement), lengths, ns.memory_headroom)
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -27,10 +27,15 @@ class Compiled:
 def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   placement: Mapping[str, Mapping[str, Any]] | None = None,
                   gen_engine: str = "hf", check: bool = True,
-                  dump_dir: str | Path | None = None, engines: bool = False) -> Compiled:
+                  dump_dir: str | Path | None = None, engines: bool = False,
+                  response_lengths: Any = None, memory_headroom: float | None = None
+                  ) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
-    a call whose strategy no engine of graphrl runs (graphrl.engines; off for plans that
-    are run: the Ray launcher (backends/ray/launch.py) and `graphrl compile` outside planning-only mode)."""
+    a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
+    are run: the Ray launcher and `graphrl compile` outside planning-only mode).
+    `response_lengths`: a `graphrl.lengths.LengthDist` (or its text, `lognormal:mean=..,
+    max=..`) the generation cost is priced over; None = every response max_new_tokens.
+    `memory_headroom`: share of each GPU's and node's memory left free (default 8%)."""
     import time
 
     from graphrl.passes.assign_devices import parse_pins
@@ -39,9 +44,20 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
 
     from .verify import verify_plan
 
+    from .lengths import parse as parse_lengths
+
+    if isinstance(response_lengths, str):
+        response_lengths = parse_lengths(response_lengths)
     pins = parse_pins(placement or {}, graph, cluster)
     ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
-                      dump_dir=Path(dump_dir) if dump_dir else None)
+                      dump_dir=Path(dump_dir) if dump_dir else None,
+                      lengths=response_lengths)
+    if memory_headroom is not None:
+        if not 0 <= memory_headroom < 1:
+            from .errors import UsageError
+
+            raise UsageError(f"memory headroom must be in [0, 1), got {memory_headroom!r}")
+        ctx.headroom = memory_headroom
     passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
     placed = run_pipeline(graph, passes, ctx)
     from .engines import resolve_engines, with_engines

@@ -69,6 +69,18 @@ GRAD_BYTES = 2
 # stores: we drop it unless `flash_attention=False`.
 KORTHIKANTI_ACT_BYTES = 34
 KORTHIKANTI_SCORE_BYTES = 5
+# ZeRO-Offload (Ren et al. 2021, "ZeRO-Offload: Democratizing Billion-Scale Model
+# Training", §4): the fp32 master weights, momentum and variance (12 B/param) live in host
+# memory, bf16 gradients go down and bf16 weights come back over PCIe each step, and the
+# Adam update runs on the CPU. Their CPU-Adam updates about a billion parameters in
+# ~0.2-0.5 s on a two-socket host (§6, Table 3 order of magnitude): we take 3e9
+# params/s per node, shared by the node's GPUs.
+OFFLOAD_HOST_BYTES_PER_PARAM = 12
+CPU_ADAM_PARAMS_PER_S_PER_NODE = 3e9
+# Full activation recomputation keeps each layer's bf16 input (2 B per hidden per token)
+# and recomputes the layer in backward: one more forward (Chen et al. 2016; Korthikanti
+# et al. 2022 §5, Table 2 "full recompute": 2sbh per layer).
+RECOMPUTE_ACT_BYTES = 2
 # Latency of one step of a ring / tree collective (NCCL small-message latency is a few
 # microseconds per hop on NVLink; Thakur, Rabenseifner & Gropp 2005 alpha-beta model).
 COLLECTIVE_STEP_LATENCY_S = 2e-6
@@ -389,8 +401,9 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
     sp = _split(spec, batch, strategy)
     tp_bw, pp_bw, dp_bw = _bandwidths(strategy, gpu, gpus_per_node)
     compute, hbm = _device_forward(spec, sp.per_micro, seq, strategy, gpu, params)
-    compute *= 1.0 + 2.0 / max(params.bwd_eff_ratio, 1e-9)  # backward: 2x the FLOPs
-    hbm *= 3.0                 # weights read in forward, data-grad and weight-grad passes
+    # backward: 2x the FLOPs; recomputation runs the forward once more
+    compute *= 1.0 + strategy.recompute + 2.0 / max(params.bwd_eff_ratio, 1e-9)
+    hbm *= 3.0 + strategy.recompute   # weights read in forward, data-grad, weight-grad
     tokens = sp.per_micro * seq
     comm = _tp_comm(spec, tokens, sp.layers, 4, strategy, tp_bw)
     p2p = 2 * _pp_p2p(spec, tokens, strategy, pp_bw)
@@ -400,6 +413,9 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
         local_params /= strategy.dp
     optimizer = OPTIMIZER_TRAFFIC_BYTES_PER_PARAM * local_params / (
         gpu.hbm_bandwidth * params.hbm_eff)
+    if strategy.offload:   # grads down, weights up over PCIe; Adam on the node's CPUs
+        optimizer = (2 * GRAD_BYTES * local_params / gpu.host_bw
+                     + local_params * gpus_per_node / CPU_ADAM_PARAMS_PER_S_PER_NODE)
     device = _pipeline(stage, strategy, sp.micro_batches) + optimizer
     host = sp.micro_batches * (params.host_call_s + params.train_host_layer_s * sp.layers)
     dp_comm = _dp_grad_comm(spec, strategy, dp_bw)
@@ -508,10 +524,25 @@ def activation_bytes_per_layer(spec: ModelSpec, batch: int, seq: int, tp: int = 
 
 def model_state_bytes(spec: ModelSpec, strategy: Strategy) -> float:
     """Mixed-precision Adam states per GPU: 16 B/param over tp*pp, with the ZeRO stage's
-    12/14/16 bytes sharded over dp (Rajbhandari et al. 2020)."""
+    12/14/16 bytes sharded over dp (Rajbhandari et al. 2020). With `offload` the 12 B of
+    fp32 states are in host memory (host_state_bytes) and the GPU keeps the bf16 weights
+    and gradients, sharded as the stage says (ZeRO-Offload, Ren et al. 2021 §4.1)."""
     local = spec.num_params / (strategy.tp * strategy.pp)
     sharded = ZERO_SHARDED_BYTES[strategy.zero]
+    if strategy.offload:
+        on_gpu = ADAM_BYTES_PER_PARAM - OFFLOAD_HOST_BYTES_PER_PARAM
+        sharded = max(0, sharded - OFFLOAD_HOST_BYTES_PER_PARAM)
+        return local * (on_gpu - sharded + sharded / strategy.dp)
     return local * (ADAM_BYTES_PER_PARAM - sharded + sharded / strategy.dp)
+
+
+def host_state_bytes(spec: ModelSpec, strategy: Strategy) -> float:
+    """Host memory one GPU's rank holds for an optimizer-offloaded train: its share of
+    the 12 B/param fp32 states (sharded over dp from ZeRO-1 on)."""
+    if not strategy.offload:
+        return 0.0
+    local = spec.num_params / (strategy.tp * strategy.pp)
+    return local * OFFLOAD_HOST_BYTES_PER_PARAM / (strategy.dp if strategy.zero >= 1 else 1)
 
 
 def train_memory(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = Strategy(), *,
@@ -524,6 +555,9 @@ def train_memory(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = Str
     states = model_state_bytes(spec, strategy)
     act = activation_bytes_per_layer(spec, sp.per_micro, seq, strategy.tp, params,
                                       flash_attention) * sp.layers
+    if strategy.recompute:   # layer inputs kept, one layer's activations live at a time
+        act = (RECOMPUTE_ACT_BYTES * sp.per_micro * seq * spec.hidden_size / strategy.tp
+               * sp.layers + act / sp.layers)
     logits = sp.per_micro * seq * _head_width(spec) / strategy.tp * params.logit_train_bytes
     first = states + act * min(strategy.pp, sp.micro_batches)
     last = states + act + logits
@@ -595,7 +629,7 @@ def estimate(spec: ModelSpec, phase: str, batch: int, seq: int,
 __all__ = ["PHASES", "ENGINES", "CostParams", "CALIBRATED", "CallCost", "estimate",
            "forward_time", "train_time", "generate_time", "forward_breakdown",
            "train_breakdown", "generate_breakdown", "train_memory", "forward_memory",
-           "generate_memory", "model_state_bytes", "activation_bytes_per_layer",
+           "generate_memory", "model_state_bytes", "host_state_bytes", "activation_bytes_per_layer",
            "allreduce_time", "allgather_time", "reduce_scatter_time", "reshard_time",
            "forward_flops", "train_flops", "attention_flops", "matmul_params",
            "kv_cache_bytes", "matmul_efficiency", "smooth_max"]

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 
 from .errors import UsageError
 
-ENGINES = ("hf", "megatron", "deepspeed")
+ENGINES = ("hf", "megatron", "deepspeed", "fast")   # fast: hf with its own generate
 AUTO_ORDER = ("hf", "deepspeed", "megatron")
 
 
@@ -33,7 +33,7 @@ def can_run(engine: str, target: str, strategy: Any) -> bool:
     degrees of `strategy`."""
     s = strategy
     flat = s.tp == 1 and s.pp == 1
-    if engine == "hf":
+    if engine in ("hf", "fast"):
         if target == "train":
             return flat and (s.zero in (0, 3) or s.dp == 1)
         return flat
@@ -60,6 +60,7 @@ def _refuse(node: Any, engine: str, why: str) -> UsageError:
 
 def _why(engine: str, target: str) -> str:
     return {"hf": "hf runs tp = pp = 1, and trains with ZeRO 0 or 3 only",
+            "fast": "fast runs tp = pp = 1, and trains (as hf) with ZeRO 0 or 3 only",
             "megatron": "megatron does not generate, and shards optimizer state (ZeRO-1) "
                         "at most",
             "deepspeed": "deepspeed does not generate, and runs tp = pp = 1 only",
@@ -80,7 +81,7 @@ def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None
         for n in calls:
             if n.target == "generate":
                 pinned = n.placement.strategy.engine
-                engine = pinned or "hf"
+                engine = pinned or ("fast" if declared.get(decl.name) == "fast" else "hf")
                 if not can_run(engine, "generate", n.placement.strategy):
                     raise _refuse(n, engine, _why(engine, "generate"))
                 out[n.name] = engine

@@ -67,7 +67,10 @@ class Strategy:
     dp: data-parallel replicas; tp: tensor-parallel degree (Megatron-LM, Shoeybi et al.
     2019); pp: pipeline stages (GPipe / 1F1B); micro_batches: per pipeline or per
     gradient-accumulation step; zero: ZeRO stage 0-3 for training (Rajbhandari et al.
-    2020), 0 for inference.
+    2020), 0 for inference; recompute: 1 = full activation recomputation (Chen et al.
+    2016, "Training Deep Nets with Sublinear Memory Cost"); offload: 1 = the fp32 Adam
+    states live in host memory and the optimizer steps on the CPU (ZeRO-Offload, Ren et
+    al. 2021).
     """
 
     dp: int = 1
@@ -76,6 +79,8 @@ class Strategy:
     micro_batches: int = 1
     zero: int = 0
     engine: str = ""   # the engine that runs it when pinned (graphrl.engines); "" = any
+    recompute: int = 0
+    offload: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batches"):
@@ -83,6 +88,9 @@ class Strategy:
                 raise ValueError(f"strategy {name} must be >= 1, got {getattr(self, name)}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {self.zero}")
+        for name in ("recompute", "offload"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"strategy {name} must be 0 or 1, got {getattr(self, name)}")
 
     @property
     def world(self) -> int:
@@ -103,12 +111,17 @@ class Strategy:
             parts.append(f"zero={self.zero}")
         if self.engine:
             parts.append(f"engine={self.engine}")
+        if self.recompute:
+            parts.append("recompute=1")
+        if self.offload:
+            parts.append("offload=1")
         return ",".join(parts)
 
     @classmethod
     def parse(cls, text: str) -> "Strategy":
         keys = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batches",
-                "micro_batches": "micro_batches", "zero": "zero"}
+                "micro_batches": "micro_batches", "zero": "zero", "recompute": "recompute",
+                "offload": "offload"}
         kw = {}
         for part in text.replace(" ", "").split(","):
             if not part:

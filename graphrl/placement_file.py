@@ -43,7 +43,8 @@ def load_placement(path: str | None) -> dict[str, Any]:
 
 # Pin keys and the smallest value each takes (gpus: a mesh, checked against the cluster
 # by passes.assign_devices.parse_pins).
-PIN_MINIMUM = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "micro_batches": 1}
+PIN_MINIMUM = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "micro_batches": 1, "recompute": 0,
+               "offload": 0}
 ZERO_STAGES = (0, 1, 2, 3)
 _CALL_NAME = re.compile(r"[A-Za-z_][\w-]*\.[A-Za-z_]\w*\Z")
 

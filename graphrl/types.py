@@ -196,7 +196,16 @@ class ModelSpec:
 
 
 def llama2(size: str, head: str = "lm", vocab_size: int = 32000) -> ModelSpec:
-    """Llama-2-shaped presets (Touvron et al. 2023, Table 1 / the released configs)."""
+    """Llama-2-shaped presets (Touvron et al. 2023, Table 1 / the released configs).
+    A `-Nk` suffix (`7b-32k`) gives the same shape an N x 1024-token context, as long-
+    context fine-tunes with RoPE scaling do (Code Llama, Roziere et al. 2023 §2.4)."""
+    size, _, ctx = size.lower().partition("-")
+    try:
+        context = (int(ctx[:-1]) * 1024 if ctx.endswith("k") else int(ctx)) if ctx else 4096
+        if context < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad context suffix {ctx!r} in model size (e.g. 7b-32k)") from None
     shapes = {  # hidden, layers, heads, kv_heads, ffn
         "7b": (4096, 32, 32, 32, 11008),
         "13b": (5120, 40, 40, 40, 13824),
@@ -207,7 +216,7 @@ def llama2(size: str, head: str = "lm", vocab_size: int = 32000) -> ModelSpec:
         h, layers, heads, kv, ffn = shapes[size.lower()]
     except KeyError:
         raise ValueError(f"unknown model size {size!r} (known: {', '.join(shapes)})") from None
-    return ModelSpec("llama", vocab_size, h, layers, heads, kv, ffn, 4096, head)
+    return ModelSpec("llama", vocab_size, h, layers, heads, kv, ffn, context, head)
 
 
 def field_tuple(*fields: tuple[str, str, bool]) -> tuple[Field, ...]:

@@ -19,9 +19,10 @@ from graphrl.cost import CALIBRATED, CostParams
 from graphrl.errors import UsageError
 from graphrl.graph import Graph
 from graphrl.outputs import atomic_write_text
+from graphrl.lengths import LengthDist
 from graphrl.verify import verify_graph
 
-from .search import Pin
+from .search import DEFAULT_HEADROOM, Pin
 
 
 @dataclass
@@ -36,6 +37,8 @@ class PassContext:
     pins: Mapping[str, Pin] = field(default_factory=dict)
     check: bool = True
     dump_dir: Path | None = None
+    lengths: LengthDist | None = None   # response lengths; None = all max_new_tokens
+    headroom: float = DEFAULT_HEADROOM  # share of GPU / host memory plans leave free
     findings: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
 

@@ -386,6 +386,8 @@ def hardest_call(problem: Problem) -> Infeasible:
                  default=problem._choice(c.name, n))
         if worst is None or ch.need > worst.need:
             worst = ch
+    if worst is None and problem.host_failure is not None:   # host RAM, not GPU memory
+        worst = problem.host_failure
     if worst is None:  # each call fits alone, but the policy's pools were too small
         worst = Infeasible("the step", n, 0, problem.capacity)
     return worst

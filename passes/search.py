@@ -29,11 +29,17 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from graphrl.cluster import ClusterSpec
-from graphrl.cost import CALIBRATED, CostParams, estimate, model_state_bytes
+from graphrl.cost import (CALIBRATED, CostParams, estimate, host_state_bytes,
+                          model_state_bytes)
+from graphrl.lengths import LengthDist
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.types import ModelSpec
 
 OP_SECONDS = 1e-3  # host-side ops (advantages, scoring): small, fixed
+# Share of each GPU's memory (and each node's host memory) plans leave free: allocator
+# fragmentation, NCCL buffers, CUDA context (PyTorch's caching allocator alone commonly
+# strands several percent; verl and OpenRLHF default to using <= 90% for the same reason).
+DEFAULT_HEADROOM = 0.08
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,26 @@ class Evaluation:
 class Infeasible(Exception):
     """No strategy of a call fits a GPU on the mesh it was given."""
 
+    host = False
+
     def __init__(self, call: str, mesh_size: int, need_bytes: int, have_bytes: int):
         self.call, self.mesh_size, self.need, self.have = call, mesh_size, need_bytes, have_bytes
         super().__init__(f"{call} does not fit on {mesh_size} GPU(s): needs "
                          f"{need_bytes / 2**30:.1f} GiB per GPU at best, a GPU has "
                          f"{have_bytes / 2**30:.1f} GiB")
+
+
+class HostMemoryInfeasible(Infeasible):
+    """What a placement offloads to host memory overflows a node's RAM."""
+
+    host = True
+
+    def __init__(self, node: int, need_bytes: int, have_bytes: int):
+        Exception.__init__(self, f"node {node}'s host RAM: offloaded state needs "
+                                 f"{need_bytes / 2**30:.1f} GiB, a node has "
+                                 f"{have_bytes / 2**30:.1f} GiB")
+        self.call, self.mesh_size, self.need, self.have = f"node {node}", 0, need_bytes, have_bytes
+        self.node = node
 
 
 @lru_cache(maxsize=4096)
@@ -134,9 +155,12 @@ def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
             if pp > 1:
                 mbs = [m for m in mbs if m >= pp] or mbs[-1:]
             zeros = (0, 1, 2, 3) if phase == "train" and dp > 1 else (0,)
+            # train may recompute activations, and also offload the optimizer
+            memory = ((0, 0), (1, 0), (1, 1)) if phase == "train" else ((0, 0),)
             for mb in (mbs if phase == "train" or pp > 1 else [1]):
                 for zero in zeros:
-                    yield Strategy(dp, tp, pp, mb, zero)
+                    for recompute, offload in memory:
+                        yield Strategy(dp, tp, pp, mb, zero, recompute, offload)
 
 
 @dataclass(frozen=True)
@@ -151,6 +175,7 @@ class _Layout:
     reshard_gpus: tuple[int, ...]
     assignment: tuple[tuple[str, DeviceMesh], ...] = ()
     lean: dict[float, dict[str, float]] = field(default_factory=dict, compare=False)
+    host: tuple[int, int] = (0, 0)   # (node, bytes) of the node offloading the most
 
     @cached_property
     def offloaded_sorted(self) -> tuple[int, ...]:
@@ -171,28 +196,60 @@ class Problem:
 
     def __init__(self, calls: list[CallInfo], specs: Mapping[str, ModelSpec],
                  cluster: ClusterSpec, gen_engine: str = "hf",
-                 params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None):
+                 params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None,
+                 lengths: LengthDist | None = None, headroom: float = DEFAULT_HEADROOM):
+        if not 0 <= headroom < 1:
+            raise ValueError(f"memory headroom must be in [0, 1), got {headroom!r}")
+        self.headroom = headroom
+        self.host_failure: HostMemoryInfeasible | None = None   # the refusal needing least
         self.calls = list(calls)
+        self.lengths = lengths   # response lengths (None: every one max_new_tokens)
         self.by_name = {c.name: c for c in self.calls}
         self.specs = dict(specs)
         self.cluster = cluster
         self.gen_engine = gen_engine
         self.params = params
         self.pins = dict(pins or {})
+        self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
-        self.capacity = cluster.gpu.memory_bytes
+        self.capacity = int(cluster.gpu.memory_bytes * (1 - headroom))
+        self.host_capacity = int(cluster.gpu.host_memory_bytes * cluster.gpus_per_node
+                                 * (1 - headroom))
         self._choice = lru_cache(maxsize=None)(self._best_choice)
         self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
         self._layouts: dict[tuple, _Layout | Infeasible] = {}
 
+    def _packed_lengths(self) -> dict[str, int]:
+        """Forward and train calls over rollouts run on packed sequences (no padding to
+        the longest response: ReaLHF, Mei et al. 2024 §5, and verl's remove-padding pack
+        variable-length sequences), so with a length distribution they cost prompt + the
+        mean response per sequence. Call name -> the sequence length to price."""
+        if self.lengths is None:
+            return {}
+        out = {}
+        for g in (c for c in self.calls if c.phase == "generate"):
+            mean = self.lengths.capped(max(g.new_tokens, 1)).quantiles(512).mean()
+            for c in self.calls:
+                if c.phase in ("forward", "train") and c.seq == g.seq + g.new_tokens:
+                    out[c.name] = int(round(g.seq + mean))
+        return out
+
     # -- strategies -----------------------------------------------------------------------
     def cost(self, c: CallInfo, s: Strategy) -> Choice:
         spec = self.specs[c.model]
-        cc = estimate(spec, c.phase, c.batch, c.seq, s, self.cluster.gpu, c.new_tokens,
-                      self.gen_engine if c.phase == "generate" else "hf", params=self.params,
-                      gpus_per_node=self.cluster.gpus_per_node)
+        if c.phase == "generate":   # a serving engine: KV budget, continuous refill, tail
+            from graphrl.serving import serve_generate
+
+            r = serve_generate(spec, c.batch, c.seq, c.new_tokens, s, self.cluster.gpu,
+                               self.gen_engine, lengths=self.lengths, params=self.params,
+                               gpus_per_node=self.cluster.gpus_per_node)
+            return Choice(s, r.seconds * c.repeats, r.peak_bytes,
+                          int(spec.weight_bytes / (s.tp * s.pp)))
+        cc = estimate(spec, c.phase, c.batch, self._packed.get(c.name, c.seq), s,
+                      self.cluster.gpu, c.new_tokens,
+                      "hf", params=self.params, gpus_per_node=self.cluster.gpus_per_node)
         if c.phase == "train":
             resident = int(model_state_bytes(spec, s))
         else:
@@ -275,7 +332,13 @@ class Problem:
         own parallel layout; verl shards colocated models for the same reason)."""
         fast = self._layout(assign, {})
         ev = self._schedule(assign, stream, fast)
+        over = fast if fast.host[1] > self.host_capacity else None
+        if over is not None:
+            ev = None
         if not fast.offloaded:
+            if ev is None:
+                self._refuse_host(over.host[0], over.host[1], self.host_capacity)
+                raise HostMemoryInfeasible(over.host[0], over.host[1], self.host_capacity)
             return ev
         for share in LEAN_SHARES:
             try:
@@ -284,11 +347,16 @@ class Problem:
                 lean = self._layout(assign, fast.lean[share])
             except Infeasible:
                 continue
+            if lean.host[1] > self.host_capacity:
+                continue
             lean_ev = self._schedule(assign, stream, lean)
-            if lean_ev.step_seconds < ev.step_seconds:
+            if ev is None or lean_ev.step_seconds < ev.step_seconds:
                 ev = lean_ev
             if not lean.offloaded:
                 break   # a smaller share only makes calls slower, with no swap left to save
+        if ev is None:
+            self._refuse_host(over.host[0], over.host[1], self.host_capacity)
+            raise HostMemoryInfeasible(over.host[0], over.host[1], self.host_capacity)
         return ev
 
     def _lean_budgets(self, assign: dict[str, DeviceMesh], fast: "_Layout",
@@ -329,11 +397,12 @@ class Problem:
                 self._layouts[key] = e
                 raise
             resident = self._resident(assign, choices)
-            self._layouts[key] = _Layout(choices, resident,
-                                         frozenset(self._offloaded_gpus(assign, resident,
-                                                                        choices)),
+            offloaded = frozenset(self._offloaded_gpus(assign, resident, choices))
+            self._layouts[key] = _Layout(choices, resident, offloaded,
                                          *self._reshard(assign, choices),
-                                         assignment=tuple(sorted(assign.items())))
+                                         assignment=tuple(sorted(assign.items())),
+                                         host=self._host_bytes(assign, resident, choices,
+                                                               offloaded))
         out = self._layouts[key]
         if isinstance(out, Infeasible):
             raise out
@@ -413,6 +482,31 @@ class Problem:
                 over.update(np.flatnonzero(mask == m).tolist())
         return over
 
+    def _refuse_host(self, node: int, need: int, have: int) -> None:
+        """Remember the host-RAM refusal needing least (what the error reports)."""
+        if self.host_failure is None or need < self.host_failure.need:
+            self.host_failure = HostMemoryInfeasible(node, need, have)
+
+    def _host_bytes(self, assign: dict[str, DeviceMesh], resident: dict[str, int],
+                    choices: dict[str, Choice], offloaded: frozenset[int]) -> tuple[int, int]:
+        """(node, bytes) of the node whose host RAM holds the most: the states swapped out
+        from its offloading GPUs plus its ranks' optimizer-offloaded Adam states."""
+        opt: dict[str, float] = {}
+        for c in self.calls:
+            if c.phase == "train" and choices[c.name].strategy.offload:
+                opt[c.unit] = host_state_bytes(self.specs[c.model], choices[c.name].strategy)
+        if not opt and not offloaded:
+            return (0, 0)
+        per_gpu = np.zeros(self.cluster.num_gpus)
+        swapped = np.zeros(self.cluster.num_gpus, dtype=bool)
+        swapped[list(offloaded)] = True
+        for u, mesh in assign.items():
+            idx = _index(mesh)
+            per_gpu[idx] += opt.get(u, 0.0) + resident.get(u, 0) * swapped[idx]
+        per_node = per_gpu.reshape(self.cluster.nodes, self.cluster.gpus_per_node).sum(axis=1)
+        node = int(per_node.argmax())
+        return node, int(per_node[node])
+
     def _reshard(self, assign: dict[str, DeviceMesh],
                  choices: dict[str, Choice]) -> tuple[float, int, tuple[int, ...]]:
         """Moving each trained policy's weights into its generation layout (§ module doc)."""
@@ -459,8 +553,9 @@ class Problem:
 
 def replace_cluster(problem: Problem, cluster: ClusterSpec) -> Problem:
     return Problem(problem.calls, problem.specs, cluster, problem.gen_engine, problem.params,
-                   problem.pins)
+                   problem.pins, problem.lengths, problem.headroom)
 
 
 __all__ = ["CallInfo", "Pin", "Choice", "Scheduled", "Evaluation", "Infeasible", "Problem",
+           "HostMemoryInfeasible", "DEFAULT_HEADROOM",
            "candidate_strategies", "replace_cluster"]

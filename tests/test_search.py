@@ -27,6 +27,7 @@ from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.passes import policies
 from graphrl.passes.assign_devices import problem_from_graph
 from graphrl.passes.base import PassContext, parse_pipeline, run_pipeline
+from graphrl.passes.search import DEFAULT_HEADROOM
 from graphrl.passes.lower import lower
 from graphrl.simulate import simulate
 from graphrl.verify import verify_graph, verify_plan
@@ -75,10 +76,12 @@ def test_compiled_plans_are_valid_deterministic_and_auto_is_best(step, cluster):
             continue
         assert "\n" not in message, message
         names_call = CALL.search(message) and len(GIB.findall(message)) == 2
-        assert names_call or (policy != "auto" and f"under policy {policy}" in message), message
+        host = "host RAM" in message and len(GIB.findall(message)) == 2
+        assert names_call or host or (policy != "auto" and f"under policy {policy}" in message), message
         if names_call:
             need, have = map(float, GIB.findall(message))
-            assert need > have == pytest.approx(cluster.gpu.memory_gib, abs=0.05), message
+            assert need > have == pytest.approx(cluster.gpu.memory_gib * (1 - DEFAULT_HEADROOM),
+                                                abs=0.05), message
     if compiled["auto"] is None:
         assert not any(compiled.values()), "auto found nothing where another policy did"
         return
@@ -171,7 +174,7 @@ def test_a_pin_that_cannot_fit_says_what_it_needs():
                               placement={"policy.train": {"gpus": "0"}})
     assert err is not None and err.startswith("placement 'policy.train': ")
     need, have = map(float, GIB.findall(err))
-    assert need > have == 80.0, err
+    assert need > have == pytest.approx(80.0 * (1 - DEFAULT_HEADROOM), abs=0.05), err
     assert "pinned to GPUs 0" in err
 
 
@@ -181,25 +184,32 @@ def test_infeasible_placement_names_call_memory_and_smallest_cluster(policy):
     graph = planning_graph("ppo", "70b")
     _, err = compile_or_error(graph, ClusterSpec.parse("1x8xA100"), policy)
     assert err is not None and "\n" not in err
-    assert err.startswith("no placement fits on 1x8xA100-80G: policy.train needs "), err
-    need, have = map(float, GIB.findall(err))
-    assert need > have and f"the most one A100-80G offers is {have:.1f} GiB" in err
-    assert have == 80.0
+    # policy.train fits its GPUs by offloading the optimizer (or the models are swapped
+    # out between calls), but the node's host RAM cannot hold what that offloads
+    if policy == "split":   # every call fits somewhere, its pools are what is too small
+        assert err.startswith("no placement fits on 1x8xA100-80G under policy split;"), err
+    else:
+        assert err.startswith("no placement fits on 1x8xA100-80G: node 0's host RAM: "), err
+        need, have = map(float, GIB.findall(err))
+        assert need > have == pytest.approx(8 * 256 * (1 - DEFAULT_HEADROOM), abs=0.05), err
     m = re.search(r"the smallest cluster that fits: (\S+)$", err)
-    assert m and m.group(1) == "2x8xA100-80G", err
+    # 2 nodes with optimizer offload (colocated policies); split needs its pools doubled
+    assert m and m.group(1) in ("2x8xA100-80G", "4x8xA100-80G"), err
     if policy == "colocate-all":   # and the suggestion holds
         c, err2 = compile_or_error(graph, ClusterSpec.parse(m.group(1)), policy)
         assert err2 is None, err2
 
 
 def test_infeasible_even_when_the_whole_cluster_admits_no_strategy():
-    """3x2 GPUs: no dp x tp x pp split of all 6 GPUs divides a 13B model and a batch of
-    128, so the error reports the call at the mesh size where it comes closest."""
-    _, err = compile_or_error(planning_graph("grpo", "13b", 512, 256, 128),
-                              ClusterSpec.parse("3x2xA100"), "auto")
+    """3x1 GPUs: no dp x tp x pp split of all 3 GPUs divides a 70B model and a batch of
+    128, so the error reports the call at the mesh size where it comes closest (2 GPUs,
+    even with recomputation and the optimizer offloaded)."""
+    _, err = compile_or_error(planning_graph("grpo", "70b", 512, 256, 128),
+                              ClusterSpec.parse("3x1xA100"), "auto")
     assert err is not None and CALL.search(err), err
     need, have = map(float, GIB.findall(err))
-    assert need > have == 80.0 and "(on 4 GPUs)" in err
+    assert need > have == pytest.approx(80.0 * (1 - DEFAULT_HEADROOM), abs=0.05)
+    assert "(on 2 GPUs)" in err and "after 8% headroom" in err
 
 
 # -- the search's own pieces ------------------------------------------------------------
@@ -267,3 +277,13 @@ def test_no_policy_beats_the_lower_bound(example, size, cluster):
         ev = policy(problem)
         if ev is not None:
             assert bound <= ev.step_seconds * (1 + 1e-9), name
+
+
+def test_auto_is_not_beaten_on_the_lowered_plan_of_a_close_case():
+    """auto's finalists are ranked on lowered plans with the same (exact) reshard plans
+    the pipeline uses: here the closed form once ranked auto 0.6% behind hybridflow."""
+    graph = planning_graph("ppo", "7b", 128, 256, 64)
+    cluster = ClusterSpec.parse("2x8xH100")
+    auto = compile_graph(graph, cluster, "auto", gen_engine="graph")
+    hybrid = compile_graph(graph, cluster, "hybridflow", gen_engine="graph")
+    assert auto.plan.predicted_step_seconds <= hybrid.plan.predicted_step_seconds * (1 + 1e-9)
