@@ -78,9 +78,9 @@ class Strategy:
     pp: int = 1
     micro_batches: int = 1
     zero: int = 0
-    engine: str = ""   # the engine that runs it when pinned (graphrl.engines); "" = any
     recompute: int = 0
     offload: int = 0
+    engine: str = ""   # the engine that runs it when pinned (graphrl.engines); "" = any
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batches"):
