@@ -96,9 +96,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
         check_output_dir("--dump", ns.dump)
     lengths = response_lengths(ns)
     opts = run_options(ns)
-    exp = build(opts)
-    exp.check_roles(opts)
-    graph = exp.program().graph
+    graph = build(opts).program().graph
     dump = Path(ns.dump) if ns.dump else None
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
@@ -152,9 +150,7 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
 
     lengths = response_lengths(ns)
     opts = run_options(ns)
-    exp = build(opts)
-    exp.check_roles(opts)
-    graph = exp.program().graph
+    graph = build(opts).program().graph
     cluster = cluster_of(ns.cluster)
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
                         load_placement(ns.placement), lengths, ns.memory_headroom)

@@ -93,8 +93,10 @@ def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None
                              f"{pins}; its forward and train calls share one engine")
         train = next((n for n in main if n.target == "train"), None)
         deciding = [train] if train is not None else main
+        # a model declared hf or fast (hf with its own generate) trains on any engine able
         explicit = pins[0] if pins else (declared.get(decl.name, "hf")
-                                         if declared.get(decl.name, "hf") != "hf" else "")
+                                         if declared.get(decl.name, "hf") not in ("hf", "fast")
+                                         else "")
         if explicit:
             engine = explicit
         else:

@@ -47,14 +47,8 @@ def load_example(path: str) -> Callable[[Any], Any]:
 
 
 def check_roles(exp: Any, options: Any) -> None:
-    """--model-size and --model-config may only name the example's models."""
-    roles = [m.name for m in exp.models]
-    named = [("--model-size", r) for r in options.sizes() if r != "*"]
-    named += [("--model-config", r) for r, _ in options.model_config]
-    for flag, role in named:
-        if role not in roles:
-            raise UsageError(f"{flag}: {exp.name} has no model {role!r}{suggest(role, roles)} "
-                             f"(its models: {', '.join(roles)})")
+    """--model, --model-size and --model-config may only name the example's models."""
+    exp.check_roles(options)
 
 
 __all__ = ["load_example", "check_roles"]

@@ -115,7 +115,7 @@ class Experiment:
 
     def check_roles(self, opts: RunOptions) -> None:
         """Every role named by --model/--model-config/--model-size is a model here."""
-        import difflib
+        from .nearest import suggest
 
         names = [m.name for m in self.models]
         given = [("--model", r) for r, _ in opts.model_dirs] + \
@@ -123,10 +123,8 @@ class Experiment:
                 [("--model-size", r) for r in opts.sizes() if r != "*"]
         for flag, role in given:
             if role not in names:
-                near = difflib.get_close_matches(role, names, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise UsageError(f"{flag} {role}=...: {self.name} has no model {role!r} "
-                                 f"(its models: {', '.join(names)}){hint}")
+                raise UsageError(f"{flag}: {self.name} has no model {role!r}"
+                                 f"{suggest(role, names)} (its models: {', '.join(names)})")
 
 
 BACKENDS = ("local", "ray")

@@ -85,7 +85,7 @@ def test_huge_cluster_is_refused_at_once(capsys):
     assert "beyond the 1024" in line and time.monotonic() - start < 10
 
 
-def test_dead_ray_address_fails_fast(capsys):
+def test_dead_ray_address_fails_fast(capsys, own_ray):
     start = time.monotonic()
     line = error_of(capsys, ["run", PPO, "--backend", "ray", "--address", "127.0.0.1:1",
                              "--iterations", "1", "--quiet"])
