@@ -10,25 +10,37 @@ from .errors import UsageError
 from .nearest import suggest
 
 
-def load_example(path: str) -> Callable[[Any], Any]:
-    """The example's build(options), wrapped so that it returns a checked Experiment."""
+def load_python_file(path: str, what: str) -> Any:
+    """Execute the Python file at `path` (a user's example or reward) as a module.
+    `what` prefixes errors about the file itself; errors raised by its code are the
+    user's and keep their frames."""
     file = Path(path)
     if file.suffix != ".py":
-        raise UsageError(f"{path}: an example is a Python file (.py) defining "
-                         "build(options) -> Experiment")
+        raise UsageError(f"{what}: {path} is not a Python file (.py)")
     if not file.is_file():
-        raise UsageError(f"no such example file: {path}")
-    spec = importlib.util.spec_from_file_location(f"graphrl_example_{file.stem}", file)
+        raise UsageError(f"{what}: no such file {path}")
+    spec = importlib.util.spec_from_file_location(f"graphrl_user_{file.stem}", file)
     if spec is None or spec.loader is None:
-        raise UsageError(f"{path} is not a Python file")
+        raise UsageError(f"{what}: {path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     try:
         source = file.read_bytes()
     except OSError as e:
-        raise UsageError(f"{path}: {e.strerror}") from None
+        raise UsageError(f"{what}: {path}: {e.strerror}") from None
     if b"\0" in source:
-        raise UsageError(f"{path} is not a Python file (it contains NUL bytes)")
+        raise UsageError(f"{what}: {path} is not a Python file (it contains NUL bytes)")
     spec.loader.exec_module(module)  # errors here are the user's: reported with their frames
+    return module
+
+
+def load_example(path: str) -> Callable[[Any], Any]:
+    """The example's build(options), wrapped so that it returns a checked Experiment."""
+    if Path(path).suffix != ".py":
+        raise UsageError(f"{path}: an example is a Python file (.py) defining "
+                         "build(options) -> Experiment")
+    if not Path(path).is_file():
+        raise UsageError(f"no such example file: {path}")
+    module = load_python_file(path, "example")
     build = getattr(module, "build", None)
     if not callable(build):
         raise UsageError(f"{path} defines no build(options) -> Experiment function")
@@ -51,4 +63,4 @@ def check_roles(exp: Any, options: Any) -> None:
     exp.check_roles(options)
 
 
-__all__ = ["load_example", "check_roles"]
+__all__ = ["load_python_file", "load_example", "check_roles"]

@@ -10,12 +10,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any, Callable
 
 from .data import PromptData, load_rows
 from .errors import UsageError
+from .example_file import load_python_file
 from .experiment import Experiment
 from .ops import group_advantages
 from .rewards import text_reward
@@ -28,14 +27,7 @@ def load_reward(spec: str) -> Callable[..., Any]:
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name:
         raise UsageError(f"--reward {spec}: expected FILE.py:FUNCTION")
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--reward {spec}: no such file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"graphrl_reward_{file.stem}", file)
-    if module_spec is None or module_spec.loader is None:
-        raise UsageError(f"--reward {spec}: {path} is not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_python_file(path, f"--reward {spec}")
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"--reward {spec}: {path} defines no function {name!r}")
