@@ -154,7 +154,7 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
                      + local_params * gpus_per_node / CPU_ADAM_PARAMS_PER_S_PER_NODE)
     device = _pipeline(stage, strategy, sp.micro_batches) + optimizer
     host = sp.micro_batches * (params.host_call_s + params.train_host_layer_s * sp.layers)
-    dp_comm = _dp_grad_comm(spec, strategy, dp_bw)
+    dp_comm = _dp_grad_comm(spec, strategy, dp_bw, sp.micro_batches)
     total = smooth_max(host, device, params.overlap_exp) + dp_comm
     return {"total": total, "host": host, "compute": compute * sp.micro_batches,
             "hbm": hbm * sp.micro_batches, "tp_comm": comm * sp.micro_batches,

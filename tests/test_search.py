@@ -201,11 +201,12 @@ def test_infeasible_placement_names_call_memory_and_smallest_cluster(policy):
 
 
 def test_infeasible_even_when_the_whole_cluster_admits_no_strategy():
-    """3x1 GPUs: no dp x tp x pp split of all 3 GPUs divides a 70B model and a batch of
-    128, so the error reports the call at the mesh size where it comes closest (2 GPUs,
-    even with recomputation and the optimizer offloaded)."""
+    """1x3 GPUs: no dp x tp x pp split of all 3 GPUs of one node divides a 70B model and a
+    batch of 128 (uneven dp splits are for meshes of whole nodes), so the error reports
+    the call at the mesh size where it comes closest (2 GPUs, even with recomputation and
+    the optimizer offloaded)."""
     _, err = compile_or_error(planning_graph("grpo", "70b", 512, 256, 128),
-                              ClusterSpec.parse("3x1xA100"), "auto")
+                              ClusterSpec.parse("1x3xA100"), "auto")
     assert err is not None and CALL.search(err), err
     need, have = map(float, GIB.findall(err))
     assert need > have == pytest.approx(80.0 * (1 - DEFAULT_HEADROOM), abs=0.05)
