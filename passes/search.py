@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -227,6 +227,7 @@ class Problem:
         self._choice = lru_cache(maxsize=None)(self._best_choice)
         self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
+        self.on_evaluate: Callable[[int], None] | None = None   # progress: evaluations so far
         self._layouts: dict[tuple, _Layout | Infeasible] = {}
 
     def _packed_lengths(self) -> dict[str, int]:
@@ -310,6 +311,8 @@ class Problem:
         key = (tuple(sorted((u, m.gpus[0], m.gpus[-1], m.size) for u, m in assignment.items())),
                stream)
         if key not in self._cache:
+            if self.on_evaluate is not None:
+                self.on_evaluate(len(self._cache) + 1)
             try:
                 self._cache[key] = self._evaluate(dict(assignment), stream)
             except Infeasible:
