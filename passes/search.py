@@ -138,16 +138,19 @@ def divisors(n: int) -> list[int]:
 
 
 def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
-                         gpus_per_node: int) -> Iterable[Strategy]:
+                         gpus_per_node: int, uneven: bool = False) -> Iterable[Strategy]:
     """Every dp x tp x pp = n split that divides the model; tp within a node (Megatron-LM
     keeps tensor parallelism on NVLink), micro-batches and ZeRO for train.
 
-    Within a node dp must divide the batch (the search may pick any mesh size there).
-    Meshes of whole nodes come in node multiples, so on them the batch may split unevenly
-    over dp (replicas get ceil or floor of batch/dp sequences, the last micro-batch padded)
-    and a 12x8 cluster is used whole though 96 divides no power-of-two batch: the cost
-    model prices the slowest replica's ceil(batch/dp) (graphrl.compute_cost._split)."""
-    uneven = n > gpus_per_node
+    dp must divide the batch unless `uneven` and the mesh is whole nodes (n > one node):
+    then replicas get ceil or floor of batch/dp sequences and the last micro-batch is
+    padded, priced at the slowest replica's ceil(batch/dp) (graphrl.compute_cost._split).
+    Problem turns it on for clusters whose GPU count is not a power of two (12x8 = 96):
+    there the whole cluster, and most node multiples, admit no even split of a
+    power-of-two batch, and GPUs would sit idle. Within a node the search can always
+    pick a mesh size that divides, and on power-of-two clusters every power-of-two mesh
+    splits evenly (and the search stays within its compile-time budget)."""
+    uneven = uneven and n > gpus_per_node
     for tp in divisors(n):
         if tp > gpus_per_node or spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
             continue
@@ -221,6 +224,8 @@ class Problem:
         self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
+        # uneven data-parallel splits over whole nodes (candidate_strategies)
+        self.uneven_dp = cluster.num_gpus & (cluster.num_gpus - 1) != 0
         self.capacity = int(cluster.gpu.memory_bytes * (1 - headroom))
         self.host_capacity = int(cluster.gpu.host_memory_bytes * cluster.gpus_per_node
                                  * (1 - headroom))
@@ -273,7 +278,7 @@ class Problem:
         fitting: list[Choice] = []
         least = math.inf
         for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
-                                      self.cluster.gpus_per_node):
+                                      self.cluster.gpus_per_node, self.uneven_dp):
             if any(getattr(s, k) != v for k, v in pinned.items()):
                 continue
             ch = self.cost(c, s)
