@@ -169,10 +169,11 @@ def hybridflow(log) -> list[str]:
             "parallelism while training keeps another, and measure stragglers and "
             "kernel-efficiency losses of small per-GPU batches that an analytic model "
             "without measured multi-node data does not have (our calibration is one "
-            "H100); (3) `split` here gives each model a fixed share of GPUs, while "
-            "HybridFlow's winning split colocates actor+reference and critic+reward on two "
-            "pools; `auto` explores such pools and stays at or below every baseline.")
-    return out
+            "H100); (3) `split` here is OpenRLHF-style (a pool per model), not "
+            "HybridFlow's split placement (models grouped into fewer pools); `hybridflow` "
+            "(its Algorithm 1) and `auto` explore such groupings, and `auto` stays at or "
+            "below every baseline.")
+    return out + [""]
 
 
 # -- ReaLHF -------------------------------------------------------------------------------
@@ -227,10 +228,10 @@ def realhf(log) -> list[str]:
             "bandwidth bound plus a per-layer floor, so 3x the response tokens cost less "
             "than 3x the generation time once the batch's KV cache fits, and the "
             "prompt-side work and training are amortised over more tokens; "
-            "(2) ReaL generates inside its training engine (Megatron-style parallelism, no "
-            "separate serving engine or CUDA-graph decode at the time of the figure), which "
-            "pays more per decode step than the graph-class engine priced here, so its "
-            "throughput is more sensitive to generation length than our prediction; "
+            "(2) ReaL generates with its own Megatron-style engine under the plan's "
+            "parallelism rather than a separate serving engine; where a decode step costs "
+            "more than the graph-class engine priced here, throughput is more sensitive to "
+            "generation length than our prediction; "
             "(3) the batch and prompt length are assumed, not read from the paper, and "
             "`auto`'s plan is not ReaL's plan (each row's placement differs).", ""]
     return out
@@ -274,9 +275,9 @@ def deepspeed_chat(log) -> list[str]:
     out += ["", "Reasons for the differences: (1) DeepSpeed-Chat's hybrid engine generates "
             "with DeepSpeed-Inference kernels re-sharded from ZeRO-3 training every step, "
             "without paged KV or continuous batching, closest to the eager (`hf`) class "
-            "here; (2) its 20 hours include experience making with the reward and critic "
-            "models, the EMA and mixture-training options off, and data loading, which we "
-            "do not model; (3) OPT's learned positions and ReLU FFN are priced as a "
+            "here; (2) its 20 hours are wall clock of the whole stage (data loading, "
+            "logging, checkpoints, the tokenizer and sampling on the host), which we do not "
+            "model; (3) OPT's learned positions and ReLU FFN are priced as a "
             "Llama-shaped model of equal parameter count; (4) the reward and critic are "
             "tiny (350M), so the step is the 175B actor's generation and training and the "
             "reference forward; (5) the eager (`hf`) class is infeasible here because it "
