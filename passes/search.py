@@ -7,15 +7,8 @@ separate vLLM engines). `Problem.evaluate(assignment)` predicts the step time of
 unit -> mesh assignment by list scheduling the step's nodes:
 
 - every call picks its fastest strategy (dp, tp, pp, micro-batches, ZeRO) that fits a
-  GPU on a mesh of that size (the same search for every policy), and, for a model whose
-  engine nobody fixed (placement `engine:` or a non-hf model declaration), the engine
-  (graphrl.engines: hf, deepspeed, megatron, each only for the strategies it executes;
-  seconds divided by its measured efficiency, graphrl.engine_cost; ties go to the
-  earlier of hf, deepspeed, megatron). The chosen engine is in `Strategy.engine` ("" =
-  hf); a model's forward and train calls share one engine and so one strategy: the
-  leading call's (its train call, else its first forward call) chooses for all of them,
-  priced together, and the others run `graphrl.engines.shared_strategy` of it (a call
-  with pinned strategy fields keeps its own; running it then is refused);
+  GPU on a mesh of that size (the same search for every policy), on an engine that
+  executes it; a model's forward calls run its train call's (engine_choice.py);
 - calls on overlapping meshes run one after the other, calls on disjoint meshes at the
   same time, each starting when its inputs are ready;
 - when the models resident on a GPU do not fit together, each call there onloads its
@@ -39,10 +32,12 @@ import numpy as np
 from graphrl.cluster import ClusterSpec
 from graphrl.cost import (CALIBRATED, CostParams, estimate, host_state_bytes,
                           model_state_bytes)
-from graphrl.engines import AUTO_ORDER, can_run, leading_call, shared_strategy
+from graphrl.engines import shared_strategy
 from graphrl.lengths import LengthDist
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.types import ModelSpec
+
+from .engine_choice import engine_variants, shared_engine_calls
 
 OP_SECONDS = 1e-3  # host-side ops (advantages, scoring): small, fixed
 # Share of each GPU's memory (and each node's host memory) plans leave free: allocator
@@ -226,7 +221,7 @@ class Problem:
         self.pins = dict(pins or {})
         self.engines = dict(engines or {})
         self.efficiency = dict(efficiency or {})
-        self._leader, self._followers = self._shared_engines()
+        self._leader, self._followers = shared_engine_calls(self.calls, self.pins)
         self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
@@ -253,33 +248,6 @@ class Problem:
                 if c.phase in ("forward", "train") and c.seq == g.seq + g.new_tokens:
                     out[c.name] = int(round(g.seq + mean))
         return out
-
-    def _shared_engines(self) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-        """Follower call -> its model's leading call, and leader -> its followers: the
-        forward/train calls (without pinned strategy fields) that run on the leader's
-        engine with its strategy (graphrl.engines.shared_strategy)."""
-        leader: dict[str, str] = {}
-        followers: dict[str, tuple[str, ...]] = {}
-        for model in dict.fromkeys(c.model for c in self.calls if c.phase != "op"):
-            calls = [c for c in self.calls if c.model == model and c.phase != "op"]
-            lead = leading_call(calls, lambda c: c.phase)
-            if lead is None:
-                continue
-            tied = tuple(c.name for c in calls if c.phase != "generate" and c is not lead
-                         and not (c.call in self.pins and self.pins[c.call].fields))
-            followers[lead.name] = tied
-            leader.update({name: lead.name for name in tied})
-        return leader, followers
-
-    def _engine_variants(self, c: CallInfo, s: Strategy) -> list[Strategy]:
-        """`s` on each engine that may run `c` with it and executes it: generate as it
-        is (its own engine); the model's fixed engine; else each of hf (as ""),
-        deepspeed, megatron that runs it."""
-        if c.phase == "generate":
-            return [s]
-        fixed = self.engines.get(c.model, "")
-        return [replace(s, engine="" if e == "hf" else e) for e in
-                ((fixed,) if fixed else AUTO_ORDER) if can_run(e, c.phase, s)]
 
     def _tied_choice(self, name: str, lead: Strategy) -> Choice | None:
         """Follower `name` on its leader's engine built with strategy `lead` (None when
@@ -322,8 +290,9 @@ class Problem:
                                                self.cluster.gpus_per_node)
                if not any(getattr(s, k) != val for k, val in pinned.items())]
         # none that an engine runs: plan them anyway (graphrl.engines refuses a run by name)
-        cands = [v for s in raw for v in self._engine_variants(c, s)] or [
-            replace(s, engine=self.engines.get(c.model, "")) for s in raw]
+        fixed = self.engines.get(c.model, "")
+        cands = [v for s in raw for v in engine_variants(c.phase, s, fixed)] or [
+            replace(s, engine=fixed) for s in raw]
         for s in cands:
             ch = self.cost(c, s)
             tied = [self._tied(f, s) for f in followers]   # priced with their leader
