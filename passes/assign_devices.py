@@ -76,9 +76,13 @@ def engine_efficiency() -> dict[str, float]:
 
 def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
     specs = {m.name: m.spec for m in graph.models}
-    return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins,
-                   ctx.lengths, ctx.headroom, fixed_engines(graph, ctx.pins),
-                   engine_efficiency())
+    problem = Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params,
+                      ctx.pins, ctx.lengths, ctx.headroom, fixed_engines(graph, ctx.pins),
+                      engine_efficiency())
+    if ctx.progress is not None:
+        sink = ctx.progress
+        problem.on_evaluate = lambda count: sink("assign-devices", count)
+    return problem
 
 
 def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
