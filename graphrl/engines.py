@@ -121,7 +121,7 @@ def _refuse_shared(graph: Any, n: Any, leader: Any, engine: str) -> UsageError:
         f"{leader.call} with {ls.text()} on GPUs {leader.placement.mesh.text()}, and no "
         f"second engine instance is built for one call; pin {n.call} to "
         f"{runs.text()} on those GPUs (or drop its pin). Engines that can run "
-        f"{s.text()}: {', '.join(others) if others else 'none here'}")
+        f"{replace(s, engine='').text()}: {', '.join(others) if others else 'none here'}")
 
 
 def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None

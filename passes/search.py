@@ -258,12 +258,9 @@ class Problem:
                     out[c.name] = int(round(g.seq + mean))
         return out
 
-    def _tied_choice(self, name: str, lead: Strategy) -> Choice | None:
-        """Follower `name` on its leader's engine built with strategy `lead` (None when
-        its batch does not split over the leader's data-parallel ranks)."""
+    def _tied_choice(self, name: str, lead: Strategy) -> Choice:
+        """Follower `name` on its leader's engine, built with strategy `lead`."""
         c = self.by_name[name]
-        if c.batch % lead.dp:
-            return None
         return self.cost(c, shared_strategy(lead, c.phase, c.batch))
 
     # -- strategies -----------------------------------------------------------------------
@@ -305,8 +302,6 @@ class Problem:
         for s in cands:
             ch = self.cost(c, s)
             tied = [self._tied(f, s) for f in followers]   # priced with their leader
-            if any(t is None for t in tied):
-                continue
             peak = max([ch.peak_bytes] + [t.peak_bytes for t in tied])
             least = min(least, peak)
             if peak <= self.capacity:
@@ -321,9 +316,7 @@ class Problem:
             lead = self._choice(self._leader[name], n, budget)
             if isinstance(lead, Infeasible):
                 return lead
-            tied = self._tied(name, lead.strategy)
-            return tied if tied is not None else Infeasible(self.by_name[name].call, n, 0,
-                                                            self.capacity)
+            return self._tied(name, lead.strategy)
         fitting, least = self._all_options(name, n)
         best = next((ch for ch in fitting if ch.resident_bytes <= budget), None)
         if best is None:
