@@ -18,8 +18,10 @@ gen(k) + max(0, W - (N - k) * gen(k)) / N grows with gen(k), pricing every mesh 
 its fastest generation and taking the least over k keeps the bound valid, streaming
 included (a streamed forward still runs on GPUs the generator does not use).
 Resharding and offloading count as zero, and each call is costed alone (its fastest
-strategy, memory aside from fitting), so the bound is optimistic everywhere: a placement
-policy's speedup over another can never exceed that one's step over the bound.
+strategy that fits, whatever engine or strategy its model's other calls run: the search
+ties a model's forwards to its train call's engine, see Problem.least_seconds), so the
+bound is optimistic everywhere: a placement policy's speedup over another can never
+exceed that one's step over the bound.
 benchmarks/plan_quality.py reports it per case; tests/test_search.py checks it against
 brute force.
 """
@@ -32,13 +34,13 @@ from .search import CallInfo, Problem
 
 
 def _fastest(problem: Problem, c: CallInfo, at_most: int) -> float:
-    return min((problem.choice(c.name, n).seconds for n in mesh_sizes(problem)
-                if n <= at_most and problem.fits(c.name, n)), default=math.inf)
+    return min((problem.least_seconds(c.name, n) for n in mesh_sizes(problem)
+                if n <= at_most), default=math.inf)
 
 
 def _gpu_seconds(problem: Problem, c: CallInfo) -> float:
-    return min((n * problem.choice(c.name, n).seconds for n in mesh_sizes(problem)
-                if problem.fits(c.name, n)), default=math.inf)
+    return min((n * problem.least_seconds(c.name, n) for n in mesh_sizes(problem)),
+               default=math.inf)
 
 
 def _depends_on(problem: Problem, call: CallInfo, target: str) -> bool:
@@ -66,10 +68,9 @@ def _generation_with_forwards(problem: Problem, gen: CallInfo,
         return math.inf
     best = math.inf
     for k in mesh_sizes(problem):
-        if k > n or not problem.fits(gen.name, k):
-            continue
-        g = problem.choice(gen.name, k).seconds
-        best = min(best, g + max(0.0, work - (n - k) * g) / n)
+        g = problem.least_seconds(gen.name, k)
+        if k <= n and not math.isinf(g):
+            best = min(best, g + max(0.0, work - (n - k) * g) / n)
     return best
 
 

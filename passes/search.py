@@ -328,6 +328,16 @@ class Problem:
             return Infeasible(self.by_name[name].call, n, least, self.capacity)
         return best
 
+    def least_seconds(self, name: str, n: int) -> float:
+        """The least seconds call `name` can take on n GPUs under any strategy that fits,
+        whatever its leader (a model's shared engine) or a memory budget picks in a
+        schedule: what lower bounds (bound.py) may use. inf when nothing fits."""
+        if name in self._leader:
+            options = self._all_options(self._leader[name], n)[0]
+            return min((self._tied(name, ch.strategy).seconds for ch in options),
+                       default=math.inf)
+        return min((ch.seconds for ch in self._all_options(name, n)[0]), default=math.inf)
+
     def choice(self, name: str, n: int, budget: float = math.inf) -> Choice:
         ch = self._choice(name, n, budget)
         if isinstance(ch, Infeasible):
