@@ -90,6 +90,40 @@ class LocalExecutor:
         """The full weights of `model` as they are now (copies)."""
         return self.engines[model].export_weights()
 
+    # -- checkpoints (graphrl.checkpoint) ----------------------------------------------------
+    def model_shapes(self) -> dict[str, dict[str, list[int]]]:
+        """Model -> parameter name -> shape (what a checkpoint must match)."""
+        from graphrl.checkpoint import shapes_of
+
+        return {name: shapes_of(e.module.state_dict().items())
+                for name, e in sorted(self.engines.items())}
+
+    def save_state(self, folder: Any) -> dict[str, Any]:
+        """Write every engine's state (weights, optimizer, version) under `folder`/models;
+        returns the placement summary for the manifest."""
+        from pathlib import Path
+
+        from graphrl.checkpoint import save_torch
+
+        for name, engine in sorted(self.engines.items()):
+            save_torch(engine.state_dict(), Path(folder) / "models" / f"{name}.pt")
+        return {"backend": "local"}
+
+    def load_state(self, ckpt: Any) -> None:
+        """Restore the engines from a verified checkpoint (graphrl.checkpoint.Checkpoint);
+        the next step reads the weights at their restored versions."""
+        from graphrl.checkpoint import load_torch
+
+        if ckpt.manifest.get("placement", {}).get("backend") == "ray":
+            from graphrl.backends.ray.state import full_states
+
+            states = full_states(ckpt)
+        else:
+            states = {name: load_torch(ckpt.file(f"models/{name}.pt")) for name in self.engines}
+        for name, engine in sorted(self.engines.items()):
+            engine.load_state_dict(states[name])
+        self.carried = None
+
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
         g = self.graph
         if self.carried is None:  # weights enter at whatever version set-up left them

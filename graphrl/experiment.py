@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .argtypes import positive_int, positive_seconds
+from .argtypes import int_at_least, positive_int, positive_seconds
 from .errors import UsageError
 
 from .trace import Model, Program, trace
@@ -43,6 +43,11 @@ class RunOptions:
     run_dir: str = "runs"                # where examples write what they generate
     overwrite: bool = False              # --metrics may replace an earlier run's file
     call_timeout: float | None = None    # ray: seconds one wait may take (None: from plan)
+    checkpoint_dir: str | None = None    # write checkpoints here (graphrl.checkpoint)
+    checkpoint_every: int | None = None  # every N iterations (and at the end)
+    keep: int = 2                        # keep the newest K checkpoints
+    resume: str | None = None            # a checkpoint, or a --checkpoint-dir (its newest)
+    max_restarts: int = 0                # ray: restarts from the last checkpoint on a lost rank
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -179,6 +184,20 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="write checkpoints (weights, optimizer state, RNG states, data "
+                        "position, metrics) into DIR, each published atomically")
+    c.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="a checkpoint every N iterations (default: only at the end)")
+    c.add_argument("--keep", type=positive_int, default=2, metavar="K",
+                   help="keep the newest K checkpoints (default 2)")
+    c.add_argument("--resume", metavar="DIR",
+                   help="continue from a checkpoint directory, or from the newest valid "
+                        "one in a --checkpoint-dir; the run continues exactly (same seed)")
+    c.add_argument("--max-restarts", type=int_at_least(0), default=0, metavar="R",
+                   help="ray: when a worker dies, restart the workers from the last "
+                        "checkpoint, at most R times (needs --checkpoint-dir)")
     p.add_argument("--prompt-len", type=positive_int, metavar="P",
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
@@ -237,4 +256,8 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       chat_template=getattr(ns, "chat_template", False),
                       save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
                       run_dir=getattr(ns, "run_dir", "runs"),
+                      checkpoint_dir=getattr(ns, "checkpoint_dir", None),
+                      checkpoint_every=getattr(ns, "checkpoint_every", None),
+                      keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
+                      max_restarts=getattr(ns, "max_restarts", 0),
                       **(ray_opts if backend == "ray" else {}))

@@ -346,6 +346,23 @@ class HFEngine:
                                      f"{tuple(named[k].shape)}, expected {tuple(v.shape)}")
                 v.copy_(named[k])
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs of this engine: weights, AdamW state (None before
+        the first train step) and the version (completed train steps)."""
+        opt = self.optimizer.state_dict() if self.optimizer is not None else None
+        return {"weights": self.export_weights(), "optimizer": opt, "version": self.version}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict() returned (weights checked by name and shape)."""
+        self.load_weights(state["weights"])
+        if state["optimizer"] is not None:
+            self._optimizer().load_state_dict(state["optimizer"])
+            self._move(self.device)
+        else:
+            self.optimizer = None
+        self.version = int(state["version"])
+
     def _move(self, device: torch.device) -> None:
         self.module.to(device)
         if self.optimizer is not None:
