@@ -110,18 +110,13 @@ class LocalExecutor:
         return {"backend": "local"}
 
     def load_state(self, ckpt: Any) -> None:
-        """Restore the engines from a verified checkpoint (graphrl.checkpoint.Checkpoint);
-        the next step reads the weights at their restored versions."""
+        """Restore the engines from a verified checkpoint (graphrl.checkpoint.Checkpoint),
+        written here or on Ray (the same per-model files); the next step reads the
+        weights at their restored versions."""
         from graphrl.checkpoint import load_torch
 
-        if ckpt.manifest.get("placement", {}).get("backend") == "ray":
-            from graphrl.backends.ray.state import full_states
-
-            states = full_states(ckpt)
-        else:
-            states = {name: load_torch(ckpt.file(f"models/{name}.pt")) for name in self.engines}
         for name, engine in sorted(self.engines.items()):
-            engine.load_state_dict(states[name])
+            engine.load_state_dict(load_torch(ckpt.file(f"models/{name}.pt")))
         self.carried = None
 
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:

@@ -145,6 +145,8 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     try:
         if executor is None:
             executor = make_executor(program, opts, out)
+        if (writer or ckpt) and hasattr(executor, "check_checkpointable"):
+            executor.check_checkpointable()
         if ckpt is not None:
             resumed = ckr.restore(ckpt, executor)
             rows, prepared = resumed.rows, resumed.prepared
@@ -166,11 +168,12 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             try:
                 result = executor.run_step(exp.data(i), iteration=i)
             except ExecutionError as e:
-                if not (owned and restartable(e) and restarts < opts.max_restarts):
+                lost = lost_ranks(e, executor) if opts.max_restarts and owned else []
+                if not lost or restarts >= opts.max_restarts:
                     raise
                 restarts += 1
                 executor, i = restart_from_checkpoint(
-                    e, executor, program, opts, out, exp.name, i, restarts)
+                    e, lost, executor, program, opts, out, exp.name, i, restarts)
                 rows = rows[:i]
                 if metrics:
                     metrics.close()
@@ -232,22 +235,27 @@ def check_checkpoint_options(opts: RunOptions) -> None:
                          "continues from the last checkpoint)")
 
 
-def restartable(e: ExecutionError) -> bool:
-    """A worker process died or stopped answering (not a bug in the step: that fails
-    the same way again)."""
-    return bool(getattr(e, "lost", False))
+def lost_ranks(e: ExecutionError, executor: Any) -> list[int]:
+    """The ranks whose worker process died (an error in the step itself would fail the
+    same way again after a restart: it is not retried)."""
+    lost = list(getattr(e, "lost", None) or [])
+    probe = getattr(executor, "lost_ranks", None)
+    if probe is not None:
+        lost = sorted(set(lost) | set(probe()))
+    return lost
 
 
-def restart_from_checkpoint(e: ExecutionError, executor: Any, program: Any,
-                            opts: RunOptions, out: TextIO, name: str, failed: int,
-                            restarts: int) -> tuple[Any, int]:
+def restart_from_checkpoint(e: ExecutionError, lost: list[int], executor: Any,
+                            program: Any, opts: RunOptions, out: TextIO, name: str,
+                            failed: int, restarts: int) -> tuple[Any, int]:
     """Close the failed executor (every rank stops), start a new one and load the last
     published checkpoint; returns (executor, the iteration to continue at)."""
     from . import checkpoint_run as ckr
     from .checkpoint import find_checkpoint, published
 
     executor.close()
-    where = f"call {getattr(e, 'method', '?')} on rank {getattr(e, 'rank', '?')}"
+    where = (f"rank(s) {', '.join(map(str, lost))} died; the error came from "
+             f"{getattr(e, 'method', '?')} on rank {getattr(e, 'rank', '?')}")
     if not published(Path(opts.checkpoint_dir)):
         raise ExecutionError(f"{e}\n(no checkpoint to restart from yet)") from e
     ck = find_checkpoint(opts.checkpoint_dir)

@@ -35,6 +35,18 @@ def build(opts):
 '''
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in the subprocesses (equal arithmetic on both sides;
+    faster on a loaded 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("example") / "tiny_ppo.py"
@@ -124,7 +136,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tiny, ref
     (each file write slowed by the test hook); the newest published checkpoint loads and
     the resumed run equals the uninterrupted one; half-written directories go away."""
     summary, _ = reference
-    env = dict(os.environ, **{SLOW_ENV: "0.05"})
+    env = dict(os.environ, **{SLOW_ENV: "0.05", "OMP_NUM_THREADS": "1"})
     mid_write, resumed_from, started = 0, [], time.monotonic()
     for seed in range(3):
         rng = random.Random(seed)

@@ -350,17 +350,19 @@ class HFEngine:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs of this engine: weights, AdamW state (None before
         the first train step) and the version (completed train steps)."""
-        opt = self.optimizer.state_dict() if self.optimizer is not None else None
-        return {"weights": self.export_weights(), "optimizer": opt, "version": self.version}
+        from .engine_state import named_optimizer_state
+
+        return {"weights": self.export_weights(), "version": self.version,
+                "optimizer": named_optimizer_state(self.module, self.optimizer)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what state_dict() returned (weights checked by name and shape)."""
+        from .engine_state import load_named_optimizer_state
+
         self.load_weights(state["weights"])
+        self.optimizer = None
         if state["optimizer"] is not None:
-            self._optimizer().load_state_dict(state["optimizer"])
-            self._move(self.device)
-        else:
-            self.optimizer = None
+            load_named_optimizer_state(self.module, self._optimizer(), state["optimizer"])
         self.version = int(state["version"])
 
     def _move(self, device: torch.device) -> None:

@@ -502,10 +502,12 @@ class RayExecutor:
         try:
             self._stamps.append(ray.get(ref, timeout=self.timeout_s))
         except ray.exceptions.RayActorError as e:
-            raise WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
+            err = WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
                               f"(other ranks with calls in flight: {running}): "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                              rank, call) from None
+                              rank, call)
+            err.lost = [rank]   # the runner may restart from a checkpoint (--max-restarts)
+            raise err from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None) or e
             raise WorkerError(f"node {node} ({call}) failed on rank {rank}: "
@@ -572,6 +574,26 @@ class RayExecutor:
 
         return (summary_lines(self.plan, self.reshards, events, steps)
                 + engine_lines(self.call_engines()))
+
+    def model_shapes(self) -> dict[str, dict[str, list[int]]]:
+        from .state import model_shapes
+        return model_shapes(self)
+
+    def save_state(self, folder: Any) -> dict[str, Any]:   # every rank writes (ray/state.py)
+        from .state import save_state
+        return save_state(self, folder)
+
+    def load_state(self, ckpt: Any) -> None:
+        from .state import load_state
+        load_state(self, ckpt)
+
+    def check_checkpointable(self) -> None:
+        from .state import check_checkpointable
+        check_checkpointable(self)
+
+    def lost_ranks(self) -> list[int]:
+        from .state import lost_ranks
+        return lost_ranks(self)
 
     def close(self) -> None:
         """Kill the actors, remove the placement groups, shut down an owned session."""
