@@ -150,9 +150,8 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if ckpt is not None:
             resumed = ckr.restore(ckpt, executor)
             rows, prepared = resumed.rows, resumed.prepared
-            if not opts.quiet:
-                print(f"[{exp.name}] resumed from {ckpt.path} after {resumed.start} "
-                      "iterations", file=out)
+            print(f"[{exp.name}] resumed from {ckpt.path} after {resumed.start} "
+                  "iterations", file=out)
         else:
             prepared = executor.prepare(exp.prepare) if exp.prepare else {}
         if prepared and not opts.quiet:
