@@ -67,31 +67,6 @@ class _Value:
     token: Optional[WeightsToken] = None
 
 
-class _DriverEngines(Mapping[str, Any]):
-    """Engines built on the driver on first use, for an Experiment's `prepare` (e.g.
-    reward-model training), seeded as the workers' engines are."""
-
-    def __init__(self, program: Program, seed: int):
-        self.program, self.seed, self.built = program, seed, {}
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.built:
-            from graphrl.backends.engines.base import create_engine
-
-            m = self.program.models[name]
-            eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)
-            if m.init_from:
-                eng.load_weights(self[m.init_from].export_weights())
-            self.built[name] = eng
-        return self.built[name]
-
-    def __iter__(self):
-        return iter(self.program.models)
-
-    def __len__(self) -> int:
-        return len(self.program.models)
-
-
 class RayExecutor:
     """Runs `program`'s step as `plan` (compiled from program.graph) on Ray ranks.
 
@@ -247,7 +222,9 @@ class RayExecutor:
                 ) -> dict[str, float]:
         """Run `fn` on driver-side engines, then load the weights it changed into every
         engine of those models on the ranks (optimizer state stays behind)."""
-        engines = _DriverEngines(self.program, self.seed)
+        from .driver_engines import DriverEngines
+
+        engines = DriverEngines(self.program, self.seed)
         result = dict(fn(engines))
         for name, eng in engines.built.items():
             keys = [k for k, s in self.engines.specs.items() if s.decl.name == name]
