@@ -166,3 +166,15 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tiny, ref
     print(f"kills: 3, mid-write: {mid_write}, resumed from: {resumed_from}, "
           f"{time.monotonic() - started:.1f} s")
     assert mid_write >= 2
+
+
+def test_checkpoint_options_are_checked(tiny, tmp_path):
+    with pytest.raises(gr.UsageError, match="--checkpoint-every needs --checkpoint-dir"):
+        run(tiny, checkpoint_every=2)
+    with pytest.raises(gr.UsageError, match="--max-restarts needs --checkpoint-dir"):
+        run(tiny, max_restarts=1)
+    with pytest.raises(gr.UsageError, match="no published checkpoint"):
+        run(tiny, resume=str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(gr.UsageError, match="--checkpoint-dir .*not a directory"):
+        run(tiny, checkpoint_dir=str(tmp_path / "file"))
