@@ -140,6 +140,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     (commands that compile take --cluster/--policy/--placement themselves)."""
     if backend:
         add_backend_options(p)
+        add_checkpoint_options(p)
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -184,6 +185,14 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
+    p.add_argument("--prompt-len", type=positive_int, metavar="P",
+                   help="prompt tokens (default: the example's task)")
+    p.add_argument("--response-len", type=positive_int, metavar="R",
+                   help="generated tokens per response (default: the example's task)")
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """--checkpoint-dir/--checkpoint-every/--keep/--resume/--max-restarts (runs only)."""
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", metavar="DIR",
                    help="write checkpoints (weights, optimizer state, RNG states, data "
@@ -198,10 +207,6 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     c.add_argument("--max-restarts", type=int_at_least(0), default=0, metavar="R",
                    help="ray: when a worker dies, restart the workers from the last "
                         "checkpoint, at most R times (needs --checkpoint-dir)")
-    p.add_argument("--prompt-len", type=positive_int, metavar="P",
-                   help="prompt tokens (default: the example's task)")
-    p.add_argument("--response-len", type=positive_int, metavar="R",
-                   help="generated tokens per response (default: the example's task)")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -178,3 +178,13 @@ def test_checkpoint_options_are_checked(tiny, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(gr.UsageError, match="--checkpoint-dir .*not a directory"):
         run(tiny, checkpoint_dir=str(tmp_path / "file"))
+
+
+def test_cli_takes_the_options_and_reports_bad_resume(tiny, tmp_path, capsys):
+    from graphrl.cli import main
+
+    rc = main(["run", str(tiny), "--quiet", "--resume", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "graphrl: error: --resume" in err and "no such directory" in err
+    rc = main(["run", str(tiny), "--quiet", "--max-restarts", "-1"])
+    assert rc == 2 and "--max-restarts" in capsys.readouterr().err
