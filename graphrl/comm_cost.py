@@ -59,13 +59,12 @@ def _bandwidths(strategy: Strategy, gpu: GPUType, gpus_per_node: int) -> tuple[f
     node; one that spans nodes is a ring through the nodes' NICs, so it runs at the
     inter-node bandwidth (NCCL rings are as slow as their slowest link; Patarasuk & Yuan
     2009), and a synchronous step waits for its slowest group."""
-    def bw(size: int) -> float:
-        if group_spans_nodes(size, strategy.world, gpus_per_node):
-            return gpu.inter_node_bw
-        return gpu.intra_node_bw
-    dp_spans = strategy.dp > 1 and strategy.world > gpus_per_node
-    return (bw(strategy.tp), bw(strategy.tp * strategy.pp),
-            gpu.inter_node_bw if dp_spans else gpu.intra_node_bw)
+    intra, inter = gpu.intra_node_bw, gpu.inter_node_bw
+    world = strategy.dp * strategy.tp * strategy.pp
+    stage = strategy.tp * strategy.pp
+    return (inter if group_spans_nodes(strategy.tp, world, gpus_per_node) else intra,
+            inter if group_spans_nodes(stage, world, gpus_per_node) else intra,
+            inter if strategy.dp > 1 and world > gpus_per_node else intra)
 
 
 def _tp_comm(spec: ModelSpec, tokens: float, layers: float, collectives_per_layer: int,

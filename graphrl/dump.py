@@ -7,7 +7,8 @@ the same colour in the DOT graph and the Gantt chart, and in every dump of one g
 
     plan_text(plan)               header, placed graph, per-worker streams, clock view
     plan_dot(plan)                the placed graph, nodes clustered by mesh
-    gantt(plan, png, svg)         the predicted (or a measured) timeline as a chart
+    gantt(plan, png, svg)         the predicted (or a measured) timeline as a chart, with
+                                  the predicted memory per GPU under a predicted one
     write_dumps(plan, out_dir)    all of the above plus plan.json and trace.json
 
 The clock view and the Gantt chart merge workers whose timelines are identical into one
@@ -17,6 +18,7 @@ matplotlib is imported only inside `gantt`, through its object API on the Agg ca
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -390,11 +392,20 @@ def gantt(plan: Plan, path_png: str | Path, path_svg: str | Path | None = None,
     rows, hidden = merge_rows(evs, max_rows)
     colors = model_colors([m.name for m in plan.graph.models] + [e.model for e in evs])
     xmax = step if step > 0 else 1.0
+    # the memory track is the plan's prediction: drawn under a predicted timeline only
+    tracks = memory_tracks(plan) if source == "predicted" else []
 
     width_in = 13.0
-    fig = Figure(figsize=(width_in, 1.5 + 0.42 * max(1, len(rows))))
+    height = 1.5 + 0.42 * max(1, len(rows))
+    fig = Figure(figsize=(width_in, height + (2.4 if tracks else 0.0)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if tracks:
+        grid = fig.add_gridspec(2, 1, height_ratios=(height, 2.4), hspace=0.35)
+        ax = fig.add_subplot(grid[0])
+        _draw_memory(fig.add_subplot(grid[1], sharex=ax), tracks,
+                     plan.cluster.gpu.memory_bytes)
+    else:
+        ax = fig.add_subplot()
     px_per_s = width_in * 110 * 0.78 / xmax   # roughly, for deciding where text fits
     kinds_seen: set[str] = set()
     for y, row in enumerate(rows):
@@ -440,13 +451,66 @@ def gantt(plan: Plan, path_png: str | Path, path_svg: str | Path | None = None,
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0),
                   fontsize=8, frameon=False)
+    from .outputs import atomic_write_bytes
+
     paths = [Path(path_png)]
     with rc_context({"svg.hashsalt": "graphrl", "hatch.linewidth": 0.6}):
-        fig.savefig(paths[0], dpi=110, bbox_inches="tight")
+        # rendered in memory, then written through a temporary file and a rename, so a
+        # reader never sees half a chart
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(paths[0], buf.getvalue())
         if path_svg is not None:
             paths.append(Path(path_svg))
-            fig.savefig(paths[1], format="svg", bbox_inches="tight", metadata={"Date": None})
+            buf = io.BytesIO()
+            fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+            atomic_write_bytes(paths[1], buf.getvalue())
     return paths
+
+
+@dataclass(frozen=True)
+class MemoryTrack:
+    """GPUs whose predicted memory curves are identical, and that curve (bytes)."""
+
+    label: str
+    points: tuple[tuple[float, int], ...]
+
+    @property
+    def peak(self) -> int:
+        return max(b for _, b in self.points)
+
+
+def memory_tracks(plan: Plan, max_tracks: int = 8) -> list[MemoryTrack]:
+    """The plan's memory per GPU over the predicted step (graphrl.memory_track), GPUs with
+    identical curves merged (`gpu0-3`), highest peak first, at most `max_tracks`."""
+    from .memory_track import memory_timeline
+
+    groups: dict[tuple, list[int]] = {}
+    for gpu, points in sorted(memory_timeline(plan).items()):
+        groups.setdefault(tuple(points), []).append(gpu)
+    tracks = [MemoryTrack(merged_label([f"gpu{g}" for g in gpus]), points)
+              for points, gpus in groups.items()]
+    tracks.sort(key=lambda t: (-t.peak, _worker_sort_key(t.label)))
+    return tracks[:max_tracks]
+
+
+def _draw_memory(ax, tracks: Sequence[MemoryTrack], capacity: int) -> None:
+    """Memory per GPU (GiB) as step lines under the timeline, and the GPU's capacity."""
+    gib = 2 ** 30
+    for k, t in enumerate(tracks):
+        xs = [p[0] for p in t.points]
+        ys = [p[1] / gib for p in t.points]
+        ax.step(xs, ys, where="post", color=PALETTE[k % len(PALETTE)], linewidth=1.2,
+                label=f"{t.label} (peak {human_bytes(t.peak)})")
+    ax.axhline(capacity / gib, color="#C44E52", linestyle="--", linewidth=0.9,
+               label=f"capacity {human_bytes(capacity)}")
+    ax.set_ylim(0, capacity / gib * 1.08)
+    ax.set_ylabel("GiB per GPU", fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title("memory per GPU (predicted)", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
 
 
 # -- all dumps ----------------------------------------------------------------------------
@@ -477,4 +541,4 @@ def write_dumps(plan: Plan, out_dir: str | Path) -> list[Path]:
 
 __all__ = ["human_bytes", "human_seconds", "model_colors", "PALETTE", "OP_COLOR", "Row",
            "merge_rows", "merged_label", "clock_lines", "plan_text", "plan_dot", "event_kind",
-           "gantt", "write_dumps"]
+           "gantt", "write_dumps", "MemoryTrack", "memory_tracks"]

@@ -22,6 +22,7 @@ class Event:
     end: float
     iteration: int = 0
     nbytes: int = 0  # bytes moved (reshard, send/recv)
+    ran: str = ""    # engine and degrees that ran a call (graphrl.engines.degrees_text)
 
     @property
     def seconds(self) -> float:
@@ -35,7 +36,8 @@ def chrome_trace(events: Iterable[Event], source: str) -> dict:
         out.append({"name": e.call, "cat": e.model or "op", "ph": "X", "pid": e.worker,
                     "tid": e.model or "ops", "ts": round(e.start * 1e6, 3),
                     "dur": round(e.seconds * 1e6, 3),
-                    "args": {"node": e.node, "iteration": e.iteration, "bytes": e.nbytes}})
+                    "args": {"node": e.node, "iteration": e.iteration, "bytes": e.nbytes,
+                             **({"ran": e.ran} if e.ran else {})}})
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": {"source": source}}
 
 
@@ -49,7 +51,8 @@ def read_chrome_trace(path: str | Path) -> list[Event]:
     data = json.loads(Path(path).read_text())
     return [Event(e["args"]["node"], e["name"], "" if e["cat"] == "op" else e["cat"],
                   str(e["pid"]), e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6,
-                  e["args"].get("iteration", 0), e["args"].get("bytes", 0))
+                  e["args"].get("iteration", 0), e["args"].get("bytes", 0),
+                  e["args"].get("ran", ""))
             for e in data["traceEvents"]]
 
 

@@ -172,31 +172,14 @@ def verify_plan(plan: "Plan") -> "Plan":
     cycle = find_deadlock(happens_before(plan))
     if cycle:
         raise GraphError("plan: deadlock, these wait on each other: " + " -> ".join(cycle))
+    from .memory_track import memory_uses
+
     capacity = plan.cluster.gpu.memory_bytes
-    resident: dict[int, dict[str, int]] = {}
-    for gpu, unit, nbytes in plan.resident:
-        resident.setdefault(gpu, {})[unit] = max(nbytes, resident.get(gpu, {}).get(unit, 0))
-
-    generates = {n.name for n in plan.graph.nodes if n.target == "generate"}
-
-    def unit_of(i) -> str:   # a policy's generation keeps its own copy of the weights
-        return f"{i.model}.generate" if i.node in generates else i.model
-    for s in plan.streams:
-        full = dict(resident.get(s.worker, {}))
-        # a GPU in offload mode keeps every model's state in host memory between calls
-        offloaded = any(i.op == "offload" for i in s.instrs)
-        present = {} if offloaded else dict(full)
-        for i in s.instrs:
-            if i.op == "offload":
-                present.pop(unit_of(i), None)
-            elif i.op == "onload":
-                present[unit_of(i)] = full.get(unit_of(i), 0)
-            elif i.op == "run" and i.mem:
-                others = sum(b for u, b in present.items() if u != unit_of(i))
-                need = i.mem + others
-                if need > capacity:
-                    raise GraphError(f"plan: {i.id} ({i.label}) needs {need / 2**30:.1f} GiB on "
-                                     f"GPU {s.worker} ({i.mem / 2**30:.1f} GiB for the call + "
-                                     f"{others / 2**30:.1f} GiB of other resident models), the "
-                                     f"GPU has {capacity / 2**30:.1f} GiB", i.id)
+    for use in memory_uses(plan):
+        i = use.instr
+        if i.op == "run" and i.mem and use.in_use > capacity:
+            raise GraphError(f"plan: {i.id} ({i.label}) needs {use.in_use / 2**30:.1f} GiB on "
+                             f"GPU {use.worker} ({i.mem / 2**30:.1f} GiB for the call + "
+                             f"{use.others / 2**30:.1f} GiB of other resident models), the "
+                             f"GPU has {capacity / 2**30:.1f} GiB", i.id)
     return plan

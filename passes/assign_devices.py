@@ -52,10 +52,33 @@ def call_infos(graph: Graph) -> list[CallInfo]:
     return out
 
 
+def fixed_engines(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, str]:
+    """Model -> the engine its forward/train calls must use: pinned on one of them
+    (placement `engine:`), else declared on the model when not hf/fast (graphrl.engines);
+    the placement search chooses the others'."""
+    out = {m.name: m.engine for m in graph.models if m.engine not in ("hf", "fast")}
+    for n in graph.calls():
+        pin = pins.get(n.call)
+        if pin is not None and pin.engine and n.target != "generate":
+            out[n.model] = pin.engine
+    return out
+
+
+def engine_efficiency() -> dict[str, float]:
+    """Measured engine efficiencies (graphrl.engine_cost) from this checkout's
+    benchmarks/data; {} where none were measured."""
+    from pathlib import Path
+
+    from graphrl.engine_cost import ENGINE_EFFICIENCY_FILE, load_engine_efficiency
+
+    return load_engine_efficiency(Path(__file__).resolve().parents[1] / ENGINE_EFFICIENCY_FILE)
+
+
 def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
     specs = {m.name: m.spec for m in graph.models}
     problem = Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params,
-                      ctx.pins, ctx.lengths, ctx.headroom)
+                      ctx.pins, ctx.lengths, ctx.headroom, fixed_engines(graph, ctx.pins),
+                      engine_efficiency())
     if ctx.progress is not None:
         sink = ctx.progress
         problem.on_evaluate = lambda count: sink("assign-devices", count)

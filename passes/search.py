@@ -7,7 +7,8 @@ separate vLLM engines). `Problem.evaluate(assignment)` predicts the step time of
 unit -> mesh assignment by list scheduling the step's nodes:
 
 - every call picks its fastest strategy (dp, tp, pp, micro-batches, ZeRO) that fits a
-  GPU on a mesh of that size (the same search for every policy);
+  GPU on a mesh of that size (the same search for every policy), on an engine that
+  executes it; a model's forward calls run its train call's (engine_choice.py);
 - calls on overlapping meshes run one after the other, calls on disjoint meshes at the
   same time, each starting when its inputs are ready;
 - when the models resident on a GPU do not fit together, each call there onloads its
@@ -22,7 +23,7 @@ unit -> mesh assignment by list scheduling the step's nodes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Callable, Iterable, Mapping
 
@@ -31,9 +32,12 @@ import numpy as np
 from graphrl.cluster import ClusterSpec
 from graphrl.cost import (CALIBRATED, CostParams, estimate, host_state_bytes,
                           model_state_bytes)
+from graphrl.engines import shared_strategy
 from graphrl.lengths import LengthDist
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.types import ModelSpec
+
+from .engine_choice import engine_variants, shared_engine_calls
 
 OP_SECONDS = 1e-3  # host-side ops (advantages, scoring): small, fixed
 # Share of each GPU's memory (and each node's host memory) plans leave free: allocator
@@ -138,16 +142,19 @@ def divisors(n: int) -> list[int]:
 
 
 def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
-                         gpus_per_node: int) -> Iterable[Strategy]:
+                         gpus_per_node: int, uneven: bool = False) -> Iterable[Strategy]:
     """Every dp x tp x pp = n split that divides the model; tp within a node (Megatron-LM
     keeps tensor parallelism on NVLink), micro-batches and ZeRO for train.
 
-    Within a node dp must divide the batch (the search may pick any mesh size there).
-    Meshes of whole nodes come in node multiples, so on them the batch may split unevenly
-    over dp (replicas get ceil or floor of batch/dp sequences, the last micro-batch padded)
-    and a 12x8 cluster is used whole though 96 divides no power-of-two batch: the cost
-    model prices the slowest replica's ceil(batch/dp) (graphrl.compute_cost._split)."""
-    uneven = n > gpus_per_node
+    dp must divide the batch unless `uneven` and the mesh is whole nodes (n > one node):
+    then replicas get ceil or floor of batch/dp sequences and the last micro-batch is
+    padded, priced at the slowest replica's ceil(batch/dp) (graphrl.compute_cost._split).
+    Problem turns it on for clusters whose GPU count is not a power of two (12x8 = 96):
+    there the whole cluster, and most node multiples, admit no even split of a
+    power-of-two batch, and GPUs would sit idle. Within a node the search can always
+    pick a mesh size that divides, and on power-of-two clusters every power-of-two mesh
+    splits evenly (and the search stays within its compile-time budget)."""
+    uneven = uneven and n > gpus_per_node
     for tp in divisors(n):
         if tp > gpus_per_node or spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
             continue
@@ -205,7 +212,12 @@ class Problem:
     def __init__(self, calls: list[CallInfo], specs: Mapping[str, ModelSpec],
                  cluster: ClusterSpec, gen_engine: str = "hf",
                  params: CostParams = CALIBRATED, pins: Mapping[str, Pin] | None = None,
-                 lengths: LengthDist | None = None, headroom: float = DEFAULT_HEADROOM):
+                 lengths: LengthDist | None = None, headroom: float = DEFAULT_HEADROOM,
+                 engines: Mapping[str, str] | None = None,
+                 efficiency: Mapping[str, float] | None = None):
+        """`engines`: model -> the engine its forward/train calls are fixed to (absent:
+        the search chooses); `efficiency`: engine -> tokens/s over HF's
+        (graphrl.engine_cost.load_engine_efficiency; absent: 1)."""
         if not 0 <= headroom < 1:
             raise ValueError(f"memory headroom must be in [0, 1), got {headroom!r}")
         self.headroom = headroom
@@ -218,14 +230,20 @@ class Problem:
         self.gen_engine = gen_engine
         self.params = params
         self.pins = dict(pins or {})
+        self.engines = dict(engines or {})
+        self.efficiency = dict(efficiency or {})
+        self._leader, self._followers = shared_engine_calls(self.calls, self.pins)
         self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
+        # uneven data-parallel splits over whole nodes (candidate_strategies)
+        self.uneven_dp = cluster.num_gpus & (cluster.num_gpus - 1) != 0
         self.capacity = int(cluster.gpu.memory_bytes * (1 - headroom))
         self.host_capacity = int(cluster.gpu.host_memory_bytes * cluster.gpus_per_node
                                  * (1 - headroom))
         self._choice = lru_cache(maxsize=None)(self._best_choice)
         self._all_options = lru_cache(maxsize=None)(self._options)
+        self._tied = lru_cache(maxsize=None)(self._tied_choice)
         self._cache: dict[tuple, Evaluation | None] = {}
         self.on_evaluate: Callable[[int], None] | None = None   # progress: evaluations so far
         self._layouts: dict[tuple, _Layout | Infeasible] = {}
@@ -245,6 +263,11 @@ class Problem:
                     out[c.name] = int(round(g.seq + mean))
         return out
 
+    def _tied_choice(self, name: str, lead: Strategy) -> Choice:
+        """Follower `name` on its leader's engine, built with strategy `lead`."""
+        c = self.by_name[name]
+        return self.cost(c, shared_strategy(lead, c.phase, c.batch))
+
     # -- strategies -----------------------------------------------------------------------
     def cost(self, c: CallInfo, s: Strategy) -> Choice:
         spec = self.specs[c.model]
@@ -263,29 +286,42 @@ class Problem:
             resident = int(model_state_bytes(spec, s))
         else:
             resident = int(spec.weight_bytes / (s.tp * s.pp))
-        return Choice(s, cc.seconds * c.repeats, cc.peak_memory_bytes, resident)
+        speed = self.efficiency.get(s.engine or "hf", 1.0)   # engine tokens/s over HF's
+        return Choice(s, cc.seconds * c.repeats / speed, cc.peak_memory_bytes, resident)
 
     def _options(self, name: str, n: int) -> tuple[tuple[Choice, ...], int]:
         """Every strategy on n GPUs that fits a GPU (and the pins), fastest first; and the
         least peak bytes of any strategy (what an infeasible call would need)."""
         c = self.by_name[name]
         pinned = dict(self.pins[c.call].fields) if c.call in self.pins else {}
-        fitting: list[Choice] = []
+        fitting: list[tuple[float, Choice]] = []
         least = math.inf
-        for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
-                                      self.cluster.gpus_per_node):
-            if any(getattr(s, k) != v for k, v in pinned.items()):
-                continue
+        followers = self._followers.get(name, ())
+        raw = [s for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
+                                               self.cluster.gpus_per_node, self.uneven_dp)
+               if not any(getattr(s, k) != val for k, val in pinned.items())]
+        # none that an engine runs: plan them anyway (graphrl.engines refuses a run by name)
+        fixed = self.engines.get(c.model, "")
+        cands = [v for s in raw for v in engine_variants(c.phase, s, fixed)] or [
+            replace(s, engine=fixed) for s in raw]
+        for s in cands:
             ch = self.cost(c, s)
-            least = min(least, ch.peak_bytes)
-            if ch.peak_bytes <= self.capacity:
-                fitting.append(ch)
-        fitting.sort(key=lambda ch: ch.seconds)   # stable: ties keep enumeration order
-        return tuple(fitting), int(least) if least < math.inf else 0
+            tied = [self._tied(f, s) for f in followers]   # priced with their leader
+            peak = max([ch.peak_bytes] + [t.peak_bytes for t in tied])
+            least = min(least, peak)
+            if peak <= self.capacity:
+                fitting.append((ch.seconds + sum(t.seconds for t in tied), ch))
+        fitting.sort(key=lambda x: x[0])   # stable: ties keep enumeration order
+        return tuple(ch for _, ch in fitting), int(least) if least < math.inf else 0
 
     def _best_choice(self, name: str, n: int, budget: float = math.inf) -> Choice | Infeasible:
         """The fastest strategy on n GPUs that fits a GPU and keeps at most `budget` bytes
         resident on each between calls."""
+        if name in self._leader:   # runs on its model's shared engine, as its leader says
+            lead = self._choice(self._leader[name], n, budget)
+            if isinstance(lead, Infeasible):
+                return lead
+            return self._tied(name, lead.strategy)
         fitting, least = self._all_options(name, n)
         best = next((ch for ch in fitting if ch.resident_bytes <= budget), None)
         if best is None:
@@ -564,7 +600,8 @@ class Problem:
 
 def replace_cluster(problem: Problem, cluster: ClusterSpec) -> Problem:
     return Problem(problem.calls, problem.specs, cluster, problem.gen_engine, problem.params,
-                   problem.pins, problem.lengths, problem.headroom)
+                   problem.pins, problem.lengths, problem.headroom, problem.engines,
+                   problem.efficiency)
 
 
 __all__ = ["CallInfo", "Pin", "Choice", "Scheduled", "Evaluation", "Infeasible", "Problem",

@@ -1,8 +1,10 @@
 """The executed strategy is the planned one: PPO on Ray (1x4xcpu) with the policy trained
 by megatron-core (tp 2 x pp 2, 1F1B) and the critic by DeepSpeed (ZeRO-2, dp 4) on the
 same four ranks learns like the local one-process run; the policy's reshard from the
-megatron layout to the generation replicas is exact and moves the planned bytes; the
-report states each call's engine and degrees."""
+megatron layout to the generation replicas is exact and moves the planned bytes; every
+call ran with the engine and degrees of its plan, as the measured trace records per call
+(policy.forward shares the megatron engine of policy.train, so the compiler plans it
+tp 2 x pp 2 too: graphrl.engines.shared_strategy)."""
 from __future__ import annotations
 
 import io
@@ -16,7 +18,10 @@ import graphrl as gr  # noqa: E402
 from graphrl.backends.local import LocalExecutor  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
+from graphrl.engines import (degree_mismatches, parse_degrees, planned_degrees,  # noqa: E402
+                             resolve_engines)
 from graphrl.runner import run_experiment  # noqa: E402
+from graphrl.timeline import read_chrome_trace  # noqa: E402
 
 from test_ray_executor import BATCH, ITERATIONS, SEED, ppo_experiment  # noqa: E402
 
@@ -31,24 +36,30 @@ def exp():
 
 
 @pytest.fixture(scope="module")
-def ray_run(ray_session, exp):
+def plan(exp):
+    return compile_graph(exp.program().graph, ClusterSpec.parse("1x4xcpu"), "auto",
+                         placement=PLACEMENT, engines=True).plan
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_session, exp, plan, tmp_path_factory):
     from graphrl.backends.ray.executor import RayExecutor
 
-    plan = compile_graph(exp.program().graph, ClusterSpec.parse("1x4xcpu"), "auto",
-                         placement=PLACEMENT, engines=True).plan
+    trace = tmp_path_factory.mktemp("ray_engines") / "trace.json"
     ex = RayExecutor(exp.program(), plan, seed=SEED, timeout_s=TIMEOUT, check_reshards=True,
                      env={"GLOO_SOCKET_IFNAME": "lo"})
     try:
         out = io.StringIO()
-        opts = gr.RunOptions(iterations=ITERATIONS, seed=SEED, batch_size=BATCH, quiet=True)
+        opts = gr.RunOptions(iterations=ITERATIONS, seed=SEED, batch_size=BATCH, quiet=True,
+                             trace=str(trace))
         summary = run_experiment(exp, opts, out=out, executor=ex)
-        yield summary, out.getvalue(), ex.call_engines(), list(ex.reshards)
+        yield summary, out.getvalue(), ex.call_engines(), list(ex.reshards), trace
     finally:
         ex.close()
 
 
 def test_megatron_and_deepspeed_learn_like_local(ray_run, exp):
-    summary, out, engines, reshards = ray_run
+    summary, out, engines, reshards, _ = ray_run
     local = LocalExecutor(exp.program(), seed=SEED)
     opts = gr.RunOptions(iterations=ITERATIONS, seed=SEED, batch_size=BATCH, quiet=True)
     local_summary = run_experiment(exp, opts, out=io.StringIO(), executor=local)
@@ -61,7 +72,8 @@ def test_megatron_and_deepspeed_learn_like_local(ray_run, exp):
     train = engines["policy.train"]
     assert (train["engine"], train["dp"], train["tp"], train["pp"], train["sp"]) == \
         ("megatron", 1, 2, 2, True)
-    assert engines["policy.forward"]["engine"] == "megatron"
+    fwd = engines["policy.forward"]
+    assert (fwd["engine"], fwd["dp"], fwd["tp"], fwd["pp"]) == ("megatron", 1, 2, 2)
     critic = engines["critic.train"]
     assert (critic["engine"], critic["dp"], critic["zero"]) == ("deepspeed", 4, 2)
     assert engines["policy.generate"]["engine"] == "hf"
@@ -69,3 +81,31 @@ def test_megatron_and_deepspeed_learn_like_local(ray_run, exp):
     # the reshard from megatron's TP x PP layout to the generation replicas
     assert reshards and all(r.exact is True for r in reshards)
     assert all(r.measured == r.transfer_plan for r in reshards)
+
+
+def test_every_call_ran_as_planned_per_the_trace(ray_run, plan, exp):
+    """From the measured trace: each call's ranks ran the engine and degrees its plan
+    names (engine, dp, tp, pp, sp, ZeRO, micro-batches; optimizer offload for training),
+    on every rank and every iteration; the report agrees."""
+    _, out, engines, _, trace = ray_run
+    resolved = resolve_engines(plan.graph, {n: m.engine for n, m in exp.program().models.items()})
+    nodes = {n.name: n for n in plan.graph.nodes}
+    seen: dict[str, set[str]] = {}
+    for e in read_chrome_trace(trace):
+        if not e.ran:
+            continue
+        n = nodes[e.node]
+        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy)
+        assert degree_mismatches(n.target, planned, parse_degrees(e.ran)) == [], \
+            (n.call, n.placement.strategy.text(), e.ran)
+        seen.setdefault(n.call, set()).add(e.worker)
+    calls = {n.call: n for n in plan.graph.nodes if n.kind == "call"}
+    assert set(seen) == set(calls)
+    for call, n in calls.items():   # every rank of its mesh reported it
+        assert seen[call] == {f"gpu{g}" for g in n.placement.mesh.gpus}, call
+    assert all(e["differs"] == [] for e in engines.values()), engines
+    assert parse_degrees(next(e.ran for e in read_chrome_trace(trace)
+                              if e.call == "policy.forward")) == {
+        "engine": "megatron", "dp": 1, "tp": 2, "pp": 2, "sp": True, "zero": 0,
+        "micro_batches": 2}
+    assert out.count("yes") >= len(calls) and "NO:" not in out

@@ -84,7 +84,8 @@ class DeepSpeedEngine:
         if rank not in ranks:
             raise UsageError(f"model {decl.name}: rank {rank} is not in its mesh {list(ranks)}")
         ensure_accelerator(device, ranks.index(rank))
-        self.decl, self.zero, self.offload = decl, zero, offload
+        # offload_optimizer: not `offload`, which names the engine's offload() method
+        self.decl, self.zero, self.offload_optimizer = decl, zero, offload
         self.ranks, self.rank, self.group = tuple(ranks), rank, group
         self.dp, self.dp_rank = len(self.ranks), self.ranks.index(rank)
         self.micro_batches, self.device_name, self.seed = micro_batches, device, seed
@@ -116,7 +117,7 @@ class DeepSpeedEngine:
         opt = torch.optim.AdamW(self.hf.module.parameters(), lr=o["lr"],
                                 betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
         zero: dict[str, Any] = {"stage": self.zero}
-        if self.offload:
+        if self.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -156,6 +157,7 @@ class DeepSpeedEngine:
         n = next(iter(rollout.values())).shape[0]
         mine = self._slice(n, "forward")
         out = self.hf.forward({k: v[mine] for k, v in rollout.items()})
+        self.ran_micro_batches = 1   # one pass over its slice
         key, local = next(iter(out.items()))
         full = [torch.zeros_like(local) for _ in range(self.dp)]
         dist.all_gather(full, local.contiguous(), group=self.group)
@@ -278,7 +280,7 @@ class DeepSpeedEngine:
 
     def degrees(self) -> dict[str, Any]:
         return {"engine": "deepspeed", "dp": self.dp, "tp": 1, "pp": 1, "sp": False,
-                "zero": self.zero, "offload": self.offload,
+                "zero": self.zero, "offload": int(self.offload_optimizer),
                 "micro_batches": self.ran_micro_batches}
 
 

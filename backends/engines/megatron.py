@@ -344,7 +344,10 @@ class MegatronEngine:
         tokens, mask = rollout["tokens"], rollout.get("attention_mask")
         n, seq = tokens.shape
         mine = self._split(n, self.dp, "forward")[self.dp_rank]
-        m = self.micro_batches if (n // self.dp) % self.micro_batches == 0 else 1
+        # micro-batches feed the pipeline (pp > 1); one pass without one
+        m = (self.micro_batches if self.pp > 1 and (n // self.dp) % self.micro_batches == 0
+             else 1)
+        self.ran_micro_batches = m
         parts = [slice(mine.start + s.start, mine.start + s.stop)
                  for s in self._split(n // self.dp, m, "forward")]
 

@@ -11,12 +11,14 @@
   ZeRO-1/2's memory savings are not reproduced); every other engine is a full copy per
   rank (`replicas`). A model whose calls graphrl.engines.resolve_engines gives to
   `megatron` or `deepspeed` gets that engine over its mesh, with the plan's degrees of its
-  train call (or forward calls), and the process groups it needs; a strategy no engine
-  runs is refused there, before anything starts.
+  train call (or first forward call), and the process groups it needs; a strategy no
+  engine runs, or a forward call planned with other degrees than its model's shared
+  engine runs it with (graphrl.engines.shared_strategy), is refused there, before
+  anything starts.
 - `split_rows`: how a call's batch is split over its ranks. Every call runs on every rank
-  of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n). Tensor- and
-  pipeline-parallel degrees are executed as more data parallelism: the engines here have
-  no TP/PP execution yet.
+  of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n) on HF
+  replicas; megatron and DeepSpeed engines take the whole batch and split it by their
+  own dp coordinates (tp and pp ranks share rows).
 - `dispatch_order`: the plan's instruction groups (gangs, send/recv pairs, single
   instructions; `graphrl.simulate.happens_before`) in one total order that respects every
   happens-before edge, earliest predicted start first. The driver issues them in this
@@ -27,7 +29,7 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from graphrl.errors import UsageError
@@ -47,6 +49,7 @@ class EnginePlan:
     node_engine: Mapping[str, str]
     groups: Mapping[str, tuple[int, ...]]
     gen_engine: Mapping[str, str]     # model -> key of the engine its generate reads
+    resolved: Mapping[str, str] = field(default_factory=dict)   # node -> engine name
 
 
 def _mesh_group(gpus: tuple[int, ...]) -> str:
@@ -136,7 +139,7 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                                         "noop" if noop else "replicas", gpus, "", seed,
                                         init_from, init_ckpt)
             node_engine[n.name] = gen_engine[decl.name] = key
-    return EnginePlan(specs, node_engine, groups, gen_engine)
+    return EnginePlan(specs, node_engine, groups, gen_engine, chosen)
 
 
 def split_rows(batch: int, ranks: int, i: int) -> tuple[int, int]:

@@ -95,6 +95,7 @@ class RayExecutor:
         self._broken: Optional[str] = None
         self._pending: dict[Any, tuple[str, str, int]] = {}   # stamp ref -> node, call, rank
         self._stamps: list[Stamp] = []
+        self._ran: dict[str, tuple[int, set[str]]] = {}   # node -> iteration, what ran
         self._carried: Optional[dict[str, Optional[WeightsToken]]] = None
         try:
             if not ray.is_initialized():
@@ -305,7 +306,7 @@ class RayExecutor:
     def _event(self, s: Stamp) -> Event:
         off = self.clock_offsets.get(s.rank, 0.0) + self._t0
         return Event(s.node, s.call, s.model, f"gpu{s.rank}", s.start - off, s.end - off,
-                     s.iteration, s.nbytes)
+                     s.iteration, s.nbytes, s.ran)
 
     # -- instructions -------------------------------------------------------------------------
     def _submit(self, rank: int, method: str, node: Node, *args: Any, **kw: Any
@@ -477,7 +478,13 @@ class RayExecutor:
         node, call, rank = self._pending.pop(ref)
         running = sorted({r for _, _, r in self._pending.values()} - {rank})
         try:
-            self._stamps.append(ray.get(ref, timeout=self.timeout_s))
+            stamp = ray.get(ref, timeout=self.timeout_s)
+            self._stamps.append(stamp)
+            if stamp.ran:   # what its ranks ran, at its latest iteration
+                it, ran = self._ran.get(stamp.node, (stamp.iteration, set()))
+                if it != stamp.iteration:
+                    ran = set()
+                self._ran[stamp.node] = (stamp.iteration, ran | {stamp.ran})
         except ray.exceptions.RayActorError as e:
             err = WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
                               f"(other ranks with calls in flight: {running}): "
@@ -540,10 +547,11 @@ class RayExecutor:
         return predicted_call_seconds(self.plan)
 
     def call_engines(self) -> dict[str, dict[str, Any]]:
-        """Call -> its mesh, planned strategy, and the engine and degrees that ran it."""
+        """Call -> its mesh, planned strategy and engine, the engine and degrees that ran
+        it (at its last run) and `differs`: the degrees that differ from the plan."""
         from .report import call_engines
 
-        return call_engines(self.graph, self.engines, self.group)
+        return call_engines(self.graph, self.engines.resolved, self._ran)
 
     def summary_lines(self, events: Sequence[Event], steps: int) -> list[str]:
         """Predicted vs measured seconds per call, reshard bytes, engines and degrees."""

@@ -72,28 +72,41 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
     return lines
 
 
-def call_engines(graph: Any, engines: Any, group: Any) -> dict[str, dict[str, Any]]:
-    """Call -> {"planned": strategy text, "mesh", and the `degrees` its engine reports
-    (engine, dp, tp, pp, sp, zero, micro-batches as last run)}."""
+def call_engines(graph: Any, resolved: Mapping[str, str],
+                 ran: Mapping[str, tuple[int, set[str]]]) -> dict[str, dict[str, Any]]:
+    """Call -> {"planned": its strategy text, "planned_engine", "mesh", the engine and
+    degrees its ranks reported running it with at its last run (graphrl.engines
+    DEGREES), and "differs": each degree that differs from the plan, or that differs
+    between its ranks}. `resolved`: node -> engine (graphrl.engines.resolve_engines);
+    `ran`: node -> (iteration, the ranks' degrees_text)."""
+    from graphrl.engines import degree_mismatches, parse_degrees, planned_degrees
+
     out = {}
     for n in graph.nodes:
-        key = engines.node_engine.get(n.name)
-        if key is None:
+        if n.name not in resolved or n.name not in ran:
             continue
-        ran = group.call("degrees", key, on=[engines.specs[key].gpus[0]])
+        texts = sorted(ran[n.name][1])
+        got = parse_degrees(texts[0])
+        differs = [] if got.get("engine") == "noop" else degree_mismatches(
+            n.target, planned_degrees(resolved[n.name], n.target, n.placement.strategy), got)
+        if len(texts) > 1:
+            differs.append(f"ranks ran {' | '.join(texts)}")
         out[n.call] = {"planned": n.placement.strategy.text(),
-                       "mesh": n.placement.mesh.text(), **next(iter(ran.values()))}
+                       "planned_engine": resolved[n.name],
+                       "mesh": n.placement.mesh.text(), **got, "differs": differs}
     return out
 
 
-def engine_lines(engines: Mapping[str, Mapping[str, object]]) -> list[str]:
-    """Per call: the planned strategy and the engine and degrees that ran it."""
-    lines = ["  engine and degrees per call (planned strategy | what ran):",
-             f"    {'call':<20} {'mesh':<6} {'planned':<40} ran"]
+def engine_lines(engines: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per call: the planned engine and strategy, what ran, and whether they agree."""
+    lines = ["  engine and degrees per call (planned | what ran | agree):",
+             f"    {'call':<20} {'mesh':<6} {'planned':<44} {'ran':<62} agree"]
     for call, e in engines.items():
         ran = " ".join(f"{k}={e[k]}" for k in ("engine", "dp", "tp", "pp", "sp", "zero",
-                                                "micro_batches", "as", "offload") if k in e)
-        lines.append(f"    {call:<20} {e['mesh']:<6} {e['planned']:<40} {ran}")
+                                                "micro_batches", "offload", "as") if k in e)
+        planned = f"{e['planned_engine']} {e['planned']}"
+        agree = "yes" if not e["differs"] else "NO: " + ", ".join(e["differs"])
+        lines.append(f"    {call:<20} {e['mesh']:<6} {planned:<44} {ran:<62} {agree}")
     return lines
 
 

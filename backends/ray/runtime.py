@@ -161,22 +161,29 @@ class ExecWorker(RankWorker):
 
             eng = DeepSpeedEngine(spec.decl, spec.options, ranks=spec.gpus, rank=self.rank,
                                   group=groups["mesh"], self_group=groups["self"],
-                                  zero=s.zero, micro_batches=s.micro_batches,
+                                  zero=s.zero, offload=bool(s.offload),
+                                  micro_batches=s.micro_batches,
                                   device=self.device, seed=spec.seed)
         self._add(spec.key, eng)
         return getattr(eng, "layout", None)
 
     def degrees(self, key: str) -> dict[str, Any]:
-        """The engine and the degrees it runs with, as built on this rank."""
+        """The engine and the degrees it ran its last call with on this rank (megatron,
+        DeepSpeed: as they report; HF modules: data-parallel over the mesh, FSDP2 = ZeRO-3,
+        one micro-batch, no optimizer offload)."""
         eng = self.engine(key)
         if hasattr(eng, "degrees"):
             return eng.degrees()
         if isinstance(eng, NoopEngine):
             return {"engine": "noop"}
+        from ..engines.fast import FastEngine
+
         kind = type(eng).__name__
         n = len(getattr(eng, "gpus", (self.rank,)))
-        return {"engine": "hf", "dp": n, "tp": 1, "pp": 1, "sp": False,
-                "zero": 3 if kind == "FSDPEngine" else 0, "micro_batches": 1,
+        inner = getattr(eng, "engine", None)
+        return {"engine": "fast" if isinstance(inner, FastEngine) else "hf", "dp": n,
+                "tp": 1, "pp": 1, "sp": False, "zero": 3 if kind == "FSDPEngine" else 0,
+                "micro_batches": 1, "offload": 0,
                 "as": "fsdp2" if kind == "FSDPEngine" else "replicas"}
 
     def _average_gradients(self, key: str, group: str) -> None:
@@ -228,8 +235,10 @@ class ExecWorker(RankWorker):
             out = {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}
         else:
             raise UsageError(f"node {spec.node}: unknown method {spec.method!r}")
+        from graphrl.engines import degrees_text
+
         return out, Stamp(spec.node, spec.call, spec.model, self.rank, start, time.time(),
-                          spec.iteration)
+                          spec.iteration, ran=degrees_text(self.degrees(spec.engine)))
 
     def _noop(self, spec: CallSpec, engine: NoopEngine) -> Any:
         if spec.method == "train":

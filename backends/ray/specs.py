@@ -67,6 +67,7 @@ class Stamp:
     end: float
     iteration: int
     nbytes: int = 0
+    ran: str = ""               # the engine and degrees that ran it (engines.degrees_text)
 
 
 __all__ = ["EngineSpec", "InputSpec", "CallSpec", "Stamp"]
