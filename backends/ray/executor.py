@@ -50,6 +50,7 @@ from .assign import Group, assign_engines, dispatch_order, split_rows
 from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
+from .state import CheckpointMethods
 
 ITEMSIZE = 4   # engines hold float32 weights; reshards move them as float32
 
@@ -67,7 +68,7 @@ class _Value:
     token: Optional[WeightsToken] = None
 
 
-class RayExecutor:
+class RayExecutor(CheckpointMethods):
     """Runs `program`'s step as `plan` (compiled from program.graph) on Ray ranks.
 
     Ray must be initialised (`cluster.start_ray`) with the plan's GPUs. `store_host`:
@@ -559,26 +560,6 @@ class RayExecutor:
 
         return (summary_lines(self.plan, self.reshards, events, steps)
                 + engine_lines(self.call_engines()))
-
-    def model_shapes(self) -> dict[str, dict[str, list[int]]]:
-        from .state import model_shapes
-        return model_shapes(self)
-
-    def save_state(self, folder: Any) -> dict[str, Any]:   # every rank writes (ray/state.py)
-        from .state import save_state
-        return save_state(self, folder)
-
-    def load_state(self, ckpt: Any) -> None:
-        from .state import load_state
-        load_state(self, ckpt)
-
-    def check_checkpointable(self) -> None:
-        from .state import check_checkpointable
-        check_checkpointable(self)
-
-    def lost_ranks(self) -> list[int]:
-        from .state import lost_ranks
-        return lost_ranks(self)
 
     def close(self) -> None:
         """Kill the actors, remove the placement groups, shut down an owned session."""

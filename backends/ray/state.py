@@ -105,4 +105,23 @@ def lost_ranks(ex: Any, wait_s: float = 5.0) -> list[int]:
     return sorted(dead)
 
 
-__all__ = ["lost_ranks", "check_checkpointable", "model_shapes", "save_state", "load_state"]
+class CheckpointMethods:
+    """RayExecutor's checkpoint methods (the runner calls them; graphrl.checkpoint_run)."""
+
+    def model_shapes(self) -> dict[str, dict[str, list[int]]]:
+        return model_shapes(self)
+
+    def save_state(self, folder: Any) -> dict[str, Any]:
+        return save_state(self, Path(folder))
+
+    def load_state(self, ckpt: Any) -> None:
+        load_state(self, ckpt)
+
+    def check_checkpointable(self) -> None:
+        check_checkpointable(self)
+
+    def lost_ranks(self) -> list[int]:
+        return lost_ranks(self)
+
+
+__all__ = ["CheckpointMethods", "lost_ranks", "check_checkpointable", "model_shapes", "save_state", "load_state"]
