@@ -4,7 +4,9 @@ Each loss takes `forward(payload) -> tensor` (the model's head quantity with gra
 a payload's tokens and attention mask: per-token log-probs, per-token values or
 per-sequence scores), the minibatch's named payloads and hyper-parameters, and returns
 (loss tensor, stats dict of floats). Token-level terms count response tokens only
-(`response_mask`): padding after a sequence's EOS contributes nothing.
+(`response_mask`): padding after a sequence's EOS contributes nothing. PPO and GRPO
+without `old_logprobs` (on-policy: one optimizer pass over the rollout) use the new
+log-probs, detached, as the old ones: ratio 1, the same gradient (signatures.OPTIONAL_INPUTS).
 """
 from __future__ import annotations
 
@@ -29,12 +31,18 @@ def _clipped_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any, clip: floa
     return loss, clip_frac
 
 
+def old_logprobs(mb: Mapping[str, Mapping[str, Any]], new_lp: Any) -> Any:
+    """The old log-probs of the ratio: the given ones, or on-policy the new ones detached."""
+    old = mb.get("old_logprobs")
+    return new_lp.detach() if old is None else old["logprobs"]
+
+
 def ppo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float = 0.2,
         **_: Any) -> tuple[Any, dict[str, float]]:
     r = mb["rollout"]
     mask = r["response_mask"]
     new_lp = forward(r)
-    old_lp = mb["old_logprobs"]["logprobs"]
+    old_lp = old_logprobs(mb, new_lp)
     loss, clip_frac = _clipped_surrogate(new_lp, old_lp, mb["advantages"]["advantages"],
                                          mask, clip)
     approx_kl = masked_mean(old_lp - new_lp.detach(), mask)
@@ -51,7 +59,7 @@ def grpo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float =
     r = mb["rollout"]
     mask = r["response_mask"]
     new_lp = forward(r)
-    surrogate, clip_frac = _clipped_surrogate(new_lp, mb["old_logprobs"]["logprobs"],
+    surrogate, clip_frac = _clipped_surrogate(new_lp, old_logprobs(mb, new_lp),
                                               mb["advantages"]["advantages"], mask, clip)
     diff = mb["ref_logprobs"]["logprobs"] - new_lp
     kl = masked_mean(torch.exp(diff) - diff - 1.0, mask)
