@@ -31,6 +31,13 @@ def _clipped_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any, clip: floa
     return loss, clip_frac
 
 
+def forward_each(forward: Forward, *payloads: Any) -> list[Any]:
+    """The head quantity of each payload: one forward over all of them where the engine
+    offers it (`forward.many`, payloads of one width), else one call each."""
+    many = getattr(forward, "many", None)
+    return list(many(payloads)) if many is not None else [forward(p) for p in payloads]
+
+
 def old_logprobs(mb: Mapping[str, Mapping[str, Any]], new_lp: Any) -> Any:
     """The old log-probs of the ratio: the given ones, or on-policy the new ones detached."""
     old = mb.get("old_logprobs")
@@ -90,7 +97,8 @@ def bradley_terry(forward: Forward, mb: Mapping[str, Mapping[str, Any]],
     (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1)."""
     import torch.nn.functional as F
 
-    margin = forward(mb["chosen"]) - forward(mb["rejected"])
+    chosen, rejected = forward_each(forward, mb["chosen"], mb["rejected"])
+    margin = chosen - rejected
     loss = -F.logsigmoid(margin).mean()
     return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item()}
 

@@ -196,7 +196,7 @@ class DeepSpeedEngine:
         summed = None
         for i, mb in enumerate(mbs):
             with torch.enable_grad():
-                value, stats = loss_fn(self.hf._head, mb, **hyper)
+                value, stats = loss_fn(self.hf.loss_forward(), mb, **hyper)
                 # DeepSpeed averages gradients over dp: x dp makes it the weighted sum
                 value = value * float(weights[i]) * self.dp
                 if self._accumulation_steps() == 1 and m > 1:

@@ -196,6 +196,24 @@ class HFEngine:
             return shifted(out)
         return out[torch.arange(out.shape[0], device=out.device), last_index(mask)]
 
+    def _heads(self, payloads: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """_head of each payload, in one forward pass when they have one width (a
+        preference pair's chosen and rejected halves: half the module calls)."""
+        if len({tuple(p["tokens"].shape[1:]) for p in payloads}) != 1:
+            return [self._head(p) for p in payloads]
+        parts = [self._inputs(p) for p in payloads]
+        out = self._head({"tokens": torch.cat([t for t, _ in parts]),
+                          "attention_mask": torch.cat([m for _, m in parts])})
+        return list(out.split([t.shape[0] for t, _ in parts]))
+
+    def loss_forward(self) -> Callable[[Mapping[str, Any]], torch.Tensor]:
+        """What a loss calls to run the model (losses.forward_each uses `many`)."""
+        def forward(payload: Mapping[str, Any]) -> torch.Tensor:
+            return self._head(payload)
+
+        forward.many = self._heads   # type: ignore[attr-defined]
+        return forward
+
     @torch.no_grad()
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
         out = self._head(rollout).cpu()
@@ -302,7 +320,7 @@ class HFEngine:
                 idx = idx.chunk(ranks)[rank]
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
             with torch.enable_grad():
-                value, stats = loss_fn(self._head, mb, **hyper)
+                value, stats = loss_fn(self.loss_forward(), mb, **hyper)
                 opt.zero_grad(set_to_none=True)
                 value.backward()
             if self.after_backward is not None:
