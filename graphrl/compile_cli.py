@@ -89,6 +89,7 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
     from .experiment import run_options
+    from .progress import Progress
 
     from .outputs import check_output_dir
 
@@ -98,11 +99,14 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     opts = run_options(ns)
     graph = build(opts).program().graph
     dump = Path(ns.dump) if ns.dump else None
+    progress = Progress("graphrl compile")
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
-                             response_lengths=lengths, memory_headroom=ns.memory_headroom)
+                             response_lengths=lengths, memory_headroom=ns.memory_headroom,
+                             progress=progress)
+    progress.done()
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
@@ -123,16 +127,20 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
 
 def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
-                 lengths: Any = None, headroom: float | None = None) -> list[dict[str, Any]]:
+                 lengths: Any = None, headroom: float | None = None,
+                 progress: Any = None) -> list[dict[str, Any]]:
     from .compiler import compile_graph
     from .errors import GraphRLError
 
     rows = []
     for policy in POLICY_NAMES:
+        told = (None if progress is None else
+                lambda stage, n, policy=policy: progress(f"{policy}, {stage}", n))
         try:
             c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
                               engines=False,   # comparing placements, not running them
-                              response_lengths=lengths, memory_headroom=headroom)
+                              response_lengths=lengths, memory_headroom=headroom,
+                              progress=told)
             rows.append({"policy": policy, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
@@ -147,13 +155,16 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
     from .experiment import run_options
+    from .progress import Progress
 
     lengths = response_lengths(ns)
     opts = run_options(ns)
     graph = build(opts).program().graph
     cluster = cluster_of(ns.cluster)
+    progress = Progress("graphrl compare")
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
-                        load_placement(ns.placement), lengths, ns.memory_headroom)
+                        load_placement(ns.placement), lengths, ns.memory_headroom, progress)
+    progress.done()
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0
