@@ -38,6 +38,7 @@ def profile_steps(run: Callable[[int], Any], threads: int, steps: int = 4,
            "matmul_share": mm / wall, "ops_share": ops / wall}
     print(f"profiled {steps} steps: wall {wall:.3f} s (steps: "
           + ", ".join(f"{t:.3f}" for t in step_times) + ")")
+    print(f"  matmul seconds per step: {mm / steps:.3f} (set-up included)")
     print(f"  inside torch operators {ops:.3f} s ({100 * ops / wall:.0f}%), of which "
           f"matmuls {mm:.3f} s ({100 * mm / wall:.0f}% of wall); "
           f"outside operators (Python, dispatch) {wall - ops:.3f} s "

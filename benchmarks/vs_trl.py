@@ -208,6 +208,7 @@ def main() -> None:
                     help="TRL with its default activation checkpointing")
     ap.add_argument("--profile", nargs=2, metavar=("SIZE", "LEN"),
                     help="cProfile graphrl's steps at one size/length instead")
+    ap.add_argument("--profile-trl", action="store_true", help="--profile TRL's steps")
     ap.add_argument("--child", nargs=7)
     a = ap.parse_args()
     if a.child:
@@ -216,8 +217,13 @@ def main() -> None:
     if a.profile:
         from bench_profile import profile_steps
 
-        profile_steps(lambda n: run_graphrl(a.profile[0], int(a.profile[1]), n, a.seed,
-                                            a.old_forward), a.threads)
+        size, length = a.profile[0], int(a.profile[1])
+        if a.profile_trl:
+            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing),
+                          a.threads)
+        else:
+            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward),
+                          a.threads)
         return
     rows = []
     for size in a.sizes:
