@@ -183,7 +183,7 @@ class LocalExecutor:
             import torch
 
             loss = attrs.pop("loss")
-            names = [name for name, _ in sig.LOSSES[loss][0]]
+            names = sig.train_input_names(loss, len(data))
             stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
             return [WeightsToken(n.model, engine.version),
                     {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}]

@@ -4,7 +4,9 @@ Each loss takes `forward(payload) -> tensor` (the model's head quantity with gra
 a payload's tokens and attention mask: per-token log-probs, per-token values or
 per-sequence scores), the minibatch's named payloads and hyper-parameters, and returns
 (loss tensor, stats dict of floats). Token-level terms count response tokens only
-(`response_mask`): padding after a sequence's EOS contributes nothing.
+(`response_mask`): padding after a sequence's EOS contributes nothing. PPO and GRPO
+without `old_logprobs` (on-policy: one optimizer pass over the rollout) use the new
+log-probs, detached, as the old ones: ratio 1, the same gradient (signatures.OPTIONAL_INPUTS).
 """
 from __future__ import annotations
 
@@ -29,12 +31,25 @@ def _clipped_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any, clip: floa
     return loss, clip_frac
 
 
+def forward_each(forward: Forward, *payloads: Any) -> list[Any]:
+    """The head quantity of each payload: one forward over all of them where the engine
+    offers it (`forward.many`, payloads of one width), else one call each."""
+    many = getattr(forward, "many", None)
+    return list(many(payloads)) if many is not None else [forward(p) for p in payloads]
+
+
+def old_logprobs(mb: Mapping[str, Mapping[str, Any]], new_lp: Any) -> Any:
+    """The old log-probs of the ratio: the given ones, or on-policy the new ones detached."""
+    old = mb.get("old_logprobs")
+    return new_lp.detach() if old is None else old["logprobs"]
+
+
 def ppo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float = 0.2,
         **_: Any) -> tuple[Any, dict[str, float]]:
     r = mb["rollout"]
     mask = r["response_mask"]
     new_lp = forward(r)
-    old_lp = mb["old_logprobs"]["logprobs"]
+    old_lp = old_logprobs(mb, new_lp)
     loss, clip_frac = _clipped_surrogate(new_lp, old_lp, mb["advantages"]["advantages"],
                                          mask, clip)
     approx_kl = masked_mean(old_lp - new_lp.detach(), mask)
@@ -51,7 +66,7 @@ def grpo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float =
     r = mb["rollout"]
     mask = r["response_mask"]
     new_lp = forward(r)
-    surrogate, clip_frac = _clipped_surrogate(new_lp, mb["old_logprobs"]["logprobs"],
+    surrogate, clip_frac = _clipped_surrogate(new_lp, old_logprobs(mb, new_lp),
                                               mb["advantages"]["advantages"], mask, clip)
     diff = mb["ref_logprobs"]["logprobs"] - new_lp
     kl = masked_mean(torch.exp(diff) - diff - 1.0, mask)
@@ -82,7 +97,8 @@ def bradley_terry(forward: Forward, mb: Mapping[str, Mapping[str, Any]],
     (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1)."""
     import torch.nn.functional as F
 
-    margin = forward(mb["chosen"]) - forward(mb["rejected"])
+    chosen, rejected = forward_each(forward, mb["chosen"], mb["rejected"])
+    margin = chosen - rejected
     loss = -F.logsigmoid(margin).mean()
     return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item()}
 

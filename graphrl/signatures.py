@@ -51,6 +51,23 @@ LOSSES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
 }
 
 
+# Inputs a loss may go without: on-policy PPO/GRPO (one optimizer pass over the rollout,
+# epochs=1 and minibatches=1) take the train forward's own detached log-probs as the old
+# ones, so the ratio is exactly 1 and its gradient the policy gradient (as TRL's
+# GRPOTrainer does with num_iterations=1); this saves the old-log-prob forward.
+OPTIONAL_INPUTS = {"ppo": ("old_logprobs",), "grpo": ("old_logprobs",)}
+
+
+def train_input_names(loss: str, given: int) -> list[str]:
+    """The names of a train node's `given` data inputs, in order (optional ones left
+    out when fewer were given)."""
+    names = [name for name, _ in LOSSES[loss][0]]
+    optional = OPTIONAL_INPUTS.get(loss, ())
+    if given == len(names) - len(optional):
+        names = [n for n in names if n not in optional]
+    return names
+
+
 def prompts_spec(batch: int, seq: int) -> PayloadSpec:
     return PayloadSpec(PROMPTS, batch, seq, PROMPT_FIELDS)
 

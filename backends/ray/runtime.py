@@ -229,7 +229,7 @@ class ExecWorker(RankWorker):
             out = engine.forward(_rows(rollout, lo - first, hi - first))
         elif spec.method == "train":
             loss = attrs.pop("loss")
-            names = [name for name, _ in sig.LOSSES[loss][0]]
+            names = sig.train_input_names(loss, len(data))
             stats = engine.train(dict(zip(names, (d for d, _ in data))), loss=loss,
                                  seed=spec.seed, shard=spec.shard, **attrs)
             out = {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}
