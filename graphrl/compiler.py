@@ -28,14 +28,25 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   placement: Mapping[str, Mapping[str, Any]] | None = None,
                   gen_engine: str = "hf", check: bool = True,
                   dump_dir: str | Path | None = None, engines: bool = False,
-                  response_lengths: Any = None, memory_headroom: float | None = None
-                  ) -> Compiled:
+                  response_lengths: Any = None, memory_headroom: float | None = None,
+                  staleness: int = 0) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
     a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
     are run: the Ray launcher and `graphrl compile` outside planning-only mode).
     `response_lengths`: a `graphrl.lengths.LengthDist` (or its text, `lognormal:mean=..,
     max=..`) the generation cost is priced over; None = every response max_new_tokens.
-    `memory_headroom`: share of each GPU's and node's memory left free (default 8%)."""
+    `memory_headroom`: share of each GPU's and node's memory left free (default 8%).
+    `staleness` K >= 1: also price asynchronous steps (graphrl.async_cost); if they beat
+    the synchronous step, the plan is for the graph rewritten for staleness K
+    (passes/staleness.py) with generation and training on the chosen disjoint pools.
+    findings["staleness"] says which was chosen, findings["async"] the async plan."""
+    if staleness:
+        from .async_compile import compile_with_staleness
+
+        return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
+                                      gen_engine=gen_engine, check=check, dump_dir=dump_dir,
+                                      engines=engines, response_lengths=response_lengths,
+                                      memory_headroom=memory_headroom)
     import time
 
     from graphrl.passes.assign_devices import parse_pins

@@ -40,8 +40,8 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
         for f, t in sorted(payload.items()):
             if t.numel() == 1:
                 row[f"{name}/{f}"] = float(t)
-            elif t.dtype.is_floating_point:
-                row[f"{name}/{f}_mean"] = float(t.mean())
+            elif t.dtype.is_floating_point or f == "version":
+                row[f"{name}/{f}_mean"] = float(t.float().mean())
     return row
 
 
@@ -115,7 +115,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         check_save_target(opts.save)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
-    program = exp.program()
+    program = exp.program(opts.staleness)
     owned = executor is None
     metrics = MetricsLog(opts.metrics, overwrite=opts.overwrite) if opts.metrics else None
     prepared: dict[str, float] = {}
@@ -131,10 +131,13 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if prepared and not opts.quiet:
             print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                           prepared.items()), file=out)
-        bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
+        # async: the first `staleness` steps only generate (their rows are not reported)
+        bar = tqdm(range(iterations + opts.staleness), desc=exp.name, unit="it", disable=opts.quiet,
                    dynamic_ncols=True, file=sys.stderr)
         for i in bar:
             result = executor.run_step(exp.data(i), iteration=i)
+            if getattr(result, "warmup", False):
+                continue
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
             rows.append(row)
             events.extend(result.events)
