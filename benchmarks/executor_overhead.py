@@ -122,7 +122,7 @@ def ray_dispatch(batch: int, steps: int, seed: int = 0) -> dict[str, Any]:
                          placement=PLACEMENT).plan
     instrs = sum(len(s.instrs) for s in plan.streams)
     out: dict[str, Any] = {"batch": batch, "steps": steps, "instructions": instrs}
-    session = start_ray(num_gpus=4, auth="disabled", memory_monitor=False)
+    session = start_ray(num_gpus=4, memory_monitor=False)
     try:
         for mode in ("noop", "real"):
             ex = RayExecutor(program, plan, seed=seed, noop=mode == "noop",

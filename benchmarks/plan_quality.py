@@ -686,9 +686,11 @@ def discussion(results: Sequence[CaseResult], s: dict[str, Any]) -> str:
         lines += [
             "### How much any placement could gain", "",
             "`passes/bound.py` bounds the step of every placement from below: generation at "
-            "its fastest on any mesh, plus the trainings at their fastest after it (one "
-            "after the other, or side by side on disjoint meshes), with forwards, "
-            "resharding and offloading free. colocate-all's step is within "
+            "its fastest on a mesh of k GPUs, plus the least GPU-seconds of the forwards "
+            "every training needs that the other N - k GPUs cannot absorb while it runs "
+            "(spread over all N), least over k, plus the trainings at their fastest after "
+            "it (one after the other, or side by side on disjoint meshes), with resharding "
+            "and offloading free. colocate-all's step is within "
             f"{s['ceiling']:.3f}x of that bound in geometric mean over "
             f"{s['ceiling_cases']} cases, and only {s['ceiling_over_target']} of them "
             f"leave room for a {GEOMEAN_TARGET}x speedup. So under this cost model no "
@@ -812,8 +814,9 @@ def markdown(results: Sequence[CaseResult], s: dict[str, Any], command: str,
     lines += ["", "## Results", "",
               "Simulated step seconds per policy; `vs X` = X's step / auto's step (> 1: auto "
               "faster); `-` where either side is infeasible. `bound s`: a lower bound on the "
-              "step of *any* placement (`passes/bound.py`: the fastest generation plus the "
-              "fastest the trainings can run after it, everything else free); `ceiling` = "
+              "step of *any* placement (`passes/bound.py`: the fastest generation and the "
+              "forwards the trainings need, plus the fastest the trainings can run after "
+              "them, resharding and offloading free); `ceiling` = "
               "colocate-all's step / the bound, the most any policy could gain over it. "
               "Auto compile s is wall clock.", "",
               md_table(table_rows(results)), "",

@@ -90,6 +90,9 @@ def write_tiny_llama(directory: Path, seed: int = 0, hidden: int = 64, layers: i
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    from graphrl.backends.engines.hf_checkpoint import no_progress_bars
+
+    with no_progress_bars():
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -89,6 +89,7 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
     from .experiment import run_options
+    from .progress import Progress
 
     from .outputs import check_output_dir
 
@@ -98,12 +99,18 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     opts = run_options(ns)
     graph = build(opts).program().graph
     dump = Path(ns.dump) if ns.dump else None
+    progress = Progress("graphrl compile")
     compiled = compile_graph(graph, cluster_of(ns.cluster), ns.policy,
                              placement=load_placement(ns.placement),
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
+<<<<<<< HEAD
                              staleness=opts.staleness)
+=======
+                             progress=progress)
+    progress.done()
+>>>>>>> main
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
@@ -139,17 +146,29 @@ def async_line(findings: Any) -> str:
 def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
                  lengths: Any = None, headroom: float | None = None,
+<<<<<<< HEAD
                  staleness: int = 0) -> list[dict[str, Any]]:
+=======
+                 progress: Any = None) -> list[dict[str, Any]]:
+>>>>>>> main
     from .compiler import compile_graph
     from .errors import GraphRLError
 
     rows = []
     for policy in POLICY_NAMES:
+        told = (None if progress is None else
+                lambda stage, n, policy=policy: progress(f"{policy}, {stage}", n))
         try:
             c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
                               engines=False,   # comparing placements, not running them
+<<<<<<< HEAD
                               response_lengths=lengths, memory_headroom=headroom)
             rows.append({"policy": policy, "staleness": 0, "feasible": True,
+=======
+                              response_lengths=lengths, memory_headroom=headroom,
+                              progress=told)
+            rows.append({"policy": policy, "feasible": True,
+>>>>>>> main
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
         except GraphRLError as e:
@@ -191,14 +210,21 @@ def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
     from .experiment import run_options
+    from .progress import Progress
 
     lengths = response_lengths(ns)
     opts = run_options(ns)
     graph = build(opts).program().graph
     cluster = cluster_of(ns.cluster)
+    progress = Progress("graphrl compare")
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
+<<<<<<< HEAD
                         load_placement(ns.placement), lengths, ns.memory_headroom,
                         opts.staleness)
+=======
+                        load_placement(ns.placement), lengths, ns.memory_headroom, progress)
+    progress.done()
+>>>>>>> main
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0

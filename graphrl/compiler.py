@@ -29,13 +29,15 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   gen_engine: str = "hf", check: bool = True,
                   dump_dir: str | Path | None = None, engines: bool = False,
                   response_lengths: Any = None, memory_headroom: float | None = None,
-                  staleness: int = 0) -> Compiled:
+                  progress: Any = None, staleness: int = 0) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
     a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
     are run: the Ray launcher and `graphrl compile` outside planning-only mode).
     `response_lengths`: a `graphrl.lengths.LengthDist` (or its text, `lognormal:mean=..,
     max=..`) the generation cost is priced over; None = every response max_new_tokens.
     `memory_headroom`: share of each GPU's and node's memory left free (default 8%).
+    `progress`: a (stage, evaluations) sink told as the passes and the search go on
+    (graphrl.progress.Progress prints it for long compiles).
     `staleness` K >= 1: also price asynchronous steps (graphrl.async_cost); if they beat
     the synchronous step, the plan is for the graph rewritten for staleness K
     (passes/staleness.py) with generation and training on the chosen disjoint pools.
@@ -46,7 +48,7 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
         return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
                                       gen_engine=gen_engine, check=check, dump_dir=dump_dir,
                                       engines=engines, response_lengths=response_lengths,
-                                      memory_headroom=memory_headroom)
+                                      memory_headroom=memory_headroom, progress=progress)
     import time
 
     from graphrl.passes.assign_devices import parse_pins
@@ -62,7 +64,7 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     pins = parse_pins(placement or {}, graph, cluster)
     ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
                       dump_dir=Path(dump_dir) if dump_dir else None,
-                      lengths=response_lengths)
+                      lengths=response_lengths, progress=progress)
     if memory_headroom is not None:
         if not 0 <= memory_headroom < 1:
             from .errors import UsageError
@@ -76,6 +78,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     placed = with_engines(placed, pins)
     if engines:
         resolve_engines(placed)   # refuses a strategy no engine of its call can run
+    if progress is not None:
+        progress("lower", 0)
     t0 = time.perf_counter()
     plan = lower(placed, ctx)
     ctx.timings.append(("lower", time.perf_counter() - t0))

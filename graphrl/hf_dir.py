@@ -6,7 +6,6 @@ error instead of a deep transformers traceback or, worse, a hub lookup.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,18 @@ def check_model_dir(path: str | Path, need_tokenizer: bool = False) -> Path:
     if need_tokenizer and not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise UsageError(f"model directory {path}: no tokenizer files (expected one of "
                          f"{', '.join(TOKENIZER_FILES)})")
+    read_config(d)   # before transformers reads it: a bad field is named, not a traceback
     return d
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a model directory, as a dict."""
-    file = check_model_dir(path) / "config.json"
+    """config.json of a model directory, checked (graphrl.model_config), as a dict."""
+    from .model_config import load_hf_config
+
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        check_model_dir(d)   # says what is wrong with the directory
     try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{file}: not a JSON config: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return dict(load_hf_config(str(d / "config.json")))
+    except ValueError as e:
+        raise UsageError(f"model directory {path}: {e}") from None

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from .errors import UsageError
 
 
-def _why_not_dir(folder: Path) -> str | None:
+def why_not_writable(folder: Path) -> str | None:
     """None if a file can be created in `folder` now (tried, not guessed: permission bits
     say little to root or on read-only mounts)."""
     if not folder.exists():
@@ -46,7 +46,7 @@ def check_output_file(flag: str, path: str, *, overwrite: bool = True) -> None:
         raise UsageError(f"{where}: expected a file name")
     if p.is_dir():
         raise UsageError(f"{where}: is a directory, expected a file name")
-    why = _why_not_dir(p.parent if str(p.parent) else Path("."))
+    why = why_not_writable(p.parent if str(p.parent) else Path("."))
     if why:
         raise UsageError(f"{where}: {why}")
     if p.exists():
@@ -67,7 +67,7 @@ def check_output_dir(flag: str, path: str) -> None:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{where}: cannot create the directory ({e.strerror})") from None
-    why = _why_not_dir(p)
+    why = why_not_writable(p)
     if why:
         raise UsageError(f"{where}: {why}")
 

@@ -6,11 +6,14 @@ whose metrics the file lacks says so instead of drawing nothing silently.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+PICTURE_FORMATS = ("png", "svg", "pdf", "jpg")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -50,10 +53,15 @@ def plot_metrics(path: str, out: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .outputs import atomic_write_bytes, check_output_file
+
     rows = read_metrics(path)
     target = Path(out) if out else Path(path).with_suffix(".png")
-    if not target.parent.is_dir():
-        raise UsageError(f"-o {target}: directory {target.parent} does not exist")
+    check_output_file("-o" if out else "picture", str(target))
+    kind = target.suffix.lstrip(".").lower()
+    if kind not in PICTURE_FORMATS:
+        raise UsageError(f"-o {target}: unknown picture format {target.suffix or '(none)'!r} "
+                         f"(use {', '.join('.' + k for k in PICTURE_FORMATS)})")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, panels(rows).items()):
         ax.set_title(title)
@@ -68,8 +76,8 @@ def plot_metrics(path: str, out: str | None = None) -> Path:
             ax.text(0.5, 0.5, "not in this metrics file", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     fig.suptitle(Path(path).name)
-    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
-    fig.savefig(tmp, dpi=110)
+    picture = io.BytesIO()
+    fig.savefig(picture, dpi=110, format=kind)
     plt.close(fig)
-    tmp.replace(target)
+    atomic_write_bytes(target, picture.getvalue())
     return target

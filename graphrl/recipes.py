@@ -30,7 +30,11 @@ def load_reward(spec: str) -> Callable[..., Any]:
     module = load_python_file(path, f"--reward {spec}")
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UsageError(f"--reward {spec}: {path} defines no function {name!r}")
+        from .nearest import suggest
+
+        functions = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
+        raise UsageError(f"--reward {spec}: {path} defines no function {name!r}"
+                         f"{suggest(name, functions)}")
     return fn
 
 

@@ -58,17 +58,15 @@ def token_counts(rollout: dict[str, Any]) -> dict[str, float]:
 
 
 def check_save_target(path: str) -> None:
-    """--save must be creatable: not a file, its parent a writable directory."""
-    import os
+    """--save must be creatable: not a file, its parent a directory we can write in."""
+    from .outputs import why_not_writable
 
     target = Path(path)
-    parent = target.resolve().parent
     if target.exists() and not target.is_dir():
         raise UsageError(f"--save {path}: is a file")
-    if not parent.is_dir():
-        raise UsageError(f"--save {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--save {path}: directory {parent} is not writable")
+    why = why_not_writable(target.resolve().parent)
+    if why:
+        raise UsageError(f"--save {path}: {why}")
 
 
 def save_run(program: Any, executor: Any, target: str) -> list[str]:

@@ -54,8 +54,12 @@ def call_infos(graph: Graph) -> list[CallInfo]:
 
 def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
     specs = {m.name: m.spec for m in graph.models}
-    return Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins,
-                   ctx.lengths, ctx.headroom)
+    problem = Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params,
+                      ctx.pins, ctx.lengths, ctx.headroom)
+    if ctx.progress is not None:
+        sink = ctx.progress
+        problem.on_evaluate = lambda count: sink("assign-devices", count)
+    return problem
 
 
 def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,

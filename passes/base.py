@@ -41,6 +41,7 @@ class PassContext:
     headroom: float = DEFAULT_HEADROOM  # share of GPU / host memory plans leave free
     findings: dict[str, Any] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
+    progress: Callable[[str, int], None] | None = None   # (stage, evaluations) sink
 
 
 class Pass(Protocol):
@@ -92,6 +93,8 @@ def run_pipeline(graph: Graph, passes: list[Any], ctx: PassContext,
         ctx.dump_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ctx.dump_dir / "000_traced.txt", graph.text())
     for i, p in enumerate(passes, start=1):
+        if ctx.progress is not None:
+            ctx.progress(p.name, 0)
         t0 = time.perf_counter()
         graph = p.run(graph, ctx)
         ctx.timings.append((p.name, time.perf_counter() - t0))

@@ -10,10 +10,18 @@ but training needs advantages of the whole batch), and *training* is the fastest
 calls can run together after it: one alone at its best mesh size; two either one after the
 other (each at its best) or side by side on disjoint meshes that share the cluster; more
 than two no faster than their least total GPU-seconds spread over the whole cluster.
-Forward passes, resharding and offloading count as zero, and each call is costed alone
-(its fastest strategy, memory aside from fitting), so the bound is optimistic everywhere:
-a placement policy's speedup over another can never exceed that one's step over the bound.
-benchmarks/plan_quality.py reports it per case.
+Forward passes over the rollouts that every training needs (reference log-probs, rewards,
+values) must also finish between the two: while the one generate call runs on k GPUs they
+can use at most the other N - k, i.e. (N - k) * gen(k) GPU-seconds, and what is left of
+their least GPU-seconds W takes at least (W - (N - k) * gen(k)) / N once it ends. As
+gen(k) + max(0, W - (N - k) * gen(k)) / N grows with gen(k), pricing every mesh size k at
+its fastest generation and taking the least over k keeps the bound valid, streaming
+included (a streamed forward still runs on GPUs the generator does not use).
+Resharding and offloading count as zero, and each call is costed alone (its fastest
+strategy, memory aside from fitting), so the bound is optimistic everywhere: a placement
+policy's speedup over another can never exceed that one's step over the bound.
+benchmarks/plan_quality.py reports it per case; tests/test_search.py checks it against
+brute force.
 """
 from __future__ import annotations
 
@@ -45,6 +53,26 @@ def _depends_on(problem: Problem, call: CallInfo, target: str) -> bool:
     return False
 
 
+def _generation_with_forwards(problem: Problem, gen: CallInfo,
+                              trains: list[CallInfo]) -> float:
+    """Least time until the generate call and the forwards every train needs are done
+    (module doc): min over mesh sizes k of gen(k) + max(0, W - (N - k) gen(k)) / N."""
+    n = problem.cluster.num_gpus
+    needed = [c for c in problem.calls if c.phase == "forward" and trains
+              and _depends_on(problem, c, gen.name)
+              and all(_depends_on(problem, t, c.name) for t in trains)]
+    work = sum(_gpu_seconds(problem, c) for c in needed)
+    if math.isinf(work):
+        return math.inf
+    best = math.inf
+    for k in mesh_sizes(problem):
+        if k > n or not problem.fits(gen.name, k):
+            continue
+        g = problem.choice(gen.name, k).seconds
+        best = min(best, g + max(0.0, work - (n - k) * g) / n)
+    return best
+
+
 def step_lower_bound(problem: Problem) -> float | None:
     """Seconds no placement's step can beat (see module doc); None when the step has no
     generate call, or a train call that does not need every rollout."""
@@ -54,6 +82,10 @@ def step_lower_bound(problem: Problem) -> float | None:
     if not gens or not all(_depends_on(problem, t, g.name) for t in trains for g in gens):
         return None
     generation = max(_fastest(problem, g, n) for g in gens)
+    if len(gens) == 1:
+        with_forwards = _generation_with_forwards(problem, gens[0], trains)
+        if not math.isinf(with_forwards):
+            generation = max(generation, with_forwards)
     if not trains:
         training = 0.0
     elif len(trains) == 1:

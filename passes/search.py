@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -139,19 +139,27 @@ def divisors(n: int) -> list[int]:
 
 def candidate_strategies(spec: ModelSpec, phase: str, n: int, batch: int,
                          gpus_per_node: int) -> Iterable[Strategy]:
-    """Every dp x tp x pp = n split that divides the model and batch; tp within a node
-    (Megatron-LM keeps tensor parallelism on NVLink), micro-batches and ZeRO for train."""
+    """Every dp x tp x pp = n split that divides the model; tp within a node (Megatron-LM
+    keeps tensor parallelism on NVLink), micro-batches and ZeRO for train.
+
+    Within a node dp must divide the batch (the search may pick any mesh size there).
+    Meshes of whole nodes come in node multiples, so on them the batch may split unevenly
+    over dp (replicas get ceil or floor of batch/dp sequences, the last micro-batch padded)
+    and a 12x8 cluster is used whole though 96 divides no power-of-two batch: the cost
+    model prices the slowest replica's ceil(batch/dp) (graphrl.compute_cost._split)."""
+    uneven = n > gpus_per_node
     for tp in divisors(n):
         if tp > gpus_per_node or spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
             continue
         for pp in divisors(n // tp):
             dp = n // (tp * pp)
-            if spec.num_layers % pp or dp > batch or batch % dp:
+            if spec.num_layers % pp or dp > batch or (batch % dp and not uneven):
                 continue
             if phase == "generate" and pp > 1:
                 continue  # inference engines serve with tp (and dp replicas)
-            per_replica = batch // dp
-            mbs = [m for m in (1, 2, 4, 8, 16, 32) if per_replica % m == 0 and m <= per_replica]
+            per_replica = -(-batch // dp)
+            mbs = [m for m in (1, 2, 4, 8, 16, 32)
+                   if (per_replica % m == 0 or uneven) and m <= per_replica]
             if pp > 1:
                 mbs = [m for m in mbs if m >= pp] or mbs[-1:]
             zeros = (0, 1, 2, 3) if phase == "train" and dp > 1 else (0,)
@@ -219,6 +227,7 @@ class Problem:
         self._choice = lru_cache(maxsize=None)(self._best_choice)
         self._all_options = lru_cache(maxsize=None)(self._options)
         self._cache: dict[tuple, Evaluation | None] = {}
+        self.on_evaluate: Callable[[int], None] | None = None   # progress: evaluations so far
         self._layouts: dict[tuple, _Layout | Infeasible] = {}
 
     def _packed_lengths(self) -> dict[str, int]:
@@ -302,6 +311,8 @@ class Problem:
         key = (tuple(sorted((u, m.gpus[0], m.gpus[-1], m.size) for u, m in assignment.items())),
                stream)
         if key not in self._cache:
+            if self.on_evaluate is not None:
+                self.on_evaluate(len(self._cache) + 1)
             try:
                 self._cache[key] = self._evaluate(dict(assignment), stream)
             except Infeasible:

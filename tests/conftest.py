@@ -28,8 +28,9 @@ class SharedRay:
     started on first use (`session()`; each ray.init costs seconds). Ray can be
     initialised once per process: a test that needs its own cluster calls `stop()`
     first (the next `session()` starts a fresh one). No memory monitor (a shared CI
-    machine's other processes must not get our workers killed); no auth token, so
-    nothing is written under $HOME; the session folder is removed on stop."""
+    machine's other processes must not get our workers killed); token authentication
+    with a random per-session token kept in the environment (nothing written under
+    $HOME); the session folder is removed on stop."""
 
     GPUS = 4
 
@@ -40,7 +41,7 @@ class SharedRay:
         from graphrl.backends.ray.cluster import start_ray
 
         if self._session is None or self._session.closed:
-            self._session = start_ray(num_gpus=self.GPUS, num_cpus=2, auth="disabled",
+            self._session = start_ray(num_gpus=self.GPUS, num_cpus=2,
                                       memory_monitor=False)
         return self._session
 

@@ -148,3 +148,30 @@ def test_infeasible_compile_is_a_usage_error(capsys):
     # the trainers fit by offloading their optimizers, which overflows the node's RAM
     assert "node 0's host RAM: offloaded state needs" in line and "GiB" in line
     assert "the smallest cluster that fits: 2x8xA100-80G" in line
+
+
+def test_long_compiles_report_progress_and_short_ones_stay_silent():
+    from conftest import load_build
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+    from graphrl.experiment import RunOptions
+    from graphrl.progress import Progress
+
+    graph = load_build("ppo")(RunOptions(model_size="7b")).program().graph
+    cluster = ClusterSpec.parse("4x8xh100")
+    ticks = iter(range(10**6))   # a clock one second per reading: every report prints
+    out = io.StringIO()
+    progress = Progress("graphrl compile", stream=out, after_s=2, every_s=0,
+                        clock=lambda: float(next(ticks)))
+    compile_graph(graph, cluster, "auto", progress=progress)
+    progress.done()
+    lines = out.getvalue().splitlines()
+    counts = [int(m.group(1).replace(",", "")) for m in
+              (re.search(r"assign-devices: ([\d,]+) placements evaluated", s) for s in lines)
+              if m]
+    assert counts and counts == sorted(counts) and counts[-1] > 10, lines[:5]
+    assert any(": lower (" in s for s in lines) and lines[-1].startswith("graphrl compile: done")
+    assert all(s.startswith("graphrl compile: ") for s in lines)
+    quiet = io.StringIO()   # a real clock: this compile takes well under 60 s
+    compile_graph(graph, cluster, "auto", progress=Progress("x", stream=quiet, after_s=60))
+    assert quiet.getvalue() == ""

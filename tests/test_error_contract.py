@@ -175,8 +175,8 @@ BAD_ARGS = st.one_of(
     st.builds(lambda v: ["run", PPO, v, "x"],
               st.sampled_from(["--cluster", "--placement", "--address", "--policy",
                                "--call-timeout"])),
-    st.builds(lambda f, v: ["run", PPO, f, v],
-              st.sampled_from(["--metrics", "--trace"]),
+    st.builds(lambda b, f, v: ["run", PPO, "--backend", b, f, v],
+              st.sampled_from(["local", "ray"]), st.sampled_from(["--metrics", "--trace"]),
               st.sampled_from(["/nonexistent-dir/m.jsonl", "/proc/graphrl/m.jsonl", "/tmp",
                                "/", "/proc/version"])),
     st.builds(lambda v: ["compile", PPO, "--cluster", "1x8xH100", "--dump", v],
@@ -195,6 +195,132 @@ def test_bad_arguments(capsys, argv):
     flag = next((a for a in reversed(argv[1:]) if a.startswith("--")), "")
     kind = f"{argv[0]} {flag or 'argument'}"
     check_usage_error(capsys, argv, f"bad argument: {kind}")
+
+
+# -- text jobs: --model, --data, --prompt-field, --reward, --save; graphrl plot --------
+TEXT = str(ROOT / "examples" / "text_grpo.py")
+
+
+@pytest.fixture(scope="module")
+def text_job(tmp_path_factory):
+    """A tiny HF model directory, a good prompts file and a good reward file."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from word_problems import write_problems, write_tiny_llama
+
+    base = tmp_path_factory.mktemp("text_job")
+    model = write_tiny_llama(base / "model", hidden=16, layers=1)
+    data = write_problems(base / "data.jsonl", n=16)
+    reward = base / "reward.py"
+    reward.write_text("def score(response, answer):\n    return float(answer in response)\n")
+    return {"model": str(model), "data": str(data), "reward": str(reward), "base": base}
+
+
+bad_jsonl_lines = st.one_of(
+    labelled("garbage line", st.binary(min_size=1, max_size=30).map(
+        lambda b: b.decode("latin-1").replace("\n", " "))),
+    labelled("not an object", json_values.filter(lambda v: not isinstance(v, dict)).map(
+        json.dumps)),
+    labelled("no prompt field", st.dictionaries(st.sampled_from(["question", "answer", "x"]),
+                                                json_values, max_size=2).map(json.dumps)),
+    labelled("prompt not a string", st.one_of(st.none(), st.integers(), st.just(""),
+                                              st.just("   "), st.just([1])).map(
+        lambda v: json.dumps({"prompt": v}))),
+)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(line=bad_jsonl_lines, at=st.integers(0, 3))
+def test_data_files(text_job, tmp_path, capsys, line, at):
+    label, line = line
+    good = Path(text_job["data"]).read_text().splitlines()[:3]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(good[:at] + [line] + good[at:]) + "\n",
+                    errors="surrogateescape")
+    err = check_usage_error(capsys, ["show", TEXT, "--model", f"policy={text_job['model']}",
+                                     "--data", str(path)], f"--data: {label}")
+    assert str(path) in err and f"line {at + 1}" in err, err
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=bad_config_text)
+def test_model_directories_with_bad_configs(text_job, tmp_path, capsys, text):
+    import shutil
+
+    label, text = text
+    model = tmp_path / "model"
+    if not model.exists():
+        shutil.copytree(text_job["model"], model)
+    (model / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    check_usage_error(capsys, ["show", TEXT, "--model", f"policy={model}", "--data",
+                               text_job["data"]], f"--model dir: config {label}")
+
+
+def text_job_argv(job: dict, case: str) -> list[str]:
+    """One malformed text-job command line (`case` names what is wrong)."""
+    base, model, data, reward = job["base"], job["model"], job["data"], job["reward"]
+    (base / "weights_missing").mkdir(exist_ok=True)
+    (base / "weights_missing" / "config.json").write_text(
+        (Path(model) / "config.json").read_text())
+    (base / "broken.py").write_text("def score(response:\n")
+    (base / "prompts.txt").write_text("hello\n")
+    (base / "empty.jsonl").write_text("")
+    (base / "a_file").write_text("x")
+    (base / "m.jsonl").write_text('{"iteration": 0, "reward_mean": 0.1}\n'
+                                  '{"iteration": 1, "reward_mean": 0.2}\n')
+    ok = ["--model", f"policy={model}", "--data", data]
+    cases = {
+        "--model without =": ["show", TEXT, "--model", "policy", "--data", data],
+        "--model empty role": ["show", TEXT, "--model", f"={model}", "--data", data],
+        "--model unknown role": ["show", TEXT, "--model", f"polcy={model}", "--data", data],
+        "--model missing dir": ["show", TEXT, "--model", "policy=/nonexistent", "--data", data],
+        "--model a file": ["show", TEXT, "--model", f"policy={base / 'a_file'}", "--data", data],
+        "--model no weights": ["run", TEXT, "--model", f"policy={base / 'weights_missing'}",
+                               "--data", data, "--iterations", "1", "--quiet"],
+        "--data missing": ["show", TEXT, "--model", f"policy={model}", "--data", "/nonexistent.jsonl"],
+        "--data a directory": ["show", TEXT, "--model", f"policy={model}", "--data", str(base)],
+        "--data unknown format": ["show", TEXT, "--model", f"policy={model}", "--data",
+                                  str(base / "prompts.txt")],
+        "--data empty": ["show", TEXT, "--model", f"policy={model}", "--data",
+                         str(base / "empty.jsonl")],
+        "--prompt-field unknown": ["show", TEXT, *ok, "--prompt-field", "questoin"],
+        "--reward without :FUNCTION": ["show", TEXT, *ok, "--reward", reward],
+        "--reward missing file": ["show", TEXT, *ok, "--reward", "/nonexistent.py:score"],
+        "--reward unknown function": ["show", TEXT, *ok, "--reward", f"{reward}:scor"],
+        "--reward syntax error": ["show", TEXT, *ok, "--reward", f"{base / 'broken.py'}:score"],
+        "--save is a file": ["run", TEXT, *ok, "--save", str(base / "a_file"), "--quiet"],
+        "--save parent missing": ["run", TEXT, *ok, "--save", "/nonexistent/out", "--quiet"],
+        "--save unwritable": ["run", TEXT, *ok, "--save", "/proc/out", "--quiet"],
+        "plot missing file": ["plot", "/nonexistent/m.jsonl"],
+        "plot garbage file": ["plot", str(base / "prompts.txt")],
+        "plot empty file": ["plot", str(base / "empty.jsonl")],
+        "plot output unwritable": ["plot", str(base / "m.jsonl"), "-o", "/proc/x.png"],
+        "plot unknown picture format": ["plot", str(base / "m.jsonl"), "-o", str(base / "x.foo")],
+    }
+    return cases[case]
+
+
+TEXT_CASES = ["--model without =", "--model empty role", "--model unknown role",
+              "--model missing dir", "--model a file", "--model no weights", "--data missing",
+              "--data a directory", "--data unknown format", "--data empty",
+              "--prompt-field unknown", "--reward without :FUNCTION", "--reward missing file",
+              "--reward unknown function", "--reward syntax error", "--save is a file",
+              "--save parent missing", "--save unwritable", "plot missing file",
+              "plot garbage file", "plot empty file", "plot output unwritable",
+              "plot unknown picture format"]
+
+
+@pytest.mark.parametrize("case", TEXT_CASES)
+def test_text_job_arguments(text_job, capsys, case):
+    err = check_usage_error(capsys, text_job_argv(text_job, case), f"text job: {case}")
+    assert len(err) < 600, err
+    named = {"--model unknown role": "did you mean 'policy'", "--reward unknown function":
+             "did you mean 'score'", "--prompt-field unknown": "--prompt-field",
+             "plot output unwritable": "/proc/x.png", "--save unwritable": "/proc"}
+    assert named.get(case, "") in err, err
 
 
 def test_contract_counts():

@@ -44,7 +44,8 @@ def test_ray_run_and_ctrl_c(root, tmp_path, request):
     proc = subprocess.Popen(
         [sys.executable, "-m", "graphrl.cli", "run", str(example), "--backend", "ray",
          "--cluster", "1x2xcpu", "--placement", str(placement), "--iterations", "1000",
-         "--batch-size", "4", "--quiet", "--metrics", str(metrics)],
+         "--batch-size", "4", "--quiet", "--metrics", str(metrics),
+         "--trace", str(tmp_path / "trace.json")],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 150
@@ -66,3 +67,7 @@ def test_ray_run_and_ctrl_c(root, tmp_path, request):
     row = json.loads(metrics.read_text().splitlines()[0])
     assert row["seconds/reshard[policy]"] > 0 and 0.0 <= row["reward_mean"] <= 1.0
     assert not [p for p in tmp.iterdir() if p.name.startswith("graphrl-ray-")]
+    trace = json.loads((tmp_path / "trace.json").read_text())   # written on Ctrl-C too
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "policy.generate" in names and "policy.train" in names, sorted(names)[:20]
+    assert list(home.iterdir()) == []   # no Ray token file under $HOME

@@ -30,7 +30,9 @@ def two_nodes(own_ray, tmp_path_factory, monkeypatch):
     tmp = tmp_path_factory.mktemp("ray2", numbered=True)
     (tmp / "ray").mkdir()     # Ray writes its address file there before the session's
     monkeypatch.setenv("RAY_TMPDIR", str(tmp))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from graphrl.backends.ray.cluster import session_token_env, set_auth_env
+
+    saved = set_auth_env(session_token_env())   # the nodes inherit the session's token
     cluster = Cluster()
     try:
         cluster.add_node(num_cpus=1, num_gpus=2, temp_dir=str(tmp / "ray"),
@@ -42,6 +44,7 @@ def two_nodes(own_ray, tmp_path_factory, monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        set_auth_env(saved)
 
 
 def test_meshes_are_node_aligned_and_a_two_node_plan_runs(two_nodes):

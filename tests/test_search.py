@@ -27,6 +27,7 @@ from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.passes import policies
 from graphrl.passes.assign_devices import problem_from_graph
 from graphrl.passes.base import PassContext, parse_pipeline, run_pipeline
+from graphrl.passes.bound import step_lower_bound
 from graphrl.passes.search import DEFAULT_HEADROOM
 from graphrl.passes.lower import lower
 from graphrl.simulate import simulate
@@ -98,6 +99,8 @@ def test_compiled_plans_are_valid_deterministic_and_auto_is_best(step, cluster):
     assert plan_text(again) == plan_text(auto.plan)
     assert again.to_json() == auto.plan.to_json()
     best = auto.findings["evaluation"].step_seconds
+    bound = step_lower_bound(problem_from_graph(graph, ctx))
+    assert bound is None or bound <= best + 1e-9, (bound, best)   # a valid lower bound
     capacity = cluster.gpu.memory_bytes
     for policy, c in compiled.items():
         if c is None:
@@ -121,6 +124,8 @@ def test_auto_matches_brute_force_on_small_clusters(example, cluster):
     brute = policies.brute_force(problem_from_graph(graph, ctx))
     assert auto is not None and brute is not None
     assert auto.step_seconds == pytest.approx(brute.step_seconds, abs=1e-9)
+    bound = step_lower_bound(problem_from_graph(graph, ctx))
+    assert bound is not None and bound <= brute.step_seconds + 1e-9, (bound, brute.step_seconds)
 
 
 # -- pins -------------------------------------------------------------------------------
@@ -201,11 +206,12 @@ def test_infeasible_placement_names_call_memory_and_smallest_cluster(policy):
 
 
 def test_infeasible_even_when_the_whole_cluster_admits_no_strategy():
-    """3x1 GPUs: no dp x tp x pp split of all 3 GPUs divides a 70B model and a batch of
-    128, so the error reports the call at the mesh size where it comes closest (2 GPUs,
-    even with recomputation and the optimizer offloaded)."""
+    """1x3 GPUs: no dp x tp x pp split of all 3 GPUs of one node divides a 70B model and a
+    batch of 128 (uneven dp splits are for meshes of whole nodes), so the error reports
+    the call at the mesh size where it comes closest (2 GPUs, even with recomputation and
+    the optimizer offloaded)."""
     _, err = compile_or_error(planning_graph("grpo", "70b", 512, 256, 128),
-                              ClusterSpec.parse("3x1xA100"), "auto")
+                              ClusterSpec.parse("1x3xA100"), "auto")
     assert err is not None and CALL.search(err), err
     need, have = map(float, GIB.findall(err))
     assert need > have == pytest.approx(80.0 * (1 - DEFAULT_HEADROOM), abs=0.05)

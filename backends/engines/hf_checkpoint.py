@@ -8,6 +8,7 @@ under the target's name.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,21 @@ from graphrl.errors import UsageError
 from graphrl.hf_dir import TOKENIZER_FILES, check_model_dir
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' own progress bars (loading / writing shards) off while inside: a
+    graphrl run shows one progress bar, its own."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def load_hf_module(path: str, head: str, adjust: Callable[[Any], Any], auto_cls: Any) -> Any:
     """The module of the directory at `path` as class `auto_cls`, float32, its config
     passed through `adjust` first. A scalar head the checkpoint lacks starts fresh."""
@@ -28,8 +44,9 @@ def load_hf_module(path: str, head: str, adjust: Callable[[Any], Any], auto_cls:
     check_model_dir(path)
     try:
         config = adjust(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
-        return auto_cls.from_pretrained(path, config=config, local_files_only=True,
-                                        dtype=torch.float32)
+        with no_progress_bars():
+            return auto_cls.from_pretrained(path, config=config, local_files_only=True,
+                                            dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"model directory {path}: cannot load it as a {head}-head model: "
                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
@@ -130,7 +147,8 @@ def _write_model(directory: Path, module: Any, state: Mapping[str, Any]) -> None
     module.load_state_dict(dict(state), assign=True)
     if getattr(module.config, "tie_word_embeddings", False):
         module.tie_weights()
-    module.save_pretrained(directory, safe_serialization=True)
+    with no_progress_bars():
+        module.save_pretrained(directory, safe_serialization=True)
 
 
 def save_models(target: str, models: Sequence[tuple[str, Any, Mapping[str, Any]]],

@@ -5,12 +5,15 @@ one (`address`, e.g. after `ray start --head`). It returns a `RaySession` that o
 set up — the temp folder it made, the environment variables it set — and undoes it on
 `shutdown()`, so a test run leaves nothing behind.
 
-Authentication (Ray >= 2.59): a new local cluster turns on token auth by default and, when
-no token is configured, writes one to `~/.ray/auth_token` and sets RAY_AUTH_MODE=token in
-the driver's environment. `auth="disabled"` sets RAY_AUTH_MODE=disabled for the session
-(tests: nothing is written under $HOME); `auth="default"` keeps Ray's behaviour (CLI).
-Ray reads RAY_AUTH_MODE into its config when `ray` is first imported, so "disabled" agrees
-with a driver started without RAY_AUTH_MODE, the usual case.
+Security. Ray 2.60 binds its gRPC servers (GCS, raylet, workers) on every interface
+whatever node IP it is given (checked with psutil), so a cluster graphrl starts is always
+reachable from the network and must never run without authentication. `auth="session"`
+(the default) turns on Ray's token authentication with a fresh random token held only in
+this process's environment (inherited by Ray's workers; nothing written to disk), and the
+node advertises 127.0.0.1, so only this process tree can use the cluster. `auth="default"`
+keeps Ray's own behaviour (token auth with a token file under ~/.ray, for clusters other
+drivers should join). Running without authentication is refused. Joining a cluster at
+`address` uses whatever authentication that cluster was started with.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 from graphrl.errors import UsageError
 
-AUTH_MODES = ("default", "disabled")
+AUTH_MODES = ("session", "default")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
@@ -45,11 +48,8 @@ class RaySession:
         import ray
 
         ray.shutdown()
-        for key, old in self.saved_env.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        if self.saved_env:
+            set_auth_env(self.saved_env)
         if self.owns_temp_dir and self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.closed = True
@@ -61,15 +61,40 @@ class RaySession:
         self.shutdown()
 
 
-def _set_env(values: Mapping[str, str]) -> dict[str, Optional[str]]:
+def set_auth_env(values: Mapping[str, Optional[str]]) -> dict[str, Optional[str]]:
+    """Set (or, for None, remove) environment variables; return their previous values."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _reload_ray_auth_config()
     return saved
+
+
+def _reload_ray_auth_config() -> None:
+    """Ray reads RAY_AUTH_* into its config and token cache when first imported; re-read
+    them after a change (private API of Ray 2.60, the one place graphrl touches it)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # older Ray without token authentication: nothing cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def session_token_env() -> dict[str, Optional[str]]:
+    """Environment for token authentication with a fresh random token (auth="session")."""
+    import secrets
+
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_AUTH_TOKEN_PATH": None}
 
 
 def start_ray(num_gpus: Optional[int] = None, address: Optional[str] = None,
               namespace: str = "graphrl", *, num_cpus: Optional[int] = None,
-              temp_dir: Optional[str] = None, auth: str = "default",
+              temp_dir: Optional[str] = None, auth: str = "session",
               memory_monitor: bool = True) -> RaySession:
     """Start a local Ray cluster (`address` None) with `num_gpus` GPUs (fake ones on a
     machine without GPUs) and `num_cpus` CPUs, or join the cluster at `address`
@@ -84,7 +109,9 @@ def start_ray(num_gpus: Optional[int] = None, address: Optional[str] = None,
     import ray
 
     if auth not in AUTH_MODES:
-        raise UsageError(f"auth={auth!r}: use one of {', '.join(AUTH_MODES)}")
+        why = (" (Ray listens on every interface: a cluster without authentication is "
+               "open to the network)" if auth == "disabled" else "")
+        raise UsageError(f"auth={auth!r}: use one of {', '.join(AUTH_MODES)}{why}")
     if ray.is_initialized():
         raise UsageError("Ray is already initialised in this process; shut it down first")
     if address is not None and (num_gpus is not None or num_cpus is not None or temp_dir
@@ -92,7 +119,10 @@ def start_ray(num_gpus: Optional[int] = None, address: Optional[str] = None,
         raise UsageError("num_gpus, num_cpus, temp_dir and memory_monitor apply to a new "
                          "local cluster, "
                          f"not to joining {address}")
-    saved = _set_env({"RAY_AUTH_MODE": "disabled"}) if auth == "disabled" else {}
+    if address is None and os.environ.get("RAY_AUTH_MODE") == "disabled":
+        raise UsageError("RAY_AUTH_MODE=disabled: graphrl does not start a Ray cluster "
+                         "without authentication (Ray listens on every interface); unset it")
+    saved = set_auth_env(session_token_env()) if address is None and auth == "session" else {}
     owns = address is None and temp_dir is None
     if owns:
         # Short path: Ray puts unix sockets under it (108-byte limit on their paths).
@@ -102,7 +132,7 @@ def start_ray(num_gpus: Optional[int] = None, address: Optional[str] = None,
         if address is None:
             info = ray.init(num_gpus=num_gpus, num_cpus=num_cpus, namespace=namespace,
                             include_dashboard=False, log_to_driver=False,
-                            _temp_dir=temp_dir,
+                            _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
                             _system_config=None if memory_monitor
                             else {"memory_monitor_refresh_ms": 0})
         else:

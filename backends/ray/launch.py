@@ -23,11 +23,17 @@ DEFAULT_CLUSTER = "1x4xcpu"
 def compile_for(program: Any, opts: RunOptions) -> Any:
     from graphrl.placement_file import cluster_of, load_placement
     from graphrl.compiler import compile_graph
+    from graphrl.progress import Progress
 
-    return compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
-                         opts.policy or "auto", placement=load_placement(opts.placement),
-                         gen_engine=gen_class(program.graph),
-                         engines=True)   # refuse what no engine runs
+    progress = None if opts.quiet else Progress("graphrl run: compiling")
+    compiled = compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
+                             opts.policy or "auto", placement=load_placement(opts.placement),
+                             gen_engine=gen_class(program.graph),
+                             engines=True,   # refuse what no engine runs
+                             progress=progress)
+    if progress is not None:
+        progress.done()
+    return compiled
 
 
 # One wait on a worker may take WAIT_FACTOR x the plan's longest predicted instruction, and

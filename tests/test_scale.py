@@ -1,0 +1,91 @@
+"""Scale effects in the cost model and the search (issue 13 item 3): over-parallelising
+costs what it costs, and clusters whose GPU count divides no power-of-two batch are used
+whole."""
+from __future__ import annotations
+
+import pytest
+
+import graphrl as gr
+from conftest import load_build
+from graphrl import cost
+from graphrl.cluster import H100_80G, ClusterSpec
+from graphrl.comm_cost import group_spans_nodes
+from graphrl.compiler import compile_graph
+from graphrl.engine_cost import pipeline_bubble_fraction
+from graphrl.parallel import Strategy
+from graphrl.types import ModelSpec, llama2
+
+# OPT-175B / GPT-3 175B shape (Zhang et al. 2022, Table 1; Brown et al. 2020, Table 2.1):
+# hidden 12288, 96 layers, 96 heads.
+OPT_175B = ModelSpec("llama", 50272, 12288, 96, 96, 96, 4 * 12288, 2048, "lm")
+
+
+def test_tp_group_spanning_nodes_is_priced_at_the_inter_node_link():
+    """The issue's case: tp=6 over GPUs 0-47 of 8-GPU nodes (4 of 8 TP groups straddle two
+    nodes) pays the NIC, not NVLink; tp=6 inside one node and tp=8 over six nodes do not."""
+    assert group_spans_nodes(6, 48, 8) and not group_spans_nodes(6, 6, 8)
+    assert not group_spans_nodes(8, 48, 8) and not group_spans_nodes(4, 48, 8)
+    assert group_spans_nodes(16, 16, 8)
+    crossing = cost.train_breakdown(OPT_175B, 64, 512, Strategy(dp=8, tp=6, zero=3),
+                                    H100_80G, gpus_per_node=8)
+    inside = cost.train_breakdown(OPT_175B, 8, 512, Strategy(dp=1, tp=6),
+                                  H100_80G, gpus_per_node=8)
+    # the same tokens per GPU: the TP traffic differs only by the link it crosses
+    ratio = crossing["tp_comm"] / inside["tp_comm"]
+    # (the per-step latency term is the same on both links)
+    assert 0.9 * 9 < ratio <= H100_80G.intra_node_bw / H100_80G.inter_node_bw
+    gen_cross = cost.generate_breakdown(OPT_175B, 64, 256, 256, Strategy(dp=8, tp=6),
+                                        H100_80G, "graph", gpus_per_node=8)
+    gen_inside = cost.generate_breakdown(OPT_175B, 8, 256, 256, Strategy(dp=1, tp=6),
+                                         H100_80G, "graph", gpus_per_node=8)
+    assert gen_cross["tp_comm_step"] > gen_inside["tp_comm_step"]   # decode: latency-bound
+    assert gen_cross["total"] > gen_inside["total"]
+
+
+def test_data_parallel_gradient_sync_grows_with_degree():
+    """Ring all-reduce: 2(d-1)/d of the gradients per GPU plus 2(d-1) latency steps, and the
+    NIC once the group leaves the node; ZeRO-3 pays 1.5x of it per micro-batch."""
+    spec = llama2("7b")
+    comms = [cost.train_breakdown(spec, 256, 1024, Strategy(dp=d), H100_80G,
+                                  gpus_per_node=8)["dp_comm"] for d in (2, 4, 8, 16, 32, 64)]
+    assert all(a < b for a, b in zip(comms, comms[1:])), comms
+    assert comms[3] > 5 * comms[2]   # 16 ranks span two nodes: NIC instead of NVLink
+    z3 = [cost.train_breakdown(spec, 256, 1024, Strategy(dp=16, micro_batches=m, zero=3),
+                               H100_80G, gpus_per_node=8)["dp_comm"] for m in (1, 4)]
+    assert z3[1] == pytest.approx(4 * z3[0]) and z3[0] == pytest.approx(1.5 * comms[3])
+
+
+def test_over_parallelising_a_small_model_is_slower():
+    """A 7B train step on more GPUs than it can use: tensor parallelism across nodes is
+    slower than inside one; the search's price (cost.estimate) carries the same terms."""
+    spec = llama2("7b")
+    inside = cost.estimate(spec, "train", 64, 1024, Strategy(dp=4, tp=2), H100_80G)
+    straddling = cost.estimate(spec, "train", 64, 1024, Strategy(dp=1, tp=16), H100_80G)
+    assert straddling.seconds > inside.seconds
+
+
+def test_pipeline_bubble_is_in_the_train_price():
+    """engine_cost's 1F1B bubble fraction (p-1)/(m+p-1) is what cost.train_breakdown charges:
+    the pipelined device time is m stage slots over (1 - bubble)."""
+    spec = llama2("13b")
+    for pp, m in ((2, 2), (4, 4), (4, 16)):
+        s = Strategy(dp=1, pp=pp, micro_batches=m)
+        terms = cost.train_breakdown(spec, 64, 512, s, H100_80G)
+        stage = terms["pp_bubble"] / (pp - 1)
+        full = (m + pp - 1) * stage
+        assert terms["pp_bubble"] / full == pytest.approx(pipeline_bubble_fraction(pp, m))
+
+
+def test_a_12x8_cluster_is_used_whole():
+    """96 GPUs: no dp x tp x pp split of all of them divides a batch of 512 evenly, so every
+    call used to leave GPUs idle; uneven dp splits over whole nodes use all 96."""
+    opts = gr.RunOptions(model_size="7b", prompt_len=512, response_len=512, batch_size=512)
+    graph = load_build("ppo")(opts).program().graph
+    plan = compile_graph(graph, ClusterSpec.parse("12x8xH100"), "colocate-all",
+                         gen_engine="graph")
+    calls = list(plan.graph.calls())
+    assert calls
+    for n in calls:
+        assert n.placement.mesh.size == 96, n.name
+        assert n.placement.strategy.world == 96, (n.name, n.placement.strategy.text())
+    assert any(512 % n.placement.strategy.dp for n in calls)   # an uneven split is priced
