@@ -105,12 +105,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
-<<<<<<< HEAD
-                             staleness=opts.staleness)
-=======
-                             progress=progress)
+                             progress=progress, staleness=opts.staleness)
     progress.done()
->>>>>>> main
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
