@@ -70,7 +70,7 @@ def run(steps: int, rounds: int, batch: int, response_len: int, out: Path | None
     from graphrl.backends.ray.cluster import start_ray
 
     exp = experiment(batch, response_len)
-    session = start_ray(num_gpus=4, num_cpus=4, auth="disabled", memory_monitor=False)
+    session = start_ray(num_gpus=4, num_cpus=4, memory_monitor=False)
     times: dict[int, list[float]] = {0: [], 1: []}
     t0 = time.perf_counter()
     try:

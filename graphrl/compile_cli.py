@@ -142,11 +142,7 @@ def async_line(findings: Any) -> str:
 def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
                  lengths: Any = None, headroom: float | None = None,
-<<<<<<< HEAD
-                 staleness: int = 0) -> list[dict[str, Any]]:
-=======
-                 progress: Any = None) -> list[dict[str, Any]]:
->>>>>>> main
+                 progress: Any = None, staleness: int = 0) -> list[dict[str, Any]]:
     from .compiler import compile_graph
     from .errors import GraphRLError
 
@@ -157,14 +153,9 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
         try:
             c = compile_graph(graph, cluster, policy, placement=placement, gen_engine=engine,
                               engines=False,   # comparing placements, not running them
-<<<<<<< HEAD
-                              response_lengths=lengths, memory_headroom=headroom)
-            rows.append({"policy": policy, "staleness": 0, "feasible": True,
-=======
                               response_lengths=lengths, memory_headroom=headroom,
                               progress=told)
-            rows.append({"policy": policy, "feasible": True,
->>>>>>> main
+            rows.append({"policy": policy, "staleness": 0, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
         except GraphRLError as e:
@@ -214,13 +205,9 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     cluster = cluster_of(ns.cluster)
     progress = Progress("graphrl compare")
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
-<<<<<<< HEAD
-                        load_placement(ns.placement), lengths, ns.memory_headroom,
+                        load_placement(ns.placement), lengths, ns.memory_headroom, progress,
                         opts.staleness)
-=======
-                        load_placement(ns.placement), lengths, ns.memory_headroom, progress)
     progress.done()
->>>>>>> main
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0
