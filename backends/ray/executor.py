@@ -423,28 +423,14 @@ class RayExecutor:
         if whole:
             results, bounds, used = results[:1], bounds[:1], used[:1]
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
-        if n.attr("behaviour"):
-            self._behaviour(n, env, key, token, results, bounds, used, common)
+        if n.attr("behaviour"):   # async generate (passes/staleness): two more outputs
+            from .async_calls import behaviour_values
 
-    def _behaviour(self, n: Node, env: dict[str, _Value], key: str, token: WeightsToken,
-                   results: list[Any], bounds: list[tuple[int, int]], ranks: list[int],
-                   common: dict[str, Any]) -> None:
-        """An async generate's other outputs (passes/staleness): each rank scores the
-        rows it generated with the same engine and weights (behaviour log-probs), and
-        every sequence carries the version of those weights."""
-        import torch
-
-        total = self.graph.value(n.outputs[0].name).spec.batch
-        parts, stamps = [], []
-        for rank, ref, (lo, hi) in zip(ranks, results, bounds):
-            cs = CallSpec(inputs=(InputSpec(1, lo),), rows=(lo, hi), total=total,
-                          **dict(common, method="forward", output=n.outputs[1].spec))
-            r, s = self._submit(rank, "run", n, cs, ref)
-            parts.append(r)
-            stamps.append(s)
-        env[n.outputs[1].name] = _Value(parts=parts, bounds=list(bounds), stamps=stamps)
-        env[n.outputs[2].name] = _Value(local={"version": torch.full(
-            (total,), token.version, dtype=torch.int64)})
+            outs = behaviour_values(self._submit, n, self.graph, token, results, bounds,
+                                    used, common)
+            env[n.outputs[1].name] = _Value(parts=outs[0], bounds=list(bounds),
+                                            stamps=outs[1])
+            env[n.outputs[2].name] = _Value(local=outs[2])
 
     def _to_refs(self, v: _Value) -> None:
         """A driver-side payload becomes one Ray object (put once, read by every rank)."""
