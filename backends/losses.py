@@ -74,6 +74,61 @@ def grpo(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, clip: float =
     return loss, {"loss": loss.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
 
 
+def _decoupled_surrogate(new_lp: Any, mb: Mapping[str, Mapping[str, Any]], mask: Any,
+                         clip: float, behaviour_clip: float) -> tuple:
+    """AReaL's decoupled PPO objective (Fu et al. 2025, "AReaL", arXiv 2505.24298, §5.2,
+    eq. 5): the clipped surrogate is taken against the *proximal* policy (old_logprobs:
+    the weights the trainer holds at this step) and each token is weighted by
+    pi_prox / pi_behav, the importance ratio of the proximal policy to the *behaviour*
+    policy whose (stale) weights generated the token. The weight is truncated at
+    `behaviour_clip`, as IMPALA's V-trace truncates its importance ratios (Espeholt et al.
+    2018, eq. 1) and AReaL caps its behaviour weight. With no staleness (behaviour ==
+    proximal) the weight is 1 and this is PPO's clipped surrogate."""
+    import torch
+
+    prox_lp = mb["old_logprobs"]["logprobs"]
+    raw = torch.exp(prox_lp - mb["behaviour_logprobs"]["logprobs"])
+    weight = torch.clamp(raw, max=behaviour_clip)
+    ratio = torch.exp(new_lp - prox_lp)
+    adv = mb["advantages"]["advantages"]
+    per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv)
+    loss = -masked_mean(weight * per_token, mask)
+    stats = {"clip_fraction": masked_mean(((ratio - 1.0).abs() > clip).float(), mask).item(),
+             "behaviour_weight": masked_mean(weight, mask).item(),
+             "behaviour_clip_fraction": masked_mean((raw > behaviour_clip).float(),
+                                                    mask).item()}
+    return loss, stats
+
+
+def ppo_decoupled(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *,
+                  clip: float = 0.2, behaviour_clip: float = 2.0,
+                  **_: Any) -> tuple[Any, dict[str, float]]:
+    """PPO on stale rollouts: the decoupled objective (see _decoupled_surrogate)."""
+    r = mb["rollout"]
+    mask = r["response_mask"]
+    new_lp = forward(r)
+    loss, stats = _decoupled_surrogate(new_lp, mb, mask, clip, behaviour_clip)
+    approx_kl = masked_mean(mb["old_logprobs"]["logprobs"] - new_lp.detach(), mask)
+    return loss, {"loss": loss.item(), "approx_kl": approx_kl.item(), **stats}
+
+
+def grpo_decoupled(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *,
+                   clip: float = 0.2, kl_coef: float = 0.04, behaviour_clip: float = 2.0,
+                   **_: Any) -> tuple[Any, dict[str, float]]:
+    """GRPO on stale rollouts: the decoupled surrogate (see _decoupled_surrogate) plus
+    kl_coef times the k3 KL estimator to the reference, as in grpo."""
+    import torch
+
+    r = mb["rollout"]
+    mask = r["response_mask"]
+    new_lp = forward(r)
+    surrogate, stats = _decoupled_surrogate(new_lp, mb, mask, clip, behaviour_clip)
+    diff = mb["ref_logprobs"]["logprobs"] - new_lp
+    kl = masked_mean(torch.exp(diff) - diff - 1.0, mask)
+    loss = surrogate + kl_coef * kl
+    return loss, {"loss": loss.item(), "kl": kl.item(), **stats}
+
+
 def value(forward: Forward, mb: Mapping[str, Mapping[str, Any]], *, value_clip: float = 0.2,
           **_: Any) -> tuple[Any, dict[str, float]]:
     """Clipped value loss (as in OpenAI baselines' PPO2): 0.5 * max of the squared errors
@@ -103,4 +158,5 @@ def bradley_terry(forward: Forward, mb: Mapping[str, Mapping[str, Any]],
     return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item()}
 
 
-LOSS_FUNCTIONS = {"ppo": ppo, "grpo": grpo, "value": value, "bradley_terry": bradley_terry}
+LOSS_FUNCTIONS = {"ppo": ppo, "grpo": grpo, "value": value, "bradley_terry": bradley_terry,
+                  "ppo_decoupled": ppo_decoupled, "grpo_decoupled": grpo_decoupled}

@@ -48,6 +48,7 @@ class RunOptions:
     keep: int = 2                        # keep the newest K checkpoints
     resume: str | None = None            # a checkpoint, or a --checkpoint-dir (its newest)
     max_restarts: int = 0                # ray: restarts from the last checkpoint on a lost rank
+    staleness: int = 0                   # rollouts train K steps after they are generated
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -115,8 +116,18 @@ class Experiment:
     description: str = ""
     notes: Mapping[str, Any] = field(default_factory=dict)
 
-    def program(self) -> Program:
-        return trace(self.step, list(self.models), name=self.name, **self.inputs)
+    def program(self, staleness: int = 0) -> Program:
+        """The traced step; staleness K >= 1: rewritten so that rollouts train K steps
+        after they are generated (graphrl.passes.staleness)."""
+        program = trace(self.step, list(self.models), name=self.name, **self.inputs)
+        if staleness:
+            from dataclasses import replace
+
+            from graphrl.passes.staleness import carry_rollouts, verify_staleness
+
+            graph = verify_staleness(carry_rollouts(program.graph, staleness), staleness)
+            program = replace(program, graph=graph)
+        return program
 
     def check_roles(self, opts: RunOptions) -> None:
         """Every role named by --model/--model-config/--model-size is a model here."""
@@ -185,6 +196,10 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
+    p.add_argument("--staleness", type=int_at_least(0), default=0, metavar="K",
+                   help="asynchronous off-policy steps: rollouts generated at step n train "
+                        "at step n+K, so generation overlaps training (default 0: "
+                        "synchronous); the policy loss becomes its staleness-corrected form")
     p.add_argument("--prompt-len", type=positive_int, metavar="P",
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
@@ -265,4 +280,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       checkpoint_every=getattr(ns, "checkpoint_every", None),
                       keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
                       max_restarts=getattr(ns, "max_restarts", 0),
+                      staleness=getattr(ns, "staleness", 0) or 0,
                       **(ray_opts if backend == "ray" else {}))

@@ -40,8 +40,8 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
         for f, t in sorted(payload.items()):
             if t.numel() == 1:
                 row[f"{name}/{f}"] = float(t)
-            elif t.dtype.is_floating_point:
-                row[f"{name}/{f}_mean"] = float(t.mean())
+            elif t.dtype.is_floating_point or f == "version":
+                row[f"{name}/{f}_mean"] = float(t.float().mean())
     return row
 
 
@@ -119,7 +119,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         check_save_target(opts.save)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
-    program = exp.program()
+    program = exp.program(opts.staleness)
     ckpt = ckr.open_resume(opts, exp, program)   # verified before anything is loaded
     writer = None
     if opts.checkpoint_dir:
@@ -160,8 +160,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                 metrics.write(row)
         bar = tqdm(total=iterations, initial=len(rows), desc=exp.name, unit="it",
                    disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
-        i = len(rows)
-        while i < iterations:
+        # steps: async runs (--staleness K) first run K generate-only warm-up steps
+        i, steps = len(rows), iterations + opts.staleness
+        while i < steps:
             try:
                 result = executor.run_step(exp.data(i), iteration=i)
             except ExecutionError as e:
@@ -178,6 +179,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                     for row in rows:
                         metrics.write(row)
                 bar.n = i
+                continue
+            if getattr(result, "warmup", False):
+                i += 1
                 continue
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
             rows.append(row)
@@ -230,6 +234,10 @@ def check_checkpoint_options(opts: RunOptions) -> None:
     if opts.max_restarts and not opts.checkpoint_dir:
         raise UsageError("--max-restarts needs --checkpoint-dir DIR (a restarted run "
                          "continues from the last checkpoint)")
+    if opts.staleness and (opts.checkpoint_dir or opts.resume):
+        raise UsageError(f"--staleness {opts.staleness} with --checkpoint-dir/--resume: "
+                         "checkpoints do not yet hold the rollouts an asynchronous run "
+                         "carries between steps; checkpoint a synchronous run (--staleness 0)")
 
 
 def lost_ranks(e: ExecutionError, executor: Any) -> list[int]:

@@ -98,6 +98,7 @@ class RayExecutor(CheckpointMethods):
         self._stamps: list[Stamp] = []
         self._ran: dict[str, tuple[int, set[str]]] = {}   # node -> iteration, what ran
         self._carried: Optional[dict[str, Optional[WeightsToken]]] = None
+        self._carried_data: dict[str, Any] = {}   # async: queued payloads (driver-side)
         try:
             if not ray.is_initialized():
                 raise UsageError("Ray is not initialised: start it first "
@@ -259,7 +260,12 @@ class RayExecutor(CheckpointMethods):
         start = time.time()
         self._stamps = []
         env: dict[str, _Value] = {}
+        queued = dict(g.carries)
         for v in g.inputs:
+            if not v.spec.is_weights and v.name in queued:   # async queue stage
+                if v.name in self._carried_data:
+                    env[v.name] = _Value(local=self._carried_data[v.name])
+                continue
             if v.spec.is_weights:   # at first, whatever version set-up left
                 first = WeightsToken(v.spec.model, self.versions.get(v.spec.model, 0))
                 token = (self._carried or {}).get(v.name, first)
@@ -270,6 +276,10 @@ class RayExecutor(CheckpointMethods):
                 raise ExecutionError(f"step @{g.name}: input {name!r} was not given "
                                      f"(given: {', '.join(inputs) or 'none'})")
             env[v.name] = _Value(local=inputs[name])
+        # an async step's first steps only generate (passes/staleness): skip what needs
+        # a queue stage not yet filled
+        warmup = any(v.name in queued and not v.spec.is_weights and v.name not in env
+                     for v in g.inputs)
         host_events: list[Event] = []
         frees = dict(self._frees)
         checks: list[tuple[str, Any, Any]] = []
@@ -278,6 +288,8 @@ class RayExecutor(CheckpointMethods):
             self.instructions_dispatched += len(grp.members)
             if grp.op == "run":
                 n = g.node(grp.node)
+                if warmup and not all(i in env for i in n.inputs):
+                    continue
                 if grp.workers == (HOST,):
                     host_events.append(self._run_op(n, env, iteration))
                 elif grp.members[0][1].part in ("",) or \
@@ -295,14 +307,21 @@ class RayExecutor(CheckpointMethods):
                 frees[value] -= 1
                 if not frees[value]:
                     env.pop(value, None)
-        outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs}
+        outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs if o in env}
         self._await(list(self._pending), "the step's last calls")
         self._record_reshards(reshards, checks, iteration)
-        self._carried = {dst: env[src].token for dst, src in g.carries} | {
-            k: v for k, v in (self._carried or {}).items() if k not in dict(g.carries)}
+        carried = dict(self._carried or {})   # what a warm-up step did not make carries over
+        for dst, src in g.carries:
+            if src not in env:
+                continue
+            if env[src].token is not None:
+                carried[dst] = env[src].token
+            else:   # a queued rollout: kept on the driver until a later step reads it
+                self._carried_data[dst] = self._resolve(env[src], src)
+        self._carried = carried
         events = [self._event(s) for s in self._stamps] + host_events
         events.sort(key=lambda e: (e.start, e.worker))
-        return StepResult(outputs, tuple(events), time.time() - start)
+        return StepResult(outputs, tuple(events), time.time() - start, warmup)
 
     def _event(self, s: Stamp) -> Event:
         off = self.clock_offsets.get(s.rank, 0.0) + self._t0
@@ -337,9 +356,15 @@ class RayExecutor(CheckpointMethods):
             self._to_refs(v)
         out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
         seed = seed_for(self.seed, iteration, n.name)
+        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness"))
+        if n.attr("staleness") is not None:   # async train: samples within the bound
+            from graphrl.backends.async_steps import check_versions
+
+            versions = self._resolve(env[n.inputs[-1]], n.inputs[-1])
+            check_versions(n, {"versions": versions}, token.version, int(n.attr("staleness")))
         common = dict(node=n.name, call=n.call, model=n.model, method=n.target, engine=key,
-                      attrs=n.attrs, seed=seed, iteration=iteration, output=out_spec)
-        results, stamps, bounds = [], [], []
+                      attrs=attrs, seed=seed, iteration=iteration, output=out_spec)
+        results, stamps, bounds, used = [], [], [], []
         if n.target == "train":
             for i, rank in enumerate(ranks):
                 args = [r for v in data for r in v.parts]
@@ -373,9 +398,18 @@ class RayExecutor(CheckpointMethods):
             results.append(r)
             stamps.append(s)
             bounds.append((lo * samples, hi * samples))
+            used.append(rank)
         if whole:
-            results, bounds = results[:1], bounds[:1]
+            results, bounds, used = results[:1], bounds[:1], used[:1]
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
+        if n.attr("behaviour"):   # async generate (passes/staleness): two more outputs
+            from .async_calls import behaviour_values
+
+            outs = behaviour_values(self._submit, n, self.graph, token, results, bounds,
+                                    used, common)
+            env[n.outputs[1].name] = _Value(parts=outs[0], bounds=list(bounds),
+                                            stamps=outs[1])
+            env[n.outputs[2].name] = _Value(local=outs[2])
 
     def _to_refs(self, v: _Value) -> None:
         """A driver-side payload becomes one Ray object (put once, read by every rank)."""
