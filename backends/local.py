@@ -35,6 +35,7 @@ class StepResult:
     outputs: dict[str, Any]   # graph output name (without %) -> payload dict
     events: tuple[Event, ...]
     seconds: float
+    warmup: bool = False      # an async step that only generated (its queue was empty)
 
 
 def check_payload(node: Node, spec: PayloadSpec, value: Any) -> None:
@@ -90,14 +91,44 @@ class LocalExecutor:
         """The full weights of `model` as they are now (copies)."""
         return self.engines[model].export_weights()
 
+    # -- checkpoints (graphrl.checkpoint) ----------------------------------------------------
+    def model_shapes(self) -> dict[str, dict[str, list[int]]]:
+        """Model -> parameter name -> shape (what a checkpoint must match)."""
+        from graphrl.checkpoint import shapes_of
+
+        return {name: shapes_of(e.module.state_dict().items())
+                for name, e in sorted(self.engines.items())}
+
+    def save_state(self, folder: Any) -> dict[str, Any]:
+        """Write every engine's state (weights, optimizer, version) under `folder`/models;
+        returns the placement summary for the manifest."""
+        from pathlib import Path
+
+        from graphrl.checkpoint import save_torch
+
+        for name, engine in sorted(self.engines.items()):
+            save_torch(engine.state_dict(), Path(folder) / "models" / f"{name}.pt")
+        return {"backend": "local"}
+
+    def load_state(self, ckpt: Any) -> None:
+        """Restore the engines from a verified checkpoint (graphrl.checkpoint.Checkpoint),
+        written here or on Ray (the same per-model files); the next step reads the
+        weights at their restored versions."""
+        from graphrl.checkpoint import load_torch
+
+        for name, engine in sorted(self.engines.items()):
+            engine.load_state_dict(load_torch(ckpt.file(f"models/{name}.pt")))
+        self.carried = None
+
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
         g = self.graph
         if self.carried is None:  # weights enter at whatever version set-up left them
             self.carried = {v.name: WeightsToken(v.spec.model, self.engines[v.spec.model].version)
                             for v in g.inputs if v.spec.is_weights}
         env: dict[str, Any] = dict(self.carried)
+        queued = dict(g.carries)
         for v in g.inputs:
-            if v.spec.is_weights:
+            if v.spec.is_weights or v.name in queued:   # queue stages come from carries
                 continue
             key = v.name.lstrip("%")
             if key not in inputs:
@@ -106,7 +137,10 @@ class LocalExecutor:
             env[v.name] = inputs[key]
         events: list[Event] = []
         t0 = self.now()
+        warmup = any(v.name in queued and v.name not in env for v in g.inputs)
         for n in g.nodes:
+            if warmup and not all(i in env for i in n.inputs):
+                continue   # an async step's first steps only generate (passes/staleness)
             start = self.now()
             try:
                 results = self.run_node(n, [env[i] for i in n.inputs], iteration)
@@ -122,10 +156,11 @@ class LocalExecutor:
             events.append(Event(n.name, n.call, n.model, "local", start, end, iteration))
             for dead in self._dead.get(n.name, ()):
                 env.pop(dead, None)
-        self.carried = {dst: env[src] for dst, src in g.carries} | {
-            k: v for k, v in self.carried.items() if k not in dict(g.carries)}
-        outputs = {o.lstrip("%"): env[o] for o in g.outputs}
-        return StepResult(outputs, tuple(events), self.now() - t0)
+        # a value a warm-up step did not make (no train ran) carries over unchanged
+        self.carried = dict(self.carried) | {dst: env[src] for dst, src in g.carries
+                                             if src in env}
+        outputs = {o.lstrip("%"): env[o] for o in g.outputs if o in env}
+        return StepResult(outputs, tuple(events), self.now() - t0, warmup)
 
     # -- one node ---------------------------------------------------------------------
     def run_node(self, n: Node, args: list[Any], iteration: int) -> list[Any]:
@@ -146,6 +181,11 @@ class LocalExecutor:
             raise ExecutionError(f"node {n.name} ({n.call}) reads {n.model} weights version "
                                  f"{weights.version} but the engine holds {engine.version}")
         attrs = n.attr_dict
+        if n.target == "generate" and attrs.pop("behaviour", False):
+            from .async_steps import behaviour_outputs
+
+            rollout = engine.generate(data[0], seed=seed, **attrs)
+            return behaviour_outputs(engine, rollout, weights.version)
         if n.target == "generate":
             return [engine.generate(data[0], seed=seed, **attrs)]
         if n.target == "forward":
@@ -154,7 +194,12 @@ class LocalExecutor:
             import torch
 
             loss = attrs.pop("loss")
-            names = [name for name, _ in sig.LOSSES[loss][0]]
+            names = sig.train_input_names(loss, len(data))
+            if "staleness" in attrs:
+                from .async_steps import check_versions
+
+                check_versions(n, dict(zip(names, data)), engine.version,
+                               attrs.pop("staleness"))
             stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
             return [WeightsToken(n.model, engine.version),
                     {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}]

@@ -916,9 +916,19 @@ def run(quick: bool = False, out: Path | str | None = DEFAULT_OUT,
         cmd = command or ("python benchmarks/plan_quality.py" + (" --quick" if quick else "")
                           + (f" --only '{only}'" if only else "") + f" --out {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(markdown(results, s, cmd, png_path, out, quick, source))
+        out.write_text(markdown(results, s, cmd, png_path, out, quick, source)
+                       + async_section(results))
         say(f"wrote {out}" + (f" and {png_path}" if png_path else ""))
     return results, s
+
+
+def async_section(results: Sequence[CaseResult]) -> str:
+    """The async-steps table (benchmarks/plan_quality_async.py) for the long-tail cases."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plan_quality_async import markdown_section
+
+    return "\n".join(markdown_section(results)) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

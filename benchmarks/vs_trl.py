@@ -50,7 +50,8 @@ def task(size: str, length: int):
 
 
 # -- graphrl ---------------------------------------------------------------------------------
-def run_graphrl(size: str, length: int, steps: int, seed: int) -> dict:
+def run_graphrl(size: str, length: int, steps: int, seed: int,
+                old_forward: bool = False) -> dict:
     import graphrl as gr
     from graphrl.backends.local import LocalExecutor
     from graphrl.signatures import ROLLOUT, SCORES
@@ -62,12 +63,14 @@ def run_graphrl(size: str, length: int, steps: int, seed: int) -> dict:
     def step(prompts, policy, reference):
         rollout = policy.generate(prompts, max_new_tokens=length, temperature=1.0,
                                   samples=GROUP, stop_at_eos=False)
-        old = policy.forward(rollout)
+        # one optimizer pass per rollout: on-policy, the train forward's own log-probs
+        # (detached) are the old ones, as TRL does with num_iterations=1
+        old = {"old_logprobs": policy.forward(rollout)} if old_forward else {}
         ref = reference.forward(rollout)
         s = score(rollout)
         adv = gr.ops.group_advantages(rollout, s, group_size=GROUP)
-        stats = policy.train(loss="grpo", rollout=rollout, old_logprobs=old, ref_logprobs=ref,
-                             advantages=adv, clip=CLIP, kl_coef=BETA)
+        stats = policy.train(loss="grpo", rollout=rollout, ref_logprobs=ref,
+                             advantages=adv, clip=CLIP, kl_coef=BETA, **old)
         return {"task_score": s, "policy_stats": stats}
 
     opts = {"lr": LR, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0}
@@ -102,7 +105,8 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def run_trl(size: str, length: int, steps: int, seed: int) -> dict:
+def run_trl(size: str, length: int, steps: int, seed: int,
+            checkpointing: bool = False) -> dict:
     import torch
     import transformers
     from datasets import Dataset
@@ -154,6 +158,9 @@ def run_trl(size: str, length: int, steps: int, seed: int) -> dict:
         save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
         seed=seed, data_seed=seed, shuffle_dataset=False, dataloader_num_workers=0,
         log_completions=False, disable_tqdm=True,
+        # TRL's GRPOConfig turns activation checkpointing on by default: a second forward
+        # in every backward; off, as graphrl trains (--trl-checkpointing: TRL's default)
+        gradient_checkpointing=checkpointing,
         # pad/eos are never sampled: every response is exactly `length` tokens, as in graphrl
         generation_kwargs={"suppress_tokens": [vocab, vocab + 1]})
     trainer = GRPOTrainer(model=str(state / "init"), reward_funcs=reward, args=args, train_dataset=data,
@@ -167,15 +174,16 @@ def run_trl(size: str, length: int, steps: int, seed: int) -> dict:
 def child(argv: list[str]) -> None:
     import torch
 
-    which, size, length, steps, seed, threads = argv
+    which, size, length, steps, seed, threads, flag = argv
     torch.set_num_threads(int(threads))
     fn = run_graphrl if which == "graphrl" else run_trl
-    print("RESULT " + json.dumps(fn(size, int(length), int(steps), int(seed))))
+    print("RESULT " + json.dumps(fn(size, int(length), int(steps), int(seed), flag == "1")))
 
 
-def run(which: str, size: str, length: int, steps: int, seed: int, threads: int) -> dict:
+def run(which: str, size: str, length: int, steps: int, seed: int, threads: int,
+        flag: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", which, size, str(length), str(steps),
-           str(seed), str(threads)]
+           str(seed), str(threads), str(int(flag))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT,
                          env={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                               "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -194,10 +202,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
-    ap.add_argument("--child", nargs=6)
+    ap.add_argument("--old-forward", action="store_true",
+                    help="graphrl also runs the old-log-prob forward (off-policy form)")
+    ap.add_argument("--trl-checkpointing", action="store_true",
+                    help="TRL with its default activation checkpointing")
+    ap.add_argument("--profile", nargs=2, metavar=("SIZE", "LEN"),
+                    help="cProfile graphrl's steps at one size/length instead")
+    ap.add_argument("--profile-trl", action="store_true", help="--profile TRL's steps")
+    ap.add_argument("--child", nargs=7)
     a = ap.parse_args()
     if a.child:
         child(a.child)
+        return
+    if a.profile:
+        from bench_profile import profile_steps
+
+        size, length = a.profile[0], int(a.profile[1])
+        if a.profile_trl:
+            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing),
+                          a.threads)
+        else:
+            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward),
+                          a.threads)
         return
     rows = []
     for size in a.sizes:
@@ -205,12 +231,14 @@ def main() -> None:
             res = {"graphrl": {"times": [], "rewards": []}, "trl": {"times": [], "rewards": []}}
             for _ in range(a.reps):
                 for which in ("graphrl", "trl"):
-                    r = run(which, size, length, a.steps, a.seed, a.threads)
+                    flag = a.old_forward if which == "graphrl" else a.trl_checkpointing
+                    r = run(which, size, length, a.steps, a.seed, a.threads, flag)
                     res[which]["times"] += r["times"][1:]
                     res[which]["rewards"].append(r["rewards"])
             g, t = (statistics.median(res[k]["times"]) for k in ("graphrl", "trl"))
             row = {"size": size, "response_len": length, "steps": a.steps, "reps": a.reps,
-                   "threads": a.threads,
+                   "threads": a.threads, "graphrl_old_forward": a.old_forward,
+                   "trl_checkpointing": a.trl_checkpointing,
                    "graphrl_s_per_step": round(g, 4), "trl_s_per_step": round(t, 4),
                    "speedup": round(t / g, 2)}
             for k in ("graphrl", "trl"):

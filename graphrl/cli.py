@@ -41,7 +41,8 @@ def _show(ns: argparse.Namespace) -> int:
         print(plan_text(load_plan(ns.example)), end="")
         return 0
     build = load_example(ns.example)
-    print(build(run_options(ns)).program().graph.text(), end="")
+    opts = run_options(ns)
+    print(build(opts).program(opts.staleness).graph.text(), end="")
     return 0
 
 

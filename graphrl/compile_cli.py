@@ -105,7 +105,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
-                             progress=progress)
+                             progress=progress, staleness=opts.staleness)
     progress.done()
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
@@ -113,6 +113,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     notes = dict(plan.notes)
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    if opts.staleness:
+        print(async_line(compiled.findings))
     if lengths is not None:
         print(f"response lengths {lengths.text()}; generation " + "; ".join(
             spread_lines(compiled, lengths)))
@@ -125,10 +127,22 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     return 0
 
 
+def async_line(findings: Any) -> str:
+    """What --staleness K decided: the async plan, its lower bound, sync or async."""
+    plan, bound = findings["async"], findings["async_bound"]
+    if plan is None:
+        return "async: no split of the cluster into generation and training pools fits"
+    chosen = findings["staleness"]
+    verdict = (f"async pays: running staleness {chosen}" if chosen else
+               f"async does not pay: synchronous {findings['sync_seconds']:.2f} s is faster")
+    lb = f"{bound:.2f} s" if bound is not None else "n/a"
+    return f"{plan.text()} (async lower bound {lb}); {verdict}"
+
+
 def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
                  lengths: Any = None, headroom: float | None = None,
-                 progress: Any = None) -> list[dict[str, Any]]:
+                 progress: Any = None, staleness: int = 0) -> list[dict[str, Any]]:
     from .compiler import compile_graph
     from .errors import GraphRLError
 
@@ -141,16 +155,44 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
                               engines=False,   # comparing placements, not running them
                               response_lengths=lengths, memory_headroom=headroom,
                               progress=told)
-            rows.append({"policy": policy, "feasible": True,
+            rows.append({"policy": policy, "staleness": 0, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
         except GraphRLError as e:
-            rows.append({"policy": policy, "feasible": False, "step_seconds": None,
-                         "compile_seconds": None, "error": str(e).splitlines()[0]})
-    auto = rows[0]["step_seconds"]
+            rows.append({"policy": policy, "staleness": 0, "feasible": False,
+                         "step_seconds": None, "compile_seconds": None,
+                         "error": str(e).splitlines()[0]})
+    if staleness:
+        rows.insert(0, async_row(graph, cluster, engine, lengths, headroom, staleness))
+    auto = min((r["step_seconds"] for r in rows if r["policy"] == "auto" and r["feasible"]),
+               default=None)
     for r in rows:
         r["auto_speedup"] = (r["step_seconds"] / auto if auto and r["step_seconds"] else None)
     return rows
+
+
+def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any,
+              staleness: int) -> dict[str, Any]:
+    """auto allowed staleness <= K: the async plan's step if it pays, else auto's."""
+    from .compiler import compile_graph
+    from .errors import GraphRLError
+
+    try:
+        c = compile_graph(graph, cluster, "auto", gen_engine=engine, engines=False,
+                          response_lengths=lengths, memory_headroom=headroom,
+                          staleness=staleness)
+    except GraphRLError as e:
+        return {"policy": "auto", "staleness": staleness, "feasible": False,
+                "step_seconds": None, "compile_seconds": None, "async_bound": None,
+                "error": str(e).splitlines()[0]}
+    f = c.findings
+    chosen = f["staleness"]
+    return {"policy": "auto", "staleness": chosen, "feasible": True,
+            "step_seconds": f["async"].step_seconds if chosen else f["sync_seconds"],
+            "lowered_step_seconds": c.plan.predicted_step_seconds,
+            "async_bound": f["async_bound"], "compile_seconds": c.compile_seconds,
+            "split": (f"{f['async'].gen_gpus}+{f['async'].train_gpus}" if chosen else ""),
+            "error": ""}
 
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
@@ -163,17 +205,18 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     cluster = cluster_of(ns.cluster)
     progress = Progress("graphrl compare")
     rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
-                        load_placement(ns.placement), lengths, ns.memory_headroom, progress)
+                        load_placement(ns.placement), lengths, ns.memory_headroom, progress,
+                        opts.staleness)
     progress.done()
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"graphrl compare: @{graph.name} on {cluster.text()}")
-    print(f"{'policy':<14}{'step s':>10}{'auto speedup':>14}{'compile s':>11}")
+    print(f"{'policy':<14}{'stale':>6}{'step s':>10}{'auto speedup':>14}{'compile s':>11}")
     for r in rows:
         if r["feasible"]:
-            print(f"{r['policy']:<14}{r['step_seconds']:>10.3f}{r['auto_speedup']:>13.2f}x"
-                  f"{r['compile_seconds']:>11.2f}")
+            print(f"{r['policy']:<14}{r['staleness']:>6}{r['step_seconds']:>10.3f}"
+                  f"{r['auto_speedup']:>13.2f}x{r['compile_seconds']:>11.2f}")
         else:
-            print(f"{r['policy']:<14}{'infeasible':>10}   {r['error']}")
+            print(f"{r['policy']:<14}{r['staleness']:>6}{'infeasible':>10}   {r['error']}")
     return 0

@@ -29,7 +29,7 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   gen_engine: str = "hf", check: bool = True,
                   dump_dir: str | Path | None = None, engines: bool = False,
                   response_lengths: Any = None, memory_headroom: float | None = None,
-                  progress: Any = None) -> Compiled:
+                  progress: Any = None, staleness: int = 0) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
     a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
     are run: the Ray launcher and `graphrl compile` outside planning-only mode).
@@ -37,7 +37,18 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     max=..`) the generation cost is priced over; None = every response max_new_tokens.
     `memory_headroom`: share of each GPU's and node's memory left free (default 8%).
     `progress`: a (stage, evaluations) sink told as the passes and the search go on
-    (graphrl.progress.Progress prints it for long compiles)."""
+    (graphrl.progress.Progress prints it for long compiles).
+    `staleness` K >= 1: also price asynchronous steps (graphrl.async_cost); if they beat
+    the synchronous step, the plan is for the graph rewritten for staleness K
+    (passes/staleness.py) with generation and training on the chosen disjoint pools.
+    findings["staleness"] says which was chosen, findings["async"] the async plan."""
+    if staleness:
+        from .async_compile import compile_with_staleness
+
+        return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
+                                      gen_engine=gen_engine, check=check, dump_dir=dump_dir,
+                                      engines=engines, response_lengths=response_lengths,
+                                      memory_headroom=memory_headroom, progress=progress)
     import time
 
     from graphrl.passes.assign_devices import parse_pins

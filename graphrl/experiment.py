@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .argtypes import positive_int, positive_seconds
+from .argtypes import int_at_least, positive_int, positive_seconds
 from .errors import UsageError
 
 from .trace import Model, Program, trace
@@ -43,6 +43,12 @@ class RunOptions:
     run_dir: str = "runs"                # where examples write what they generate
     overwrite: bool = False              # --metrics may replace an earlier run's file
     call_timeout: float | None = None    # ray: seconds one wait may take (None: from plan)
+    checkpoint_dir: str | None = None    # write checkpoints here (graphrl.checkpoint)
+    checkpoint_every: int | None = None  # every N iterations (and at the end)
+    keep: int = 2                        # keep the newest K checkpoints
+    resume: str | None = None            # a checkpoint, or a --checkpoint-dir (its newest)
+    max_restarts: int = 0                # ray: restarts from the last checkpoint on a lost rank
+    staleness: int = 0                   # rollouts train K steps after they are generated
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -110,8 +116,18 @@ class Experiment:
     description: str = ""
     notes: Mapping[str, Any] = field(default_factory=dict)
 
-    def program(self) -> Program:
-        return trace(self.step, list(self.models), name=self.name, **self.inputs)
+    def program(self, staleness: int = 0) -> Program:
+        """The traced step; staleness K >= 1: rewritten so that rollouts train K steps
+        after they are generated (graphrl.passes.staleness)."""
+        program = trace(self.step, list(self.models), name=self.name, **self.inputs)
+        if staleness:
+            from dataclasses import replace
+
+            from graphrl.passes.staleness import carry_rollouts, verify_staleness
+
+            graph = verify_staleness(carry_rollouts(program.graph, staleness), staleness)
+            program = replace(program, graph=graph)
+        return program
 
     def check_roles(self, opts: RunOptions) -> None:
         """Every role named by --model/--model-config/--model-size is a model here."""
@@ -135,6 +151,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     (commands that compile take --cluster/--policy/--placement themselves)."""
     if backend:
         add_backend_options(p)
+        add_checkpoint_options(p)
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -179,10 +196,32 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
+    p.add_argument("--staleness", type=int_at_least(0), default=0, metavar="K",
+                   help="asynchronous off-policy steps: rollouts generated at step n train "
+                        "at step n+K, so generation overlaps training (default 0: "
+                        "synchronous); the policy loss becomes its staleness-corrected form")
     p.add_argument("--prompt-len", type=positive_int, metavar="P",
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
                    help="generated tokens per response (default: the example's task)")
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """--checkpoint-dir/--checkpoint-every/--keep/--resume/--max-restarts (runs only)."""
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="write checkpoints (weights, optimizer state, RNG states, data "
+                        "position, metrics) into DIR, each published atomically")
+    c.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="a checkpoint every N iterations (default: only at the end)")
+    c.add_argument("--keep", type=positive_int, default=2, metavar="K",
+                   help="keep the newest K checkpoints (default 2)")
+    c.add_argument("--resume", metavar="DIR",
+                   help="continue from a checkpoint directory, or from the newest valid "
+                        "one in a --checkpoint-dir; the run continues exactly (same seed)")
+    c.add_argument("--max-restarts", type=int_at_least(0), default=0, metavar="R",
+                   help="ray: when a worker dies, restart the workers from the last "
+                        "checkpoint, at most R times (needs --checkpoint-dir)")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -237,4 +276,9 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       chat_template=getattr(ns, "chat_template", False),
                       save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
                       run_dir=getattr(ns, "run_dir", "runs"),
+                      checkpoint_dir=getattr(ns, "checkpoint_dir", None),
+                      checkpoint_every=getattr(ns, "checkpoint_every", None),
+                      keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
+                      max_restarts=getattr(ns, "max_restarts", 0),
+                      staleness=getattr(ns, "staleness", 0) or 0,
                       **(ray_opts if backend == "ray" else {}))

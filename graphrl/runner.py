@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import UsageError
+from .errors import ExecutionError, UsageError
 from .experiment import Experiment, RunOptions
 from .timeline import Event, call_seconds, write_chrome_trace
 
@@ -40,8 +40,8 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
         for f, t in sorted(payload.items()):
             if t.numel() == 1:
                 row[f"{name}/{f}"] = float(t)
-            elif t.dtype.is_floating_point:
-                row[f"{name}/{f}_mean"] = float(t.mean())
+            elif t.dtype.is_floating_point or f == "version":
+                row[f"{name}/{f}_mean"] = float(t.float().mean())
     return row
 
 
@@ -97,8 +97,13 @@ def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> A
 def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                    executor: Any = None) -> RunSummary:
     """Run `exp` for its iterations on `executor` (default: a new one of `opts.backend`,
-    closed at the end — also on errors and Ctrl-C; one passed in stays open)."""
+    closed at the end — also on errors and Ctrl-C; one passed in stays open).
+    --checkpoint-dir/--checkpoint-every/--keep write checkpoints (graphrl.checkpoint),
+    --resume continues from one, --max-restarts restarts the executor from the last
+    checkpoint when a worker dies."""
     from tqdm import tqdm
+
+    from . import checkpoint_run as ckr
 
     if opts.model_size:
         raise UsageError(f"--model-size {opts.model_size} plans full-size models for graphrl "
@@ -109,39 +114,93 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
+    check_checkpoint_options(opts)
     if opts.save:
         check_save_target(opts.save)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
-    program = exp.program()
+    program = exp.program(opts.staleness)
+    ckpt = ckr.open_resume(opts, exp, program)   # verified before anything is loaded
+    writer = None
+    if opts.checkpoint_dir:
+        from .checkpoint import CheckpointWriter
+
+        writer = CheckpointWriter(opts.checkpoint_dir, opts.keep)
+        if writer.removed and not opts.quiet:
+            print(f"[{exp.name}] removed half-written checkpoints: "
+                  + ", ".join(writer.removed), file=out)
     owned = executor is None
-    metrics = MetricsLog(opts.metrics, overwrite=opts.overwrite) if opts.metrics else None
+    metrics = MetricsLog(opts.metrics, overwrite=opts.overwrite or bool(ckpt)) \
+        if opts.metrics else None
     prepared: dict[str, float] = {}
     finished = False
     bar = None
     rows: list[dict[str, Any]] = []
     events: list[Event] = []
     extra: list[str] = []
+    restarts = 0
+    saved_s: list[float] = []   # seconds each checkpoint took
     try:
         if executor is None:
             executor = make_executor(program, opts, out)
-        prepared = executor.prepare(exp.prepare) if exp.prepare else {}
+        if (writer or ckpt) and hasattr(executor, "check_checkpointable"):
+            executor.check_checkpointable()
+        if ckpt is not None:
+            resumed = ckr.restore(ckpt, executor)
+            rows, prepared = resumed.rows, resumed.prepared
+            print(f"[{exp.name}] resumed from {ckpt.path} after {resumed.start} "
+                  "iterations", file=out)
+        else:
+            prepared = executor.prepare(exp.prepare) if exp.prepare else {}
         if prepared and not opts.quiet:
             print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                           prepared.items()), file=out)
-        bar = tqdm(range(iterations), desc=exp.name, unit="it", disable=opts.quiet,
-                   dynamic_ncols=True, file=sys.stderr)
-        for i in bar:
-            result = executor.run_step(exp.data(i), iteration=i)
+        if metrics:
+            for row in rows:
+                metrics.write(row)
+        bar = tqdm(total=iterations, initial=len(rows), desc=exp.name, unit="it",
+                   disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
+        # steps: async runs (--staleness K) first run K generate-only warm-up steps
+        i, steps = len(rows), iterations + opts.staleness
+        while i < steps:
+            try:
+                result = executor.run_step(exp.data(i), iteration=i)
+            except ExecutionError as e:
+                lost = lost_ranks(e, executor) if opts.max_restarts and owned else []
+                if not lost or restarts >= opts.max_restarts:
+                    raise
+                restarts += 1
+                executor, i = restart_from_checkpoint(
+                    e, lost, executor, program, opts, out, exp.name, i, restarts)
+                rows = rows[:i]
+                if metrics:
+                    metrics.close()
+                    metrics = MetricsLog(opts.metrics, overwrite=True)
+                    for row in rows:
+                        metrics.write(row)
+                bar.n = i
+                continue
+            if getattr(result, "warmup", False):
+                i += 1
+                continue
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
             rows.append(row)
             events.extend(result.events)
             if metrics:
                 metrics.write(row)
+            i += 1
+            bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
+            if writer is not None and ckr.due(opts, i, iterations):
+                path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts, i,
+                                                  rows, prepared, iterations)
+                saved_s.append(secs)
         report = getattr(executor, "summary_lines", None)
         if report is not None:
             extra = list(report(events, len(rows)))
+        if saved_s:
+            extra.append(f"  checkpoints: {len(saved_s)} written to {opts.checkpoint_dir}, "
+                         f"{sum(saved_s) / len(saved_s):.3f} s each")
         if opts.save:
             saved = save_run(program, executor, opts.save)
             extra.append("  saved: " + ", ".join(saved))
@@ -163,6 +222,54 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
     print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary
+
+
+def check_checkpoint_options(opts: RunOptions) -> None:
+    if opts.checkpoint_every and not opts.checkpoint_dir:
+        raise UsageError("--checkpoint-every needs --checkpoint-dir DIR")
+    if opts.keep < 1:
+        raise UsageError(f"--keep {opts.keep}: keep at least 1 checkpoint")
+    if opts.max_restarts < 0:
+        raise UsageError(f"--max-restarts {opts.max_restarts}: expected 0 or more")
+    if opts.max_restarts and not opts.checkpoint_dir:
+        raise UsageError("--max-restarts needs --checkpoint-dir DIR (a restarted run "
+                         "continues from the last checkpoint)")
+    if opts.staleness and (opts.checkpoint_dir or opts.resume):
+        raise UsageError(f"--staleness {opts.staleness} with --checkpoint-dir/--resume: "
+                         "checkpoints do not yet hold the rollouts an asynchronous run "
+                         "carries between steps; checkpoint a synchronous run (--staleness 0)")
+
+
+def lost_ranks(e: ExecutionError, executor: Any) -> list[int]:
+    """The ranks whose worker process died (an error in the step itself would fail the
+    same way again after a restart: it is not retried)."""
+    lost = list(getattr(e, "lost", None) or [])
+    probe = getattr(executor, "lost_ranks", None)
+    if probe is not None:
+        lost = sorted(set(lost) | set(probe()))
+    return lost
+
+
+def restart_from_checkpoint(e: ExecutionError, lost: list[int], executor: Any,
+                            program: Any, opts: RunOptions, out: TextIO, name: str,
+                            failed: int, restarts: int) -> tuple[Any, int]:
+    """Close the failed executor (every rank stops), start a new one and load the last
+    published checkpoint; returns (executor, the iteration to continue at)."""
+    from . import checkpoint_run as ckr
+    from .checkpoint import find_checkpoint, published
+
+    executor.close()
+    where = (f"rank(s) {', '.join(map(str, lost))} died; the error came from "
+             f"{getattr(e, 'method', '?')} on rank {getattr(e, 'rank', '?')}")
+    if not published(Path(opts.checkpoint_dir)):
+        raise ExecutionError(f"{e}\n(no checkpoint to restart from yet)") from e
+    ck = find_checkpoint(opts.checkpoint_dir)
+    print(f"[{name}] worker lost at iteration {failed} ({where}): "
+          f"{str(e).splitlines()[0]}; restart {restarts}/{opts.max_restarts} from "
+          f"{ck.path} ({failed - ck.iteration} iteration(s) lost)", file=out)
+    executor = make_executor(program, opts, out)
+    ckr.restore(ck, executor)
+    return executor, ck.iteration
 
 
 def run(exp: Experiment, **options: Any) -> RunSummary:

@@ -242,6 +242,15 @@ class Tracer:
         wanted, _ = sig.LOSSES[loss]
         check_train_options(where, loss, {k: v for k, v in kwargs.items()
                                           if k not in dict(wanted)})
+        left_out = [k for k in sig.OPTIONAL_INPUTS.get(loss, ()) if k not in kwargs]
+        if left_out:
+            passes = {k: kwargs.get(k, 1) for k in ("epochs", "minibatches")}
+            if any(v != 1 for v in passes.values()):
+                raise TraceError(f"{where}: {', '.join(left_out)} may be left out only for "
+                                 "one optimizer pass (epochs=1, minibatches=1), got "
+                                 + ", ".join(f"{k}={v}" for k, v in passes.items())
+                                 + "; pass the old log-probs (policy.forward(rollout))")
+            wanted = tuple((k, t) for k, t in wanted if k not in left_out)
         missing = [k for k, _ in wanted if k not in kwargs]
         if missing:
             raise TraceError(f"{where}: loss {loss!r} needs argument(s) {', '.join(missing)} "

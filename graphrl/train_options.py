@@ -18,6 +18,8 @@ LOSS_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "grpo": ("clip", "kl_coef"),
     "value": ("value_clip",),
     "bradley_terry": (),
+    "ppo_decoupled": ("clip", "behaviour_clip"),
+    "grpo_decoupled": ("clip", "kl_coef", "behaviour_clip"),
 }
 
 

@@ -54,8 +54,9 @@ def _registry() -> dict[str, type]:
     from .assign_devices import AssignDevices
     from .choose_overlap import ChooseOverlap
     from .insert_reshard import InsertReshard
+    from .staleness import Staleness
 
-    return {p.name: p for p in (AssignDevices, ChooseOverlap, InsertReshard)}
+    return {p.name: p for p in (Staleness, AssignDevices, ChooseOverlap, InsertReshard)}
 
 
 _SPEC = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")

@@ -23,6 +23,39 @@ def load_build(name: str):
     return load_example(str(EXAMPLES / f"{name}.py"))
 
 
+@pytest.fixture(scope="session")
+def reward_models() -> dict:
+    """Reward models the examples' set-up trained this session (see shared_prepare)."""
+    return {}
+
+
+def shared_prepare(exp, cache: dict, seed: int):
+    """`exp` whose set-up (reward-model training) runs once per session for a given
+    seed and initial reward weights: the PPO and GRPO examples train the same reward
+    model (same config, seed and data), so a later experiment loads the weights and
+    reports the stats the first training produced (each is really trained once)."""
+    import dataclasses
+    import hashlib
+
+    prepare = exp.prepare
+
+    def run(engines):
+        engine = engines["reward"]
+        digest = hashlib.sha256()
+        for name, t in sorted(engine.export_weights().items()):
+            digest.update(name.encode() + t.numpy().tobytes())
+        key = (seed, digest.hexdigest())
+        if key not in cache:
+            stats = prepare(engines)
+            cache[key] = (engine.export_weights(), engine.version, dict(stats))
+        weights, version, stats = cache[key]
+        engine.load_weights(weights)
+        engine.version = version
+        return stats
+
+    return dataclasses.replace(exp, prepare=run)
+
+
 class SharedRay:
     """One local Ray cluster (4 fake GPUs, 2 CPUs) for every Ray test of the session,
     started on first use (`session()`; each ray.init costs seconds). Ray can be

@@ -165,11 +165,13 @@ def fast_grpo(batch: int, seed: int, prepare: bool = True):
     return dataclasses.replace(exp, models=models, prepare=exp.prepare if prepare else None)
 
 
-def test_grpo_example_learns_with_the_fast_engine():
+def test_grpo_example_learns_with_the_fast_engine(reward_models):
+    from conftest import shared_prepare
     from graphrl.runner import run_experiment
 
     opts = gr.RunOptions(seed=11, quiet=True)
-    summary = run_experiment(fast_grpo(16, 11), opts, out=io.StringIO())
+    exp = shared_prepare(fast_grpo(16, 11), reward_models, 11)   # trained once a session
+    summary = run_experiment(exp, opts, out=io.StringIO())
     first, last = summary.reward_window(True), summary.reward_window(False)
     assert last - first >= 0.15, (first, last)
 

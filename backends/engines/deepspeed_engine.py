@@ -28,8 +28,8 @@ import torch.distributed as dist
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
-from ..losses import LOSS_FUNCTIONS
-from .base import fit_micro_batches, loss_tokens
+from .base import fit_micro_batches
+from .train_loop import WeightedStats, loss_weights, micro_batches, train_epochs
 from .hf import HFEngine
 
 
@@ -171,27 +171,18 @@ class DeepSpeedEngine:
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: Any = None,
               **hyper: Any) -> dict[str, float]:
-        if loss not in LOSS_FUNCTIONS:
-            raise UsageError(f"model {self.decl.name}: unknown loss {loss!r} "
-                             f"(known: {', '.join(LOSS_FUNCTIONS)})")
-        loss_fn = LOSS_FUNCTIONS[loss]
-        batch = next(iter(inputs.values()))
-        n = next(iter(batch.values())).shape[0]
-        if n % minibatches:
-            raise UsageError(f"{self.decl.name}.train: batch {n} does not split into "
-                             f"{minibatches} minibatches")
-        gen = torch.Generator().manual_seed(seed)
-        totals: dict[str, float] = {}
-        count = 0
+        """HFEngine.train's minibatches (train_loop.train_epochs); each rank its slice."""
         self.ds.train()
         self.hf.module.eval()   # no dropout (as HFEngine); DeepSpeed's train() flag only
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=gen).chunk(minibatches):
-                for k, v in self._minibatch(loss_fn, inputs, idx, hyper).items():
-                    totals[k] = totals.get(k, 0.0) + v
-                count += 1
+        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
+                             minibatches=minibatches,
+                             step=lambda fn, idx: self._minibatch(fn, inputs, idx, hyper))
         self.version += 1
-        return {k: v / count for k, v in totals.items()}
+        return stats
+
+    def _dp_sum(self, t: torch.Tensor) -> None:
+        if self.dp > 1:
+            dist.all_reduce(t, group=self.group)
 
     def _minibatch(self, loss_fn: Any, inputs: Mapping[str, Mapping[str, Any]],
                    idx: torch.Tensor, hyper: Mapping[str, Any]) -> dict[str, float]:
@@ -201,19 +192,13 @@ class DeepSpeedEngine:
             # DeepSpeed's public setter: train batch = micro (1) x accumulation x dp
             self.ds.set_train_batch_size(m * self.dp)
         self.ran_micro_batches = m
-        k = mine.numel() // m
-        mbs = [{key: {f: self.hf._to(t[mine[i * k:(i + 1) * k]]) for f, t in p.items()}
-                for key, p in inputs.items()} for i in range(m)]
-        weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
-        total = weights.sum().clone()
-        if self.dp > 1:
-            dist.all_reduce(total, group=self.group)
-        weights = weights / total.clamp(min=1.0)
-        sums: dict[str, float] = {}
+        mbs = micro_batches(self.decl.name, inputs, mine, m, self.hf._to)
+        weights = loss_weights(mbs, self._dp_sum)
+        sums = WeightedStats()
         summed = None
         for i, mb in enumerate(mbs):
             with torch.enable_grad():
-                value, stats = loss_fn(self.hf._head, mb, **hyper)
+                value, stats = loss_fn(self.hf.loss_forward(), mb, **hyper)
                 # DeepSpeed averages gradients over dp: x dp makes it the weighted sum
                 value = value * float(weights[i]) * self.dp
                 if self._accumulation_steps() == 1 and m > 1:
@@ -221,17 +206,12 @@ class DeepSpeedEngine:
                 else:
                     self.ds.backward(value, scale_wrt_gas=False)
                     self.ds.step()   # applies at the gradient-accumulation boundary only
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(weights[i]) * v
+            sums.add(float(weights[i]), stats)
         if summed is not None:
             with torch.enable_grad():
                 self.ds.backward(summed, scale_wrt_gas=False)
             self.ds.step()
-        names = sorted(sums)
-        vec = torch.tensor([sums[k] for k in names], dtype=torch.float64)
-        if self.dp > 1:
-            dist.all_reduce(vec, group=self.group)
-        return dict(zip(names, vec.tolist()))
+        return sums.result(self._dp_sum)
 
     # -- weights ------------------------------------------------------------------------
     def _gathered(self) -> Any:

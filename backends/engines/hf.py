@@ -21,8 +21,8 @@ from torch import nn
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
-from ..losses import LOSS_FUNCTIONS
 from .hf_checkpoint import special_tokens
+from .train_loop import micro_batches, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
 
@@ -196,6 +196,24 @@ class HFEngine:
             return shifted(out)
         return out[torch.arange(out.shape[0], device=out.device), last_index(mask)]
 
+    def _heads(self, payloads: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """_head of each payload, in one forward pass when they have one width (a
+        preference pair's chosen and rejected halves: half the module calls)."""
+        if len({tuple(p["tokens"].shape[1:]) for p in payloads}) != 1:
+            return [self._head(p) for p in payloads]
+        parts = [self._inputs(p) for p in payloads]
+        out = self._head({"tokens": torch.cat([t for t, _ in parts]),
+                          "attention_mask": torch.cat([m for _, m in parts])})
+        return list(out.split([t.shape[0] for t, _ in parts]))
+
+    def loss_forward(self) -> Callable[[Mapping[str, Any]], torch.Tensor]:
+        """What a loss calls to run the model (losses.forward_each uses `many`)."""
+        def forward(payload: Mapping[str, Any]) -> torch.Tensor:
+            return self._head(payload)
+
+        forward.many = self._heads   # type: ignore[attr-defined]
+        return forward
+
     @torch.no_grad()
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
         out = self._head(rollout).cpu()
@@ -285,48 +303,37 @@ class HFEngine:
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,
               **hyper: Any) -> dict[str, float]:
-        """Optimise `loss` over `epochs` passes of `minibatches` random minibatches.
-        `shard=(index, count)`: this process is data-parallel rank `index` of `count`
-        that all see the whole batch: each minibatch is drawn from the same seeded
-        permutation as in one process and this rank takes its `index`-th equal part;
-        `after_backward` (if set) must then average the gradients over the ranks."""
-        if loss not in LOSS_FUNCTIONS:
-            raise UsageError(f"model {self.decl.name}: unknown loss {loss!r} "
-                             f"(known: {', '.join(LOSS_FUNCTIONS)})")
-        loss_fn = LOSS_FUNCTIONS[loss]
+        """Optimise `loss` over `epochs` passes of `minibatches` random minibatches
+        (train_loop.train_epochs). `shard=(index, count)`: this process is data-parallel
+        rank `index` of `count` that all see the whole batch: each minibatch is drawn from
+        the same seeded permutation as in one process and this rank takes its `index`-th
+        equal part; `after_backward` (if set) must then average the gradients over the
+        ranks."""
         opt = self._optimizer()
-        batch = next(iter(inputs.values()))
-        n = next(iter(batch.values())).shape[0]
-        if n % minibatches:
-            raise UsageError(f"{self.decl.name}.train: batch {n} does not split into "
-                             f"{minibatches} minibatches")
-        gen = torch.Generator().manual_seed(seed)
-        totals: dict[str, float] = {}
-        count = 0
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=gen).chunk(minibatches):
-                if shard is not None:
-                    rank, ranks = shard
-                    if idx.numel() % ranks:
-                        raise UsageError(f"{self.decl.name}.train: minibatch of "
-                                         f"{idx.numel()} does not split into {ranks} "
-                                         "equal data-parallel parts")
-                    idx = idx.chunk(ranks)[rank]
-                mb = {k: {f: self._to(t[idx]) for f, t in p.items()} for k, p in inputs.items()}
-                with torch.enable_grad():
-                    value, stats = loss_fn(self._head, mb, **hyper)
-                    opt.zero_grad(set_to_none=True)
-                    value.backward()
-                if self.after_backward is not None:
-                    self.after_backward()
-                if self.options["grad_clip"]:
-                    nn.utils.clip_grad_norm_(self.module.parameters(), self.options["grad_clip"])
-                opt.step()
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                count += 1
+
+        def step(loss_fn: Callable[..., Any], idx: torch.Tensor) -> Mapping[str, float]:
+            if shard is not None:
+                rank, ranks = shard
+                if idx.numel() % ranks:
+                    raise UsageError(f"{self.decl.name}.train: minibatch of {idx.numel()} "
+                                     f"does not split into {ranks} equal data-parallel parts")
+                idx = idx.chunk(ranks)[rank]
+            mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
+            with torch.enable_grad():
+                value, stats = loss_fn(self.loss_forward(), mb, **hyper)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+            if self.after_backward is not None:
+                self.after_backward()
+            if self.options["grad_clip"]:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.options["grad_clip"])
+            opt.step()
+            return stats
+
+        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
+                             minibatches=minibatches, step=step)
         self.version += 1
-        return {k: v / count for k, v in totals.items()}
+        return stats
 
     # -- weights and memory ---------------------------------------------------------------
     def export_weights(self) -> dict[str, torch.Tensor]:
@@ -345,6 +352,25 @@ class HFEngine:
                     raise UsageError(f"model {self.decl.name}: {k} has shape "
                                      f"{tuple(named[k].shape)}, expected {tuple(v.shape)}")
                 v.copy_(named[k])
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs of this engine: weights, AdamW state (None before
+        the first train step) and the version (completed train steps)."""
+        from .engine_state import named_optimizer_state
+
+        return {"weights": self.export_weights(), "version": self.version,
+                "optimizer": named_optimizer_state(self.module, self.optimizer)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict() returned (weights checked by name and shape)."""
+        from .engine_state import load_named_optimizer_state
+
+        self.load_weights(state["weights"])
+        self.optimizer = None
+        if state["optimizer"] is not None:
+            load_named_optimizer_state(self.module, self._optimizer(), state["optimizer"])
+        self.version = int(state["version"])
 
     def _move(self, device: torch.device) -> None:
         self.module.to(device)

@@ -37,8 +37,9 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-export)
 
-from ..losses import LOSS_FUNCTIONS
-from .base import fit_micro_batches, loss_tokens
+from .base import fit_micro_batches
+from .train_loop import (WeightedStats, loss_weights, micro_batches, split_rows,
+                         train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
@@ -330,11 +331,7 @@ class MegatronEngine:
         return (s, rows, self.spec.hidden_size)
 
     def _split(self, n: int, parts: int, what: str) -> list[slice]:
-        if n % parts:
-            raise UsageError(f"{self.decl.name}.{what}: {n} rows do not split into "
-                             f"{parts} equal parts")
-        k = n // parts
-        return [slice(i * k, (i + 1) * k) for i in range(parts)]
+        return split_rows(self.decl.name, n, parts, what)
 
     @torch.no_grad()
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
@@ -425,31 +422,24 @@ class MegatronEngine:
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: Any = None,
               **hyper: Any) -> dict[str, float]:
-        """HFEngine.train's minibatches (same seeded permutation); each split over dp and
-        the plan's micro-batches. Every rank passes the whole batch (`shard` is ignored:
-        the engine knows its dp rank)."""
-        if loss not in LOSS_FUNCTIONS:
-            raise UsageError(f"model {self.decl.name}: unknown loss {loss!r} "
-                             f"(known: {', '.join(LOSS_FUNCTIONS)})")
-        loss_fn = LOSS_FUNCTIONS[loss]
-        opt = self._optimizer()
-        batch = next(iter(inputs.values()))
-        n = next(iter(batch.values())).shape[0]
-        if n % minibatches:
-            raise UsageError(f"{self.decl.name}.train: batch {n} does not split into "
-                             f"{minibatches} minibatches")
-        gen = torch.Generator().manual_seed(seed)
-        totals: dict[str, float] = {}
-        count = 0
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=gen).chunk(minibatches):
-                stats = self._train_minibatch(loss_fn, inputs, idx, hyper)
-                opt.zero_grad(set_to_none=True)
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                count += 1
+        """HFEngine.train's minibatches (train_loop.train_epochs: the same seeded
+        permutation); each split over dp and the plan's micro-batches. Every rank passes
+        the whole batch (`shard` is ignored: the engine knows its dp rank)."""
+        self._optimizer()
+
+        def step(loss_fn: Callable, idx: torch.Tensor) -> dict[str, float]:
+            stats = self._train_minibatch(loss_fn, inputs, idx, hyper)
+            self._optimizer().zero_grad(set_to_none=True)
+            return stats
+
+        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
+                             minibatches=minibatches, step=step)
         self.version += 1
-        return {k: v / count for k, v in totals.items()}
+        return stats
+
+    def _dp_sum(self, t: torch.Tensor) -> None:
+        if self.dp > 1:
+            dist.all_reduce(t, group=self.groups["dp"])
 
     def _train_minibatch(self, loss_fn: Callable, inputs: Mapping[str, Mapping[str, Any]],
                          idx: torch.Tensor, hyper: Mapping[str, Any]) -> dict[str, float]:
@@ -457,15 +447,10 @@ class MegatronEngine:
         opt.zero_grad(set_to_none=True)
         mine = idx[self._split(idx.numel(), self.dp, "train")[self.dp_rank]]
         m = self.ran_micro_batches = fit_micro_batches(mine.numel(), self.micro_batches)
-        mbs = [{k: {f: t[mine[s]] for f, t in p.items()} for k, p in inputs.items()}
-               for s in self._split(mine.numel(), m, "train (micro-batches)")]
+        mbs = micro_batches(self.decl.name, inputs, mine, m)
         fed = sorted(k for k in inputs if "tokens" in inputs[k])   # what the loss forwards
-        weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
-        total = weights.sum().clone()
-        if self.dp > 1:
-            dist.all_reduce(total, group=self.groups["dp"])
-        weights = weights / total.clamp(min=1.0)
-        stat_sums: dict[str, torch.Tensor] = {}
+        weights = loss_weights(mbs, self._dp_sum)
+        stat_sums = WeightedStats()
         seq = inputs[fed[0]]["tokens"].shape[1]
         rows = mine.numel() // m
 
@@ -492,8 +477,7 @@ class MegatronEngine:
 
             value, stats = loss_fn(head, local, **hyper)
             w = float(weights[i])
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, torch.zeros((), dtype=torch.float64)) + w * v
+            stat_sums.add(w, stats)
             return value * w
 
         one_f_one_b(self.stage, run, m, self._act_shape(rows * len(fed), seq), torch.float32)
@@ -501,21 +485,21 @@ class MegatronEngine:
         opt.step()
         return self._reduce_stats(stat_sums)
 
-    def _reduce_stats(self, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def _reduce_stats(self, sums: WeightedStats) -> dict[str, float]:
         """Weighted stats from the last stage, summed over dp, on every rank."""
-        names = sorted(sums)
+        names = sorted(sums.sums)
         if self.pp > 1:   # only the last stage knows the names
             holder = [names]
             dist.broadcast_object_list(holder, src=self.stage_ranks()[-1],
                                        group=self.groups["pp"])
             names = holder[0]
-        vec = torch.tensor([float(sums[k]) if k in sums else 0.0 for k in names],
-                           dtype=torch.float64)
-        if self.pp > 1:
-            dist.all_reduce(vec, group=self.groups["pp"])
-        if self.dp > 1:
-            dist.all_reduce(vec, group=self.groups["dp"])
-        return {k: float(v) for k, v in zip(names, vec)}
+
+        def over_ranks(vec: torch.Tensor) -> None:
+            if self.pp > 1:
+                dist.all_reduce(vec, group=self.groups["pp"])
+            self._dp_sum(vec)
+
+        return sums.result(over_ranks, names)
 
     def stage_ranks(self) -> list[int]:
         """Global ranks of this rank's pipeline, first stage first."""

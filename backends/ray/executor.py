@@ -50,6 +50,7 @@ from .assign import Group, assign_engines, dispatch_order, split_rows
 from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
+from .state import CheckpointMethods
 
 ITEMSIZE = 4   # engines hold float32 weights; reshards move them as float32
 
@@ -67,32 +68,7 @@ class _Value:
     token: Optional[WeightsToken] = None
 
 
-class _DriverEngines(Mapping[str, Any]):
-    """Engines built on the driver on first use, for an Experiment's `prepare` (e.g.
-    reward-model training), seeded as the workers' engines are."""
-
-    def __init__(self, program: Program, seed: int):
-        self.program, self.seed, self.built = program, seed, {}
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.built:
-            from graphrl.backends.engines.base import create_engine
-
-            m = self.program.models[name]
-            eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)
-            if m.init_from:
-                eng.load_weights(self[m.init_from].export_weights())
-            self.built[name] = eng
-        return self.built[name]
-
-    def __iter__(self):
-        return iter(self.program.models)
-
-    def __len__(self) -> int:
-        return len(self.program.models)
-
-
-class RayExecutor:
+class RayExecutor(CheckpointMethods):
     """Runs `program`'s step as `plan` (compiled from program.graph) on Ray ranks.
 
     Ray must be initialised (`cluster.start_ray`) with the plan's GPUs. `store_host`:
@@ -122,6 +98,7 @@ class RayExecutor:
         self._stamps: list[Stamp] = []
         self._ran: dict[str, tuple[int, set[str]]] = {}   # node -> iteration, what ran
         self._carried: Optional[dict[str, Optional[WeightsToken]]] = None
+        self._carried_data: dict[str, Any] = {}   # async: queued payloads (driver-side)
         try:
             if not ray.is_initialized():
                 raise UsageError("Ray is not initialised: start it first "
@@ -248,7 +225,9 @@ class RayExecutor:
                 ) -> dict[str, float]:
         """Run `fn` on driver-side engines, then load the weights it changed into every
         engine of those models on the ranks (optimizer state stays behind)."""
-        engines = _DriverEngines(self.program, self.seed)
+        from .driver_engines import DriverEngines
+
+        engines = DriverEngines(self.program, self.seed)
         result = dict(fn(engines))
         for name, eng in engines.built.items():
             keys = [k for k, s in self.engines.specs.items() if s.decl.name == name]
@@ -281,7 +260,12 @@ class RayExecutor:
         start = time.time()
         self._stamps = []
         env: dict[str, _Value] = {}
+        queued = dict(g.carries)
         for v in g.inputs:
+            if not v.spec.is_weights and v.name in queued:   # async queue stage
+                if v.name in self._carried_data:
+                    env[v.name] = _Value(local=self._carried_data[v.name])
+                continue
             if v.spec.is_weights:   # at first, whatever version set-up left
                 first = WeightsToken(v.spec.model, self.versions.get(v.spec.model, 0))
                 token = (self._carried or {}).get(v.name, first)
@@ -292,6 +276,10 @@ class RayExecutor:
                 raise ExecutionError(f"step @{g.name}: input {name!r} was not given "
                                      f"(given: {', '.join(inputs) or 'none'})")
             env[v.name] = _Value(local=inputs[name])
+        # an async step's first steps only generate (passes/staleness): skip what needs
+        # a queue stage not yet filled
+        warmup = any(v.name in queued and not v.spec.is_weights and v.name not in env
+                     for v in g.inputs)
         host_events: list[Event] = []
         frees = dict(self._frees)
         checks: list[tuple[str, Any, Any]] = []
@@ -300,6 +288,8 @@ class RayExecutor:
             self.instructions_dispatched += len(grp.members)
             if grp.op == "run":
                 n = g.node(grp.node)
+                if warmup and not all(i in env for i in n.inputs):
+                    continue
                 if grp.workers == (HOST,):
                     host_events.append(self._run_op(n, env, iteration))
                 elif grp.members[0][1].part in ("",) or \
@@ -317,14 +307,21 @@ class RayExecutor:
                 frees[value] -= 1
                 if not frees[value]:
                     env.pop(value, None)
-        outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs}
+        outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs if o in env}
         self._await(list(self._pending), "the step's last calls")
         self._record_reshards(reshards, checks, iteration)
-        self._carried = {dst: env[src].token for dst, src in g.carries} | {
-            k: v for k, v in (self._carried or {}).items() if k not in dict(g.carries)}
+        carried = dict(self._carried or {})   # what a warm-up step did not make carries over
+        for dst, src in g.carries:
+            if src not in env:
+                continue
+            if env[src].token is not None:
+                carried[dst] = env[src].token
+            else:   # a queued rollout: kept on the driver until a later step reads it
+                self._carried_data[dst] = self._resolve(env[src], src)
+        self._carried = carried
         events = [self._event(s) for s in self._stamps] + host_events
         events.sort(key=lambda e: (e.start, e.worker))
-        return StepResult(outputs, tuple(events), time.time() - start)
+        return StepResult(outputs, tuple(events), time.time() - start, warmup)
 
     def _event(self, s: Stamp) -> Event:
         off = self.clock_offsets.get(s.rank, 0.0) + self._t0
@@ -359,9 +356,15 @@ class RayExecutor:
             self._to_refs(v)
         out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
         seed = seed_for(self.seed, iteration, n.name)
+        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness"))
+        if n.attr("staleness") is not None:   # async train: samples within the bound
+            from graphrl.backends.async_steps import check_versions
+
+            versions = self._resolve(env[n.inputs[-1]], n.inputs[-1])
+            check_versions(n, {"versions": versions}, token.version, int(n.attr("staleness")))
         common = dict(node=n.name, call=n.call, model=n.model, method=n.target, engine=key,
-                      attrs=n.attrs, seed=seed, iteration=iteration, output=out_spec)
-        results, stamps, bounds = [], [], []
+                      attrs=attrs, seed=seed, iteration=iteration, output=out_spec)
+        results, stamps, bounds, used = [], [], [], []
         if n.target == "train":
             for i, rank in enumerate(ranks):
                 args = [r for v in data for r in v.parts]
@@ -395,9 +398,18 @@ class RayExecutor:
             results.append(r)
             stamps.append(s)
             bounds.append((lo * samples, hi * samples))
+            used.append(rank)
         if whole:
-            results, bounds = results[:1], bounds[:1]
+            results, bounds, used = results[:1], bounds[:1], used[:1]
         env[n.outputs[0].name] = _Value(parts=results, bounds=bounds, stamps=stamps)
+        if n.attr("behaviour"):   # async generate (passes/staleness): two more outputs
+            from .async_calls import behaviour_values
+
+            outs = behaviour_values(self._submit, n, self.graph, token, results, bounds,
+                                    used, common)
+            env[n.outputs[1].name] = _Value(parts=outs[0], bounds=list(bounds),
+                                            stamps=outs[1])
+            env[n.outputs[2].name] = _Value(local=outs[2])
 
     def _to_refs(self, v: _Value) -> None:
         """A driver-side payload becomes one Ray object (put once, read by every rank)."""
@@ -509,10 +521,12 @@ class RayExecutor:
                     ran = set()
                 self._ran[stamp.node] = (stamp.iteration, ran | {stamp.ran})
         except ray.exceptions.RayActorError as e:
-            raise WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
+            err = WorkerError(f"node {node} ({call}) failed on rank {rank}: the worker died "
                               f"(other ranks with calls in flight: {running}): "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                              rank, call) from None
+                              rank, call)
+            err.lost = [rank]   # the runner may restart from a checkpoint (--max-restarts)
+            raise err from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None) or e
             raise WorkerError(f"node {node} ({call}) failed on rank {rank}: "

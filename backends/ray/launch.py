@@ -9,6 +9,7 @@ notebook) that session is used and left running.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional, TextIO
 
@@ -89,6 +90,7 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
                                  f"{str(e).strip().splitlines()[0]}") from e
     local = opts.address is None
     env = {"GLOO_SOCKET_IFNAME": "lo"} if local and sys.platform.startswith("linux") else {}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("GRAPHRL_TEST_")})
     kw.setdefault("timeout_s", wait_deadline(plan, opts.call_timeout))
     return RayExecutor(program, plan, seed=opts.seed, device=opts.device, session=session,
                        store_host="127.0.0.1" if local else None, env=env, **kw)

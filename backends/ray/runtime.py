@@ -69,6 +69,25 @@ def zeros_payload(spec: PayloadSpec, rows: int) -> dict[str, torch.Tensor]:
             for f in spec.fields}
 
 
+KILL_ENV = "GRAPHRL_TEST_KILL_RANK"   # tests only: "RANK:ITERATION:CALL:MARKER_FILE"
+
+
+def _test_kill(rank: int, spec: CallSpec) -> None:
+    """Test hook (tests/test_checkpoint_ray.py): this rank's process kills itself with
+    SIGKILL at the named call and iteration, once (the marker file records it)."""
+    import os
+    import signal
+
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    r, it, call, marker = want.split(":", 3)
+    if (int(r), int(it), call) == (rank, spec.iteration, spec.call) \
+            and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ExecWorker(RankWorker):
     """A RankWorker that runs call nodes for `executor.RayExecutor`."""
 
@@ -189,6 +208,7 @@ class ExecWorker(RankWorker):
     def run(self, spec: CallSpec, *parts: Any) -> tuple[Any, Stamp]:
         """Run this rank's share of a call node; returns (payload, stamp)."""
         start = time.time()
+        _test_kill(self.rank, spec)
         data, k = [], 0
         for inp in spec.inputs:
             data.append((_cat(parts[k:k + inp.parts]), inp.first))
@@ -209,7 +229,7 @@ class ExecWorker(RankWorker):
             out = engine.forward(_rows(rollout, lo - first, hi - first))
         elif spec.method == "train":
             loss = attrs.pop("loss")
-            names = [name for name, _ in sig.LOSSES[loss][0]]
+            names = sig.train_input_names(loss, len(data))
             stats = engine.train(dict(zip(names, (d for d, _ in data))), loss=loss,
                                  seed=spec.seed, shard=spec.shard, **attrs)
             out = {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}
@@ -239,6 +259,46 @@ class ExecWorker(RankWorker):
             stats = self.reshard(plan, src, dst, wire_dtype=wire_dtype, timeout_s=timeout_s)
         return stats, Stamp(node, call, model, self.rank, start, time.time(), iteration,
                             stats.sent_bytes if stats is not None else 0)
+
+    # -- checkpoints (ray/state.py) ----------------------------------------------------------
+    def save_state(self, folder: str, engines: Sequence[tuple[str, bool]]) -> list[str]:
+        """Write this rank's RNG states and, for each (engine, write) in order, join the
+        engine's state_dict (a collective for FSDP) and write it when `write` (the
+        engine's first rank): models/<model>.pt. Returns the files written."""
+        from pathlib import Path
+
+        from graphrl.checkpoint import rng_state, save_torch
+
+        root, written = Path(folder), []
+        save_torch(rng_state(), root / "rng" / f"rank{self.rank}.pt")
+        written.append(f"rng/rank{self.rank}.pt")
+        for key, write in engines:
+            state = self.engine(key).state_dict()
+            if write:
+                save_torch(state, root / "models" / f"{key}.pt")
+                written.append(f"models/{key}.pt")
+        return written
+
+    def load_state(self, folder: str, engines: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Load, for each (engine, model) in order, models/<model>.pt: the whole state
+        into the model's own engine, the weights into a generation engine; and this
+        rank's RNG states when the checkpoint has them. Returns model -> version."""
+        from pathlib import Path
+
+        from graphrl.checkpoint import load_torch, set_rng_state
+
+        root, versions = Path(folder), {}
+        for key, model in engines:
+            state = load_torch(root / "models" / f"{model}.pt")
+            versions[model] = int(state["version"])
+            if key == model:
+                self.engine(key).load_state_dict(state)
+            else:
+                self.engine(key).load_weights(state["weights"])
+        rng = root / "rng" / f"rank{self.rank}.pt"
+        if rng.is_file():
+            set_rng_state(load_torch(rng))
+        return versions
 
     def memory_op(self, op: str, key: str, node: str, iteration: int) -> tuple[None, Stamp]:
         """offload / onload an engine."""

@@ -138,6 +138,12 @@ class ReplicatedEngine:
     def onload(self) -> None:
         self.engine.onload()
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+
 
 def decoder_layers(module: nn.Module, num_layers: int) -> nn.ModuleList:
     """The ModuleList of decoder layers (HF Llama `model.layers`, GPT-2 `transformer.h`)."""
@@ -244,6 +250,37 @@ class FSDPEngine:
 
     def onload(self) -> None:
         self.engine.onload()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full weights and full optimizer state (all-gathers: a collective of the mesh),
+        in the placement-independent form of engines.engine_state."""
+        from torch.distributed.tensor import DTensor
+
+        from ..engines.engine_state import named_optimizer_state
+
+        def full(t: Any) -> Any:
+            return t.full_tensor().detach().cpu().clone() if isinstance(t, DTensor) else t
+        return {"weights": self.export_weights(), "version": self.engine.version,
+                "optimizer": named_optimizer_state(self.engine.module, self.engine.optimizer,
+                                                   full)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take this rank's shards of a full state (every mesh rank passes the same)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        from ..engines.engine_state import load_named_optimizer_state
+
+        self.load_weights(state["weights"])
+        self.engine.optimizer = None
+        if state["optimizer"] is not None:
+            params = dict(self.engine.module.named_parameters())
+
+            def local(name: str, t: Any) -> Any:
+                p = params[name]
+                return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+            load_named_optimizer_state(self.engine.module, self.engine._optimizer(),
+                                       state["optimizer"], local)
+        self.engine.version = int(state["version"])
 
 
 class ShardBuffers:

@@ -1,0 +1,122 @@
+"""The training loop every engine shares: minibatches, micro-batches and loss weighting.
+
+`train_epochs` runs `epochs` passes over the batch in `minibatches` random minibatches,
+drawn from one seeded permutation (the same rows in every engine and on every rank), and
+averages the losses' stats over the minibatches; an engine supplies only what it does
+with one minibatch (`step`). Engines that split a minibatch (over data-parallel ranks
+and into micro-batches) use `split_rows`, `micro_batches` and `loss_weights`: each
+micro-batch's loss is weighted by its share of the minibatch's loss tokens (response
+tokens for masked-mean losses, rows for pairwise ones; `base.loss_tokens`), so the
+summed gradient equals the gradient of the whole minibatch's loss, and `WeightedStats`
+sums the stats with the same weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from graphrl.errors import UsageError
+
+from ..losses import LOSS_FUNCTIONS
+from .base import loss_tokens
+
+Inputs = Mapping[str, Mapping[str, Any]]
+Reduce = Callable[[torch.Tensor], None]     # an in-place sum over ranks (all_reduce)
+
+
+def loss_function(model: str, loss: str) -> Callable[..., Any]:
+    if loss not in LOSS_FUNCTIONS:
+        raise UsageError(f"model {model}: unknown loss {loss!r} "
+                         f"(known: {', '.join(LOSS_FUNCTIONS)})")
+    return LOSS_FUNCTIONS[loss]
+
+
+def batch_rows(inputs: Inputs) -> int:
+    """The rows of a train call's batch (every payload has the same)."""
+    return next(iter(next(iter(inputs.values())).values())).shape[0]
+
+
+def minibatch_indices(model: str, n: int, *, seed: int, epochs: int,
+                      minibatches: int) -> Iterator[torch.Tensor]:
+    """Row indices of each minibatch, epoch after epoch, from one seeded permutation per
+    epoch (a CPU generator: identical on every engine, device and rank)."""
+    if n % minibatches:
+        raise UsageError(f"{model}.train: batch {n} does not split into "
+                         f"{minibatches} minibatches")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield from torch.randperm(n, generator=gen).chunk(minibatches)
+
+
+def train_epochs(model: str, inputs: Inputs, *, loss: str, seed: int, epochs: int,
+                 minibatches: int, step: Callable[[Callable[..., Any], torch.Tensor],
+                                                  Mapping[str, float]]) -> dict[str, float]:
+    """Run `step(loss_fn, minibatch_rows)` (one optimizer step, returning the loss's
+    stats) on every minibatch; the stats averaged over the minibatches."""
+    loss_fn = loss_function(model, loss)
+    if loss in ("ppo", "grpo") and "old_logprobs" not in inputs and epochs * minibatches > 1:
+        raise UsageError(f"{model}.train: loss {loss!r} without old_logprobs (on-policy) "
+                         f"needs one optimizer pass, got epochs={epochs}, "
+                         f"minibatches={minibatches}")
+    totals: dict[str, float] = {}
+    count = 0
+    for idx in minibatch_indices(model, batch_rows(inputs), seed=seed, epochs=epochs,
+                                 minibatches=minibatches):
+        for k, v in step(loss_fn, idx).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        count += 1
+    return {k: v / count for k, v in totals.items()}
+
+
+def split_rows(model: str, n: int, parts: int, what: str) -> list[slice]:
+    """`parts` equal consecutive slices of n rows, or a UsageError naming the call."""
+    if n % parts:
+        raise UsageError(f"{model}.{what}: {n} rows do not split into {parts} equal parts")
+    k = n // parts
+    return [slice(i * k, (i + 1) * k) for i in range(parts)]
+
+
+def micro_batches(model: str, inputs: Inputs, rows: torch.Tensor, count: int,
+                  move: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                  ) -> list[dict[str, dict[str, Any]]]:
+    """The payloads of `rows` (a minibatch, or this rank's part of one) in `count` equal
+    consecutive micro-batches, each tensor passed through `move` (to the device)."""
+    return [{k: {f: move(t[rows[s]]) for f, t in p.items()} for k, p in inputs.items()}
+            for s in split_rows(model, rows.numel(), count, "train (micro-batches)")]
+
+
+def loss_weights(mbs: list[Mapping[str, Mapping[str, Any]]],
+                 reduce: Reduce | None = None) -> torch.Tensor:
+    """Each micro-batch's share of the minibatch's loss tokens (float64); `reduce` sums
+    the total over the data-parallel ranks that hold the minibatch's other parts."""
+    weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
+    total = weights.sum().clone()
+    if reduce is not None:
+        reduce(total)
+    return weights / total.clamp(min=1.0)
+
+
+class WeightedStats:
+    """Stats of a minibatch's micro-batches, summed with their loss weights."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+
+    def add(self, weight: float, stats: Mapping[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + weight * float(v)
+
+    def result(self, reduce: Reduce | None = None,
+               names: list[str] | None = None) -> dict[str, float]:
+        """The sums (summed over ranks by `reduce`); `names` fixes their order where
+        some ranks saw none (pipeline stages before the last)."""
+        names = sorted(self.sums) if names is None else names
+        vec = torch.tensor([self.sums.get(k, 0.0) for k in names], dtype=torch.float64)
+        if reduce is not None:
+            reduce(vec)
+        return dict(zip(names, vec.tolist()))
+
+
+__all__ = ["train_epochs", "loss_function", "batch_rows", "minibatch_indices", "split_rows",
+           "micro_batches", "loss_weights", "WeightedStats"]

@@ -1,0 +1,34 @@
+"""Engines built on the Ray driver for an Experiment's `prepare` (RayExecutor.prepare)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from graphrl.trace import Program
+
+
+class DriverEngines(Mapping[str, Any]):
+    """Engines built on the driver on first use, for an Experiment's `prepare` (e.g.
+    reward-model training), seeded as the workers' engines are."""
+
+    def __init__(self, program: Program, seed: int):
+        self.program, self.seed, self.built = program, seed, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.built:
+            from graphrl.backends.engines.base import create_engine
+
+            m = self.program.models[name]
+            eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)
+            if m.init_from:
+                eng.load_weights(self[m.init_from].export_weights())
+            self.built[name] = eng
+        return self.built[name]
+
+    def __iter__(self):
+        return iter(self.program.models)
+
+    def __len__(self) -> int:
+        return len(self.program.models)
+
+
+__all__ = ["DriverEngines"]
