@@ -315,7 +315,7 @@ def test_trace_train_unknown_loss():
         rollout = policy.generate(prompts, max_new_tokens=4)
         return {"stats": policy.train(loss="dpo", rollout=rollout)}
 
-    trace_fails(step, "policy.train: unknown loss 'dpo' (known: ppo, grpo, value)")
+    trace_fails(step, "policy.train: unknown loss 'dpo' (known: ppo, grpo, value")
 
 
 def test_trace_train_missing_argument():
