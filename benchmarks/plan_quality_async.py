@@ -42,6 +42,13 @@ class AsyncRow:
     bound: float | None        # async lower bound
     split: str
     detail: str
+    executable: float | None = None   # the lowered plan of the staleness-1 rewrite
+
+    @property
+    def speedup_executed(self) -> float | None:
+        """Over colocate-all, counting async at its executable (lowered) plan."""
+        options = [x for x in (self.auto_sync, self.executable) if x is not None]
+        return self.colocate / min(options) if self.colocate and options else None
 
     @property
     def auto(self) -> float | None:
@@ -73,7 +80,25 @@ def async_row(case: Any, colocate: float | None = None, auto_sync: float | None 
     bound = async_lower_bound(problem, STALENESS)
     return AsyncRow(case.name, colocate, auto_sync, plan.step_seconds if plan else None,
                     bound, f"{plan.gen_gpus}+{plan.train_gpus}" if plan else "",
-                    plan.text() if plan else "no split fits")
+                    plan.text() if plan else "no split fits",
+                    lowered_async(graph, cluster, plan, case.dist) if plan else None)
+
+
+def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any) -> float | None:
+    """The step of the staleness-1 rewrite lowered on the plan's pools: what the
+    executors run (whole-batch generation, no streaming)."""
+    import graphrl
+    from graphrl.async_cost import async_pins
+    from graphrl.compiler import compile_graph
+    from graphrl.passes.staleness import carry_rollouts
+
+    rewritten = carry_rollouts(graph, STALENESS)
+    try:
+        return compile_graph(rewritten, cluster, "auto", placement=async_pins(rewritten, plan),
+                             gen_engine=pq.GEN_ENGINE,
+                             response_lengths=lengths).plan.predicted_step_seconds
+    except graphrl.GraphRLError:
+        return None
 
 
 def _step(result: Any) -> float | None:
@@ -88,17 +113,22 @@ def table(rows: Sequence[AsyncRow]) -> list[str]:
     def f(x: float | None, unit: str = "") -> str:
         return f"{x:.2f}{unit}" if x is not None else "-"
     out = ["| case | colocate-all sync s | auto sync s | auto async s (gen+train GPUs) | "
-           "async lower bound s | auto (staleness <= 1) vs colocate-all |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "async lower bound s | auto (staleness <= 1) vs colocate-all | "
+           "async as executed (lowered) s | vs colocate-all as executed |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r.case} | {f(r.colocate)} | {f(r.auto_sync)} | "
-                   f"{f(r.async_step)} ({r.split}) | {f(r.bound)} | {f(r.speedup, 'x')} |")
+                   f"{f(r.async_step)} ({r.split}) | {f(r.bound)} | {f(r.speedup, 'x')} | "
+                   f"{f(r.executable)} | {f(r.speedup_executed, 'x')} |")
     g = geomean([r.speedup for r in rows if r.speedup])
+    g_exec = geomean([r.speedup_executed for r in rows if r.speedup_executed])
     out += ["", f"Geometric-mean speedup of auto with staleness <= {STALENESS} over "
                 f"synchronous colocate-all: **{f(g, 'x')}** (target >= {TARGET}x: "
                 f"{'met' if g is not None and g >= TARGET else 'NOT met'}); async step over "
                 f"its lower bound, geometric mean: "
-                f"{f(geomean([r.async_step / r.bound for r in rows if r.async_step and r.bound]), 'x')}."]
+                f"{f(geomean([r.async_step / r.bound for r in rows if r.async_step and r.bound]), 'x')}.",
+            "", f"As executed today (the lowered async plan, whole-batch generation; what "
+                f"`graphrl compile --staleness 1` chooses on): **{f(g_exec, 'x')}**."]
     return out
 
 
