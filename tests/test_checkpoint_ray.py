@@ -71,3 +71,26 @@ def test_ray_resume_restart_and_placement_change(ray_session, tmp_path, monkeypa
     back = run_experiment(exp, gr.RunOptions(**base, resume=str(ray_ckpt)), out=io.StringIO())
     for a, b in zip(back.rows, reference.rows, strict=True):
         close(a, b)
+
+
+def test_ray_run_gives_up_after_max_restarts(ray_session, tmp_path, monkeypatch):
+    """A rank that dies again after its restart: with --max-restarts 1 the run restarts
+    once, then ends with the lost-worker error naming the rank."""
+    from graphrl.errors import ExecutionError
+
+    exp = experiment()
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps(PLACEMENT))
+    marker = tmp_path / "kills"
+    monkeypatch.setenv(KILL_ENV, f"1:1:policy.train:{marker}:2")
+    out = io.StringIO()
+    opts = gr.RunOptions(iterations=2, seed=SEED, batch_size=BATCH, quiet=True,
+                         backend="ray", cluster="1x4xcpu", placement=str(placement),
+                         call_timeout=60.0, checkpoint_dir=str(tmp_path / "ckpt"),
+                         checkpoint_every=1, max_restarts=1)
+    with pytest.raises(ExecutionError) as info:
+        run_experiment(exp, opts, out=out)
+    log = out.getvalue()
+    assert marker.read_text() == "2"   # died twice: once before, once after the restart
+    assert "restart 1/1 from" in log and "restart 2/" not in log, log
+    assert "rank 1" in str(info.value) or "rank(s) 1" in str(info.value), str(info.value)

@@ -69,22 +69,27 @@ def zeros_payload(spec: PayloadSpec, rows: int) -> dict[str, torch.Tensor]:
             for f in spec.fields}
 
 
-KILL_ENV = "GRAPHRL_TEST_KILL_RANK"   # tests only: "RANK:ITERATION:CALL:MARKER_FILE"
+KILL_ENV = "GRAPHRL_TEST_KILL_RANK"   # tests only: "RANK:ITERATION:CALL:MARKER_FILE[:TIMES]"
 
 
 def _test_kill(rank: int, spec: CallSpec) -> None:
     """Test hook (tests/test_checkpoint_ray.py): this rank's process kills itself with
-    SIGKILL at the named call and iteration, once (the marker file records it)."""
+    SIGKILL at the named call and iteration, TIMES times in all (default once; the marker
+    file counts the kills, so a restarted rank replaying the iteration dies again)."""
     import os
     import signal
 
     want = os.environ.get(KILL_ENV)
     if not want:
         return
-    r, it, call, marker = want.split(":", 3)
-    if (int(r), int(it), call) == (rank, spec.iteration, spec.call) \
-            and not os.path.exists(marker):
-        open(marker, "w").close()
+    r, it, call, rest = want.split(":", 3)
+    marker, _, times = rest.partition(":")
+    if (int(r), int(it), call) != (rank, spec.iteration, spec.call):
+        return
+    done = int(open(marker).read() or 0) if os.path.exists(marker) else 0
+    if done < int(times or 1):
+        with open(marker, "w") as f:
+            f.write(str(done + 1))
         os.kill(os.getpid(), signal.SIGKILL)
 
 
