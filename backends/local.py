@@ -22,6 +22,9 @@ from .engines.base import ModelEngine, create_engine
 from .engines.hf import seed_for
 
 
+CARRIED_FILE = "carried.pt"   # a checkpoint's queued payloads of an async run
+
+
 @dataclass(frozen=True)
 class WeightsToken:
     """The runtime value of a Weights edge: which model, at which version."""
@@ -108,6 +111,10 @@ class LocalExecutor:
 
         for name, engine in sorted(self.engines.items()):
             save_torch(engine.state_dict(), Path(folder) / "models" / f"{name}.pt")
+        queued = {k: v for k, v in (self.carried or {}).items()
+                  if not isinstance(v, WeightsToken)}
+        if queued:   # async steps (--staleness): rollouts generated, not yet trained on
+            save_torch(queued, Path(folder) / CARRIED_FILE)
         return {"backend": "local"}
 
     def load_state(self, ckpt: Any) -> None:
@@ -119,6 +126,10 @@ class LocalExecutor:
         for name, engine in sorted(self.engines.items()):
             engine.load_state_dict(load_torch(ckpt.file(f"models/{name}.pt")))
         self.carried = None
+        if ckpt.file(CARRIED_FILE).is_file():
+            self.carried = {v.name: WeightsToken(v.spec.model, self.engines[v.spec.model].version)
+                            for v in self.graph.inputs if v.spec.is_weights}
+            self.carried |= load_torch(ckpt.file(CARRIED_FILE))
 
     def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
         g = self.graph

@@ -65,8 +65,8 @@ def open_resume(opts: Any, exp: Any, program: Any) -> Checkpoint | None:
     if ck.iteration > iterations:
         raise UsageError(f"{where}: already {ck.iteration} iterations, more than the "
                          f"{iterations} this run asks for (--iterations)")
-    if ck.iteration < iterations:
-        now = payload_fingerprint(exp.data(ck.iteration))
+    if ck.iteration < iterations:   # async runs (--staleness K) are K steps ahead
+        now = payload_fingerprint(exp.data(ck.iteration + opts.staleness))
         if now != state["data"]["next_inputs"]:
             raise UsageError(f"{where} ({RUN_FILE}): the inputs of iteration {ck.iteration} "
                              f"differ from the checkpointed run's (fingerprint {now}, "
@@ -87,16 +87,19 @@ def restore(ck: Checkpoint, executor: Any) -> Resumed:
 
 def write_checkpoint(writer: CheckpointWriter, executor: Any, exp: Any, program: Any,
                      opts: Any, done: int, rows: list[dict[str, Any]],
-                     prepared: Mapping[str, float], total: int) -> tuple[Any, float]:
-    """Checkpoint after `done` iterations; returns (its path, seconds it took)."""
+                     prepared: Mapping[str, float], total: int,
+                     next_step: int | None = None) -> tuple[Any, float]:
+    """Checkpoint after `done` iterations (`next_step`: the step the run takes next,
+    `done` + K for an async run); returns (its path, seconds it took)."""
+    next_step = done if next_step is None else next_step
     t0 = time.perf_counter()
     tmp = writer.begin(done)
     rng = rng_state()   # before anything below could draw from an RNG
     placement = executor.save_state(tmp)
     save_torch(rng, tmp / DRIVER_RNG)
-    nxt = payload_fingerprint(exp.data(done)) if done < total else None
+    nxt = payload_fingerprint(exp.data(next_step)) if done < total else None
     run = {"iteration": done, "seed": opts.seed, "rows": rows, "prepared": dict(prepared),
-           "data": {"next_iteration": done, "seed": opts.seed, "next_inputs": nxt}}
+           "data": {"next_iteration": next_step, "seed": opts.seed, "next_inputs": nxt}}
     (tmp / RUN_FILE).write_text(json.dumps(run), encoding="utf-8")
     file_written(tmp / RUN_FILE)
     body = graph_body(program.graph)

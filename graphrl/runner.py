@@ -161,7 +161,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         bar = tqdm(total=iterations, initial=len(rows), desc=exp.name, unit="it",
                    disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
         # steps: async runs (--staleness K) first run K generate-only warm-up steps
-        i, steps = len(rows), iterations + opts.staleness
+        i, steps = len(rows) + (opts.staleness if rows else 0), iterations + opts.staleness
         while i < steps:
             try:
                 result = executor.run_step(exp.data(i), iteration=i)
@@ -191,9 +191,10 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             i += 1
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
-            if writer is not None and ckr.due(opts, i, iterations):
-                path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts, i,
-                                                  rows, prepared, iterations)
+            if writer is not None and ckr.due(opts, len(rows), iterations):
+                path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts,
+                                                  len(rows), rows, prepared, iterations,
+                                                  next_step=i)
                 saved_s.append(secs)
         report = getattr(executor, "summary_lines", None)
         if report is not None:
@@ -234,10 +235,10 @@ def check_checkpoint_options(opts: RunOptions) -> None:
     if opts.max_restarts and not opts.checkpoint_dir:
         raise UsageError("--max-restarts needs --checkpoint-dir DIR (a restarted run "
                          "continues from the last checkpoint)")
-    if opts.staleness and (opts.checkpoint_dir or opts.resume):
+    if opts.staleness and (opts.checkpoint_dir or opts.resume) and opts.backend != "local":
         raise UsageError(f"--staleness {opts.staleness} with --checkpoint-dir/--resume: "
-                         "checkpoints do not yet hold the rollouts an asynchronous run "
-                         "carries between steps; checkpoint a synchronous run (--staleness 0)")
+                         "checkpoints of asynchronous runs hold the queued rollouts on the "
+                         "local backend only so far (--backend local, or --staleness 0)")
 
 
 def lost_ranks(e: ExecutionError, executor: Any) -> list[int]:

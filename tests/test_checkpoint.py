@@ -173,6 +173,8 @@ def test_checkpoint_options_are_checked(tiny, tmp_path):
         run(tiny, checkpoint_every=2)
     with pytest.raises(gr.UsageError, match="--max-restarts needs --checkpoint-dir"):
         run(tiny, max_restarts=1)
+    with pytest.raises(gr.UsageError, match="local backend only"):   # before Ray starts
+        run(tiny, staleness=1, backend="ray", checkpoint_dir=str(tmp_path / "c"))
     with pytest.raises(gr.UsageError, match="no published checkpoint"):
         run(tiny, resume=str(tmp_path))
     (tmp_path / "file").write_text("x")
@@ -188,3 +190,17 @@ def test_cli_takes_the_options_and_reports_bad_resume(tiny, tmp_path, capsys):
     assert rc == 2 and "graphrl: error: --resume" in err and "no such directory" in err
     rc = main(["run", str(tiny), "--quiet", "--max-restarts", "-1"])
     assert rc == 2 and "--max-restarts" in capsys.readouterr().err
+
+
+def test_async_run_resumes_with_its_queued_rollouts(tiny, tmp_path):
+    """--staleness 1: the checkpoint holds the rollout generated but not yet trained on
+    (carried.pt); the resumed run equals the uninterrupted one bit for bit."""
+    full = run(tiny, staleness=1, checkpoint_dir=str(tmp_path), checkpoint_every=2, keep=3)
+    ckpt = tmp_path / "ckpt-00000002"
+    assert (ckpt / "carried.pt").is_file()
+    assert json.loads((ckpt / "run.json").read_text())["data"]["next_iteration"] == 3
+    resumed = run(tiny, staleness=1, resume=str(ckpt))
+    assert len(resumed.rows) == ITERATIONS
+    assert same(resumed.rows) == same(full.rows)
+    with pytest.raises(gr.UsageError, match="another step"):   # staleness is in the graph
+        run(tiny, resume=str(ckpt))
