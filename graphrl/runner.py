@@ -167,8 +167,13 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                 result = executor.run_step(exp.data(i), iteration=i)
             except ExecutionError as e:
                 lost = lost_ranks(e, executor) if opts.max_restarts and owned else []
-                if not lost or restarts >= opts.max_restarts:
+                if not lost:
                     raise
+                if restarts >= opts.max_restarts:
+                    raise ExecutionError(
+                        f"{e}\n(rank(s) {', '.join(map(str, lost))} died at iteration {i}; "
+                        f"gave up after {restarts} restart(s), --max-restarts "
+                        f"{opts.max_restarts})") from e
                 restarts += 1
                 executor, i = restart_from_checkpoint(
                     e, lost, executor, program, opts, out, exp.name, i, restarts)

@@ -93,4 +93,5 @@ def test_ray_run_gives_up_after_max_restarts(ray_session, tmp_path, monkeypatch)
     log = out.getvalue()
     assert marker.read_text() == "2"   # died twice: once before, once after the restart
     assert "restart 1/1 from" in log and "restart 2/" not in log, log
-    assert "rank 1" in str(info.value) or "rank(s) 1" in str(info.value), str(info.value)
+    assert "rank(s) 1 died at iteration 1; gave up after 1 restart(s)" in str(info.value), \
+        str(info.value)
