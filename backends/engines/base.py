@@ -50,6 +50,20 @@ def loss_tokens(mb: Mapping[str, Mapping[str, Any]]) -> float:
     return float(next(iter(next(iter(mb.values())).values())).shape[0])
 
 
+def move_module_and_optimizer(module: Any, optimizer: Any, device: Any) -> None:
+    """Move a module and its optimizer's per-parameter state tensors to `device`
+    (offload/onload; scalar state such as Adam's step stays where it is)."""
+    import torch
+
+    module.to(device)
+    if optimizer is None:
+        return
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                state[k] = v.to(device)
+
+
 def fit_micro_batches(rows: int, planned: int) -> int:
     """The micro-batches a split engine runs: the plan's count, or the largest count below
     it that divides the rows it has (the plan's count is sized for the planning batch,

@@ -85,14 +85,9 @@ class FastEngine(HFEngine):
             raise UsageError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         stops = self.tokens.stop_ids(stop_at_eos, stop_token_ids, stop)
         pad = self.tokens.pad_id if pad_token_id is None else int(pad_token_id)
-        prompt_ids, prompt_mask = self._inputs(prompts)
-        prompt_ids = prompt_ids.repeat_interleave(samples, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
+        prompt_ids, prompt_mask, first, total = self._generation_rows(prompts, samples,
+                                                                      noise_rows)
         n, plen = prompt_ids.shape
-        first, total = noise_rows if noise_rows is not None else (0, n)
-        if not 0 <= first <= first + n <= total:
-            raise UsageError(f"generate: noise_rows {noise_rows} do not hold the "
-                             f"{n} rows of this slice")
         lens = prompt_mask.sum(-1)
         if n and int(lens.min()) < 1:
             bad = int((lens < 1).nonzero()[0, 0]) // samples

@@ -21,6 +21,7 @@ from torch import nn
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
+from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
 from .train_loop import micro_batches, train_epochs
 
@@ -168,6 +169,20 @@ class HFEngine:
     def _to(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
 
+    def _generation_rows(self, prompts: Mapping[str, Any], samples: int,
+                         noise_rows: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Prompt ids and mask repeated `samples` times per prompt, and the (first, total)
+        rows of the sampling noise this slice draws from (UsageError if they do not fit)."""
+        prompt_ids, prompt_mask = self._inputs(prompts)
+        prompt_ids = prompt_ids.repeat_interleave(samples, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
+        rows = prompt_ids.shape[0]
+        first, total = noise_rows if noise_rows is not None else (0, rows)
+        if not 0 <= first <= first + rows <= total:
+            raise UsageError(f"generate: noise_rows {noise_rows} do not hold the "
+                             f"{rows} rows of this slice")
+        return prompt_ids, prompt_mask, first, total
+
     def _inputs(self, payload: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, attention mask) of a payload; no mask means every token is real."""
         tokens = self._to(payload["tokens"])
@@ -247,14 +262,9 @@ class HFEngine:
                               device=self.device)
         multi = [torch.tensor(s, device=self.device) for s in stops if len(s) > 1]
         pad = self.tokens.pad_id if pad_token_id is None else int(pad_token_id)
-        prompt_ids, prompt_mask = self._inputs(prompts)
-        prompt_ids = prompt_ids.repeat_interleave(samples, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
+        prompt_ids, prompt_mask, first, total = self._generation_rows(prompts, samples,
+                                                                      noise_rows)
         rows, plen = prompt_ids.shape
-        first, total = noise_rows if noise_rows is not None else (0, rows)
-        if not 0 <= first <= first + rows <= total:
-            raise UsageError(f"generate: noise_rows {noise_rows} do not hold the "
-                             f"{rows} rows of this slice")
         width = plen + max_new_tokens
         ids = torch.full((rows, width), pad, dtype=torch.long, device=self.device)
         mask = torch.zeros((rows, width), dtype=torch.long, device=self.device)
@@ -373,12 +383,7 @@ class HFEngine:
         self.version = int(state["version"])
 
     def _move(self, device: torch.device) -> None:
-        self.module.to(device)
-        if self.optimizer is not None:
-            for state in self.optimizer.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        state[k] = v.to(device)
+        move_module_and_optimizer(self.module, self.optimizer, device)
 
     def offload(self) -> None:
         self._move(torch.device("cpu"))

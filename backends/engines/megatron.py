@@ -37,7 +37,7 @@ from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-export)
 
-from .base import fit_micro_batches
+from .base import fit_micro_batches, move_module_and_optimizer
 from .train_loop import (WeightedStats, loss_weights, micro_batches, split_rows,
                          train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
@@ -508,14 +508,8 @@ class MegatronEngine:
 
     # -- memory -------------------------------------------------------------------------
     def _move(self, device: torch.device) -> None:
-        self.module.to(device)
-        opt = self.optimizer
-        inner = getattr(opt, "optim", opt)
-        if inner is not None:
-            for state in inner.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        state[k] = v.to(device)
+        move_module_and_optimizer(self.module, getattr(self.optimizer, "optim",
+                                                       self.optimizer), device)
 
     def offload(self) -> None:
         self._move(torch.device("cpu"))
