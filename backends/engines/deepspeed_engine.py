@@ -252,6 +252,23 @@ class DeepSpeedEngine:
             out[name] = [p.ds_tensor.data if self.zero == 3 else p.data]
         return out
 
+    # -- checkpoints (deepspeed_state.py) ---------------------------------------------------
+    def save_shards(self, folder: Any) -> list[str]:
+        """Write the slices of weights and optimizer state this rank's ZeRO partition owns
+        into `folder` (no collective); data-parallel rank 0 also writes the index."""
+        from pathlib import Path
+
+        from .deepspeed_state import save_shards
+
+        return save_shards(self, Path(folder))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a full, placement-independent state (engine_state): rebuilt around its
+        weights, then its Adam state (a collective of the mesh)."""
+        from .deepspeed_state import load_state
+
+        load_state(self, state)
+
     def offload(self) -> None:
         """Nothing to move on CPU; on CUDA DeepSpeed's own offload does this."""
 
