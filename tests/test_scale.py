@@ -4,6 +4,8 @@ whole."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphrl as gr
 from conftest import load_build
@@ -124,3 +126,15 @@ def test_a_12x8_cluster_is_used_whole():
         assert n.placement.mesh.size == 96, n.name
         assert n.placement.strategy.world == 96, (n.name, n.placement.strategy.text())
     assert any(512 % n.placement.strategy.dp for n in calls)   # an uneven split is priced
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 1024), per_node=st.sampled_from([1, 2, 4, 8]),
+       nbytes=st.floats(1, 1e10), more=st.floats(1, 1e3))
+def test_nccl_allreduce_is_never_under_the_bandwidth_floor_and_grows_with_bytes(
+        n, per_node, nbytes, more):
+    nodes = max(1, n // per_node)
+    t = cost.nccl_allreduce_time(nbytes, n, 50e9, nodes)
+    assert t >= 2 * (n - 1) / n * nbytes / 50e9
+    assert cost.nccl_allreduce_time(nbytes * more, n, 50e9, nodes) >= t
+    assert cost.nccl_allgather_time(nbytes, n, 50e9, nodes) >= (n - 1) / n * nbytes / 50e9
