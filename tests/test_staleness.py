@@ -116,7 +116,8 @@ def test_local_async_semantics(grpo):
         out = [ex.run_step(grpo.data(i), iteration=i) for i in range(steps)]
         return ex, out
     ex, out = run(4)   # warm-up, then versions 0, 0, 1
-    assert out[0].warmup and [e.call for e in out[0].events] == ["policy.generate"]
+    # (generation streams: its head and its tail are two events)
+    assert out[0].warmup and [e.call for e in out[0].events] == ["policy.generate"] * 2
     assert out[0].outputs == {}
     assert not any(r.warmup for r in out[1:])
     versions = [int(r.outputs["rollout_version_prev"]["version"].unique()) for r in out[1:]]
