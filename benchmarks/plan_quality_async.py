@@ -81,24 +81,26 @@ def async_row(case: Any, colocate: float | None = None, auto_sync: float | None 
     return AsyncRow(case.name, colocate, auto_sync, plan.step_seconds if plan else None,
                     bound, f"{plan.gen_gpus}+{plan.train_gpus}" if plan else "",
                     plan.text() if plan else "no split fits",
-                    lowered_async(graph, cluster, plan, case.dist) if plan else None)
+                    lowered_async(graph, cluster, plan, case.dist, problem) if plan else None)
 
 
-def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any) -> float | None:
-    """The step of the staleness-1 rewrite lowered on the plan's pools: what the
-    executors run (whole-batch generation, no streaming)."""
+def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any,
+                  problem: Any) -> float | None:
+    """The step of the staleness-1 rewrite lowered on the plan's pools, priced as the
+    executors run it (streamed generation, graphrl.async_compile.as_executed)."""
     import graphrl
+    from graphrl.async_compile import as_executed
     from graphrl.async_cost import async_pins
     from graphrl.compiler import compile_graph
     from graphrl.passes.staleness import carry_rollouts
 
     rewritten = carry_rollouts(graph, STALENESS)
     try:
-        return compile_graph(rewritten, cluster, "auto", placement=async_pins(rewritten, plan),
-                             gen_engine=pq.GEN_ENGINE,
-                             response_lengths=lengths).plan.predicted_step_seconds
+        out = compile_graph(rewritten, cluster, "auto", placement=async_pins(rewritten, plan),
+                            gen_engine=pq.GEN_ENGINE, response_lengths=lengths)
     except graphrl.GraphRLError:
         return None
+    return as_executed(out, problem).plan.predicted_step_seconds
 
 
 def _step(result: Any) -> float | None:
