@@ -97,3 +97,30 @@ def test_stream_off_is_the_batch_queue(grpo):
     g = carry_rollouts(grpo.program().graph, 1, stream=False)
     assert g.node("%rollout").attr("stream_cut") is None
     assert grpo.program(1).graph.node("%rollout").attr("stream_cut") == 5
+
+
+def test_stream_pricing_reduces_to_the_serving_model_and_overlaps_the_tail():
+    """With the cut at the response budget there is no tail: the head is the serving
+    model's whole-batch price; an earlier cut lets the next batch fill the tail, so a
+    step costs less than the whole batch when training is short."""
+    from graphrl.async_cost import _gen_call, streamed_generation
+    from graphrl.cluster import ClusterSpec
+    from graphrl.lengths import parse as parse_lengths
+    from graphrl.passes.assign_devices import problem_from_graph
+    from graphrl.passes.base import PassContext
+    from graphrl.stream_cost import best_stream, stream_phases
+
+    graph = load_build("grpo")(gr.RunOptions(model_size="7b-64k", prompt_len=1024,
+                                             response_len=16384, batch_size=64)
+                               ).program().graph
+    problem = problem_from_graph(graph, PassContext(
+        ClusterSpec.parse("2x8xH100"), gen_engine="graph",
+        lengths=parse_lengths("lognormal:mean=3072,max=16384")))
+    gen = _gen_call(problem)
+    ideal, strategy = streamed_generation(problem, gen, 8, 1)
+    whole = problem.cost(gen, strategy).seconds
+    flat = stream_phases(problem, gen, strategy, gen.new_tokens)
+    assert flat.tail == 0 and flat.head == pytest.approx(whole, rel=0.01)
+    choice = best_stream(problem, gen, strategy, train=0.1 * whole, push=0.0)
+    assert choice.cut < gen.new_tokens
+    assert ideal * 0.99 <= choice.phases.total and choice.step_seconds < 0.8 * whole
