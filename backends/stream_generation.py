@@ -57,8 +57,9 @@ class _Batch:
     sampler: Any
     switched: bool = False     # its tail (weights v + 1) has begun
     tokens: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)   # each token's, sampled
     state: list[int] = field(default_factory=list)
-    head_logprobs: Any = None  # [n, P + R] under weights v
+    head_done: bool = False
 
     def __len__(self) -> int:
         return len(self.compact)
@@ -89,7 +90,8 @@ class GenerationStream:
         self.lm: Any = None
         self.lm_version: Optional[int] = None
         self.held: list[Optional[tuple[int, int]]] = []   # slot -> (iteration, sequence)
-        self.pending: dict[int, tuple[int, int]] = {}      # slot -> (token, position)
+        self.pos_host: list[int] = []                      # slot -> its pending position
+        self.tok = self.pos = self.seq = self.step = None  # per-slot device tensors
         self.stats = {"decode_steps": 0, "prefills": 0}
         self.finished: dict[int, Any] = {}   # iteration -> behaviour log-probs (Ray)
 
@@ -106,7 +108,7 @@ class GenerationStream:
                                  f"weights version {b.version}, its head runs with {version}")
         self._weights(version)
         self._loop([b], until=b)
-        b.head_logprobs = self._logprobs(b)
+        b.head_done = True
 
     def tail(self, iteration: int, version: int,
              upcoming: Optional[tuple[int, Mapping[str, Any], int,
@@ -118,7 +120,7 @@ class GenerationStream:
         import torch
 
         b = self.batches.get(iteration)
-        if b is None or b.head_logprobs is None:
+        if b is None or not b.head_done:
             raise ExecutionError(f"streamed generation: the tail of batch {iteration} "
                                  "runs before its head")
         self._weights(version)
@@ -133,10 +135,7 @@ class GenerationStream:
             order.append(nxt)
         self._loop(order, until=b)
         rollout = self._rollout(b)
-        tail_lp = self._logprobs(b)["logprobs"]
-        plen = b.prompt_ids.shape[1]
-        head = (torch.arange(tail_lp.shape[1]) < plen + self.cut)[None, :]
-        behaviour = {"logprobs": torch.where(head, b.head_logprobs["logprobs"], tail_lp)}
+        behaviour = {"logprobs": self._behaviour(b)}
         del self.batches[iteration]
         return rollout, behaviour, torch.full((len(b),), b.version, dtype=torch.int64)
 
@@ -161,7 +160,7 @@ class GenerationStream:
         b = _Batch(iteration, int(version), ids, mask, compact,
                    prompt_rows(prompts, n // max(self.samples, 1)).repeat_interleave(
                        self.samples), sampler, tokens=[[] for _ in range(n)],
-                   state=[WAIT if self.max_new else DONE] * n)
+                   logprobs=[[] for _ in range(n)], state=[WAIT if self.max_new else DONE] * n)
         self.batches[iteration] = b
         return b
 
@@ -177,12 +176,13 @@ class GenerationStream:
                     it, i = owner
                     self.batches[it].state[i] = WAIT
                     self.held[slot] = None
-            self.pending.clear()
         self.lm_version = version
 
     def _decoder(self) -> Any:
         """The decode model: slots for two batches at once (the tail's), a new cache only
         when a longer prompt needs one (held sequences then recompute their KV)."""
+        import torch
+
         from .engines.fast_model import FastLM
 
         plen = max(b.prompt_ids.shape[1] for b in self.batches.values())
@@ -194,7 +194,9 @@ class GenerationStream:
                     self.batches[owner[0]].state[owner[1]] = WAIT
             slots = max(1, min(self.slots_max, 2 * biggest))
             self.lm = FastLM(self.engine.module, slots, plen + max(self.max_new, 1))
-            self.held, self.pending = [None] * slots, {}
+            self.held, self.pos_host = [None] * slots, [0] * slots
+            self.tok, self.pos, self.seq, self.step = (
+                torch.zeros(slots, dtype=torch.long, device=self.lm.device) for _ in range(4))
         return self.lm
 
     def _finished(self, seq: list[int]) -> bool:
@@ -202,10 +204,11 @@ class GenerationStream:
             return True
         return any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in self.stops)
 
-    def _after_token(self, b: _Batch, i: int, tok: int) -> bool:
-        """Record token `tok` of sequence i; True if the sequence keeps its slot."""
+    def _after_token(self, b: _Batch, i: int, tok: int, lp: float) -> bool:
+        """Record token `tok` (log-prob `lp`) of sequence i; True if it keeps its slot."""
         seq = b.tokens[i]
         seq.append(tok)
+        b.logprobs[i].append(lp)
         if self._finished(seq):
             b.state[i] = DONE
             return False
@@ -230,18 +233,23 @@ class GenerationStream:
                 seqs = [b.compact[i] + b.tokens[i] for b, i in take]
                 width = max(map(len, seqs))
                 toks = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)
-                for r, s in enumerate(seqs):
-                    toks[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-                lens = [len(s) for s in seqs]
+                for r, q in enumerate(seqs):
+                    toks[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+                lens = [len(q) for q in seqs]
                 where = free[:len(take)]
                 logits = lm.prefill(toks, torch.tensor(lens, device=dev),
                                     torch.tensor(where, device=dev))
                 self.stats["prefills"] += 1
-                for slot, (b, i), t, n in zip(where, take, self._sample(logits, take), lens):
+                steps = torch.tensor([len(b.tokens[i]) for b, i in take], device=dev)
+                seq_idx = torch.tensor([i for _, i in take], device=dev)
+                sampled, lps = self._sample(logits, take, seq_idx, steps)
+                for slot, (b, i), t, lp, n in zip(where, take, sampled, lps, lens):
                     b.state[i] = RUN
-                    if self._after_token(b, i, t):
+                    if self._after_token(b, i, t, lp):
                         self.held[slot] = (b.iteration, i)
-                        self.pending[slot] = (t, n)
+                        self.pos_host[slot] = n
+                        self.tok[slot], self.pos[slot] = t, n
+                        self.seq[slot], self.step[slot] = i, len(b.tokens[i])
             active = [s for s, o in enumerate(self.held) if o is not None]
             if not active:
                 if take:
@@ -249,37 +257,40 @@ class GenerationStream:
                 raise ExecutionError("streamed generation: sequences wait but no slot "
                                      "is free or running (a scheduler bug)")
             width = active[-1] + 1
-            tok = torch.zeros(width, dtype=torch.long, device=dev)
-            pos = torch.zeros(width, dtype=torch.long, device=dev)
-            for s in active:
-                tok[s], pos[s] = self.pending[s]
-            kv_len = max(self.pending[s][1] for s in active) + 1
-            logits = lm.decode(tok, pos, kv_len)
+            kv_len = max(self.pos_host[s] for s in active) + 1
+            logits = lm.decode(self.tok[:width], self.pos[:width], kv_len)
             self.stats["decode_steps"] += 1
+            idx = torch.tensor(active, device=dev)
             who = [(self.batches[self.held[s][0]], self.held[s][1]) for s in active]
-            sampled = self._sample(logits[torch.tensor(active, device=dev)], who)
-            for s, (b, i), t in zip(active, who, sampled):
-                if self._after_token(b, i, t):
-                    self.pending[s] = (t, self.pending[s][1] + 1)
+            sampled, lps = self._sample(logits[idx], who, self.seq[idx], self.step[idx])
+            self.tok[idx] = torch.tensor(sampled, device=dev)
+            self.pos[idx] += 1
+            self.step[idx] += 1
+            for s, (b, i), t, lp in zip(active, who, sampled, lps):
+                if self._after_token(b, i, t, lp):
+                    self.pos_host[s] += 1
                 else:
                     self.held[s] = None
-                    self.pending.pop(s, None)
 
-    def _sample(self, logits: Any, who: list[tuple[_Batch, int]]) -> list[int]:
+    def _sample(self, logits: Any, who: list[tuple[_Batch, int]], seqs: Any, steps: Any
+                ) -> tuple[list[int], list[float]]:
         """One token per row, each drawn by its own batch's sampler (its seed and noise
-        rows) at the sequence's response step."""
+        rows) for sequence seqs[r] at response step steps[r], and its log-prob under the
+        model (log-softmax of the logits, temperature 1: what the engine's forward
+        returns, so these are the behaviour log-probs)."""
         import torch
 
-        out = [0] * len(who)
-        dev = logits.device
-        for b in {id(b): b for b, _ in who}.values():
-            rows = [r for r, (bb, _) in enumerate(who) if bb is b]
-            seqs = torch.tensor([who[r][1] for r in rows], device=dev)
-            steps = torch.tensor([len(b.tokens[who[r][1]]) for r in rows], device=dev)
-            drawn = b.sampler(logits[torch.tensor(rows, device=dev)], seqs, steps).tolist()
-            for r, t in zip(rows, drawn):
-                out[r] = int(t)
-        return out
+        groups = {id(b): b for b, _ in who}
+        if len(groups) == 1:
+            drawn = next(iter(groups.values())).sampler(logits, seqs, steps)
+        else:
+            drawn = torch.zeros(len(who), dtype=torch.long, device=logits.device)
+            for b in groups.values():
+                rows = torch.tensor([r for r, (bb, _) in enumerate(who) if bb is b],
+                                    device=logits.device)
+                drawn[rows] = b.sampler(logits[rows], seqs[rows], steps[rows])
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, drawn[:, None])[:, 0]
+        return [int(t) for t in drawn.tolist()], lp.tolist()
 
     def _rollout(self, b: _Batch) -> dict[str, Any]:
         """The batch as a Rollout payload (the fast engine's layout)."""
@@ -301,10 +312,17 @@ class GenerationStream:
         return {"tokens": ids, "attention_mask": mask, "response_mask": response,
                 "row": b.rows}
 
-    def _logprobs(self, b: _Batch) -> dict[str, Any]:
-        """Per-token log-probs of the batch's tokens so far under the current weights (the
-        engine's own forward, so they equal what a train's forward computes)."""
-        return self.engine.forward(self._rollout(b))
+    def _behaviour(self, b: _Batch) -> Any:
+        """[n, P + R] log-probs of each sampled token under the weights that sampled it
+        (0 at prompt and padding positions, which no loss reads)."""
+        import torch
+
+        plen = b.prompt_ids.shape[1]
+        out = torch.zeros(len(b), plen + self.max_new)
+        for i, lps in enumerate(b.logprobs):
+            if lps:
+                out[i, plen:plen + len(lps)] = torch.tensor(lps[:self.max_new])
+        return out
 
 
 def streams_of(holder: Any) -> dict[tuple[str, str], GenerationStream]:

@@ -1,14 +1,16 @@
 """Measured: an asynchronous step (--staleness 1) against the synchronous one on the same
-Ray cluster and the same disjoint pools (generation on GPUs 0-1, every other call on
-2-3; fake GPUs on CPU, one thread per rank).
+Ray cluster and the same disjoint pools (fake GPUs on CPU, one thread per rank):
+`--gpus 2` (default) puts generation on GPU 0 and every other call on GPU 1; `--gpus 4`
+generation on 0-1 and the rest on 2-3 (policy.train FSDP dp=2).
 
 Synchronous, the training pool waits for generation and generation for training; with
 staleness 1 the step's generation (for the next step) runs while the training pool
-scores and trains on the previous step's rollouts, so a step costs about the longer of
-the two instead of their sum. Both runs use the GRPO example (no reward-model
-pre-training: its weights do not change the timing) and are interleaved in rounds so
-that machine load hits both alike; the warm-up step and each run's first trained step
-are not counted.
+scores and trains on the previous step's rollouts, streamed (backends/
+stream_generation.py) with the cut the compiler picks for this plan
+(graphrl.async_compile.as_executed), so a step costs about the longer of the two
+instead of their sum. Both runs use the GRPO example (no reward-model pre-training: its
+weights do not change the timing) and are interleaved in rounds so that machine load
+hits both alike; the warm-up step and each run's first trained step are not counted.
 
     python benchmarks/async_ray.py                 # writes docs/async_ray.md
     python benchmarks/async_ray.py --steps 6 --rounds 2 --out /tmp/a.md
@@ -35,9 +37,13 @@ import graphrl as gr  # noqa: E402
 from graphrl.cli import load_example  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "async_ray.md"
-POOLS = {"policy.generate": {"gpus": "0-1"},
-         "policy.train": {"gpus": "2-3", "dp": 2, "zero": 3},
-         "reference.forward": {"gpus": "2-3"}, "reward.forward": {"gpus": "2-3"}}
+POOLS = {4: {"policy.generate": {"gpus": "0-1"},
+             "policy.train": {"gpus": "2-3", "dp": 2, "zero": 3},
+             "reference.forward": {"gpus": "2-3"}, "reward.forward": {"gpus": "2-3"}},
+         2: {"policy.generate": {"gpus": "0"}, "policy.train": {"gpus": "1"},
+             "reference.forward": {"gpus": "1"}, "reward.forward": {"gpus": "1"}}}
+LAYOUT = {4: "generation on GPUs 0-1, every other call on 2-3 (policy.train FSDP dp=2)",
+          2: "generation on GPU 0, every other call on GPU 1"}
 
 
 def experiment(batch: int, response_len: int) -> Any:
@@ -46,16 +52,30 @@ def experiment(batch: int, response_len: int) -> Any:
     return dataclasses.replace(exp, prepare=None)
 
 
-def measure(exp: Any, staleness: int, steps: int, seed: int = 0) -> list[float]:
-    """Seconds of each trained step after the first, on a fresh executor."""
-    from graphrl.backends.ray.executor import RayExecutor
+def compiled(exp: Any, staleness: int, gpus: int) -> tuple[Any, Any]:
+    """(program, plan) of the step on the pinned pools; async: with the stream cut the
+    compiler picks for it (graphrl.async_compile.as_executed)."""
+    from graphrl.async_compile import as_executed
     from graphrl.cluster import ClusterSpec
     from graphrl.compiler import compile_graph
+    from graphrl.passes.assign_devices import problem_from_graph
+    from graphrl.passes.base import PassContext
+
+    cluster = ClusterSpec.parse(f"1x{gpus}xcpu")
+    program = exp.program(staleness)
+    out = compile_graph(program.graph, cluster, "auto", placement=POOLS[gpus], engines=True)
+    if staleness:
+        sync = exp.program(0).graph
+        out = as_executed(out, problem_from_graph(sync, PassContext(cluster)))
+    return program, out.plan
+
+
+def measure(exp: Any, staleness: int, steps: int, gpus: int, seed: int = 0) -> list[float]:
+    """Seconds of each trained step after the first, on a fresh executor."""
+    from graphrl.backends.ray.executor import RayExecutor
     from graphrl.runner import run_experiment
 
-    program = exp.program(staleness)
-    plan = compile_graph(program.graph, ClusterSpec.parse("1x4xcpu"), "auto",
-                         placement=POOLS, engines=True).plan
+    program, plan = compiled(exp, staleness, gpus)
     opts = gr.RunOptions(iterations=steps, seed=seed, quiet=True, staleness=staleness)
     ex = RayExecutor(program, plan, seed=seed, timeout_s=600.0,
                      env={"GLOO_SOCKET_IFNAME": "lo"})
@@ -66,17 +86,20 @@ def measure(exp: Any, staleness: int, steps: int, seed: int = 0) -> list[float]:
     return [r["step_seconds"] for r in summary.rows[1:]]
 
 
-def run(steps: int, rounds: int, batch: int, response_len: int, out: Path | None) -> dict:
+def run(steps: int, rounds: int, batch: int, response_len: int, out: Path | None,
+        gpus: int = 2) -> dict:
     from graphrl.backends.ray.cluster import start_ray
 
     exp = experiment(batch, response_len)
-    session = start_ray(num_gpus=4, num_cpus=4, memory_monitor=False)
+    cut = compiled(exp, 1, gpus)[1].graph.node("%rollout").attr("stream_cut")
+    load0 = os.getloadavg()[0]
+    session = start_ray(num_gpus=gpus, num_cpus=gpus, memory_monitor=False)
     times: dict[int, list[float]] = {0: [], 1: []}
     t0 = time.perf_counter()
     try:
         for r in range(rounds):
             for k in (0, 1) if r % 2 == 0 else (1, 0):
-                times[k] += measure(exp, k, steps)
+                times[k] += measure(exp, k, steps, gpus)
                 print(f"round {r} staleness {k}: median "
                       f"{statistics.median(times[k]):.3f} s over {len(times[k])} steps",
                       flush=True)
@@ -94,11 +117,11 @@ def run(steps: int, rounds: int, batch: int, response_len: int, out: Path | None
         out.write_text("\n".join([
             "# Asynchronous steps on Ray: measured step time", "",
             f"Generated by `{cmd}` on {platform.machine()}, {os.cpu_count()} CPU cores "
-            f"(shared machine; load average at the end {os.getloadavg()[0]:.1f}), "
-            f"{result['wall_s']:.0f} s.", "",
+            f"(shared machine; load average {load0:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end), {result['wall_s']:.0f} s.", "",
             f"GRPO example, batch {batch} prompts x 4 samples, {response_len} new tokens; "
-            "1x4xcpu Ray cluster (fake GPUs), generation on GPUs 0-1, every other call on "
-            "2-3 (policy.train FSDP dp=2). Median of "
+            f"1x{gpus}xcpu Ray cluster (fake GPUs, one thread per rank), {LAYOUT[gpus]}; "
+            f"async generation streamed with stream_cut={cut} (the compiler's pick). Median of "
             f"{len(times[0])} trained steps each (first trained step of each run dropped), "
             f"{rounds} interleaved rounds.", "",
             "| step | median seconds | fastest step, seconds |", "|---|---:|---:|",
@@ -122,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--batch", type=int, default=16, help="prompts per step (default 16)")
     p.add_argument("--response-len", type=int, default=24, help="new tokens (default 24)")
+    p.add_argument("--gpus", type=int, choices=sorted(POOLS), default=2,
+                   help="fake GPUs: 2 (generation | rest) or 4 (0-1 | 2-3); default 2")
     p.add_argument("--out", default=str(DEFAULT_OUT), metavar="FILE.md")
     ns = p.parse_args(argv)
-    run(ns.steps, ns.rounds, ns.batch, ns.response_len, Path(ns.out) if ns.out else None)
+    run(ns.steps, ns.rounds, ns.batch, ns.response_len, Path(ns.out) if ns.out else None,
+        ns.gpus)
     return 0
 
 

@@ -143,14 +143,15 @@ def simulate_stream(lengths: np.ndarray, prompt: int, cut: int, kv_tokens: float
 
 def stream_phases(problem: Any, gen: Any, strategy: Any, cut: int) -> StreamPhases | None:
     """Head and tail seconds of generate call `gen` (graphrl.passes.search CallInfo) with
-    `strategy`, streamed with `cut`; None where the engine batches statically (hf, or
-    pipeline stages), which the stream cannot refill."""
+    `strategy`, streamed with `cut` (the stream batches continuously whatever the
+    model's engine; an eager engine's per-step host overhead is kept); None with
+    pipeline stages (the cost model's static pipelined batches)."""
     from . import cost as C
     from .lengths import fixed
     from .serving import GPU_MEMORY_UTILIZATION, PREFILL_CHUNK_TOKENS, _step_fn, \
         lengths_of_slowest_replica
 
-    if problem.gen_engine == "hf" or strategy.pp > 1 or gen.new_tokens < 1:
+    if strategy.pp > 1 or gen.new_tokens < 1:
         return None
     spec, gpu, params = problem.specs[gen.model], problem.cluster.gpu, problem.params
     dist = (problem.lengths or fixed(gen.new_tokens)).capped(gen.new_tokens)

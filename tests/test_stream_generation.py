@@ -33,9 +33,9 @@ def _run(exp, k, steps, ahead, program=None):
 
 def test_results_do_not_depend_on_scheduling(grpo, monkeypatch):
     """Starting the next batch in the tail, and few slots, change timing only."""
-    _, early = _run(grpo, 1, 4, ahead=True)
+    _, early = _run(grpo, 1, 3, ahead=True)
     monkeypatch.setattr(sg, "DEFAULT_SLOTS", 3)
-    _, late = _run(grpo, 1, 4, ahead=False)
+    _, late = _run(grpo, 1, 3, ahead=False)
     for a, b in zip(early[1:], late[1:], strict=True):
         assert set(a.outputs) == set(b.outputs)
         for name in a.outputs:
