@@ -699,7 +699,8 @@ def discussion(results: Sequence[CaseResult], s: dict[str, Any]) -> str:
             f"{s['auto_over_bound']:.3f}x the bound. Gains beyond the ceiling need a "
             "different step, not a different placement: e.g. generating the next batch "
             "while the current one trains (one-step off-policy, as in verl's and AReaL's "
-            "asynchronous modes), which changes the algorithm: `--staleness 1`, in the async section below.", ""]
+            "asynchronous modes), which changes the algorithm: `--staleness 1`, in the "
+            "async section below.", ""]
     if s["auto_worse"]:
         mism = sum(1 for r in results for b in BASELINES
                    if r.results[b].status == "ok" and r.auto.status == "ok"
