@@ -76,7 +76,8 @@ def run_graphrl(size: str, length: int, steps: int, seed: int,
     opts = {"lr": LR, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0}
     models = (gr.Model("policy", llama_dict(size), role="policy", trainable=True,
                        engine="fast", options=opts),
-              gr.Model("reference", llama_dict(size), role="reference", init_from="policy"))
+              gr.Model("reference", llama_dict(size), role="reference", init_from="policy",
+                       engine="fast"))
     exp = gr.Experiment(name="grpo_vs_trl", step=step, models=models,
                         inputs={"prompts": gr.prompts_spec(PROMPTS, PROMPT_LEN)},
                         data=lambda i: {"prompts": t.prompts(PROMPTS, seed=seed * 7919 + i)},

@@ -80,8 +80,12 @@ def test_qkv_rope_backward(kv_heads):
             return (x * cos + half * sin)[..., interleave_rows(1, d, x.device)]
         return rot(q, heads), rot(k, kv_heads), v.unflatten(-1, (kv_heads, d))
 
-    _same_grads(lambda xh, w: QKVRope.apply(xh, w[rows], rope, heads, kv_heads),
-                plain, [xh, w])
+    def fused(xh, w):
+        q, k, v = QKVRope.apply(xh.reshape(b * t, e), w[rows], rope.reshape(b * t, 1, -1),
+                                heads, kv_heads)
+        return q.unflatten(0, (b, t)), k.unflatten(0, (b, t)), v.unflatten(0, (b, t))
+
+    _same_grads(fused, plain, [xh, w])
 
 
 def _decl(family="llama", kv=2, head="lm"):
@@ -145,3 +149,33 @@ def test_other_models_use_the_hf_forward():
     assert not create_engine("fast", _decl("gpt2", 4), {}, "cpu", 0).fused_forward
     assert not create_engine("fast", _decl(head="value"), {}, "cpu", 0).fused_forward
     assert not create_engine("fast", _decl(), {"fused_forward": False}, "cpu", 0).fused_forward
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_shared_prompts_run_once_with_the_same_result(kv):
+    """Rows repeating their prompt (a GRPO group), left-padded prompts, responses ending
+    early: log-probs and gradients as HF computes them row by row."""
+    hf = HFEngine(_decl(kv=kv), {}, seed=0)
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(1, 32, (3, 5), generator=g).repeat_interleave(4, dim=0)
+    att = torch.ones(12, 11)
+    att[4:8, :2] = 0                      # the second prompt is left-padded
+    att[::3, 8:] = 0                      # some responses stop early
+    tokens = torch.cat([prompts, torch.randint(1, 32, (12, 6), generator=g)], 1)
+    tokens = torch.where(att.bool(), tokens, 0)
+    resp = torch.zeros(12, 11)
+    resp[:, 5:] = att[:, 5:]
+    from graphrl.backends.engines.fast_forward import SharedPrefix
+    shared = SharedPrefix.find(tokens, att.long(), resp)
+    assert shared is not None and shared.p == 5 and shared.first.numel() == 3
+    keep = (att * F.pad(att[:, :-1], (1, 0))) > 0
+    a = hf._head({"tokens": tokens, "attention_mask": att})
+    b = fast_logprobs(hf.module, tokens, att.long(), positions(att.long()), resp)
+    assert (a - b)[keep].abs().max() < 1e-5
+    grads = []
+    for out in (a, b):
+        hf.module.zero_grad()
+        (out[keep] * torch.linspace(-1, 1, int(keep.sum()))).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in hf.module.named_parameters()})
+    for n, ga in grads[0].items():
+        assert (ga - grads[1][n]).abs().max() <= 1e-5 * (1 + ga.abs().max()), n

@@ -65,7 +65,9 @@ class FastEngine(HFEngine):
         if not self.fused_forward:
             return super()._head(payload)
         tokens, mask = self._inputs(payload)
-        return fast_logprobs(self.module, tokens, mask, positions(mask))
+        response = payload.get("response_mask")
+        return fast_logprobs(self.module, tokens, mask, positions(mask),
+                             None if response is None else self._to(response))
 
     def _decoder(self, slots: int, max_len: int) -> FastLM:
         """The decode model, reusing the cache when it is large enough; weights are

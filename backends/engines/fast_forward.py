@@ -105,45 +105,135 @@ class _Layout:
             * layer.post_attention_layernorm.weight
 
 
-def hidden_states(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                  pos: torch.Tensor) -> torch.Tensor:
-    """The final hidden states [B, T, E] (before the final norm) of left-padded rows."""
-    lay = _Layout(module)
-    body = module.model
-    b, t = tokens.shape
-    x = F.embedding(tokens, body.embed_tokens.weight).view(b * t, -1)
-    rope = _rope(module, pos, x.dtype)
-    attn_mask = _attention_mask(mask)
-    gqa = lay.kv_heads != lay.heads
-    for layer in body.layers:
-        xh = RMSNormalize.apply(x, lay.eps).view(b, t, -1)
+class SharedPrefix:
+    """Rows that share their first `p` columns (tokens and mask): a GRPO group's samples
+    of one prompt. `first` [U]: one row per distinct prefix; `inverse` [B]: each row's
+    prefix. The prefix runs once per distinct prompt and its keys/values are reused by
+    every row's later positions: the same function (a causal LM's prefix positions never
+    see later ones), fewer FLOPs (vLLM-style prefix sharing, Kwon et al. 2023, applied to
+    scoring and training), gradients of the shared part summed by autograd."""
+
+    def __init__(self, p: int, first: torch.Tensor, inverse: torch.Tensor):
+        self.p, self.first, self.inverse = p, first, inverse
+
+    @staticmethod
+    def find(tokens: torch.Tensor, mask: torch.Tensor,
+             response_mask: torch.Tensor | None) -> "SharedPrefix | None":
+        """The prefix before the first response column, if at most half the rows have a
+        distinct one; else None (nothing worth sharing)."""
+        if response_mask is None or tokens.shape[0] < 2:
+            return None
+        cols = response_mask.bool().any(0).nonzero()
+        if cols.numel() == 0 or int(cols[0, 0]) < 1:
+            return None
+        p = int(cols[0, 0])
+        key = torch.cat([tokens[:, :p], mask[:, :p].long()], dim=1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if 2 * uniq.shape[0] > tokens.shape[0]:
+            return None
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        first = torch.full((uniq.shape[0],), tokens.shape[0], device=tokens.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        return SharedPrefix(p, first, inverse)
+
+
+def _layers(module: nn.Module, lay: _Layout, x: torch.Tensor, rope: torch.Tensor,
+            attend: Any) -> torch.Tensor:
+    """Run the decoder layers on token rows x [N, E]; attend(q, k, v) -> [N, H*d]."""
+    for layer in module.model.layers:
+        xh = RMSNormalize.apply(x, lay.eps)
         q, k, v = QKVRope.apply(xh, lay.qkv(layer), rope, lay.heads, lay.kv_heads)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=attn_mask,
-                                           is_causal=attn_mask is None, scale=lay.scale,
-                                           enable_gqa=gqa)
-        o = o.transpose(1, 2).reshape(b * t, -1)
-        x = torch.addmm(x, o, layer.self_attn.o_proj.weight.t())
+        x = torch.addmm(x, attend(q, k, v), layer.self_attn.o_proj.weight.t())
         xh = RMSNormalize.apply(x, lay.eps)
         a = SwiGLU.apply(torch.mm(xh, lay.gate_up(layer).t()))
         x = torch.addmm(x, a, layer.mlp.down_proj.weight.t())
-    return x.view(b, t, -1)
+    return RMSNormalize.apply(x, lay.eps)
+
+
+def _sdpa(lay: _Layout, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, T, H, d] over k, v [B, S, K, d] -> [B*T, H*d]; mask None means
+    plain causal (T == S)."""
+    b, t = q.shape[:2]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                       v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, scale=lay.scale,
+                                       enable_gqa=lay.kv_heads != lay.heads)
+    return o.transpose(1, 2).reshape(b * t, -1)
+
+
+def _logprobs(module: nn.Module, xh: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] at normalised final hidden rows xh [N, E] (norm weight folded
+    into the head)."""
+    head = module.lm_head.weight * module.model.norm.weight
+    return TokenLogProbs.apply(torch.mm(xh, head.t()), target)
 
 
 def fast_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                  pos: torch.Tensor) -> torch.Tensor:
+                  pos: torch.Tensor, response_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Per-token log-probs [B, T] of left-padded rows, as HFEngine._head computes them:
-    out[:, t] = log p(tokens[:, t] | tokens[:, :t]), out[:, 0] = 0."""
+    out[:, t] = log p(tokens[:, t] | tokens[:, :t]), out[:, 0] = 0. With a response mask
+    whose rows share their prompt (SharedPrefix), each prompt runs once."""
+    shared = SharedPrefix.find(tokens, mask, response_mask)
+    if shared is not None:
+        return _shared_logprobs(module, tokens, mask, pos, shared)
+    lay = _Layout(module)
     b, t = tokens.shape
-    x = hidden_states(module, tokens, mask, pos)
-    eps = module.config.rms_norm_eps
-    xh = RMSNormalize.apply(x.view(b * t, -1), eps)
-    head = module.lm_head.weight * module.model.norm.weight
-    logits = torch.mm(xh, head.t())
+    x = F.embedding(tokens, module.model.embed_tokens.weight).view(b * t, -1)
+    attn_mask = _attention_mask(mask)
+
+    def attend(q, k, v):
+        return _sdpa(lay, q.unflatten(0, (b, t)), k.unflatten(0, (b, t)),
+                     v.unflatten(0, (b, t)), attn_mask)
+
+    xh = _layers(module, lay, x, _rope(module, pos, x.dtype).flatten(0, 1), attend)
     # the last position's target is a dummy (its log-prob is dropped)
     target = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
-    lp = TokenLogProbs.apply(logits, target).view(b, t)
+    lp = _logprobs(module, xh, target).view(b, t)
     return F.pad(lp[:, :-1], (1, 0))
 
 
-__all__ = ["supported", "fast_logprobs", "hidden_states", "interleave_rows"]
+def _shared_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                     pos: torch.Tensor, shared: SharedPrefix) -> torch.Tensor:
+    """fast_logprobs with the prefix columns [:p] run once per distinct prefix: token
+    rows are [U*p prefix rows | B*r rest rows]; the rest attend to their prefix's keys and
+    values followed by their own (causal)."""
+    lay = _Layout(module)
+    b, t = tokens.shape
+    p, first, inverse = shared.p, shared.first, shared.inverse
+    u, r = first.shape[0], t - p
+    rows = torch.cat([tokens[first, :p].reshape(-1), tokens[:, p:].reshape(-1)])
+    x = F.embedding(rows, module.model.embed_tokens.weight)
+    rot = torch.cat([_rope(module, pos[first, :p], x.dtype).flatten(0, 1),
+                     _rope(module, pos[:, p:], x.dtype).flatten(0, 1)])
+    pre_mask = _attention_mask(mask[first, :p])
+    rest_real = mask[:, p:].bool()
+    causal = torch.ones(r, r, dtype=torch.bool, device=tokens.device).tril()
+    rest_mask = torch.cat([mask[:, None, None, :p].bool().expand(b, 1, r, p),
+                           (causal & rest_real[:, None, None, :]) |
+                           torch.eye(r, dtype=torch.bool, device=tokens.device)], dim=-1)
+    n_pre = u * p
+
+    def attend(q, k, v):
+        kp, vp = k[:n_pre].unflatten(0, (u, p)), v[:n_pre].unflatten(0, (u, p))
+        pre = _sdpa(lay, q[:n_pre].unflatten(0, (u, p)), kp, vp, pre_mask)
+        keys = torch.cat([kp.index_select(0, inverse), k[n_pre:].unflatten(0, (b, r))], 1)
+        vals = torch.cat([vp.index_select(0, inverse), v[n_pre:].unflatten(0, (b, r))], 1)
+        rest = _sdpa(lay, q[n_pre:].unflatten(0, (b, r)), keys, vals, rest_mask)
+        return torch.cat([pre, rest])
+
+    xh = _layers(module, lay, x, rot, attend)
+    pre_h = xh[:n_pre].view(u, p, -1)
+    # prefix positions 0..p-2 predict prefix tokens (once per prefix); each row's last
+    # prefix position and its own positions predict its own tokens p..t-1
+    own = torch.cat([pre_h[:, -1].index_select(0, inverse)[:, None],
+                     xh[n_pre:].view(b, r, -1)[:, :-1]], dim=1)
+    lp = _logprobs(module, torch.cat([pre_h[:, :-1].reshape(-1, pre_h.shape[-1]),
+                                      own.reshape(b * r, -1)]),
+                   torch.cat([tokens[first, 1:p].reshape(-1), tokens[:, p:].reshape(-1)]))
+    pre_lp = lp[:u * (p - 1)].view(u, p - 1).index_select(0, inverse)
+    return torch.cat([torch.zeros(b, 1, dtype=lp.dtype, device=lp.device), pre_lp,
+                      lp[u * (p - 1):].view(b, r)], dim=1)
+
+
+__all__ = ["supported", "fast_logprobs", "interleave_rows", "SharedPrefix"]

@@ -69,47 +69,45 @@ def _complex(x: torch.Tensor) -> torch.Tensor:
 
 
 class QKVRope(torch.autograd.Function):
-    """q, k, v of hidden states xh [B, T, E] under the fused weight w [(H+2K)*d, E]
-    (rows: q heads, k heads, v heads; q and k rows pair-interleaved), with q and k rotated
-    by `rope` [B, T, 1, d/2] (complex unit numbers e^{i pos theta_j}): one complex
-    multiply. Backward: the rotation's adjoint is the conjugate rotation; dq, dk, dv
-    land in one [B, T, (H+2K)*d] buffer, then two matmuls give dxh and dw."""
+    """q, k, v of hidden states xh [N, E] (token rows) under the fused weight
+    w [(H+2K)*d, E] (rows: q heads, k heads, v heads; q and k rows pair-interleaved), with
+    q and k rotated by `rope` [N, 1, d/2] (complex unit numbers e^{i pos theta_j}): one
+    complex multiply. Returns q [N, H, d], k and v [N, K, d]. Backward: the rotation's
+    adjoint is the conjugate rotation; dq, dk, dv land in one [N, (H+2K)*d] buffer, then
+    two matmuls give dxh and dw."""
 
     @staticmethod
     def forward(ctx, xh: torch.Tensor, w: torch.Tensor, rope: torch.Tensor,   # type: ignore[override]
                 heads: int, kv_heads: int):
-        b, t, _ = xh.shape
-        qkv = torch.matmul(xh, w.t())
+        qkv = torch.mm(xh, w.t())
         d = qkv.shape[-1] // (heads + 2 * kv_heads)
         split = (heads + kv_heads) * d
-        qk = qkv[..., :split].unflatten(-1, (heads + kv_heads, d))
-        qk = torch.view_as_real(_complex(qk) * rope).flatten(-2)     # [B, T, H+K, d]
-        v = qkv[..., split:].unflatten(-1, (kv_heads, d))
+        qk = qkv[:, :split].unflatten(-1, (heads + kv_heads, d))
+        qk = torch.view_as_real(_complex(qk) * rope).flatten(-2)     # [N, H+K, d]
+        v = qkv[:, split:].unflatten(-1, (kv_heads, d))
         ctx.save_for_backward(xh, w, rope)
         ctx.heads, ctx.kv_heads, ctx.d = heads, kv_heads, d
-        return qk[:, :, :heads], qk[:, :, heads:], v
+        return qk[:, :heads], qk[:, heads:], v
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):   # type: ignore[override]
         xh, w, rope = ctx.saved_tensors
         heads, kv_heads, d = ctx.heads, ctx.kv_heads, ctx.d
-        b, t, _ = xh.shape
-        grad = torch.empty(b, t, w.shape[0], dtype=xh.dtype, device=xh.device)
+        grad = torch.empty(xh.shape[0], w.shape[0], dtype=xh.dtype, device=xh.device)
         hq, hk = heads * d, kv_heads * d
         back = rope.conj()
         for g, lo, n in ((dq, 0, heads), (dk, hq, kv_heads)):
-            out = _complex(grad[..., lo:lo + n * d].unflatten(-1, (n, d)))
+            out = _complex(grad[:, lo:lo + n * d].unflatten(-1, (n, d)))
             if g is None:
                 out.zero_()
             else:
                 torch.mul(_complex(g.contiguous() if g.stride(-1) != 1 else g), back, out=out)
         if dv is None:
-            grad[..., hq + hk:].zero_()
+            grad[:, hq + hk:].zero_()
         else:
-            grad[..., hq + hk:].copy_(dv.flatten(-2))
-        flat = grad.view(b * t, -1)
-        dxh = torch.matmul(grad, w) if ctx.needs_input_grad[0] else None
-        dw = flat.t().mm(xh.reshape(b * t, -1)) if ctx.needs_input_grad[1] else None
+            grad[:, hq + hk:].copy_(dv.flatten(-2))
+        dxh = torch.mm(grad, w) if ctx.needs_input_grad[0] else None
+        dw = grad.t().mm(xh) if ctx.needs_input_grad[1] else None
         return dxh, dw, None, None, None
 
 
