@@ -129,6 +129,22 @@ class FastEngine(HFEngine):
         return {"tokens": ids, "attention_mask": mask, "response_mask": response,
                 "row": prompt_rows(prompts, n // max(samples, 1)).repeat_interleave(samples)}
 
+    @staticmethod
+    def _prefill(lm: FastLM, tokens: torch.Tensor, lens: torch.Tensor,
+                 slot_idx: torch.Tensor) -> torch.Tensor:
+        """lm.prefill of these prompts, each distinct prompt once (the samples of one
+        prompt share it): its cache rows are copied to the slots of its repeats."""
+        uniq, inverse = torch.unique(torch.cat([tokens, lens[:, None]], dim=1), dim=0,
+                                     return_inverse=True)
+        if uniq.shape[0] == tokens.shape[0]:
+            return lm.prefill(tokens, lens, slot_idx)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        first = torch.full((uniq.shape[0],), tokens.shape[0], device=tokens.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        logits = lm.prefill(tokens[first], lens[first], slot_idx[first])
+        lm.copy_slots(slot_idx[first][inverse], slot_idx, tokens.shape[1])
+        return logits[inverse]
+
     def _run(self, compact: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
              gen_len: torch.Tensor, max_new: int, stops: list[tuple[int, ...]],
              sample: Sampler) -> None:
@@ -176,7 +192,7 @@ class FastEngine(HFEngine):
                 width = max(lens_host[q] for q in take)
                 q_dev = torch.tensor(take, device=dev)
                 s_dev = torch.tensor(where, device=dev)
-                logits = lm.prefill(compact[q_dev, :width], lens[q_dev], s_dev)
+                logits = self._prefill(lm, compact[q_dev, :width], lens[q_dev], s_dev)
                 zero = torch.zeros(len(take), dtype=torch.long, device=dev)
                 t = sample(logits, q_dev, zero)
                 out[q_dev, 0] = t

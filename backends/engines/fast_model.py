@@ -255,6 +255,11 @@ class FastLM:
         last = x[torch.arange(n, device=x.device), lens - 1]
         return self._logits(last)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the first `length` cache positions of slots src into slots dst."""
+        self.k[:, dst, :, :, :length] = self.k[:, src, :, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step for slots 0..b-1 (b = len(tok)): token tok[s] at position
         pos[s] of slot s, attending to the slot's cache positions <= pos[s] (of the first
