@@ -136,7 +136,12 @@ class LocalExecutor:
                             for v in self.graph.inputs if v.spec.is_weights}
             self.carried |= load_torch(ckpt.file(CARRIED_FILE))
 
-    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
+    streams_ahead = True   # run_step takes the next step's inputs (streamed generation)
+
+    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0,
+                 upcoming: Mapping[str, Any] | None = None) -> StepResult:
+        """One step; `upcoming`: the next step's inputs, which a streamed generate node
+        (backends/stream_generation.py) may start on in this step's tail."""
         g = self.graph
         if self.carried is None:  # weights enter at whatever version set-up left them
             self.carried = {v.name: WeightsToken(v.spec.model, self.engines[v.spec.model].version)
@@ -154,9 +159,14 @@ class LocalExecutor:
         events: list[Event] = []
         t0 = self.now()
         warmup = any(v.name in queued and v.name not in env for v in g.inputs)
+        tails = []   # streamed generate nodes: their tails run after the step's trains
         for n in g.nodes:
             if warmup and not all(i in env for i in n.inputs):
                 continue   # an async step's first steps only generate (passes/staleness)
+            if n.attr("stream_cut"):
+                tails.append(n)
+                events.append(self._stream_half(n, env, iteration, None))
+                continue
             start = self.now()
             try:
                 results = self.run_node(n, [env[i] for i in n.inputs], iteration)
@@ -172,11 +182,36 @@ class LocalExecutor:
             events.append(Event(n.name, n.call, n.model, "local", start, end, iteration))
             for dead in self._dead.get(n.name, ()):
                 env.pop(dead, None)
+        for n in tails:
+            events.append(self._stream_half(n, env, iteration, upcoming or {}))
         # a value a warm-up step did not make (no train ran) carries over unchanged
         self.carried = dict(self.carried) | {dst: env[src] for dst, src in g.carries
                                              if src in env}
         outputs = {o.lstrip("%"): env[o] for o in g.outputs if o in env}
         return StepResult(outputs, tuple(events), self.now() - t0, warmup)
+
+    def _stream_half(self, n: Node, env: dict[str, Any], iteration: int,
+                     upcoming: Mapping[str, Any] | None) -> Event:
+        """The head (upcoming None) or the tail of a streamed generate node."""
+        from . import stream_generation as sg
+
+        engine, start = self.engines[n.model], self.now()
+        seed_of = lambda it: seed_for(self.seed, it, n.name)  # noqa: E731
+        try:
+            if upcoming is None:
+                sg.local_head(self, n, engine, env[n.inputs[1]], seed_of(iteration),
+                              env[n.inputs[0]].version, iteration)
+            else:
+                for v, r in zip(n.outputs, sg.local_tail(self, n, engine, engine.version,
+                                                         iteration, upcoming, seed_of)):
+                    check_payload(n, v.spec, r)
+                    env[v.name] = r
+        except GraphRLError:
+            raise
+        except Exception as e:
+            raise ExecutionError(f"node {n.name} ({n.call}) failed at iteration "
+                                 f"{iteration}: {type(e).__name__}: {e}") from e
+        return Event(n.name, n.call, n.model, "local", start, self.now(), iteration)
 
     # -- one node ---------------------------------------------------------------------
     def run_node(self, n: Node, args: list[Any], iteration: int) -> list[Any]:

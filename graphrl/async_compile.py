@@ -38,10 +38,38 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
     if not chosen:
         return replace(sync, findings={**sync.findings, **notes})
     out = compile_graph(rewritten, cluster, policy, placement=async_pins(rewritten, plan), **kw)
+    out = as_executed(out, problem)
     notes["async_lowered_seconds"] = lowered = out.plan.predicted_step_seconds
-    if lowered >= sync_s:   # the executors do not stream: what they run would be slower
+    notes["stream"] = out.findings.get("stream")
+    if lowered >= sync_s:   # what the executors would run is slower: stay synchronous
         notes["staleness"] = 0
         return replace(sync, findings={**sync.findings, **notes},
                        timings=sync.timings + out.timings)
     return replace(out, findings={**out.findings, **notes},
                    timings=sync.timings + out.timings)
+
+
+def as_executed(out: Any, problem: Any) -> Any:
+    """The compiled async plan priced as the executors run it: its generate node streams
+    (graphrl.stream_cost) with the cut that makes the step shortest, which the node's
+    `stream_cut` now holds; the plan's step is max(head, training pool) + push + tail.
+    Its timeline still draws generation as one call at its whole-batch price. Unchanged
+    where generation does not stream (a static-batch engine)."""
+    from .async_cost import _gen_call
+    from .stream_cost import best_stream, plan_sides
+
+    gen = _gen_call(problem)
+    node = next((n for n in out.graph.nodes if n.name == gen.name), None) if gen else None
+    if node is None or not node.attr("stream_cut"):
+        return out
+    train, push = plan_sides(out.plan, node.name)
+    choice = best_stream(problem, gen, node.placement.strategy, train, push)
+    if choice is None:
+        return out
+    graph = out.graph.replace_node(node.name, replace(node, attrs=tuple(sorted(
+        dict(node.attrs, stream_cut=choice.cut).items()))))
+    pnode = out.plan.graph.node(node.name)
+    pgraph = out.plan.graph.replace_node(node.name, replace(pnode, attrs=tuple(sorted(
+        dict(pnode.attrs, stream_cut=choice.cut).items()))))
+    plan = replace(out.plan, graph=pgraph, predicted_step_seconds=choice.step_seconds)
+    return replace(out, graph=graph, plan=plan, findings={**out.findings, "stream": choice})

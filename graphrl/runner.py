@@ -164,7 +164,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         i, steps = len(rows) + (opts.staleness if rows else 0), iterations + opts.staleness
         while i < steps:
             try:
-                result = executor.run_step(exp.data(i), iteration=i)
+                ahead = ({"upcoming": exp.data(i + 1)} if opts.staleness and i + 1 < steps
+                         and getattr(executor, "streams_ahead", False) else {})
+                result = executor.run_step(exp.data(i), iteration=i, **ahead)
             except ExecutionError as e:
                 lost = lost_ranks(e, executor) if opts.max_restarts and owned else []
                 if not lost:

@@ -34,6 +34,12 @@ from .base import PassContext
 BEHAVIOUR_CLIP = 2.0   # truncation of pi_prox / pi_behav (losses._decoupled_surrogate)
 
 
+def stream_cut(max_new_tokens: int) -> int:
+    """Where a streamed sequence switches to the next weights (backends/
+    stream_generation.py): after half its response budget, at least 1 token."""
+    return max(1, int(max_new_tokens) // 2)
+
+
 def queue_name(value: str, stage: int) -> str:
     """`%rollout` at stage 1 is `%rollout_prev`, at stage j > 1 `%rollout_prev{j}`."""
     return f"{value}_prev" if stage == 1 else f"{value}_prev{stage}"
@@ -50,9 +56,12 @@ def generation_nodes(g: Graph) -> list[Node]:
             and g.model(n.model).trainable]
 
 
-def carry_rollouts(g: Graph, k: int) -> Graph:
+def carry_rollouts(g: Graph, k: int, stream: bool = True) -> Graph:
     """The graph whose rollouts are consumed K steps after they are generated (module
-    doc); k = 0 returns `g` unchanged."""
+    doc); k = 0 returns `g` unchanged. `stream`: generation streams across steps
+    (attribute `stream_cut`, backends/stream_generation.py): a batch's first
+    `stream_cut` response tokens use the weights of its step, the rest the next step's,
+    so its long responses finish while the next batch starts."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UsageError(f"--staleness {k!r}: must be an int >= 0 (0: synchronous)")
     if k == 0:
@@ -89,7 +98,10 @@ def carry_rollouts(g: Graph, k: int) -> Graph:
                        sig.versions_spec(rollout.spec.batch, rollout.spec.seq)))
         new_gens[n.name] = replace(n, inputs=(pushed[n.inputs[0]].name,) + n.inputs[1:],
                                    outputs=(rollout,) + extra,
-                                   attrs=tuple(sorted(n.attrs + (("behaviour", True),))))
+                                   attrs=tuple(sorted(n.attrs + (("behaviour", True),) + (
+                                       (("stream_cut", stream_cut(
+                                           n.attr("max_new_tokens", 1))),)
+                                       if stream else ()))))
     # 2. what the other side reads from generation or from the step's data inputs
     gen_values = [v for n in new_gens.values() for v in n.outputs]
     data_inputs = [v for v in g.inputs if not v.spec.is_weights and any(

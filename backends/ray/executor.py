@@ -50,6 +50,7 @@ from .assign import Group, assign_engines, dispatch_order, split_rows
 from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
+from .stream_calls import check_streams, skip_push, stream_head, stream_tails
 from .state import CheckpointMethods
 
 ITEMSIZE = 4   # engines hold float32 weights; reshards move them as float32
@@ -107,6 +108,7 @@ class RayExecutor(CheckpointMethods):
             self.order = dispatch_order(plan)
             self._frees = self._count_frees()
             self._check_batches()
+            check_streams(self)
             self._start(store_host, dict(env or {}))
         except BaseException:
             self.close()
@@ -242,12 +244,15 @@ class RayExecutor(CheckpointMethods):
         return result
 
     # -- a step -------------------------------------------------------------------------------
-    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0) -> StepResult:
+    streams_ahead = True   # run_step takes the next step's inputs (stream_calls.py)
+
+    def run_step(self, inputs: Mapping[str, Any], iteration: int = 0,
+                 upcoming: Optional[Mapping[str, Any]] = None) -> StepResult:
         if self._broken:
             raise ExecutionError(f"the Ray executor failed earlier ({self._broken}); "
                                  "start a new one")
         try:
-            return self._step(inputs, iteration)
+            return self._step(inputs, iteration, upcoming)
         except GraphRLError as e:
             self._broken = str(e).splitlines()[0]
             raise
@@ -255,7 +260,8 @@ class RayExecutor(CheckpointMethods):
             self._broken = type(e).__name__
             raise
 
-    def _step(self, inputs: Mapping[str, Any], iteration: int) -> StepResult:
+    def _step(self, inputs: Mapping[str, Any], iteration: int,
+              upcoming: Optional[Mapping[str, Any]] = None) -> StepResult:
         g = self.graph
         start = time.time()
         self._stamps = []
@@ -294,9 +300,14 @@ class RayExecutor(CheckpointMethods):
                     host_events.append(self._run_op(n, env, iteration))
                 elif grp.members[0][1].part in ("",) or \
                         grp.members[0][1].part.startswith("1/"):   # streamed: whole at part 1
-                    self._run_call(n, env, iteration)
+                    if n.attr("stream_cut"):   # streamed generation: head now, tail last
+                        stream_head(self, n, env, iteration)
+                    else:
+                        self._run_call(n, env, iteration)
             elif grp.op == "reshard":
                 n = g.node(grp.node)
+                if skip_push(self, n, env, _Value):   # a streamed tail pushed it
+                    continue
                 reshards.append((n, self._run_reshard(n, env, iteration)))
                 if self.check_reshards and not self.noop:
                     checks.append(self._check_reshard(n))
@@ -307,6 +318,7 @@ class RayExecutor(CheckpointMethods):
                 frees[value] -= 1
                 if not frees[value]:
                     env.pop(value, None)
+        reshards += stream_tails(self, env, iteration, upcoming, _Value)
         outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs if o in env}
         self._await(list(self._pending), "the step's last calls")
         self._record_reshards(reshards, checks, iteration)

@@ -222,6 +222,10 @@ class ExecWorker(RankWorker):
         attrs = dict(spec.attrs)
         if isinstance(engine, NoopEngine):
             out = self._noop(spec, engine)
+        elif spec.method.startswith("stream_"):   # streamed generation (async steps)
+            from .stream_calls import run_stream
+
+            out = run_stream(self, engine, spec, data)
         elif spec.method == "generate":
             (prompts, first), = data
             lo, hi = spec.rows or (0, spec.total)

@@ -1,0 +1,225 @@
+"""Pricing streamed generation as the executors run it (backends/stream_generation.py).
+
+With `--staleness K` the generation pool runs each step's generate call in two halves
+around the weight push: the head (weights v: the step's batch until each sequence has
+`stream_cut` tokens or stopped) overlaps the training pool's calls; the tail (weights
+v + 1, after the train and the push) finishes the batch's longer responses — their KV
+recomputed first (AReaL, Fu et al. 2025, §4.1) — while the next batch's prompts take
+the freed KV and run up to their own cut. So in steady state
+
+    executed step = max(head, training pool's step) + push + tail
+
+This module prices head and tail with graphrl/serving.py's continuous-batching model
+(KV budget, chunked prefill, a per-decode-step cost that depends on the sequences
+running and their context) — the same per-step terms as the synchronous price — by
+simulating a few consecutive steps of the stream and taking the steady state. A
+resumed sequence's KV recompute is charged as a prefill of prompt + cut tokens (the
+prefill cost scaled by length; attention's quadratic term is ignored at these lengths).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+STEPS = 4          # simulated steps; the steady state is the mean of steps 1..STEPS-2
+
+
+@dataclass(frozen=True)
+class StreamPhases:
+    head: float    # seconds of a step's head (before the push)
+    tail: float    # seconds of its tail (after the push)
+
+    @property
+    def total(self) -> float:
+        return self.head + self.tail
+
+    def step(self, train_seconds: float, push_seconds: float) -> float:
+        """The executed step with a training pool step of `train_seconds`."""
+        return max(self.head, train_seconds) + push_seconds + self.tail
+
+
+class _Seq:
+    __slots__ = ("length", "done", "limit", "base", "watched")
+
+    def __init__(self, length: int):
+        self.length, self.done, self.limit = int(length), 0, 0
+        self.base, self.watched = 0.0, False
+
+
+class _Engine:
+    """One replica's continuous batching, the serving model's rules (serving.py's
+    simulate_replica), with sequences that stop at a `limit` (the cut) and resume."""
+
+    def __init__(self, prompt: int, kv_tokens: float, prefill: Any, step: Any, chunk: int):
+        self.prompt, self.kv, self.prefill, self.step_fn = prompt, kv_tokens, prefill, step
+        self.chunk = chunk
+        self.s = 0                                  # decode steps so far
+        self.heap: list[tuple[int, int, _Seq]] = []   # (end step, id, sequence)
+        self.reserved = 0.0
+        self.base = 0.0                             # sum over running of prompt+done0-s0
+        self.watching = 0                           # watched sequences short of limit
+
+    def _admit(self, waiting: list[_Seq]) -> float:
+        seconds, group = 0.0, []
+        while waiting and (self.reserved + self.prompt + waiting[0].limit <= self.kv
+                           or not self.heap and not group):
+            q = waiting.pop(0)
+            group.append(q)
+            self.reserved += self.prompt + q.limit
+        for i in range(0, len(group), self.chunk):
+            part = group[i:i + self.chunk]
+            ctx = sum(self.prompt + q.done for q in part) / len(part)
+            seconds += self.prefill(len(part)) * ctx / self.prompt
+        for q in group:
+            q.done += 1                              # the prefill samples a token
+            q.base = self.prompt + q.done - self.s
+            self.base += q.base
+            heapq.heappush(self.heap, (self.s + q.limit - q.done, id(q), q))
+        self._retire()
+        return seconds
+
+    def _retire(self) -> None:
+        while self.heap and self.heap[0][0] <= self.s:
+            _, _, q = heapq.heappop(self.heap)
+            q.done = q.limit
+            self.watching -= q.watched
+            q.watched = False
+            self.reserved -= self.prompt + q.limit
+            self.base -= q.base
+
+    def run(self, waiting: list[_Seq], until: list[_Seq]) -> float:
+        """Seconds until every sequence of `until` reached its limit; admits from
+        `waiting` (in order) as KV frees."""
+        seconds = 0.0
+        for q in until:
+            if q.done < q.limit and not q.watched:
+                q.watched = True
+                self.watching += 1
+        while self.watching:
+            seconds += self._admit(waiting)
+            if not self.heap:
+                if not waiting:
+                    raise ValueError("stream pricing: sequences wait for nothing")
+                continue
+            nxt = self.heap[0][0]
+            k = nxt - self.s
+            if k > 0:
+                n = len(self.heap)
+                mid = self.s + (k - 1) / 2.0
+                seconds += k * self.step_fn(n, (self.base + n * mid) / n)
+                self.s = nxt
+            self._retire()
+        return seconds
+
+
+def simulate_stream(lengths: np.ndarray, prompt: int, cut: int, kv_tokens: float,
+                    prefill: Any, step: Any, chunk: int, steps: int = STEPS) -> StreamPhases:
+    """Steady-state head and tail seconds of a replica streaming batches whose responses
+    have `lengths` (each batch in its own shuffled order)."""
+    eng = _Engine(prompt, kv_tokens, prefill, step, chunk)
+    batches = [[_Seq(x) for x in np.random.default_rng(b).permutation(lengths)]
+               for b in range(steps + 1)]
+    for q in batches[0]:
+        q.limit = min(q.length, cut)
+    waiting = list(batches[0])
+    heads, tails = [], []
+    for b in range(steps):
+        heads.append(eng.run(waiting, batches[b]))
+        # the push: this batch's paused sequences resume (KV recomputed) first, then the
+        # next batch's prompts fill the freed KV up to their own cut
+        resumed = [q for q in batches[b] if q.done < q.length]
+        for q in resumed:
+            q.limit = q.length
+        for q in batches[b + 1]:
+            q.limit = min(q.length, cut)
+        waiting = resumed + waiting + batches[b + 1]
+        tails.append(eng.run(waiting, batches[b]))
+    lo, hi = 1, max(2, steps - 1)
+    return StreamPhases(float(np.mean(heads[lo:hi])), float(np.mean(tails[lo:hi])))
+
+
+def stream_phases(problem: Any, gen: Any, strategy: Any, cut: int) -> StreamPhases | None:
+    """Head and tail seconds of generate call `gen` (graphrl.passes.search CallInfo) with
+    `strategy`, streamed with `cut` (the stream batches continuously whatever the
+    model's engine; an eager engine's per-step host overhead is kept); None with
+    pipeline stages (the cost model's static pipelined batches)."""
+    from . import cost as C
+    from .lengths import fixed
+    from .serving import GPU_MEMORY_UTILIZATION, PREFILL_CHUNK_TOKENS, _step_fn, \
+        lengths_of_slowest_replica
+
+    if strategy.pp > 1 or gen.new_tokens < 1:
+        return None
+    spec, gpu, params = problem.specs[gen.model], problem.cluster.gpu, problem.params
+    dist = (problem.lengths or fixed(gen.new_tokens)).capped(gen.new_tokens)
+    mine = lengths_of_slowest_replica(dist.quantiles(gen.batch), strategy.dp)
+    prompt = gen.seq
+    # the KV budget, as serving.serve_generate computes it for one batch in waves
+    weights = C._weights_per_gpu(spec, strategy)
+    kv_token = C.kv_cache_bytes(spec, 1, 1, strategy.tp, strategy.pp)
+    chunk = max(1, min(len(mine), PREFILL_CHUNK_TOKENS // max(prompt, 1)))
+    transient = (params.fwd_transient_bytes * chunk * prompt * spec.hidden_size
+                 + params.logit_fwd_bytes * chunk * C._head_width(spec)) / strategy.tp
+    limit = GPU_MEMORY_UTILIZATION * gpu.memory_bytes
+    kv_tokens = max(kv_token * (prompt + int(mine.max())), limit - weights - transient) \
+        / kv_token * (1 + 1e-12)
+    prefill, step = _step_fn(spec, prompt, strategy, gpu, problem.gen_engine, params,
+                             problem.cluster.gpus_per_node)
+    phases = simulate_stream(mine, prompt, cut, kv_tokens, prefill, step, chunk)
+    return StreamPhases(phases.head * gen.repeats, phases.tail * gen.repeats)
+
+
+CUTS = tuple(i / 16 for i in range(4, 17))   # candidate cuts, of max_new_tokens
+
+
+@dataclass(frozen=True)
+class StreamChoice:
+    cut: int
+    phases: StreamPhases
+    step_seconds: float
+
+
+def best_stream(problem: Any, gen: Any, strategy: Any, train: float, push: float
+                ) -> StreamChoice | None:
+    """The cut that makes the executed step shortest with a training pool step of
+    `train` and a push of `push` seconds: a later cut moves work into the head (which
+    overlaps training) but leaves the next batch less of the tail to start in; None
+    where generation does not stream (stream_phases)."""
+    best = None
+    for f in CUTS:
+        cut = max(1, int(round(gen.new_tokens * f)))
+        ph = stream_phases(problem, gen, strategy, cut)
+        if ph is None:
+            return None
+        c = StreamChoice(cut, ph, ph.step(train, push))
+        if best is None or c.step_seconds < best.step_seconds:
+            best = c
+    return best
+
+
+def plan_sides(plan: Any, gen_node: str) -> tuple[float, float]:
+    """(training pool's step, weight push) seconds in a lowered async plan whose generate
+    node is `gen_node`: the training pool's calls run from the end of the push at the
+    plan's start (the executors push at the end of the previous step instead, after the
+    train, so in steady state the training pool starts at once)."""
+    from .simulate import simulate
+
+    events, _ = simulate(plan)
+    node = plan.graph.node(gen_node)
+    pool = {f"gpu{g}" for g in node.placement.mesh.gpus}
+    push_node = plan.graph.producers().get(node.inputs[0])
+    push_name = push_node.name if push_node is not None else None
+    pushes = [e for e in events if e.node == push_name]
+    push_end = max((e.end for e in pushes), default=0.0)
+    push = max((e.end - e.start for e in pushes), default=0.0)
+    others = [e.end for e in events if e.worker not in pool and e.node not in
+              (gen_node, push_name)]
+    return max(max(others, default=push_end) - push_end, 0.0), push
+
+
+__all__ = ["StreamChoice", "StreamPhases", "best_stream", "plan_sides", "simulate_stream",
+           "stream_phases"]
+

@@ -1,0 +1,126 @@
+"""Streamed generation for asynchronous steps (backends/stream_generation.py): results
+do not depend on scheduling (slots, whether the next batch starts early), every sample's
+version is within the staleness bound, the next batch really starts in the tail, and the
+behaviour log-probs are those of the weights that sampled each token."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import graphrl as gr
+from conftest import load_build
+from graphrl.backends import stream_generation as sg
+from graphrl.backends.local import LocalExecutor
+from graphrl.passes.staleness import carry_rollouts
+
+
+@pytest.fixture(scope="module")
+def grpo():
+    exp = load_build("grpo")(gr.RunOptions(batch_size=2, response_len=10))
+    return dataclasses.replace(exp, prepare=None)
+
+
+def _run(exp, k, steps, ahead, program=None):
+    ex = LocalExecutor(program or exp.program(k), seed=5)
+    out = []
+    for i in range(steps):
+        up = {"upcoming": exp.data(i + 1)} if ahead and i + 1 < steps else {}
+        out.append(ex.run_step(exp.data(i), iteration=i, **up))
+    return ex, out
+
+
+def test_results_do_not_depend_on_scheduling(grpo, monkeypatch):
+    """Starting the next batch in the tail, and few slots, change timing only."""
+    _, early = _run(grpo, 1, 3, ahead=True)
+    monkeypatch.setattr(sg, "DEFAULT_SLOTS", 3)
+    _, late = _run(grpo, 1, 3, ahead=False)
+    for a, b in zip(early[1:], late[1:], strict=True):
+        assert set(a.outputs) == set(b.outputs)
+        for name in a.outputs:
+            for f, t in a.outputs[name].items():
+                assert torch.allclose(t.float(), b.outputs[name][f].float(),
+                                      rtol=1e-5, atol=1e-6), (name, f)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_versions_within_the_bound_and_next_batch_starts_in_the_tail(grpo, k):
+    ex, out = _run(grpo, k, k + 3, ahead=True)
+    engine = ex.engines["policy"]
+    stream = sg.streams_of(ex)[("policy", "%rollout")]
+    assert set(stream.batches) == set()      # the last step had no next batch
+    for i, r in enumerate(out[k:], start=k):
+        versions = r.outputs[f"rollout_version_prev{'' if k == 1 else k}"]["version"]
+        trainer = i - k                        # trains before step i (after warm-up)
+        assert 0 <= trainer - int(versions.max()) and trainer - int(versions.min()) <= k
+    assert engine.version == 3
+    # mid-run, the tail of step 1 admitted batch 2 and sampled some of its tokens
+    ex, _ = _run(grpo, k, 2, ahead=False)
+    ex.run_step(grpo.data(2), iteration=2, upcoming=grpo.data(3))
+    stream = sg.streams_of(ex)[("policy", "%rollout")]
+    nxt = stream.batches[3]
+    assert nxt.version == ex.engines["policy"].version and any(nxt.tokens)
+    assert all(len(t) <= stream.cut for t in nxt.tokens)
+
+
+def test_behaviour_logprobs_switch_weights_at_the_cut(grpo):
+    """Tokens before the cut are scored by the step's weights, the rest by the next."""
+    program = grpo.program(1)
+    ex = LocalExecutor(program, seed=5)
+    for i in range(2):
+        ex.run_step(grpo.data(i), iteration=i)
+    engine = ex.engines["policy"]
+    before = engine.export_weights()
+    ex.run_step(grpo.data(2), iteration=2)    # generates batch 2: head v1, tail v2
+    after = engine.export_weights()
+    assert engine.version == 2
+    rollout, behaviour = ex.carried["%rollout_prev"], ex.carried["%rollout_behaviour_prev"]
+    cut = program.graph.node("%rollout").attr("stream_cut")
+    plen = grpo.inputs["prompts"].seq
+    scores = {}
+    for name, w in (("old", before), ("new", after)):
+        engine.load_weights(w)
+        scores[name] = engine.forward(rollout)["logprobs"]
+    lp = behaviour["logprobs"]
+    mask = rollout["response_mask"].bool()
+    head = mask.clone()
+    head[:, plen + cut:] = False
+    tail = mask & ~head
+    assert head.any() and tail.any()
+    assert torch.allclose(lp[head], scores["old"][head], atol=1e-5)
+    assert torch.allclose(lp[tail], scores["new"][tail], atol=1e-5)
+    assert not torch.allclose(scores["old"][tail], scores["new"][tail], atol=1e-5)
+
+
+def test_stream_off_is_the_batch_queue(grpo):
+    g = carry_rollouts(grpo.program().graph, 1, stream=False)
+    assert g.node("%rollout").attr("stream_cut") is None
+    assert grpo.program(1).graph.node("%rollout").attr("stream_cut") == 5
+
+
+def test_stream_pricing_reduces_to_the_serving_model_and_overlaps_the_tail():
+    """With the cut at the response budget there is no tail: the head is the serving
+    model's whole-batch price; an earlier cut lets the next batch fill the tail, so a
+    step costs less than the whole batch when training is short."""
+    from graphrl.async_cost import _gen_call, streamed_generation
+    from graphrl.cluster import ClusterSpec
+    from graphrl.lengths import parse as parse_lengths
+    from graphrl.passes.assign_devices import problem_from_graph
+    from graphrl.passes.base import PassContext
+    from graphrl.stream_cost import best_stream, stream_phases
+
+    graph = load_build("grpo")(gr.RunOptions(model_size="7b-64k", prompt_len=1024,
+                                             response_len=16384, batch_size=64)
+                               ).program().graph
+    problem = problem_from_graph(graph, PassContext(
+        ClusterSpec.parse("2x8xH100"), gen_engine="graph",
+        lengths=parse_lengths("lognormal:mean=3072,max=16384")))
+    gen = _gen_call(problem)
+    ideal, strategy = streamed_generation(problem, gen, 8, 1)
+    whole = problem.cost(gen, strategy).seconds
+    flat = stream_phases(problem, gen, strategy, gen.new_tokens)
+    assert flat.tail == 0 and flat.head == pytest.approx(whole, rel=0.01)
+    choice = best_stream(problem, gen, strategy, train=0.1 * whole, push=0.0)
+    assert choice.cut < gen.new_tokens
+    assert ideal * 0.99 <= choice.phases.total and choice.step_seconds < 0.8 * whole
