@@ -119,12 +119,17 @@ class LocalExecutor:
 
     def load_state(self, ckpt: Any) -> None:
         """Restore the engines from a verified checkpoint (graphrl.checkpoint.Checkpoint),
-        written here or on Ray (the same per-model files); the next step reads the
-        weights at their restored versions."""
+        written here or on Ray (per-model files, or the shards of megatron-core and
+        DeepSpeed engines put together); the next step reads the weights at their
+        restored versions."""
+        from pathlib import Path
+
         from graphrl.checkpoint import load_torch
 
+        from .engines.shard_state import read_model_state
+
         for name, engine in sorted(self.engines.items()):
-            engine.load_state_dict(load_torch(ckpt.file(f"models/{name}.pt")))
+            engine.load_state_dict(read_model_state(Path(ckpt.path) / "models", name))
         self.carried = None
         if ckpt.file(CARRIED_FILE).is_file():
             self.carried = {v.name: WeightsToken(v.spec.model, self.engines[v.spec.model].version)

@@ -9,6 +9,14 @@ fsynced, checksums, manifest, rename) and to verify and load one, beside the ste
    after one AdamW step (so the checkpoint holds weights + two moments): one checkpoint
    written and one verified + loaded, through graphrl.checkpoint; one optimizer step on
    4 x 64 tokens is timed for scale.
+3. Sharded on Ray (1x4xcpu, 4 fake GPUs): examples/ppo.py with the policy trained by
+   megatron-core (tp 2 x pp 2) and the critic by DeepSpeed ZeRO-2 (dp 4) on the same 4
+   ranks, a checkpoint after every iteration (each rank writes its shard; the runner's
+   `checkpoints: N written, X s each`); the previous checkpoint verified (every sha256)
+   and loaded by an executor on megatron dp 2 (ZeRO-1) + DeepSpeed ZeRO-3 dp 2 (every
+   rank puts the shards together and takes its part). For scale, the same on HF
+   engines (FSDP2 policy, replicated critic: full tensors from each engine's first
+   rank). `--no-ray` skips them, `--only-ray` runs only them.
 
     python benchmarks/checkpoint_cost.py            # prints a Markdown table
 """
@@ -97,12 +105,84 @@ def big_cost() -> dict[str, float]:
             "verify_s": verify_s, "load_s": load_s, "mb": size / 2**20}
 
 
+SHARDED = {"policy.train": {"gpus": "0-3", "tp": 2, "pp": 2, "engine": "megatron"},
+           "critic.train": {"gpus": "0-3", "dp": 4, "zero": 2, "engine": "deepspeed"}}
+OTHER = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 1, "engine": "megatron"},
+         "policy.generate": {"gpus": "2-3"},
+         "critic.train": {"gpus": "2-3", "dp": 2, "zero": 3, "engine": "deepspeed"}}
+# the same run on HF engines (FSDP2 policy, replicated critic): full-tensor files
+HF = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3, "engine": "hf"},
+      "policy.generate": {"gpus": "2-3"},
+      "critic.train": {"gpus": "2-3", "dp": 2, "zero": 0, "engine": "hf"}}
+
+
+def ray_cost(steps: int, written: dict, resumed: dict) -> dict[str, float]:
+    """A Ray run on placement `written` with a checkpoint after every iteration; then
+    the last checkpoint verified, and loaded by an executor on placement `resumed`."""
+    import json
+
+    import graphrl as gr
+    from graphrl import checkpoint_run as ckr
+    from graphrl.backends.ray.launch import start_executor
+    from graphrl.checkpoint import published
+    from graphrl.example_file import load_example
+    from graphrl.runner import run_experiment
+
+    build = load_example(str(ROOT / "examples" / "ppo.py"))
+    with tempfile.TemporaryDirectory() as d:
+        for name, placement in (("written", written), ("resumed", resumed)):
+            Path(d, f"{name}.json").write_text(json.dumps(placement))
+        ray = dict(quiet=True, backend="ray", cluster="1x4xcpu", call_timeout=300.0)
+        opts = gr.RunOptions(iterations=steps, checkpoint_dir=f"{d}/ckpt", checkpoint_every=1,
+                             keep=2, placement=f"{d}/written.json", **ray)
+        exp = dataclasses.replace(build(opts), prepare=None)
+        out = io.StringIO()
+        s = run_experiment(exp, opts, out=out)
+        line = next(x for x in out.getvalue().splitlines() if "checkpoints:" in x)
+        ckpt_s = float(line.split(",")[-1].split()[0])
+        earlier = published(Path(d, "ckpt"))[-2]
+        size = sum(f.stat().st_size for f in earlier.rglob("*") if f.is_file())
+        resume = gr.RunOptions(iterations=steps, resume=str(earlier),
+                               placement=f"{d}/resumed.json", **ray)
+        program = exp.program()
+        t0 = time.perf_counter()
+        ck = ckr.open_resume(resume, exp, program)   # verified: every sha256
+        verify_s = time.perf_counter() - t0
+        ex = start_executor(program, resume)
+        try:
+            t0 = time.perf_counter()
+            ckr.restore(ck, ex)
+            load_s = time.perf_counter() - t0
+        finally:
+            ex.close()
+    step_s = sum(r["step_seconds"] for r in s.rows) / len(s.rows)
+    return {"step_s": step_s, "ckpt_s": ckpt_s, "verify_s": verify_s, "load_s": load_s,
+            "mb": size / 2**20}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--no-ray", action="store_true", help="skip the sharded Ray run")
+    p.add_argument("--only-ray", action="store_true", help="only the sharded Ray run")
     a = p.parse_args()
     import torch
 
+    if not a.no_ray:
+        rows = (("megatron tp2 x pp2 + DeepSpeed ZeRO-2 dp4 (sharded) -> megatron dp2 "
+                 "ZeRO-1 + DeepSpeed ZeRO-3 dp2", SHARDED, OTHER),
+                ("HF: FSDP2 dp2 + replicas dp2 (full tensors) -> the same", HF, HF))
+        print("| Ray 1x4xcpu, examples/ppo.py | checkpoint size | write (s) | verify (s) | "
+              "load (s) | step (s) | write / step |")
+        print("|---|---|---|---|---|---|---|")
+        for name, written, resumed in rows:
+            c = ray_cost(a.steps, written, resumed)
+            print(f"| {name} | {c['mb']:.1f} MiB | {c['ckpt_s']:.3f} | {c['verify_s']:.3f} | "
+                  f"{c['load_s']:.3f} | {c['step_s']:.3f} | {c['ckpt_s'] / c['step_s']:.2f} |",
+                  flush=True)
+        print()
+    if a.only_ray:
+        return
     ppo, big = ppo_cost(a.steps), big_cost()
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}\n")

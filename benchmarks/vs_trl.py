@@ -76,19 +76,21 @@ def run_graphrl(size: str, length: int, steps: int, seed: int,
     opts = {"lr": LR, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0}
     models = (gr.Model("policy", llama_dict(size), role="policy", trainable=True,
                        engine="fast", options=opts),
-              gr.Model("reference", llama_dict(size), role="reference", init_from="policy"))
+              gr.Model("reference", llama_dict(size), role="reference", init_from="policy",
+                       engine="fast"))
     exp = gr.Experiment(name="grpo_vs_trl", step=step, models=models,
                         inputs={"prompts": gr.prompts_spec(PROMPTS, PROMPT_LEN)},
                         data=lambda i: {"prompts": t.prompts(PROMPTS, seed=seed * 7919 + i)},
                         reward="task_score", iterations=steps)
     ex = LocalExecutor(exp.program(), seed=seed)
-    times, rewards = [], []
+    times, cpu, rewards = [], [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = ex.run_step(exp.data(i), i).outputs
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         rewards.append(float(out["task_score"]["score"].mean()))
-    return {"times": times, "rewards": rewards}
+    return {"times": times, "cpu_times": cpu, "rewards": rewards}
 
 
 # -- TRL -------------------------------------------------------------------------------------
@@ -140,13 +142,15 @@ def run_trl(size: str, length: int, steps: int, seed: int,
         return r.tolist()
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(transformers.TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     args = GRPOConfig(
         output_dir=str(state / "out"), per_device_train_batch_size=PROMPTS * GROUP,
@@ -167,7 +171,7 @@ def run_trl(size: str, length: int, steps: int, seed: int,
                           processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
     shutil.rmtree(state, ignore_errors=True)
-    return {"times": times, "rewards": rewards}
+    return {"times": times, "cpu_times": cpu, "rewards": rewards}
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -191,6 +195,16 @@ def run(which: str, size: str, length: int, steps: int, seed: int, threads: int,
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     raise RuntimeError(f"{which} {size} {length}: no result\n{out.stderr[-3000:]}")
+
+
+def _load() -> float:
+    """The 1-minute load average (how busy the machine was), -1 where unknown."""
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
 
 
 def main() -> None:
@@ -228,19 +242,24 @@ def main() -> None:
     rows = []
     for size in a.sizes:
         for length in a.lengths:
-            res = {"graphrl": {"times": [], "rewards": []}, "trl": {"times": [], "rewards": []}}
+            res = {k: {"times": [], "cpu_times": [], "rewards": []} for k in ("graphrl", "trl")}
             for _ in range(a.reps):
                 for which in ("graphrl", "trl"):
                     flag = a.old_forward if which == "graphrl" else a.trl_checkpointing
                     r = run(which, size, length, a.steps, a.seed, a.threads, flag)
                     res[which]["times"] += r["times"][1:]
+                    res[which]["cpu_times"] += r["cpu_times"][1:]
                     res[which]["rewards"].append(r["rewards"])
             g, t = (statistics.median(res[k]["times"]) for k in ("graphrl", "trl"))
+            gc, tc = (statistics.median(res[k]["cpu_times"]) for k in ("graphrl", "trl"))
             row = {"size": size, "response_len": length, "steps": a.steps, "reps": a.reps,
                    "threads": a.threads, "graphrl_old_forward": a.old_forward,
                    "trl_checkpointing": a.trl_checkpointing,
                    "graphrl_s_per_step": round(g, 4), "trl_s_per_step": round(t, 4),
-                   "speedup": round(t / g, 2)}
+                   "speedup": round(t / g, 2),
+                   # process CPU seconds (1 thread): less sensitive to other load
+                   "graphrl_cpu_s_per_step": round(gc, 4), "trl_cpu_s_per_step": round(tc, 4),
+                   "cpu_speedup": round(tc / gc, 2), "load_avg_1min": _load()}
             for k in ("graphrl", "trl"):
                 runs = res[k]["rewards"]     # mean over the repetitions, step by step
                 rw = [sum(r[i] for r in runs) / len(runs) for i in range(a.steps)]

@@ -4,8 +4,12 @@ data-parallel gradient synchronisation, and which link each group runs on.
 """
 from __future__ import annotations
 
+import math
+
 from .cluster import GPUType
-from .cost_params import COLLECTIVE_STEP_LATENCY_S, GRAD_BYTES
+from .cost_params import (COLLECTIVE_STEP_LATENCY_S, DP_BUCKET_PARAMS,
+                          DP_BUCKET_PARAMS_PER_RANK, GRAD_BYTES, NCCL_BW_FACTOR,
+                          NCCL_LATENCY_S)
 from .parallel import Strategy
 from .types import DTYPE_BYTES, ModelSpec
 
@@ -29,6 +33,62 @@ def allgather_time(nbytes: float, n: int, bw: float,
 
 
 reduce_scatter_time = allgather_time
+
+
+def nccl_allreduce_time(nbytes: float, n: int, bw: float, nodes: int = 1) -> float:
+    """One NCCL all-reduce of an `nbytes` buffer over `n` ranks spread over `nodes` nodes,
+    as NCCL's tuning model prices it (cost_params.NCCL_LATENCY_S): the fastest of
+    - ring: base + (2(n-1) - 2(nodes-1)) NVLink hops + 2(nodes-1) network hops
+      + 2(n-1)/n * M / BW (Patarasuk & Yuan 2009);
+    - tree (double binary tree across nodes, a chain inside each): base
+      + 2((n/nodes - 1) NVLink hops + log2(nodes) network hops) + 2 M / BW
+      (Sanders, Speck & Traeff 2009; NCCL 2.4+);
+    each with the LL protocol (small hop latency, a fifth of the bandwidth) or Simple.
+    Latency dominates small messages at high degree: a ring's grows linearly with the
+    ranks, a tree's with log2 of the nodes."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    nodes = max(1, min(nodes, n))
+    best = math.inf
+    for proto, factor in NCCL_BW_FACTOR.items():
+        base, intra, inter = NCCL_LATENCY_S[("ring", proto)]
+        hops, net = 2 * (n - 1), 2 * (nodes - 1)
+        ring = (base + (hops - net) * intra + net * inter
+                + 2 * (n - 1) / n * nbytes / (bw * factor))
+        base, intra, inter = NCCL_LATENCY_S[("tree", proto)]
+        tree = (base + 2 * ((n / nodes - 1) * intra + math.log2(nodes) * inter)
+                + 2 * nbytes / (bw * factor))
+        best = min(best, ring, tree)
+    return best
+
+
+def nccl_allgather_time(nbytes: float, n: int, bw: float, nodes: int = 1) -> float:
+    """One NCCL all-gather whose gathered result is `nbytes` (a reduce-scatter of an
+    `nbytes` input costs the same): rings only, n-1 hops of which nodes-1 cross the
+    network, (n-1)/n * M / BW; the faster protocol."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    nodes = max(1, min(nodes, n))
+    best = math.inf
+    for proto, factor in NCCL_BW_FACTOR.items():
+        base, intra, inter = NCCL_LATENCY_S[("ring", proto)]
+        best = min(best, base + (n - nodes) * intra + (nodes - 1) * inter
+                   + (n - 1) / n * nbytes / (bw * factor))
+    return best
+
+
+def group_nodes(strategy: Strategy, gpus_per_node: int) -> tuple[int, int]:
+    """(tp, dp) = how many nodes one tensor-parallel group and one data-parallel group
+    span, with Megatron's rank order (tp fastest, then pp, then dp) on a mesh that starts
+    on a node boundary: a tp group wider than a node spans ceil(tp / node) nodes, one
+    that straddles a boundary 2; a dp group strides over the whole mesh, so it spans
+    every node of it (at most dp)."""
+    world = strategy.dp * strategy.tp * strategy.pp
+    tp_nodes = 1
+    if group_spans_nodes(strategy.tp, world, gpus_per_node):
+        tp_nodes = max(2, math.ceil(strategy.tp / gpus_per_node))
+    dp_nodes = min(strategy.dp, max(1, math.ceil(world / gpus_per_node)))
+    return tp_nodes, dp_nodes
 
 
 def reshard_time(bytes_on_busiest_link: float, bw: float,
@@ -68,12 +128,14 @@ def _bandwidths(strategy: Strategy, gpu: GPUType, gpus_per_node: int) -> tuple[f
 
 
 def _tp_comm(spec: ModelSpec, tokens: float, layers: float, collectives_per_layer: int,
-             strategy: Strategy, bw: float) -> float:
+             strategy: Strategy, bw: float, nodes: int = 1) -> float:
     """Megatron TP: 2 all-reduces of the [tokens, h] activations per layer in forward and 2
     in backward (Shoeybi et al. 2019 §3, Fig. 4; with sequence parallelism the all-gather
-    + reduce-scatter pair moves the same bytes, Korthikanti et al. 2022 §4.2.2)."""
+    + reduce-scatter pair moves the same bytes, Korthikanti et al. 2022 §4.2.2), each one
+    NCCL call (nccl_allreduce_time: a decode step's all-reduces are small, so their
+    latency is what they cost). `nodes`: nodes the group spans (group_nodes)."""
     nbytes = tokens * spec.hidden_size * DTYPE_BYTES[spec.dtype]
-    return collectives_per_layer * layers * allreduce_time(nbytes, strategy.tp, bw)
+    return collectives_per_layer * layers * nccl_allreduce_time(nbytes, strategy.tp, bw, nodes)
 
 
 def _pp_p2p(spec: ModelSpec, tokens: float, strategy: Strategy, bw: float) -> float:
@@ -83,19 +145,59 @@ def _pp_p2p(spec: ModelSpec, tokens: float, strategy: Strategy, bw: float) -> fl
 
 
 def _dp_grad_comm(spec: ModelSpec, strategy: Strategy, bw: float,
-                  micro_batches: int = 1) -> float:
-    """Gradient synchronisation per optimizer step, a ring over the dp ranks whose time
-    grows with the degree: 2(d-1)/d of the buffer per GPU plus 2(d-1) latency steps
-    (Patarasuk & Yuan 2009), at the inter-node bandwidth once the group spans nodes.
-    ZeRO-0/1: all-reduce of the bf16 grads once per step; ZeRO-2: reduce-scatter of grads
-    + all-gather of updated weights (same volume). ZeRO-3 (Rajbhandari et al. 2020 §7.2.2:
-    3x the volume of ZeRO-2, i.e. 1.5x an all-reduce) gathers the weights before every
-    forward and backward and reduce-scatters the gradients after it, so it pays that
-    volume once per micro-batch of gradient accumulation (DeepSpeed's stage 3 re-gathers
-    partitioned parameters for each micro-batch; it keeps no full copy between them)."""
+                  micro_batches: int = 1, nodes: int = 1) -> float:
+    """Gradient synchronisation per optimizer step over the dp ranks (`nodes`: nodes one
+    dp group spans, group_nodes), priced per NCCL call (nccl_allreduce_time), so that both
+    the bandwidth term 2(d-1)/d of the buffer (Patarasuk & Yuan 2009) and the latency of
+    each call, which grows with the degree, are paid.
+    ZeRO-0/1: all-reduce of the bf16 grads once per step, in buckets of
+    max(40M, 1M x dp) parameters (Megatron-core DDP; cost_params.DP_BUCKET_PARAMS);
+    ZeRO-2: reduce-scatter of grads + all-gather of updated weights (same volume and
+    calls). ZeRO-3 (Rajbhandari et al. 2020 §7.2.2: 3x the volume of ZeRO-2, i.e. 1.5x an
+    all-reduce) gathers each layer's weights before its forward and again before its
+    backward and reduce-scatters its gradients after it: 3 calls per layer per micro-batch
+    of gradient accumulation (DeepSpeed's stage 3 fetches parameters module by module and
+    keeps no full copy between micro-batches)."""
     if strategy.dp == 1:
         return 0.0
-    nbytes = GRAD_BYTES * spec.num_params / (strategy.tp * strategy.pp)
-    base = allreduce_time(nbytes, strategy.dp, bw)
-    return 1.5 * base * max(micro_batches, 1) if strategy.zero == 3 else base
+    params = spec.num_params / (strategy.tp * strategy.pp)
+    if strategy.zero == 3:
+        layers = max(1.0, spec.num_layers / strategy.pp)
+        per_layer = GRAD_BYTES * params / layers
+        return (3 * layers * max(micro_batches, 1)
+                * nccl_allgather_time(per_layer, strategy.dp, bw, nodes))
+    bucket = max(DP_BUCKET_PARAMS, DP_BUCKET_PARAMS_PER_RANK * strategy.dp)
+    full, rest = divmod(params, bucket)
+    return (full * nccl_allreduce_time(GRAD_BYTES * bucket, strategy.dp, bw, nodes)
+            + nccl_allreduce_time(GRAD_BYTES * rest, strategy.dp, bw, nodes))
 
+
+def zero3_gather_time(spec: ModelSpec, strategy: Strategy, bw: float, nodes: int = 1) -> float:
+    """A ZeRO-3 inference call gathers the weights once, layer by layer (one NCCL
+    all-gather per layer, nccl_allgather_time)."""
+    if strategy.dp == 1:
+        return 0.0
+    layers = max(1.0, spec.num_layers / strategy.pp)
+    per_layer = spec.weight_bytes / (strategy.tp * strategy.pp) / layers
+    return layers * nccl_allgather_time(per_layer, strategy.dp, bw, nodes)
+
+
+def reshard_received_bytes(weight_bytes: float, train: Strategy, gen: Strategy,
+                           colocated: bool) -> float:
+    """Bytes one generation GPU receives when the trained weights move into the
+    generation layout: its generation shard, 1/(t_g p_g) of the weights, less what it
+    already holds. HybridFlow's grouping (Sheng et al. 2024 §5.4; reshard_plan.
+    zero_redundancy_mesh) orders the generation ranks so that each GPU's generation shard
+    contains its whole training shard (1/(t p) of the weights, a 1/dp slice of that
+    under ZeRO-3) -- possible only when t_g divides t and p_g divides p. Otherwise the
+    generation layout slices the weights differently (tp=2 x pp=4 training ->
+    tp=8 generation: a GPU holds half the width of a quarter of the layers and needs an
+    eighth of the width of every layer) and, in plain rank order, what a GPU holds is
+    almost never inside what it needs: the exact transfer planner
+    (passes/insert_reshard.plan_traffic) has it receive (nearly) its whole generation
+    shard, and so does this."""
+    shard = weight_bytes / (gen.tp * gen.pp)
+    if not colocated or train.tp % gen.tp or train.pp % gen.pp:
+        return shard
+    held = weight_bytes / (train.tp * train.pp) / (train.dp if train.zero == 3 else 1)
+    return max(0.0, shard - held)

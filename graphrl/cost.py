@@ -29,7 +29,9 @@ from .cluster import GiB, GPUType, H100_80G
 # The model is split by what it prices; this module keeps the per-call time breakdowns and
 # the entry point, and re-exports the rest so `graphrl.cost` stays the one place to import.
 from .comm_cost import (_bandwidths, _dp_grad_comm, _pp_p2p, _tp_comm, allgather_time,
-                        allreduce_time, reduce_scatter_time, reshard_time)
+                        allreduce_time, group_nodes, nccl_allgather_time, nccl_allreduce_time,
+                        reduce_scatter_time, reshard_received_bytes, reshard_time,
+                        zero3_gather_time)
 from .compute_cost import (_decode_step_device, _device_forward, _head_width, _pipeline,
                            _split, _Split, attention_flops, forward_flops, kv_cache_bytes,
                            matmul_efficiency, matmul_params, smooth_max, train_flops)
@@ -105,16 +107,16 @@ def forward_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy 
     time."""
     sp = _split(spec, batch, strategy)
     tp_bw, pp_bw, dp_bw = _bandwidths(strategy, gpu, gpus_per_node)
+    tp_nodes, dp_nodes = group_nodes(strategy, gpus_per_node)
     compute, hbm = _device_forward(spec, sp.per_micro, seq, strategy, gpu, params)
     tokens = sp.per_micro * seq
-    comm = _tp_comm(spec, tokens, sp.layers, 2, strategy, tp_bw)
+    comm = _tp_comm(spec, tokens, sp.layers, 2, strategy, tp_bw, tp_nodes)
     p2p = _pp_p2p(spec, tokens, strategy, pp_bw)
     device = _pipeline(compute + hbm + comm + p2p, strategy, sp.micro_batches)
     host = sp.micro_batches * (params.host_call_s + params.host_layer_s * sp.layers)
     gather = 0.0
     if strategy.zero == 3:   # ZeRO-3 inference gathers the weights once per call
-        gather = allgather_time(spec.weight_bytes / (strategy.tp * strategy.pp),
-                                strategy.dp, dp_bw)
+        gather = zero3_gather_time(spec, strategy, dp_bw, dp_nodes)
     total = smooth_max(host, device, params.overlap_exp) + gather
     return {"total": total, "host": host, "compute": compute * sp.micro_batches,
             "hbm": hbm * sp.micro_batches, "tp_comm": comm * sp.micro_batches,
@@ -136,12 +138,13 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
     """Terms of one optimizer step over `batch` sequences of `seq` tokens."""
     sp = _split(spec, batch, strategy)
     tp_bw, pp_bw, dp_bw = _bandwidths(strategy, gpu, gpus_per_node)
+    tp_nodes, dp_nodes = group_nodes(strategy, gpus_per_node)
     compute, hbm = _device_forward(spec, sp.per_micro, seq, strategy, gpu, params)
     # backward: 2x the FLOPs; recomputation runs the forward once more
     compute *= 1.0 + strategy.recompute + 2.0 / max(params.bwd_eff_ratio, 1e-9)
     hbm *= 3.0 + strategy.recompute   # weights read in forward, data-grad, weight-grad
     tokens = sp.per_micro * seq
-    comm = _tp_comm(spec, tokens, sp.layers, 4, strategy, tp_bw)
+    comm = _tp_comm(spec, tokens, sp.layers, 4, strategy, tp_bw, tp_nodes)
     p2p = 2 * _pp_p2p(spec, tokens, strategy, pp_bw)
     stage = compute + hbm + comm + p2p
     local_params = spec.num_params / (strategy.tp * strategy.pp)
@@ -154,7 +157,7 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
                      + local_params * gpus_per_node / CPU_ADAM_PARAMS_PER_S_PER_NODE)
     device = _pipeline(stage, strategy, sp.micro_batches) + optimizer
     host = sp.micro_batches * (params.host_call_s + params.train_host_layer_s * sp.layers)
-    dp_comm = _dp_grad_comm(spec, strategy, dp_bw, sp.micro_batches)
+    dp_comm = _dp_grad_comm(spec, strategy, dp_bw, sp.micro_batches, dp_nodes)
     total = smooth_max(host, device, params.overlap_exp) + dp_comm
     return {"total": total, "host": host, "compute": compute * sp.micro_batches,
             "hbm": hbm * sp.micro_batches, "tp_comm": comm * sp.micro_batches,
@@ -184,16 +187,17 @@ def generate_breakdown(spec: ModelSpec, batch: int, prompt_len: int, new_tokens:
     sp = _split(spec, batch, strategy)
     b = sp.per_micro
     tp_bw, pp_bw, _ = _bandwidths(strategy, gpu, gpus_per_node)
+    tp_nodes = group_nodes(strategy, gpus_per_node)[0]
     hbm_bw = gpu.hbm_bandwidth * params.hbm_eff
     # Prefill: a compute-bound forward over the prompts.
     pre_compute, pre_hbm = _device_forward(spec, b, prompt_len, strategy, gpu, params)
     pre_device = (pre_compute + pre_hbm
-                  + _tp_comm(spec, b * prompt_len, sp.layers, 2, strategy, tp_bw)
+                  + _tp_comm(spec, b * prompt_len, sp.layers, 2, strategy, tp_bw, tp_nodes)
                   + _pp_p2p(spec, b * prompt_len, strategy, pp_bw))
     # Decode: one step at the mean context length (the KV term is linear in it).
     context = prompt_len + new_tokens / 2.0
     compute, nbytes = _decode_step_device(spec, b, context, strategy, gpu, params)
-    step_comm = (_tp_comm(spec, b, sp.layers, 2, strategy, tp_bw)
+    step_comm = (_tp_comm(spec, b, sp.layers, 2, strategy, tp_bw, tp_nodes)
                  + _pp_p2p(spec, b, strategy, pp_bw))
     bound = nbytes / hbm_bw
     # The per-layer floor is device time (small kernels run back to back), in both engines.
@@ -260,6 +264,8 @@ __all__ = ["PHASES", "ENGINES", "CostParams", "CALIBRATED", "CallCost", "estimat
            "train_breakdown", "generate_breakdown", "train_memory", "forward_memory",
            "generate_memory", "model_state_bytes", "host_state_bytes", "activation_bytes_per_layer",
            "allreduce_time", "allgather_time", "reduce_scatter_time", "reshard_time",
+           "nccl_allreduce_time", "nccl_allgather_time", "group_nodes", "zero3_gather_time",
+           "reshard_received_bytes",
            "forward_flops", "train_flops", "attention_flops", "matmul_params",
            "kv_cache_bytes", "matmul_efficiency", "smooth_max"]
 

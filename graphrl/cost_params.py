@@ -43,6 +43,28 @@ RECOMPUTE_ACT_BYTES = 2
 # Latency of one step of a ring / tree collective (NCCL small-message latency is a few
 # microseconds per hop on NVLink; Thakur, Rabenseifner & Gropp 2005 alpha-beta model).
 COLLECTIVE_STEP_LATENCY_S = 2e-6
+# NCCL's own cost model of a collective (NVIDIA NCCL, src/graph/tuning.cc,
+# ncclTopoTuneModel; NCCL 2.1x tables, microseconds): time = a base latency per call + a
+# latency per ring/tree hop (NVLink hops cheaper than network hops) + bytes / bandwidth,
+# for each algorithm (ring, tree) and protocol; NCCL runs the fastest. We keep two
+# protocols: LL (low latency, 8-byte flag-carrying stores: a fifth of the ring bandwidth)
+# and Simple (full bandwidth, higher per-hop latency). (base, NVLink hop, network hop):
+NCCL_LATENCY_S = {
+    ("ring", "LL"): (6.6e-6, 0.6e-6, 2.7e-6),
+    ("ring", "Simple"): (8.4e-6, 3.4e-6, 14.0e-6),
+    ("tree", "LL"): (6.8e-6, 0.6e-6, 5.0e-6),
+    ("tree", "Simple"): (0.0, 4.0e-6, 14.0e-6),
+}
+# Bandwidth factor of each (algorithm, protocol) over the link's: LL moves 8-byte words
+# carrying 4 bytes of data plus a flag and is further limited (NCCL: ring LL busBw / 5);
+# a tree all-reduce moves 2 M per GPU (NCCL: algorithm bandwidth = bus bandwidth / 2), a
+# ring 2 (n - 1) / n M.
+NCCL_BW_FACTOR = {"LL": 1.0 / 5.0, "Simple": 1.0}
+# Data-parallel gradients are all-reduced in buckets (one NCCL call each) overlapping the
+# backward pass: Megatron-core's DistributedDataParallel uses buckets of
+# max(40M, 1M x dp) parameters (megatron/core/distributed, `bucket_size` default).
+DP_BUCKET_PARAMS = 40_000_000
+DP_BUCKET_PARAMS_PER_RANK = 1_000_000
 
 # ---------------------------------------------------------------------------------------
 # Fitted constants. Obtained by `graphrl.calibrate.fit`: least squares over
@@ -121,7 +143,8 @@ CALIBRATED = CostParams()
 __all__ = ["ADAM_BYTES_PER_PARAM", "OPTIMIZER_TRAFFIC_BYTES_PER_PARAM", "GRAD_BYTES",
            "KORTHIKANTI_ACT_BYTES", "KORTHIKANTI_SCORE_BYTES",
            "OFFLOAD_HOST_BYTES_PER_PARAM", "CPU_ADAM_PARAMS_PER_S_PER_NODE",
-           "RECOMPUTE_ACT_BYTES", "COLLECTIVE_STEP_LATENCY_S", "FITTED_MATMUL_EFF",
+           "RECOMPUTE_ACT_BYTES", "COLLECTIVE_STEP_LATENCY_S", "NCCL_LATENCY_S",
+           "NCCL_BW_FACTOR", "DP_BUCKET_PARAMS", "DP_BUCKET_PARAMS_PER_RANK", "FITTED_MATMUL_EFF",
            "FITTED_HBM_EFF", "FITTED_TOKEN_LAYER_FLOPS", "FITTED_HOST_CALL_S",
            "FITTED_HOST_LAYER_S", "FITTED_OVERLAP_EXP", "FITTED_TRAIN_HOST_LAYER_S",
            "FITTED_BWD_EFF_RATIO", "FITTED_ACT_MEM_BYTES", "FITTED_LOGIT_TRAIN_BYTES",

@@ -242,10 +242,6 @@ def check_checkpoint_options(opts: RunOptions) -> None:
     if opts.max_restarts and not opts.checkpoint_dir:
         raise UsageError("--max-restarts needs --checkpoint-dir DIR (a restarted run "
                          "continues from the last checkpoint)")
-    if opts.staleness and (opts.checkpoint_dir or opts.resume) and opts.backend != "local":
-        raise UsageError(f"--staleness {opts.staleness} with --checkpoint-dir/--resume: "
-                         "checkpoints of asynchronous runs hold the queued rollouts on the "
-                         "local backend only so far (--backend local, or --staleness 0)")
 
 
 def lost_ranks(e: ExecutionError, executor: Any) -> list[int]:

@@ -67,6 +67,7 @@ def _step_fn(spec: ModelSpec, prompt_len: int, strategy: Strategy, gpu: GPUType,
              engine: str, params: C.CostParams, gpus_per_node: int):
     """(prefill(g), decode_step(b, mean_context)) of one replica, cost.py's formulas."""
     tp_bw, pp_bw, _ = C._bandwidths(strategy, gpu, gpus_per_node)
+    tp_nodes = C.group_nodes(strategy, gpus_per_node)[0]
     layers = spec.num_layers / strategy.pp
     hbm_bw = gpu.hbm_bandwidth * params.hbm_eff
     host = params.host_call_s + params.host_layer_s * layers if engine == "hf" else 0.0
@@ -74,13 +75,13 @@ def _step_fn(spec: ModelSpec, prompt_len: int, strategy: Strategy, gpu: GPUType,
 
     def prefill(g: int) -> float:
         pc, ph = C._device_forward(spec, g, prompt_len, strategy, gpu, params)
-        dev = (pc + ph + C._tp_comm(spec, g * prompt_len, layers, 2, strategy, tp_bw)
+        dev = (pc + ph + C._tp_comm(spec, g * prompt_len, layers, 2, strategy, tp_bw, tp_nodes)
                + C._pp_p2p(spec, g * prompt_len, strategy, pp_bw))
         return C.smooth_max(host, dev, params.overlap_exp) if engine == "hf" else dev
 
     def step(b: int, context: float) -> float:
         compute, nbytes = C._decode_step_device(spec, b, context, strategy, gpu, params)
-        comm = (C._tp_comm(spec, b, layers, 2, strategy, tp_bw)
+        comm = (C._tp_comm(spec, b, layers, 2, strategy, tp_bw, tp_nodes)
                 + C._pp_p2p(spec, b, strategy, pp_bw))
         dev = max(params.decode_bw_slowdown * nbytes / hbm_bw, compute) + floor + comm
         return C.smooth_max(host, dev, params.overlap_exp) if engine == "hf" else dev

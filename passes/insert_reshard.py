@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from graphrl.cost import reshard_received_bytes
 from graphrl.graph import SYSTEM, Graph, Node, Placement, Value
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.shard import ModelLayout, llama_params, model_layout
@@ -86,16 +87,15 @@ EXACT_PLAN_MAX_GPUS = 32  # larger reshards use the closed form below (the exact
 
 def analytic_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> ReshardTraffic:
     """Closed-form per-GPU traffic (HybridFlow §5.4): each destination GPU receives its
-    generation shard M/(t_g p_g) minus what it already holds of the training layout
-    (M/(t p), /dp under ZeRO-3) when it is one of the training GPUs; senders share the
-    total evenly."""
+    generation shard M/(t_g p_g) minus the part of it that it already holds of the
+    training layout when it is one of the training GPUs (graphrl.cost.
+    reshard_received_bytes); senders share the total evenly."""
     m = spec.weight_bytes
     st, sg = src.strategy, dst.strategy
-    held = m / (st.tp * st.pp) / (st.dp if st.zero == 3 else 1)
-    shard = m / (sg.tp * sg.pp)
     src_gpus = set(src.mesh.gpus)
-    received = {g: int(max(0.0, shard - (held if g in src_gpus else 0.0)))
-                for g in dst.mesh.gpus}
+    own = int(reshard_received_bytes(m, st, sg, colocated=True))
+    other = int(reshard_received_bytes(m, st, sg, colocated=False))
+    received = {g: own if g in src_gpus else other for g in dst.mesh.gpus}
     total = sum(received.values())
     sent = {g: total // len(src_gpus) for g in src_gpus}
     gpus = src_gpus | set(dst.mesh.gpus)

@@ -173,8 +173,6 @@ def test_checkpoint_options_are_checked(tiny, tmp_path):
         run(tiny, checkpoint_every=2)
     with pytest.raises(gr.UsageError, match="--max-restarts needs --checkpoint-dir"):
         run(tiny, max_restarts=1)
-    with pytest.raises(gr.UsageError, match="local backend only"):   # before Ray starts
-        run(tiny, staleness=1, backend="ray", checkpoint_dir=str(tmp_path / "c"))
     with pytest.raises(gr.UsageError, match="no published checkpoint"):
         run(tiny, resume=str(tmp_path))
     (tmp_path / "file").write_text("x")

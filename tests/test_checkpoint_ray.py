@@ -95,3 +95,41 @@ def test_ray_run_gives_up_after_max_restarts(ray_session, tmp_path, monkeypatch)
     assert "restart 1/1 from" in log and "restart 2/" not in log, log
     assert "rank(s) 1 died at iteration 1; gave up after 1 restart(s)" in str(info.value), \
         str(info.value)
+
+
+def test_ray_async_checkpoint_holds_and_resumes_the_queued_rollouts(ray_session, tmp_path):
+    """--staleness 1 on Ray: a local async checkpoint (its queued rollout in carried.pt)
+    resumes on Ray, whose metrics match the uninterrupted local run; the Ray run's own
+    checkpoint at the end holds the rollout it queued, the one the local run queued."""
+    import torch
+
+    from graphrl.checkpoint import load_torch
+
+    exp = experiment()
+    base = dict(iterations=ITERATIONS, seed=SEED, batch_size=BATCH, quiet=True, staleness=1)
+    local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
+    reference = run_experiment(exp, gr.RunOptions(**base, checkpoint_dir=str(local_dir),
+                                                  checkpoint_every=2, keep=2),
+                               out=io.StringIO())
+    assert (local_dir / "ckpt-00000002" / "carried.pt").is_file()
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps(PLACEMENT))
+    out = io.StringIO()
+    resumed = run_experiment(exp, gr.RunOptions(
+        **base, backend="ray", cluster="1x4xcpu", placement=str(placement),
+        call_timeout=60.0, resume=str(local_dir / "ckpt-00000002"),
+        checkpoint_dir=str(ray_dir)), out=out)
+    assert "resumed from" in out.getvalue()
+    assert [r["iteration"] for r in resumed.rows] == [r["iteration"] for r in reference.rows]
+    for a, b in zip(resumed.rows, reference.rows, strict=True):
+        close(a, b)
+    theirs = load_torch(published(ray_dir)[-1] / "carried.pt")
+    ours = load_torch(local_dir / "ckpt-00000003" / "carried.pt")
+    assert sorted(theirs) == sorted(ours) and ours
+    for name, payload in ours.items():
+        assert sorted(theirs[name]) == sorted(payload), name
+        for field, t in payload.items():
+            if t.is_floating_point():
+                assert torch.allclose(theirs[name][field], t, rtol=1e-4, atol=1e-5), field
+            else:
+                assert torch.equal(theirs[name][field], t), (name, field)

@@ -13,7 +13,7 @@ import torch
 import graphrl as gr
 from graphrl.backends.engines.base import create_engine
 from graphrl.backends.engines.fast import FastEngine
-from graphrl.backends.engines.fast_sampling import race_noise
+from graphrl.backends.engines.fast_sampling import uniforms
 from graphrl.backends.engines.hf import HFEngine
 
 FIELDS = ("tokens", "attention_mask", "response_mask", "row")
@@ -105,11 +105,13 @@ def test_slots_are_reused_under_a_long_tailed_mix():
 
 
 def test_noise_is_uniform_and_independent():
-    e = race_noise(7, torch.arange(64), torch.zeros(64, dtype=torch.long), 512)
-    u = torch.exp(-e)
-    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(e.mean()) - 1.0) < 0.02
-    other = race_noise(7, torch.arange(64), torch.ones(64, dtype=torch.long), 512)
-    assert abs(float(torch.corrcoef(torch.stack([e.flatten(), other.flatten()]))[0, 1])) < 0.02
+    rows = torch.arange(20000)
+    u = uniforms(7, rows, torch.zeros_like(rows))
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.003
+    assert abs(float(torch.histc(u.float(), 10, 0, 1).max()) / 20000 - 0.1) < 0.01
+    other = uniforms(7, rows, torch.ones_like(rows))
+    assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.03
+    assert abs(float(torch.corrcoef(torch.stack([u, uniforms(8, rows, rows * 0)]))[0, 1])) < 0.03
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0),

@@ -19,8 +19,9 @@ Set DS_ACCELERATOR=cpu in the process environment before DeepSpeed is imported o
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,28 @@ def ensure_accelerator(device: str, local_rank: int = 0) -> None:
     if not device.startswith("cuda"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+@contextlib.contextmanager
+def mesh_barriers(group: Any) -> Iterator[None]:
+    """While inside, DeepSpeed's barriers without a group wait on `group` (the engine's
+    mesh): deepspeed 0.19.8's ZeRO-3 set-up calls `deepspeed.comm.barrier()` on the whole
+    world (stage3.py), which hangs when the mesh is part of a larger world whose other
+    ranks are not building this engine (a ZeRO-3 critic on GPUs 2-3 beside a policy on
+    0-1). Its other collectives already take the data-parallel group of the mpu."""
+    import deepspeed.comm as dscomm
+
+    world_barrier = dscomm.barrier
+
+    def barrier(group: Any = None, **kw: Any) -> Any:
+        return world_barrier(group=group if group is not None else mesh, **kw)
+
+    mesh = group
+    dscomm.barrier = barrier
+    try:
+        yield
+    finally:
+        dscomm.barrier = world_barrier
 
 
 class _MeshMPU:
@@ -131,9 +154,10 @@ class DeepSpeedEngine:
         }
         mpu = _MeshMPU(self.group, self.ranks, self.rank)
         mpu._self_group = self.self_group
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.hf.module, optimizer=opt, config=config, mpu=mpu,
-            dist_init_required=False)
+        with mesh_barriers(self.group):
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.hf.module, optimizer=opt, config=config, mpu=mpu,
+                dist_init_required=False)
 
     def _accumulation_steps(self) -> int:
         """DeepSpeed gradient-accumulation steps: one per micro-batch, except under ZeRO-3,
@@ -251,6 +275,23 @@ class DeepSpeedEngine:
                 p = _tied(self.hf.module, name)
             out[name] = [p.ds_tensor.data if self.zero == 3 else p.data]
         return out
+
+    # -- checkpoints (deepspeed_state.py) ---------------------------------------------------
+    def save_shards(self, folder: Any) -> list[str]:
+        """Write the slices of weights and optimizer state this rank's ZeRO partition owns
+        into `folder` (no collective); data-parallel rank 0 also writes the index."""
+        from pathlib import Path
+
+        from .deepspeed_state import save_shards
+
+        return save_shards(self, Path(folder))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a full, placement-independent state (engine_state): rebuilt around its
+        weights, then its Adam state (a collective of the mesh)."""
+        from .deepspeed_state import load_state
+
+        load_state(self, state)
 
     def offload(self) -> None:
         """Nothing to move on CPU; on CUDA DeepSpeed's own offload does this."""

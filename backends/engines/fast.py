@@ -12,8 +12,13 @@ batch-mates or slot: continuous batching reproduces one-at-a-time generation. On
 decode step replays a CUDA graph captured per batch bucket (fast_graphs); on CPU the same
 code runs eagerly, attending only to the cache positions in use.
 
+Scoring and training of Llama-shaped LMs run fast_forward (the module's own parameters
+through fused kernels with closed-form backward passes: the same function, fewer
+non-matmul operators); other models use the HF engine's forward.
+
 Engine options (besides the HF engine's): `slots` (most sequences decoding at once;
-default 256) and `cuda_graphs` (default true; only on CUDA).
+default 256), `cuda_graphs` (default true; only on CUDA) and `fused_forward` (default
+true: fast_forward for scoring and training where the model supports it).
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ import torch
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 
+from .fast_forward import fast_logprobs, supported
 from .fast_model import FastLM
 from .fast_sampling import Sampler
-from .hf import HFEngine, prompt_rows
+from .hf import HFEngine, positions, prompt_rows
 
 DEFAULT_SLOTS = 256
 
@@ -44,13 +50,24 @@ class FastEngine(HFEngine):
         opts = dict(options)
         self.slots = int(opts.pop("slots", DEFAULT_SLOTS))
         self.cuda_graphs = bool(opts.pop("cuda_graphs", True))
+        fused = bool(opts.pop("fused_forward", True))
         if self.slots < 1:
             raise UsageError(f"model {decl.name}: engine fast needs slots >= 1, "
                              f"got {self.slots}")
         super().__init__(decl, opts, device=device, seed=seed)
+        self.fused_forward = fused and decl.spec.head == "lm" and supported(self.module)
         self._lm: FastLM | None = None
         self._graphs: Any = None
         self.last_stats: dict[str, float] = {}
+
+    def _head(self, payload: Mapping[str, Any]) -> torch.Tensor:
+        """Per-token log-probs through fast_forward where supported, else HF's forward."""
+        if not self.fused_forward:
+            return super()._head(payload)
+        tokens, mask = self._inputs(payload)
+        response = payload.get("response_mask")
+        return fast_logprobs(self.module, tokens, mask, positions(mask),
+                             None if response is None else self._to(response))
 
     def _decoder(self, slots: int, max_len: int) -> FastLM:
         """The decode model, reusing the cache when it is large enough; weights are
@@ -112,6 +129,22 @@ class FastEngine(HFEngine):
         return {"tokens": ids, "attention_mask": mask, "response_mask": response,
                 "row": prompt_rows(prompts, n // max(samples, 1)).repeat_interleave(samples)}
 
+    @staticmethod
+    def _prefill(lm: FastLM, tokens: torch.Tensor, lens: torch.Tensor,
+                 slot_idx: torch.Tensor) -> torch.Tensor:
+        """lm.prefill of these prompts, each distinct prompt once (the samples of one
+        prompt share it): its cache rows are copied to the slots of its repeats."""
+        uniq, inverse = torch.unique(torch.cat([tokens, lens[:, None]], dim=1), dim=0,
+                                     return_inverse=True)
+        if uniq.shape[0] == tokens.shape[0]:
+            return lm.prefill(tokens, lens, slot_idx)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        first = torch.full((uniq.shape[0],), tokens.shape[0], device=tokens.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        logits = lm.prefill(tokens[first], lens[first], slot_idx[first])
+        lm.copy_slots(slot_idx[first][inverse], slot_idx, tokens.shape[1])
+        return logits[inverse]
+
     def _run(self, compact: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
              gen_len: torch.Tensor, max_new: int, stops: list[tuple[int, ...]],
              sample: Sampler) -> None:
@@ -159,7 +192,7 @@ class FastEngine(HFEngine):
                 width = max(lens_host[q] for q in take)
                 q_dev = torch.tensor(take, device=dev)
                 s_dev = torch.tensor(where, device=dev)
-                logits = lm.prefill(compact[q_dev, :width], lens[q_dev], s_dev)
+                logits = self._prefill(lm, compact[q_dev, :width], lens[q_dev], s_dev)
                 zero = torch.zeros(len(take), dtype=torch.long, device=dev)
                 t = sample(logits, q_dev, zero)
                 out[q_dev, 0] = t

@@ -3,7 +3,10 @@ over a preallocated static KV cache of `slots` sequences x `max_len` positions.
 
 The weights are copied (in place, so captured CUDA graphs stay valid) from the Hugging
 Face module the engine trains, with Llama's q/k/v and gate/up projections fused into one
-matmul each. Sequences are stored unpadded: a sequence in slot s holds its real tokens at
+matmul each, RMSNorm weights folded into the next projection (W diag(w)), and q/k rows
+pair-interleaved per head (fast_forward.interleave_rows) so that rotary embeddings are one
+complex multiply by a precomputed table; residual adds ride in the output projections
+(addmm). Sequences are stored unpadded: a sequence in slot s holds its real tokens at
 cache positions 0..len-1, so position ids equal cache positions and a decode step masks
 each slot by its own length. Formulas follow the architectures' papers: RMSNorm (Zhang &
 Sennrich 2019), rotary embeddings (Su et al. 2021), SwiGLU (Shazeer 2020) for Llama
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphrl.errors import UsageError
+
+from .fast_forward import interleave_rows
 
 
 def _rope_theta(config: Any) -> float:
@@ -72,7 +77,10 @@ class FastLM:
                              f"the model's {self.max_positions}")
         self.slots, self.max_len = slots, max_len
         shape = (self.layers, slots, self.kv_heads, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # keys stored transposed ([.., head_dim, max_len]): a decode step's q.K^T then
+        # reads each key matrix in its natural layout (several times faster on CPU)
+        self.k = torch.zeros(shape[:3] + (self.head_dim, max_len), dtype=self.dtype,
+                             device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.w: dict[str, torch.Tensor] = {}
         if self.family == "llama":
@@ -81,8 +89,12 @@ class FastLM:
                                                             device=self.device)
                                                / self.head_dim))
             ang = torch.arange(max_len, dtype=torch.float32, device=self.device)[:, None] * inv
-            ang = torch.cat([ang, ang], dim=-1)
-            self.cos, self.sin = ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+            rot = torch.polar(torch.ones_like(ang), ang)          # e^{i pos theta_j}
+            self.rot = rot.to(torch.complex128) if self.dtype == torch.float64 else rot
+            self.qk_rows = torch.cat([
+                interleave_rows(self.heads, self.head_dim, self.device),
+                self.heads * self.head_dim + interleave_rows(self.kv_heads, self.head_dim,
+                                                             self.device)])
         self.refresh()
 
     # -- weights --------------------------------------------------------------------------
@@ -116,20 +128,19 @@ class FastLM:
             return
         body = m.model
         self._put("wte", body.embed_tokens.weight)
-        self._put("norm", body.norm.weight)
-        self._put("head", m.lm_head.weight)
+        self._put("head", m.lm_head.weight * body.norm.weight)
         for i, layer in enumerate(body.layers):
             a, f = layer.self_attn, layer.mlp
-            self._put(f"{i}.ln1", layer.input_layernorm.weight)
-            self._put(f"{i}.ln2", layer.post_attention_layernorm.weight)
-            self._put(f"{i}.qkv_w", torch.cat([a.q_proj.weight, a.k_proj.weight,
-                                               a.v_proj.weight]).t())
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            qk = torch.cat([a.q_proj.weight, a.k_proj.weight]).index_select(0, self.qk_rows)
+            self._put(f"{i}.qkv_w", (torch.cat([qk, a.v_proj.weight]) * ln1).t())
             if a.q_proj.bias is not None:
-                self._put(f"{i}.qkv_b", torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+                qkb = torch.cat([a.q_proj.bias, a.k_proj.bias]).index_select(0, self.qk_rows)
+                self._put(f"{i}.qkv_b", torch.cat([qkb, a.v_proj.bias]))
             self._put(f"{i}.o_w", a.o_proj.weight.t())
             if a.o_proj.bias is not None:
                 self._put(f"{i}.o_b", a.o_proj.bias)
-            self._put(f"{i}.gu_w", torch.cat([f.gate_proj.weight, f.up_proj.weight]).t())
+            self._put(f"{i}.gu_w", (torch.cat([f.gate_proj.weight, f.up_proj.weight]) * ln2).t())
             if f.gate_proj.bias is not None:
                 self._put(f"{i}.gu_b", torch.cat([f.gate_proj.bias, f.up_proj.bias]))
             self._put(f"{i}.dn_w", f.down_proj.weight.t())
@@ -137,61 +148,68 @@ class FastLM:
                 self._put(f"{i}.dn_b", f.down_proj.bias)
 
     # -- blocks ---------------------------------------------------------------------------
-    def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _lin(self, x: torch.Tensor, name: str, residual: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """x @ W (+ b) (+ residual) over x's last dim, the residual add inside the matmul."""
         b = self.w.get(name[:-1] + "b")
         w = self.w[name]
-        return x @ w if b is None else torch.addmm(b, x.flatten(0, -2), w).view(*x.shape[:-1], -1)
+        flat = x.reshape(-1, x.shape[-1])
+        if residual is None and b is None:
+            return (flat @ w).view(*x.shape[:-1], -1)
+        base = residual.reshape(-1, w.shape[1]) if residual is not None else b
+        if residual is not None and b is not None:
+            base = base + b
+        return torch.addmm(base, flat, w).view(*x.shape[:-1], -1)
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(self.dtype)
-
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [n, heads, t, d] rotated at positions pos [n, t] (Su et al. 2021)."""
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight (folded into the next projection)."""
+        return F.rms_norm(x, x.shape[-1:], None, self.eps)
 
     def _norm1(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if self.family == "gpt2":
             return F.layer_norm(x, x.shape[-1:], self.w[f"{i}.ln1_w"], self.w[f"{i}.ln1_b"],
                                 self.eps)
-        return self._rms(x, self.w[f"{i}.ln1"])
+        return self._rms(x)
 
     def _mlp(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x plus the MLP block of layer i."""
         if self.family == "gpt2":
             h = F.layer_norm(x, x.shape[-1:], self.w[f"{i}.ln2_w"], self.w[f"{i}.ln2_b"],
                              self.eps)
             h = F.gelu(self._lin(h, f"{i}.fc_w"), approximate=self.gelu)
-            return self._lin(h, f"{i}.pr_w")
-        h = self._lin(self._rms(x, self.w[f"{i}.ln2"]), f"{i}.gu_w")
-        gate, up = h.chunk(2, dim=-1)
-        return self._lin(F.silu(gate) * up, f"{i}.dn_w")
+            return self._lin(h, f"{i}.pr_w", residual=x)
+        gate, up = self._lin(self._rms(x), f"{i}.gu_w").chunk(2, dim=-1)
+        return self._lin(F.silu(gate).mul_(up), f"{i}.dn_w", residual=x)
 
-    def _qkv(self, x: torch.Tensor, i: int, pos: torch.Tensor):
-        """q [n,H,t,d], k and v [n,Hkv,t,d] of hidden states x [n,t,e] at positions pos."""
+    def _qkv(self, x: torch.Tensor, i: int, rot: torch.Tensor | None):
+        """q [n,H,t,d], k and v [n,Hkv,t,d] of hidden states x [n,t,e]; Llama's q and k
+        (pair-interleaved rows) rotated by rot [n,t,1,d/2] (complex, Su et al. 2021)."""
         n, t, _ = x.shape
         qkv = self._lin(self._norm1(x, i), f"{i}.qkv_w")
         hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = qkv.split([hq, hk, hk], dim=-1)
-        q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.family == "llama":
-            q, k = self._rope(q, pos), self._rope(k, pos)
-        return q, k, v
+            qk = qkv[..., :hq + hk].unflatten(-1, (-1, self.head_dim // 2, 2))
+            qk = torch.view_as_real(torch.view_as_complex(qk) * rot).flatten(-2)
+            q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
+        else:
+            q = qkv[..., :hq].view(n, t, self.heads, self.head_dim)
+            k = qkv[..., hq:hq + hk].view(n, t, self.kv_heads, self.head_dim)
+        v = qkv[..., hq + hk:].view(n, t, self.kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens, self.w["wte"])
         return x + F.embedding(pos, self.w["wpe"]) if self.family == "gpt2" else x
 
+    def _rot(self, pos: torch.Tensor) -> torch.Tensor | None:
+        """The rotary factors of positions pos [n, t] as [n, t, 1, d/2] (Llama only)."""
+        return self.rot[pos].unsqueeze(2) if self.family == "llama" else None
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
             x = F.layer_norm(x, x.shape[-1:], self.w["lnf_w"], self.w["lnf_b"], self.eps)
         else:
-            x = self._rms(x, self.w["norm"])
+            x = self._rms(x)
         return (x @ self.w["head"].t()).float()
 
     def _attend(self, q, k, v, mask, i: int) -> torch.Tensor:
@@ -200,18 +218,21 @@ class FastLM:
         n, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
 
-    def _attend_one(self, q, k, v, mask, i: int) -> torch.Tensor:
-        """Attention of one query token per row (decode): q [b,H,1,d] over k, v
-        [b,Hkv,T,d] with mask [b,1,1,T], as two batched matmuls (query heads grouped by
-        their kv head, Ainslie et al. 2023). On CPU this is several times cheaper than
+    def _attend_one(self, q, k, v, bias, i: int) -> torch.Tensor:
+        """Attention of one query token per row (decode): q [b,H,1,d] over keys k
+        [b,Hkv,d,T] (transposed) and values v [b,Hkv,T,d] with an additive mask bias
+        [b*Hkv,1,T] (0 or -inf), as two batched
+        matmuls (query heads grouped by their kv head, Ainslie et al. 2023; the scale and
+        mask ride in baddbmm). On CPU this is several times cheaper than
         scaled_dot_product_attention with a mask for a single query."""
-        b, hk, t, d = k.shape
+        b, hk, d, t = k.shape
         g = self.heads // hk
-        qg = q.reshape(b, hk, g, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scales[i]   # [b,hk,g,T]
-        scores = scores.masked_fill(~mask.view(b, 1, 1, t), float("-inf"))
-        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # [b,hk,g,d]
-        return out.reshape(b, 1, self.heads * d)
+        qg = q.reshape(b * hk, g, d)
+        scores = torch.baddbmm(bias, qg, k.reshape(b * hk, d, t),
+                               alpha=self.scales[i])                       # [b*hk,g,T]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.bmm(probs, v.reshape(b * hk, t, d))                      # [b*hk,g,d]
+        return out.view(b, 1, self.heads * d)
 
     # -- passes ---------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, lens: torch.Tensor,
@@ -223,15 +244,21 @@ class FastLM:
         n, t = tokens.shape
         pos = torch.arange(t, device=tokens.device).expand(n, t)
         x = self._embed(tokens, pos)
+        rot = self._rot(pos)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
         for i in range(self.layers):
-            q, k, v = self._qkv(x, i, pos)
-            self.k[i, slot_idx, :, :t] = k
+            q, k, v = self._qkv(x, i, rot)
+            self.k[i, slot_idx, :, :, :t] = k.transpose(-1, -2)
             self.v[i, slot_idx, :, :t] = v
-            x = x + self._lin(self._attend(q, k, v, causal, i), f"{i}.o_w")
-            x = x + self._mlp(x, i)
+            x = self._lin(self._attend(q, k, v, causal, i), f"{i}.o_w", residual=x)
+            x = self._mlp(x, i)
         last = x[torch.arange(n, device=x.device), lens - 1]
         return self._logits(last)
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the first `length` cache positions of slots src into slots dst."""
+        self.k[:, dst, :, :, :length] = self.k[:, src, :, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step for slots 0..b-1 (b = len(tok)): token tok[s] at position
@@ -241,12 +268,16 @@ class FastLM:
         b = tok.shape[0]
         rows = torch.arange(b, device=tok.device)
         x = self._embed(tok[:, None], pos[:, None])
-        mask = (torch.arange(kv_len, device=tok.device) <= pos[:, None])[:, None, None, :]
+        rot = self._rot(pos[:, None])
+        visible = torch.arange(kv_len, device=tok.device) <= pos[:, None]       # [b, T]
+        bias = torch.zeros(b, kv_len, dtype=self.dtype, device=tok.device)
+        bias = bias.masked_fill_(~visible, float("-inf"))
+        bias = bias.repeat_interleave(self.kv_heads, dim=0)[:, None]          # [b*hk,1,T]
         for i in range(self.layers):
-            q, k, v = self._qkv(x, i, pos[:, None])
-            self.k[i, rows, :, pos] = k[:, :, 0]
+            q, k, v = self._qkv(x, i, rot)
+            self.k[i, rows, :, :, pos] = k[:, :, 0]
             self.v[i, rows, :, pos] = v[:, :, 0]
-            keys, vals = self.k[i, :b, :, :kv_len], self.v[i, :b, :, :kv_len]
-            x = x + self._lin(self._attend_one(q, keys, vals, mask, i), f"{i}.o_w")
-            x = x + self._mlp(x, i)
+            keys, vals = self.k[i, :b, :, :, :kv_len], self.v[i, :b, :, :kv_len]
+            x = self._lin(self._attend_one(q, keys, vals, bias, i), f"{i}.o_w", residual=x)
+            x = self._mlp(x, i)
         return self._logits(x[:, 0])

@@ -1,10 +1,11 @@
 """On-device sampling for the fast engine, with counter-based noise.
 
-A token is drawn by the exponential race argmax(p / E), E ~ Exp(1) i.i.d. per vocabulary
-entry, which samples p exactly (the Gumbel-max trick in exponential form; see e.g.
-Huijben et al. 2022, "A Review of the Gumbel-max Trick"). E comes not from a stateful
-generator but from a hash of (seed, row, step, token id): the noise of a sequence's t-th
-token depends only on which data row it is and t, never on which other sequences share its
+A token is drawn by inversion: one uniform u per draw, the token is the first whose
+cumulative probability exceeds u times the total (the inverse-CDF method, e.g. Devroye
+1986, "Non-Uniform Random Variate Generation", ch. 2), which samples p exactly with one
+random number per token instead of one per vocabulary entry. u comes not from a stateful
+generator but from a hash of (seed, row, step): the noise of a sequence's t-th token
+depends only on which data row it is and t, never on which other sequences share its
 batch or slot. So continuous batching, slot reuse and data-parallel splits
 (`noise_rows`) all sample exactly what one-at-a-time generation would. The hash is
 MurmurHash3's 32-bit finaliser (Appleby 2008), computed in int64 without overflow.
@@ -35,19 +36,11 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def race_noise(seed: int, rows: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [n, vocab] (float32) for sequences `rows` [n] at their steps [n]."""
+def uniforms(seed: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float64 [n] for sequences `rows` [n] at their steps [n] (24 bits)."""
     key = fmix32((rows * 0x9E3779B1 + (seed & _MASK32)) & _MASK32)
-    key = fmix32(key ^ _mul32(steps & _MASK32, 0x27D4EB2F))
-    ids = torch.arange(vocab, device=rows.device, dtype=torch.int64)
-    h = fmix32(key[:, None] ^ _mul32(ids, 0x165667B1)[None, :])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # uniform in (0, 1)
-    return -torch.log(u)
-
-
-# Below this many noise values a generate call draws all its noise up front (one
-# vectorised hash instead of ~40 small ops a decode step); above it, step by step.
-PRECOMPUTE_LIMIT = 1 << 24
+    h = fmix32(key ^ _mul32(steps & _MASK32, 0x27D4EB2F))
+    return ((h >> 8).to(torch.float64) + 0.5) * (1.0 / (1 << 24))
 
 
 class Sampler:
@@ -59,10 +52,10 @@ class Sampler:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed, self.first = seed, first
         self.table = None
-        if temperature > 0 and n * max_new * vocab <= PRECOMPUTE_LIMIT:
+        if temperature > 0:   # every draw's uniform up front: n x max_new numbers
             seqs = torch.arange(n, device=device).repeat_interleave(max_new)
             steps = torch.arange(max_new, device=device).repeat(n)
-            self.table = race_noise(seed, seqs + first, steps, vocab).view(n, max_new, vocab)
+            self.table = uniforms(seed, seqs + first, steps).view(n, max_new)
 
     def __call__(self, logits: torch.Tensor, seqs: torch.Tensor,
                  steps: torch.Tensor) -> torch.Tensor:
@@ -75,9 +68,10 @@ class Sampler:
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_k or self.top_p < 1.0:
             probs = filter_probs(probs, self.top_k, self.top_p)
-        if self.table is not None:
-            n, width = self.table.shape[:2]
-            noise = self.table[seqs.clamp(max=n - 1), steps.clamp(max=width - 1)]
-        else:
-            noise = race_noise(self.seed, seqs + self.first, steps, probs.shape[-1])
-        return (probs / noise).argmax(-1)
+        n, width = self.table.shape
+        u = self.table[seqs.clamp(max=n - 1), steps.clamp(max=width - 1)]
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # u * total can round up to the total: take the last token of non-zero mass
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+        return torch.minimum(tok, last)

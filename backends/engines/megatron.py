@@ -506,6 +506,22 @@ class MegatronEngine:
         return [self.ranks[(self.dp_rank * self.pp + p) * self.tp + self.tp_rank]
                 for p in range(self.pp)]
 
+    # -- checkpoints (megatron_state.py) ---------------------------------------------------
+    def save_shards(self, folder: Any) -> list[str]:
+        """Write this rank's shard of weights and optimizer state into `folder` (no
+        collective); the first rank also writes the index."""
+        from pathlib import Path
+
+        from .megatron_state import save_shards
+
+        return save_shards(self, Path(folder))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take this rank's part of a full, placement-independent state (engine_state)."""
+        from .megatron_state import load_state
+
+        load_state(self, state)
+
     # -- memory -------------------------------------------------------------------------
     def _move(self, device: torch.device) -> None:
         move_module_and_optimizer(self.module, getattr(self.optimizer, "optim",

@@ -271,9 +271,11 @@ class ExecWorker(RankWorker):
 
     # -- checkpoints (ray/state.py) ----------------------------------------------------------
     def save_state(self, folder: str, engines: Sequence[tuple[str, bool]]) -> list[str]:
-        """Write this rank's RNG states and, for each (engine, write) in order, join the
-        engine's state_dict (a collective for FSDP) and write it when `write` (the
-        engine's first rank): models/<model>.pt. Returns the files written."""
+        """Write this rank's RNG states and, for each (engine, write) in order: a sharded
+        engine (megatron-core, DeepSpeed) writes its own shard, models/<engine>/rank<R>.pt
+        (no collective); any other joins the engine's state_dict (a collective for FSDP)
+        and writes it when `write` (the engine's first rank): models/<engine>.pt. Returns
+        the files written."""
         from pathlib import Path
 
         from graphrl.checkpoint import rng_state, save_torch
@@ -282,23 +284,31 @@ class ExecWorker(RankWorker):
         save_torch(rng_state(), root / "rng" / f"rank{self.rank}.pt")
         written.append(f"rng/rank{self.rank}.pt")
         for key, write in engines:
-            state = self.engine(key).state_dict()
+            engine = self.engine(key)
+            if hasattr(engine, "save_shards"):
+                written += [f"models/{key}/{f}" for f in
+                            engine.save_shards(root / "models" / key)]
+                continue
+            state = engine.state_dict()
             if write:
                 save_torch(state, root / "models" / f"{key}.pt")
                 written.append(f"models/{key}.pt")
         return written
 
     def load_state(self, folder: str, engines: Sequence[tuple[str, str]]) -> dict[str, int]:
-        """Load, for each (engine, model) in order, models/<model>.pt: the whole state
-        into the model's own engine, the weights into a generation engine; and this
-        rank's RNG states when the checkpoint has them. Returns model -> version."""
+        """Load, for each (engine, model) in order, the model's full state (one file, or
+        its shards put together: engines/shard_state.py): the whole state into the
+        model's own engine (each takes its part), the weights into a generation engine;
+        and this rank's RNG states when the checkpoint has them. Returns model -> version."""
         from pathlib import Path
 
         from graphrl.checkpoint import load_torch, set_rng_state
 
+        from ..engines.shard_state import read_model_state
+
         root, versions = Path(folder), {}
         for key, model in engines:
-            state = load_torch(root / "models" / f"{model}.pt")
+            state = read_model_state(root / "models", model)
             versions[model] = int(state["version"])
             if key == model:
                 self.engine(key).load_state_dict(state)

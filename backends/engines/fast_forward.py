@@ -1,0 +1,239 @@
+"""The fast engine's differentiable forward for Llama-shaped causal LMs: per-token
+log-probs over the Hugging Face module's own parameters (so training updates the same
+weights that export, checkpoints and the decode model read), with fewer, fused kernels:
+
+- one q/k/v matmul and one gate/up matmul per layer (weights concatenated each call;
+  autograd splits their gradients back onto the module's parameters);
+- RMSNorm weights folded into the next projection's columns (W diag(w)), leaving only the
+  weight-free normalisation on activations (fast_ops.RMSNormalize);
+- rotary embeddings as one complex multiply on pair-interleaved q/k rows (rows permuted
+  per head once per call; q.k is unchanged by a shared permutation), angles computed once
+  per call for all layers (fast_ops.QKVRope);
+- residual adds folded into the output projections (addmm), SwiGLU with a closed-form
+  backward (fast_ops.SwiGLU), log-probs without a one-hot (fast_ops.TokenLogProbs).
+
+Same function as the Hugging Face module (tests/test_fast_forward.py compares log-probs
+and gradients): RMSNorm (Zhang & Sennrich 2019), rotary embeddings (Su et al. 2021),
+SwiGLU (Shazeer 2020), Llama (Touvron et al. 2023). `supported(module)` says whether a
+module has this shape (Llama, SiLU, default rope, no biases); others use the HF path.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fast_ops import QKVRope, RMSNormalize, SwiGLU, TokenLogProbs
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether fast_logprobs runs this module: a float32/float64 Llama causal LM with SiLU,
+    no biases and the default (unscaled) rotary embedding."""
+    cfg = module.config
+    if cfg.model_type != "llama" or not hasattr(module, "lm_head"):
+        return False
+    if module.lm_head.weight.dtype not in (torch.float32, torch.float64):
+        return False
+    rope = getattr(module.model, "rotary_emb", None)
+    return (getattr(cfg, "hidden_act", "silu") == "silu"
+            and not getattr(cfg, "attention_bias", False)
+            and not getattr(cfg, "mlp_bias", False)
+            and rope is not None and float(getattr(rope, "attention_scaling", 1.0)) == 1.0
+            and getattr(rope, "rope_type", "default") == "default"
+            and (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+            % 2 == 0)
+
+
+def interleave_rows(heads: int, d: int, device: torch.device) -> torch.Tensor:
+    """Row order that turns each head's halves [x_0..x_{d/2-1} | x_{d/2}..x_{d-1}]
+    (Hugging Face's rotate_half layout) into pairs (x_j, x_{j+d/2}): the real and
+    imaginary parts of one complex number rotated by angle pos * theta_j."""
+    half = torch.arange(d // 2, device=device)
+    one = torch.stack([half, half + d // 2], dim=-1).reshape(-1)
+    return (torch.arange(heads, device=device)[:, None] * d + one).reshape(-1)
+
+
+def _rope(module: nn.Module, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e^{i pos theta_j} as complex [B, T, 1, d/2] of real dtype `dtype`, theta from the
+    module's own buffer; angles in float32 as Hugging Face computes them."""
+    inv = module.model.rotary_emb.inv_freq.float()
+    ang = pos.float().unsqueeze(-1) * inv
+    rot = torch.polar(torch.ones_like(ang), ang)
+    if dtype == torch.float64:
+        rot = rot.to(torch.complex128)
+    return rot.unsqueeze(2)
+
+
+def _attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """None when every token is real (plain causal attention), else a bool [B, 1, T, T]:
+    causal over real keys; a padding query also sees itself (no all-masked row, no NaN;
+    its outputs are unused)."""
+    if bool(mask.all()):
+        return None
+    t = mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal & mask.bool()[:, None, None, :]
+    return allowed | torch.eye(t, dtype=torch.bool, device=mask.device)
+
+
+class _Layout:
+    """A Llama config's sizes and the fused weights of one call."""
+
+    def __init__(self, module: nn.Module):
+        cfg = module.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or self.heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.d ** -0.5
+        dev = module.lm_head.weight.device
+        rows = torch.cat([interleave_rows(self.heads, self.d, dev),
+                          self.heads * self.d + interleave_rows(self.kv_heads, self.d, dev)])
+        self.qk_rows = rows
+
+    def qkv(self, layer: nn.Module) -> torch.Tensor:
+        a = layer.self_attn
+        qk = torch.cat([a.q_proj.weight, a.k_proj.weight]).index_select(0, self.qk_rows)
+        return torch.cat([qk, a.v_proj.weight]) * layer.input_layernorm.weight
+
+    @staticmethod
+    def gate_up(layer: nn.Module) -> torch.Tensor:
+        f = layer.mlp
+        return torch.cat([f.gate_proj.weight, f.up_proj.weight]) \
+            * layer.post_attention_layernorm.weight
+
+
+class SharedPrefix:
+    """Rows that share their first `p` columns (tokens and mask): a GRPO group's samples
+    of one prompt. `first` [U]: one row per distinct prefix; `inverse` [B]: each row's
+    prefix. The prefix runs once per distinct prompt and its keys/values are reused by
+    every row's later positions: the same function (a causal LM's prefix positions never
+    see later ones), fewer FLOPs (vLLM-style prefix sharing, Kwon et al. 2023, applied to
+    scoring and training), gradients of the shared part summed by autograd."""
+
+    def __init__(self, p: int, first: torch.Tensor, inverse: torch.Tensor):
+        self.p, self.first, self.inverse = p, first, inverse
+
+    @staticmethod
+    def find(tokens: torch.Tensor, mask: torch.Tensor,
+             response_mask: torch.Tensor | None) -> "SharedPrefix | None":
+        """The prefix before the first response column, if at most half the rows have a
+        distinct one; else None (nothing worth sharing)."""
+        if response_mask is None or tokens.shape[0] < 2:
+            return None
+        cols = response_mask.bool().any(0).nonzero()
+        if cols.numel() == 0 or int(cols[0, 0]) < 1:
+            return None
+        p = int(cols[0, 0])
+        key = torch.cat([tokens[:, :p], mask[:, :p].long()], dim=1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if 2 * uniq.shape[0] > tokens.shape[0]:
+            return None
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        first = torch.full((uniq.shape[0],), tokens.shape[0], device=tokens.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        return SharedPrefix(p, first, inverse)
+
+
+def _layers(module: nn.Module, lay: _Layout, x: torch.Tensor, rope: torch.Tensor,
+            attend: Any) -> torch.Tensor:
+    """Run the decoder layers on token rows x [N, E]; attend(q, k, v) -> [N, H*d]."""
+    for layer in module.model.layers:
+        xh = RMSNormalize.apply(x, lay.eps)
+        q, k, v = QKVRope.apply(xh, lay.qkv(layer), rope, lay.heads, lay.kv_heads)
+        x = torch.addmm(x, attend(q, k, v), layer.self_attn.o_proj.weight.t())
+        xh = RMSNormalize.apply(x, lay.eps)
+        a = SwiGLU.apply(torch.mm(xh, lay.gate_up(layer).t()))
+        x = torch.addmm(x, a, layer.mlp.down_proj.weight.t())
+    return RMSNormalize.apply(x, lay.eps)
+
+
+def _sdpa(lay: _Layout, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, T, H, d] over k, v [B, S, K, d] -> [B*T, H*d]; mask None means
+    plain causal (T == S)."""
+    b, t = q.shape[:2]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                       v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, scale=lay.scale,
+                                       enable_gqa=lay.kv_heads != lay.heads)
+    return o.transpose(1, 2).reshape(b * t, -1)
+
+
+def _logprobs(module: nn.Module, xh: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] at normalised final hidden rows xh [N, E] (norm weight folded
+    into the head)."""
+    head = module.lm_head.weight * module.model.norm.weight
+    return TokenLogProbs.apply(torch.mm(xh, head.t()), target)
+
+
+def fast_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                  pos: torch.Tensor, response_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Per-token log-probs [B, T] of left-padded rows, as HFEngine._head computes them:
+    out[:, t] = log p(tokens[:, t] | tokens[:, :t]), out[:, 0] = 0. With a response mask
+    whose rows share their prompt (SharedPrefix), each prompt runs once."""
+    shared = SharedPrefix.find(tokens, mask, response_mask)
+    if shared is not None:
+        return _shared_logprobs(module, tokens, mask, pos, shared)
+    lay = _Layout(module)
+    b, t = tokens.shape
+    x = F.embedding(tokens, module.model.embed_tokens.weight).view(b * t, -1)
+    attn_mask = _attention_mask(mask)
+
+    def attend(q, k, v):
+        return _sdpa(lay, q.unflatten(0, (b, t)), k.unflatten(0, (b, t)),
+                     v.unflatten(0, (b, t)), attn_mask)
+
+    xh = _layers(module, lay, x, _rope(module, pos, x.dtype).flatten(0, 1), attend)
+    # the last position's target is a dummy (its log-prob is dropped)
+    target = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
+    lp = _logprobs(module, xh, target).view(b, t)
+    return F.pad(lp[:, :-1], (1, 0))
+
+
+def _shared_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                     pos: torch.Tensor, shared: SharedPrefix) -> torch.Tensor:
+    """fast_logprobs with the prefix columns [:p] run once per distinct prefix: token
+    rows are [U*p prefix rows | B*r rest rows]; the rest attend to their prefix's keys and
+    values followed by their own (causal)."""
+    lay = _Layout(module)
+    b, t = tokens.shape
+    p, first, inverse = shared.p, shared.first, shared.inverse
+    u, r = first.shape[0], t - p
+    rows = torch.cat([tokens[first, :p].reshape(-1), tokens[:, p:].reshape(-1)])
+    x = F.embedding(rows, module.model.embed_tokens.weight)
+    rot = torch.cat([_rope(module, pos[first, :p], x.dtype).flatten(0, 1),
+                     _rope(module, pos[:, p:], x.dtype).flatten(0, 1)])
+    pre_mask = _attention_mask(mask[first, :p])
+    rest_real = mask[:, p:].bool()
+    causal = torch.ones(r, r, dtype=torch.bool, device=tokens.device).tril()
+    rest_mask = torch.cat([mask[:, None, None, :p].bool().expand(b, 1, r, p),
+                           (causal & rest_real[:, None, None, :]) |
+                           torch.eye(r, dtype=torch.bool, device=tokens.device)], dim=-1)
+    n_pre = u * p
+
+    def attend(q, k, v):
+        kp, vp = k[:n_pre].unflatten(0, (u, p)), v[:n_pre].unflatten(0, (u, p))
+        pre = _sdpa(lay, q[:n_pre].unflatten(0, (u, p)), kp, vp, pre_mask)
+        keys = torch.cat([kp.index_select(0, inverse), k[n_pre:].unflatten(0, (b, r))], 1)
+        vals = torch.cat([vp.index_select(0, inverse), v[n_pre:].unflatten(0, (b, r))], 1)
+        rest = _sdpa(lay, q[n_pre:].unflatten(0, (b, r)), keys, vals, rest_mask)
+        return torch.cat([pre, rest])
+
+    xh = _layers(module, lay, x, rot, attend)
+    pre_h = xh[:n_pre].view(u, p, -1)
+    # prefix positions 0..p-2 predict prefix tokens (once per prefix); each row's last
+    # prefix position and its own positions predict its own tokens p..t-1
+    own = torch.cat([pre_h[:, -1].index_select(0, inverse)[:, None],
+                     xh[n_pre:].view(b, r, -1)[:, :-1]], dim=1)
+    lp = _logprobs(module, torch.cat([pre_h[:, :-1].reshape(-1, pre_h.shape[-1]),
+                                      own.reshape(b * r, -1)]),
+                   torch.cat([tokens[first, 1:p].reshape(-1), tokens[:, p:].reshape(-1)]))
+    pre_lp = lp[:u * (p - 1)].view(u, p - 1).index_select(0, inverse)
+    return torch.cat([torch.zeros(b, 1, dtype=lp.dtype, device=lp.device), pre_lp,
+                      lp[u * (p - 1):].view(b, r)], dim=1)
+
+
+__all__ = ["supported", "fast_logprobs", "interleave_rows", "SharedPrefix"]
