@@ -33,7 +33,6 @@ own with an offset measured at start (half a round trip of uncertainty).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
@@ -51,25 +50,11 @@ from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
 from .stream_calls import check_streams, skip_push, stream_head, stream_tails
+from .reshard_steps import ReshardSteps
 from .state import CheckpointMethods
+from .values import _Value
 
-ITEMSIZE = 4   # engines hold float32 weights; reshards move them as float32
-
-
-@dataclass
-class _Value:
-    """A payload on the driver: Ray objects (parts, concatenated along the batch; `bounds`
-    their rows) or a local payload, or a weights token."""
-
-    parts: Optional[list[Any]] = None
-    bounds: Optional[list[tuple[int, int]]] = None
-    stamps: list[Any] = field(default_factory=list)   # stamp refs of the producing calls
-    mean: bool = False       # parts are per-rank statistics to average, not rows
-    local: Any = None
-    token: Optional[WeightsToken] = None
-
-
-class RayExecutor(CheckpointMethods):
+class RayExecutor(CheckpointMethods, ReshardSteps):
     """Runs `program`'s step as `plan` (compiled from program.graph) on Ray ranks.
 
     Ray must be initialised (`cluster.start_ray`) with the plan's GPUs. `store_host`:
@@ -194,22 +179,6 @@ class RayExecutor(CheckpointMethods):
                                   f"{self.timeout_s:g} s", late[0][1], what)
             key, rank = key_of[ready[0]]
             out[(key, rank)] = gather({rank: ready[0]}, f"{what} {key}", self.timeout_s)[rank]
-        return out
-
-    def _plan_reshards(self) -> dict[str, tuple[Any, Any]]:
-        """Reshard node -> (TransferPlan, its Ray object), on the engines' real layouts."""
-        from graphrl.passes.reshard_plan import plan_model_reshard
-
-        out = {}
-        for n in self.graph.nodes:
-            if n.target != "reshard":
-                continue
-            src, dst = self.layouts.get(n.model), self.layouts.get(self.engines.gen_engine[n.model])
-            if src is None or dst is None:     # noop engines
-                out[n.name] = (None, None)
-                continue
-            tp = plan_model_reshard(src, dst, itemsize=ITEMSIZE)
-            out[n.name] = (tp, ray.put(tp))
         return out
 
     def _clock_offsets(self) -> dict[int, float]:
@@ -450,33 +419,6 @@ class RayExecutor(CheckpointMethods):
         return Event(n.name, n.call, n.model, "host", start - self._t0, end - self._t0,
                      iteration)
 
-    def _run_reshard(self, n: Node, env: dict[str, _Value], iteration: int
-                     ) -> dict[int, Any]:
-        src, dst = n.model, self.engines.gen_engine[n.model]
-        token = self._weights(n, env, src)
-        tp, tp_ref = self._transfer_plans[n.name]
-        if tp is None:   # noop engines: every GPU of the gang just stamps
-            gang = sorted({w for w, i in self.plan.instrs() if i.op == "reshard"
-                           and i.node == n.name})
-        else:
-            from .reshard import participants
-
-            gang = list(participants(tp))
-        stats = {}
-        for rank in gang:
-            r, _ = self._submit(rank, "reshard_node", n, n.name, n.call, n.model, iteration,
-                                tp_ref, src, dst, timeout_s=self.timeout_s)
-            stats[rank] = r
-        self.versions[dst] = token.version
-        env[n.outputs[0].name] = _Value(token=token)
-        return stats
-
-    def _check_reshard(self, n: Node) -> tuple[str, Any, Any]:
-        src, dst = self.engines.specs[n.model], self.engines.specs[self.engines.gen_engine[n.model]]
-        want = {r: self.group.actors[r].export_weights.remote(src.key) for r in src.gpus}
-        got = {r: self.group.actors[r].export_weights.remote(dst.key) for r in dst.gpus}
-        return n.name, want, got
-
     def _memory_op(self, grp: Group, iteration: int) -> None:
         n = self.graph.node(grp.node)
         key = self.engines.node_engine.get(n.name, n.model)
@@ -546,37 +488,6 @@ class RayExecutor(CheckpointMethods):
         except ray.exceptions.GetTimeoutError:
             raise WorkerError(f"node {node} ({call}) on rank {rank} did not answer within "
                               f"{self.timeout_s:g} s", rank, call) from None
-
-    def _record_reshards(self, reshards: list[tuple[Node, dict[int, Any]]],
-                         checks: list[tuple[str, Any, Any]], iteration: int) -> None:
-        import torch
-
-        from graphrl.types import DTYPE_BYTES
-
-        exact: dict[str, bool] = {}
-        for name, want, got in checks:
-            w = gather(want, f"export_weights (check of {name})", self.timeout_s)
-            gt = gather(got, f"export_weights (check of {name})", self.timeout_s)
-            ref = next(iter(w.values()))
-            exact[name] = all(list(ws) == list(ref) and all(torch.equal(ws[k], ref[k])
-                                                            for k in ref)
-                              for ws in list(w.values()) + list(gt.values()))
-        for n, refs in reshards:
-            stats = {r: ray.get(ref, timeout=self.timeout_s) for r, ref in refs.items()}
-            tp = self._transfer_plans[n.name][0]
-            compiled = {w: i.nbytes for w, i in self.plan.instrs()
-                        if i.op == "reshard" and i.node == n.name}
-            spec = self.graph.model(n.model).spec
-            self.reshards.append(ReshardRecord(
-                iteration, n.name, n.model,
-                {r: (s.sent_bytes if s is not None else 0) for r, s in stats.items()},
-                {r: tp.bytes_sent_by(r) for r in stats} if tp is not None else {},
-                compiled, ITEMSIZE / self._planned_itemsize(spec), exact.get(n.name)))
-
-    def _planned_itemsize(self, spec: Any) -> int:
-        """Bytes per weight the compiled plan counted: float32 on a cpu cluster (what the
-        CPU engines hold), else the spec's serving dtype."""
-        return 4 if self.plan.cluster.gpu.name == "cpu" else DTYPE_BYTES[spec.dtype]
 
     # -- inspection and shutdown --------------------------------------------------------------
     def weights(self, key: str) -> dict[int, dict[str, Any]]:
