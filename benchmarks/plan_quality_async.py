@@ -174,12 +174,17 @@ tail that finishes the batch's longer responses with the new weights (KV recompu
 AReaL §4.1) while the next batch's prompts take the freed KV up to their own cut. So
 step = max(head, training pool) + push + tail, with the training pool's step and the
 push taken from the lowered plan of the rewritten graph, and the cut the compiler picks
-(of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest. It is above the
-ideal stream because training overlaps only the head: the tail, which holds each batch's
-longest responses, waits for the new weights; a cut late enough to give the head work
-to hide the training behind leaves the tail less of the next batch to overlap. The
-cases where training is as long as generation (grpo 34b on 8x8) gain least. Training
-does not start on a batch's first finished groups (it reads the whole batch).
+(of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest.
+
+Why "as executed" stays above the ideal stream (and can fall short of the target):
+training overlaps only the head. The tail, which holds each batch's longest responses,
+waits for the train and the push, so a step is max(head, training) + push + tail, not
+max(head + tail, training); a cut late enough to give the head work to hide training
+behind leaves the tail less of the next batch to overlap. AReaL switches weights
+whenever they arrive (wall-clock), so its tails run through training; here the switch
+is at a fixed token index so that runs are deterministic and the local and Ray backends
+sample the same tokens. Not built either: training starting on a batch's first finished
+groups (a train reads the whole batch).
 """
 
 

@@ -15,8 +15,9 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
     """The synchronous compile of `graph`, and, when async pays, the compile of its
     staleness-K rewrite pinned to the async plan's pools. `Compiled.findings` gains
     "staleness" (the chosen K, 0 = synchronous), "async" (the best AsyncPlan or None),
-    "async_bound", "sync_seconds" and "async_lowered_seconds" (the executable async plan's
-    step, None when not lowered). Async is chosen only when its lowered plan — what the
+    "async_bound", "sync_seconds", "async_lowered_seconds" (the executable async plan's
+    step as the executors run it, streamed — `as_executed` — None when not lowered) and
+    "stream" (its graphrl.stream_cost.StreamChoice: the cut, head and tail; or None). Async is chosen only when its lowered plan — what the
     executors run — beats the synchronous one, not on the streamed price alone."""
     from graphrl.passes.staleness import carry_rollouts
 

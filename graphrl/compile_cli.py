@@ -134,11 +134,16 @@ def async_line(findings: Any) -> str:
         return "async: no split of the cluster into generation and training pools fits"
     chosen, lowered = findings["staleness"], findings.get("async_lowered_seconds")
     sync = findings["sync_seconds"]
+    stream = findings.get("stream")
+    how = (f"; generation streamed, cut at {stream.cut} tokens: head "
+           f"{stream.phases.head:.2f} s + push + tail {stream.phases.tail:.2f} s"
+           if stream is not None else "")
     if chosen:
-        verdict = f"async pays: running staleness {chosen} (executable plan {lowered:.2f} s)"
+        verdict = (f"async pays: running staleness {chosen} (executable plan {lowered:.2f} s"
+                   f"{how})")
     elif lowered is not None:
         verdict = (f"async does not pay as executed: its lowered plan takes {lowered:.2f} s "
-                   f"(generation runs whole batches, not streamed) vs synchronous {sync:.2f} s")
+                   f"vs synchronous {sync:.2f} s{how}")
     else:
         verdict = f"async does not pay: synchronous {sync:.2f} s is faster"
     lb = f"{bound:.2f} s" if bound is not None else "n/a"

@@ -1,7 +1,8 @@
 """Asynchronous steps on Ray (one run): generation on GPUs 0-1, every other call on 2-3,
-so step n's generation overlaps step n-1's training; the answers equal the local
-backend's async run (the same tolerances as tests/test_ray_executor.py: identical
-samples and versions, losses to 1e-5) and each sample's policy version is recorded."""
+so step n's generation (streamed: head, push, tail) overlaps step n-1's training; the
+answers equal the local backend's async run (the same tolerances as
+tests/test_ray_executor.py: identical samples and versions, losses to 1e-5) and each
+sample's policy version is recorded."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,3 +60,10 @@ def test_ray_async_run_equals_local(ray_session):
     assert {e.worker for e in gens} == {"gpu0", "gpu1"} and others
     assert min(e.start for e in gens) < max(e.end for e in others)
     assert min(e.start for e in others) < max(e.end for e in gens)
+    # streamed (backends/stream_generation.py): per generation rank a head, a tail and
+    # the behaviour log-probs; the weights are pushed once, after the train (the plan's
+    # reshard at the step's start is skipped: the previous tail pushed them)
+    assert sorted(e.worker for e in gens) == ["gpu0"] * 3 + ["gpu1"] * 3
+    train_end = max(e.end for e in step if e.call == "policy.train")
+    pushes = [e for e in ray_summary.events if e.iteration == 2 and "reshard" in e.call]
+    assert pushes and all(e.end >= train_end - 0.05 for e in pushes)
