@@ -7,7 +7,7 @@ length (16 or 64 new tokens, no EOS), group-normalised advantages (std-scaled), 
 surrogate with clip 0.2, KL (k3) to a frozen reference with coefficient 0.01, one
 optimizer step per generation on the token-level mean over the batch (TRL loss_type
 "bnpo"), AdamW lr 1e-3, betas (0.9, 0.95), no weight decay, grad clip 1.0, fp32, 2
-threads. graphrl generates with engine="fast".
+threads. graphrl runs policy and reference on engine="fast".
 
 Interleaving: each (size, length) runs as alternating child processes
 (a whole graphrl run, a whole TRL run, again, ...; each from the same initial seed) so
@@ -16,7 +16,8 @@ both see the same machine load; the report gives the median seconds per step of 
 last 5 of the same number of steps (averaged over the repetitions).
 
     make trl                               # installs TRL into .venv (not part of make test)
-    .venv/bin/python benchmarks/vs_trl.py --out docs/vs_trl.json
+    .venv/bin/python benchmarks/vs_trl.py --out docs/vs_trl.json   # prints the table too
+    .venv/bin/python benchmarks/vs_trl.py --table docs/vs_trl.json # the table of a run
 """
 from __future__ import annotations
 
@@ -207,6 +208,21 @@ def _load() -> float:
         return -1.0
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of docs/vs_trl.md from the rows a run wrote (--out)."""
+    lines = ["| model | response tokens | graphrl s/step | TRL s/step | TRL / graphrl (wall) "
+             "| TRL / graphrl (CPU s) | load | graphrl reward (first 5 -> last 5) "
+             "| TRL reward (first 5 -> last 5) |", "|---" * 9 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['response_len']} | {r['graphrl_s_per_step']:.3f} "
+            f"| {r['trl_s_per_step']:.3f} | **{r['speedup']:.2f}x** "
+            f"| {r.get('cpu_speedup', float('nan')):.2f}x | {r.get('load_avg_1min', -1):.1f} "
+            f"| {r['graphrl_reward_first5']} -> {r['graphrl_reward_last5']} "
+            f"| {r['trl_reward_first5']} -> {r['trl_reward_last5']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES))
@@ -223,10 +239,14 @@ def main() -> None:
     ap.add_argument("--profile", nargs=2, metavar=("SIZE", "LEN"),
                     help="cProfile graphrl's steps at one size/length instead")
     ap.add_argument("--profile-trl", action="store_true", help="--profile TRL's steps")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a run's --out")
     ap.add_argument("--child", nargs=7)
     a = ap.parse_args()
     if a.child:
         child(a.child)
+        return
+    if a.table:
+        print(table(json.loads(Path(a.table).read_text())["rows"]))
         return
     if a.profile:
         from bench_profile import profile_steps
@@ -269,6 +289,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":
