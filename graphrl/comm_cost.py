@@ -51,10 +51,7 @@ def nccl_allreduce_time(nbytes: float, n: int, bw: float, nodes: int = 1) -> flo
     nodes = max(1, min(nodes, n))
     best = math.inf
     for proto, factor in NCCL_BW_FACTOR.items():
-        base, intra, inter = NCCL_LATENCY_S[("ring", proto)]
-        hops, net = 2 * (n - 1), 2 * (nodes - 1)
-        ring = (base + (hops - net) * intra + net * inter
-                + 2 * (n - 1) / n * nbytes / (bw * factor))
+        ring = _ring_time(2, proto, nbytes, n, bw * factor, nodes)
         base, intra, inter = NCCL_LATENCY_S[("tree", proto)]
         tree = (base + 2 * ((n / nodes - 1) * intra + math.log2(nodes) * inter)
                 + 2 * nbytes / (bw * factor))
@@ -71,10 +68,17 @@ def nccl_allgather_time(nbytes: float, n: int, bw: float, nodes: int = 1) -> flo
     nodes = max(1, min(nodes, n))
     best = math.inf
     for proto, factor in NCCL_BW_FACTOR.items():
-        base, intra, inter = NCCL_LATENCY_S[("ring", proto)]
-        best = min(best, base + (n - nodes) * intra + (nodes - 1) * inter
-                   + (n - 1) / n * nbytes / (bw * factor))
+        best = min(best, _ring_time(1, proto, nbytes, n, bw * factor, nodes))
     return best
+
+
+def _ring_time(passes: int, proto: str, nbytes: float, n: int, bw: float, nodes: int) -> float:
+    """`passes` trips around a ring of n ranks over `nodes` nodes (all-reduce: 2, all-gather:
+    1): one base latency, per pass n - nodes NVLink hops and nodes - 1 network hops, and
+    (n-1)/n of the message per pass at bandwidth `bw`."""
+    base, intra, inter = NCCL_LATENCY_S[("ring", proto)]
+    return (base + passes * ((n - nodes) * intra + (nodes - 1) * inter)
+            + passes * (n - 1) / n * nbytes / bw)
 
 
 def group_nodes(strategy: Strategy, gpus_per_node: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine_diff import batch, run, tiny_decl  # noqa: F401  (run: the harness)
+from engine_diff import batch, run, spawn, tiny_decl  # noqa: F401  (run: the harness)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -138,21 +138,4 @@ def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 def run_checkpoints(folder: str, out: str, world: int = 2, timeout_s: float = 300.0) -> dict:
     """Spawn `world` ranks; rank 0's measurements."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(worker, args=(world, port, folder, out), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"checkpoint ranks did not finish in {timeout_s} s")
-    with open(out) as f:
-        return json.load(f)
+    return spawn(worker, (folder, out), world, out, timeout_s, "checkpoint")

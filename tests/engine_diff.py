@@ -179,27 +179,32 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
         dist.destroy_process_group()
 
 
-def run(which: str, world: int, configs: list, out: str, timeout_s: float = 300.0) -> list:
-    """Spawn `world` ranks running `configs`; rank 0's results."""
+def spawn(worker: Any, args: tuple, world: int, out: str, timeout_s: float, what: str) -> Any:
+    """Spawn `world` ranks of worker(rank, world, port, *args) on a free local port, kill
+    them after `timeout_s`; the JSON rank 0 wrote to `out`."""
     import socket
+    import time
 
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(worker, args=(world, port, which, configs, out), nprocs=world,
+    ctx = mp.start_processes(worker, args=(world, port, *args), nprocs=world,
                              join=False, start_method="spawn")
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            raise TimeoutError(f"{which} differential ranks did not finish in {timeout_s} s")
+            raise TimeoutError(f"{what} ranks did not finish in {timeout_s} s")
     with open(out) as f:
         return json.load(f)
+
+
+def run(which: str, world: int, configs: list, out: str, timeout_s: float = 300.0) -> list:
+    """Spawn `world` ranks running `configs`; rank 0's results."""
+    return spawn(worker, (which, configs, out), world, out, timeout_s, f"{which} differential")
 
 
 if __name__ == "__main__":   # manual run: python tests/engine_diff.py megatron 4 CONFIGS

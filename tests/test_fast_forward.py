@@ -103,6 +103,19 @@ def _batch():
     return tokens, att, resp
 
 
+def _assert_same_logprobs_and_grads(hf, a, b, keep):
+    """Log-probs a (HF) and b (fused) agree at `keep`, and so do the gradients of a
+    weighted sum of them with respect to every parameter of hf.module."""
+    assert (a - b)[keep].abs().max() < 1e-5
+    grads = []
+    for out in (a, b):
+        hf.module.zero_grad()
+        (out[keep] * torch.linspace(-1, 1, int(keep.sum()))).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in hf.module.named_parameters()})
+    for n, ga in grads[0].items():
+        assert (ga - grads[1][n]).abs().max() <= 1e-5 * (1 + ga.abs().max()), n
+
+
 @pytest.mark.parametrize("kv", [4, 2])
 @pytest.mark.parametrize("padded", [False, True])
 def test_logprobs_and_gradients_match_hf(kv, padded):
@@ -113,14 +126,7 @@ def test_logprobs_and_gradients_match_hf(kv, padded):
     keep = (att * F.pad(att[:, :-1], (1, 0))) > 0     # real positions read from real ones
     a = hf._head({"tokens": tokens, "attention_mask": att})
     b = fast_logprobs(hf.module, tokens, att.long(), positions(att.long()))
-    assert (a - b)[keep].abs().max() < 1e-5
-    grads = []
-    for out in (a, b):
-        hf.module.zero_grad()
-        (out[keep] * torch.linspace(-1, 1, int(keep.sum()))).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in hf.module.named_parameters()})
-    for n, ga in grads[0].items():
-        assert (ga - grads[1][n]).abs().max() <= 1e-5 * (1 + ga.abs().max()), n
+    _assert_same_logprobs_and_grads(hf, a, b, keep)
 
 
 def test_fast_engine_trains_like_hf():
@@ -171,11 +177,4 @@ def test_shared_prompts_run_once_with_the_same_result(kv):
     keep = (att * F.pad(att[:, :-1], (1, 0))) > 0
     a = hf._head({"tokens": tokens, "attention_mask": att})
     b = fast_logprobs(hf.module, tokens, att.long(), positions(att.long()), resp)
-    assert (a - b)[keep].abs().max() < 1e-5
-    grads = []
-    for out in (a, b):
-        hf.module.zero_grad()
-        (out[keep] * torch.linspace(-1, 1, int(keep.sum()))).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in hf.module.named_parameters()})
-    for n, ga in grads[0].items():
-        assert (ga - grads[1][n]).abs().max() <= 1e-5 * (1 + ga.abs().max()), n
+    _assert_same_logprobs_and_grads(hf, a, b, keep)
