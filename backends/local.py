@@ -239,6 +239,11 @@ class LocalExecutor:
             return behaviour_outputs(engine, rollout, weights.version)
         if n.target == "generate":
             return [engine.generate(data[0], seed=seed, **attrs)]
+        if n.target == "forward" and attrs.get("head_part"):   # graphrl/stream_train.py
+            from .stream_parts import cut_and_samples, split_forward, stream_source
+
+            return [split_forward(engine, data[0], *cut_and_samples(
+                stream_source(self.graph)))]
         if n.target == "forward":
             return [engine.forward(data[0])]
         if n.target == "train":

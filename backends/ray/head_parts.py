@@ -1,0 +1,156 @@
+"""The Ray executor's part of streamed scoring (graphrl/stream_train.py): a `head_part`
+call of step n + 1 starts on batch n's head part during step n's tail.
+
+- `early_calls`: right after a streamed head is issued on a generation rank, a
+  `stream_early` call there returns the rank's head-finished groups (rows of the rollout
+  and their sequence indices) as soon as the head ends — before the push and the tail,
+  which the rank's actor runs after it.
+- `issue_head_parts`: once the step's other instructions (the train, the push, the tail)
+  are issued, the driver waits (with the executor's timeout) for those rows and issues
+  every `head_part` call on them; the training pool's actors run them after the step's
+  train and push, beside the tail. The results stay Ray objects for the next step.
+- `run_rest`: at the next step a `head_part` call computes only the other rows and its
+  output is both parts in row order (a zero-CPU Ray task puts them together, so the
+  driver does not wait). The head part is recomputed there, as the local backend does,
+  when the early result is missing (the first step after a restart) or was computed
+  with other weights.
+The head part is the same rows as the local backend's (stream_parts.head_mask, checked).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from graphrl.errors import ExecutionError
+from graphrl.graph import Node
+from graphrl.stream_train import HEAD_PART
+
+from .specs import CallSpec, InputSpec
+
+
+def _state(ex: Any) -> dict[str, Any]:
+    return ex.__dict__.setdefault("_head_parts", {"early": {}, "done": {}})
+
+
+def split_calls(ex: Any) -> list[Node]:
+    return [n for n in ex.graph.nodes if n.attr(HEAD_PART)]
+
+
+def early_calls(ex: Any, n: Node, ranks: list[tuple[int, tuple[int, int]]],
+                common: Mapping[str, Any]) -> None:
+    """After streamed head `n` on `ranks` (rank, prompt rows): ask each rank for its
+    head-finished groups (nothing to do without `head_part` calls or with noop engines)."""
+    if ex.noop or not split_calls(ex):
+        return
+    refs = []
+    for rank, (lo, hi) in ranks:
+        cs = CallSpec(inputs=(), rows=(lo, hi), **dict(common, method="stream_early"))
+        refs.append(ex._submit(rank, "run", n, cs))
+    _state(ex)["early"][n.name] = (common["iteration"], refs)
+
+
+def _issue_forward(ex: Any, n: Node, payload: Mapping[str, Any], iteration: int,
+                   make_value: Any) -> Optional[Any]:
+    """Forward call `n` on the rows of `payload` over its mesh (as RayExecutor._run_call
+    splits a batch); None where an FSDP mesh has more ranks than rows."""
+    from .assign import split_rows
+
+    key = ex.engines.node_engine[n.name]
+    spec = ex.engines.specs[key]
+    ranks = n.placement.mesh.gpus
+    m = int(next(iter(payload.values())).shape[0])
+    whole, collective = spec.kind in ("megatron", "deepspeed"), spec.kind == "fsdp"
+    if collective and m < len(ranks):
+        return None
+    v = make_value(local=dict(payload))
+    ex._to_refs(v)
+    common = dict(node=n.name, call=n.call, model=n.model, method="forward", engine=key,
+                  attrs=(), seed=0, iteration=iteration, output=n.outputs[0].spec)
+    results, stamps, bounds = [], [], []
+    for i, rank in enumerate(ranks):
+        lo, hi = (0, m) if whole else split_rows(m, len(ranks), i)
+        if hi == lo:
+            continue
+        cs = CallSpec(inputs=(InputSpec(1, 0),), rows=(lo, hi), total=m, **common)
+        r, s = ex._submit(rank, "run", n, cs, v.parts[0])
+        results.append(r)
+        stamps.append(s)
+        bounds.append((lo, hi))
+    if whole:
+        results, bounds = results[:1], bounds[:1]
+    return make_value(parts=results, bounds=bounds, stamps=stamps)
+
+
+def issue_head_parts(ex: Any, iteration: int, make_value: Any) -> None:
+    """Issue every `head_part` call on this step's head part (module doc)."""
+    import ray
+    import torch
+
+    st = _state(ex)
+    for name, (it, refs) in sorted(st["early"].items()):
+        del st["early"][name]
+        ex._await([s for _, s in refs], f"the head part of {name}")
+        got = ray.get([r for r, _ in refs], timeout=ex.timeout_s)
+        index = torch.cat([g["index"] for g in got])
+        rows = [g["rollout"] for g in got if g["index"].numel()]
+        if not rows:
+            continue
+        payload = {f: torch.cat([r[f] for r in rows]) for f in rows[0]}
+        for n in split_calls(ex):
+            key = ex.engines.node_engine[n.name]
+            v = _issue_forward(ex, n, payload, it, make_value)
+            if v is not None:
+                st["done"][n.name] = (it, ex.versions[key], index, v)
+
+
+def _combine(total: int, count: int, index_a: Any, index_b: Any, *parts: Any) -> Any:
+    """(runs as a Ray task) the payload of `total` rows from the head part's `count`
+    parts (rows index_a) and the rest's (rows index_b)."""
+    import torch
+
+    from graphrl.backends.stream_parts import put_rows
+
+    def cat(ps: tuple[Any, ...]) -> Any:
+        return {f: torch.cat([p[f] for p in ps]) for f in ps[0]} if ps else None
+    a, b = cat(parts[:count]), cat(parts[count:])
+    return put_rows(total, [(i, p) for i, p in ((index_a, a), (index_b, b)) if p is not None])
+
+
+def run_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int, make_value: Any) -> None:
+    """A `head_part` call at the step after its batch's head: the rest of the rows (and
+    the head part too, where no valid early result exists), put back in row order."""
+    import ray
+    import torch
+
+    from graphrl.backends.stream_parts import cut_and_samples, head_mask, stream_source
+
+    key = ex.engines.node_engine[n.name]
+    token = ex._weights(n, env, key)
+    rollout = ex._resolve(env[n.inputs[1]], n.inputs[1])
+    mask = head_mask(rollout, *cut_and_samples(stream_source(ex.graph)))
+    index_a, index_b = torch.nonzero(mask)[:, 0], torch.nonzero(~mask)[:, 0]
+    early = _state(ex)["done"].pop(n.name, None)
+    part_a = None
+    if early is not None and early[0] == iteration - 1 and early[1] == token.version:
+        if not torch.equal(early[2], index_a):
+            raise ExecutionError(f"node {n.name} ({n.call}): the generation ranks' head "
+                                 f"part {early[2].tolist()} differs from the rollout's "
+                                 f"{index_a.tolist()} (a streamed generation bug)")
+        part_a = early[3]
+    parts = []
+    for index, ready in ((index_a, part_a), (index_b, None)):
+        if not index.numel():
+            parts.append(None)
+            continue
+        v = ready or _issue_forward(ex, n, {f: t[index] for f, t in rollout.items()},
+                                    iteration, make_value)
+        if v is None:   # an FSDP mesh wider than the part: the whole batch at once
+            ex._run_call(n, env, iteration)
+            return
+        parts.append(v)
+    a, b = parts
+    refs = (a.parts if a else []) + (b.parts if b else [])
+    task = ray.remote(num_cpus=0)(_combine)
+    out = task.remote(int(mask.numel()), len(a.parts) if a else 0, index_a, index_b, *refs)
+    env[n.outputs[0].name] = make_value(
+        parts=[out], bounds=[(0, int(mask.numel()))],
+        stamps=(a.stamps if a else []) + (b.stamps if b else []))
