@@ -25,11 +25,24 @@ POOLS = {"policy.generate": {"gpus": "0-1"}, "policy.train": {"gpus": "2-3", "dp
 ITERATIONS, BATCH, SEED = 3, 4, 0
 
 
+def with_stops(exp, stops=(2, 3, 4, 5, 6)):
+    """`exp` whose generation also stops at `stops` (responses of varied lengths, so some
+    groups finish within the head: graphrl/stream_train.py)."""
+    class Stopping(type(exp)):
+        def program(self, staleness=0):
+            p = super().program(staleness)
+            n = p.graph.node("%rollout")
+            n = dataclasses.replace(n, attrs=tuple(sorted(n.attrs + (("stop_token_ids",
+                                                                        stops),))))
+            return dataclasses.replace(p, graph=p.graph.replace_node(n.name, n))
+    return Stopping(**{f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)})
+
+
 def test_ray_async_run_equals_local(ray_session):
     from graphrl.backends.ray.executor import RayExecutor
 
-    exp = dataclasses.replace(load_build("grpo")(gr.RunOptions(batch_size=BATCH, seed=SEED)),
-                              prepare=None)
+    exp = with_stops(dataclasses.replace(load_build("grpo")(gr.RunOptions(
+        batch_size=BATCH, seed=SEED)), prepare=None))
     program = exp.program(1)
     plan = compile_graph(program.graph, ClusterSpec.parse("1x4xcpu"), "auto",
                          placement=POOLS).plan
@@ -60,10 +73,17 @@ def test_ray_async_run_equals_local(ray_session):
     assert {e.worker for e in gens} == {"gpu0", "gpu1"} and others
     assert min(e.start for e in gens) < max(e.end for e in others)
     assert min(e.start for e in others) < max(e.end for e in gens)
-    # streamed (backends/stream_generation.py): per generation rank a head, a tail and
-    # the behaviour log-probs; the weights are pushed once, after the train (the plan's
-    # reshard at the step's start is skipped: the previous tail pushed them)
-    assert sorted(e.worker for e in gens) == ["gpu0"] * 3 + ["gpu1"] * 3
+    # streamed (backends/stream_generation.py): per generation rank a head, its
+    # head-finished groups, a tail and the behaviour log-probs; the weights are pushed
+    # once, after the train (the plan's reshard at the step's start is skipped: the
+    # previous tail pushed them)
+    assert sorted(e.worker for e in gens) == ["gpu0"] * 4 + ["gpu1"] * 4
     train_end = max(e.end for e in step if e.call == "policy.train")
     pushes = [e for e in ray_summary.events if e.iteration == 2 and "reshard" in e.call]
     assert pushes and all(e.end >= train_end - 0.05 for e in pushes)
+    # streamed scoring (graphrl/stream_train.py): the forwards of step 3 started on batch
+    # 2's head-finished groups in step 2, after its train and push, beside its tail
+    split = {n.name for n in plan.graph.nodes if n.attr("head_part")}
+    assert split == {"%policy_logprobs", "%reference_logprobs", "%rm_score"}
+    early = [e for e in others if e.node in split and e.start >= train_end]
+    assert {e.node for e in early} == split

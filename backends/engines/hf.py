@@ -23,7 +23,7 @@ from graphrl.graph import ModelDecl
 
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
-from .train_loop import micro_batches, train_epochs
+from .train_loop import micro_batches, rank_share, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
 
@@ -322,17 +322,22 @@ class HFEngine:
         opt = self._optimizer()
 
         def step(loss_fn: Callable[..., Any], idx: torch.Tensor) -> Mapping[str, float]:
+            share = 1.0
             if shard is not None:
                 rank, ranks = shard
                 if idx.numel() % ranks:
                     raise UsageError(f"{self.decl.name}.train: minibatch of {idx.numel()} "
                                      f"does not split into {ranks} equal data-parallel parts")
+                # ranks' parts may hold unequal loss tokens (responses of varied lengths)
+                share = rank_share(inputs, idx.chunk(ranks)[rank], idx, ranks)
                 idx = idx.chunk(ranks)[rank]
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
             with torch.enable_grad():
                 value, stats = loss_fn(self.loss_forward(), mb, **hyper)
                 opt.zero_grad(set_to_none=True)
-                value.backward()
+                (value * share if share != 1.0 else value).backward()
+            if share != 1.0:   # the driver averages the ranks' stats
+                stats = {k: float(v) * share for k, v in stats.items()}
             if self.after_backward is not None:
                 self.after_backward()
             if self.options["grad_clip"]:

@@ -97,6 +97,20 @@ def loss_weights(mbs: list[Mapping[str, Mapping[str, Any]]],
     return weights / total.clamp(min=1.0)
 
 
+def rank_share(inputs: Inputs, rows: torch.Tensor, minibatch: torch.Tensor,
+               ranks: int) -> float:
+    """The factor on a data-parallel rank's mean loss (and its stats) over `rows` so that
+    the ranks' gradients, averaged (DDP, FSDP), are the gradient of the whole
+    `minibatch`'s loss: `ranks` x the rank's share of the minibatch's loss tokens
+    (base.loss_tokens: response tokens, else rows). 1 where every rank holds as many."""
+    def tokens(idx: torch.Tensor) -> float:
+        r = inputs.get("rollout")
+        if r is not None and "response_mask" in r:
+            return float(r["response_mask"][idx].sum())
+        return float(idx.numel())
+    return ranks * tokens(rows) / max(tokens(minibatch), 1.0)
+
+
 class WeightedStats:
     """Stats of a minibatch's micro-batches, summed with their loss weights."""
 
@@ -119,4 +133,4 @@ class WeightedStats:
 
 
 __all__ = ["train_epochs", "loss_function", "batch_rows", "minibatch_indices", "split_rows",
-           "micro_batches", "loss_weights", "WeightedStats"]
+           "micro_batches", "loss_weights", "rank_share", "WeightedStats"]
