@@ -124,3 +124,60 @@ def test_stream_pricing_reduces_to_the_serving_model_and_overlaps_the_tail():
     choice = best_stream(problem, gen, strategy, train=0.1 * whole, push=0.0)
     assert choice.cut < gen.new_tokens
     assert ideal * 0.99 <= choice.phases.total and choice.step_seconds < 0.8 * whole
+
+
+def _unmarked(program):
+    g = program.graph
+    for n in g.nodes:
+        if n.attr("head_part"):
+            g = g.replace_node(n.name, dataclasses.replace(
+                n, attrs=tuple(a for a in n.attrs if a[0] != "head_part")))
+    return dataclasses.replace(program, graph=g)
+
+
+def test_streamed_scoring_splits_forwards_exactly_and_names_what_waits(grpo):
+    """The forwards of a step start on the previous batch's head-finished groups (those
+    whose responses all stopped within stream_cut; stop tokens make lengths vary) and
+    the rest: the step's results equal the unsplit run's. Trains wait, and say why."""
+    from graphrl.backends.stream_parts import head_mask
+    from graphrl.stream_train import split_report
+
+    program = grpo.program(1)
+    n = program.graph.node("%rollout")
+    n = dataclasses.replace(n, attrs=tuple(sorted(n.attrs + (("stop_token_ids",
+                                                                (2, 3, 4)),))))
+    program = dataclasses.replace(program, graph=program.graph.replace_node(n.name, n))
+    report = split_report(program.graph, 1)
+    assert report.calls == ("%policy_logprobs", "%reference_logprobs", "%rm_score")
+    assert report.refused == (("%policy@1", "epochs=2 x minibatches=2: more than one "
+                               "optimizer pass, whose first update needs rows of both parts"),)
+    split, whole = (_run(grpo, 1, 3, ahead=True, program=p)[1] for p in
+                    (program, _unmarked(program)))
+    ex, _ = _run(grpo, 1, 2, ahead=True, program=program)
+    mask = head_mask(ex.carried["%rollout_prev"], n.attr("stream_cut"), 4)
+    assert mask.any() and not mask.all()      # both parts hold groups
+    for a, b in zip(split[1:], whole[1:], strict=True):
+        for name in a.outputs:
+            for f, t in a.outputs[name].items():
+                assert torch.allclose(t.float(), b.outputs[name][f].float(),
+                                      rtol=1e-6, atol=1e-7), (name, f)
+    # one optimizer pass, gae with or without whitening: the reasons differ
+    ppo = load_build("ppo")(gr.RunOptions(batch_size=2, response_len=6)).program(1).graph
+    why = dict(split_report(ppo, 1).refused)
+    assert "%critic_values" in split_report(ppo, 1).calls and "epochs=2" in why["%policy@1"]
+    assert carry_rollouts(grpo.program().graph, 2).node("%rm_score").attr("head_part") is None
+
+
+def test_streamed_scoring_price_never_above_and_equal_without_a_head_part():
+    """StreamPhases.step_split: max(H, rest) + push + max(T, early) is today's price when
+    nothing finishes in the head (early 0, rest the whole step), and the compiler keeps
+    the split only where it is shorter (async_compile.as_executed)."""
+    from graphrl.stream_cost import StreamPhases
+
+    ph = StreamPhases(head=3.0, tail=2.0)
+    for train in (1.0, 4.0, 9.0):
+        assert ph.step_split(0.0, train, 0.5) == ph.step(train, 0.5)
+        for a in (0.25, 0.5, 0.9):
+            early, rest = a * train, (1 - a) * train
+            assert min(ph.step_split(early, rest, 0.5), ph.step(train, 0.5)) <= ph.step(train, 0.5)
+    assert ph.step_split(6.0, 3.0, 0.5) < ph.step(9.0, 0.5)   # training-bound: pays
