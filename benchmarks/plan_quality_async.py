@@ -176,15 +176,23 @@ step = max(head, training pool) + push + tail, with the training pool's step and
 push taken from the lowered plan of the rewritten graph, and the cut the compiler picks
 (of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest.
 
-Why "as executed" stays above the ideal stream (and can fall short of the target):
-training overlaps only the head. The tail, which holds each batch's longest responses,
-waits for the train and the push, so a step is max(head, training) + push + tail, not
-max(head + tail, training); a cut late enough to give the head work to hide training
-behind leaves the tail less of the next batch to overlap. AReaL switches weights
-whenever they arrive (wall-clock), so its tails run through training; here the switch
-is at a fixed token index so that runs are deterministic and the local and Ray backends
-sample the same tokens. Not built either: training starting on a batch's first finished
-groups (a train reads the whole batch).
+Streamed scoring (graphrl/stream_train.py): the groups of a batch whose responses all
+finished within the cut are complete at the end of its head, so the training pool's
+per-row forwards (reference, reward, critic, the policy's proximal log-probs) start on
+them after the push, beside the tail, and do the rest of the rows at the next step
+(AReaL starts training on finished samples as they arrive). With early = those forwards
+on the head part (its share of the batch's tokens) and rest = the training pool's other
+work: step = max(head, rest) + push + max(tail, early); the compiler takes it only where
+it is shorter than max(head, training pool) + push + tail (otherwise the calls wait, and
+the plan says so). Trains still wait for the whole batch: these examples train with
+epochs = minibatches = 2 (an update needs rows of both parts), and splitting a
+one-pass train needs gradient accumulation over the parts, not built yet.
+
+Why "as executed" stays above the ideal stream: the train and the rest of the forwards
+still wait for the tail, which holds each batch's longest responses; AReaL switches
+weights whenever they arrive (wall-clock), so its tails run through training; here the
+switch is at a fixed token index so that runs are deterministic and the local and Ray
+backends sample the same tokens.
 """
 
 

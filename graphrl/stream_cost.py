@@ -9,6 +9,19 @@ the freed KV and run up to their own cut. So in steady state
 
     executed step = max(head, training pool's step) + push + tail
 
+With streamed scoring (graphrl/stream_train.py) the training pool's per-row forwards of
+batch n start on its head-finished groups right after the push, beside batch n's tail
+(early seconds: those calls at the head part's share of the batch's tokens,
+`head_share`), and do the other rows at the next step with the rest of the training
+pool's work on batch n (rest seconds). From the dependencies (the push waits for the
+head and for the train of the rest; the head part waits for the push on the same
+training ranks; the next step starts when the tail and the head part are done):
+
+    executed step = max(head, rest) + push + max(tail, early)
+
+(`StreamPhases.step_split`); with nothing finished in the head (early 0) it is the
+step above, and the compiler keeps the split only where it is shorter.
+
 This module prices head and tail with graphrl/serving.py's continuous-batching model
 (KV budget, chunked prefill, a per-decode-step cost that depends on the sequences
 running and their context) — the same per-step terms as the synchronous price — by
