@@ -53,15 +53,43 @@ def split_forward(engine: Any, rollout: Mapping[str, Any], cut: int, samples: in
                   ) -> dict[str, Any]:
     """The local backend's `head_part` forward: the head part, then the rest, each a
     forward of its own rows, put back in row order."""
-    import torch
-
     mask = head_mask(rollout, cut, samples)
     parts = []
-    for index in (torch.nonzero(mask)[:, 0], torch.nonzero(~mask)[:, 0]):
+    for index in parts_of(mask):
         if index.numel():
             parts.append((index, engine.forward(take_rows(rollout, index))))
     return put_rows(int(mask.numel()), parts)
 
 
-__all__ = ["cut_and_samples", "head_mask", "put_rows", "split_forward", "stream_source",
-           "take_rows"]
+def parts_of(mask: Any) -> list[Any]:
+    """The row indices of the head part and of the rest (each may be empty)."""
+    import torch
+
+    return [torch.nonzero(mask)[:, 0], torch.nonzero(~mask)[:, 0]]
+
+
+def split_op(fn: Any, args: list[Any], attrs: Mapping[str, Any], mask: Any) -> list[Any]:
+    """A `head_part` op (per-row or per-group: stream_train.ROW_OPS) run on the head part
+    and on the rest, each output put back in row order."""
+    outs = []
+    for index in parts_of(mask):
+        if index.numel():
+            out = fn(*[take_rows(a, index) for a in args], **attrs)
+            outs.append((index, list(out) if isinstance(out, tuple) else [out]))
+    return [put_rows(int(mask.numel()), [(i, o[k]) for i, o in outs])
+            for k in range(len(outs[0][1]))]
+
+
+def split_train(engine: Any, inputs: Mapping[str, Mapping[str, Any]], mask: Any,
+                **kw: Any) -> dict[str, float]:
+    """A `head_part` train: the head part's gradient, then the rest's and one optimizer
+    step (train_loop.TwoParts); the whole batch at once where a part is empty."""
+    a, b = parts_of(mask)
+    if not a.numel() or not b.numel():
+        return engine.train(inputs, **kw)
+    engine.train({k: take_rows(p, a) for k, p in inputs.items()}, part="head", **kw)
+    return engine.train({k: take_rows(p, b) for k, p in inputs.items()}, part="rest", **kw)
+
+
+__all__ = ["cut_and_samples", "head_mask", "parts_of", "put_rows", "split_forward",
+           "split_op", "split_train", "stream_source", "take_rows"]

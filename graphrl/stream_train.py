@@ -75,19 +75,29 @@ class SplitReport:
         return out
 
 
-def _train_refusal(g: Any, n: Any) -> str:
+ROW_OPS = ("group_advantages", "gae")   # ops whose rows depend on their own group only
+
+
+def _op_refusal(n: Any, samples: int) -> str:
+    if n.target == "group_advantages":
+        g = int(n.attr("group_size", 1))
+        return "" if g >= 1 and samples % g == 0 else (
+            f"group_size={g} groups do not lie within the head part's groups of {samples}")
+    if n.target == "gae":
+        return ("whiten=true: advantages normalised over the whole batch"
+                if n.attr("whiten", True) else "")
+    return f"op {n.target} is not known to be per-row"
+
+
+def _train_refusal(n: Any, inputs_ok: dict[str, str]) -> str:
     passes = int(n.attr("epochs", 1)) * int(n.attr("minibatches", 1))
     if passes > 1:
         return (f"epochs={n.attr('epochs', 1)} x minibatches={n.attr('minibatches', 1)}: "
                 "more than one optimizer pass, whose first update needs rows of both parts")
-    producers = g.producers()
     for i in n.inputs[1:]:
-        p = producers.get(i)
-        if p is not None and p.target == "gae" and p.attr("whiten", True):
-            return (f"reads {i} from {p.name} (gae, whiten=true): advantages normalised "
-                    "over the whole batch")
-    return ("exact here (one optimizer pass, per-group/per-sequence advantages), but "
-            "gradient accumulation over the two parts is not built in the executors")
+        if inputs_ok.get(i):
+            return f"reads {i}, which waits for the whole batch ({inputs_ok[i]})"
+    return ""
 
 
 def mark_head_parts(g: Any, k: int) -> Any:
@@ -95,53 +105,73 @@ def mark_head_parts(g: Any, k: int) -> Any:
     that may run on the head part early marked `head_part=true` (module doc)."""
     from dataclasses import replace
 
-    from .graph import CALL
-
     if k != 1:
         return g
     report = split_report(g, k, marked=False)
     if report is None or not report.calls:
         return g
     nodes = tuple(replace(n, attrs=tuple(sorted(n.attrs + ((HEAD_PART, True),))))
-                  if n.name in report.calls and n.kind == CALL else n for n in g.nodes)
+                  if n.name in report.calls else n for n in g.nodes)
     return replace(g, nodes=nodes)
 
 
 def split_report(g: Any, k: int, marked: bool = True) -> SplitReport | None:
     """The SplitReport of a rewritten graph (None without a streamed generate node);
     `marked`: take the calls from their `head_part` marks (else decide them)."""
-    from .graph import CALL
+    from .graph import CALL, OP
 
     gens = [n for n in g.nodes if n.target == "generate" and n.attr("stream_cut")]
     if len(gens) != 1:
         return None
     gen = gens[0]
+    samples = int(gen.attr("samples", 1))
     feeds = {src: dst for dst, src in g.carries}
     streamed = {feeds[v.name] for v in gen.outputs if v.name in feeds}
     step_inputs = {v.name for v in g.inputs}
-    calls, refused = [], []
+    why_not: dict[str, str] = {}   # value -> why it waits for the whole batch ("" if not)
+    split: list[str] = []
+    refused: list[tuple[str, str]] = []
     for n in g.nodes:
-        if n.kind != CALL or n is gen or not any(i in streamed for i in n.inputs):
+        data = [i for i in n.inputs if not (i in step_inputs and i not in streamed
+                                            and g.value(i).spec.is_weights)]
+        if n is gen or n.kind not in (CALL, OP) or not any(
+                i in streamed or i in why_not for i in data):
             continue
-        if marked:
-            if n.attr(HEAD_PART):
-                calls.append(n.name)
-                continue
         if k != 1:
             why = f"staleness {k}: weights change between the head and the train's step"
-        elif n.target == "forward":
-            data_ok = all(i in streamed for i in n.inputs[1:])
-            if data_ok and n.inputs[0] in step_inputs:
-                calls.append(n.name)
-                continue
-            why = ("reads values other than the streamed rollout" if not data_ok else
-                   f"reads weights {n.inputs[0]} made inside the step")
-        elif n.target == "train":
-            why = _train_refusal(g, n)
         else:
-            why = f"{n.target} is not a per-row call"
-        refused.append((n.name, why))
-    return SplitReport(gen.name, tuple(calls), tuple(refused))
+            late = next((f"reads {i}, which waits for the whole batch" for i in data
+                         if i not in streamed and why_not.get(i, "x")), "")
+            if n.kind == OP:
+                why = _op_refusal(n, samples) or late
+            elif n.target == "forward":
+                why = late or ("" if n.inputs[0] in step_inputs else
+                               f"reads weights {n.inputs[0]} made inside the step")
+            elif n.target == "train":
+                why = _train_refusal(n, {i: why_not.get(i, "") for i in data}) or late
+            else:
+                why = f"{n.target} is not a per-row call"
+        for v in n.outputs:
+            why_not[v.name] = why or ""
+        if not why:
+            split.append(n.name)
+        elif n.kind == CALL:
+            refused.append((n.name, why))
+    # an op starts early only for a train that does (alone it saves nothing)
+    trains = [n for n in split if g.node(n).target == "train"]
+    needed = set()
+    for t in trains:
+        stack = list(g.node(t).inputs)
+        producers = g.producers()
+        while stack:
+            p = producers.get(stack.pop())
+            if p is not None and p.name in split and p.name not in needed:
+                needed.add(p.name)
+                stack += list(p.inputs)
+    calls = tuple(n for n in split if g.node(n).kind == CALL or n in needed)
+    if marked:   # what the compiler kept (async_compile.as_executed may unmark)
+        calls = tuple(n.name for n in g.nodes if n.attr(HEAD_PART))
+    return SplitReport(gen.name, calls, tuple(refused))
 
 
 __all__ = ["HEAD_PART", "SplitReport", "head_finished", "mark_head_parts", "split_report"]

@@ -181,3 +181,41 @@ def test_streamed_scoring_price_never_above_and_equal_without_a_head_part():
             early, rest = a * train, (1 - a) * train
             assert min(ph.step_split(early, rest, 0.5), ph.step(train, 0.5)) <= ph.step(train, 0.5)
     assert ph.step_split(6.0, 3.0, 0.5) < ph.step(9.0, 0.5)   # training-bound: pays
+
+
+def test_train_in_two_parts_is_the_whole_batch_update(grpo):
+    """train_loop.TwoParts: the head part's gradient, then the rest's weighted by their
+    loss tokens and one optimizer step, is the unsplit train's update (a real tiny
+    policy, GRPO loss, responses of varied lengths)."""
+    import copy
+
+    from graphrl import ops
+    from graphrl.backends.stream_parts import head_mask, split_train
+
+    program = grpo.program(1)
+    n = program.graph.node("%rollout")
+    n = dataclasses.replace(n, attrs=tuple(sorted(n.attrs + (("stop_token_ids", (2, 3, 4)),))))
+    program = dataclasses.replace(program, graph=program.graph.replace_node(n.name, n))
+    ex, _ = _run(grpo, 1, 2, ahead=True, program=program)
+    rollout = ex.carried["%rollout_prev"]
+    policy = ex.engines["policy"]
+    inputs = {"rollout": rollout, "old_logprobs": policy.forward(rollout),
+              "ref_logprobs": ex.engines["reference"].forward(rollout),
+              "advantages": ops.group_advantages.fn(rollout, {"score": torch.linspace(
+                  -1, 1, rollout["tokens"].shape[0])}, group_size=4)}
+    mask = head_mask(rollout, n.attr("stream_cut"), 4)
+    assert mask.any() and not mask.all()
+    kw = dict(loss="grpo", seed=3, clip=0.2, kl_coef=0.01)
+    whole, split = policy, copy.deepcopy(policy)
+    before = whole.export_weights()
+    stats_whole = whole.train(inputs, **kw)
+    stats_split = split_train(split, inputs, mask, **kw)
+    assert split.version == whole.version
+    for k, v in stats_whole.items():
+        assert stats_split[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    a, b = whole.export_weights(), split.export_weights()
+    moved = max((a[k] - before[k]).abs().max().item() for k in a)
+    assert moved > 5e-4      # a real update (lr 1e-3), equal up to summation order
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    with pytest.raises(gr.UsageError, match="without its head part"):
+        split.train(inputs, part="rest", **kw)

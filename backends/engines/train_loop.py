@@ -111,6 +111,73 @@ def rank_share(inputs: Inputs, rows: torch.Tensor, minibatch: torch.Tensor,
     return ranks * tokens(rows) / max(tokens(minibatch), 1.0)
 
 
+def part_tokens(inputs: Inputs) -> float:
+    """The loss tokens of a train call's whole batch (base.loss_tokens' measure)."""
+    r = inputs.get("rollout")
+    if r is not None and "response_mask" in r:
+        return float(r["response_mask"].sum())
+    return float(batch_rows(inputs))
+
+
+class TwoParts:
+    """One optimizer step over a batch given in two train calls (graphrl/stream_train.py:
+    the head-finished groups, then the rest). The loss is a mean over the batch's loss
+    tokens, so its gradient is (t_a g_a + t_b g_b) / (t_a + t_b) with g_x the gradient of
+    part x's own mean and t_x its tokens: the head call leaves g_a in the gradients (no
+    step); the rest call, which knows t_b only then, first scales them by
+    t_a / (t_a + t_b), adds g_b weighted t_b / (t_a + t_b), and steps — the update of
+    the unsplit call up to float summation order, as micro-batches (loss_weights) are.
+    Stats combine with the same weights. State lives on the engine between the calls,
+    keyed by the call's seed (both parts of one train share it)."""
+
+    def __init__(self, part: str, tokens: float, carried: Any):
+        self.part, self.tokens, self.carried = part, tokens, carried
+        self.zero_grad = part == "head"
+
+    @classmethod
+    def begin(cls, engine: Any, part: str, inputs: Inputs, seed: int,
+              passes: int) -> "TwoParts | None":
+        if not part:
+            return None
+        name = engine.decl.name
+        if part not in ("head", "rest"):
+            raise UsageError(f"{name}.train: part={part!r} (known: head, rest)")
+        if passes != 1:
+            raise UsageError(f"{name}.train: a train in two parts takes one optimizer pass, "
+                             f"got epochs x minibatches = {passes}")
+        carried = getattr(engine, "_head_part", None)
+        engine._head_part = None
+        if part == "rest" and (carried is None or carried[0] != seed):
+            raise UsageError(f"{name}.train: part='rest' without its head part (seed {seed})")
+        out = cls(part, part_tokens(inputs), carried)
+        if part == "head":
+            engine._head_part = (seed, out.tokens, None)
+            out.engine = engine
+        return out
+
+    def weigh(self, params: Any) -> float:
+        """The factor on this part's loss (the rest also rescales the head's gradients)."""
+        if self.part == "head":
+            return 1.0
+        head = self.carried[1]
+        total = max(head + self.tokens, 1.0)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(head / total)
+        return self.tokens / total
+
+    def stats(self, stats: Mapping[str, float]) -> dict[str, float]:
+        if self.part == "head":
+            seed, tokens, _ = self.engine._head_part
+            self.engine._head_part = (seed, tokens, dict(stats))
+            return dict(stats)
+        _, head, first = self.carried
+        total = max(head + self.tokens, 1.0)
+        return {k: (head * float(first.get(k, 0.0)) + self.tokens * float(v)) / total
+                for k, v in stats.items()}
+
+
 class WeightedStats:
     """Stats of a minibatch's micro-batches, summed with their loss weights."""
 
@@ -133,4 +200,5 @@ class WeightedStats:
 
 
 __all__ = ["train_epochs", "loss_function", "batch_rows", "minibatch_indices", "split_rows",
-           "micro_batches", "loss_weights", "rank_share", "WeightedStats"]
+           "micro_batches", "loss_weights", "part_tokens", "rank_share", "TwoParts",
+           "WeightedStats"]
