@@ -153,8 +153,9 @@ class GenerationStream:
         index = [i for i in range(len(b)) if all(s == DONE for s in b.state[i - i % g:
                                                                              i - i % g + g])]
         rows = torch.tensor(index, dtype=torch.long)
-        return {"index": rows + int(offset),
-                "rollout": {f: t[rows] for f, t in self._rollout(b).items()}}
+        return {"index": rows + int(offset), "version": b.version,
+                "rollout": {f: t[rows] for f, t in self._rollout(b).items()},
+                "behaviour": {"logprobs": self._behaviour(b)[rows]}}
 
     # -- internals ------------------------------------------------------------------------
     def _admit(self, iteration: int, prompts: Mapping[str, Any], seed: int, version: int,

@@ -66,6 +66,16 @@ def as_executed(out: Any, problem: Any) -> Any:
         return out
     train, push = plan_sides(out.plan, node.name)
     marked = tuple(n.name for n in out.graph.nodes if n.attr(HEAD_PART))
+    # a megatron-core / DeepSpeed train takes its batch in one call (train_loop.TwoParts
+    # is the HF engines'): it waits, and so do the ops that only fed it
+    whole = {n.name: f"its engine ({n.placement.strategy.engine}) trains a batch in one call"
+             for n in out.graph.nodes if n.name in marked and n.target == "train"
+             and n.placement is not None
+             and n.placement.strategy.engine in ("megatron", "deepspeed")}
+    if whole and not any(out.graph.node(m).target == "train" and m not in whole
+                         for m in marked):
+        whole.update({m: "" for m in marked if out.graph.node(m).kind == "op"})
+    marked = tuple(m for m in marked if m not in whole)
     split = _split_sides(out.plan, node, marked, problem, gen) if marked else None
     choice = best_stream(problem, gen, node.placement.strategy, train, push, split)
     if choice is None:
@@ -73,17 +83,20 @@ def as_executed(out: Any, problem: Any) -> Any:
     report = split_report(out.graph, 1)
     notes = list(out.plan.notes)
     if marked and choice.split is None:   # starting early does not pay: unmark
-        report = replace(report, calls=(), refused=tuple(
-            (m, "starting it on the head part would not shorten the step here")
-            for m in marked) + report.refused)
+        whole.update({m: "starting it on the head part would not shorten the step here"
+                      for m in marked})
+    if report is not None and whole:
+        report = replace(report, calls=tuple(c for c in report.calls if c not in whole),
+                         refused=tuple((m, why) for m, why in whole.items() if why)
+                         + report.refused)
     graph, pgraph = out.graph, out.plan.graph
-    for g_name in [node.name] + list(marked):
+    for g_name in [node.name] + list(whole):
         def edit(g: Any) -> Any:
             n = g.node(g_name)
             attrs = dict(n.attrs)
             if g_name == node.name:
                 attrs["stream_cut"] = choice.cut
-            elif choice.split is None:
+            else:
                 attrs.pop(HEAD_PART, None)
             return g.replace_node(g_name, replace(n, attrs=tuple(sorted(attrs.items()))))
         graph, pgraph = edit(graph), edit(pgraph)

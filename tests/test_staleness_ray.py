@@ -27,14 +27,25 @@ ITERATIONS, BATCH, SEED = 3, 4, 0
 
 def with_stops(exp, stops=(2, 3, 4, 5, 6)):
     """`exp` whose generation also stops at `stops` (responses of varied lengths, so some
-    groups finish within the head: graphrl/stream_train.py)."""
+    groups finish within the head: graphrl/stream_train.py) and whose train takes one
+    optimizer pass (so it starts on the head part too)."""
+    from graphrl.passes.staleness import carry_rollouts, verify_staleness
+
     class Stopping(type(exp)):
         def program(self, staleness=0):
-            p = super().program(staleness)
-            n = p.graph.node("%rollout")
-            n = dataclasses.replace(n, attrs=tuple(sorted(n.attrs + (("stop_token_ids",
-                                                                        stops),))))
-            return dataclasses.replace(p, graph=p.graph.replace_node(n.name, n))
+            p = super().program(0)
+            g = p.graph
+            for n in g.nodes:
+                attrs = dict(n.attrs)
+                if n.target == "generate":
+                    attrs["stop_token_ids"] = stops
+                if n.target == "train":
+                    attrs.update(epochs=1, minibatches=1)
+                g = g.replace_node(n.name, dataclasses.replace(
+                    n, attrs=tuple(sorted(attrs.items()))))
+            if staleness:
+                g = verify_staleness(carry_rollouts(g, staleness), staleness)
+            return dataclasses.replace(p, graph=g)
     return Stopping(**{f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)})
 
 
@@ -78,12 +89,14 @@ def test_ray_async_run_equals_local(ray_session):
     # once, after the train (the plan's reshard at the step's start is skipped: the
     # previous tail pushed them)
     assert sorted(e.worker for e in gens) == ["gpu0"] * 4 + ["gpu1"] * 4
-    train_end = max(e.end for e in step if e.call == "policy.train")
+    trains = sorted((e for e in step if e.call == "policy.train"), key=lambda e: e.start)
+    train_end = max(next(e for e in trains if e.worker == w).end for w in ("gpu2", "gpu3"))
     pushes = [e for e in ray_summary.events if e.iteration == 2 and "reshard" in e.call]
     assert pushes and all(e.end >= train_end - 0.05 for e in pushes)
-    # streamed scoring (graphrl/stream_train.py): the forwards of step 3 started on batch
-    # 2's head-finished groups in step 2, after its train and push, beside its tail
-    split = {n.name for n in plan.graph.nodes if n.attr("head_part")}
-    assert split == {"%policy_logprobs", "%reference_logprobs", "%rm_score"}
+    # streamed scoring and training (graphrl/stream_train.py): the forwards and the train
+    # of step 3 started on batch 2's head-finished groups in step 2, after its train
+    # (the first on each rank) and push, beside its tail
+    split = {n.name for n in plan.graph.calls() if n.attr("head_part")}
+    assert split == {"%policy_logprobs", "%reference_logprobs", "%rm_score", "%policy@1"}
     early = [e for e in others if e.node in split and e.start >= train_end]
     assert {e.node for e in early} == split

@@ -337,16 +337,15 @@ class HFEngine:
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
             with torch.enable_grad():
                 value, stats = loss_fn(self.loss_forward(), mb, **hyper)
-                if parts is None or parts.zero_grad:
-                    opt.zero_grad(set_to_none=True)
-                w = share * (parts.weigh(self.module.parameters()) if parts else 1.0)
+                opt.zero_grad(set_to_none=True)
+                w = share * (parts.weight() if parts else 1.0)
                 (value * w if w != 1.0 else value).backward()
             if share != 1.0:   # the driver averages the ranks' stats
                 stats = {k: float(v) * share for k, v in stats.items()}
             if self.after_backward is not None:
                 self.after_backward()
             if parts is not None:
-                stats = parts.stats(stats)
+                stats = parts.finish(self.module.parameters(), stats)
                 if part == "head":   # the optimizer steps after the rest
                     return stats
             if self.options["grad_clip"]:

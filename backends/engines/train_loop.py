@@ -123,16 +123,18 @@ class TwoParts:
     """One optimizer step over a batch given in two train calls (graphrl/stream_train.py:
     the head-finished groups, then the rest). The loss is a mean over the batch's loss
     tokens, so its gradient is (t_a g_a + t_b g_b) / (t_a + t_b) with g_x the gradient of
-    part x's own mean and t_x its tokens: the head call leaves g_a in the gradients (no
-    step); the rest call, which knows t_b only then, first scales them by
-    t_a / (t_a + t_b), adds g_b weighted t_b / (t_a + t_b), and steps — the update of
-    the unsplit call up to float summation order, as micro-batches (loss_weights) are.
-    Stats combine with the same weights. State lives on the engine between the calls,
-    keyed by the call's seed (both parts of one train share it)."""
+    part x's own mean and t_x its tokens: the head call keeps a copy of g_a (no step;
+    other calls may run on the engine before the rest); the rest call, which knows t_b
+    only then, computes g_b weighted t_b / (t_a + t_b), adds g_a weighted
+    t_a / (t_a + t_b), and steps — the update of the unsplit call up to float summation
+    order, as micro-batches (loss_weights) are. Stats combine with the same weights. The
+    state lives on the engine between the calls, keyed by the call's seed (both parts of
+    one train share it)."""
 
-    def __init__(self, part: str, tokens: float, carried: Any):
-        self.part, self.tokens, self.carried = part, tokens, carried
-        self.zero_grad = part == "head"
+    def __init__(self, engine: Any, part: str, seed: int, tokens: float, carried: Any):
+        self.engine, self.part, self.seed, self.tokens = engine, part, seed, tokens
+        self.carried = carried   # the head's (seed, tokens, stats, gradients)
+        self.zero_grad = True
 
     @classmethod
     def begin(cls, engine: Any, part: str, inputs: Inputs, seed: int,
@@ -149,32 +151,35 @@ class TwoParts:
         engine._head_part = None
         if part == "rest" and (carried is None or carried[0] != seed):
             raise UsageError(f"{name}.train: part='rest' without its head part (seed {seed})")
-        out = cls(part, part_tokens(inputs), carried)
-        if part == "head":
-            engine._head_part = (seed, out.tokens, None)
-            out.engine = engine
-        return out
+        return cls(engine, part, seed, part_tokens(inputs), carried)
 
-    def weigh(self, params: Any) -> float:
-        """The factor on this part's loss (the rest also rescales the head's gradients)."""
-        if self.part == "head":
-            return 1.0
-        head = self.carried[1]
-        total = max(head + self.tokens, 1.0)
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(head / total)
-        return self.tokens / total
+    def _total(self) -> float:
+        return max(self.carried[1] + self.tokens, 1.0)
 
-    def stats(self, stats: Mapping[str, float]) -> dict[str, float]:
+    def weight(self) -> float:
+        """The factor on this part's loss."""
+        return 1.0 if self.part == "head" else self.tokens / self._total()
+
+    def finish(self, params: Any, stats: Mapping[str, float]) -> dict[str, float]:
+        """After this part's backward (and data-parallel averaging): the head keeps its
+        gradients and stats; the rest adds the head's to its own. Returns the stats."""
+        params = list(params)
         if self.part == "head":
-            seed, tokens, _ = self.engine._head_part
-            self.engine._head_part = (seed, tokens, dict(stats))
+            grads = [p.grad.detach().clone() if p.grad is not None else None
+                     for p in params]
+            self.engine._head_part = (self.seed, self.tokens, dict(stats), grads)
             return dict(stats)
-        _, head, first = self.carried
-        total = max(head + self.tokens, 1.0)
-        return {k: (head * float(first.get(k, 0.0)) + self.tokens * float(v)) / total
+        _, head, first, grads = self.carried
+        w = head / self._total()
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g * w
+                else:
+                    p.grad.add_(g, alpha=w)
+        return {k: (head * float(first.get(k, 0.0)) + self.tokens * float(v)) / self._total()
                 for k, v in stats.items()}
 
 

@@ -50,7 +50,7 @@ from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
 from .stream_calls import check_streams, skip_push, stream_head, stream_tails
-from .head_parts import HEAD_PART, issue_head_parts, run_rest
+from .head_parts import HEAD_PART, issue_head_parts, run_rest, split_host_op
 from .reshard_steps import ReshardSteps
 from .state import CheckpointMethods
 from .values import _Value
@@ -341,7 +341,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
             self._to_refs(v)
         out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
         seed = seed_for(self.seed, iteration, n.name)
-        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness"))
+        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness",
+                                                              HEAD_PART))
         if n.attr("staleness") is not None:   # async train: samples within the bound
             from graphrl.backends.async_steps import check_versions
 
@@ -409,7 +410,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         args = [self._resolve(env[i], i) for i in n.inputs]
         start = time.time()
         try:
-            out = self.program.ops[n.target].fn(*args, **n.attr_dict)
+            out = (split_host_op(self, n, args) if n.attr(HEAD_PART) else
+                   self.program.ops[n.target].fn(*args, **n.attr_dict))
         except GraphRLError:
             raise
         except Exception as e:

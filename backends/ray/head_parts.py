@@ -32,6 +32,7 @@ def _state(ex: Any) -> dict[str, Any]:
 
 
 def split_calls(ex: Any) -> list[Node]:
+    """The graph's `head_part` nodes, in order."""
     return [n for n in ex.graph.nodes if n.attr(HEAD_PART)]
 
 
@@ -80,26 +81,137 @@ def _issue_forward(ex: Any, n: Node, payload: Mapping[str, Any], iteration: int,
     return make_value(parts=results, bounds=bounds, stamps=stamps)
 
 
+TRAIN_KINDS = ("fsdp", "replicas")   # engines whose train takes part="head"/"rest"
+
+
+def _issue_train(ex: Any, n: Node, payloads: list[Mapping[str, Any]], index: Any,
+                 part: str, iteration: int, make_value: Any, seed_iteration: int = -1
+                 ) -> Optional[tuple[list, list]]:
+    """Train call `n` on rows `index` of its inputs, part `part` (train_loop.TwoParts),
+    seeded as the train of `seed_iteration` (default `iteration`); None where the rows
+    do not split over its data-parallel ranks."""
+    from graphrl.backends.engines.hf import seed_for
+
+    key = ex.engines.node_engine[n.name]
+    ranks = n.placement.mesh.gpus
+    if index.numel() % len(ranks):
+        return None
+    vals = [make_value(local={f: t[index] for f, t in p.items()}) for p in payloads]
+    for v in vals:
+        ex._to_refs(v)
+    attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness",
+                                                          HEAD_PART)) + (("part", part),)
+    results, stamps = [], []
+    for i, rank in enumerate(ranks):
+        cs = CallSpec(node=n.name, call=n.call, model=n.model, method="train", engine=key,
+                      attrs=attrs, seed=seed_for(ex.seed, iteration if seed_iteration < 0
+                                                 else seed_iteration, n.name),
+                      iteration=iteration, inputs=tuple(InputSpec(1) for _ in vals),
+                      shard=(i, len(ranks)) if len(ranks) > 1 else None,
+                      output=n.outputs[1].spec)
+        r, s = ex._submit(rank, "run", n, cs, *[v.parts[0] for v in vals])
+        results.append(r)
+        stamps.append(s)
+    return results, stamps
+
+
+def _local(ex: Any, v: Any, name: str) -> Any:
+    return ex._resolve(v, name) if hasattr(v, "token") else v
+
+
 def issue_head_parts(ex: Any, iteration: int, make_value: Any) -> None:
-    """Issue every `head_part` call on this step's head part (module doc)."""
+    """Run every `head_part` node on this step's head part (module doc): forwards and
+    trains are issued on their ranks, ops run here once their inputs arrived."""
     import ray
     import torch
 
     st = _state(ex)
+    feeds = {src: dst for dst, src in ex.graph.carries}
     for name, (it, refs) in sorted(st["early"].items()):
         del st["early"][name]
         ex._await([s for _, s in refs], f"the head part of {name}")
         got = ray.get([r for r, _ in refs], timeout=ex.timeout_s)
         index = torch.cat([g["index"] for g in got])
-        rows = [g["rollout"] for g in got if g["index"].numel()]
+        rows = [g for g in got if g["index"].numel()]
         if not rows:
             continue
-        payload = {f: torch.cat([r[f] for r in rows]) for f in rows[0]}
+        gen = ex.graph.node(name)
+        cat = lambda key: {f: torch.cat([r[key][f] for r in rows])  # noqa: E731
+                           for f in rows[0][key]}
+        env: dict[str, Any] = {feeds[gen.outputs[0].name]: cat("rollout"),
+                               feeds[gen.outputs[1].name]: cat("behaviour"),
+                               feeds[gen.outputs[2].name]: {"version": torch.full(
+                                   (int(index.numel()),), int(rows[0]["version"]),
+                                   dtype=torch.int64)}}
         for n in split_calls(ex):
-            key = ex.engines.node_engine[n.name]
-            v = _issue_forward(ex, n, payload, it, make_value)
-            if v is not None:
+            if any(i not in env for i in n.inputs[1:]):
+                break   # an earlier node of the part did not start early
+            key = ex.engines.node_engine.get(n.name)
+            if n.target == "forward":
+                v = _issue_forward(ex, n, env[n.inputs[1]], it, make_value)
+                if v is None:
+                    break
+                env[n.outputs[0].name] = v
                 st["done"][n.name] = (it, ex.versions[key], index, v)
+            elif n.kind == "op":
+                args = [_local(ex, env[i], i) for i in n.inputs]
+                attrs = {k: v for k, v in n.attr_dict.items() if k != HEAD_PART}
+                out = ex.program.ops[n.target].fn(*args, **attrs)
+                for v, r in zip(n.outputs, out if isinstance(out, tuple) else (out,)):
+                    env[v.name] = r
+            elif n.target == "train" and ex.engines.specs[key].kind in TRAIN_KINDS:
+                payloads = [_local(ex, env[i], i) for i in n.inputs[1:]]
+                whole = torch.arange(int(index.numel()))
+                if _issue_train(ex, n, payloads, whole, "head", it, make_value, it + 1):
+                    st["done"][n.name] = (it, ex.versions[key], index, None)
+
+
+def split_host_op(ex: Any, n: Node, args: list[Any]) -> tuple[Any, ...]:
+    """A `head_part` op on the driver: on the head part and the rest (as locally)."""
+    from graphrl.backends.stream_parts import (cut_and_samples, head_mask, split_op,
+                                               stream_source)
+
+    rollout = next(a for a in args if "response_mask" in a)
+    attrs = {k: v for k, v in n.attr_dict.items() if k != HEAD_PART}
+    mask = head_mask(rollout, *cut_and_samples(stream_source(ex.graph)))
+    return tuple(split_op(ex.program.ops[n.target].fn, args, attrs, mask))
+
+
+def run_train_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int,
+                   make_value: Any) -> None:
+    """A `head_part` train at the step after its batch's head: the rest of the rows and
+    the optimizer step (its head part too where no valid early part exists); the whole
+    batch at once where the engine or the data-parallel split cannot take parts."""
+    from graphrl import signatures as sig
+    from graphrl.backends.local import WeightsToken
+    from graphrl.backends.stream_parts import (cut_and_samples, head_mask, parts_of,
+                                               stream_source)
+
+    key = ex.engines.node_engine[n.name]
+    token = ex._weights(n, env, key)
+    payloads = [ex._resolve(env[i], i) for i in n.inputs[1:]]
+    named = dict(zip(sig.train_input_names(n.attr("loss"), len(payloads)), payloads))
+    a, b = parts_of(head_mask(named["rollout"], *cut_and_samples(stream_source(ex.graph))))
+    early = _state(ex)["done"].pop(n.name, None)
+    ranks = len(n.placement.mesh.gpus)
+    if ex.engines.specs[key].kind not in TRAIN_KINDS or not a.numel() or not b.numel() \
+            or a.numel() % ranks or b.numel() % ranks:
+        ex._run_call(n, env, iteration)
+        return
+    if n.attr("staleness") is not None:   # async train: samples within the bound
+        from graphrl.backends.async_steps import check_versions
+
+        check_versions(n, {"versions": named["versions"]}, token.version,
+                       int(n.attr("staleness")))
+    import torch
+
+    if not (early is not None and early[0] == iteration - 1 and early[1] == token.version
+            and torch.equal(early[2], a)):
+        _issue_train(ex, n, payloads, a, "head", iteration, make_value)
+    results, stamps = _issue_train(ex, n, payloads, b, "rest", iteration, make_value)
+    ex.versions[key] += 1
+    env[n.outputs[0].name] = make_value(token=WeightsToken(n.model, token.version + 1))
+    env[n.outputs[1].name] = make_value(parts=results, stamps=stamps, mean=True)
 
 
 def _combine(total: int, count: int, index_a: Any, index_b: Any, *parts: Any) -> Any:
@@ -123,6 +235,8 @@ def run_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int, make_value: 
 
     from graphrl.backends.stream_parts import cut_and_samples, head_mask, stream_source
 
+    if n.target == "train":
+        return run_train_rest(ex, n, env, iteration, make_value)
     key = ex.engines.node_engine[n.name]
     token = ex._weights(n, env, key)
     rollout = ex._resolve(env[n.inputs[1]], n.inputs[1])
