@@ -9,8 +9,9 @@ the freed KV and run up to their own cut. So in steady state
 
     executed step = max(head, training pool's step) + push + tail
 
-With streamed scoring (graphrl/stream_train.py) the training pool's per-row forwards of
-batch n start on its head-finished groups right after the push, beside batch n's tail
+With streamed scoring and training (graphrl/stream_train.py) the training pool's
+per-row forwards of batch n — and its one-pass train, in two parts with one optimizer
+step — start on its head-finished groups right after the push, beside batch n's tail
 (early seconds: those calls at the head part's share of the batch's tokens,
 `head_share`), and do the other rows at the next step with the rest of the training
 pool's work on batch n (rest seconds). From the dependencies (the push waits for the

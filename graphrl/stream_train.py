@@ -14,24 +14,29 @@ tail, without changing any result:
   always samples at least one more token in its tail, so "final length <= cut" is
   exactly "finished within the head", and every backend computes the same part from the
   rollout alone.
-- A call may run on the head part early only where that is exact: a `forward` (per-row:
-  each row's output depends on its own row and the weights) that reads only the
-  streamed rollout of the previous step and weights that are step inputs (with
-  staleness 1 nothing updates them between the end of the step's train and the next
-  step's use). Such nodes are marked `head_part=true` by the staleness rewrite; at the
-  next step they compute only the rest of the rows, and their output is both parts put
-  back in row order — the same payload as the unsplit call (forwards are row-wise; up to
-  float summation order inside a batched matmul).
-- Everything else waits for the whole batch, and `split_report` says why: ops (cheap,
-  host), trains. A train may not split where it takes more than one optimizer pass
-  (epochs x minibatches > 1: its first update needs rows of both parts), or reads an
-  advantage normalised over the whole batch (gae with whiten=true); where neither
-  holds, splitting it would need gradient accumulation across the two parts, which the
-  executors do not do yet (reported as such).
+- A node may run on the head part early only where that is exact; the staleness rewrite
+  marks such nodes `head_part=true`:
+  * a `forward` (per-row: each row's output depends on its own row and the weights)
+    reading only the streamed rollout of the previous step and weights that are step
+    inputs (with staleness 1 nothing updates them between the end of the step's train
+    and the next step's use);
+  * an op known to be per group or per row (ROW_OPS: GRPO's group advantages, whose
+    groups lie within the head part's; GAE without whitening) on such inputs, when a
+    train that starts early reads it;
+  * a `train` with one optimizer pass (epochs x minibatches = 1) on such inputs: the
+    head part's gradient is kept, the rest's added at the next step, each weighted by
+    its share of the batch's loss tokens, and one optimizer step taken
+    (backends/engines/train_loop.TwoParts) — the unsplit update up to float order.
+  Each marked node's output is both parts put back in row order.
+- Everything else waits for the whole batch, and `split_report` says why: a train with
+  more than one optimizer pass (its first update needs rows of both parts), one reading
+  an advantage normalised over the whole batch (gae with whiten=true), any op not known
+  to be per-row.
 
 The step this gives (graphrl/stream_cost.py prices it) with H/T the head/tail of the
 generation pool, P the push, W_A the training pool's calls on the head part of batch n
-and W_B the rest of its step on batch n - 1:
+and W_B the rest of its step on batch n - 1 (W_A also holds the head part of a train that
+starts early; its optimizer step is in W_B):
 
     step = max(H, W_B) + P + max(T, W_A)
 

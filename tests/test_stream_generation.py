@@ -126,6 +126,21 @@ def test_stream_pricing_reduces_to_the_serving_model_and_overlaps_the_tail():
     assert ideal * 0.99 <= choice.phases.total and choice.step_seconds < 0.8 * whole
 
 
+def _one_pass():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from plan_quality_async import one_pass
+    return one_pass
+
+
+def _whiten(g):
+    n = g.node("%advantages")
+    return g.replace_node(n.name, dataclasses.replace(n, attrs=tuple(sorted(
+        dict(n.attrs, whiten=True).items()))))
+
+
 def _unmarked(program):
     g = program.graph
     for n in g.nodes:
@@ -166,6 +181,17 @@ def test_streamed_scoring_splits_forwards_exactly_and_names_what_waits(grpo):
     why = dict(split_report(ppo, 1).refused)
     assert "%critic_values" in split_report(ppo, 1).calls and "epochs=2" in why["%policy@1"]
     assert carry_rollouts(grpo.program().graph, 2).node("%rm_score").attr("head_part") is None
+    # one optimizer pass: the train and the group advantages feeding it start early too;
+    # PPO's gae whitens its advantages over the batch unless told not to
+    one_pass = _one_pass()
+
+    g = carry_rollouts(one_pass(grpo.program().graph), 1)
+    assert split_report(g, 1).calls[-2:] == ("%advantages", "%policy@1")
+    ppo = load_build("ppo")(gr.RunOptions(batch_size=2, response_len=6)).program().graph
+    whiten = dict(split_report(carry_rollouts(_whiten(one_pass(ppo)), 1), 1).refused)
+    assert "whiten=true" in whiten["%policy@1"]
+    assert {"%policy@1", "%critic@1"} <= set(split_report(carry_rollouts(one_pass(ppo), 1),
+                                                          1).calls)
 
 
 def test_streamed_scoring_price_never_above_and_equal_without_a_head_part():
