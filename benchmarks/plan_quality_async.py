@@ -219,7 +219,8 @@ shorter than max(head, training pool) + push + tail (otherwise the calls wait, a
 plan says so). In the suite's examples the trains wait (epochs = minibatches = 2: an
 update needs rows of both parts; PPO also whitens its advantages over the batch), so
 only the forwards start early; the one-pass table below shows the same cases with
-trains that start early too.
+trains that may start early too. Not priced: the copy of the head part's gradient a
+two-part train holds between the parts (the memory check does not count it).
 
 Why "as executed" stays above the ideal stream: the train and the rest of the forwards
 still wait for the tail, which holds each batch's longest responses; AReaL switches

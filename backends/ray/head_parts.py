@@ -1,19 +1,25 @@
-"""The Ray executor's part of streamed scoring (graphrl/stream_train.py): a `head_part`
-call of step n + 1 starts on batch n's head part during step n's tail.
+"""The Ray executor's part of streamed scoring and training (graphrl/stream_train.py): the
+`head_part` nodes of step n + 1 start on batch n's head part during step n's tail.
 
 - `early_calls`: right after a streamed head is issued on a generation rank, a
-  `stream_early` call there returns the rank's head-finished groups (rows of the rollout
-  and their sequence indices) as soon as the head ends — before the push and the tail,
-  which the rank's actor runs after it.
+  `stream_early` call there returns the rank's head-finished groups (rows of the rollout,
+  their behaviour log-probs and sequence indices) as soon as the head ends — before the
+  push and the tail, which the rank's actor runs after it.
 - `issue_head_parts`: once the step's other instructions (the train, the push, the tail)
-  are issued, the driver waits (with the executor's timeout) for those rows and issues
-  every `head_part` call on them; the training pool's actors run them after the step's
-  train and push, beside the tail. The results stay Ray objects for the next step.
-- `run_rest`: at the next step a `head_part` call computes only the other rows and its
-  output is both parts in row order (a zero-CPU Ray task puts them together, so the
-  driver does not wait). The head part is recomputed there, as the local backend does,
-  when the early result is missing (the first step after a restart) or was computed
-  with other weights.
+  are issued, the driver waits (with the executor's timeout) for those rows and runs the
+  `head_part` nodes on them in graph order: forwards are issued on their ranks, ops run
+  on the driver once their inputs arrived, a train's head part (train_loop.TwoParts,
+  part="head": gradient kept, no optimizer step) is issued on its ranks. The training
+  pool's actors run them after the step's train and push, beside the tail; results stay
+  Ray objects (and engine state) for the next step.
+- `run_rest` / `run_train_rest` / `split_host_op`: at the next step a `head_part` node
+  computes the other rows — a forward's output is both parts in row order (a zero-CPU
+  Ray task puts them together, so the driver does not wait), a train takes its rest and
+  the one optimizer step (part="rest"), an op runs on both parts on the driver. The head
+  part is recomputed there, as the local backend does, when the early result is missing
+  (the first step after a restart) or was computed with other weights; a train whose
+  engine takes no parts (megatron-core, DeepSpeed) or whose parts do not split over its
+  data-parallel ranks runs whole (the compiler prices megatron/DeepSpeed trains whole).
 The head part is the same rows as the local backend's (stream_parts.head_mask, checked).
 """
 from __future__ import annotations
