@@ -255,12 +255,9 @@ def run(out: Path | str | None = DEFAULT_OUT, verbose: bool = True) -> list[Asyn
                           "minibatches = 1 and GAE without whitening, each against its own "
                           "synchronous colocate-all, so that the trains (and the advantage "
                           "ops feeding them) may start on the head part too "
-                          "(graphrl/stream_train.py; train_loop.TwoParts). Here the "
-                          "compiler trains these models with megatron-core, whose train "
-                          "takes a batch in one call (two-part trains are the HF/FSDP "
-                          "engines'), so the trains still wait and the compiler says so "
-                          "(`graphrl compile --staleness 1` notes); the last column names "
-                          "what starts early. As executed, geometric mean: "
+                          "(graphrl/stream_train.py; train_loop.TwoParts, in the HF and "
+                          "megatron-core engines; a DeepSpeed train waits); the last column "
+                          "names what starts early. As executed, geometric mean: "
                           f"**{g:.2f}x**." if g else "", "", *extra, ""])
         Path(out).write_text(text)
         say(f"wrote {out}")

@@ -66,12 +66,11 @@ def as_executed(out: Any, problem: Any) -> Any:
         return out
     train, push = plan_sides(out.plan, node.name)
     marked = tuple(n.name for n in out.graph.nodes if n.attr(HEAD_PART))
-    # a megatron-core / DeepSpeed train takes its batch in one call (train_loop.TwoParts
-    # is the HF engines'): it waits, and so do the ops that only fed it
+    # a DeepSpeed train takes its batch in one call (train_loop.TwoParts is the HF and
+    # megatron-core engines'): it waits, and so do the ops that only fed it
     whole = {n.name: f"its engine ({n.placement.strategy.engine}) trains a batch in one call"
              for n in out.graph.nodes if n.name in marked and n.target == "train"
-             and n.placement is not None
-             and n.placement.strategy.engine in ("megatron", "deepspeed")}
+             and n.placement is not None and n.placement.strategy.engine == "deepspeed"}
     if whole and not any(out.graph.node(m).target == "train" and m not in whole
                          for m in marked):
         whole.update({m: "" for m in marked if out.graph.node(m).kind == "op"})

@@ -18,8 +18,8 @@
   the one optimizer step (part="rest"), an op runs on both parts on the driver. The head
   part is recomputed there, as the local backend does, when the early result is missing
   (the first step after a restart) or was computed with other weights; a train whose
-  engine takes no parts (megatron-core, DeepSpeed) or whose parts do not split over its
-  data-parallel ranks runs whole (the compiler prices megatron/DeepSpeed trains whole).
+  engine takes no parts (DeepSpeed) or whose parts do not split over its data-parallel
+  ranks runs whole (the compiler prices DeepSpeed trains whole).
 The head part is the same rows as the local backend's (stream_parts.head_mask, checked).
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _issue_forward(ex: Any, n: Node, payload: Mapping[str, Any], iteration: int,
     return make_value(parts=results, bounds=bounds, stamps=stamps)
 
 
-TRAIN_KINDS = ("fsdp", "replicas")   # engines whose train takes part="head"/"rest"
+TRAIN_KINDS = ("fsdp", "replicas", "megatron")   # trains that take part="head"/"rest"
 
 
 def _issue_train(ex: Any, n: Node, payloads: list[Mapping[str, Any]], index: Any,
@@ -100,7 +100,7 @@ def _issue_train(ex: Any, n: Node, payloads: list[Mapping[str, Any]], index: Any
 
     key = ex.engines.node_engine[n.name]
     ranks = n.placement.mesh.gpus
-    if index.numel() % len(ranks):
+    if index.numel() % n.placement.strategy.dp:   # data-parallel rows (megatron: of dp)
         return None
     vals = [make_value(local={f: t[index] for f, t in p.items()}) for p in payloads]
     for v in vals:
@@ -199,9 +199,9 @@ def run_train_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int,
     named = dict(zip(sig.train_input_names(n.attr("loss"), len(payloads)), payloads))
     a, b = parts_of(head_mask(named["rollout"], *cut_and_samples(stream_source(ex.graph))))
     early = _state(ex)["done"].pop(n.name, None)
-    ranks = len(n.placement.mesh.gpus)
+    dp = n.placement.strategy.dp
     if ex.engines.specs[key].kind not in TRAIN_KINDS or not a.numel() or not b.numel() \
-            or a.numel() % ranks or b.numel() % ranks:
+            or a.numel() % dp or b.numel() % dp:
         ex._run_call(n, env, iteration)
         return
     if n.attr("staleness") is not None:   # async train: samples within the bound
