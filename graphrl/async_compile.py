@@ -79,6 +79,16 @@ def as_executed(out: Any, problem: Any) -> Any:
     choice = best_stream(problem, gen, node.placement.strategy, train, push, split)
     if choice is None:
         return out
+    # the trains' head parts may cost more than they hide: try the forwards alone too
+    forwards = tuple(m for m in marked if out.graph.node(m).target == "forward")
+    if forwards and forwards != marked:
+        alt = best_stream(problem, gen, node.placement.strategy, train, push,
+                          _split_sides(out.plan, node, forwards, problem, gen))
+        if alt.split is not None and alt.step_seconds < choice.step_seconds:
+            whole.update({m: "" if out.graph.node(m).kind == "op" else
+                          "starting it on the head part would not shorten the step here"
+                          for m in marked if m not in forwards})
+            marked, choice = forwards, alt
     report = split_report(out.graph, 1)
     notes = list(out.plan.notes)
     if marked and choice.split is None:   # starting early does not pay: unmark
