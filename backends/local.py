@@ -216,6 +216,12 @@ class LocalExecutor:
     # -- one node ---------------------------------------------------------------------
     def run_node(self, n: Node, args: list[Any], iteration: int) -> list[Any]:
         seed = seed_for(self.seed, iteration, n.name)
+        if n.kind == OP and n.attr("head_part"):   # graphrl/stream_train.py
+            from .stream_parts import split_op
+
+            attrs = {k: v for k, v in n.attr_dict.items() if k != "head_part"}
+            return split_op(self.program.ops[n.target].fn, args, attrs,
+                            self._head_mask(next(a for a in args if "response_mask" in a)))
         if n.kind == OP:
             out = self.program.ops[n.target].fn(*args, **n.attr_dict)
             return list(out) if isinstance(out, tuple) else [out]
@@ -239,6 +245,11 @@ class LocalExecutor:
             return behaviour_outputs(engine, rollout, weights.version)
         if n.target == "generate":
             return [engine.generate(data[0], seed=seed, **attrs)]
+        if n.target == "forward" and attrs.get("head_part"):   # graphrl/stream_train.py
+            from .stream_parts import cut_and_samples, split_forward, stream_source
+
+            return [split_forward(engine, data[0], *cut_and_samples(
+                stream_source(self.graph)))]
         if n.target == "forward":
             return [engine.forward(data[0])]
         if n.target == "train":
@@ -251,10 +262,23 @@ class LocalExecutor:
 
                 check_versions(n, dict(zip(names, data)), engine.version,
                                attrs.pop("staleness"))
-            stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
+            if attrs.pop("head_part", False):   # graphrl/stream_train.py
+                from .stream_parts import split_train
+
+                named = dict(zip(names, data))
+                stats = split_train(engine, named, self._head_mask(named["rollout"]),
+                                    loss=loss, seed=seed, **attrs)
+            else:
+                stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
             return [WeightsToken(n.model, engine.version),
                     {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}]
         raise ExecutionError(f"node {n.name}: unknown method {n.target!r}")
+
+    def _head_mask(self, rollout: Mapping[str, Any]) -> Any:
+        """Which rows of a streamed rollout form its head part (stream_parts)."""
+        from .stream_parts import cut_and_samples, head_mask, stream_source
+
+        return head_mask(rollout, *cut_and_samples(stream_source(self.graph)))
 
     def run_system(self, n: Node, args: list[Any]) -> list[Any]:
         """In one process weights have one layout: reshard is the identity; offload and

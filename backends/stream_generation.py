@@ -139,6 +139,24 @@ class GenerationStream:
         del self.batches[iteration]
         return rollout, behaviour, torch.full((len(b),), b.version, dtype=torch.int64)
 
+    def head_part(self, iteration: int, offset: int = 0) -> dict[str, Any]:
+        """After batch `iteration`'s head: its groups of `samples` sequences that all
+        finished (graphrl/stream_train.py), {"index": their sequence indices + `offset`,
+        "rollout": their rows of the rollout}."""
+        import torch
+
+        b = self.batches.get(iteration)
+        if b is None or not b.head_done:
+            raise ExecutionError(f"streamed generation: the head part of batch {iteration} "
+                                 "is asked for before its head ran")
+        g = max(self.samples, 1)
+        index = [i for i in range(len(b)) if all(s == DONE for s in b.state[i - i % g:
+                                                                             i - i % g + g])]
+        rows = torch.tensor(index, dtype=torch.long)
+        return {"index": rows + int(offset), "version": b.version,
+                "rollout": {f: t[rows] for f, t in self._rollout(b).items()},
+                "behaviour": {"logprobs": self._behaviour(b)[rows]}}
+
     # -- internals ------------------------------------------------------------------------
     def _admit(self, iteration: int, prompts: Mapping[str, Any], seed: int, version: int,
                noise_rows: Optional[tuple[int, int]]) -> _Batch:

@@ -43,6 +43,7 @@ class AsyncRow:
     split: str
     detail: str
     executable: float | None = None   # the lowered plan of the staleness-1 rewrite
+    early: str = ""                   # calls that start on the head part (stream_train)
 
     @property
     def speedup_executed(self) -> float | None:
@@ -65,10 +66,30 @@ def async_cases() -> list[Any]:
     return [c for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
 
 
-def async_row(case: Any, colocate: float | None = None, auto_sync: float | None = None
-              ) -> AsyncRow:
-    """One case: the sync steps (compiled here unless given) and the async plan."""
+def one_pass(graph: Any) -> Any:
+    """The step with one optimizer pass per train (epochs = minibatches = 1) and GAE
+    without whitening: the form whose trains may start on the head part too
+    (graphrl/stream_train.py)."""
+    from dataclasses import replace
+
+    for n in graph.nodes:
+        attrs = dict(n.attrs)
+        if n.target == "train":
+            attrs.update(epochs=1, minibatches=1)
+        elif n.target == "gae":
+            attrs["whiten"] = False
+        else:
+            continue
+        graph = graph.replace_node(n.name, replace(n, attrs=tuple(sorted(attrs.items()))))
+    return graph
+
+
+def async_row(case: Any, colocate: float | None = None, auto_sync: float | None = None,
+              variant: Any = None) -> AsyncRow:
+    """One case: the sync steps (compiled here unless given) and the async plan;
+    `variant`: a function of the case's graph (one_pass)."""
     graph = pq.build_graph(case)
+    graph = variant(graph) if variant is not None else graph
     cluster = ClusterSpec.parse(case.cluster)
     if colocate is None:
         colocate = _step(pq.compile_one(graph, cluster, "colocate-all", case.dist))
@@ -78,16 +99,18 @@ def async_row(case: Any, colocate: float | None = None, auto_sync: float | None 
                                                     lengths=case.dist))
     plan = best_async(problem, STALENESS)
     bound = async_lower_bound(problem, STALENESS)
+    lowered, early = (lowered_async(graph, cluster, plan, case.dist, problem) if plan
+                      else (None, ""))
     return AsyncRow(case.name, colocate, auto_sync, plan.step_seconds if plan else None,
                     bound, f"{plan.gen_gpus}+{plan.train_gpus}" if plan else "",
-                    plan.text() if plan else "no split fits",
-                    lowered_async(graph, cluster, plan, case.dist, problem) if plan else None)
+                    plan.text() if plan else "no split fits", lowered, early)
 
 
 def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any,
-                  problem: Any) -> float | None:
+                  problem: Any) -> tuple[float | None, str]:
     """The step of the staleness-1 rewrite lowered on the plan's pools, priced as the
-    executors run it (streamed generation, graphrl.async_compile.as_executed)."""
+    executors run it (streamed generation, graphrl.async_compile.as_executed), and the
+    calls that start on the head part."""
     import graphrl
     from graphrl.async_compile import as_executed
     from graphrl.async_cost import async_pins
@@ -99,8 +122,12 @@ def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any,
         out = compile_graph(rewritten, cluster, "auto", placement=async_pins(rewritten, plan),
                             gen_engine=pq.GEN_ENGINE, response_lengths=lengths)
     except graphrl.GraphRLError:
-        return None
-    return as_executed(out, problem).plan.predicted_step_seconds
+        return None, ""
+    out = as_executed(out, problem)
+    split = out.findings.get("stream_split")
+    early = [c.lstrip("%") for c in split.calls
+             if out.graph.node(c).kind == "call"] if split is not None else []
+    return out.plan.predicted_step_seconds, ", ".join(early) or "none"
 
 
 def _step(result: Any) -> float | None:
@@ -116,12 +143,13 @@ def table(rows: Sequence[AsyncRow]) -> list[str]:
         return f"{x:.2f}{unit}" if x is not None else "-"
     out = ["| case | colocate-all sync s | auto sync s | auto async s (gen+train GPUs) | "
            "async lower bound s | auto (staleness <= 1) vs colocate-all | "
-           "async as executed (lowered) s | vs colocate-all as executed |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "async as executed (lowered) s | vs colocate-all as executed | "
+           "start on the head part |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r.case} | {f(r.colocate)} | {f(r.auto_sync)} | "
                    f"{f(r.async_step)} ({r.split}) | {f(r.bound)} | {f(r.speedup, 'x')} | "
-                   f"{f(r.executable)} | {f(r.speedup_executed, 'x')} |")
+                   f"{f(r.executable)} | {f(r.speedup_executed, 'x')} | {r.early} |")
     g = geomean([r.speedup for r in rows if r.speedup])
     g_exec = geomean([r.speedup_executed for r in rows if r.speedup_executed])
     out += ["", f"Geometric-mean speedup of auto with staleness <= {STALENESS} over "
@@ -176,15 +204,29 @@ step = max(head, training pool) + push + tail, with the training pool's step and
 push taken from the lowered plan of the rewritten graph, and the cut the compiler picks
 (of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest.
 
-Why "as executed" stays above the ideal stream (and can fall short of the target):
-training overlaps only the head. The tail, which holds each batch's longest responses,
-waits for the train and the push, so a step is max(head, training) + push + tail, not
-max(head + tail, training); a cut late enough to give the head work to hide training
-behind leaves the tail less of the next batch to overlap. AReaL switches weights
-whenever they arrive (wall-clock), so its tails run through training; here the switch
-is at a fixed token index so that runs are deterministic and the local and Ray backends
-sample the same tokens. Not built either: training starting on a batch's first finished
-groups (a train reads the whole batch).
+Streamed scoring and training (graphrl/stream_train.py): the groups of a batch whose
+responses all finished within the cut are complete at the end of its head, so the
+training pool's per-row forwards (reference, reward, critic, the policy's proximal
+log-probs) start on them after the push, beside the tail, and do the rest of the rows at
+the next step (AReaL starts training on finished samples as they arrive). A train with
+one optimizer pass whose advantages are per group or per sequence starts there too: it
+accumulates the head part's gradient and takes its one optimizer step after the rest,
+each part weighted by its share of the loss tokens (train_loop.TwoParts: the unsplit
+update up to float summation order). With early = the training pool's work on the head
+part (its share of the batch's tokens) and rest = its other work:
+step = max(head, rest) + push + max(tail, early); the compiler takes it only where it is
+shorter than max(head, training pool) + push + tail (otherwise the calls wait, and the
+plan says so). In the suite's examples the trains wait (epochs = minibatches = 2: an
+update needs rows of both parts; PPO also whitens its advantages over the batch), so
+only the forwards start early; the one-pass table below shows the same cases with
+trains that may start early too. Not priced: the copy of the head part's gradient a
+two-part train holds between the parts (the memory check does not count it).
+
+Why "as executed" stays above the ideal stream: the train and the rest of the forwards
+still wait for the tail, which holds each batch's longest responses; AReaL switches
+weights whenever they arrive (wall-clock), so its tails run through training; here the
+switch is at a fixed token index so that runs are deterministic and the local and Ray
+backends sample the same tokens.
 """
 
 
@@ -198,11 +240,25 @@ def run(out: Path | str | None = DEFAULT_OUT, verbose: bool = True) -> list[Asyn
         say(f"{rows[-1].case}: {rows[-1].detail}", flush=True)
     lines = table(rows)
     say("\n".join(lines))
+    passes = [async_row(case, variant=one_pass) for case in async_cases()]
+    extra = table(passes)
+    say("\n".join(extra))
+    g = geomean([r.speedup_executed for r in passes if r.speedup_executed])
     if out is not None:
         text = "\n".join(["# Asynchronous off-policy steps: predicted speedup", "",
                           "Generated by `python benchmarks/plan_quality_async.py` "
                           f"({time.perf_counter() - t0:.0f} s). Source: {pq.source_state()}.",
-                          "", *lines, "", MODEL_NOTES, ""])
+                          "", *lines, "", MODEL_NOTES, "",
+                          "## The same cases with one optimizer pass", "",
+                          "Not the suite (its examples train with epochs = minibatches = 2, "
+                          "PPO whitens its advantages): the same cases with epochs = "
+                          "minibatches = 1 and GAE without whitening, each against its own "
+                          "synchronous colocate-all, so that the trains (and the advantage "
+                          "ops feeding them) may start on the head part too "
+                          "(graphrl/stream_train.py; train_loop.TwoParts, in the HF and "
+                          "megatron-core engines; a DeepSpeed train waits); the last column "
+                          "names what starts early. As executed, geometric mean: "
+                          f"**{g:.2f}x**." if g else "", "", *extra, ""])
         Path(out).write_text(text)
         say(f"wrote {out}")
     return rows

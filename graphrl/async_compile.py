@@ -58,19 +58,77 @@ def as_executed(out: Any, problem: Any) -> Any:
     where generation does not stream (a static-batch engine)."""
     from .async_cost import _gen_call
     from .stream_cost import best_stream, plan_sides
+    from .stream_train import HEAD_PART, split_report
 
     gen = _gen_call(problem)
     node = next((n for n in out.graph.nodes if n.name == gen.name), None) if gen else None
     if node is None or not node.attr("stream_cut"):
         return out
     train, push = plan_sides(out.plan, node.name)
-    choice = best_stream(problem, gen, node.placement.strategy, train, push)
+    marked = tuple(n.name for n in out.graph.nodes if n.attr(HEAD_PART))
+    # a DeepSpeed train takes its batch in one call (train_loop.TwoParts is the HF and
+    # megatron-core engines'): it waits, and so do the ops that only fed it
+    whole = {n.name: f"its engine ({n.placement.strategy.engine}) trains a batch in one call"
+             for n in out.graph.nodes if n.name in marked and n.target == "train"
+             and n.placement is not None and n.placement.strategy.engine == "deepspeed"}
+    if whole and not any(out.graph.node(m).target == "train" and m not in whole
+                         for m in marked):
+        whole.update({m: "" for m in marked if out.graph.node(m).kind == "op"})
+    marked = tuple(m for m in marked if m not in whole)
+    split = _split_sides(out.plan, node, marked, problem, gen) if marked else None
+    choice = best_stream(problem, gen, node.placement.strategy, train, push, split)
     if choice is None:
         return out
-    graph = out.graph.replace_node(node.name, replace(node, attrs=tuple(sorted(
-        dict(node.attrs, stream_cut=choice.cut).items()))))
-    pnode = out.plan.graph.node(node.name)
-    pgraph = out.plan.graph.replace_node(node.name, replace(pnode, attrs=tuple(sorted(
-        dict(pnode.attrs, stream_cut=choice.cut).items()))))
-    plan = replace(out.plan, graph=pgraph, predicted_step_seconds=choice.step_seconds)
-    return replace(out, graph=graph, plan=plan, findings={**out.findings, "stream": choice})
+    # the trains' head parts may cost more than they hide: try the forwards alone too
+    forwards = tuple(m for m in marked if out.graph.node(m).target == "forward")
+    if forwards and forwards != marked:
+        alt = best_stream(problem, gen, node.placement.strategy, train, push,
+                          _split_sides(out.plan, node, forwards, problem, gen))
+        if alt.split is not None and alt.step_seconds < choice.step_seconds:
+            whole.update({m: "" if out.graph.node(m).kind == "op" else
+                          "starting it on the head part would not shorten the step here"
+                          for m in marked if m not in forwards})
+            marked, choice = forwards, alt
+    report = split_report(out.graph, 1)
+    notes = list(out.plan.notes)
+    if marked and choice.split is None:   # starting early does not pay: unmark
+        whole.update({m: "starting it on the head part would not shorten the step here"
+                      for m in marked})
+    if report is not None and whole:
+        report = replace(report, calls=tuple(c for c in report.calls if c not in whole),
+                         refused=tuple((m, why) for m, why in whole.items() if why)
+                         + report.refused)
+    graph, pgraph = out.graph, out.plan.graph
+    for g_name in [node.name] + list(whole):
+        def edit(g: Any) -> Any:
+            n = g.node(g_name)
+            attrs = dict(n.attrs)
+            if g_name == node.name:
+                attrs["stream_cut"] = choice.cut
+            else:
+                attrs.pop(HEAD_PART, None)
+            return g.replace_node(g_name, replace(n, attrs=tuple(sorted(attrs.items()))))
+        graph, pgraph = edit(graph), edit(pgraph)
+    if report is not None:
+        notes += [("stream", line) for line in report.lines()]
+    plan = replace(out.plan, graph=pgraph, predicted_step_seconds=choice.step_seconds,
+                   notes=tuple(notes))
+    return replace(out, graph=graph, plan=plan, findings={
+        **out.findings, "stream": choice, "stream_split": report})
+
+
+def _split_sides(plan: Any, node: Any, marked: tuple[str, ...], problem: Any, gen: Any
+                 ) -> Any:
+    """cut -> (early, rest): the training pool's seconds on the head part of batch n
+    (the marked calls, at the head part's share of the tokens) and on the rest of its
+    step (graphrl/stream_train.py)."""
+    from .stream_cost import head_share, plan_sides
+
+    samples = int(node.attr("samples", 1))
+
+    def sides(cut: int) -> tuple[float, float]:
+        a = head_share(problem, gen, cut, samples)
+        early, _ = plan_sides(plan, node.name, {m: a for m in marked}, others=0.0)
+        rest, _ = plan_sides(plan, node.name, {m: 1.0 - a for m in marked})
+        return early, rest
+    return sides

@@ -147,7 +147,9 @@ def async_line(findings: Any) -> str:
     else:
         verdict = f"async does not pay: synchronous {sync:.2f} s is faster"
     lb = f"{bound:.2f} s" if bound is not None else "n/a"
-    return f"{plan.text()} (async lower bound {lb}); {verdict}"
+    split = findings.get("stream_split")
+    head = ("\n" + "\n".join(split.lines())) if chosen and split is not None else ""
+    return f"{plan.text()} (async lower bound {lb}); {verdict}{head}"
 
 
 def compare_rows(graph: Any, cluster: Any, engine: str,
@@ -203,7 +205,16 @@ def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any
             "streamed_step_seconds": f["async"].step_seconds if f["async"] else None,
             "async_bound": f["async_bound"], "compile_seconds": c.compile_seconds,
             "split": (f"{f['async'].gen_gpus}+{f['async'].train_gpus}" if chosen else ""),
-            "error": ""}
+            "head_part": _head_part(f) if chosen else None, "error": ""}
+
+
+def _head_part(findings: Any) -> dict[str, Any] | None:
+    """A compare row's streamed scoring (graphrl/stream_train.py): the calls that start
+    on the head part, those that wait for the whole batch and why."""
+    split = findings.get("stream_split")
+    if split is None:
+        return None
+    return {"calls": list(split.calls), "waits": dict(split.refused)}
 
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:

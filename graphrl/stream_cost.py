@@ -9,6 +9,20 @@ the freed KV and run up to their own cut. So in steady state
 
     executed step = max(head, training pool's step) + push + tail
 
+With streamed scoring and training (graphrl/stream_train.py) the training pool's
+per-row forwards of batch n — and its one-pass train, in two parts with one optimizer
+step — start on its head-finished groups right after the push, beside batch n's tail
+(early seconds: those calls at the head part's share of the batch's tokens,
+`head_share`), and do the other rows at the next step with the rest of the training
+pool's work on batch n (rest seconds). From the dependencies (the push waits for the
+head and for the train of the rest; the head part waits for the push on the same
+training ranks; the next step starts when the tail and the head part are done):
+
+    executed step = max(head, rest) + push + max(tail, early)
+
+(`StreamPhases.step_split`); with nothing finished in the head (early 0) it is the
+step above, and the compiler keeps the split only where it is shorter.
+
 This module prices head and tail with graphrl/serving.py's continuous-batching model
 (KV budget, chunked prefill, a per-decode-step cost that depends on the sequences
 running and their context) — the same per-step terms as the synchronous price — by
@@ -20,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -39,6 +53,14 @@ class StreamPhases:
     def step(self, train_seconds: float, push_seconds: float) -> float:
         """The executed step with a training pool step of `train_seconds`."""
         return max(self.head, train_seconds) + push_seconds + self.tail
+
+    def step_split(self, early: float, rest: float, push_seconds: float) -> float:
+        """The executed step when the training pool's calls on batch n's head part
+        (`early` seconds, graphrl/stream_train.py) run after the push, beside the tail,
+        and the rest of its step (`rest`: the other part of those calls and everything
+        else, on batch n - 1) beside the head: max(H, rest) + push + max(T, early).
+        Never above `step` with early + rest = the whole training step."""
+        return max(self.head, rest) + push_seconds + max(self.tail, early)
 
 
 class _Seq:
@@ -180,14 +202,18 @@ class StreamChoice:
     cut: int
     phases: StreamPhases
     step_seconds: float
+    split: tuple[float, float] | None = None   # (early, rest) training pool seconds
 
 
-def best_stream(problem: Any, gen: Any, strategy: Any, train: float, push: float
+def best_stream(problem: Any, gen: Any, strategy: Any, train: float, push: float,
+                split: Callable[[int], tuple[float, float]] | None = None
                 ) -> StreamChoice | None:
     """The cut that makes the executed step shortest with a training pool step of
     `train` and a push of `push` seconds: a later cut moves work into the head (which
     overlaps training) but leaves the next batch less of the tail to start in; None
-    where generation does not stream (stream_phases)."""
+    where generation does not stream (stream_phases). `split(cut)`: (early, rest)
+    seconds of the training pool when its calls start on the head part
+    (StreamPhases.step_split), None: they wait for the whole batch."""
     best = None
     for f in CUTS:
         cut = max(1, int(round(gen.new_tokens * f)))
@@ -195,18 +221,26 @@ def best_stream(problem: Any, gen: Any, strategy: Any, train: float, push: float
         if ph is None:
             return None
         c = StreamChoice(cut, ph, ph.step(train, push))
+        parts = split(cut) if split is not None else None
+        if parts is not None and ph.step_split(*parts, push) < c.step_seconds:
+            c = StreamChoice(cut, ph, ph.step_split(*parts, push), parts)
         if best is None or c.step_seconds < best.step_seconds:
             best = c
     return best
 
 
-def plan_sides(plan: Any, gen_node: str) -> tuple[float, float]:
+def plan_sides(plan: Any, gen_node: str, scale: Mapping[str, float] | None = None,
+               others: float = 1.0) -> tuple[float, float]:
     """(training pool's step, weight push) seconds in a lowered async plan whose generate
     node is `gen_node`: the training pool's calls run from the end of the push at the
     plan's start (the executors push at the end of the previous step instead, after the
-    train, so in steady state the training pool starts at once)."""
+    train, so in steady state the training pool starts at once). `scale`: node -> factor
+    on its instructions' seconds, `others` the factor of every other node's (the
+    training pool's work on a part of the batch, stream_train)."""
     from .simulate import simulate
 
+    if scale is not None or others != 1.0:
+        plan = _scaled(plan, gen_node, scale or {}, others)
     events, _ = simulate(plan)
     node = plan.graph.node(gen_node)
     pool = {f"gpu{g}" for g in node.placement.mesh.gpus}
@@ -220,6 +254,42 @@ def plan_sides(plan: Any, gen_node: str) -> tuple[float, float]:
     return max(max(others, default=push_end) - push_end, 0.0), push
 
 
-__all__ = ["StreamChoice", "StreamPhases", "best_stream", "plan_sides", "simulate_stream",
+def _scaled(plan: Any, gen_node: str, scale: Mapping[str, float], others: float) -> Any:
+    from dataclasses import replace
+
+    push = plan.graph.producers().get(plan.graph.node(gen_node).inputs[0])
+    keep = {gen_node, push.name if push is not None else None}
+
+    def f(i: Any) -> float:
+        if i.node in keep and i.op in ("run", "reshard"):
+            return 1.0
+        return scale.get(i.node, others) if i.op == "run" else others
+    return replace(plan, streams=tuple(replace(st, instrs=tuple(
+        replace(i, seconds=i.seconds * f(i)) for i in st.instrs)) for st in plan.streams))
+
+
+def head_share(problem: Any, gen: Any, cut: int, samples: int, draws: int = 8) -> float:
+    """The head part's share of the training pool's per-token work on a batch: tokens
+    (prompt + response) of the groups of `samples` whose responses all have at most
+    `cut` tokens (stream_train.head_finished), over the whole batch's; the batch's
+    lengths are the distribution's quantiles, grouped in `draws` seeded shuffles."""
+    from .lengths import fixed
+    from .stream_train import head_finished
+
+    dist = (problem.lengths or fixed(gen.new_tokens)).capped(gen.new_tokens)
+    lengths = dist.quantiles(gen.batch)
+    g = max(int(samples), 1)
+    if gen.batch % g:
+        return 0.0
+    total = float(np.sum(lengths + gen.seq))
+    shares = []
+    for d in range(draws):
+        x = np.random.default_rng(d).permutation(lengths)
+        done = np.array(head_finished(x.tolist(), cut, g))
+        shares.append(float(np.sum((x + gen.seq)[done])) / total)
+    return float(np.mean(shares))
+
+
+__all__ = ["StreamChoice", "StreamPhases", "best_stream", "head_share", "plan_sides", "simulate_stream",
            "stream_phases"]
 

@@ -127,8 +127,13 @@ def carry_rollouts(g: Graph, k: int, stream: bool = True) -> Graph:
     outputs = [last.get(o, o) for o in g.outputs]
     outputs += [last[v.name] for v in gen_values
                 if v.spec.kind == sig.VERSIONS and last[v.name] not in outputs]
-    return replace(g, inputs=tuple(inputs), nodes=tuple(nodes), outputs=tuple(outputs),
-                   carries=tuple(carries))
+    out = replace(g, inputs=tuple(inputs), nodes=tuple(nodes), outputs=tuple(outputs),
+                  carries=tuple(carries))
+    if stream:   # calls that may start on a batch's head-finished groups (stream_train)
+        from graphrl.stream_train import mark_head_parts
+
+        out = mark_head_parts(out, k)
+    return out
 
 
 def _decoupled_train(g: Graph, n: Node, k: int, generated_by: dict[str, Node],

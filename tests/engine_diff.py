@@ -138,8 +138,24 @@ def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
                              tp=tp, pp=pp, sequence_parallel=sp, micro_batches=mb, zero=zero)
         ref = HFEngine(decl, {"lr": 1e-2})
         results.append({"config": [family, head, dp, tp, pp, sp, mb, zero],
-                        **compare(eng, ref, head)})
+                        **compare(eng, ref, head), **two_parts(eng, ref, head)})
     return results
+
+
+def two_parts(eng: Any, ref: Any, head: str) -> dict[str, float]:
+    """A one-pass train given in two calls (train_loop.TwoParts: part="head", then
+    "rest") against the reference's one call on the whole batch: the update's relative
+    error and the loss's."""
+    inputs, loss = batch(head, ref)
+    n = next(iter(next(iter(inputs.values())).values())).shape[0]
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    start = ref.export_weights()
+    for part, rows in zip(("head", "rest"), halves):
+        s1 = eng.train({k: {f: t[rows] for f, t in p.items()} for k, p in inputs.items()},
+                       loss=loss, seed=5, part=part)
+    s2 = ref.train(inputs, loss=loss, seed=5)
+    return {"parts_update": _update_error(eng.export_weights(), ref.export_weights(), start),
+            "parts_loss": abs(s1["loss"] - s2["loss"])}
 
 
 def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:

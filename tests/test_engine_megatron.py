@@ -80,6 +80,8 @@ def test_megatron_matches_hf(tmp_path):
         assert r["loss"] < LOSS, r
         assert r["update"] < UPDATE, r
         assert r["weights"] < WEIGHTS < r["moved"], r
+        # a train in two parts (graphrl/stream_train.py) updates as the whole batch does
+        assert r["parts_update"] < UPDATE and r["parts_loss"] < LOSS, r
 
 
 def test_unsupported_strategy_is_refused_before_launch():

@@ -175,6 +175,8 @@ def test_compile_chooses_async_only_when_it_pays(root):
     sync = compile_graph(big, cluster_of("2x8xH100"), "auto", gen_engine="graph",
                          response_lengths=tail).plan.predicted_step_seconds
     assert row["step_seconds"] < sync
+    # streamed scoring (graphrl/stream_train.py): the row names what waits and why
+    assert "more than one optimizer pass" in row["head_part"]["waits"]["%policy@1"]
     # 2k-token responses, batch 256: the lowered async plan beats the synchronous one
     mid = load_build("grpo")(gr.RunOptions(model_size="7b", prompt_len=512, response_len=2048,
                                            batch_size=256)).program().graph
@@ -183,6 +185,11 @@ def test_compile_chooses_async_only_when_it_pays(root):
     f = c.findings
     assert f["staleness"] == 1 and f["async"].step_seconds < f["sync_seconds"]
     assert c.plan.predicted_step_seconds == f["async_lowered_seconds"] < f["sync_seconds"]
+    # every response 2048 tokens: no group finishes in the head, so no forward starts
+    # early (the marks are removed, the plan says why)
+    assert f["stream_split"].calls == () and not any(
+        n.attr("head_part") for n in c.plan.graph.nodes)
+    assert "would not shorten" in dict(f["stream_split"].refused)["%rm_score"]
     gen = c.graph.node("%rollout")    # the plan runs the rewritten graph on the two pools
     pool = set(range(f["async"].gen_gpus))
     assert set(gen.placement.mesh.gpus) == pool

@@ -25,11 +25,35 @@ POOLS = {"policy.generate": {"gpus": "0-1"}, "policy.train": {"gpus": "2-3", "dp
 ITERATIONS, BATCH, SEED = 3, 4, 0
 
 
+def with_stops(exp, stops=(2, 3, 4, 5, 6)):
+    """`exp` whose generation also stops at `stops` (responses of varied lengths, so some
+    groups finish within the head: graphrl/stream_train.py) and whose train takes one
+    optimizer pass (so it starts on the head part too)."""
+    from graphrl.passes.staleness import carry_rollouts, verify_staleness
+
+    class Stopping(type(exp)):
+        def program(self, staleness=0):
+            p = super().program(0)
+            g = p.graph
+            for n in g.nodes:
+                attrs = dict(n.attrs)
+                if n.target == "generate":
+                    attrs["stop_token_ids"] = stops
+                if n.target == "train":
+                    attrs.update(epochs=1, minibatches=1)
+                g = g.replace_node(n.name, dataclasses.replace(
+                    n, attrs=tuple(sorted(attrs.items()))))
+            if staleness:
+                g = verify_staleness(carry_rollouts(g, staleness), staleness)
+            return dataclasses.replace(p, graph=g)
+    return Stopping(**{f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)})
+
+
 def test_ray_async_run_equals_local(ray_session):
     from graphrl.backends.ray.executor import RayExecutor
 
-    exp = dataclasses.replace(load_build("grpo")(gr.RunOptions(batch_size=BATCH, seed=SEED)),
-                              prepare=None)
+    exp = with_stops(dataclasses.replace(load_build("grpo")(gr.RunOptions(
+        batch_size=BATCH, seed=SEED)), prepare=None))
     program = exp.program(1)
     plan = compile_graph(program.graph, ClusterSpec.parse("1x4xcpu"), "auto",
                          placement=POOLS).plan
@@ -60,10 +84,19 @@ def test_ray_async_run_equals_local(ray_session):
     assert {e.worker for e in gens} == {"gpu0", "gpu1"} and others
     assert min(e.start for e in gens) < max(e.end for e in others)
     assert min(e.start for e in others) < max(e.end for e in gens)
-    # streamed (backends/stream_generation.py): per generation rank a head, a tail and
-    # the behaviour log-probs; the weights are pushed once, after the train (the plan's
-    # reshard at the step's start is skipped: the previous tail pushed them)
-    assert sorted(e.worker for e in gens) == ["gpu0"] * 3 + ["gpu1"] * 3
-    train_end = max(e.end for e in step if e.call == "policy.train")
+    # streamed (backends/stream_generation.py): per generation rank a head, its
+    # head-finished groups, a tail and the behaviour log-probs; the weights are pushed
+    # once, after the train (the plan's reshard at the step's start is skipped: the
+    # previous tail pushed them)
+    assert sorted(e.worker for e in gens) == ["gpu0"] * 4 + ["gpu1"] * 4
+    trains = sorted((e for e in step if e.call == "policy.train"), key=lambda e: e.start)
+    train_end = max(next(e for e in trains if e.worker == w).end for w in ("gpu2", "gpu3"))
     pushes = [e for e in ray_summary.events if e.iteration == 2 and "reshard" in e.call]
     assert pushes and all(e.end >= train_end - 0.05 for e in pushes)
+    # streamed scoring and training (graphrl/stream_train.py): the forwards and the train
+    # of step 3 started on batch 2's head-finished groups in step 2, after its train
+    # (the first on each rank) and push, beside its tail
+    split = {n.name for n in plan.graph.calls() if n.attr("head_part")}
+    assert split == {"%policy_logprobs", "%reference_logprobs", "%rm_score", "%policy@1"}
+    early = [e for e in others if e.node in split and e.start >= train_end]
+    assert {e.node for e in early} == split

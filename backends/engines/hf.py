@@ -23,7 +23,7 @@ from graphrl.graph import ModelDecl
 
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
-from .train_loop import micro_batches, train_epochs
+from .train_loop import TwoParts, micro_batches, rank_share, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
 
@@ -312,29 +312,42 @@ class HFEngine:
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,
-              **hyper: Any) -> dict[str, float]:
+              part: str = "", **hyper: Any) -> dict[str, float]:
         """Optimise `loss` over `epochs` passes of `minibatches` random minibatches
         (train_loop.train_epochs). `shard=(index, count)`: this process is data-parallel
         rank `index` of `count` that all see the whole batch: each minibatch is drawn from
         the same seeded permutation as in one process and this rank takes its `index`-th
         equal part; `after_backward` (if set) must then average the gradients over the
-        ranks."""
+        ranks. `part`: one optimizer step over a batch given in two calls
+        (train_loop.TwoParts: "head" accumulates the first part's gradient, "rest" adds
+        the second's, each weighted by its share of the loss tokens, and steps)."""
         opt = self._optimizer()
+        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches)
 
         def step(loss_fn: Callable[..., Any], idx: torch.Tensor) -> Mapping[str, float]:
+            share = 1.0
             if shard is not None:
                 rank, ranks = shard
                 if idx.numel() % ranks:
                     raise UsageError(f"{self.decl.name}.train: minibatch of {idx.numel()} "
                                      f"does not split into {ranks} equal data-parallel parts")
+                # ranks' parts may hold unequal loss tokens (responses of varied lengths)
+                share = rank_share(inputs, idx.chunk(ranks)[rank], idx, ranks)
                 idx = idx.chunk(ranks)[rank]
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
             with torch.enable_grad():
                 value, stats = loss_fn(self.loss_forward(), mb, **hyper)
                 opt.zero_grad(set_to_none=True)
-                value.backward()
+                w = share * (parts.weight() if parts else 1.0)
+                (value * w if w != 1.0 else value).backward()
+            if share != 1.0:   # the driver averages the ranks' stats
+                stats = {k: float(v) * share for k, v in stats.items()}
             if self.after_backward is not None:
                 self.after_backward()
+            if parts is not None:
+                stats = parts.finish(self.module.parameters(), stats)
+                if part == "head":   # the optimizer steps after the rest
+                    return stats
             if self.options["grad_clip"]:
                 nn.utils.clip_grad_norm_(self.module.parameters(), self.options["grad_clip"])
             opt.step()
@@ -342,7 +355,8 @@ class HFEngine:
 
         stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
                              minibatches=minibatches, step=step)
-        self.version += 1
+        if part != "head":
+            self.version += 1
         return stats
 
     # -- weights and memory ---------------------------------------------------------------

@@ -38,7 +38,7 @@ from graphrl.graph import ModelDecl
 from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-export)
 
 from .base import fit_micro_batches, move_module_and_optimizer
-from .train_loop import (WeightedStats, loss_weights, micro_batches, split_rows,
+from .train_loop import (TwoParts, WeightedStats, loss_weights, micro_batches, split_rows,
                          train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
@@ -379,8 +379,9 @@ class MegatronEngine:
                 self.optimizer = torch.optim.AdamW(params, **kw)
         return self.optimizer
 
-    def _finish_grads(self) -> None:
-        """Megatron-LM's gradient finalisation (finalize_model_grads) and clipping."""
+    def _finish_grads(self, clip: bool = True) -> None:
+        """Megatron-LM's gradient finalisation (finalize_model_grads) and, with `clip`,
+        clipping (`_clip_grads`)."""
         params = self._params()
         for _, p in params:
             if p.grad is None:
@@ -389,11 +390,8 @@ class MegatronEngine:
             for _, p in params:
                 if getattr(p, "sequence_parallel", False):
                     dist.all_reduce(p.grad, group=self.groups["tp"])
-        tied = self.spec.head == "lm" and self.spec.tie_embeddings and self.pp > 1
-        shared = ""
-        if tied and self.pp_rank in (0, self.pp - 1):
-            shared = ("embedding.word_embeddings.weight" if self.pp_rank == 0
-                      else "output_layer.weight")
+        shared = self._tied_name()
+        if shared:
             dist.all_reduce(dict(params)[shared].grad, group=self.groups["embd"])
         if self.dp > 1:
             flat = torch.cat([p.grad.reshape(-1) for _, p in params])
@@ -402,6 +400,20 @@ class MegatronEngine:
             for _, p in params:
                 p.grad.copy_(flat[off:off + p.numel()].view_as(p))
                 off += p.numel()
+        if clip:
+            self._clip_grads()
+
+    def _tied_name(self) -> str:
+        """The embedding tied across the first and last stage held here ('' if none)."""
+        tied = self.spec.head == "lm" and self.spec.tie_embeddings and self.pp > 1
+        if tied and self.pp_rank in (0, self.pp - 1):
+            return ("embedding.word_embeddings.weight" if self.pp_rank == 0
+                    else "output_layer.weight")
+        return ""
+
+    def _clip_grads(self) -> None:
+        """Clip the gradients' global norm (over tp and pp) to grad_clip."""
+        params, shared = self._params(), self._tied_name()
         clip = self.options["grad_clip"]
         if clip:
             sq = torch.zeros(())
@@ -420,21 +432,24 @@ class MegatronEngine:
                 p.grad.mul_(coef)
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
-              epochs: int = 1, minibatches: int = 1, shard: Any = None,
+              epochs: int = 1, minibatches: int = 1, shard: Any = None, part: str = "",
               **hyper: Any) -> dict[str, float]:
         """HFEngine.train's minibatches (train_loop.train_epochs: the same seeded
         permutation); each split over dp and the plan's micro-batches. Every rank passes
-        the whole batch (`shard` is ignored: the engine knows its dp rank)."""
+        the whole batch (`shard` is ignored: the engine knows its dp rank). `part`: a
+        batch in two calls with one optimizer step (train_loop.TwoParts)."""
         self._optimizer()
+        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches)
 
         def step(loss_fn: Callable, idx: torch.Tensor) -> dict[str, float]:
-            stats = self._train_minibatch(loss_fn, inputs, idx, hyper)
+            stats = self._train_minibatch(loss_fn, inputs, idx, hyper, parts)
             self._optimizer().zero_grad(set_to_none=True)
             return stats
 
         stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
                              minibatches=minibatches, step=step)
-        self.version += 1
+        if part != "head":
+            self.version += 1
         return stats
 
     def _dp_sum(self, t: torch.Tensor) -> None:
@@ -442,7 +457,8 @@ class MegatronEngine:
             dist.all_reduce(t, group=self.groups["dp"])
 
     def _train_minibatch(self, loss_fn: Callable, inputs: Mapping[str, Mapping[str, Any]],
-                         idx: torch.Tensor, hyper: Mapping[str, Any]) -> dict[str, float]:
+                         idx: torch.Tensor, hyper: Mapping[str, Any],
+                         parts: Optional[TwoParts] = None) -> dict[str, float]:
         opt = self._optimizer()
         opt.zero_grad(set_to_none=True)
         mine = idx[self._split(idx.numel(), self.dp, "train")[self.dp_rank]]
@@ -478,10 +494,18 @@ class MegatronEngine:
             value, stats = loss_fn(head, local, **hyper)
             w = float(weights[i])
             stat_sums.add(w, stats)
-            return value * w
+            return value * (w * parts.weight() if parts is not None else w)
 
         one_f_one_b(self.stage, run, m, self._act_shape(rows * len(fed), seq), torch.float32)
-        self._finish_grads()
+        self._finish_grads(clip=parts is None)
+        if parts is not None:   # clip the two parts' gradient together, after the rest
+            stats = parts.finish([p for _, p in self._params()],
+                                 self._reduce_stats(stat_sums))
+            if parts.part == "head":
+                return stats
+            self._clip_grads()
+            opt.step()
+            return stats
         opt.step()
         return self._reduce_stats(stat_sums)
 

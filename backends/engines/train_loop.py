@@ -97,6 +97,92 @@ def loss_weights(mbs: list[Mapping[str, Mapping[str, Any]]],
     return weights / total.clamp(min=1.0)
 
 
+def rank_share(inputs: Inputs, rows: torch.Tensor, minibatch: torch.Tensor,
+               ranks: int) -> float:
+    """The factor on a data-parallel rank's mean loss (and its stats) over `rows` so that
+    the ranks' gradients, averaged (DDP, FSDP), are the gradient of the whole
+    `minibatch`'s loss: `ranks` x the rank's share of the minibatch's loss tokens
+    (base.loss_tokens: response tokens, else rows). 1 where every rank holds as many."""
+    def tokens(idx: torch.Tensor) -> float:
+        r = inputs.get("rollout")
+        if r is not None and "response_mask" in r:
+            return float(r["response_mask"][idx].sum())
+        return float(idx.numel())
+    return ranks * tokens(rows) / max(tokens(minibatch), 1.0)
+
+
+def part_tokens(inputs: Inputs) -> float:
+    """The loss tokens of a train call's whole batch (base.loss_tokens' measure)."""
+    r = inputs.get("rollout")
+    if r is not None and "response_mask" in r:
+        return float(r["response_mask"].sum())
+    return float(batch_rows(inputs))
+
+
+class TwoParts:
+    """One optimizer step over a batch given in two train calls (graphrl/stream_train.py:
+    the head-finished groups, then the rest). The loss is a mean over the batch's loss
+    tokens, so its gradient is (t_a g_a + t_b g_b) / (t_a + t_b) with g_x the gradient of
+    part x's own mean and t_x its tokens: the head call keeps a copy of g_a (no step;
+    other calls may run on the engine before the rest); the rest call, which knows t_b
+    only then, computes g_b weighted t_b / (t_a + t_b), adds g_a weighted
+    t_a / (t_a + t_b), and steps — the update of the unsplit call up to float summation
+    order, as micro-batches (loss_weights) are. Stats combine with the same weights. The
+    state lives on the engine between the calls, keyed by the call's seed (both parts of
+    one train share it)."""
+
+    def __init__(self, engine: Any, part: str, seed: int, tokens: float, carried: Any):
+        self.engine, self.part, self.seed, self.tokens = engine, part, seed, tokens
+        self.carried = carried   # the head's (seed, tokens, stats, gradients)
+        self.zero_grad = True
+
+    @classmethod
+    def begin(cls, engine: Any, part: str, inputs: Inputs, seed: int,
+              passes: int) -> "TwoParts | None":
+        if not part:
+            return None
+        name = engine.decl.name
+        if part not in ("head", "rest"):
+            raise UsageError(f"{name}.train: part={part!r} (known: head, rest)")
+        if passes != 1:
+            raise UsageError(f"{name}.train: a train in two parts takes one optimizer pass, "
+                             f"got epochs x minibatches = {passes}")
+        carried = getattr(engine, "_head_part", None)
+        engine._head_part = None
+        if part == "rest" and (carried is None or carried[0] != seed):
+            raise UsageError(f"{name}.train: part='rest' without its head part (seed {seed})")
+        return cls(engine, part, seed, part_tokens(inputs), carried)
+
+    def _total(self) -> float:
+        return max(self.carried[1] + self.tokens, 1.0)
+
+    def weight(self) -> float:
+        """The factor on this part's loss."""
+        return 1.0 if self.part == "head" else self.tokens / self._total()
+
+    def finish(self, params: Any, stats: Mapping[str, float]) -> dict[str, float]:
+        """After this part's backward (and data-parallel averaging): the head keeps its
+        gradients and stats; the rest adds the head's to its own. Returns the stats."""
+        params = list(params)
+        if self.part == "head":
+            grads = [p.grad.detach().clone() if p.grad is not None else None
+                     for p in params]
+            self.engine._head_part = (self.seed, self.tokens, dict(stats), grads)
+            return dict(stats)
+        _, head, first, grads = self.carried
+        w = head / self._total()
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g * w
+                else:
+                    p.grad.add_(g, alpha=w)
+        return {k: (head * float(first.get(k, 0.0)) + self.tokens * float(v)) / self._total()
+                for k, v in stats.items()}
+
+
 class WeightedStats:
     """Stats of a minibatch's micro-batches, summed with their loss weights."""
 
@@ -119,4 +205,5 @@ class WeightedStats:
 
 
 __all__ = ["train_epochs", "loss_function", "batch_rows", "minibatch_indices", "split_rows",
-           "micro_batches", "loss_weights", "WeightedStats"]
+           "micro_batches", "loss_weights", "part_tokens", "rank_share", "TwoParts",
+           "WeightedStats"]

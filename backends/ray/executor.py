@@ -50,6 +50,7 @@ from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
 from .stream_calls import check_streams, skip_push, stream_head, stream_tails
+from .head_parts import HEAD_PART, issue_head_parts, run_rest, split_host_op
 from .reshard_steps import ReshardSteps
 from .state import CheckpointMethods
 from .values import _Value
@@ -271,6 +272,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                         grp.members[0][1].part.startswith("1/"):   # streamed: whole at part 1
                     if n.attr("stream_cut"):   # streamed generation: head now, tail last
                         stream_head(self, n, env, iteration)
+                    elif n.attr(HEAD_PART):   # started on the head part (head_parts.py)
+                        run_rest(self, n, env, iteration, _Value)
                     else:
                         self._run_call(n, env, iteration)
             elif grp.op == "reshard":
@@ -288,6 +291,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                 if not frees[value]:
                     env.pop(value, None)
         reshards += stream_tails(self, env, iteration, upcoming, _Value)
+        issue_head_parts(self, iteration, _Value)
         outputs = {o.lstrip("%"): self._resolve(env[o], o) for o in g.outputs if o in env}
         self._await(list(self._pending), "the step's last calls")
         self._record_reshards(reshards, checks, iteration)
@@ -337,7 +341,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
             self._to_refs(v)
         out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
         seed = seed_for(self.seed, iteration, n.name)
-        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness"))
+        attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness",
+                                                              HEAD_PART))
         if n.attr("staleness") is not None:   # async train: samples within the bound
             from graphrl.backends.async_steps import check_versions
 
@@ -405,7 +410,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         args = [self._resolve(env[i], i) for i in n.inputs]
         start = time.time()
         try:
-            out = self.program.ops[n.target].fn(*args, **n.attr_dict)
+            out = (split_host_op(self, n, args) if n.attr(HEAD_PART) else
+                   self.program.ops[n.target].fn(*args, **n.attr_dict))
         except GraphRLError:
             raise
         except Exception as e:

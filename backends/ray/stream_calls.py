@@ -75,6 +75,9 @@ def stream_head(ex: Any, n: Node, env: Mapping[str, Any], iteration: int) -> Non
         cs = CallSpec(inputs=(InputSpec(len(picked), v.bounds[picked[0]][0]),),
                       rows=(lo, hi), **common)
         ex._submit(rank, "run", n, cs, *[v.parts[k] for k in picked])
+    from .head_parts import early_calls
+
+    early_calls(ex, n, _ranks(ex, n), common)
 
 
 def _pushed(ex: Any) -> dict[str, int]:
@@ -187,6 +190,8 @@ def run_stream(worker: Any, engine: Any, spec: CallSpec,
         rollout, behaviour, _ = stream.tail(spec.iteration, version, nxt)
         stream.finished[spec.iteration] = behaviour
         return rollout
+    if spec.method == "stream_early":   # head_parts.py
+        return stream.head_part(spec.iteration, lo * samples)
     if spec.method == "stream_logprobs":
         return stream.finished.pop(spec.iteration)
     raise UsageError(f"node {spec.node}: unknown stream method {spec.method!r}")
