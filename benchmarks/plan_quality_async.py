@@ -190,9 +190,12 @@ step = max(weight push + generation of one batch, the training pool's step), gen
 being the serving model of graphrl/serving.py fed a stream of K+1 = 2 batches, so a
 batch's long tail overlaps the next batch's body; the training pool is placed by the
 synchronous search (faster of colocate-all and auto). The lower bound takes, for the best
-split, the larger of the fastest streamed generation on the generation pool and the
-fastest train call alone on the training pool (forwards, ops and the push count zero),
-and never less than the least GPU-seconds of both spread over the cluster.
+split, the larger of the fastest streamed generation on the generation pool (under
+either stream model: the ideal stream above, or the executors' head + tail at any cut,
+which never drains between batches and so can beat the ideal stream's drained bursts
+where tails are long) and the fastest train call alone on the training pool (forwards,
+ops and the push count zero), and never less than the least GPU-seconds of both spread
+over the cluster.
 
 The "as executed" column is what the executors run (backends/stream_generation.py,
 priced by graphrl/stream_cost.py on the same serving model): each step's generate call

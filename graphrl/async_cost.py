@@ -168,7 +168,8 @@ def best_async(problem: Any, staleness: int) -> AsyncPlan | None:
 
 def async_lower_bound(problem: Any, staleness: int) -> float | None:
     """Seconds no asynchronous split can beat under this model: for the best split, the
-    larger of streamed generation at its fastest on the generation pool and the fastest
+    larger of streamed generation at its fastest on the generation pool (ideal or
+    executed stream, `_generation_floor`) and the fastest
     train call alone on the training pool (forwards, ops and the push count zero); and
     never less than the least GPU-seconds of streamed generation plus training spread
     over the whole cluster."""
@@ -180,7 +181,7 @@ def async_lower_bound(problem: Any, staleness: int) -> float | None:
     n = problem.cluster.num_gpus
     trains = [c for c in problem.calls if c.phase == "train"]
     sizes = mesh_sizes(problem)
-    gen_at = {m: streamed_generation(problem, gen, m, staleness) for m in sizes if m < n}
+    gen_at = {m: _generation_floor(problem, gen, m, staleness) for m in sizes if m < n}
     train_at = {m: sum(problem.choice(t.name, m).seconds for t in trains)
                 for m in sizes if m < n and all(problem.fits(t.name, m) for t in trains)}
     split = math.inf
@@ -193,6 +194,25 @@ def async_lower_bound(problem: Any, staleness: int) -> float | None:
             + min((m * v for m, v in train_at.items()), default=math.inf)) / n
     bound = max(split, work)
     return bound if math.isfinite(bound) else None
+
+
+def _generation_floor(problem: Any, gen: Any, n: int, staleness: int
+                      ) -> tuple[float, Any] | None:
+    """The least seconds per batch of generation on n GPUs under either streamed model:
+    the ideal K+1-batch stream (streamed_generation) or the executors' head/tail stream
+    at any cut (graphrl/stream_cost.py: a step's generation pool works head + tail). The
+    executed stream never drains between batches (each tail overlaps the next batch's
+    head), so with long tails it can beat the ideal stream's drained bursts; a bound must
+    cover both."""
+    from .stream_cost import CUTS, stream_phases
+
+    ideal = streamed_generation(problem, gen, n, staleness)
+    if ideal is None:
+        return None
+    totals = [ph.total for f in CUTS
+              if (ph := stream_phases(problem, gen, ideal[1],
+                                      max(1, int(round(gen.new_tokens * f))))) is not None]
+    return (min([ideal[0]] + totals), ideal[1])
 
 
 def choose(sync_seconds: float, plan: AsyncPlan | None) -> int:
