@@ -222,8 +222,10 @@ shorter than max(head, training pool) + push + tail (otherwise the calls wait, a
 plan says so). In the suite's examples the trains wait (epochs = minibatches = 2: an
 update needs rows of both parts; PPO also whitens its advantages over the batch), so
 only the forwards start early; the one-pass table below shows the same cases with
-trains that may start early too. Not priced: the copy of the head part's gradient a
-two-part train holds between the parts (the memory check does not count it).
+trains that may start early too. A two-part train keeps a copy of the head part's
+gradient until the rest arrives (2 bytes per parameter of its shard); where its GPUs
+cannot hold that beside the call's peak and the other resident models, within the
+headroom, it takes the batch in one call and the plan says so.
 
 Why "as executed" stays above the ideal stream: the train and the rest of the forwards
 still wait for the tail, which holds each batch's longest responses; AReaL switches

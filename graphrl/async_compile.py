@@ -71,6 +71,7 @@ def as_executed(out: Any, problem: Any) -> Any:
     whole = {n.name: f"its engine ({n.placement.strategy.engine}) trains a batch in one call"
              for n in out.graph.nodes if n.name in marked and n.target == "train"
              and n.placement is not None and n.placement.strategy.engine == "deepspeed"}
+    whole.update(_no_room_for_gradient_copy(out.plan, marked, problem))
     if whole and not any(out.graph.node(m).target == "train" and m not in whole
                          for m in marked):
         whole.update({m: "" for m in marked if out.graph.node(m).kind == "op"})
@@ -115,6 +116,35 @@ def as_executed(out: Any, problem: Any) -> Any:
                    notes=tuple(notes))
     return replace(out, graph=graph, plan=plan, findings={
         **out.findings, "stream": choice, "stream_split": report})
+
+
+def _no_room_for_gradient_copy(plan: Any, marked: tuple[str, ...], problem: Any
+                               ) -> dict[str, str]:
+    """Marked trains whose GPUs cannot also hold the copy of the head part's gradient a
+    two-part train keeps until the rest arrives (train_loop.TwoParts: GRAD_BYTES per
+    parameter of the rank's shard, sharded over dp from ZeRO-2 on) beside the call's peak
+    and the other resident models, within the headroom: they take the batch in one call."""
+    from .cost_params import GRAD_BYTES
+    from .memory_track import memory_uses
+
+    trains = {n.name: n for n in plan.graph.nodes if n.name in marked and n.target == "train"
+              and n.placement is not None}
+    if not trains:
+        return {}
+    peak: dict[str, int] = {}
+    for use in memory_uses(plan):
+        if use.instr.op == "run" and use.instr.node in trains:
+            peak[use.instr.node] = max(peak.get(use.instr.node, 0), use.in_use)
+    refused = {}
+    for name, n in trains.items():
+        st = n.placement.strategy
+        copy = (GRAD_BYTES * problem.specs[n.model].num_params / (st.tp * st.pp)
+                / (st.dp if st.zero >= 2 else 1))
+        if peak.get(name, 0) + copy > problem.capacity:
+            refused[name] = (f"its GPUs cannot also hold the head part's gradient copy "
+                             f"({copy / 2**30:.1f} GiB beside {peak.get(name, 0) / 2**30:.1f} "
+                             f"GiB in use; {problem.capacity / 2**30:.1f} GiB usable)")
+    return refused
 
 
 def _split_sides(plan: Any, node: Any, marked: tuple[str, ...], problem: Any, gen: Any

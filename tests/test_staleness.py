@@ -190,6 +190,18 @@ def test_compile_chooses_async_only_when_it_pays(root):
     assert f["stream_split"].calls == () and not any(
         n.attr("head_part") for n in c.plan.graph.nodes)
     assert "would not shorten" in dict(f["stream_split"].refused)["%rm_score"]
+    # a two-part train keeps its head part's gradient until the rest arrives: where its
+    # GPUs cannot also hold that copy (7b, ZeRO-1 on 8 GPUs: 12.6 GiB beside 68 GiB in
+    # use), it takes the batch in one call
+    from copy import copy
+
+    from graphrl.async_compile import _no_room_for_gradient_copy
+
+    train = next(n.name for n in c.plan.graph.nodes if n.target == "train")
+    assert "gradient copy" in _no_room_for_gradient_copy(c.plan, (train,), f["problem"])[train]
+    roomy = copy(f["problem"])
+    roomy.capacity = 2 * roomy.capacity
+    assert _no_room_for_gradient_copy(c.plan, (train,), roomy) == {}
     gen = c.graph.node("%rollout")    # the plan runs the rewritten graph on the two pools
     pool = set(range(f["async"].gen_gpus))
     assert set(gen.placement.mesh.gpus) == pool
