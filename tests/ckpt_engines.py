@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine_diff import batch, run, spawn, tiny_decl  # noqa: F401  (run: the harness)
+from engine_diff import (batch, megatron_process_groups, run, spawn,  # noqa: F401  (run: the harness)
+                         tiny_decl)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -42,21 +43,6 @@ def _state_diff(a: dict, b: dict) -> str:
             if not torch.equal(sa[n][k], sb[n][k]):
                 return f"{k} {n}: {float((sa[n][k] - sb[n][k]).abs().max())}"
     return ""
-
-
-def _groups(rank: int, gpus: list, dp: int, tp: int, pp: int) -> dict:
-    import torch.distributed as dist
-
-    from graphrl.backends.engines.megatron import megatron_groups
-
-    groups = {}
-    for kind, lists in megatron_groups(gpus, dp, tp, pp).items():
-        for g in lists:
-            pg = dist.new_group(list(g))
-            if rank in g:
-                groups[kind] = pg
-    groups["mesh"] = dist.new_group(gpus)
-    return groups
 
 
 def _steps(make: Any, ref: Any, head: str, folder: Path, name: str) -> dict[str, Any]:
@@ -110,7 +96,8 @@ def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
         gpus = list(range(world))
         results = {}
         decl = tiny_decl("llama", "lm")
-        placements = {"a": _groups(rank, gpus, 1, 2, 1), "b": _groups(rank, gpus, 2, 1, 1)}
+        placements = {"a": megatron_process_groups(rank, gpus, 1, 2, 1),
+                      "b": megatron_process_groups(rank, gpus, 2, 1, 1)}
 
         def megatron(which: str) -> Any:
             dp, tp, zero = (1, 2, 0) if which == "a" else (2, 1, 1)

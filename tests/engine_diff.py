@@ -115,22 +115,31 @@ def _update_error(we: dict, wr: dict, start: dict) -> float:
     return float(diff.norm() / step.norm())
 
 
-def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
+def megatron_process_groups(rank: int, gpus: list, dp: int, tp: int, pp: int) -> dict:
+    """This rank's megatron process groups of a dp x tp x pp mesh over `gpus`, plus
+    "mesh"; every rank creates every group (torch.distributed requires it)."""
     import torch.distributed as dist
 
+    from graphrl.backends.engines.megatron import megatron_groups
+
+    groups = {}
+    for kind, lists in megatron_groups(gpus, dp, tp, pp).items():
+        for g in lists:
+            pg = dist.new_group(list(g))
+            if rank in g:
+                groups[kind] = pg
+    groups["mesh"] = dist.new_group(gpus)
+    return groups
+
+
+def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
     from graphrl.backends.engines.hf import HFEngine
-    from graphrl.backends.engines.megatron import MegatronEngine, megatron_groups
+    from graphrl.backends.engines.megatron import MegatronEngine
 
     results = []
     for family, head, dp, tp, pp, sp, mb, zero in configs:
         gpus = list(range(dp * tp * pp))
-        groups = {}
-        for kind, lists in megatron_groups(gpus, dp, tp, pp).items():
-            for g in lists:
-                pg = dist.new_group(list(g))
-                if rank in g:
-                    groups[kind] = pg
-        groups["mesh"] = dist.new_group(gpus)
+        groups = megatron_process_groups(rank, gpus, dp, tp, pp)
         if rank not in gpus:
             continue
         decl = tiny_decl(family, head)
