@@ -79,7 +79,8 @@ ALL_FEATURES = frozenset(FEATURES)
 ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
     "deepspeed": ALL_FEATURES,
-    "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim"}),
+    "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
+                       "sliding_window"}),
     "megatron": frozenset(),
 }
 
