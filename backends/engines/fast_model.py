@@ -11,7 +11,12 @@ cache positions 0..len-1, so position ids equal cache positions and a decode ste
 each slot by its own length. Formulas follow the architectures' papers: RMSNorm (Zhang &
 Sennrich 2019), rotary embeddings (Su et al. 2021), SwiGLU (Shazeer 2020) for Llama
 (Touvron et al. 2023); pre-LayerNorm blocks with learned positions and tanh-GELU for GPT-2
-(Radford et al. 2019).
+(Radford et al. 2019). Llama-family variants: Llama 3.1's rotary frequency scaling
+(rope_inv_freq), q/k/v, o_proj and MLP biases (Qwen2, attention_bias, mlp_bias; the q/k
+biases permuted with their rows), Qwen3's per-head q/k RMSNorm between the projection and
+the rotation (its weights permuted like the rows, not foldable), head_dim != hidden /
+heads, and sliding-window attention per layer (Mistral, Qwen2/3 layer_types). The engine
+refuses anything else first (graphrl.architecture.ENGINE_FEATURES["fast"]).
 """
 from __future__ import annotations
 
