@@ -74,12 +74,13 @@ FEATURES = {
 ALL_FEATURES = frozenset(FEATURES)
 
 # engine -> the features it implements. hf and deepspeed run the Hugging Face module
-# itself; fast generates on graphrl's own decode model (its forward/train are hf's);
+# itself; fast generates on graphrl's own decode model (docs/generation.md);
 # megatron converts the weights into megatron-core's GPTModel.
 ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
     "deepspeed": ALL_FEATURES,
-    "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim"}),
+    "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
+                       "sliding_window"}),
     "megatron": frozenset(),
 }
 

@@ -53,12 +53,14 @@ def test_token_logprobs_backward():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_qkv_rope_backward(kv_heads):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qkv_rope_backward(kv_heads, with_bias):
     """The interleaved complex rotation == Hugging Face's rotate_half formula on the
-    un-permuted rows, q and k; v untouched."""
+    un-permuted rows, q and k; v untouched; a q/k/v bias (Qwen2) permuted with its rows."""
     b, t, e, heads, d = 2, 5, 6, 2, 4
     xh = torch.randn(b, t, e, **D64)
     w = torch.randn((heads + 2 * kv_heads) * d, e, **D64)
+    bias = torch.randn((heads + 2 * kv_heads) * d, **D64)
     pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]])
     theta = 1.0 / 10000 ** (torch.arange(0, d, 2, **D64) / d)
     ang = pos[..., None] * theta
@@ -69,8 +71,8 @@ def test_qkv_rope_backward(kv_heads):
     cos = torch.cat([ang.cos(), ang.cos()], -1)[:, :, None]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, :, None]
 
-    def plain(xh, w):
-        qkv = xh @ w.t()
+    def plain(xh, w, *bias):
+        qkv = xh @ w.t() + (bias[0] if bias else 0)
         q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
 
         def rot(x, n):
@@ -80,12 +82,13 @@ def test_qkv_rope_backward(kv_heads):
             return (x * cos + half * sin)[..., interleave_rows(1, d, x.device)]
         return rot(q, heads), rot(k, kv_heads), v.unflatten(-1, (kv_heads, d))
 
-    def fused(xh, w):
+    def fused(xh, w, *bias):
+        args = (heads, kv_heads) + ((bias[0][rows],) if bias else ())
         q, k, v = QKVRope.apply(xh.reshape(b * t, e), w[rows], rope.reshape(b * t, 1, -1),
-                                heads, kv_heads)
+                                *args)
         return q.unflatten(0, (b, t)), k.unflatten(0, (b, t)), v.unflatten(0, (b, t))
 
-    _same_grads(fused, plain, [xh, w])
+    _same_grads(fused, plain, [xh, w] + ([bias] if with_bias else []))
 
 
 def _decl(family="llama", kv=2, head="lm"):

@@ -12,9 +12,15 @@ batch-mates or slot: continuous batching reproduces one-at-a-time generation. On
 decode step replays a CUDA graph captured per batch bucket (fast_graphs); on CPU the same
 code runs eagerly, attending only to the cache positions in use.
 
-Scoring and training of Llama-shaped LMs run fast_forward (the module's own parameters
+Scoring and training of Llama-family LMs run fast_forward (the module's own parameters
 through fused kernels with closed-form backward passes: the same function, fewer
-non-matmul operators); other models use the HF engine's forward.
+non-matmul operators; which features it runs itself is listed in its doc); other models
+use the HF engine's forward.
+
+Architectures (graphrl.architecture.ENGINE_FEATURES["fast"]; anything else is refused in
+the constructor, naming model, engine and field): Llama-2, Llama-3.x (rope_type llama3),
+Mistral (with or without a sliding window), Qwen2/2.5 (q/k/v biases; per-layer sliding
+windows), Qwen3 (q/k RMSNorm, head_dim != hidden / heads), GPT-2; tied embeddings.
 
 Engine options (besides the HF engine's): `slots` (most sequences decoding at once;
 default 256), `cuda_graphs` (default true; only on CUDA) and `fused_forward` (default
@@ -55,10 +61,22 @@ class FastEngine(HFEngine):
             raise UsageError(f"model {decl.name}: engine fast needs slots >= 1, "
                              f"got {self.slots}")
         super().__init__(decl, opts, device=device, seed=seed)
+        self._refuse_unsupported()
         self.fused_forward = fused and decl.spec.head == "lm" and supported(self.module)
         self._lm: FastLM | None = None
         self._graphs: Any = None
         self.last_stats: dict[str, float] = {}
+
+    def _refuse_unsupported(self) -> None:
+        """UsageError naming the model, the engine and the feature, for an architecture
+        feature the decode model does not implement (graphrl.architecture)."""
+        from graphrl.architecture import architecture, refuse_unsupported
+
+        try:
+            arch = architecture(self.module.config.to_dict())
+        except ValueError as e:
+            raise UsageError(f"model {self.decl.name}: engine fast: {e}") from None
+        refuse_unsupported(self.decl.name, "fast", arch)
 
     def _head(self, payload: Mapping[str, Any]) -> torch.Tensor:
         """Per-token log-probs through fast_forward where supported, else HF's forward."""

@@ -12,10 +12,23 @@ weights that export, checkpoints and the decode model read), with fewer, fused k
 - residual adds folded into the output projections (addmm), SwiGLU with a closed-form
   backward (fast_ops.SwiGLU), log-probs without a one-hot (fast_ops.TokenLogProbs).
 
-Same function as the Hugging Face module (tests/test_fast_forward.py compares log-probs
-and gradients): RMSNorm (Zhang & Sennrich 2019), rotary embeddings (Su et al. 2021),
-SwiGLU (Shazeer 2020), Llama (Touvron et al. 2023). `supported(module)` says whether a
-module has this shape (Llama, SiLU, default rope, no biases); others use the HF path.
+Same function as the Hugging Face module (tests/test_fast_forward.py and
+tests/test_fast_families.py compare log-probs and gradients): RMSNorm (Zhang & Sennrich
+2019), rotary embeddings (Su et al. 2021), SwiGLU (Shazeer 2020), Llama (Touvron et al.
+2023). `supported(module)` says whether a module runs here; others use the HF path.
+Per architecture feature (graphrl.architecture):
+
+- Llama-2 / Mistral / Qwen2 / Qwen3 causal LMs with SiLU: run here;
+- rope_type llama3: run here (the angles come from the module's own `inv_freq` buffer,
+  which holds the Llama 3.1 scaled frequencies); other rope scalings: HF path;
+- q/k/v biases (Qwen2, attention_bias): in QKVRope, permuted like their rows; o_proj and
+  MLP biases (attention_bias, mlp_bias): added after their projections;
+- q/k RMSNorm (Qwen3): between the projection and the rotation, so not folded: q/k/v
+  through a plain matmul, RMSNormalize per head, the norm weights (permuted like the
+  rows) and the rotation under autograd (_qk_normed);
+- head_dim != hidden / heads (Qwen3): run here; tied embeddings: run here (lm_head is
+  the embedding parameter, autograd sums both uses);
+- sliding-window attention (a window shorter than the context): HF path.
 """
 from __future__ import annotations
 
@@ -28,20 +41,25 @@ from torch import nn
 from .fast_ops import QKVRope, RMSNormalize, SwiGLU, TokenLogProbs
 
 
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def supported(module: nn.Module) -> bool:
-    """Whether fast_logprobs runs this module: a float32/float64 Llama causal LM with SiLU,
-    no biases and the default (unscaled) rotary embedding."""
+    """Whether fast_logprobs runs this module: a float32/float64 Llama-family causal LM
+    (llama, mistral, qwen2, qwen3) with SiLU, the default or llama3 rotary embedding and
+    no sliding window (see the module doc)."""
+    from .fast_model import sliding_windows
+
     cfg = module.config
-    if cfg.model_type != "llama" or not hasattr(module, "lm_head"):
+    if cfg.model_type not in LLAMA_TYPES or not hasattr(module, "lm_head"):
         return False
     if module.lm_head.weight.dtype not in (torch.float32, torch.float64):
         return False
     rope = getattr(module.model, "rotary_emb", None)
     return (getattr(cfg, "hidden_act", "silu") == "silu"
-            and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False)
             and rope is not None and float(getattr(rope, "attention_scaling", 1.0)) == 1.0
-            and getattr(rope, "rope_type", "default") == "default"
+            and getattr(rope, "rope_type", "default") in ("default", "llama3")
+            and not any(sliding_windows(cfg, cfg.num_hidden_layers))
             and (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
             % 2 == 0)
 
@@ -92,11 +110,28 @@ class _Layout:
         rows = torch.cat([interleave_rows(self.heads, self.d, dev),
                           self.heads * self.d + interleave_rows(self.kv_heads, self.d, dev)])
         self.qk_rows = rows
+        self.pair = interleave_rows(1, self.d, dev)
+        self.qk_norm = getattr(module.model.layers[0].self_attn, "q_norm", None) is not None
 
     def qkv(self, layer: nn.Module) -> torch.Tensor:
         a = layer.self_attn
         qk = torch.cat([a.q_proj.weight, a.k_proj.weight]).index_select(0, self.qk_rows)
         return torch.cat([qk, a.v_proj.weight]) * layer.input_layernorm.weight
+
+    def qkv_bias(self, layer: nn.Module) -> torch.Tensor | None:
+        """The q/k/v biases in the fused weight's row order, or None."""
+        a = layer.self_attn
+        if a.q_proj.bias is None:
+            return None
+        qk = torch.cat([a.q_proj.bias, a.k_proj.bias]).index_select(0, self.qk_rows)
+        return torch.cat([qk, a.v_proj.bias])
+
+    def qk_norm_weight(self, layer: nn.Module) -> torch.Tensor:
+        """Qwen3's q_norm / k_norm weights per head [H+K, d], pair-interleaved."""
+        a = layer.self_attn
+        w = torch.cat([a.q_norm.weight.expand(self.heads, self.d),
+                       a.k_norm.weight.expand(self.kv_heads, self.d)])
+        return w.index_select(1, self.pair)
 
     @staticmethod
     def gate_up(layer: nn.Module) -> torch.Tensor:
@@ -142,12 +177,39 @@ def _layers(module: nn.Module, lay: _Layout, x: torch.Tensor, rope: torch.Tensor
     """Run the decoder layers on token rows x [N, E]; attend(q, k, v) -> [N, H*d]."""
     for layer in module.model.layers:
         xh = RMSNormalize.apply(x, lay.eps)
-        q, k, v = QKVRope.apply(xh, lay.qkv(layer), rope, lay.heads, lay.kv_heads)
-        x = torch.addmm(x, attend(q, k, v), layer.self_attn.o_proj.weight.t())
+        if lay.qk_norm:
+            q, k, v = _qk_normed(lay, layer, xh, rope)
+        else:
+            q, k, v = QKVRope.apply(xh, lay.qkv(layer), rope, lay.heads, lay.kv_heads,
+                                    lay.qkv_bias(layer))
+        o = layer.self_attn.o_proj
+        x = torch.addmm(x, attend(q, k, v), o.weight.t())
+        if o.bias is not None:
+            x = x + o.bias
         xh = RMSNormalize.apply(x, lay.eps)
-        a = SwiGLU.apply(torch.mm(xh, lay.gate_up(layer).t()))
-        x = torch.addmm(x, a, layer.mlp.down_proj.weight.t())
+        f = layer.mlp
+        gu = torch.mm(xh, lay.gate_up(layer).t())
+        if f.gate_proj.bias is not None:
+            gu = gu + torch.cat([f.gate_proj.bias, f.up_proj.bias])
+        x = torch.addmm(x, SwiGLU.apply(gu), f.down_proj.weight.t())
+        if f.down_proj.bias is not None:
+            x = x + f.down_proj.bias
     return RMSNormalize.apply(x, lay.eps)
+
+
+def _qk_normed(lay: _Layout, layer: nn.Module, xh: torch.Tensor, rope: torch.Tensor):
+    """q [N, H, d], k and v [N, K, d] with Qwen3's per-head RMSNorm of q and k between
+    the projection and the rotation (not foldable into the projection)."""
+    qkv = torch.mm(xh, lay.qkv(layer).t())
+    bias = lay.qkv_bias(layer)
+    if bias is not None:
+        qkv = qkv + bias
+    split = (lay.heads + lay.kv_heads) * lay.d
+    qk = qkv[:, :split].unflatten(-1, (lay.heads + lay.kv_heads, lay.d))
+    qk = RMSNormalize.apply(qk, lay.eps) * lay.qk_norm_weight(layer)
+    qk = torch.view_as_real(torch.view_as_complex(qk.unflatten(-1, (-1, 2))) * rope)
+    qk = qk.flatten(-2)
+    return qk[:, :lay.heads], qk[:, lay.heads:], qkv[:, split:].unflatten(-1, (lay.kv_heads, lay.d))
 
 
 def _sdpa(lay: _Layout, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:

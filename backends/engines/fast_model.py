@@ -11,7 +11,12 @@ cache positions 0..len-1, so position ids equal cache positions and a decode ste
 each slot by its own length. Formulas follow the architectures' papers: RMSNorm (Zhang &
 Sennrich 2019), rotary embeddings (Su et al. 2021), SwiGLU (Shazeer 2020) for Llama
 (Touvron et al. 2023); pre-LayerNorm blocks with learned positions and tanh-GELU for GPT-2
-(Radford et al. 2019).
+(Radford et al. 2019). Llama-family variants: Llama 3.1's rotary frequency scaling
+(rope_inv_freq), q/k/v, o_proj and MLP biases (Qwen2, attention_bias, mlp_bias; the q/k
+biases permuted with their rows), Qwen3's per-head q/k RMSNorm between the projection and
+the rotation (its weights permuted like the rows, not foldable), head_dim != hidden /
+heads, and sliding-window attention per layer (Mistral, Qwen2/3 layer_types). The engine
+refuses anything else first (graphrl.architecture.ENGINE_FEATURES["fast"]).
 """
 from __future__ import annotations
 
@@ -27,16 +32,52 @@ from graphrl.errors import UsageError
 from .fast_forward import interleave_rows
 
 
-def _rope_theta(config: Any) -> float:
-    """The rotary base of a Llama config; only the default (unscaled) rope is supported."""
+def rope_inv_freq(config: Any, head_dim: int, device: Any = None) -> torch.Tensor:
+    """The rotary inverse frequencies theta_j = base^(-2j/d) (Su et al. 2021) of a Llama-
+    family config, float32 [d/2], with Llama 3.1's frequency-dependent scaling for
+    rope_type "llama3". Other scalings (linear, dynamic, yarn, ...) are refused: the
+    engine's constructor refuses them first (graphrl.architecture.refuse_unsupported).
+
+    Llama 3.1 scaling (Meta's Llama 3.1 release, `apply_scaling` in its reference code;
+    transformers' `_compute_llama3_parameters` publishes the same formula), with
+    L = original_max_position_embeddings and wavelength 2 pi / theta_j:
+    wavelengths longer than L / low_freq_factor are divided by `factor` (theta / factor),
+    shorter than L / high_freq_factor kept, and in between
+    theta' = (1 - s) theta / factor + s theta, s = (L / wavelength - low) / (high - low)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    params = params or {}
+    params = dict(params or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise UsageError(f"engine fast: rope_type {kind!r} is not supported (default only); "
-                         "use engine=hf for this checkpoint")
-    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
-    return float(theta or 10000.0)
+    base = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    inv = 1.0 / (float(base) ** (torch.arange(0, head_dim, 2, dtype=torch.int64)
+                                 .to(device=device, dtype=torch.float32) / head_dim))
+    if kind == "default":
+        return inv
+    if kind != "llama3":
+        raise UsageError(f"engine fast: rope_type {kind!r} is not supported (default and "
+                         "llama3 only); use engine=hf for this checkpoint")
+    factor, low = float(params["factor"]), float(params["low_freq_factor"])
+    high, old = float(params["high_freq_factor"]), params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    s = (old / wavelen - low) / (high - low)
+    smooth = (1 - s) * scaled / factor + s * scaled
+    middle = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(middle, smooth, scaled)
+
+
+def sliding_windows(config: Any, layers: int) -> list[int]:
+    """Each layer's attention window (0: full attention), as Hugging Face's modules apply
+    it: Mistral's `sliding_window` on every layer; Qwen2/Qwen3's on the layers that
+    `layer_types` marks "sliding_attention" (their configs set it from use_sliding_window
+    and max_window_layers). A query at position i sees keys j with i - window < j <= i
+    (transformers' sliding_window_overlay)."""
+    window = getattr(config, "sliding_window", None) or 0
+    if config.model_type == "gpt2" or not window:
+        return [0] * layers
+    types = getattr(config, "layer_types", None)
+    if config.model_type == "mistral" or types is None:
+        return [int(window)] * layers
+    return [int(window) if t == "sliding_attention" else 0 for t in types]
 
 
 class FastLM:
@@ -62,6 +103,7 @@ class FastLM:
             self.scales = [scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
                            for i in range(self.layers)]
             self.max_positions = cfg.n_positions
+            self.qk_norm = False
         else:
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise UsageError(f"engine fast: Llama activation {cfg.hidden_act!r} is not "
@@ -72,6 +114,8 @@ class FastLM:
             self.eps = cfg.rms_norm_eps
             self.scales = [1.0 / math.sqrt(self.head_dim)] * self.layers
             self.max_positions = cfg.max_position_embeddings
+            self.qk_norm = getattr(module.model.layers[0].self_attn, "q_norm", None) is not None
+        self.windows = sliding_windows(cfg, self.layers)
         if max_len > self.max_positions:
             raise UsageError(f"engine fast: prompt + new tokens = {max_len} positions exceed "
                              f"the model's {self.max_positions}")
@@ -84,10 +128,7 @@ class FastLM:
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.w: dict[str, torch.Tensor] = {}
         if self.family == "llama":
-            inv = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, self.head_dim, 2,
-                                                            dtype=torch.float32,
-                                                            device=self.device)
-                                               / self.head_dim))
+            inv = rope_inv_freq(cfg, self.head_dim, self.device)
             ang = torch.arange(max_len, dtype=torch.float32, device=self.device)[:, None] * inv
             rot = torch.polar(torch.ones_like(ang), ang)          # e^{i pos theta_j}
             self.rot = rot.to(torch.complex128) if self.dtype == torch.float64 else rot
@@ -137,6 +178,11 @@ class FastLM:
             if a.q_proj.bias is not None:
                 qkb = torch.cat([a.q_proj.bias, a.k_proj.bias]).index_select(0, self.qk_rows)
                 self._put(f"{i}.qkv_b", torch.cat([qkb, a.v_proj.bias]))
+            if self.qk_norm:   # per-head weights [H+K, d], rows pair-interleaved like q/k
+                d = self.head_dim
+                w = torch.cat([a.q_norm.weight.expand(self.heads, d),
+                               a.k_norm.weight.expand(self.kv_heads, d)])
+                self._put(f"{i}.qkn", w[:, interleave_rows(1, d, w.device)])
             self._put(f"{i}.o_w", a.o_proj.weight.t())
             if a.o_proj.bias is not None:
                 self._put(f"{i}.o_b", a.o_proj.bias)
@@ -188,7 +234,10 @@ class FastLM:
         qkv = self._lin(self._norm1(x, i), f"{i}.qkv_w")
         hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.family == "llama":
-            qk = qkv[..., :hq + hk].unflatten(-1, (-1, self.head_dim // 2, 2))
+            qk = qkv[..., :hq + hk].unflatten(-1, (-1, self.head_dim))
+            if self.qk_norm:   # Qwen3: RMSNorm per head over head_dim, before rotary
+                qk = F.rms_norm(qk, qk.shape[-1:], None, self.eps) * self.w[f"{i}.qkn"]
+            qk = qk.unflatten(-1, (-1, 2))
             qk = torch.view_as_real(torch.view_as_complex(qk) * rot).flatten(-2)
             q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
         else:
@@ -245,12 +294,15 @@ class FastLM:
         pos = torch.arange(t, device=tokens.device).expand(n, t)
         x = self._embed(tokens, pos)
         rot = self._rot(pos)
-        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        ar = torch.arange(t, device=tokens.device)
+        back = ar[:, None] - ar[None, :]                    # query position - key position
+        masks = {w: (back >= 0) & ((back < w) if w else True) for w in set(self.windows)}
         for i in range(self.layers):
             q, k, v = self._qkv(x, i, rot)
             self.k[i, slot_idx, :, :, :t] = k.transpose(-1, -2)
             self.v[i, slot_idx, :, :t] = v
-            x = self._lin(self._attend(q, k, v, causal, i), f"{i}.o_w", residual=x)
+            x = self._lin(self._attend(q, k, v, masks[self.windows[i]], i), f"{i}.o_w",
+                          residual=x)
             x = self._mlp(x, i)
         last = x[torch.arange(n, device=x.device), lens - 1]
         return self._logits(last)
@@ -269,11 +321,15 @@ class FastLM:
         rows = torch.arange(b, device=tok.device)
         x = self._embed(tok[:, None], pos[:, None])
         rot = self._rot(pos[:, None])
-        visible = torch.arange(kv_len, device=tok.device) <= pos[:, None]       # [b, T]
-        bias = torch.zeros(b, kv_len, dtype=self.dtype, device=tok.device)
-        bias = bias.masked_fill_(~visible, float("-inf"))
-        bias = bias.repeat_interleave(self.kv_heads, dim=0)[:, None]          # [b*hk,1,T]
+        back = pos[:, None] - torch.arange(kv_len, device=tok.device)          # [b, T]
+        biases = {}
+        for w in set(self.windows):
+            visible = (back >= 0) & ((back < w) if w else True)
+            bias = torch.zeros(b, kv_len, dtype=self.dtype, device=tok.device)
+            bias = bias.masked_fill_(~visible, float("-inf"))
+            biases[w] = bias.repeat_interleave(self.kv_heads, dim=0)[:, None]  # [b*hk,1,T]
         for i in range(self.layers):
+            bias = biases[self.windows[i]]
             q, k, v = self._qkv(x, i, rot)
             self.k[i, rows, :, :, pos] = k[:, :, 0]
             self.v[i, rows, :, pos] = v[:, :, 0]

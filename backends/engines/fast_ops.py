@@ -72,14 +72,15 @@ class QKVRope(torch.autograd.Function):
     """q, k, v of hidden states xh [N, E] (token rows) under the fused weight
     w [(H+2K)*d, E] (rows: q heads, k heads, v heads; q and k rows pair-interleaved), with
     q and k rotated by `rope` [N, 1, d/2] (complex unit numbers e^{i pos theta_j}): one
-    complex multiply. Returns q [N, H, d], k and v [N, K, d]. Backward: the rotation's
-    adjoint is the conjugate rotation; dq, dk, dv land in one [N, (H+2K)*d] buffer, then
-    two matmuls give dxh and dw."""
+    complex multiply; `bias` [(H+2K)*d] (same row order) or None. Returns q [N, H, d], k
+    and v [N, K, d]. Backward: the rotation's adjoint is the conjugate rotation; dq, dk,
+    dv land in one [N, (H+2K)*d] buffer, then two matmuls give dxh and dw, its column sums
+    the bias's gradient."""
 
     @staticmethod
     def forward(ctx, xh: torch.Tensor, w: torch.Tensor, rope: torch.Tensor,   # type: ignore[override]
-                heads: int, kv_heads: int):
-        qkv = torch.mm(xh, w.t())
+                heads: int, kv_heads: int, bias: torch.Tensor | None = None):
+        qkv = torch.mm(xh, w.t()) if bias is None else torch.addmm(bias, xh, w.t())
         d = qkv.shape[-1] // (heads + 2 * kv_heads)
         split = (heads + kv_heads) * d
         qk = qkv[:, :split].unflatten(-1, (heads + kv_heads, d))
@@ -108,7 +109,9 @@ class QKVRope(torch.autograd.Function):
             grad[:, hq + hk:].copy_(dv.flatten(-2))
         dxh = torch.mm(grad, w) if ctx.needs_input_grad[0] else None
         dw = grad.t().mm(xh) if ctx.needs_input_grad[1] else None
-        return dxh, dw, None, None, None
+        n = len(ctx.needs_input_grad)      # 5 when called without a bias
+        db = grad.sum(0) if n > 5 and ctx.needs_input_grad[5] else None
+        return (dxh, dw, None, None, None, db)[:n]
 
 
 class TokenLogProbs(torch.autograd.Function):
