@@ -165,30 +165,25 @@ def strategies(engines: Sequence[str], *, tp: int | None = None, pp: int | None 
 def read_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
     """(directory, config.json, Architecture); UsageError for a directory that is not a
     Hugging Face checkpoint or a config graphrl's architecture audit refuses."""
-    from graphrl.architecture import architecture
-    from graphrl.hf_dir import WEIGHT_FILES
+    from graphrl.architecture import FAMILIES, architecture
+    from graphrl.hf_dir import check_model_dir
 
-    d = Path(directory)
-    if not d.is_dir():
-        raise UsageError(f"model directory {directory}: "
-                         f"{'is a file' if d.exists() else 'does not exist'}")
-    if not (d / "config.json").is_file():
-        raise UsageError(f"model directory {directory}: no config.json")
-    if not any((d / f).is_file() for f in WEIGHT_FILES):
-        raise UsageError(f"model directory {directory}: no weights (expected one of "
-                         f"{', '.join(WEIGHT_FILES)})")
+    # the directory's files here; its config through the architecture audit below
+    d = check_model_dir(directory, read=False)
     try:
         config = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"model directory {directory}: config.json: {e}") from None
     if not isinstance(config, dict):
         raise UsageError(f"model directory {directory}: config.json is not a JSON object")
+    kind = config.get("model_type", "llama")
+    if kind not in FAMILIES:
+        raise UsageError(f"model directory {directory}: config.json: model_type {kind!r} "
+                         f"is not a family graphrl knows ({', '.join(FAMILIES)})")
     try:
         arch = architecture(config)
     except KeyError as e:
-        raise UsageError(f"model directory {directory}: config.json: model_type "
-                         f"{config.get('model_type')!r} is not a family graphrl knows "
-                         f"(missing {e})") from None
+        raise UsageError(f"model directory {directory}: config.json lacks {e}") from None
     except (ValueError, TypeError) as e:
         raise UsageError(f"model directory {directory}: config.json: {e}") from None
     return d, config, arch
