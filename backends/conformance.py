@@ -388,6 +388,9 @@ def check_model(directory: str | Path, *, engines: Sequence[str] | None = None,
                          "tokens (one left-padded row, a response half)")
     d, config, arch = read_checkpoint(directory)
     plan = list(plan) if plan is not None else strategies(engines or available_engines())
+    for s in plan:
+        if prompts % s.dp:
+            raise UsageError(f"--prompts {prompts} do not split over {s.engine}'s dp={s.dp}")
     results: dict[int, Result] = {}
     todo = []
     for i, s in enumerate(plan):
