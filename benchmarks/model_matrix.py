@@ -42,7 +42,7 @@ def check_model(directory: Path, precision: str, engines: list[str]) -> tuple[li
     cmd = [sys.executable, "-m", "graphrl.cli", "check-model", str(directory), *engines,
            "--precision", precision, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
-    if p.returncode in (0, 1):
+    if p.returncode in (0, 1) and p.stdout.strip():   # 1 with no JSON: a failed run
         return json.loads(p.stdout), ""
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     return [], lines[-1] if lines else f"exit {p.returncode}"
