@@ -165,17 +165,9 @@ def test_multi_rank_engines_match(checkpoints, capsys):
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
-def failing_rank(rank: int, world: int, port: int, hang_s: float) -> None:
-    """A spawned rank that hangs (hang_s > 0) or whose rank 1 raises."""
-    import time
-
-    if hang_s:
-        time.sleep(hang_s)
-    elif rank == 1:
-        raise ValueError("boom on rank 1")
-
-
 def test_a_crashed_or_hung_rank_is_named():
+    from spawn_failing import failing_rank
+
     from graphrl.backends.engines.spawn import spawn
     from graphrl.errors import ExecutionError
 
