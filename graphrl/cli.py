@@ -7,6 +7,7 @@
     graphrl compare EXAMPLE.py --cluster 4x8xH100 [--json]
     graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
     graphrl plot METRICS.jsonl [-o curves.png]      reward, KL, lengths, seconds per call
+    graphrl check-model DIR [--engine E --precision P --json]   every engine vs HF's module
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ def _estimate(argv: Sequence[str]) -> int:
     return estimate_main(list(argv))
 
 
+def _check_model(ns: argparse.Namespace) -> int:
+    from .check_model_cli import check_model_main
+
+    return check_model_main(ns)
+
+
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="graphrl", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", metavar="METRICS.jsonl")
     plot.add_argument("-o", "--output", metavar="PNG", help="picture to write")
     plot.set_defaults(func=_plot)
+    from .check_model_cli import DESCRIPTION as CHECK_DESCRIPTION, add_arguments
+
+    check = sub.add_parser("check-model", help="check every engine against Hugging Face's "
+                                               "own module on a local checkpoint",
+                           description=CHECK_DESCRIPTION)
+    add_arguments(check)
+    check.set_defaults(func=_check_model)
     return p
 
 

@@ -21,7 +21,10 @@ def is_model_dir(value: Any) -> bool:
     return isinstance(value, (str, Path))
 
 
-def check_model_dir(path: str | Path, need_tokenizer: bool = False) -> Path:
+def check_model_dir(path: str | Path, need_tokenizer: bool = False,
+                    read: bool = True) -> Path:
+    """`path` if it holds a config.json and weights (and tokenizer files if asked), and
+    (`read`) a config graphrl.model_config reads; UsageError saying what is wrong."""
     d = Path(path)
     if not d.is_dir():
         raise UsageError(f"model directory {path}: "
@@ -35,7 +38,8 @@ def check_model_dir(path: str | Path, need_tokenizer: bool = False) -> Path:
     if need_tokenizer and not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise UsageError(f"model directory {path}: no tokenizer files (expected one of "
                          f"{', '.join(TOKENIZER_FILES)})")
-    read_config(d)   # before transformers reads it: a bad field is named, not a traceback
+    if read:
+        read_config(d)   # before transformers reads it: a bad field is named, not a traceback
     return d
 
 

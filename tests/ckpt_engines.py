@@ -14,12 +14,13 @@ Rank 0 writes the measurements to a JSON file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from engine_diff import (batch, megatron_process_groups, run, spawn,  # noqa: F401  (run: the harness)
                          tiny_decl)
+
+from graphrl.backends.engines.spawn import init_rank
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -82,12 +83,9 @@ def _steps(make: Any, ref: Any, head: str, folder: Path, name: str) -> dict[str,
 
 
 def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     try:
         from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
         from graphrl.backends.engines.hf import HFEngine

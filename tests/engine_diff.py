@@ -9,9 +9,11 @@ Response masks have unequal lengths per row, so micro-batch weighting matters.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
+
+from graphrl.backends.engines.spawn import init_rank, megatron_process_groups  # noqa: F401
+from graphrl.backends.engines.spawn import spawn as spawn_ranks
 
 B, S, VOCAB = 8, 12, 32
 
@@ -115,23 +117,6 @@ def _update_error(we: dict, wr: dict, start: dict) -> float:
     return float(diff.norm() / step.norm())
 
 
-def megatron_process_groups(rank: int, gpus: list, dp: int, tp: int, pp: int) -> dict:
-    """This rank's megatron process groups of a dp x tp x pp mesh over `gpus`, plus
-    "mesh"; every rank creates every group (torch.distributed requires it)."""
-    import torch.distributed as dist
-
-    from graphrl.backends.engines.megatron import megatron_groups
-
-    groups = {}
-    for kind, lists in megatron_groups(gpus, dp, tp, pp).items():
-        for g in lists:
-            pg = dist.new_group(list(g))
-            if rank in g:
-                groups[kind] = pg
-    groups["mesh"] = dist.new_group(gpus)
-    return groups
-
-
 def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
     from graphrl.backends.engines.hf import HFEngine
     from graphrl.backends.engines.megatron import MegatronEngine
@@ -188,12 +173,9 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
 
 
 def worker(rank: int, world: int, port: int, which: str, configs: list, out: str) -> None:
-    import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     try:
         fn = _megatron if which == "megatron" else _deepspeed
         results = fn(rank, world, configs, None)
@@ -205,24 +187,9 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
 
 
 def spawn(worker: Any, args: tuple, world: int, out: str, timeout_s: float, what: str) -> Any:
-    """Spawn `world` ranks of worker(rank, world, port, *args) on a free local port, kill
-    them after `timeout_s`; the JSON rank 0 wrote to `out`."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(worker, args=(world, port, *args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"{what} ranks did not finish in {timeout_s} s")
+    """Spawn `world` ranks of worker(rank, world, port, *args) (graphrl's spawn: killed
+    after `timeout_s`); the JSON rank 0 wrote to `out`."""
+    spawn_ranks(worker, args, world, timeout_s, what)
     with open(out) as f:
         return json.load(f)
 

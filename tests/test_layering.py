@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_MODULES = {"cli", "compile_cli", "estimate"}
+CLI_MODULES = {"cli", "compile_cli", "estimate", "check_model_cli"}
 
 
 def _imported(tree: ast.AST) -> set[str]:
