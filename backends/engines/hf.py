@@ -54,7 +54,10 @@ def hf_class(spec: Any, auto: bool = False) -> Any:
         return getattr(transformers, "AutoModel" + suffix)
     if spec.family == "gpt2":
         return getattr(transformers, "GPT2LMHeadModel" if spec.head == "lm" else "GPT2" + suffix)
-    return getattr(transformers, "Llama" + suffix)
+    return getattr(transformers, HF_PREFIX[spec.model_type] + suffix)
+
+
+HF_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def inference_config(config: Any, head: str) -> Any:
