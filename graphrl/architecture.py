@@ -153,6 +153,9 @@ def _window(config: Mapping[str, Any], model_type: str) -> int:
                     t not in ("full_attention", "sliding_attention") for t in types):
                 raise ValueError("layer_types must list 'full_attention' / "
                                  "'sliding_attention' per layer")
+            if len(types) != config.get("num_hidden_layers"):
+                raise ValueError(f"layer_types lists {len(types)} layers, "
+                                 f"num_hidden_layers is {config.get('num_hidden_layers')}")
             return int(window or 0) if "sliding_attention" in types else 0
         if not config.get("use_sliding_window"):
             return 0

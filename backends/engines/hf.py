@@ -84,7 +84,7 @@ def build_module(decl: ModelDecl, checkpoint: str | None = None) -> nn.Module:
 
     return load_hf_module(checkpoint, decl.spec.head,
                           lambda config: inference_config(config, decl.spec.head),
-                          hf_class(decl.spec, auto=True))
+                          hf_class(decl.spec, auto=True), decl.name, decl.engine)
 
 
 def scalar_parts(module: nn.Module) -> tuple[nn.Module, nn.Module]:
