@@ -187,6 +187,62 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
     return results
 
 
+def hf_logprobs(module: Any, tokens: Any, att: Any) -> Any:
+    """Per-token log-probs of Hugging Face's own causal-LM `module`, each row run alone
+    on its real tokens (no padding, no mask: the reference for left-padded batches);
+    0 at padding and at each row's first token, as the engines return them."""
+    import torch
+
+    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    for i in range(tokens.shape[0]):
+        real = att[i].nonzero().squeeze(-1)
+        ids = tokens[i, real].unsqueeze(0)
+        lp = torch.log_softmax(module(input_ids=ids).logits.float()[0, :-1], -1)
+        out[i, real[1:]] = lp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def real_pairs(att: Any) -> Any:
+    """Positions whose log-prob is read: a real token after a real one."""
+    import torch
+
+    return (att * torch.nn.functional.pad(att[:, :-1], (1, 0))) > 0
+
+
+def _deepspeed_families(rank: int, world: int, configs: list, _: Any) -> list:
+    """ZeRO-3 over all ranks on each (family, checkpoint directory) of `configs`: the
+    log-probs against HF's own module, then engine_diff.compare against HFEngine."""
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    import graphrl as gr
+    from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
+    from graphrl.backends.engines.hf import HFEngine
+
+    selfs = [dist.new_group([r]) for r in range(world)]
+    mesh = dist.new_group(list(range(world)))
+    results = []
+    for family, path in configs:
+        decl = gr.Model("m", path, role="policy", trainable=True).decl()
+        options = {"lr": 1e-2, "checkpoint": path}
+        eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank,
+                              group=mesh, self_group=selfs[rank], zero=3)
+        ref = HFEngine(decl, options)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32).eval()
+        inputs, _ = batch("lm", ref)
+        fed = {k: inputs["rollout"][k] for k in ("tokens", "attention_mask")}
+        with torch.no_grad():
+            want = hf_logprobs(hf, fed["tokens"], fed["attention_mask"])
+        got = eng.forward(fed)["logprobs"]
+        keep = real_pairs(fed["attention_mask"])
+        results.append({"config": [family, path],
+                        "hf_module": float((got - want)[keep].abs().max()),
+                        **compare(eng, ref, "lm")})
+    return results
+
+
 def worker(rank: int, world: int, port: int, which: str, configs: list, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -195,7 +251,8 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        fn = _megatron if which == "megatron" else _deepspeed
+        fn = {"megatron": _megatron, "deepspeed": _deepspeed,
+              "deepspeed_families": _deepspeed_families}[which]
         results = fn(rank, world, configs, None)
         if rank == 0:
             with open(out, "w") as f:
