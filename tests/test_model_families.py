@@ -288,3 +288,19 @@ def test_weights_that_disagree_with_the_config_are_refused(family_dirs, tmp_path
         assert path in msg and "engine hf" in msg, msg
         for needle in needles:
             assert needle in msg, (needle, msg)
+
+    # the Ray driver checks every checkpoint before a worker starts (launch.compile_for)
+    from conftest import load_build
+    from graphrl.backends.engines.hf_checkpoint import check_checkpoints
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+
+    program = load_build("grpo")(gr.RunOptions(batch_size=8)).program()
+    path = cases[0][0]
+    policy = dataclasses.replace(program.models["policy"], config=path)
+    graph = _with_spec(program.graph, "policy", policy.spec)
+    pins = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3, "engine": "deepspeed"}}
+    placed = compile_graph(graph, ClusterSpec.parse("1x4xcpu"), "auto", placement=pins,
+                           engines=True).graph
+    with pytest.raises(gr.UsageError, match="model policy, engine deepspeed.*layers.2"):
+        check_checkpoints({**program.models, "policy": policy}, placed)

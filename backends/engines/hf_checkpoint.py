@@ -130,6 +130,28 @@ def check_weights(path: str, config: Any, auto_cls: Any, model: str = "",
                          f"layers than the weights hold); {len(extra)} such tensors")
 
 
+def check_checkpoints(models: Mapping[str, Any], graph: Any) -> None:
+    """check_weights for every model of a run loaded from a directory, on the driver
+    before any worker starts; the engine named is the one of its forward/train calls
+    (else its generate call) as graphrl.engines.resolve_engines gives it."""
+    import transformers
+
+    from graphrl.engines import resolve_engines
+
+    from .hf import hf_class, inference_config
+
+    resolved = resolve_engines(graph, {name: m.engine for name, m in models.items()})
+    for name, m in sorted(models.items()):
+        if m.checkpoint is None:
+            continue
+        calls = sorted((n.target == "generate", engine) for n in graph.nodes
+                       for engine in [resolved.get(n.name)] if engine and n.model == name)
+        engine = calls[0][1] if calls else m.engine
+        config = inference_config(transformers.AutoConfig.from_pretrained(
+            m.checkpoint, local_files_only=True), m.head)
+        check_weights(m.checkpoint, config, hf_class(m.spec, auto=True), name, engine)
+
+
 def load_tokenizer(path: str) -> Any:
     """The tokenizer saved in a model directory (tokenizer.json / vocab files)."""
     import transformers
