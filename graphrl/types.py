@@ -175,8 +175,6 @@ class ModelSpec:
         if self.family == "gpt2":
             bad = [k for k in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rope_scaling",
                                "sliding_window") if getattr(self, k)]
-            if self.head_dim * self.num_heads != self.hidden_size:
-                bad.append("head_dim")
             if bad:
                 raise ValueError(f"a gpt2 model has no {', '.join(bad)}")
             return
