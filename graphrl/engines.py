@@ -34,7 +34,7 @@ from dataclasses import replace
 from operator import attrgetter
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .architecture import refuse_unsupported
+from .architecture import ENGINE_FEATURES, refuse_unsupported
 from .errors import UsageError
 
 ENGINES = ("hf", "megatron", "deepspeed", "fast")   # fast: hf with its own generate
@@ -160,8 +160,11 @@ def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None
         if explicit:
             engine = explicit
         else:
-            engine = next((e for e in AUTO_ORDER
-                           if can_run(e, leader.target, leader.placement.strategy)), "hf")
+            able_ = [e for e in AUTO_ORDER
+                     if can_run(e, leader.target, leader.placement.strategy)]
+            features = set(decl.spec.arch.features())   # prefer one implementing them
+            engine = next((e for e in able_ if features <= ENGINE_FEATURES.get(e, set())),
+                          able_[0] if able_ else "hf")
         if not can_run(engine, leader.target, leader.placement.strategy):
             raise _refuse(leader, engine, _why(engine, leader.target))
         refuse_unsupported(decl.name, engine, decl.spec.arch)

@@ -304,3 +304,19 @@ def test_weights_that_disagree_with_the_config_are_refused(family_dirs, tmp_path
                            engines=True).graph
     with pytest.raises(gr.UsageError, match="model policy, engine deepspeed.*layers.2"):
         check_checkpoints({**program.models, "policy": policy}, placed)
+
+
+def test_placement_search_never_chooses_an_engine_lacking_a_feature(monkeypatch):
+    from graphrl.passes.engine_choice import engine_variants
+    from graphrl.parallel import Strategy
+
+    monkeypatch.setitem(architecture.ENGINE_FEATURES, "megatron",
+                        architecture.ENGINE_FEATURES["megatron"] - {"qk_norm"})
+    tp2, flat = Strategy(tp=2), Strategy(dp=2, zero=1, micro_batches=2)
+    assert [s.engine for s in engine_variants("train", tp2)] == ["megatron"]
+    assert engine_variants("train", tp2, features=frozenset({"qk_norm"})) == []
+    assert [s.engine for s in engine_variants("train", flat, features=frozenset(
+        {"qk_norm"}))] == ["deepspeed"]
+    # a pinned engine stays pinned (its refusal names the feature)
+    assert [s.engine for s in engine_variants("train", tp2, "megatron",
+                                              frozenset({"qk_norm"}))] == ["megatron"]
