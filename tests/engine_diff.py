@@ -176,7 +176,11 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
     selfs = [dist.new_group([r]) for r in range(world)]
     mesh = dist.new_group(list(range(world)))
     results = []
-    for family, head, zero, mb, offload in configs:
+    for config in configs:
+        if len(config) == 2:   # [family, checkpoint directory]: tests/test_model_families.py
+            results.append(_deepspeed_family(rank, world, *config, mesh, selfs[rank]))
+            continue
+        family, head, zero, mb, offload = config
         decl = tiny_decl(family, head)
         eng = DeepSpeedEngine(decl, {"lr": 1e-2}, ranks=list(range(world)), rank=rank,
                               group=mesh, self_group=selfs[rank], zero=zero,
@@ -209,38 +213,32 @@ def real_pairs(att: Any) -> Any:
     return (att * torch.nn.functional.pad(att[:, :-1], (1, 0))) > 0
 
 
-def _deepspeed_families(rank: int, world: int, configs: list, _: Any) -> list:
-    """ZeRO-3 over all ranks on each (family, checkpoint directory) of `configs`: the
-    log-probs against HF's own module, then engine_diff.compare against HFEngine."""
+def _deepspeed_family(rank: int, world: int, family: str, path: str, mesh: Any,
+                      self_group: Any) -> dict:
+    """ZeRO-3 over all ranks on a checkpoint directory of a model family: its log-probs
+    against HF's own module, then `compare` against HFEngine."""
     import torch
-    import torch.distributed as dist
     import transformers
 
     import graphrl as gr
     from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
     from graphrl.backends.engines.hf import HFEngine
 
-    selfs = [dist.new_group([r]) for r in range(world)]
-    mesh = dist.new_group(list(range(world)))
-    results = []
-    for family, path in configs:
-        decl = gr.Model("m", path, role="policy", trainable=True).decl()
-        options = {"lr": 1e-2, "checkpoint": path}
-        eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank,
-                              group=mesh, self_group=selfs[rank], zero=3)
-        ref = HFEngine(decl, options)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32).eval()
-        inputs, _ = batch("lm", ref)
-        fed = {k: inputs["rollout"][k] for k in ("tokens", "attention_mask")}
-        with torch.no_grad():
-            want = hf_logprobs(hf, fed["tokens"], fed["attention_mask"])
-        got = eng.forward(fed)["logprobs"]
-        keep = real_pairs(fed["attention_mask"])
-        results.append({"config": [family, path],
-                        "hf_module": float((got - want)[keep].abs().max()),
-                        **compare(eng, ref, "lm")})
-    return results
+    decl = gr.Model("m", path, role="policy", trainable=True).decl()
+    options = {"lr": 1e-2, "checkpoint": path}
+    eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank, group=mesh,
+                          self_group=self_group, zero=3)
+    ref = HFEngine(decl, options)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32).eval()
+    inputs, _ = batch("lm", ref)
+    fed = {k: inputs["rollout"][k] for k in ("tokens", "attention_mask")}
+    with torch.no_grad():
+        want = hf_logprobs(hf, fed["tokens"], fed["attention_mask"])
+    got = eng.forward(fed)["logprobs"]
+    keep = real_pairs(fed["attention_mask"])
+    return {"config": [family, path], "hf_module": float((got - want)[keep].abs().max()),
+            **compare(eng, ref, "lm")}
 
 
 def worker(rank: int, world: int, port: int, which: str, configs: list, out: str) -> None:
@@ -251,8 +249,7 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        fn = {"megatron": _megatron, "deepspeed": _deepspeed,
-              "deepspeed_families": _deepspeed_families}[which]
+        fn = _megatron if which == "megatron" else _deepspeed
         results = fn(rank, world, configs, None)
         if rank == 0:
             with open(out, "w") as f:
