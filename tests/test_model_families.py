@@ -305,3 +305,14 @@ def test_placement_search_never_chooses_an_engine_lacking_a_feature(monkeypatch)
     # a pinned engine stays pinned (its refusal names the feature)
     assert [s.engine for s in engine_variants("train", tp2, "megatron",
                                               frozenset({"qk_norm"}))] == ["megatron"]
+
+
+def test_graph_with_architecture_fields_round_trips_through_its_text():
+    from conftest import load_build
+    from graphrl.parser import parse_graph
+    from graphrl.printer import print_graph
+
+    graph = load_build("grpo")(gr.RunOptions(batch_size=8)).program().graph
+    for family in ("llama3", "qwen2", "qwen3"):
+        g = _with_spec(graph, "policy", ModelSpec.from_hf_config(TINY[family]))
+        assert parse_graph(print_graph(g)) == g, family
