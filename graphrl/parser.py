@@ -23,7 +23,7 @@ _SPEC_KEYS = {"vocab": "vocab_size", "hidden": "hidden_size", "layers": "num_lay
               "qkv_bias": "qkv_bias", "o_bias": "o_bias", "mlp_bias": "mlp_bias",
               "qk_norm": "qk_norm", "rope_theta": "rope_theta",
               "rope_scaling": "rope_scaling", "window": "sliding_window",
-              "act": "activation"}
+              "act": "activation", "eps": "norm_eps"}
 _SPEC_BOOLS = ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
 
 
@@ -134,7 +134,7 @@ def _model_spec(c: _Cursor) -> ModelSpec:
 def _spec_value(c: _Cursor, key: str) -> object:
     if key in ("head", "dtype", "type", "act"):
         return c.ident()
-    if key == "rope_theta":
+    if key in ("rope_theta", "eps"):
         return float(c.match(_NUMBER, "a number"))
     if key == "rope_scaling":   # a JSON object (ModelSpec.arch_text)
         c.ws()

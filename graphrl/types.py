@@ -83,6 +83,9 @@ def weights_spec(model: str, spec: "ModelSpec") -> PayloadSpec:
 
 HEADS = ("lm", "value", "score")
 FAMILIES = ("llama", "gpt2")
+# transformers' default norm epsilon per family (LlamaConfig / MistralConfig / Qwen2Config
+# / Qwen3Config rms_norm_eps, GPT2Config layer_norm_epsilon)
+NORM_EPS = {"llama": 1e-6, "gpt2": 1e-5}
 
 # The layouts transformers gives each model_type of the llama family (what hf_config_dict
 # can rebuild): which of graphrl's architecture fields the HF config can express.
@@ -114,7 +117,8 @@ class ModelSpec:
     `head_dim` (0 at construction: hidden_size / num_heads), q/k/v and o biases, MLP
     biases, per-head q/k RMSNorm, the rotary base and scaling (sorted items of HF's
     rope_parameters without rope_theta; () = plain rotary), a sliding attention window
-    (0 = full attention) and a non-default MLP activation ("" = the family's).
+    (0 = full attention), a non-default MLP activation ("" = the family's) and the
+    norms' epsilon (HF's rms_norm_eps / layer_norm_epsilon).
     """
 
     family: str
@@ -138,6 +142,7 @@ class ModelSpec:
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     sliding_window: int = 0
     activation: str = ""
+    norm_eps: float = 0.0   # 0 at construction: the family's (HF default) epsilon
 
     def __post_init__(self) -> None:
         from .architecture import FAMILIES as TYPES
@@ -161,6 +166,7 @@ class ModelSpec:
         set_("head_dim", int(self.head_dim or self.hidden_size // self.num_heads))
         set_("rope_scaling", _frozen_items(self.rope_scaling))
         set_("rope_theta", float(self.rope_theta))
+        set_("norm_eps", float(self.norm_eps or NORM_EPS[self.family]))
         if self.model_type == "qwen2":
             set_("qkv_bias", True)
         if self.model_type == "qwen3":
@@ -255,6 +261,8 @@ class ModelSpec:
             out.append(f"window={self.sliding_window}")
         if self.activation:
             out.append(f"act={self.activation}")
+        if self.norm_eps != NORM_EPS[self.family]:
+            out.append(f"eps={self.norm_eps!r}")
         return out
 
     def text(self) -> str:
@@ -280,7 +288,8 @@ class ModelSpec:
             h = c["n_embd"]
             return cls("gpt2", c["vocab_size"], h, c["n_layer"], c["n_head"], c["n_head"],
                        c.get("n_inner") or 4 * h, c["n_positions"], head,
-                       bool(c.get("tie_word_embeddings", True)), activation=a.activation)
+                       bool(c.get("tie_word_embeddings", True)), activation=a.activation,
+                       norm_eps=c.get("layer_norm_epsilon") or NORM_EPS["gpt2"])
         if a.sliding_window and a.model_type in ("qwen2", "qwen3"):
             _all_layers_slide(c)
         heads = c["num_attention_heads"]
@@ -291,7 +300,7 @@ class ModelSpec:
                    head_dim=a.head_dim, qkv_bias=a.qkv_bias, o_bias=a.o_bias,
                    mlp_bias=a.mlp_bias, qk_norm=a.qk_norm, rope_theta=a.rope_theta,
                    rope_scaling=a.rope_scaling, sliding_window=a.sliding_window,
-                   activation=a.activation)
+                   activation=a.activation, norm_eps=c.get("rms_norm_eps") or NORM_EPS["llama"])
 
     def hf_config_dict(self) -> dict[str, Any]:
         """The HF config (as a dict with model_type) of exactly this architecture."""
@@ -300,7 +309,8 @@ class ModelSpec:
                         n_layer=self.num_layers, n_head=self.num_heads,
                         n_inner=self.intermediate_size, n_positions=self.max_positions,
                         tie_word_embeddings=self.tie_embeddings, bos_token_id=None,
-                        eos_token_id=None, activation_function=self.activation or "gelu_new")
+                        eos_token_id=None, activation_function=self.activation or "gelu_new",
+                        layer_norm_epsilon=self.norm_eps)
         t = self.model_type
         d = dict(model_type=t, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                  num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
@@ -309,7 +319,7 @@ class ModelSpec:
                  max_position_embeddings=self.max_positions,
                  tie_word_embeddings=self.tie_embeddings, bos_token_id=None,
                  eos_token_id=None, pad_token_id=None, head_dim=self.head_dim,
-                 hidden_act=self.activation or "silu",
+                 hidden_act=self.activation or "silu", rms_norm_eps=self.norm_eps,
                  rope_parameters={"rope_type": "default", **dict(self.rope_scaling),
                                   "rope_theta": self.rope_theta})
         if _HF_CAN[t][0]:

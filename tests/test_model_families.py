@@ -106,6 +106,11 @@ def test_architecture_fields_print_only_when_not_the_default():
     from graphrl.parser import _Cursor, _model_spec
 
     assert _model_spec(_Cursor(odd.text(), 1)) == odd
+    # the norms' epsilon (Llama-2 checkpoints: 1e-5, transformers' default 1e-6)
+    for family, field in (("llama2", "rms_norm_eps"), ("gpt2", "layer_norm_epsilon")):
+        spec = ModelSpec.from_hf_config({**TINY[family], field: 3e-5})
+        assert getattr(spec.hf_config(), field) == 3e-5 and "eps=3e-05" in spec.text()
+        assert _model_spec(_Cursor(spec.text(), 1)) == spec
     # the cost model sees head_dim: KV cache and attention FLOPs follow it
     from graphrl.compute_cost import attention_flops, kv_cache_bytes
 
