@@ -285,6 +285,11 @@ class ModelSpec:
             config, "to_dict") else config.to_dict())
         a = architecture(c)
         if a.family == "gpt2":
+            for field, plain in (("scale_attn_weights", True),
+                                 ("scale_attn_by_inverse_layer_idx", False)):
+                if bool(c.get(field, plain)) != plain:   # not 1/sqrt(head_dim)
+                    raise ValueError(f"{field}={str(not plain).lower()}: graphrl models "
+                                     "GPT-2 attention scaled by 1/sqrt(head_dim) only")
             h = c["n_embd"]
             return cls("gpt2", c["vocab_size"], h, c["n_layer"], c["n_head"], c["n_head"],
                        c.get("n_inner") or 4 * h, c["n_positions"], head,

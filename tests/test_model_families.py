@@ -193,6 +193,10 @@ def test_hf_engine_step_equals_a_step_by_hand(family, family_dirs):
 def test_unknown_config_field_is_refused_by_name(family_dirs, tmp_path):
     with pytest.raises(gr.TraceError, match="rope_frobnication"):
         gr.Model("policy", {**TINY["qwen3"], "rope_frobnication": 2}, role="policy").spec
+    # a read field whose value graphrl cannot express is refused by name as well
+    with pytest.raises(gr.TraceError, match="scale_attn_by_inverse_layer_idx"):
+        gr.Model("policy", {**TINY["gpt2"], "scale_attn_by_inverse_layer_idx": True},
+                 role="policy").spec
     bad = tmp_path / "bad"
     bad.mkdir()
     config = json.loads(open(os.path.join(family_dirs["llama2"], "config.json")).read())
