@@ -72,6 +72,10 @@ class LocalExecutor:
         self._clock0 = time.perf_counter()
 
     def _create(self, device: str) -> dict[str, ModelEngine]:
+        from graphrl.architecture import refuse_unsupported
+
+        for name, m in self.program.models.items():   # before any engine is built
+            refuse_unsupported(name, m.engine, m.spec.arch)
         engines = {name: create_engine(m.engine, m.decl(), m.engine_options(), device, self.seed)
                    for name, m in self.program.models.items()}
         for name, m in self.program.models.items():

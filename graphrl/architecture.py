@@ -145,7 +145,8 @@ def _rope(config: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
 
 def _window(config: Mapping[str, Any], model_type: str) -> int:
     """The sliding window that applies to some layer, or 0."""
-    window = config.get("sliding_window")
+    # MistralConfig's default window (4096) applies when config.json has no such field
+    window = config.get("sliding_window", 4096 if model_type == "mistral" else None)
     if model_type in ("qwen2", "qwen3"):
         types = config.get("layer_types")
         if types is not None:
@@ -153,6 +154,9 @@ def _window(config: Mapping[str, Any], model_type: str) -> int:
                     t not in ("full_attention", "sliding_attention") for t in types):
                 raise ValueError("layer_types must list 'full_attention' / "
                                  "'sliding_attention' per layer")
+            if len(types) != config.get("num_hidden_layers"):
+                raise ValueError(f"layer_types lists {len(types)} layers, "
+                                 f"num_hidden_layers is {config.get('num_hidden_layers')}")
             return int(window or 0) if "sliding_attention" in types else 0
         if not config.get("use_sliding_window"):
             return 0
@@ -191,7 +195,8 @@ def architecture(config: Mapping[str, Any]) -> Architecture:
         return Architecture(model_type, family, h // heads, activation=(
             "" if act in ("gelu_new", "gelu_pytorch_tanh", "gelu") else str(act)))
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
+    # Qwen3Config's default head_dim is 128, whatever hidden / heads is
+    head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
     bias = bool(config.get("attention_bias", False))

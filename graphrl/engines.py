@@ -23,7 +23,9 @@ engine of a model's forward/train calls is the one pinned on any of them (placem
 model's declared engine when it is not the default `hf`, else the first of hf,
 deepspeed, megatron that runs the planned strategy of its leading call. A call whose
 planned strategy its engine cannot run is refused, naming the call, the strategy and the
-engines that can: never a fallback. `planned_degrees` / `degree_mismatches`: what a run
+engines that can: never a fallback; so is a model with an architecture feature one of its
+engines does not implement (graphrl.architecture.refuse_unsupported: model, engine,
+feature). `planned_degrees` / `degree_mismatches`: what a run
 reports as executed (engine, dp, tp, pp, sp, ZeRO, micro-batches) against the plan.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import replace
 from operator import attrgetter
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .architecture import ENGINE_FEATURES, refuse_unsupported
 from .errors import UsageError
 
 ENGINES = ("hf", "megatron", "deepspeed", "fast")   # fast: hf with its own generate
@@ -141,6 +144,7 @@ def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None
                 engine = pinned or ("fast" if declared.get(decl.name) == "fast" else "hf")
                 if not can_run(engine, "generate", n.placement.strategy):
                     raise _refuse(n, engine, _why(engine, "generate"))
+                refuse_unsupported(decl.name, engine, decl.spec.arch)
                 out[n.name] = engine
         if not main:
             continue
@@ -156,10 +160,14 @@ def resolve_engines(graph: Any, declared: Optional[Mapping[str, str]] = None
         if explicit:
             engine = explicit
         else:
-            engine = next((e for e in AUTO_ORDER
-                           if can_run(e, leader.target, leader.placement.strategy)), "hf")
+            able_ = [e for e in AUTO_ORDER
+                     if can_run(e, leader.target, leader.placement.strategy)]
+            features = set(decl.spec.arch.features())   # prefer one implementing them
+            engine = next((e for e in able_ if features <= ENGINE_FEATURES.get(e, set())),
+                          able_[0] if able_ else "hf")
         if not can_run(engine, leader.target, leader.placement.strategy):
             raise _refuse(leader, engine, _why(engine, leader.target))
+        refuse_unsupported(decl.name, engine, decl.spec.arch)
         lead = leader.placement.strategy
         for n in main:
             runs = shared_strategy(lead, n.target, _rows(graph, n))

@@ -1,14 +1,12 @@
-"""Schema check of a Hugging Face config.json (the fields graphrl reads): each error names
-the field, what it must be and what it is. Other fields are left alone (HF configs carry
-many graphrl does not use)."""
+"""Schema check of a Hugging Face config.json: each error names the field, what it must be
+and what it is. Every field is audited by graphrl.architecture: read, known to be neutral,
+or refused by name (a field graphrl does not know is never silently ignored)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .architecture import FAMILIES, architecture
 from .nearest import suggest
-
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-            "gpt2": "gpt2"}
 
 # family -> (required positive-int fields, optional positive-int fields)
 FIELDS = {
@@ -53,13 +51,14 @@ def check_hf_config(config: Any) -> Mapping[str, Any]:
             raise ValueError(f"{k} must be true or false, got {_describe(config[k])}")
     hidden, heads = ((config["n_embd"], config["n_head"]) if family == "gpt2" else
                      (config["hidden_size"], config["num_attention_heads"]))
-    if hidden % heads:
+    if hidden % heads and (family == "gpt2" or config.get("head_dim") is None):
         raise ValueError(f"{'n_embd' if family == 'gpt2' else 'hidden_size'} {hidden} is not "
                          f"divisible by the {heads} attention heads")
     kv = config.get("num_key_value_heads") if family == "llama" else None
     if kv is not None and heads % kv:
         raise ValueError(f"num_attention_heads {heads} is not divisible by "
                          f"num_key_value_heads {kv}")
+    architecture(config)   # the field audit: ValueError naming a field graphrl cannot read
     return config
 
 

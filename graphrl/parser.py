@@ -19,7 +19,12 @@ _NUMBER = re.compile(r"-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|inf|nan)")
 _SPEC_KEYS = {"vocab": "vocab_size", "hidden": "hidden_size", "layers": "num_layers",
               "heads": "num_heads", "kv_heads": "num_kv_heads", "ffn": "intermediate_size",
               "ctx": "max_positions", "head": "head", "tied": "tie_embeddings",
-              "dtype": "dtype"}
+              "dtype": "dtype", "type": "model_type", "head_dim": "head_dim",
+              "qkv_bias": "qkv_bias", "o_bias": "o_bias", "mlp_bias": "mlp_bias",
+              "qk_norm": "qk_norm", "rope_theta": "rope_theta",
+              "rope_scaling": "rope_scaling", "window": "sliding_window",
+              "act": "activation", "eps": "norm_eps"}
+_SPEC_BOOLS = ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
 
 
 class _Cursor:
@@ -116,12 +121,32 @@ def _model_spec(c: _Cursor) -> ModelSpec:
         if key not in _SPEC_KEYS:
             raise c.fail(f"one of {', '.join(_SPEC_KEYS)}")
         c.expect("=")
-        kw[_SPEC_KEYS[key]] = c.ident() if key in ("head", "dtype") else c.integer()
-    kw["tie_embeddings"] = bool(kw.get("tie_embeddings", 0))
+        kw[_SPEC_KEYS[key]] = _spec_value(c, key)
+    for k in _SPEC_BOOLS:
+        if k in kw:
+            kw[k] = bool(kw[k])
     try:
         return ModelSpec(family, **kw)  # type: ignore[arg-type]
     except (TypeError, ValueError, ZeroDivisionError) as e:   # heads=0 divides by zero
         raise c.fail(f"a valid model spec ({e})") from None
+
+
+def _spec_value(c: _Cursor, key: str) -> object:
+    if key in ("head", "dtype", "type", "act"):
+        return c.ident()
+    if key in ("rope_theta", "eps"):
+        return float(c.match(_NUMBER, "a number"))
+    if key == "rope_scaling":   # a JSON object (ModelSpec.arch_text)
+        c.ws()
+        try:
+            value, end = json.JSONDecoder().raw_decode(c.s, c.i)
+        except json.JSONDecodeError:
+            raise c.fail("a JSON object") from None
+        if not isinstance(value, dict):
+            raise c.fail("a JSON object")
+        c.i = end
+        return value
+    return c.integer()
 
 
 def _payload(c: _Cursor) -> PayloadSpec:

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from graphrl.parallel import DeviceMesh, Strategy
 
@@ -463,31 +463,54 @@ def model_layout(params: Sequence[ParamSpec], mesh: DeviceMesh, strategy: Strate
 
 
 def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, *,
-                 tie_embeddings: bool = False, vocab_parallel: bool = True
-                 ) -> tuple[ParamSpec, ...]:
-    """Weights of HF `LlamaForCausalLM` in state_dict order, with Megatron-style TP kinds
-    (Shoeybi et al. 2019): q/k/v/gate/up colwise, o/down rowwise, norms replicated,
-    embedding and lm_head vocab-parallel (dim 0) unless `vocab_parallel=False`."""
-    if hidden % heads or heads % kv_heads:
+                 tie_embeddings: bool = False, vocab_parallel: bool = True,
+                 head_dim: int = 0, qkv_bias: bool = False, o_bias: bool = False,
+                 mlp_bias: bool = False, qk_norm: bool = False) -> tuple[ParamSpec, ...]:
+    """Weights of HF `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3: `head_dim`, biases,
+    per-head q/k norms) in state_dict order, with Megatron-style TP kinds (Shoeybi et al.
+    2019): q/k/v/gate/up (and their biases) colwise, o/down rowwise, their biases, norms
+    replicated, embedding and lm_head vocab-parallel (dim 0) unless `vocab_parallel=False`."""
+    if (not head_dim and hidden % heads) or heads % kv_heads:
         raise ValueError(f"hidden {hidden} / heads {heads} / kv_heads {kv_heads} do not divide")
-    kv = kv_heads * (hidden // heads)
+    d = head_dim or hidden // heads
+    q, kv = heads * d, kv_heads * d
     vk = "colwise" if vocab_parallel else "replicate"
     out = [ParamSpec("model.embed_tokens.weight", (vocab, hidden), vk, -1)]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [ParamSpec(p + "self_attn.q_proj.weight", (hidden, hidden), "colwise", i),
-                ParamSpec(p + "self_attn.k_proj.weight", (kv, hidden), "colwise", i),
-                ParamSpec(p + "self_attn.v_proj.weight", (kv, hidden), "colwise", i),
-                ParamSpec(p + "self_attn.o_proj.weight", (hidden, hidden), "rowwise", i),
-                ParamSpec(p + "mlp.gate_proj.weight", (ffn, hidden), "colwise", i),
-                ParamSpec(p + "mlp.up_proj.weight", (ffn, hidden), "colwise", i),
-                ParamSpec(p + "mlp.down_proj.weight", (hidden, ffn), "rowwise", i),
-                ParamSpec(p + "input_layernorm.weight", (hidden,), "replicate", i),
+        for name, rows in (("q", q), ("k", kv), ("v", kv)):
+            out.append(ParamSpec(p + f"self_attn.{name}_proj.weight", (rows, hidden),
+                                 "colwise", i))
+            if qkv_bias:
+                out.append(ParamSpec(p + f"self_attn.{name}_proj.bias", (rows,), "colwise", i))
+        out.append(ParamSpec(p + "self_attn.o_proj.weight", (hidden, q), "rowwise", i))
+        if o_bias:
+            out.append(ParamSpec(p + "self_attn.o_proj.bias", (hidden,), "replicate", i))
+        if qk_norm:
+            out += [ParamSpec(p + "self_attn.q_norm.weight", (d,), "replicate", i),
+                    ParamSpec(p + "self_attn.k_norm.weight", (d,), "replicate", i)]
+        for name, shape, kind in (("gate", (ffn, hidden), "colwise"),
+                                  ("up", (ffn, hidden), "colwise"),
+                                  ("down", (hidden, ffn), "rowwise")):
+            out.append(ParamSpec(p + f"mlp.{name}_proj.weight", shape, kind, i))
+            if mlp_bias:
+                out.append(ParamSpec(p + f"mlp.{name}_proj.bias", shape[:1],
+                                     "replicate" if kind == "rowwise" else kind, i))
+        out += [ParamSpec(p + "input_layernorm.weight", (hidden,), "replicate", i),
                 ParamSpec(p + "post_attention_layernorm.weight", (hidden,), "replicate", i)]
     out.append(ParamSpec("model.norm.weight", (hidden,), "replicate", layers))
     if not tie_embeddings:
         out.append(ParamSpec("lm_head.weight", (vocab, hidden), vk, layers))
     return tuple(out)
+
+
+def spec_params(spec: Any, vocab_parallel: bool = True) -> tuple[ParamSpec, ...]:
+    """llama_params of a llama-family graphrl.types.ModelSpec (its head_dim and biases)."""
+    return llama_params(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+                        spec.intermediate_size, spec.vocab_size,
+                        tie_embeddings=spec.tie_embeddings, vocab_parallel=vocab_parallel,
+                        head_dim=spec.head_dim, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias,
+                        mlp_bias=spec.mlp_bias, qk_norm=spec.qk_norm)
 
 
 _MEGATRON_KINDS = (   # (pattern, kind, layer: "i" = the matched layer, -1 first, "L" last)
@@ -532,4 +555,4 @@ __all__ = ["megatron_params", "Box", "FlatRange", "Piece", "TensorLayout", "Para
            "ZERO_FORMATS", "region_size", "region_intersect", "region_subtract",
            "flat_to_boxes", "flat_intervals", "split_region", "piece_region",
            "piece_local_shape", "chunk_bounds", "stage_of", "layout_for", "model_layout",
-           "llama_params"]
+           "llama_params", "spec_params"]

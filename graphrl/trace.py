@@ -31,8 +31,8 @@ class Model:
     """A model of the RL step, as the user declares it.
 
     config: a local Hugging Face model directory (its config.json is planned from and its
-    weights and tokenizer loaded), a transformers config (Llama- or GPT-2-shaped), its
-    dict, or a ModelSpec.
+    weights and tokenizer loaded), a transformers config (llama, mistral, qwen2, qwen3,
+    gpt2), its dict, or a ModelSpec.
     head: lm (policy, reference), value (critic) or score (reward model).
     options: engine settings (lr, weight_decay, grad_clip, ...).
     init_from: name of a model whose initial weights this one copies (a reference model
@@ -62,8 +62,9 @@ class Model:
             return ModelSpec.from_hf_config(config, head=self.head)
         except (KeyError, ValueError, TypeError) as e:
             where = self.checkpoint or "its config"
-            raise TraceError(f"model {self.name} ({where}): not a Llama- or GPT-2-shaped "
-                             f"config: {type(e).__name__} {e}") from None
+            raise TraceError(f"model {self.name} ({where}): graphrl cannot read this "
+                             f"config (llama, mistral, qwen2, qwen3 or gpt2): "
+                             f"{type(e).__name__} {e}") from None
 
     def engine_options(self) -> dict[str, Any]:
         """What the engine is built with: `options`, plus the checkpoint directory."""

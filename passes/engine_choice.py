@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
+from graphrl.architecture import ENGINE_FEATURES
 from graphrl.engines import AUTO_ORDER, can_run, leading_call
 from graphrl.parallel import Strategy
 
@@ -37,14 +38,17 @@ def shared_engine_calls(calls: Sequence[Any], pins: Mapping[str, Any]
     return leader, followers
 
 
-def engine_variants(phase: str, s: Strategy, fixed: str = "") -> list[Strategy]:
+def engine_variants(phase: str, s: Strategy, fixed: str = "",
+                    features: frozenset[str] = frozenset()) -> list[Strategy]:
     """`s` on each engine that executes it for a `phase` call: generate as it is; the
     model's `fixed` engine when there is one; else each of hf (as ""), deepspeed,
-    megatron that runs it."""
+    megatron that runs it and implements the model's architecture `features`
+    (graphrl.architecture: an engine that lacks one is never chosen for it)."""
     if phase == "generate":
         return [s]
     return [replace(s, engine="" if e == "hf" else e)
-            for e in ((fixed,) if fixed else AUTO_ORDER) if can_run(e, phase, s)]
+            for e in ((fixed,) if fixed else AUTO_ORDER) if can_run(e, phase, s)
+            and (fixed or features <= ENGINE_FEATURES.get(e, frozenset()))]
 
 
 __all__ = ["shared_engine_calls", "engine_variants"]

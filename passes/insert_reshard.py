@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from graphrl.cost import reshard_received_bytes
 from graphrl.graph import SYSTEM, Graph, Node, Placement, Value
 from graphrl.parallel import DeviceMesh, Strategy
-from graphrl.shard import ModelLayout, llama_params, model_layout
+from graphrl.shard import ModelLayout, model_layout, spec_params
 from graphrl.types import DTYPE_BYTES, ModelSpec
 
 from .base import PassContext
@@ -28,9 +28,7 @@ def weight_layout(spec: ModelSpec, mesh: DeviceMesh, strategy: Strategy,
     """The weights' layout under a strategy: TP slices, pipeline stages, and for ZeRO-3
     FSDP2's even dim-0 chunks over data-parallel ranks (other stages replicate weights).
     `layers` limits the model to its first layers (see representative_plan)."""
-    params = llama_params(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-                          spec.intermediate_size, spec.vocab_size,
-                          tie_embeddings=spec.tie_embeddings)
+    params = spec_params(spec)
     if layers is not None:
         params = tuple(p for p in params if p.layer_index is None or p.layer_index < layers
                        or p.layer_index == spec.num_layers or p.layer_index == -1)

@@ -262,7 +262,8 @@ class Problem:
                if not any(getattr(s, k) != val for k, val in pinned.items())]
         # none that an engine runs: plan them anyway (graphrl.engines refuses a run by name)
         fixed = self.engines.get(c.model, "")
-        cands = [v for s in raw for v in engine_variants(c.phase, s, fixed)] or [
+        features = frozenset(self.specs[c.model].arch.features())
+        cands = [v for s in raw for v in engine_variants(c.phase, s, fixed, features)] or [
             replace(s, engine=fixed) for s in raw]
         for s in cands:
             ch = self.cost(c, s)

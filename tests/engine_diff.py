@@ -161,7 +161,11 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
     selfs = [dist.new_group([r]) for r in range(world)]
     mesh = dist.new_group(list(range(world)))
     results = []
-    for family, head, zero, mb, offload in configs:
+    for config in configs:
+        if len(config) == 2:   # [family, checkpoint directory]: tests/test_model_families.py
+            results.append(_deepspeed_family(rank, world, *config, mesh, selfs[rank]))
+            continue
+        family, head, zero, mb, offload = config
         decl = tiny_decl(family, head)
         eng = DeepSpeedEngine(decl, {"lr": 1e-2}, ranks=list(range(world)), rank=rank,
                               group=mesh, self_group=selfs[rank], zero=zero,
@@ -170,6 +174,56 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
         results.append({"config": [family, head, zero, mb, offload],
                         **compare(eng, ref, head)})
     return results
+
+
+def hf_logprobs(module: Any, tokens: Any, att: Any) -> Any:
+    """Per-token log-probs of Hugging Face's own causal-LM `module`, each row run alone
+    on its real tokens (no padding, no mask: the reference for left-padded batches);
+    0 at padding and at each row's first token, as the engines return them."""
+    import torch
+
+    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    for i in range(tokens.shape[0]):
+        real = att[i].nonzero().squeeze(-1)
+        ids = tokens[i, real].unsqueeze(0)
+        lp = torch.log_softmax(module(input_ids=ids).logits.float()[0, :-1], -1)
+        out[i, real[1:]] = lp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def real_pairs(att: Any) -> Any:
+    """Positions whose log-prob is read: a real token after a real one."""
+    import torch
+
+    return (att * torch.nn.functional.pad(att[:, :-1], (1, 0))) > 0
+
+
+def _deepspeed_family(rank: int, world: int, family: str, path: str, mesh: Any,
+                      self_group: Any) -> dict:
+    """ZeRO-3 over all ranks on a checkpoint directory of a model family: its log-probs
+    against HF's own module, then `compare` against HFEngine."""
+    import torch
+    import transformers
+
+    import graphrl as gr
+    from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
+    from graphrl.backends.engines.hf import HFEngine
+
+    decl = gr.Model("m", path, role="policy", trainable=True).decl()
+    options = {"lr": 1e-2, "checkpoint": path}
+    eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank, group=mesh,
+                          self_group=self_group, zero=3)
+    ref = HFEngine(decl, options)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32).eval()
+    inputs, _ = batch("lm", ref)
+    fed = {k: inputs["rollout"][k] for k in ("tokens", "attention_mask")}
+    with torch.no_grad():
+        want = hf_logprobs(hf, fed["tokens"], fed["attention_mask"])
+    got = eng.forward(fed)["logprobs"]
+    keep = real_pairs(fed["attention_mask"])
+    return {"config": [family, path], "hf_module": float((got - want)[keep].abs().max()),
+            **compare(eng, ref, "lm")}
 
 
 def worker(rank: int, world: int, port: int, which: str, configs: list, out: str) -> None:

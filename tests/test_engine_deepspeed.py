@@ -19,14 +19,25 @@ FWD, LOSS, UPDATE, WEIGHTS = 1e-5, 1e-4, 5e-3, 1e-2
 
 
 def test_deepspeed_matches_hf(tmp_path):
+    from graphrl.families import TINY, save_random_checkpoint
+
     configs = [  # family, head, zero stage, micro-batches, offload optimizer
         ["llama", "lm", 1, 1, False],
         ["gpt2", "value", 2, 2, False],
         ["llama", "lm", 3, 2, True],
         ["gpt2", "lm", 3, 1, False],
     ]
-    results = run("deepspeed", 2, configs, str(tmp_path / "deepspeed.json"))
-    assert [r["config"] for r in results] == configs
+    # and (in the same spawn: each costs seconds) ZeRO-3 on checkpoints of the families
+    # whose weights differ in kind (tests/test_model_families.py checks hf on all six):
+    # qwen2 biases, qwen3 q/k norm + head_dim, llama3 rope scaling; their log-probs also
+    # against HF's own module
+    families = [[f, str(save_random_checkpoint(TINY[f], tmp_path / f, seed=i))]
+                for i, f in enumerate(["qwen2", "qwen3", "llama3"])]
+    results = run("deepspeed", 2, configs + families, str(tmp_path / "deepspeed.json"),
+                  timeout_s=600.0)   # a loaded shared machine: minutes
+    assert [r["config"] for r in results] == configs + families
+    for r in results[len(configs):]:
+        assert r["hf_module"] < FWD, r
     for r in results:
         assert r["same_names"], r
         assert r["layout"] == "", r   # local arrays = the shard-algebra layout

@@ -54,7 +54,10 @@ def hf_class(spec: Any, auto: bool = False) -> Any:
         return getattr(transformers, "AutoModel" + suffix)
     if spec.family == "gpt2":
         return getattr(transformers, "GPT2LMHeadModel" if spec.head == "lm" else "GPT2" + suffix)
-    return getattr(transformers, "Llama" + suffix)
+    return getattr(transformers, HF_PREFIX[spec.model_type] + suffix)
+
+
+HF_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def inference_config(config: Any, head: str) -> Any:
@@ -81,7 +84,7 @@ def build_module(decl: ModelDecl, checkpoint: str | None = None) -> nn.Module:
 
     return load_hf_module(checkpoint, decl.spec.head,
                           lambda config: inference_config(config, decl.spec.head),
-                          hf_class(decl.spec, auto=True))
+                          hf_class(decl.spec, auto=True), decl.name, decl.engine)
 
 
 def scalar_parts(module: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -35,21 +35,121 @@ def no_progress_bars():
             logging.enable_progress_bar()
 
 
-def load_hf_module(path: str, head: str, adjust: Callable[[Any], Any], auto_cls: Any) -> Any:
+def load_hf_module(path: str, head: str, adjust: Callable[[Any], Any], auto_cls: Any,
+                   model: str = "", engine: str = "hf") -> Any:
     """The module of the directory at `path` as class `auto_cls`, float32, its config
-    passed through `adjust` first. A scalar head the checkpoint lacks starts fresh."""
+    passed through `adjust` first. A scalar head the checkpoint lacks starts fresh; any
+    other tensor the config implies must be there with its shape (check_weights)."""
     import torch
     import transformers
 
     check_model_dir(path)
     try:
         config = adjust(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+        check_weights(path, config, auto_cls, model, engine)
         with no_progress_bars():
             return auto_cls.from_pretrained(path, config=config, local_files_only=True,
                                             dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"model directory {path}: cannot load it as a {head}-head model: "
                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """tensor name -> (shape, file) of the weights in a model directory, read from the
+    safetensors headers (nothing loaded) or a memory-mapped pytorch_model.bin."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    d = Path(path)
+    index = next((d / f for f in ("model.safetensors.index.json",
+                                  "pytorch_model.bin.index.json") if (d / f).is_file()), None)
+    if index is not None:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (d / f).is_file()][:1]
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            with safe_open(str(d / f), framework="pt") as fh:
+                for k in fh.keys():
+                    out[k] = (tuple(fh.get_slice(k).get_shape()), f)
+        else:
+            state = torch.load(d / f, map_location="cpu", mmap=True, weights_only=True)
+            out.update({k: (tuple(v.shape), f) for k, v in state.items()})
+    return out
+
+
+# buffers older checkpoints saved (GPT-2's causal masks, rotary frequencies): not weights
+_BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def check_weights(path: str, config: Any, auto_cls: Any, model: str = "",
+                  engine: str = "hf") -> None:
+    """UsageError unless the weights in `path` hold every parameter the config implies for
+    class `auto_cls` with its shape (a fresh scalar head excepted), and no layer the config
+    lacks: a config that disagrees with its weights is never half random-initialised."""
+    import re
+
+    import torch
+
+    with torch.device("meta"):
+        module = auto_cls.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in module.named_parameters()}  # tied: once
+    found = checkpoint_shapes(path)
+    prefix = module.base_model_prefix + "."
+    if found and not any(k.startswith(prefix) for k in found):   # a bare base model
+        found = {prefix + k: v for k, v in found.items()}
+    who = f"model {model}, engine {engine}" if model else f"engine {engine}"
+    for name, shape in expected.items():
+        if name in found and found[name][0] != shape:
+            raise UsageError(f"model directory {path} ({who}): tensor {name} in "
+                             f"{found[name][1]} has shape {list(found[name][0])}, but "
+                             f"config.json implies {list(shape)}")
+    layer = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+    held = {int(m.group(1)) for k in found for m in [layer.search(k)] if m}
+    layers_field = "n_layer" if hasattr(config, "n_layer") else "num_hidden_layers"
+    missing = [k for k in expected if k not in found
+               and not k.startswith(("score.", "classifier."))]   # a fresh scalar head
+    if missing:
+        m = layer.search(missing[0])
+        why = (f" ({layers_field}={config.num_hidden_layers} but the weights hold "
+               f"{len(held)} layers)" if m and int(m.group(1)) not in held else "")
+        raise UsageError(f"model directory {path} ({who}): config.json implies tensor "
+                         f"{missing[0]}{why}, which the weights do not hold "
+                         f"({len(missing)} tensor{'s' * (len(missing) > 1)} missing)")
+    extra = sorted((k for k in found if k.startswith(prefix) and k not in expected
+                    and not k.endswith(_BUFFERS)),
+                   key=lambda k: (len(k), k))
+    if extra:
+        raise UsageError(f"model directory {path} ({who}): the weights hold tensor "
+                         f"{extra[0]} ({found[extra[0]][1]}), which config.json does not "
+                         f"imply (e.g. {layers_field}={config.num_hidden_layers} is fewer "
+                         f"layers than the weights hold); {len(extra)} such tensors")
+
+
+def check_checkpoints(models: Mapping[str, Any], graph: Any) -> None:
+    """check_weights for every model of a run loaded from a directory, on the driver
+    before any worker starts; the engine named is the one of its forward/train calls
+    (else its generate call) as graphrl.engines.resolve_engines gives it."""
+    import transformers
+
+    from graphrl.engines import resolve_engines
+
+    from .hf import hf_class, inference_config
+
+    resolved = resolve_engines(graph, {name: m.engine for name, m in models.items()})
+    for name, m in sorted(models.items()):
+        if m.checkpoint is None:
+            continue
+        calls = sorted((n.target == "generate", engine) for n in graph.nodes
+                       for engine in [resolved.get(n.name)] if engine and n.model == name)
+        engine = calls[0][1] if calls else m.engine
+        config = inference_config(transformers.AutoConfig.from_pretrained(
+            m.checkpoint, local_files_only=True), m.head)
+        check_weights(m.checkpoint, config, hf_class(m.spec, auto=True), name, engine)
 
 
 def load_tokenizer(path: str) -> Any:

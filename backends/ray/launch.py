@@ -34,6 +34,9 @@ def compile_for(program: Any, opts: RunOptions) -> Any:
                              progress=progress)
     if progress is not None:
         progress.done()
+    from graphrl.backends.engines.hf_checkpoint import check_checkpoints
+
+    check_checkpoints(program.models, compiled.graph)   # weights agree with config.json
     return compiled
 
 

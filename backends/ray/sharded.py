@@ -24,7 +24,7 @@ from torch import nn
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 from graphrl.parallel import DeviceMesh, Strategy
-from graphrl.shard import Box, ModelLayout, ParamSpec, llama_params, model_layout
+from graphrl.shard import Box, ModelLayout, ParamSpec, model_layout, spec_params
 
 from ..engines.hf import HFEngine, build_module
 
@@ -33,16 +33,14 @@ from ..engines.hf import HFEngine, build_module
 def param_specs(decl: ModelDecl) -> tuple[ParamSpec, ...]:
     """The weights of `decl`'s HF module in state_dict order (built on the meta device, so
     nothing is allocated). Llama weights carry their tensor-parallel kinds and layers
-    (graphrl.shard.llama_params); others are `replicate`, on every stage."""
+    (graphrl.shard.spec_params); others are `replicate`, on every stage."""
     with torch.device("meta"):
         module = build_module(decl)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     known: dict[str, ParamSpec] = {}
     s = decl.spec
     if s.family == "llama":
-        known = {p.name: p for p in llama_params(s.hidden_size, s.num_layers, s.num_heads,
-                                                 s.num_kv_heads, s.intermediate_size,
-                                                 s.vocab_size, tie_embeddings=s.tie_embeddings)}
+        known = {p.name: p for p in spec_params(s)}
     out = []
     for name, shape in shapes.items():
         p = known.get(name)
