@@ -114,6 +114,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
+    exp = exp.with_precision(opts)
     check_checkpoint_options(opts)
     if opts.save:
         check_save_target(opts.save)

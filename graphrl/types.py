@@ -9,7 +9,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 # Bytes per element of the dtypes payloads and weights use.
-DTYPE_BYTES = {"bool": 1, "i32": 4, "i64": 8, "f16": 2, "bf16": 2, "f32": 4}
+DTYPE_BYTES = {"bool": 1, "i32": 4, "i64": 8, "f16": 2, "bf16": 2, "f32": 4, "fp32": 4}
+# A model's precision (ModelSpec.dtype, the one place the plan keeps it): "bf16" mixed
+# precision (bf16 compute and activations, fp32 master weights and Adam state when it
+# trains; a frozen model holds bf16 weights only) or "fp32" throughout.
+PRECISIONS = ("bf16", "fp32")
 
 WEIGHTS = "Weights"
 
@@ -103,13 +107,16 @@ class ModelSpec:
     max_positions: int
     head: str = "lm"
     tie_embeddings: bool = False
-    dtype: str = "bf16"     # dtype of the weights as served (generation / inference)
+    dtype: str = "bf16"     # the model's precision (PRECISIONS): weights as served, compute
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r} (known: {', '.join(FAMILIES)})")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r} (known: {', '.join(HEADS)})")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.dtype!r} (allowed: "
+                             f"{', '.join(PRECISIONS)})")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / "
                              f"kv_heads {self.num_kv_heads} do not divide")
@@ -223,5 +230,5 @@ def field_tuple(*fields: tuple[str, str, bool]) -> tuple[Field, ...]:
     return tuple(Field(n, d, t) for n, d, t in fields)
 
 
-__all__ = ["DTYPE_BYTES", "Field", "PayloadSpec", "ModelSpec", "weights_spec", "llama2",
+__all__ = ["DTYPE_BYTES", "PRECISIONS", "Field", "PayloadSpec", "ModelSpec", "weights_spec", "llama2",
            "HEADS", "FAMILIES", "WEIGHTS", "field_tuple"]

@@ -109,7 +109,8 @@ def test_every_call_ran_as_planned_per_the_trace(ray_run, plan, exp):
         if not e.ran:
             continue
         n = nodes[e.node]
-        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy)
+        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy,
+                                  precision=plan.graph.model(n.model).spec.dtype)
         assert degree_mismatches(n.target, planned, parse_degrees(e.ran)) == [], \
             (n.call, n.placement.strategy.text(), e.ran)
         seen.setdefault(n.call, set()).add(e.worker)
