@@ -102,7 +102,7 @@ def _layout_error(eng: Any, full: dict) -> str:
                 want = torch.zeros(piece.stop - piece.start)
                 got = flat[piece.start:piece.stop]
                 want[:got.numel()] = got
-            if not torch.equal(a.reshape(want.shape), want):
+            if not torch.equal(a.reshape(want.shape).float(), want.float()):
                 return f"{name} {piece.text()}"
         if len(lay.pieces_on(eng.rank)) != len(arrays[name]):
             return f"{name}: {len(arrays[name])} arrays"
