@@ -230,5 +230,5 @@ def field_tuple(*fields: tuple[str, str, bool]) -> tuple[Field, ...]:
     return tuple(Field(n, d, t) for n, d, t in fields)
 
 
-__all__ = ["DTYPE_BYTES", "PRECISIONS", "Field", "PayloadSpec", "ModelSpec", "weights_spec", "llama2",
-           "HEADS", "FAMILIES", "WEIGHTS", "field_tuple"]
+__all__ = ["DTYPE_BYTES", "PRECISIONS", "Field", "PayloadSpec", "ModelSpec", "weights_spec",
+           "llama2", "HEADS", "FAMILIES", "WEIGHTS", "field_tuple"]
