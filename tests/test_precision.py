@@ -223,3 +223,35 @@ def test_bf16_on_a_device_without_it_is_refused_before_launch(monkeypatch):
     with pytest.raises(gr.UsageError, match=r"model policy: planned in bf16.*"
                                             r"--precision policy=fp32"):
         make_executor(exp.program(), gr.RunOptions())
+
+
+def test_ray_runs_bf16_as_planned_and_reports_it(shared_ray):
+    """A bf16 run on Ray: FSDP2 training (MixedPrecisionPolicy), generation on its own
+    bf16 copy, frozen models in bf16; every call's ranks report precision=bf16."""
+    pytest.importorskip("ray")
+    import io
+
+    from conftest import load_build
+    from graphrl.backends.ray.executor import RayExecutor
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+    from graphrl.runner import run_experiment
+
+    exp = dataclasses.replace(load_build("grpo")(gr.RunOptions(batch_size=4, seed=0)),
+                              prepare=None)
+    plan = compile_graph(exp.program().graph, ClusterSpec.parse("1x4xcpu"), "auto",
+                         placement={"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3},
+                                    "policy.generate": {"gpus": "2-3"}}, engines=True).plan
+    shared_ray.session()
+    ex = RayExecutor(exp.program(), plan, seed=0, timeout_s=120.0,
+                     env={"GLOO_SOCKET_IFNAME": "lo"})
+    try:
+        run_experiment(exp, gr.RunOptions(iterations=1, seed=0, batch_size=4, quiet=True),
+                       out=io.StringIO(), executor=ex)
+        engines = ex.call_engines()
+    finally:
+        ex.close()
+    train = engines["policy.train"]
+    assert (train["engine"], train["dp"], train["zero"]) == ("hf", 2, 3), engines   # FSDP2
+    assert all(e["precision"] == "bf16" and e["differs"] == [] for e in engines.values()), \
+        engines
