@@ -88,8 +88,13 @@ class LocalExecutor:
 
     def prepare(self, fn: Callable[[Mapping[str, ModelEngine]], Mapping[str, float]]
                 ) -> dict[str, float]:
-        """Run an Experiment's set-up (e.g. reward-model training) on the engines."""
-        return dict(fn(self.engines))
+        """Run an Experiment's set-up (e.g. reward-model training) on the engines; a
+        frozen model it trained is held in its precision only again afterwards."""
+        out = dict(fn(self.engines))
+        for engine in self.engines.values():
+            if hasattr(engine, "hold_frozen"):
+                engine.hold_frozen()
+        return out
 
     def close(self) -> None:
         """Nothing to release in one process (the Executor interface)."""

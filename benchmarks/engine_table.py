@@ -36,7 +36,8 @@ def table(plan, models, trace: str) -> str:
     for n in plan.graph.nodes:
         if n.name not in resolved:
             continue
-        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy)
+        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy,
+                                  precision=plan.graph.model(n.model).spec.dtype)
         for text, where in sorted(ran.get(n.name, {"(did not run)": set()}).items()):
             ranks = len({w for w, _ in where})
             its = len({i for _, i in where})

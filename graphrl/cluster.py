@@ -32,6 +32,9 @@ class GPUType:
     source: str = ""
     host_bw: float = 25e9        # host <-> device (PCIe), per direction, B/s: offload/onload
     host_memory_bytes: int = 256 * 2**30  # host RAM per GPU: DGX A100/H100 have 2 TB for 8
+    # dense fp32 FLOP/s without tensor cores (what an fp32 model computes at); 0: not
+    # given, taken as the H100's ratio 67 / 989.4 of the bf16 peak (`peak_flops`)
+    peak_fp32_flops: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peak_bf16_flops", "hbm_bandwidth", "memory_bytes", "intra_node_bw",
@@ -39,6 +42,14 @@ class GPUType:
             if not getattr(self, name) > 0:
                 raise ValueError(f"GPU {self.name!r}: {name} must be > 0, got "
                                  f"{getattr(self, name)!r}")
+
+    def peak_flops(self, precision: str) -> float:
+        """The peak a model of this precision (types.PRECISIONS) computes at: bf16
+        tensor-core FLOP/s, or plain fp32 FLOP/s (fp32 matmuls here do not use TF32
+        tensor cores: torch's default `allow_tf32 = False` for matmuls)."""
+        if precision != "fp32":
+            return self.peak_bf16_flops
+        return self.peak_fp32_flops or self.peak_bf16_flops * 67e12 / 989.4e12
 
     @property
     def memory_gib(self) -> float:
@@ -53,31 +64,37 @@ class GPUType:
 A100_80G = GPUType(
     "A100-80G", peak_bf16_flops=312e12, hbm_bandwidth=2.039e12, memory_bytes=80 * GiB,
     intra_node_bw=300e9, inter_node_bw=25e9, host_bw=25e9,  # PCIe 4 x16: 32 GB/s peak
+    peak_fp32_flops=19.5e12,
     source=("NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, "
+            "19.5 TFLOPS FP32, "
             "2,039 GB/s HBM2e, NVLink 3 600 GB/s bidirectional (300 GB/s per direction); "
             "one HDR InfiniBand 200 Gb/s NIC per GPU (DGX A100 user guide) = 25 GB/s"))
 
 H100_80G = GPUType(
     "H100-80G", peak_bf16_flops=989.4e12, hbm_bandwidth=3.35e12, memory_bytes=80 * GiB,
     intra_node_bw=450e9, inter_node_bw=50e9, host_bw=47.8e9,  # calibration: pinned h2d
+    peak_fp32_flops=67e12,
     source=("NVIDIA H100 Tensor Core GPU datasheet (SXM5 80GB): 989.4 TFLOPS BF16 dense "
-            "(1,979 with sparsity), 3.35 TB/s HBM3, NVLink 4 900 GB/s bidirectional "
-            "(450 GB/s per direction); one ConnectX-7 NDR 400 Gb/s NIC per GPU "
-            "(DGX H100 user guide) = 50 GB/s"))
+            "(1,979 with sparsity), 67 TFLOPS FP32 (non-tensor-core), 3.35 TB/s HBM3, "
+            "NVLink 4 900 GB/s bidirectional (450 GB/s per direction); one ConnectX-7 NDR "
+            "400 Gb/s NIC per GPU (DGX H100 user guide) = 50 GB/s"))
 
 H200 = GPUType(
     "H200", peak_bf16_flops=989.4e12, hbm_bandwidth=4.8e12, memory_bytes=141 * 10 ** 9,
     intra_node_bw=450e9, inter_node_bw=50e9, host_bw=47.8e9,  # same PCIe 5 host link
+    peak_fp32_flops=67e12,
     source=("NVIDIA H200 Tensor Core GPU datasheet (SXM 141GB): 989 TFLOPS BF16 dense, "
+            "67 TFLOPS FP32, "
             "4.8 TB/s HBM3e, 141 GB, NVLink 900 GB/s bidirectional (450 GB/s per "
             "direction); one NDR 400 Gb/s NIC per GPU (DGX H200) = 50 GB/s"))
 
 CPU = GPUType(
     "cpu", peak_bf16_flops=1e12, hbm_bandwidth=50e9, memory_bytes=24 * GiB,
-    intra_node_bw=10e9, inter_node_bw=1.25e9, host_bw=10e9,
+    intra_node_bw=10e9, inter_node_bw=1.25e9, host_bw=10e9, peak_fp32_flops=0.5e12,
     source=("local runs on host CPUs: assumed modest figures, not a datasheet: ~1 TFLOP/s "
-            "of bf16 matmul, ~50 GB/s DRAM, 24 GiB per process, ~10 GB/s shared-memory "
-            "copies between processes (gloo), 10 GbE (1.25 GB/s) between machines"))
+            "of bf16 matmul (half that in fp32: AVX-512 BF16 dot products do two "
+            "multiply-adds per fp32 lane), ~50 GB/s DRAM, 24 GiB per process, ~10 GB/s "
+            "shared-memory copies between processes (gloo), 10 GbE (1.25 GB/s) between machines"))
 
 GPU_TYPES: Mapping[str, GPUType] = MappingProxyType(
     {g.name: g for g in (A100_80G, H100_80G, H200, CPU)})

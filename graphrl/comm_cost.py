@@ -154,7 +154,7 @@ def _dp_grad_comm(spec: ModelSpec, strategy: Strategy, bw: float,
     dp group spans, group_nodes), priced per NCCL call (nccl_allreduce_time), so that both
     the bandwidth term 2(d-1)/d of the buffer (Patarasuk & Yuan 2009) and the latency of
     each call, which grows with the degree, are paid.
-    ZeRO-0/1: all-reduce of the bf16 grads once per step, in buckets of
+    ZeRO-0/1: all-reduce of the bf16 (fp32: fp32) grads once per step, in buckets of
     max(40M, 1M x dp) parameters (Megatron-core DDP; cost_params.DP_BUCKET_PARAMS);
     ZeRO-2: reduce-scatter of grads + all-gather of updated weights (same volume and
     calls). ZeRO-3 (Rajbhandari et al. 2020 §7.2.2: 3x the volume of ZeRO-2, i.e. 1.5x an
@@ -164,16 +164,18 @@ def _dp_grad_comm(spec: ModelSpec, strategy: Strategy, bw: float,
     keeps no full copy between micro-batches)."""
     if strategy.dp == 1:
         return 0.0
+    # the gradients in the model's precision: bf16 (GRAD_BYTES) in mixed precision, or fp32
+    grad_bytes = GRAD_BYTES if spec.dtype == "bf16" else DTYPE_BYTES[spec.dtype]
     params = spec.num_params / (strategy.tp * strategy.pp)
     if strategy.zero == 3:
         layers = max(1.0, spec.num_layers / strategy.pp)
-        per_layer = GRAD_BYTES * params / layers
+        per_layer = grad_bytes * params / layers
         return (3 * layers * max(micro_batches, 1)
                 * nccl_allgather_time(per_layer, strategy.dp, bw, nodes))
     bucket = max(DP_BUCKET_PARAMS, DP_BUCKET_PARAMS_PER_RANK * strategy.dp)
     full, rest = divmod(params, bucket)
-    return (full * nccl_allreduce_time(GRAD_BYTES * bucket, strategy.dp, bw, nodes)
-            + nccl_allreduce_time(GRAD_BYTES * rest, strategy.dp, bw, nodes))
+    return (full * nccl_allreduce_time(grad_bytes * bucket, strategy.dp, bw, nodes)
+            + nccl_allreduce_time(grad_bytes * rest, strategy.dp, bw, nodes))
 
 
 def zero3_gather_time(spec: ModelSpec, strategy: Strategy, bw: float, nodes: int = 1) -> float:

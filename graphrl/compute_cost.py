@@ -68,7 +68,7 @@ def matmul_efficiency(spec: ModelSpec, tokens: int, gpu: GPUType = H100_80G,
     Small calls sit far below (calibration README: the 125M model at 8x512 reaches
     ~89 TFLOP/s, the 1B at 32x512 ~385)."""
     compute, hbm = _device_forward(spec, tokens, 1, Strategy(tp=tp), gpu, params)
-    return forward_flops(spec, tokens, 1) / tp / (gpu.peak_bf16_flops * (compute + hbm))
+    return forward_flops(spec, tokens, 1) / tp / (gpu.peak_flops(spec.dtype) * (compute + hbm))
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ def _device_forward(spec: ModelSpec, batch: int, seq: int, strategy: Strategy,
     shards = strategy.tp * strategy.pp
     tokens = batch * seq
     compute = (forward_flops(spec, batch, seq) / shards
-               / (gpu.peak_bf16_flops * params.matmul_eff)
+               / (gpu.peak_flops(spec.dtype) * params.matmul_eff)
                + params.token_layer_flops * tokens * spec.num_layers / strategy.pp
-               / gpu.peak_bf16_flops)
+               / gpu.peak_flops(spec.dtype))
     return compute, spec.weight_bytes / shards / (gpu.hbm_bandwidth * params.hbm_eff)
 
 
@@ -127,9 +127,9 @@ def _decode_step_device(spec: ModelSpec, batch: int, context: float, strategy: S
              + attention_flops(spec, batch, 1, int(round(context)))) / shards
     # Skinny decode GEMMs are bound by reading the weights (the bytes term), not by a
     # low matmul efficiency: their FLOPs run at the saturated rate (roofline).
-    compute = (flops / (gpu.peak_bf16_flops * params.matmul_eff)
+    compute = (flops / (gpu.peak_flops(spec.dtype) * params.matmul_eff)
                + params.token_layer_flops * batch * spec.num_layers / strategy.pp
-               / gpu.peak_bf16_flops)
+               / gpu.peak_flops(spec.dtype))
     nbytes = (spec.weight_bytes / shards
               + kv_cache_bytes(spec, batch, int(round(context)), strategy.tp, strategy.pp))
     return compute, nbytes

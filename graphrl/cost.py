@@ -53,7 +53,7 @@ from .cost_params import (ADAM_BYTES_PER_PARAM, CALIBRATED,
 from .memory_cost import (_weights_per_gpu, activation_bytes_per_layer, forward_memory,
                           generate_memory, host_state_bytes, model_state_bytes, train_memory)
 from .parallel import Strategy
-from .types import ModelSpec
+from .types import DTYPE_BYTES, ModelSpec
 
 PHASES = ("forward", "train", "generate")
 ENGINES = ("hf", "graph")
@@ -153,7 +153,7 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
     optimizer = OPTIMIZER_TRAFFIC_BYTES_PER_PARAM * local_params / (
         gpu.hbm_bandwidth * params.hbm_eff)
     if strategy.offload:   # grads down, weights up over PCIe; Adam on the node's CPUs
-        optimizer = (2 * GRAD_BYTES * local_params / gpu.host_bw
+        optimizer = (2 * DTYPE_BYTES[spec.dtype] * local_params / gpu.host_bw
                      + local_params * gpus_per_node / CPU_ADAM_PARAMS_PER_S_PER_NODE)
     device = _pipeline(stage, strategy, sp.micro_batches) + optimizer
     host = sp.micro_batches * (params.host_call_s + params.train_host_layer_s * sp.layers)

@@ -16,6 +16,13 @@ from typing import Mapping
 # (Rajbhandari et al. 2020, "ZeRO", §3.1 and §5).
 ADAM_BYTES_PER_PARAM = 16
 ZERO_SHARDED_BYTES: Mapping[int, int] = MappingProxyType({0: 0, 1: 12, 2: 14, 3: 16})
+# The same per precision (types.PRECISIONS): (weights, gradients, optimizer states) bytes
+# per parameter of a trainable model. bf16 mixed precision keeps 2 + 2 + 12 as above; fp32
+# keeps 4 (the weights are their own master copy) + 4 + 8 (Adam momentum and variance), so
+# ZeRO 1/2/3 shard 8/12/16 of its 16 (the same paper's stage definitions: optimizer
+# states; + gradients; + parameters). A frozen model keeps its weights only (2 or 4).
+TRAIN_STATE_BYTES: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {"bf16": (2, 2, 12), "fp32": (4, 4, 8)})
 # Bytes of HBM traffic per parameter of one fused Adam step: read fp32 weight, grad, m, v
 # (16 B) and write weight, m, v (12 B) (Kingma & Ba 2015 update rule; one pass each).
 OPTIMIZER_TRAFFIC_BYTES_PER_PARAM = 28
@@ -140,7 +147,7 @@ class CostParams:
 CALIBRATED = CostParams()
 
 
-__all__ = ["ADAM_BYTES_PER_PARAM", "OPTIMIZER_TRAFFIC_BYTES_PER_PARAM", "GRAD_BYTES",
+__all__ = ["ADAM_BYTES_PER_PARAM", "TRAIN_STATE_BYTES", "OPTIMIZER_TRAFFIC_BYTES_PER_PARAM", "GRAD_BYTES",
            "KORTHIKANTI_ACT_BYTES", "KORTHIKANTI_SCORE_BYTES",
            "OFFLOAD_HOST_BYTES_PER_PARAM", "CPU_ADAM_PARAMS_PER_S_PER_NODE",
            "RECOMPUTE_ACT_BYTES", "COLLECTIVE_STEP_LATENCY_S", "NCCL_LATENCY_S",

@@ -25,8 +25,9 @@ deepspeed, megatron that runs the planned strategy of its leading call. A call w
 planned strategy its engine cannot run is refused, naming the call, the strategy and the
 engines that can: never a fallback; so is a model with an architecture feature one of its
 engines does not implement (graphrl.architecture.refuse_unsupported: model, engine,
-feature). `planned_degrees` / `degree_mismatches`: what a run
-reports as executed (engine, dp, tp, pp, sp, ZeRO, micro-batches) against the plan.
+feature). `planned_degrees` / `degree_mismatches`: what a run reports as executed
+(engine, dp, tp, pp, sp, ZeRO, micro-batches, precision) against the plan; the planned
+precision is the model spec's `dtype` (bf16 or fp32).
 """
 from __future__ import annotations
 
@@ -199,16 +200,19 @@ def with_engines(graph: Any, pins: Mapping[str, Any]) -> Any:
         for n in graph.nodes)
 
 
-DEGREES = ("engine", "dp", "tp", "pp", "sp", "zero", "micro_batches", "offload")
+DEGREES = ("engine", "dp", "tp", "pp", "sp", "zero", "micro_batches", "offload",
+           "precision")
 
 
-def planned_degrees(engine: str, target: str, strategy: Any) -> dict[str, Any]:
-    """What an engine running `strategy` for a `target` call reports as executed
-    (`degrees()` of the engines): offload for training only."""
+def planned_degrees(engine: str, target: str, strategy: Any, *, precision: str
+                    ) -> dict[str, Any]:
+    """What an engine running `strategy` for a `target` call of a model planned in
+    `precision` (its spec's dtype) reports as executed (`degrees()` of the engines):
+    offload for training only."""
     s = strategy
     out = {"engine": engine, "dp": s.dp, "tp": s.tp, "pp": s.pp,
            "sp": engine == "megatron" and s.tp > 1, "zero": s.zero,
-           "micro_batches": s.micro_batches}
+           "micro_batches": s.micro_batches, "precision": precision}
     if target == "train":
         out["offload"] = s.offload
     return out

@@ -53,7 +53,7 @@ def load_example(path: str) -> Callable[[Any], Any]:
             raise UsageError(f"{path}: build(options) returned {type(exp).__name__}, "
                              "expected a graphrl Experiment")
         check_roles(exp, options)
-        return exp
+        return exp.with_precision(options)
     checked_build.__doc__ = build.__doc__
     return checked_build
 

@@ -49,6 +49,27 @@ class RunOptions:
     resume: str | None = None            # a checkpoint, or a --checkpoint-dir (its newest)
     max_restarts: int = 0                # ray: restarts from the last checkpoint on a lost rank
     staleness: int = 0                   # rollouts train K steps after they are generated
+    precision: str | None = None         # "fp32" for every model, or "policy=fp32,critic=bf16"
+
+    def precisions(self) -> dict[str, str]:
+        """Role -> precision from --precision ("*" for every role)."""
+        from .types import PRECISIONS
+
+        if not self.precision:
+            return {}
+        out = {}
+        for part in (p.strip() for p in self.precision.split(",")):
+            role, sep, value = part.rpartition("=")
+            if not value or (sep and not role):
+                raise UsageError(f"--precision {self.precision}: expected PRECISION or "
+                                 "ROLE=PRECISION[,ROLE=PRECISION...], e.g. fp32 or "
+                                 "policy=fp32,reward=bf16")
+            if value not in PRECISIONS:
+                raise UsageError(f"--precision {self.precision}: unknown precision "
+                                 f"{value!r}{f' for {role}' if role else ''} (allowed: "
+                                 f"{', '.join(PRECISIONS)})")
+            out[role or "*"] = value
+        return out
 
     def sizes(self) -> dict[str, str]:
         """Role -> Llama-2 preset size from --model-size ("*" for every role)."""
@@ -129,14 +150,29 @@ class Experiment:
             program = replace(program, graph=graph)
         return program
 
+    def with_precision(self, opts: RunOptions) -> "Experiment":
+        """The experiment with --precision applied to its models (each named role, or
+        every model for a bare PRECISION); unchanged without --precision."""
+        from dataclasses import replace
+
+        given = opts.precisions()
+        if not given:
+            return self
+        self.check_roles(opts)
+        models = tuple(replace(m, precision=given.get(m.name, given.get("*", m.precision)))
+                       for m in self.models)
+        return replace(self, models=models)
+
     def check_roles(self, opts: RunOptions) -> None:
-        """Every role named by --model/--model-config/--model-size is a model here."""
+        """Every role named by --model/--model-config/--model-size/--precision is a model
+        here."""
         from .nearest import suggest
 
         names = [m.name for m in self.models]
         given = [("--model", r) for r, _ in opts.model_dirs] + \
                 [("--model-config", r) for r, _ in opts.model_config] + \
-                [("--model-size", r) for r in opts.sizes() if r != "*"]
+                [("--model-size", r) for r in opts.sizes() if r != "*"] + \
+                [("--precision", r) for r in opts.precisions() if r != "*"]
         for flag, role in given:
             if role not in names:
                 raise UsageError(f"{flag}: {self.name} has no model {role!r}"
@@ -172,6 +208,10 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="plan with Llama-2-shaped models: 7b|13b|34b|70b for every model, "
                         "or per role, e.g. policy=70b,reward=7b (roles: policy, reference, "
                         "reward, critic)")
+    p.add_argument("--precision", metavar="PRECISION",
+                   help="bf16 (default: bf16 mixed precision, fp32 master weights and Adam "
+                        "state) or fp32, for every model, or per role, e.g. "
+                        "policy=fp32,critic=fp32; the plan prices and every engine runs it")
     p.add_argument("--model-config", metavar="ROLE=CONFIG.json", action="append", default=[],
                    help="a Hugging Face config file for one role (repeatable)")
     p.add_argument("--model", metavar="ROLE=DIR", action="append", default=[],
@@ -281,4 +321,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
                       max_restarts=getattr(ns, "max_restarts", 0),
                       staleness=getattr(ns, "staleness", 0) or 0,
+                      precision=getattr(ns, "precision", None),
                       **(ray_opts if backend == "ray" else {}))

@@ -82,7 +82,12 @@ def save_run(program: Any, executor: Any, target: str) -> list[str]:
 
 
 def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> Any:
-    """The executor `opts.backend` names, for `program` (see graphrl.backends.base)."""
+    """The executor `opts.backend` names, for `program` (see graphrl.backends.base).
+    Every model's precision is checked against the device first (bf16 where the device
+    cannot compute it is refused before anything is built)."""
+    from graphrl.backends.engines.precision import check_precisions
+
+    check_precisions((m.decl() for m in program.models.values()), opts.device)
     if opts.backend == "local":
         from graphrl.backends.local import LocalExecutor
 
@@ -114,6 +119,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
+    exp = exp.with_precision(opts)
     check_checkpoint_options(opts)
     if opts.save:
         check_save_target(opts.save)

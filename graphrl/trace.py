@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from . import signatures as sig
-from .errors import TraceError
+from .errors import TraceError, UsageError
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
 from .hf_dir import is_model_dir, read_config
 from .printer import format_attr
 from .train_options import check_train_options
-from .types import Field, ModelSpec, PayloadSpec, weights_spec
+from .types import PRECISIONS, Field, ModelSpec, PayloadSpec, weights_spec
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class Model:
     options: engine settings (lr, weight_decay, grad_clip, ...).
     init_from: name of a model whose initial weights this one copies (a reference model
     starts as the policy).
+    precision: "bf16" (bf16 mixed precision: bf16 compute and activations, fp32 master
+    weights and Adam state when it trains, bf16 weights only when frozen) or "fp32"; None
+    keeps a ModelSpec config's own `dtype`, else bf16. The plan carries it as the model
+    spec's `dtype`, and every engine runs it (docs/engines.md).
     """
 
     name: str
@@ -47,6 +51,12 @@ class Model:
     engine: str = "hf"
     options: Mapping[str, Any] = field(default_factory=dict)
     init_from: str = ""
+    precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"model {self.name}: unknown precision {self.precision!r} "
+                             f"(allowed: {', '.join(PRECISIONS)})")
 
     @property
     def checkpoint(self) -> str | None:
@@ -56,15 +66,17 @@ class Model:
     @property
     def spec(self) -> ModelSpec:
         if isinstance(self.config, ModelSpec):
-            return replace(self.config, head=self.head)
+            return replace(self.config, head=self.head,
+                           dtype=self.precision or self.config.dtype)
         config = read_config(self.config) if is_model_dir(self.config) else self.config
         try:
-            return ModelSpec.from_hf_config(config, head=self.head)
+            spec = ModelSpec.from_hf_config(config, head=self.head)
         except (KeyError, ValueError, TypeError) as e:
             where = self.checkpoint or "its config"
             raise TraceError(f"model {self.name} ({where}): graphrl cannot read this "
                              f"config (llama, mistral, qwen2, qwen3 or gpt2): "
                              f"{type(e).__name__} {e}") from None
+        return replace(spec, dtype=self.precision or "bf16")
 
     def engine_options(self) -> dict[str, Any]:
         """What the engine is built with: `options`, plus the checkpoint directory."""

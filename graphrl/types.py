@@ -9,7 +9,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 # Bytes per element of the dtypes payloads and weights use.
-DTYPE_BYTES = {"bool": 1, "i32": 4, "i64": 8, "f16": 2, "bf16": 2, "f32": 4}
+DTYPE_BYTES = {"bool": 1, "i32": 4, "i64": 8, "f16": 2, "bf16": 2, "f32": 4, "fp32": 4}
+# A model's precision (ModelSpec.dtype, the one place the plan keeps it): "bf16" mixed
+# precision (bf16 compute and activations, fp32 master weights and Adam state when it
+# trains; a frozen model holds bf16 weights only) or "fp32" throughout.
+PRECISIONS = ("bf16", "fp32")
 
 WEIGHTS = "Weights"
 
@@ -131,7 +135,7 @@ class ModelSpec:
     max_positions: int
     head: str = "lm"
     tie_embeddings: bool = False
-    dtype: str = "bf16"     # dtype of the weights as served (generation / inference)
+    dtype: str = "bf16"     # the model's precision (PRECISIONS): weights as served, compute
     model_type: str = ""
     head_dim: int = 0
     qkv_bias: bool = False
@@ -151,6 +155,9 @@ class ModelSpec:
             raise ValueError(f"unknown model family {self.family!r} (known: {', '.join(FAMILIES)})")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r} (known: {', '.join(HEADS)})")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.dtype!r} (allowed: "
+                             f"{', '.join(PRECISIONS)})")
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
         set_("model_type", self.model_type or self.family)
         if TYPES.get(self.model_type) != self.family:
@@ -389,5 +396,5 @@ def field_tuple(*fields: tuple[str, str, bool]) -> tuple[Field, ...]:
     return tuple(Field(n, d, t) for n, d, t in fields)
 
 
-__all__ = ["DTYPE_BYTES", "Field", "PayloadSpec", "ModelSpec", "weights_spec", "llama2",
-           "HEADS", "FAMILIES", "WEIGHTS", "field_tuple"]
+__all__ = ["DTYPE_BYTES", "PRECISIONS", "Field", "PayloadSpec", "ModelSpec", "weights_spec",
+           "llama2", "HEADS", "FAMILIES", "WEIGHTS", "field_tuple"]

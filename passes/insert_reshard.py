@@ -136,8 +136,8 @@ class InsertReshard:
             if src == dst:
                 continue
             spec = graph.model(n.model).spec
-            if ctx.cluster.gpu.name == "cpu":  # CPU engines keep float32 weights
-                spec = replace(spec, dtype="f32")
+            if ctx.cluster.gpu.name == "cpu":  # CPU engines send the fp32 master weights
+                spec = replace(spec, dtype="fp32")
             traffic = plan_traffic(spec, src, dst, self.exact)
             ctx.findings.setdefault("reshards", {})[n.model] = traffic
             weights = n.inputs[0]

@@ -43,7 +43,7 @@ def shared_prepare(exp, cache: dict, seed: int):
         engine = engines["reward"]
         digest = hashlib.sha256()
         for name, t in sorted(engine.export_weights().items()):
-            digest.update(name.encode() + t.numpy().tobytes())
+            digest.update(name.encode() + t.float().numpy().tobytes())   # bf16: as fp32
         key = (seed, digest.hexdigest())
         if key not in cache:
             stats = prepare(engines)

@@ -18,13 +18,14 @@ from graphrl.backends.engines.spawn import spawn as spawn_ranks
 B, S, VOCAB = 8, 12, 32
 
 
-def tiny_decl(family: str, head: str) -> Any:
+def tiny_decl(family: str, head: str, precision: str = "fp32") -> Any:
+    """The differential tests compare exactness: fp32 unless asked otherwise."""
     from graphrl.graph import ModelDecl
     from graphrl.types import ModelSpec
 
     kv = 2 if family == "llama" else 4   # GQA for Llama
     spec = ModelSpec(family, VOCAB, 64, 4, 4, kv, 128, 64, head,
-                     tie_embeddings=family == "gpt2")
+                     tie_embeddings=family == "gpt2", dtype=precision)
     return ModelDecl("m", spec, "policy", True)
 
 
@@ -70,7 +71,8 @@ def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
     f1, f2 = f1[keep], f2[keep]
     s1 = eng.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
     s2 = ref.train(inputs, loss=loss, seed=3, epochs=2, minibatches=2)
-    we, wr = eng.export_weights(), ref.export_weights()
+    we = {k: v.float() for k, v in eng.export_weights().items()}   # bf16 modules: as fp32
+    wr = ref.export_weights()
     return {"layout": _layout_error(eng, we),"forward": float((f1 - f2).abs().max()),
             "loss": abs(s1["loss"] - s2["loss"]),
             "weights": max(float((we[k] - wr[k]).abs().max()) for k in wr),
@@ -102,7 +104,7 @@ def _layout_error(eng: Any, full: dict) -> str:
                 want = torch.zeros(piece.stop - piece.start)
                 got = flat[piece.start:piece.stop]
                 want[:got.numel()] = got
-            if not torch.equal(a.reshape(want.shape), want):
+            if not torch.equal(a.reshape(want.shape).float(), want.float()):
                 return f"{name} {piece.text()}"
         if len(lay.pieces_on(eng.rank)) != len(arrays[name]):
             return f"{name}: {len(arrays[name])} arrays"
@@ -122,18 +124,32 @@ def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
     from graphrl.backends.engines.megatron import MegatronEngine
 
     results = []
-    for family, head, dp, tp, pp, sp, mb, zero in configs:
+    for config in configs:
+        family, head, dp, tp, pp, sp, mb, zero = config[:8]
+        precision = config[8] if len(config) > 8 else "fp32"
         gpus = list(range(dp * tp * pp))
         groups = megatron_process_groups(rank, gpus, dp, tp, pp)
         if rank not in gpus:
             continue
-        decl = tiny_decl(family, head)
+        decl = tiny_decl(family, head, precision)
         eng = MegatronEngine(decl, {"lr": 1e-2}, ranks=gpus, rank=rank, groups=groups, dp=dp,
                              tp=tp, pp=pp, sequence_parallel=sp, micro_batches=mb, zero=zero)
-        ref = HFEngine(decl, {"lr": 1e-2})
-        results.append({"config": [family, head, dp, tp, pp, sp, mb, zero],
-                        **compare(eng, ref, head), **two_parts(eng, ref, head)})
+        ref = HFEngine(tiny_decl(family, head), {"lr": 1e-2})   # the fp32 reference
+        results.append({"config": config, **compare(eng, ref, head),
+                        **two_parts(eng, ref, head), **held(eng, eng.module)})
     return results
+
+
+def held(eng: Any, module: Any) -> dict[str, Any]:
+    """What an engine reports it ran in and what it holds: its parameters' and its
+    optimizer state's dtypes (after training)."""
+    opt = eng.optimizer
+    inner = getattr(opt, "optim", None) or getattr(opt, "optimizer", None) or opt
+    state = {str(v.dtype) for st in inner.state.values() for v in st.values()
+             if hasattr(v, "dtype") and v.numel() > 1}
+    return {"precision": eng.degrees()["precision"],
+            "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+            "state_dtypes": sorted(state)}
 
 
 def two_parts(eng: Any, ref: Any, head: str) -> dict[str, float]:
@@ -165,14 +181,17 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
         if len(config) == 2:   # [family, checkpoint directory]: tests/test_model_families.py
             results.append(_deepspeed_family(rank, world, *config, mesh, selfs[rank]))
             continue
-        family, head, zero, mb, offload = config
-        decl = tiny_decl(family, head)
+        family, head, zero, mb, offload = config[:5]
+        precision = config[5] if len(config) > 5 else "fp32"
+        decl = tiny_decl(family, head, precision)
         eng = DeepSpeedEngine(decl, {"lr": 1e-2}, ranks=list(range(world)), rank=rank,
                               group=mesh, self_group=selfs[rank], zero=zero,
                               micro_batches=mb, offload=offload)
-        ref = HFEngine(decl, {"lr": 1e-2})
-        results.append({"config": [family, head, zero, mb, offload],
-                        **compare(eng, ref, head)})
+        ref = HFEngine(tiny_decl(family, head), {"lr": 1e-2})   # the fp32 reference
+        results.append({"config": config, **compare(eng, ref, head),
+                        "precision": eng.degrees()["precision"],
+                        "param_dtypes": sorted({str(p.dtype)
+                                                for p in eng.hf.module.parameters()})})
     return results
 
 
@@ -209,7 +228,7 @@ def _deepspeed_family(rank: int, world: int, family: str, path: str, mesh: Any,
     from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
     from graphrl.backends.engines.hf import HFEngine
 
-    decl = gr.Model("m", path, role="policy", trainable=True).decl()
+    decl = gr.Model("m", path, role="policy", trainable=True, precision="fp32").decl()
     options = {"lr": 1e-2, "checkpoint": path}
     eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank, group=mesh,
                           self_group=self_group, zero=3)

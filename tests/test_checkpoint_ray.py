@@ -28,7 +28,8 @@ ITERATIONS, BATCH, SEED = 3, 8, 0
 
 
 def experiment():
-    exp = load_build("ppo")(gr.RunOptions(batch_size=BATCH, seed=SEED))
+    # fp32: Ray and local runs are compared exactly (tests/test_ray_executor.py)
+    exp = load_build("ppo")(gr.RunOptions(batch_size=BATCH, seed=SEED, precision="fp32"))
     return dataclasses.replace(exp, prepare=None, iterations=ITERATIONS)
 
 

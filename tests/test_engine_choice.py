@@ -115,18 +115,23 @@ def test_pinned_engine_keeps_its_refusal(ppo):
 
 def test_degrees_round_trip_and_mismatch_report():
     ran = {"engine": "megatron", "dp": 1, "tp": 2, "pp": 2, "sp": True, "zero": 0,
-           "micro_batches": 2}
+           "micro_batches": 2, "precision": "bf16"}
     assert parse_degrees(degrees_text(ran)) == ran
-    plan = planned_degrees("megatron", "forward", Strategy(1, 2, 2, 2, engine="megatron"))
+    plan = planned_degrees("megatron", "forward", Strategy(1, 2, 2, 2, engine="megatron"),
+                           precision="bf16")
     assert degree_mismatches("forward", plan, ran) == []
-    dp4 = planned_degrees("hf", "forward", Strategy(dp=4))
+    dp4 = planned_degrees("hf", "forward", Strategy(dp=4), precision="fp32")
     assert degree_mismatches("forward", dp4, ran) == [
         "engine hf->megatron", "dp 4->1", "tp 1->2", "pp 1->2", "sp False->True",
-        "micro_batches 1->2"]
+        "micro_batches 1->2", "precision fp32->bf16"]
+    # an engine that does not say its precision disagrees with any plan
+    unsaid = {k: v for k, v in ran.items() if k != "precision"}
+    assert degree_mismatches("forward", plan, unsaid) == ["precision bf16->None"]
     # ZeRO-1/2 engines run a forward as ZeRO 0; fast is hf outside generation
-    assert degree_mismatches("forward", planned_degrees("hf", "forward", Strategy(dp=2)),
+    assert degree_mismatches("forward", planned_degrees("hf", "forward", Strategy(dp=2),
+                                                        precision="bf16"),
                              {"engine": "fast", "dp": 2, "tp": 1, "pp": 1, "sp": False,
-                              "zero": 2, "micro_batches": 1}) == []
+                              "zero": 2, "micro_batches": 1, "precision": "bf16"}) == []
 
 
 def test_report_marks_a_call_that_ran_other_degrees(ppo):
@@ -134,8 +139,9 @@ def test_report_marks_a_call_that_ran_other_degrees(ppo):
         "policy.train": {"gpus": "0-3", "tp": 2, "pp": 2, "engine": "megatron"}})
     node = next(n for n in c.graph.nodes if n.call == "policy.forward")
     resolved = resolve_engines(c.graph)
-    wrong = "engine=hf dp=4 tp=1 pp=1 sp=False zero=0 micro_batches=1"
-    right = degrees_text(planned_degrees("megatron", "forward", node.placement.strategy))
+    wrong = "engine=hf dp=4 tp=1 pp=1 sp=False zero=0 micro_batches=1 precision=bf16"
+    right = degrees_text(planned_degrees("megatron", "forward", node.placement.strategy,
+                                         precision="bf16"))
     report = call_engines(c.graph, resolved, {node.name: (0, {wrong})})
     assert report["policy.forward"]["differs"][:2] == ["engine megatron->hf", "dp 1->4"]
     assert "NO: engine megatron->hf" in "\n".join(engine_lines(report))
@@ -144,3 +150,8 @@ def test_report_marks_a_call_that_ran_other_degrees(ppo):
     assert engine_lines(ok)[-1].endswith(" yes")
     split = call_engines(c.graph, resolved, {node.name: (2, {right, wrong})})
     assert any(d.startswith("ranks ran") for d in split["policy.forward"]["differs"])
+    # a call that computed in another precision than its model's plan is reported
+    fp32 = right.replace("precision=bf16", "precision=fp32")
+    bad = call_engines(c.graph, resolved, {node.name: (2, {fp32})})
+    assert bad["policy.forward"]["differs"] == ["precision bf16->fp32"]
+    assert engine_lines(bad)[-1].endswith("NO: precision bf16->fp32")

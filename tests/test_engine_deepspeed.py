@@ -16,6 +16,11 @@ from engine_diff import run  # noqa: E402
 # float noise in a zero gradient, e.g. an embedding row of masked tokens, into an
 # lr-sized step of either sign: seen <= 6e-3).
 FWD, LOSS, UPDATE, WEIGHTS = 1e-5, 1e-4, 5e-3, 1e-2
+# bf16 against the fp32 HF reference (tests/test_engine_megatron.py): forward outputs
+# within 2e-2 and above 0 (seen 2e-3 to 3e-3), mean loss 1e-2, the whole update's
+# relative error below 0.3 (seen 0.097, as HF bf16 vs fp32; DeepSpeed's own bf16 mode
+# with ZeRO-0 gave 0.33, hence autocast there: deepspeed_engine.py).
+BF16_FWD, BF16_LOSS, BF16_UPDATE = 2e-2, 1e-2, 0.3
 
 
 def test_deepspeed_matches_hf(tmp_path):
@@ -26,6 +31,8 @@ def test_deepspeed_matches_hf(tmp_path):
         ["gpt2", "value", 2, 2, False],
         ["llama", "lm", 3, 2, True],
         ["gpt2", "lm", 3, 1, False],
+        ["llama", "lm", 2, 2, False, "bf16"],   # DeepSpeed's bf16: bf16 module
+        ["gpt2", "value", 0, 1, False, "bf16"],  # ZeRO-0: autocast over fp32 weights
     ]
     # and (in the same spawn: each costs seconds) ZeRO-3 on checkpoints of the families
     # whose weights differ in kind (tests/test_model_families.py checks hf on all six):
@@ -38,7 +45,17 @@ def test_deepspeed_matches_hf(tmp_path):
     assert [r["config"] for r in results] == configs + families
     for r in results[len(configs):]:
         assert r["hf_module"] < FWD, r
+    results = results[:len(configs)]
+    for r in results:   # degrees() reports the precision each ran in: the planned one
+        assert r["precision"] == (r["config"][5:] or ["fp32"])[0], r
+    bf16 = [r for r in results if r["config"][5:] == ["bf16"]]
+    assert [r["param_dtypes"] for r in bf16] == [["torch.bfloat16"], ["torch.float32"]]
+    for r in bf16:
+        assert 0 < r["forward"] < BF16_FWD and r["loss"] < BF16_LOSS, r
+        assert r["update"] < BF16_UPDATE and r["layout"] == "", r
     for r in results:
+        if r in bf16:
+            continue
         assert r["same_names"], r
         assert r["layout"] == "", r   # local arrays = the shard-algebra layout
         assert r["forward"] < FWD, r

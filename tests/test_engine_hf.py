@@ -8,9 +8,11 @@ import graphrl as gr
 from graphrl.backends.engines.hf import HFEngine
 
 
-def tiny(family: str = "llama", head: str = "lm") -> gr.ModelDecl:
-    spec = gr.ModelSpec(family, 16, 32, 1, 2, 2, 64, 32, head)
-    return gr.ModelDecl("m", spec, "policy", True)
+def tiny(family: str = "llama", head: str = "lm", precision: str = "fp32",
+         trainable: bool = True) -> gr.ModelDecl:
+    """Exact comparisons run in fp32 (bf16 ones say so: tests/test_precision.py)."""
+    spec = gr.ModelSpec(family, 16, 32, 1, 2, 2, 64, 32, head, dtype=precision)
+    return gr.ModelDecl("m", spec, "policy", trainable)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -16,6 +16,11 @@ from engine_diff import run, tiny_decl  # noqa: E402
 # float noise in a zero gradient, e.g. an embedding row of masked tokens, into an
 # lr-sized step of either sign: seen <= 6e-3).
 FWD, LOSS, UPDATE, WEIGHTS = 1e-5, 1e-4, 5e-3, 1e-2
+# bf16 (autocast over fp32 masters) against the fp32 HF reference: forward outputs within
+# 2e-2 and above 0 (seen 2.3e-3, as HF's own bf16 vs fp32; 0 would mean no bf16 ran),
+# mean loss 1e-2 (seen 6e-4), the whole update's relative error below 0.3 (seen 0.08-0.10,
+# HF bf16 vs fp32: 0.097; a wrong gradient gives O(1)).
+BF16_FWD, BF16_LOSS, BF16_UPDATE = 2e-2, 1e-2, 0.3
 
 
 @pytest.mark.parametrize("family,head,tp,pp", [
@@ -70,10 +75,20 @@ def test_megatron_matches_hf(tmp_path):
         ["gpt2", "lm", 1, 2, 2, False, 2, 0],     # GPT-2, tied embeddings across stages
         ["gpt2", "value", 2, 2, 1, True, 1, 1],   # value head, dp 2 x tp 2, ZeRO-1
         ["llama", "score", 4, 1, 1, False, 1, 1],  # score head, pairwise loss, ZeRO-1
+        ["llama", "lm", 1, 2, 2, True, 2, 0, "bf16"],  # bf16: TP2 x PP2, SP, 1F1B
     ]
     results = run("megatron", 4, configs, str(tmp_path / "megatron.json"))
     assert [r["config"] for r in results] == configs
+    for r in results:   # degrees() reports the precision each ran in: the planned one
+        assert r["precision"] == (r["config"][8:] or ["fp32"])[0], r
+    bf16 = [r for r in results if r["config"][8:] == ["bf16"]]
+    for r in bf16:   # bf16 compute over fp32 master weights and fp32 AdamW state
+        assert r["param_dtypes"] == r["state_dtypes"] == ["torch.float32"], r
+        assert 0 < r["forward"] < BF16_FWD and r["loss"] < BF16_LOSS, r
+        assert r["update"] < BF16_UPDATE and r["layout"] == "", r
     for r in results:
+        if r in bf16:
+            continue
         assert r["same_names"], r
         assert r["layout"] == "", r   # local arrays = the shard-algebra layout
         assert r["forward"] < FWD, r

@@ -22,7 +22,8 @@ PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3},
 
 @pytest.fixture(scope="module")
 def program():
-    return load_build("ppo")(gr.RunOptions(batch_size=8)).program()
+    # fp32: plans and one-process runs are compared exactly
+    return load_build("ppo")(gr.RunOptions(batch_size=8, precision="fp32")).program()
 
 
 @pytest.fixture(scope="module", params=["pinned", "auto"])

@@ -92,7 +92,7 @@ def test_qkv_rope_backward(kv_heads, with_bias):
 
 
 def _decl(family="llama", kv=2, head="lm"):
-    spec = gr.ModelSpec(family, 32, 64, 2, 4, kv, 128, 64, head)
+    spec = gr.ModelSpec(family, 32, 64, 2, 4, kv, 128, 64, head, dtype="fp32")
     return gr.ModelDecl("m", spec, "policy", True, "fast")
 
 

@@ -210,7 +210,7 @@ def test_insert_reshard_moves_the_trained_weights_into_the_generation_layout(sta
     assert gen.placement == rs.placement == generation_placement(train.placement, old_gen)
     assert rs.attr("src") == f"{train.placement.mesh.text()}:{train.placement.strategy.text()}"
     # on a cpu cluster the engines keep float32 weights: the plan counts 4 bytes a weight
-    spec = dataclasses.replace(g.model("policy").spec, dtype="f32")
+    spec = dataclasses.replace(g.model("policy").spec, dtype="fp32")
     traffic = plan_traffic(spec, train.placement, gen.placement)
     assert stages["ctx"].findings["reshards"]["policy"] == traffic
     assert rs.attr("max_link_bytes") == traffic.max_link_bytes

@@ -109,7 +109,8 @@ def test_every_call_ran_as_planned_per_the_trace(ray_run, plan, exp):
         if not e.ran:
             continue
         n = nodes[e.node]
-        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy)
+        planned = planned_degrees(resolved[n.name], n.target, n.placement.strategy,
+                                  precision=plan.graph.model(n.model).spec.dtype)
         assert degree_mismatches(n.target, planned, parse_degrees(e.ran)) == [], \
             (n.call, n.placement.strategy.text(), e.ran)
         seen.setdefault(n.call, set()).add(e.worker)
@@ -118,10 +119,12 @@ def test_every_call_ran_as_planned_per_the_trace(ray_run, plan, exp):
     for call, n in calls.items():   # every rank of its mesh reported it
         assert seen[call] == {f"gpu{g}" for g in n.placement.mesh.gpus}, call
     assert all(e["differs"] == [] for e in engines.values()), engines
+    fwd = next(n for n in plan.graph.nodes if n.call == "policy.forward")
     assert parse_degrees(next(e.ran for e in read_chrome_trace(trace)
                               if e.call == "policy.forward")) == {
         "engine": "megatron", "dp": 1, "tp": 2, "pp": 2, "sp": True, "zero": 0,
-        "micro_batches": 2}
+        # the plan's micro-batches (priced in fp32, 4 here; 2 when this plan was bf16)
+        "micro_batches": fwd.placement.strategy.micro_batches, "precision": "fp32"}
     assert out.count("yes") >= len(calls) and "NO:" not in out
 
 

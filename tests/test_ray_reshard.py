@@ -26,9 +26,10 @@ from graphrl.passes.reshard_plan import (bucketize, extract, plan_model_reshard,
                                          verify_transfer_plan)
 from graphrl.shard import Box, ModelLayout, TensorLayout, model_layout  # noqa: E402
 
-# vocab 65: the embedding and lm_head split 33 / 32 rows, an uneven FSDP2 chunk
-DECL = gr.ModelDecl("policy", gr.ModelSpec("llama", 65, 32, 2, 2, 1, 64, 32, "lm"),
-                    "policy", True)
+# vocab 65: the embedding and lm_head split 33 / 32 rows, an uneven FSDP2 chunk; fp32:
+# the FSDP2 step is compared with one process exactly (bf16 FSDP2: test_precision.py)
+DECL = gr.ModelDecl("policy", gr.ModelSpec("llama", 65, 32, 2, 2, 1, 64, 32, "lm",
+                                           dtype="fp32"), "policy", True)
 OPTIONS = {"lr": 1e-2}
 ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 TIMEOUT = 60.0

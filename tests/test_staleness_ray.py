@@ -53,7 +53,7 @@ def test_ray_async_run_equals_local(ray_session):
     from graphrl.backends.ray.executor import RayExecutor
 
     exp = with_stops(dataclasses.replace(load_build("grpo")(gr.RunOptions(
-        batch_size=BATCH, seed=SEED)), prepare=None))
+        batch_size=BATCH, seed=SEED, precision="fp32")), prepare=None))   # exact comparison
     program = exp.program(1)
     plan = compile_graph(program.graph, ClusterSpec.parse("1x4xcpu"), "auto",
                          placement=POOLS).plan

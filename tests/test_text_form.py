@@ -16,7 +16,7 @@ from graphrl import (DeviceMesh, Field, Graph, GraphSyntaxError, ModelDecl, Mode
                      PayloadSpec, Placement, Strategy, Value, parse_graph, print_graph,
                      verify_graph)
 from graphrl.graph import NODE_KINDS
-from graphrl.types import DTYPE_BYTES, FAMILIES, HEADS, WEIGHTS
+from graphrl.types import DTYPE_BYTES, FAMILIES, HEADS, PRECISIONS, WEIGHTS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -67,7 +67,7 @@ def model_specs(draw) -> ModelSpec:
     return ModelSpec(draw(st.sampled_from(FAMILIES)), draw(st.integers(1, 200_000)), hidden,
                      draw(st.integers(1, 96)), heads, kv, draw(st.integers(1, 1 << 16)),
                      draw(st.integers(1, 1 << 17)), draw(st.sampled_from(HEADS)),
-                     draw(st.booleans()), draw(dtypes))
+                     draw(st.booleans()), draw(st.sampled_from(PRECISIONS)))
 
 
 meshes = st.one_of(

@@ -22,6 +22,11 @@ the constructor, naming model, engine and field): Llama-2, Llama-3.x (rope_type 
 Mistral (with or without a sliding window), Qwen2/2.5 (q/k/v biases; per-layer sliding
 windows), Qwen3 (q/k RMSNorm, head_dim != hidden / heads), GPT-2; tied embeddings.
 
+Precision: the decode copy of the weights and its KV cache are held in the model's
+precision (bf16: no fp32 copy). Scoring and training of a bf16 model run the HF engine's
+forward (bf16 autocast over fp32 master weights, fp32 log-softmax); the fused kernels of
+fast_forward serve fp32 models only.
+
 Engine options (besides the HF engine's): `slots` (most sequences decoding at once;
 default 256), `cuda_graphs` (default true; only on CUDA) and `fused_forward` (default
 true: fast_forward for scoring and training where the model supports it).
@@ -40,6 +45,7 @@ from .fast_forward import fast_logprobs, supported
 from .fast_model import FastLM
 from .fast_sampling import Sampler
 from .hf import HFEngine, positions, prompt_rows
+from .precision import TORCH_DTYPES
 
 DEFAULT_SLOTS = 256
 
@@ -62,7 +68,10 @@ class FastEngine(HFEngine):
                              f"got {self.slots}")
         super().__init__(decl, opts, device=device, seed=seed)
         self._refuse_unsupported()
-        self.fused_forward = fused and decl.spec.head == "lm" and supported(self.module)
+        # the fused kernels compute in fp32 only: a bf16 model scores and trains through
+        # the HF engine's forward under bf16 autocast
+        self.fused_forward = (fused and decl.spec.head == "lm" and self.precision == "fp32"
+                              and supported(self.module))
         self._lm: FastLM | None = None
         self._graphs: Any = None
         self.last_stats: dict[str, float] = {}
@@ -92,9 +101,10 @@ class FastEngine(HFEngine):
         copied fresh from the trained module each call (in place)."""
         lm = self._lm
         p = next(self.module.parameters())
+        dtype = TORCH_DTYPES[self.precision]   # the decode copy and KV cache: bf16 or fp32
         if (lm is None or lm.slots < slots or lm.max_len < max_len or lm.device != p.device
-                or lm.dtype != p.dtype):
-            lm = self._lm = FastLM(self.module, slots, max_len)
+                or lm.dtype != dtype):
+            lm = self._lm = FastLM(self.module, slots, max_len, dtype)
             self._graphs = None
             if lm.device.type == "cuda" and self.cuda_graphs:
                 from .fast_graphs import GraphDecoder

@@ -84,12 +84,14 @@ class FastLM:
     """Prefill and decode over a static KV cache. `module` is the Hugging Face causal LM
     whose weights `refresh()` copies."""
 
-    def __init__(self, module: nn.Module, slots: int, max_len: int):
+    def __init__(self, module: nn.Module, slots: int, max_len: int,
+                 dtype: torch.dtype | None = None):
         cfg = module.config
         self.module = module
         self.family = "gpt2" if cfg.model_type == "gpt2" else "llama"
         p = next(module.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        # weights and KV cache in `dtype` (the model's precision), default the module's
+        self.device, self.dtype = p.device, dtype or p.dtype
         if self.family == "gpt2":
             self.layers, self.heads = cfg.n_layer, cfg.n_head
             self.kv_heads = self.heads
@@ -235,10 +237,12 @@ class FastLM:
         hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.family == "llama":
             qk = qkv[..., :hq + hk].unflatten(-1, (-1, self.head_dim))
-            if self.qk_norm:   # Qwen3: RMSNorm per head over head_dim, before rotary
-                qk = F.rms_norm(qk, qk.shape[-1:], None, self.eps) * self.w[f"{i}.qkn"]
+            if self.qk_norm:   # Qwen3: RMSNorm per head over head_dim (in fp32), before rotary
+                qk = (F.rms_norm(qk.float(), qk.shape[-1:], None, self.eps).to(qkv.dtype)
+                      * self.w[f"{i}.qkn"])
             qk = qk.unflatten(-1, (-1, 2))
-            qk = torch.view_as_real(torch.view_as_complex(qk) * rot).flatten(-2)
+            wide = qk if qk.dtype in (torch.float32, torch.float64) else qk.float()
+            qk = torch.view_as_real(torch.view_as_complex(wide) * rot).flatten(-2).to(qkv.dtype)
             q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
         else:
             q = qkv[..., :hq].view(n, t, self.heads, self.head_dim)

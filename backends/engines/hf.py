@@ -7,6 +7,12 @@ models with one label, so saved critics and reward models load with transformers
 classes. Runs on CPU, or CUDA when asked. Generation is a sampling loop over the model's
 own forward with its KV cache, driven by a seeded torch.Generator so that a run is
 reproducible across backends; rows stop at EOS or stop strings.
+
+Precision (backends/engines/precision.py): the model's planned precision. bf16: a
+trainable model holds fp32 (master) weights and AdamW state and runs every forward and
+backward under bf16 autocast; logits are cast to fp32 before log-softmax and the scalar
+head runs in fp32 on fp32 hidden states; gradients (and their norm) are fp32. A frozen
+model holds bf16 weights only. fp32: fp32 throughout.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from graphrl.graph import ModelDecl
 
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
+from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
 from .train_loop import TwoParts, micro_batches, rank_share, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
@@ -155,10 +162,13 @@ class HFEngine:
         self.decl = decl
         self.device = resolve_device(device)
         self.options = {**DEFAULTS, **options}
+        self.precision = check_precision(decl, self.device)
         checkpoint = self.options.get("checkpoint")
         torch.manual_seed(seed_for(seed, decl.name))
         self.module = build_module(decl, checkpoint).to(self.device)
         self.module.eval()  # no dropout anywhere; train() only toggles autograd
+        if not decl.trainable:   # frozen: held in its precision only (bf16: no fp32 copy)
+            self.module.to(TORCH_DTYPES[self.precision])
         self.tokens = special_tokens(checkpoint, self.module.config)
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = 0
@@ -167,6 +177,22 @@ class HFEngine:
         # generate runs every step even when all its rows have stopped (ranks of a
         # sharded engine must make the same number of collective forward passes)
         self.lockstep = False
+
+    # -- precision ------------------------------------------------------------------------
+    def compute(self) -> Any:
+        """The context every forward/backward runs in (bf16 autocast over fp32 weights)."""
+        return autocast(self.device, self.precision, self.module)
+
+    def ran_precision(self) -> str:
+        """The precision this engine computes in, read off what it holds and runs."""
+        return ran_precision(self.module, self.precision == "bf16")
+
+    def hold_frozen(self) -> None:
+        """After a set-up phase trained a frozen model (a reward model fitted before RL):
+        hold it in its precision only again, with no optimizer state."""
+        if not self.decl.trainable:
+            self.optimizer = None
+            self.module.to(TORCH_DTYPES[self.precision])
 
     # -- inference ------------------------------------------------------------------------
     def _to(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,15 +227,20 @@ class HFEngine:
         pos = positions(mask)
         head = self.decl.spec.head
         if head == "lm":
-            logits = self.module(input_ids=tokens, attention_mask=mask, position_ids=pos,
-                                 use_cache=False).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
+            with self.compute():
+                logits = self.module(input_ids=tokens, attention_mask=mask,
+                                     position_ids=pos, use_cache=False).logits
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)   # fp32 reduction
             picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             return F.pad(picked, (1, 0))
         body, linear = scalar_parts(self.module)
-        hidden = body(input_ids=tokens, attention_mask=mask, position_ids=pos,
-                      use_cache=False).last_hidden_state
-        out = linear(hidden).squeeze(-1).float()
+        with self.compute():
+            hidden = body(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                          use_cache=False).last_hidden_state
+        if linear.weight.dtype == torch.float32:   # the scalar head in fp32
+            out = linear(hidden.float()).squeeze(-1)
+        else:                                      # bf16-held: its output cast to fp32
+            out = linear(hidden).squeeze(-1).float()
         if head == "value":
             return shifted(out)
         return out[torch.arange(out.shape[0], device=out.device), last_index(mask)]
@@ -275,8 +306,9 @@ class HFEngine:
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         next_pos = prompt_mask.sum(-1, keepdim=True)
         cache_arg = cache_argument(self.module)
-        out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
-                          position_ids=positions(prompt_mask), use_cache=True)
+        with self.compute():
+            out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
+                              position_ids=positions(prompt_mask), use_cache=True)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             if temperature > 0:
@@ -295,9 +327,11 @@ class HFEngine:
                     alive &= ~(ids[:, col + 1 - len(seq):col + 1] == seq).all(-1)
             if step + 1 == max_new_tokens or not (alive.any() or self.lockstep):
                 break
-            out = self.module(input_ids=tok.unsqueeze(-1), attention_mask=mask[:, :col + 1],
-                              position_ids=next_pos + step, use_cache=True,
-                              **{cache_arg: output_cache(out)})
+            with self.compute():
+                out = self.module(input_ids=tok.unsqueeze(-1),
+                                  attention_mask=mask[:, :col + 1],
+                                  position_ids=next_pos + step, use_cache=True,
+                                  **{cache_arg: output_cache(out)})
         response = torch.zeros((rows, width), dtype=torch.float32)
         response[:, plen:] = mask[:, plen:].float().cpu()
         return {"tokens": ids.cpu(), "attention_mask": mask.float().cpu(),
@@ -307,6 +341,10 @@ class HFEngine:
     # -- training -------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
+            if not self.decl.trainable:
+                # a frozen model trained in a set-up phase trains on fp32 weights (its
+                # master copy) until hold_frozen(); the optimizer state is fp32 either way
+                self.module.float()
             o = self.options
             self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o["lr"],
                                                betas=tuple(o["betas"]),

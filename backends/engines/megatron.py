@@ -23,6 +23,13 @@ engines start from the same numbers.
 
 Every call is a collective over the engine's mesh: each rank passes the whole batch.
 CPU needs one shim (megatron_cpu.py).
+
+Precision: not megatron-core's own bf16 path (TransformerConfig(bf16=True) with
+Float16Module, whose fp32 main grads live in megatron-core's DistributedDataParallel and
+MixedPrecisionOptimizer, which this engine does not use: it finalises gradients and
+steps a torch AdamW itself). bf16 here is torch autocast to bf16 over fp32 parameters
+(the master weights; AdamW state and gradients fp32), with log-probs from fp32 logits;
+activations cross pipeline stages in fp32. A frozen bf16 model holds bf16 parameters.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from .base import fit_micro_batches, move_module_and_optimizer
 from .train_loop import (TwoParts, WeightedStats, loss_weights, micro_batches, split_rows,
                          train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
+from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
 
@@ -107,6 +115,7 @@ class MegatronEngine:
         self.decl, self.spec, self.version = decl, spec, 0
         self.options = {**DEFAULTS, **options}
         self.device = resolve_device(device)
+        self.precision = check_precision(decl, self.device)
         if self.device.type == "cpu":
             allow_cpu()
         self.ranks, self.rank = tuple(ranks), rank
@@ -130,6 +139,8 @@ class MegatronEngine:
         self.load_weights(hf.state_dict())
         self.layout = self._make_layout([(k, tuple(v.shape)) for k, v in hf.state_dict().items()])
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        if not decl.trainable:   # frozen: held in its precision only
+            self.module.to(TORCH_DTYPES[self.precision])
 
     # -- building -----------------------------------------------------------------------
     def _config(self) -> Any:
@@ -287,11 +298,13 @@ class MegatronEngine:
         the head quantity per sequence (HFEngine._head's)."""
         tokens = tokens.to(self.device)
         pos, att = self._inputs(tokens, mask)
-        self.module.set_input_tensor(x)
+        held = next(self.module.parameters()).dtype
+        self.module.set_input_tensor(x if x is None or x.dtype == held else x.to(held))
         head = self.spec.head
-        out = self.module(tokens if self.pp_rank == 0 else None, pos, att)
+        with autocast(self.device, self.precision, self.module):
+            out = self.module(tokens if self.pp_rank == 0 else None, pos, att)
         if self.pp_rank < self.pp - 1:
-            return out
+            return out.float()   # the pipeline's p2p buffers are fp32
         if head == "lm":
             return F.pad(self._logprobs(out, tokens[:, 1:]), (1, 0))
         out = out[..., 0].float()
@@ -564,7 +577,8 @@ class MegatronEngine:
     def degrees(self) -> dict[str, Any]:
         """What this engine runs: its engine name and parallel degrees."""
         return {"engine": "megatron", "dp": self.dp, "tp": self.tp, "pp": self.pp,
-                "sp": self.sp, "zero": self.zero, "micro_batches": self.ran_micro_batches}
+                "sp": self.sp, "zero": self.zero, "micro_batches": self.ran_micro_batches,
+                "precision": ran_precision(self.module, self.precision == "bf16")}
 
 
 __all__ = ["MegatronEngine", "megatron_groups", "GROUP_KINDS"]

@@ -29,7 +29,7 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from graphrl.errors import UsageError
@@ -135,7 +135,9 @@ def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                 if key in specs and specs[key].gpus != gpus:
                     raise UsageError(f"model {decl.name}: generate calls on different "
                                      "meshes")
-                specs[key] = EngineSpec(key, decl, model.engine_options(),
+                # a generation copy never trains: held in the model's precision only
+                gen_decl = replace(decl, trainable=False) if main else decl
+                specs[key] = EngineSpec(key, gen_decl, model.engine_options(),
                                         "noop" if noop else "replicas", gpus, "", seed,
                                         init_from, init_ckpt)
             node_engine[n.name] = gen_engine[decl.name] = key

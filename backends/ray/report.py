@@ -88,7 +88,8 @@ def call_engines(graph: Any, resolved: Mapping[str, str],
         texts = sorted(ran[n.name][1])
         got = parse_degrees(texts[0])
         differs = [] if got.get("engine") == "noop" else degree_mismatches(
-            n.target, planned_degrees(resolved[n.name], n.target, n.placement.strategy), got)
+            n.target, planned_degrees(resolved[n.name], n.target, n.placement.strategy,
+                                      precision=graph.model(n.model).spec.dtype), got)
         if len(texts) > 1:
             differs.append(f"ranks ran {' | '.join(texts)}")
         out[n.call] = {"planned": n.placement.strategy.text(),
@@ -103,7 +104,8 @@ def engine_lines(engines: Mapping[str, Mapping[str, Any]]) -> list[str]:
              f"    {'call':<20} {'mesh':<6} {'planned':<44} {'ran':<62} agree"]
     for call, e in engines.items():
         ran = " ".join(f"{k}={e[k]}" for k in ("engine", "dp", "tp", "pp", "sp", "zero",
-                                                "micro_batches", "offload", "as") if k in e)
+                                                "micro_batches", "offload", "precision", "as")
+                       if k in e)
         planned = f"{e['planned_engine']} {e['planned']}"
         agree = "yes" if not e["differs"] else "NO: " + ", ".join(e["differs"])
         lines.append(f"    {call:<20} {e['mesh']:<6} {planned:<44} {ran:<62} {agree}")

@@ -188,7 +188,7 @@ class ExecWorker(RankWorker):
         inner = getattr(eng, "engine", None)
         return {"engine": "fast" if isinstance(inner, FastEngine) else "hf", "dp": n,
                 "tp": 1, "pp": 1, "sp": False, "zero": 3 if kind == "FSDPEngine" else 0,
-                "micro_batches": 1, "offload": 0,
+                "micro_batches": 1, "offload": 0, "precision": eng.ran_precision(),
                 "as": "fsdp2" if kind == "FSDPEngine" else "replicas"}
 
     def _average_gradients(self, key: str, group: str) -> None:

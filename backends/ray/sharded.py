@@ -130,6 +130,9 @@ class ReplicatedEngine:
     def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
         self.engine.load_weights(named)
 
+    def ran_precision(self) -> str:
+        return self.engine.ran_precision()
+
     def offload(self) -> None:
         self.engine.offload()
 
@@ -178,9 +181,17 @@ class FSDPEngine:
         kind = "cuda" if device.startswith("cuda") else "cpu"
         self.mesh = TorchMesh.from_group(group, kind, mesh=list(self.gpus))
         module = self.engine.module
+        # bf16: FSDP2 gathers bf16 copies of the fp32 (master) shards for compute and
+        # reduces gradients in fp32 (MixedPrecisionPolicy); fp32: no policy
+        mp = {}
+        if self.engine.precision == "bf16" and decl.trainable:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)}
         for layer in decoder_layers(module, decl.spec.num_layers):
-            fully_shard(layer, mesh=self.mesh)
-        fully_shard(module, mesh=self.mesh)
+            fully_shard(layer, mesh=self.mesh, **mp)
+        fully_shard(module, mesh=self.mesh, **mp)
         self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
         self.local_arrays()   # checks the layout against the real shards
 
@@ -204,6 +215,9 @@ class FSDPEngine:
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], **kw: Any) -> dict[str, float]:
         return self.engine.train(inputs, **kw)
+
+    def ran_precision(self) -> str:
+        return self.engine.ran_precision()
 
     def forward(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
         try:
