@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 from .nearest import suggest
 
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+            "gpt2": "gpt2"}
 
 # family -> (required positive-int fields, optional positive-int fields)
 FIELDS = {

@@ -162,7 +162,7 @@ class ModelSpec:
             return cls("gpt2", c["vocab_size"], h, c["n_layer"], c["n_head"], c["n_head"],
                        c.get("n_inner") or 4 * h, c["n_positions"], head,
                        bool(c.get("tie_word_embeddings", True)))
-        if model_type not in ("llama", "mistral", "qwen2"):
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise ValueError(f"unsupported model_type {model_type!r}: graphrl knows llama- and "
                              "gpt2-shaped configs")
         heads = c["num_attention_heads"]

@@ -44,11 +44,45 @@ from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
 
-def _rope_theta(config: Any) -> float:
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)
+def read_architecture(decl: ModelDecl, config: Any) -> Any:
+    """The Architecture of the HF module's own config (a checkpoint's, not one rebuilt
+    from ModelSpec), refused (UsageError naming model, engine and feature) when it asks
+    for anything this engine does not implement (graphrl.architecture.ENGINE_FEATURES)."""
+    from graphrl.architecture import architecture, refuse_unsupported
+
+    try:
+        arch = architecture(config.to_dict())
+    except ValueError as e:
+        raise UsageError(f"model {decl.name}: engine megatron: {e}") from None
+    refuse_unsupported(decl.name, "megatron", arch)
+    return arch
+
+
+def rope_inv_freq(rope: Any, arch: Any) -> torch.Tensor:
+    """The rotary inverse frequencies of `arch` on megatron-core's RotaryEmbedding `rope`
+    (built with `rotary_base` = rope_theta, unscaled). rope_type llama3 rescales them by
+    the Llama 3.1 rule (Meta's Llama 3.1 release, `apply_scaling`; the formula HF
+    publishes in modeling_rope_utils `_compute_llama3_parameters`): with wavelength
+    w = 2*pi / f and L = original_max_position_embeddings, f stays if w < L / high_freq_factor,
+    becomes f / factor if w > L / low_freq_factor, else (1 - a) f / factor + a f with
+    a = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    megatron-core 0.16.1's RotaryEmbedding applies that rule only with its defaults for
+    low/high_freq_factor (1, 4) and L (8192): its `_apply_scaling` is called here with the
+    checkpoint's own four parameters instead."""
+    scaling = dict(arch.rope_scaling)
+    if not scaling:
+        return rope.inv_freq
+    if scaling.get("rope_type") != "llama3":   # refused before (ENGINE_FEATURES)
+        raise UsageError(f"megatron: rope_type {scaling.get('rope_type')} is not implemented")
+    return rope._apply_scaling(
+        rope.inv_freq, factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=float(scaling["original_max_position_embeddings"]))
+
+
+def _qk_norm(name: str) -> bool:
+    return ".q_layernorm." in name or ".k_layernorm." in name
 
 
 class Norm:
@@ -124,6 +158,8 @@ class MegatronEngine:
                            self.groups["pp"], timeout_s)
         torch.manual_seed(seed_for(seed, decl.name))   # as HFEngine: same initial weights
         hf = build_module(decl, self.options.get("checkpoint"))
+        self.hf_config = hf.config
+        self.arch = read_architecture(decl, hf.config)
         self.hf_names = list(hf.state_dict())
         self.module = self._build(head_bias=any(k.endswith(("score.bias", "classifier.bias"))
                                                 for k in self.hf_names))
@@ -135,11 +171,11 @@ class MegatronEngine:
     def _config(self) -> Any:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        s, hfc = self.spec, self.spec.hf_config()
+        s, hfc, arch = self.spec, self.hf_config, self.arch
         common = dict(
             num_layers=s.num_layers, hidden_size=s.hidden_size,
             num_attention_heads=s.num_heads, num_query_groups=s.num_kv_heads,
-            ffn_hidden_size=s.intermediate_size, kv_channels=s.head_dim,
+            ffn_hidden_size=s.intermediate_size, kv_channels=arch.head_dim,
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
             sequence_parallel=self.sp, use_cpu_initialization=True,
             params_dtype=torch.float32, pipeline_dtype=torch.float32,
@@ -150,7 +186,8 @@ class MegatronEngine:
             return TransformerConfig(**common, normalization="RMSNorm",
                                      layernorm_epsilon=float(hfc.rms_norm_eps),
                                      gated_linear_unit=True, activation_func=F.silu,
-                                     add_bias_linear=False, add_qkv_bias=False)
+                                     add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+                                     qk_layernorm=arch.qk_norm)
         return TransformerConfig(**common, normalization="LayerNorm",
                                  layernorm_epsilon=float(hfc.layer_norm_epsilon),
                                  activation_func=lambda x: F.gelu(x, approximate="tanh"),
@@ -171,6 +208,9 @@ class MegatronEngine:
         layer = get_gpt_layer_local_spec(normalization=config.normalization)
         layer.submodules.input_layernorm = Norm
         layer.submodules.pre_mlp_layernorm = Norm
+        if self.arch.qk_norm:   # Qwen3: RMSNorm over each head's d_head, before rotary
+            attn = layer.submodules.self_attention.submodules
+            attn.q_layernorm = attn.k_layernorm = Norm
         per_stage = len(stage_layers(s, self.pp, self.pp_rank))
         block = TransformerBlockSubmodules(layer_specs=[layer] * per_stage, layer_norm=Norm)
         pgc = ProcessGroupCollection(tp=self.groups["tp"], pp=self.groups["pp"],
@@ -187,11 +227,12 @@ class MegatronEngine:
             # instead, and `_finish_grads` sums the two copies' gradients as megatron does.
             share_embeddings_and_output_weights=lm and s.tie_embeddings and self.pp == 1)
         if s.family == "llama":
-            kw.update(position_embedding_type="rope",
-                      rotary_base=int(_rope_theta(s.hf_config())))
+            kw.update(position_embedding_type="rope", rotary_base=self.arch.rope_theta)
         else:
             kw.update(position_embedding_type="learned_absolute")
         model = GPTModel(**kw)
+        if s.family == "llama":   # before any forward (megatron caches the embedding)
+            model.rotary_pos_emb.inv_freq = rope_inv_freq(model.rotary_pos_emb, self.arch)
         if last and not lm:
             model.output_layer = ScalarOutput(s.hidden_size, self.sp, self.groups["tp"],
                                               head_bias)
@@ -386,9 +427,10 @@ class MegatronEngine:
         for _, p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.sp:
-            for _, p in params:
-                if getattr(p, "sequence_parallel", False):
+        if self.tp > 1:   # partial on each tp rank: norms under sequence parallelism (their
+            for name, p in params:   # tokens), q/k norms always (their heads), as
+                if ((self.sp and getattr(p, "sequence_parallel", False))   # megatron's
+                        or _qk_norm(name)):   # _allreduce_non_tensor_model_parallel_grads
                     dist.all_reduce(p.grad, group=self.groups["tp"])
         shared = self._tied_name()
         if shared:

@@ -14,6 +14,9 @@ and mlp.py):
 - `linear_fc1` of a gated MLP (SwiGLU) holds gate and up: each tensor-parallel rank's
   local rows are [its gate rows; its up rows] (the activation splits its output in half),
   so the concatenation over ranks is NOT [gate; up] but rank-interleaved halves.
+- `linear_qkv`'s bias (Qwen2's q/k/v biases; GPT-2) is fused and split like its rows.
+- Qwen3's q/k RMSNorm weights (`q_layernorm`, `k_layernorm`: one d_head vector shared by
+  every head) are replicated.
 - `linear_proj`, `linear_fc2` are row-parallel (split along dim 1); their biases, the
   norms, GPT-2's learned positions and the scalar head are replicated.
 - word embeddings and the LM output layer are vocab-parallel (dim 0).
@@ -134,6 +137,13 @@ def _layer_to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, i: int, tp: in
                    nq, nkv)
     gate = _chunk(hf[p + "mlp.gate_proj.weight"], tp, r)
     up = _chunk(hf[p + "mlp.up_proj.weight"], tp, r)
+    if a + "q_proj.bias" in hf:   # Qwen2: biases fused per group as the weight rows are
+        qkv_b = fuse_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"],
+                         nq, nkv)
+        out["self_attention.linear_qkv.bias"] = _chunk(qkv_b, tp, r)
+    for x in "qk":   # Qwen3: one RMSNorm weight per d_head, shared by every head
+        if f"{a}{x}_norm.weight" in hf:
+            out[f"self_attention.{x}_layernorm.weight"] = hf[f"{a}{x}_norm.weight"].clone()
     out.update({
         "input_layernorm.weight": hf[p + "input_layernorm.weight"].clone(),
         "self_attention.linear_qkv.weight": _chunk(qkv, tp, r),
@@ -209,7 +219,15 @@ def _layer_from_megatron(tps: list[Mapping[str, Tensor]], spec: ModelSpec, i: in
         }
     halves = [s[m + "mlp.linear_fc1.weight"].chunk(2) for s in tps]
     a = p + "self_attn."
+    extra: dict[str, Tensor] = {}
+    if m + "self_attention.linear_qkv.bias" in one:
+        qb, kb, vb = split_qkv(_cat(tps, m + "self_attention.linear_qkv.bias"), nq, nkv)
+        extra = {a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb}
+    for x in "qk":
+        if f"{m}self_attention.{x}_layernorm.weight" in one:
+            extra[f"{a}{x}_norm.weight"] = one[f"{m}self_attention.{x}_layernorm.weight"].clone()
     return {
+        **extra,
         a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": v,
         a + "o_proj.weight": _cat(tps, m + "self_attention.linear_proj.weight", 1),
         p + "mlp.gate_proj.weight": torch.cat([g for g, _ in halves]),
