@@ -103,3 +103,12 @@ def own_ray(shared_ray):
     """For a test that starts and stops Ray itself: the shared session is stopped first."""
     shared_ray.stop()
     yield
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict:
+    """family -> a saved random checkpoint of graphrl.families.TINY[family] (built once)."""
+    from graphrl.families import TINY, save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    return {f: str(save_random_checkpoint(c, root / f)) for f, c in TINY.items()}

@@ -77,6 +77,7 @@ def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
             # near-zero gradient into a full lr-sized step of either sign, so the max
             # difference of single weights is loose; the update as a whole is tight
             "update": _update_error(we, wr, start),
+            "update_no_key_bias": _update_error(*(_drop_key_bias(w) for w in (we, wr, start))),
             "worst": max(wr, key=lambda k: float((we[k] - wr[k]).abs().max())),
             "same_names": list(we) == list(wr)}
 
@@ -105,6 +106,30 @@ def _layout_error(eng: Any, full: dict) -> str:
         if len(lay.pieces_on(eng.rank)) != len(arrays[name]):
             return f"{name}: {len(arrays[name])} arrays"
     return ""
+
+
+def _drop_key_bias(weights: dict) -> dict:
+    """The weights without the attention key biases (Qwen2's k_proj.bias, the middle third
+    of GPT-2's c_attn.bias). Softmax over keys is invariant to a shift common to every key,
+    and q . (k_j + b) shifts every score of a query by q . b, so the key bias's gradient is
+    exactly 0 in exact arithmetic: each engine's is rounding noise, which Adam turns into
+    lr-sized steps of either sign (bounded by the single-weight tolerance, not the
+    update's)."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("self_attn.k_proj.bias"):
+            continue
+        if k.endswith("attn.c_attn.bias"):
+            h = v.shape[0] // 3
+            v = torch_cat(v[:h], v[2 * h:])
+        out[k] = v
+    return out
+
+
+def torch_cat(*ts: Any) -> Any:
+    import torch
+
+    return torch.cat(ts)
 
 
 def _update_error(we: dict, wr: dict, start: dict) -> float:
@@ -151,6 +176,72 @@ def _megatron(rank: int, world: int, configs: list, groups_of: Any) -> list:
     return results
 
 
+def family_decl(directory: str) -> Any:
+    """The lm-head decl of a saved HF directory (graphrl.families checkpoints)."""
+    from pathlib import Path
+
+    from graphrl.graph import ModelDecl
+    from graphrl.types import ModelSpec
+
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return ModelDecl("m", ModelSpec.from_hf_config(config), "policy", True)
+
+
+def hf_module_logprobs(directory: str, tokens: Any, mask: Any) -> Any:
+    """log p(token | prefix) of Hugging Face's own module loaded from `directory`
+    (AutoModelForCausalLM, fp32), position ids counted from each row's first real token
+    as every graphrl engine counts them; 0 at position 0."""
+    import torch
+    import transformers
+
+    from graphrl.backends.engines.hf import positions
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=mask.long(),
+                       position_ids=positions(mask)).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return torch.nn.functional.pad(lp, (1, 0))
+
+
+def _families(rank: int, world: int, configs: list, _: Any) -> list:
+    """Per config [family, directory, tp, pp, sp, micro-batches]: the megatron engine on the
+    checkpoint against the HF engine on it (compare) and against HF's own module
+    (`hf_module`: log-probs' max difference at real positions)."""
+    from graphrl.backends.engines.hf import HFEngine
+    from graphrl.backends.engines.megatron import MegatronEngine
+
+    results = []
+    for family, directory, tp, pp, sp, mb in configs:
+        gpus = list(range(tp * pp))
+        groups = megatron_process_groups(rank, gpus, 1, tp, pp)
+        if rank not in gpus:
+            continue
+        decl = family_decl(directory)
+        options = {"lr": 1e-2, "checkpoint": directory}
+        eng = MegatronEngine(decl, options, ranks=gpus, rank=rank, groups=groups, tp=tp,
+                             pp=pp, sequence_parallel=sp, micro_batches=mb)
+        ref = HFEngine(decl, options)
+        inputs, _ = batch("lm", ref)
+        fed = inputs["rollout"]
+        att = fed["attention_mask"]
+        keep = (att * torch_pad(att)) > 0
+        mine = eng.forward({"tokens": fed["tokens"], "attention_mask": att})["logprobs"]
+        own = hf_module_logprobs(directory, fed["tokens"], att)
+        results.append({"config": [family, tp, pp],
+                        "hf_module": float((mine - own)[keep].abs().max()),
+                        **compare(eng, ref, "lm")})
+    return results
+
+
+def torch_pad(att: Any) -> Any:
+    """The mask shifted right by one (position i: was i - 1 a real token)."""
+    import torch
+
+    return torch.nn.functional.pad(att[:, :-1], (1, 0))
+
+
 def two_parts(eng: Any, ref: Any, head: str) -> dict[str, float]:
     """A one-pass train given in two calls (train_loop.TwoParts: part="head", then
     "rest") against the reference's one call on the whole batch: the update's relative
@@ -195,7 +286,7 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        fn = _megatron if which == "megatron" else _deepspeed
+        fn = {"megatron": _megatron, "families": _families}.get(which, _deepspeed)
         results = fn(rank, world, configs, None)
         if rank == 0:
             with open(out, "w") as f:
