@@ -272,24 +272,11 @@ class MegatronEngine:
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         """This rank's pieces of every HF weight, in `layout[name].pieces_on(rank)` order
         (copies: a reshard source reads them; graphrl.shard.megatron_params)."""
-        from .megatron_convert import local_hf
+        from .megatron_convert import layout_pieces, local_hf
 
         mine = local_hf(dict(self._params()), self.spec, tp=self.tp, pp=self.pp,
                         pp_rank=self.pp_rank)
-        out: dict[str, list[torch.Tensor]] = {}
-        for name, lay in self.layout.items():
-            pieces = lay.pieces_on(self.rank)
-            if not pieces:
-                out[name] = []
-                continue
-            t = mine[name]
-            parts = list(t.chunk(3, dim=-1)) if len(pieces) == 3 else [t]
-            for piece, a in zip(pieces, parts):
-                if tuple(a.shape) != piece.extents:
-                    raise ValueError(f"{self.decl.name}: {name} piece {tuple(a.shape)} on "
-                                     f"rank {self.rank}, layout {lay.text()}")
-            out[name] = [a.contiguous() for a in parts]
-        return out
+        return layout_pieces(mine, self.layout, self.rank, self.decl.name)
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's megatron parameters (copies)."""

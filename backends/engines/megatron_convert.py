@@ -317,5 +317,26 @@ def local_hf(local: Mapping[str, Tensor], spec: ModelSpec, *, tp: int, pp: int,
     return out
 
 
-__all__ = ["local_hf", "to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
+def layout_pieces(mine: Mapping[str, Tensor], layout: Any, rank: int, what: str = ""
+                  ) -> dict[str, list[Tensor]]:
+    """One rank's local_hf tensors cut into the pieces `layout` (graphrl.shard.ModelLayout
+    of megatron_params) puts on `rank`, in `pieces_on(rank)` order: one tensor per piece
+    (GPT-2's fused c_attn: its q, k and v blocks). ValueError when a shape disagrees."""
+    out: dict[str, list[Tensor]] = {}
+    for name, lay in layout.items():
+        pieces = lay.pieces_on(rank)
+        if not pieces:
+            out[name] = []
+            continue
+        t = mine[name]
+        parts = list(t.chunk(3, dim=-1)) if len(pieces) == 3 else [t]
+        for piece, a in zip(pieces, parts):
+            if tuple(a.shape) != piece.extents:
+                raise ValueError(f"{what}: {name} piece {tuple(a.shape)} on rank {rank}, "
+                                 f"layout {lay.text()}")
+        out[name] = [a.contiguous() for a in parts]
+    return out
+
+
+__all__ = ["layout_pieces", "local_hf", "to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
            "check_degrees"]
