@@ -1,10 +1,9 @@
 """Ray backend: the weights that reach generation after a reshard are the trained ones,
 bit for bit, for the families with parameters beyond the basic Llama block — Qwen2 (q/k/v
 biases, split over tp with their heads) and Qwen3 (q/k RMSNorm weights, head_dim !=
-hidden / heads) — trained one step by megatron-core at tp=2 (sequence parallel), each
-resharded from its real layout onto generation replicas on the other two GPUs.
-(DeepSpeed ZeRO-3's layout lists every weight of the module it wraps, flat-sharded; its
-Ray run on these families is not here: see the report of this change.)
+hidden / heads) — trained one step by megatron-core at tp=2 (sequence parallel) and by
+DeepSpeed ZeRO-3 at dp=2, each resharded from its real layout onto generation replicas
+on the other two GPUs.
 
 The session-wide cluster of tests/conftest.py (4 fake GPUs on CPU), one ExecWorker actor
 per GPU, gloo. The shard algebra alone, every family and degree: test_shard_families.py.
@@ -15,6 +14,7 @@ import pytest
 
 pytest.importorskip("ray")
 pytest.importorskip("megatron.core")
+pytest.importorskip("deepspeed")
 torch = pytest.importorskip("torch")
 
 from engine_diff import family_decl  # noqa: E402
@@ -29,7 +29,9 @@ ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 TIMEOUT = 120.0
 # key: (family, engine, training GPUs, strategy); generation replicas on the other two
 ENGINES = {"m2": ("qwen2", "megatron", (0, 1), Strategy(tp=2)),
-           "m3": ("qwen3", "megatron", (2, 3), Strategy(tp=2))}
+           "m3": ("qwen3", "megatron", (2, 3), Strategy(tp=2)),
+           "d2": ("qwen2", "deepspeed", (2, 3), Strategy(dp=2, zero=3)),
+           "d3": ("qwen3", "deepspeed", (0, 1), Strategy(dp=2, zero=3))}
 
 
 def _batch(n: int = 4, seq: int = 8) -> dict:
@@ -83,10 +85,12 @@ def test_trained_weights_reach_generation_bit_for_bit(ranks, family_dirs):
         d = family_dirs[family]
         specs[key] = EngineSpec(key, family_decl(d), {"lr": 1e-2, "checkpoint": d}, engine,
                                 gpus, engine=engine, strategy=s, groups=names)
-    ranks.call_each("build", {g: ((spec,), {}) for spec in specs.values() for g in spec.gpus})
     data = _batch()
-    ranks.call_each("train", {g: ((key, data), {"loss": "ppo", "seed": 0})
-                              for key, spec in specs.items() for g in spec.gpus})
+    for engine in ("megatron", "deepspeed"):   # one engine per rank at a time, all ranks
+        mine = {k: sp for k, sp in specs.items() if sp.kind == engine}
+        ranks.call_each("build", {g: ((sp,), {}) for sp in mine.values() for g in sp.gpus})
+        ranks.call_each("train", {g: ((k, data), {"loss": "ppo", "seed": 0})
+                                  for k, sp in mine.items() for g in sp.gpus})
     for key, (family, engine, gpus, s) in ENGINES.items():
         spec = specs[key]
         full = ranks.call("export_weights", key, on=list(gpus))[gpus[0]]
