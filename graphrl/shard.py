@@ -465,13 +465,13 @@ def model_layout(params: Sequence[ParamSpec], mesh: DeviceMesh, strategy: Strate
 def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, *,
                  tie_embeddings: bool = False, vocab_parallel: bool = True,
                  head_dim: Optional[int] = None, qkv_bias: bool = False,
-                 qk_norm: bool = False) -> tuple[ParamSpec, ...]:
+                 o_bias: bool = False, qk_norm: bool = False) -> tuple[ParamSpec, ...]:
     """Weights of HF `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3) in state_dict order,
     with Megatron-style TP kinds (Shoeybi et al. 2019): q/k/v/gate/up colwise, o/down
     rowwise, norms replicated, embedding and lm_head vocab-parallel (dim 0) unless
     `vocab_parallel=False`. `head_dim` (default hidden / heads; Qwen3's differs), Qwen2's
     q/k/v biases (`qkv_bias`: colwise, each rank's rows are its heads, as the weights'),
-    Qwen3's per-head q/k RMSNorm weights (`qk_norm`: [head_dim], replicated)."""
+    Llama's o_proj bias (`o_bias`, attention_bias: replicated), Qwen3's per-head q/k RMSNorm weights (`qk_norm`: [head_dim], replicated)."""
     if heads % kv_heads or (head_dim is None and hidden % heads):
         raise ValueError(f"hidden {hidden} / heads {heads} / kv_heads {kv_heads} do not divide")
     d = head_dim or hidden // heads
@@ -485,6 +485,8 @@ def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
             if qkv_bias:
                 out.append(ParamSpec(p + f"self_attn.{x}_proj.bias", (rows,), "colwise", i))
         out.append(ParamSpec(p + "self_attn.o_proj.weight", (hidden, q), "rowwise", i))
+        if o_bias:   # Llama attention_bias: added once after the row-parallel reduction
+            out.append(ParamSpec(p + "self_attn.o_proj.bias", (hidden,), "replicate", i))
         if qk_norm:
             out += [ParamSpec(p + f"self_attn.{x}_norm.weight", (d,), "replicate", i)
                     for x in "qk"]

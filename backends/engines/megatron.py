@@ -99,6 +99,19 @@ class Norm:
         return m
 
 
+class BiasedProj:
+    """megatron-core's RowParallelLinear for `linear_proj` with a bias whatever
+    `add_bias_linear` says (Llama's attention_bias: q, k, v and o biases, no MLP bias,
+    which megatron's config cannot say: add_bias_linear covers o and the MLP together).
+    The bias is added once after the tensor-parallel reduction (replicated; under
+    sequence parallelism marked `sequence_parallel`, its gradient summed over tp)."""
+
+    def __new__(cls, *args: Any, bias: bool = False, **kw: Any) -> nn.Module:
+        from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+        return RowParallelLinear(*args, bias=True, **kw)
+
+
 class ScalarOutput(nn.Module):
     """Value/score head in place of GPTModel's output layer: hidden -> one scalar, the
     weight replicated on every tensor-parallel rank (hidden states gathered first under
@@ -208,9 +221,11 @@ class MegatronEngine:
         layer = get_gpt_layer_local_spec(normalization=config.normalization)
         layer.submodules.input_layernorm = Norm
         layer.submodules.pre_mlp_layernorm = Norm
+        attn = layer.submodules.self_attention.submodules
         if self.arch.qk_norm:   # Qwen3: RMSNorm over each head's d_head, before rotary
-            attn = layer.submodules.self_attention.submodules
             attn.q_layernorm = attn.k_layernorm = Norm
+        if self.arch.o_bias:
+            attn.linear_proj = BiasedProj
         per_stage = len(stage_layers(s, self.pp, self.pp_rank))
         block = TransformerBlockSubmodules(layer_specs=[layer] * per_stage, layer_norm=Norm)
         pgc = ProcessGroupCollection(tp=self.groups["tp"], pp=self.groups["pp"],

@@ -141,6 +141,8 @@ def _layer_to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, i: int, tp: in
         qkv_b = fuse_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"],
                          nq, nkv)
         out["self_attention.linear_qkv.bias"] = _chunk(qkv_b, tp, r)
+    if a + "o_proj.bias" in hf:   # Llama attention_bias: replicated, added after the reduce
+        out["self_attention.linear_proj.bias"] = hf[a + "o_proj.bias"].clone()
     for x in "qk":   # Qwen3: one RMSNorm weight per d_head, shared by every head
         if f"{a}{x}_norm.weight" in hf:
             out[f"self_attention.{x}_layernorm.weight"] = hf[f"{a}{x}_norm.weight"].clone()
@@ -223,6 +225,8 @@ def _layer_from_megatron(tps: list[Mapping[str, Tensor]], spec: ModelSpec, i: in
     if m + "self_attention.linear_qkv.bias" in one:
         qb, kb, vb = split_qkv(_cat(tps, m + "self_attention.linear_qkv.bias"), nq, nkv)
         extra = {a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb}
+    if m + "self_attention.linear_proj.bias" in one:
+        extra[a + "o_proj.bias"] = one[m + "self_attention.linear_proj.bias"].clone()
     for x in "qk":
         if f"{m}self_attention.{x}_layernorm.weight" in one:
             extra[f"{a}{x}_norm.weight"] = one[f"{m}self_attention.{x}_layernorm.weight"].clone()
