@@ -465,13 +465,16 @@ def model_layout(params: Sequence[ParamSpec], mesh: DeviceMesh, strategy: Strate
 def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, *,
                  tie_embeddings: bool = False, vocab_parallel: bool = True,
                  head_dim: Optional[int] = None, qkv_bias: bool = False,
-                 o_bias: bool = False, qk_norm: bool = False) -> tuple[ParamSpec, ...]:
+                 o_bias: bool = False, qk_norm: bool = False, mlp_bias: bool = False
+                 ) -> tuple[ParamSpec, ...]:
     """Weights of HF `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3) in state_dict order,
     with Megatron-style TP kinds (Shoeybi et al. 2019): q/k/v/gate/up colwise, o/down
     rowwise, norms replicated, embedding and lm_head vocab-parallel (dim 0) unless
     `vocab_parallel=False`. `head_dim` (default hidden / heads; Qwen3's differs), Qwen2's
     q/k/v biases (`qkv_bias`: colwise, each rank's rows are its heads, as the weights'),
-    Llama's o_proj bias (`o_bias`, attention_bias: replicated), Qwen3's per-head q/k RMSNorm weights (`qk_norm`: [head_dim], replicated)."""
+    Llama's o_proj bias (`o_bias`, attention_bias: replicated) and MLP biases
+    (`mlp_bias`: gate/up colwise, down replicated), Qwen3's per-head q/k RMSNorm weights
+    (`qk_norm`: [head_dim], replicated)."""
     if heads % kv_heads or (head_dim is None and hidden % heads):
         raise ValueError(f"hidden {hidden} / heads {heads} / kv_heads {kv_heads} do not divide")
     d = head_dim or hidden // heads
@@ -490,10 +493,14 @@ def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
         if qk_norm:
             out += [ParamSpec(p + f"self_attn.{x}_norm.weight", (d,), "replicate", i)
                     for x in "qk"]
-        out += [ParamSpec(p + "mlp.gate_proj.weight", (ffn, hidden), "colwise", i),
-                ParamSpec(p + "mlp.up_proj.weight", (ffn, hidden), "colwise", i),
-                ParamSpec(p + "mlp.down_proj.weight", (hidden, ffn), "rowwise", i),
-                ParamSpec(p + "input_layernorm.weight", (hidden,), "replicate", i),
+        for x in ("gate", "up"):
+            out.append(ParamSpec(p + f"mlp.{x}_proj.weight", (ffn, hidden), "colwise", i))
+            if mlp_bias:
+                out.append(ParamSpec(p + f"mlp.{x}_proj.bias", (ffn,), "colwise", i))
+        out.append(ParamSpec(p + "mlp.down_proj.weight", (hidden, ffn), "rowwise", i))
+        if mlp_bias:
+            out.append(ParamSpec(p + "mlp.down_proj.bias", (hidden,), "replicate", i))
+        out += [ParamSpec(p + "input_layernorm.weight", (hidden,), "replicate", i),
                 ParamSpec(p + "post_attention_layernorm.weight", (hidden,), "replicate", i)]
     out.append(ParamSpec("model.norm.weight", (hidden,), "replicate", layers))
     if not tie_embeddings:
@@ -506,7 +513,7 @@ _MEGATRON_KINDS = (   # (pattern, kind, layer: "i" = the matched layer, -1 first
     (r"wpe\.weight$", "replicate", -1),
     (r"\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", "colwise", "i"),   # fused per head
     (r"\.(\d+)\.self_attn\.o_proj\.weight$", "rowwise", "i"),
-    (r"\.(\d+)\.mlp\.(gate|up)_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$", "colwise", "i"),
     (r"\.(\d+)\.mlp\.down_proj\.weight$", "rowwise", "i"),
     (r"\.(\d+)\.attn\.c_attn\.(weight|bias)$", "fused3", "i"),
     (r"\.(\d+)\.attn\.c_proj\.weight$", "colwise", "i"),    # Conv1D [in, out]: row-parallel

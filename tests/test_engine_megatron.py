@@ -86,13 +86,14 @@ def test_megatron_matches_hf(tmp_path):
 
 def test_every_family_matches_hf_at_tp2_and_pp2(family_dirs, tmp_path):
     """Each family's random checkpoint (graphrl.families: biases, q/k norms, head_dim,
-    llama3 rope, GPT-2; and Llama with attention_bias) on megatron at tp=2 (sequence parallel), at pp=2 (1F1B, 2
-    micro-batches) and on one rank: log-probs equal Hugging Face's own module's, and training steps the HF
-    engine's; every rank's local arrays are what the shard catalog says (biases and norms
-    included). One spawn of 2 ranks for all of it."""
+    llama3 rope, GPT-2; and Llama with attention_bias, with mlp_bias) on megatron at tp=2
+    (sequence parallel), at pp=2 (1F1B, 2 micro-batches) and on one rank: log-probs equal
+    Hugging Face's own module's, and training steps the HF engine's; every rank's local
+    arrays are what the shard catalog says (biases and norms included). One spawn of 2
+    ranks for all of it."""
     from graphrl.families import TINY
 
-    families = list(TINY) + ["llama2_attention_bias"]
+    families = list(TINY) + ["llama2_attention_bias", "llama2_mlp_bias"]
     configs = [[f, family_dirs[f], tp, pp, sp, mb] for tp, pp, sp, mb in
                ((2, 1, True, 1), (1, 2, False, 2), (1, 1, False, 1)) for f in families]
     results = run("families", 2, configs, str(tmp_path / "families.json"), timeout_s=480)
@@ -112,7 +113,7 @@ def test_every_family_matches_hf_at_tp2_and_pp2(family_dirs, tmp_path):
     ("llama2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
                                     "factor": 4.0, "original_max_position_embeddings": 32}},
      "rope_type=yarn"),
-    ("llama2", {"mlp_bias": True}, "mlp_bias=true")])
+    ("llama2", {"hidden_act": "gelu"}, "activation=gelu")])
 def test_features_megatron_lacks_are_refused(family, change, feature, tmp_path):
     """A checkpoint asking for what megatron does not implement is refused when the
     engine is built, naming the model, the engine and the feature (never ignored)."""

@@ -22,7 +22,10 @@ def _module(directory):
         directory, dtype=torch.float32, local_files_only=True)
 
 
-@pytest.mark.parametrize("family", list(TINY) + ["llama2_attention_bias"])
+EXTRA = ["llama2_attention_bias", "llama2_mlp_bias"]   # tests/conftest.py family_dirs
+
+
+@pytest.mark.parametrize("family", list(TINY) + EXTRA)
 def test_megatron_ranks_reassemble_the_checkpoint(family, family_dirs):
     from engine_diff import family_decl
 
@@ -57,7 +60,7 @@ def test_megatron_ranks_reassemble_the_checkpoint(family, family_dirs):
         assert {kinds[f"self_attn.{x}_norm.weight"] for x in "qk"} == {"replicate"}
 
 
-@pytest.mark.parametrize("family", [f for f in TINY if f != "gpt2"] + ["llama2_attention_bias"])
+@pytest.mark.parametrize("family", [f for f in TINY if f != "gpt2"] + EXTRA)
 def test_llama_params_list_every_weight(family, family_dirs):
     """The catalog of a Llama-family model (graphrl.shard.llama_params, what the Ray
     backend's sharded engines and the reshard planner use) names every weight of the
@@ -75,7 +78,7 @@ def test_llama_params_list_every_weight(family, family_dirs):
     params = llama_params(s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads,
                           s.intermediate_size, s.vocab_size, tie_embeddings=s.tie_embeddings,
                           head_dim=arch.head_dim, qkv_bias=arch.qkv_bias,
-                          o_bias=arch.o_bias, qk_norm=arch.qk_norm)
+                          o_bias=arch.o_bias, qk_norm=arch.qk_norm, mlp_bias=arch.mlp_bias)
     state = module.state_dict()
     want = [(k, tuple(v.shape)) for k, v in state.items()
             if not (s.tie_embeddings and k == "lm_head.weight")]

@@ -99,17 +99,26 @@ class Norm:
         return m
 
 
-class BiasedProj:
-    """megatron-core's RowParallelLinear for `linear_proj` with a bias whatever
-    `add_bias_linear` says (Llama's attention_bias: q, k, v and o biases, no MLP bias,
-    which megatron's config cannot say: add_bias_linear covers o and the MLP together).
-    The bias is added once after the tensor-parallel reduction (replicated; under
-    sequence parallelism marked `sequence_parallel`, its gradient summed over tp)."""
+class BiasedRow:
+    """megatron-core's RowParallelLinear with a bias whatever `add_bias_linear` says: Llama's
+    attention_bias (q, k, v, o biases; MLP without) and mlp_bias (gate, up, down biases;
+    o without) bias some of the linears megatron's config covers together. The bias is
+    added once after the tensor-parallel reduction (replicated; under sequence
+    parallelism marked `sequence_parallel`, its gradient summed over tp)."""
 
     def __new__(cls, *args: Any, bias: bool = False, **kw: Any) -> nn.Module:
         from megatron.core.tensor_parallel.layers import RowParallelLinear
 
         return RowParallelLinear(*args, bias=True, **kw)
+
+
+class BiasedColumn:
+    """ColumnParallelLinear with a bias (mlp_bias: linear_fc1's, split with its rows)."""
+
+    def __new__(cls, *args: Any, bias: bool = False, **kw: Any) -> nn.Module:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        return ColumnParallelLinear(*args, bias=True, **kw)
 
 
 class ScalarOutput(nn.Module):
@@ -225,7 +234,10 @@ class MegatronEngine:
         if self.arch.qk_norm:   # Qwen3: RMSNorm over each head's d_head, before rotary
             attn.q_layernorm = attn.k_layernorm = Norm
         if self.arch.o_bias:
-            attn.linear_proj = BiasedProj
+            attn.linear_proj = BiasedRow
+        if self.arch.mlp_bias:
+            mlp = layer.submodules.mlp.submodules
+            mlp.linear_fc1, mlp.linear_fc2 = BiasedColumn, BiasedRow
         per_stage = len(stage_layers(s, self.pp, self.pp_rank))
         block = TransformerBlockSubmodules(layer_specs=[layer] * per_stage, layer_norm=Norm)
         pgc = ProcessGroupCollection(tp=self.groups["tp"], pp=self.groups["pp"],

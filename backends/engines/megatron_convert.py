@@ -143,6 +143,10 @@ def _layer_to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, i: int, tp: in
         out["self_attention.linear_qkv.bias"] = _chunk(qkv_b, tp, r)
     if a + "o_proj.bias" in hf:   # Llama attention_bias: replicated, added after the reduce
         out["self_attention.linear_proj.bias"] = hf[a + "o_proj.bias"].clone()
+    if p + "mlp.gate_proj.bias" in hf:   # Llama mlp_bias: fc1's as its rows, fc2's replicated
+        out["mlp.linear_fc1.bias"] = torch.cat([_chunk(hf[p + "mlp.gate_proj.bias"], tp, r),
+                                                _chunk(hf[p + "mlp.up_proj.bias"], tp, r)])
+        out["mlp.linear_fc2.bias"] = hf[p + "mlp.down_proj.bias"].clone()
     for x in "qk":   # Qwen3: one RMSNorm weight per d_head, shared by every head
         if f"{a}{x}_norm.weight" in hf:
             out[f"self_attention.{x}_layernorm.weight"] = hf[f"{a}{x}_norm.weight"].clone()
@@ -227,6 +231,11 @@ def _layer_from_megatron(tps: list[Mapping[str, Tensor]], spec: ModelSpec, i: in
         extra = {a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb}
     if m + "self_attention.linear_proj.bias" in one:
         extra[a + "o_proj.bias"] = one[m + "self_attention.linear_proj.bias"].clone()
+    if m + "mlp.linear_fc1.bias" in one:
+        fc1 = [s[m + "mlp.linear_fc1.bias"].chunk(2) for s in tps]
+        extra[p + "mlp.gate_proj.bias"] = torch.cat([g for g, _ in fc1])
+        extra[p + "mlp.up_proj.bias"] = torch.cat([u for _, u in fc1])
+        extra[p + "mlp.down_proj.bias"] = one[m + "mlp.linear_fc2.bias"].clone()
     for x in "qk":
         if f"{m}self_attention.{x}_layernorm.weight" in one:
             extra[f"{a}{x}_norm.weight"] = one[f"{m}self_attention.{x}_layernorm.weight"].clone()

@@ -51,7 +51,8 @@ def param_specs(decl: ModelDecl, module: Any = None, checkpoint: Any = None
         known = {p.name: p for p in llama_params(
             s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.intermediate_size,
             s.vocab_size, tie_embeddings=s.tie_embeddings, head_dim=arch.head_dim,
-            qkv_bias=arch.qkv_bias, o_bias=arch.o_bias, qk_norm=arch.qk_norm)}
+            qkv_bias=arch.qkv_bias, o_bias=arch.o_bias, qk_norm=arch.qk_norm,
+            mlp_bias=arch.mlp_bias)}
     out = []
     for name, shape in shapes.items():
         p = known.get(name)
