@@ -88,7 +88,9 @@ def test_trained_weights_reach_generation_bit_for_bit(ranks, family_dirs):
     data = _batch()
     for engine in ("megatron", "deepspeed"):   # one engine per rank at a time, all ranks
         mine = {k: sp for k, sp in specs.items() if sp.kind == engine}
-        ranks.call_each("build", {g: ((sp,), {}) for sp in mine.values() for g in sp.gpus})
+        # deadline: DeepSpeed may JIT-build its CPU comm op first (minutes on a busy host)
+        ranks.call_each("build", {g: ((sp,), {}) for sp in mine.values() for g in sp.gpus},
+                        deadline_s=400.0)
         ranks.call_each("train", {g: ((k, data), {"loss": "ppo", "seed": 0})
                                   for k, sp in mine.items() for g in sp.gpus})
     for key, (family, engine, gpus, s) in ENGINES.items():
