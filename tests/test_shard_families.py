@@ -2,8 +2,9 @@
 exactly what it says: a checkpoint (graphrl.families) converted to each rank of tp=2,
 pp=2 and tp=2 x pp=2 (megatron_convert.to_megatron), read back in HF coordinates
 (local_hf) and cut by the catalog's layout (graphrl.shard.megatron_params), reassembles
-to the checkpoint bit for bit — Qwen2's q/k/v biases split with their heads, Qwen3's q/k
-norms and head_dim != hidden / heads included. The Ray run of the same layouts:
+to the checkpoint bit for bit, and so does from_megatron of the ranks' states — Qwen2's
+q/k/v biases split with their heads, Qwen3's q/k norms and head_dim != hidden / heads,
+Llama's attention_bias and mlp_bias included. The Ray run of the same layouts:
 tests/test_ray_families.py."""
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ EXTRA = ["llama2_attention_bias", "llama2_mlp_bias"]   # tests/conftest.py famil
 def test_megatron_ranks_reassemble_the_checkpoint(family, family_dirs):
     from engine_diff import family_decl
 
-    from graphrl.backends.engines.megatron_convert import layout_pieces, local_hf, to_megatron
+    from graphrl.backends.engines.megatron_convert import (from_megatron, layout_pieces,
+                                                           local_hf, to_megatron)
     from graphrl.parallel import DeviceMesh, Strategy
     from graphrl.shard import Box, megatron_params, model_layout
 
@@ -42,17 +44,21 @@ def test_megatron_ranks_reassemble_the_checkpoint(family, family_dirs):
         layout = model_layout(params, DeviceMesh(tuple(range(tp * pp))), Strategy(tp=tp, pp=pp),
                               num_layers=spec.num_layers)
         full = {k: torch.full_like(v, float("nan")) for k, v in hf.items()}
+        shards = {}
         for rank in range(tp * pp):
             pp_rank, tp_rank = divmod(rank, tp)
             local = to_megatron(hf, spec, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank)
+            shards[(pp_rank, tp_rank)] = local
             mine = local_hf(local, spec, tp=tp, pp=pp, pp_rank=pp_rank)
             for name, arrays in layout_pieces(mine, layout, rank, family).items():
                 for piece, a in zip(layout[name].pieces_on(rank), arrays):
                     assert isinstance(piece, Box)
                     full[name][piece.slices()] = a
+        back = from_megatron(shards, spec, tp, pp, order=list(hf))   # export_weights' path
         for k, v in hf.items():
             assert layout[k].is_complete(), (family, tp, pp, k)
             assert torch.equal(full[k], v), (family, tp, pp, k)
+            assert torch.equal(back[k], v), (family, tp, pp, k)
     kinds = {p.name.split(".", 3)[-1]: p.kind for p in params if ".layers.0." in p.name}
     if family == "qwen2":   # split over tp with their heads, not replicated
         assert {kinds[f"self_attn.{x}_proj.bias"] for x in "qkv"} == {"colwise"}
