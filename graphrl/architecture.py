@@ -80,7 +80,7 @@ ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
     "deepspeed": ALL_FEATURES,
     "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim"}),
-    "megatron": frozenset({"qkv_bias", "o_bias", "mlp_bias", "qk_norm", "head_dim", "rope_llama3"}),
+    "megatron": frozenset("qkv_bias o_bias mlp_bias qk_norm head_dim rope_llama3".split()),
 }
 
 
