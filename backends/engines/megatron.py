@@ -3,10 +3,13 @@
 `MegatronEngine` is one rank of a model split over a mesh of `dp * pp * tp` ranks, rank
 order (dp, pp, tp) with tp fastest (graphrl.parallel.Strategy.coords, as Megatron-LM
 orders its groups). It builds megatron-core's `GPTModel` (local, pure-PyTorch layer spec)
-for its pipeline stage from the model's HF config — Llama: RMSNorm, SwiGLU, RoPE, GQA;
-GPT-2: LayerNorm, tanh-GELU, learned positions, biases — and loads the weights of the
-seeded HF model the HF engine would build, converted (megatron_convert.py), so both
-engines start from the same numbers.
+for its pipeline stage from the HF module's own config — Llama: RMSNorm, SwiGLU, RoPE, GQA,
+and what graphrl.architecture names beyond it: Qwen2's q/k/v biases, Llama's
+attention_bias / mlp_bias, Qwen3's q/k norms and head_dim, Llama-3 rope scaling
+(megatron_arch.py; anything else is refused); GPT-2: LayerNorm, tanh-GELU, learned
+positions, biases — and loads the weights of the seeded HF model (or checkpoint) the HF
+engine would build, converted (megatron_convert.py), so both engines start from the same
+numbers.
 
 - forward: log-probs (LM head, vocab-parallel cross-entropy), values or scores; the
   batch is split over the dp groups and run through the pipeline in micro-batches.
@@ -44,6 +47,7 @@ from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_arch import BiasedColumn, BiasedRow, read_architecture, rope_inv_freq
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
+
 
 def _qk_norm(name: str) -> bool:
     return ".q_layernorm." in name or ".k_layernorm." in name
@@ -383,10 +387,13 @@ class MegatronEngine:
         for _, p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.tp > 1:   # partial on each tp rank: norms under sequence parallelism (their
-            for name, p in params:   # tokens), q/k norms always (their heads), as
-                if ((self.sp and getattr(p, "sequence_parallel", False))   # megatron's
-                        or _qk_norm(name)):   # _allreduce_non_tensor_model_parallel_grads
+        # Replicated weights whose gradient is partial on each tp rank get summed over tp
+        # (megatron's _allreduce_non_tensor_model_parallel_grads): norms and row-parallel
+        # biases under sequence parallelism (each rank saw its tokens), Qwen3's q/k norms
+        # always (each rank saw its heads).
+        if self.tp > 1:
+            for name, p in params:
+                if (self.sp and getattr(p, "sequence_parallel", False)) or _qk_norm(name):
                     dist.all_reduce(p.grad, group=self.groups["tp"])
         shared = self._tied_name()
         if shared:
