@@ -17,6 +17,8 @@ and mlp.py):
 - `linear_qkv`'s bias (Qwen2's q/k/v biases; GPT-2) is fused and split like its rows.
 - Qwen3's q/k RMSNorm weights (`q_layernorm`, `k_layernorm`: one d_head vector shared by
   every head) are replicated.
+- Llama's mlp_bias: `linear_fc1`'s bias holds each rank's [gate; up] bias rows as its
+  weight does; `linear_fc2`'s and attention_bias's `linear_proj` bias are replicated.
 - `linear_proj`, `linear_fc2` are row-parallel (split along dim 1); their biases, the
   norms, GPT-2's learned positions and the scalar head are replicated.
 - word embeddings and the LM output layer are vocab-parallel (dim 0).
@@ -351,5 +353,5 @@ def layout_pieces(mine: Mapping[str, Tensor], layout: Any, rank: int, what: str 
     return out
 
 
-__all__ = ["layout_pieces", "local_hf", "to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
-           "check_degrees"]
+__all__ = ["layout_pieces", "local_hf", "to_megatron", "from_megatron", "fuse_qkv",
+           "split_qkv", "stage_layers", "check_degrees"]
