@@ -81,7 +81,7 @@ ENGINE_FEATURES = {
     "deepspeed": ALL_FEATURES,
     "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
                        "sliding_window"}),
-    "megatron": frozenset(),
+    "megatron": frozenset("qkv_bias o_bias mlp_bias qk_norm head_dim rope_llama3".split()),
 }
 
 

@@ -464,13 +464,18 @@ def model_layout(params: Sequence[ParamSpec], mesh: DeviceMesh, strategy: Strate
 
 def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, *,
                  tie_embeddings: bool = False, vocab_parallel: bool = True,
-                 head_dim: int = 0, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, qk_norm: bool = False) -> tuple[ParamSpec, ...]:
-    """Weights of HF `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3: `head_dim`, biases,
-    per-head q/k norms) in state_dict order, with Megatron-style TP kinds (Shoeybi et al.
-    2019): q/k/v/gate/up (and their biases) colwise, o/down rowwise, their biases, norms
-    replicated, embedding and lm_head vocab-parallel (dim 0) unless `vocab_parallel=False`."""
-    if (not head_dim and hidden % heads) or heads % kv_heads:
+                 head_dim: Optional[int] = None, qkv_bias: bool = False,
+                 o_bias: bool = False, qk_norm: bool = False, mlp_bias: bool = False
+                 ) -> tuple[ParamSpec, ...]:
+    """Weights of HF `LlamaForCausalLM` (and Mistral / Qwen2 / Qwen3) in state_dict order,
+    with Megatron-style TP kinds (Shoeybi et al. 2019): q/k/v/gate/up colwise, o/down
+    rowwise, norms replicated, embedding and lm_head vocab-parallel (dim 0) unless
+    `vocab_parallel=False`. `head_dim` (default hidden / heads; Qwen3's differs), Qwen2's
+    q/k/v biases (`qkv_bias`: colwise, each rank's rows are its heads, as the weights'),
+    Llama's o_proj bias (`o_bias`, attention_bias: replicated) and MLP biases
+    (`mlp_bias`: gate/up colwise, down replicated), Qwen3's per-head q/k RMSNorm weights
+    (`qk_norm`: [head_dim], replicated)."""
+    if heads % kv_heads or (head_dim is None and hidden % heads):
         raise ValueError(f"hidden {hidden} / heads {heads} / kv_heads {kv_heads} do not divide")
     d = head_dim or hidden // heads
     q, kv = heads * d, kv_heads * d
@@ -478,24 +483,23 @@ def llama_params(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
     out = [ParamSpec("model.embed_tokens.weight", (vocab, hidden), vk, -1)]
     for i in range(layers):
         p = f"model.layers.{i}."
-        for name, rows in (("q", q), ("k", kv), ("v", kv)):
-            out.append(ParamSpec(p + f"self_attn.{name}_proj.weight", (rows, hidden),
-                                 "colwise", i))
+        for x, rows in (("q", q), ("k", kv), ("v", kv)):
+            out.append(ParamSpec(p + f"self_attn.{x}_proj.weight", (rows, hidden), "colwise", i))
             if qkv_bias:
-                out.append(ParamSpec(p + f"self_attn.{name}_proj.bias", (rows,), "colwise", i))
+                out.append(ParamSpec(p + f"self_attn.{x}_proj.bias", (rows,), "colwise", i))
         out.append(ParamSpec(p + "self_attn.o_proj.weight", (hidden, q), "rowwise", i))
-        if o_bias:
+        if o_bias:   # Llama attention_bias: added once after the row-parallel reduction
             out.append(ParamSpec(p + "self_attn.o_proj.bias", (hidden,), "replicate", i))
         if qk_norm:
-            out += [ParamSpec(p + "self_attn.q_norm.weight", (d,), "replicate", i),
-                    ParamSpec(p + "self_attn.k_norm.weight", (d,), "replicate", i)]
-        for name, shape, kind in (("gate", (ffn, hidden), "colwise"),
-                                  ("up", (ffn, hidden), "colwise"),
-                                  ("down", (hidden, ffn), "rowwise")):
-            out.append(ParamSpec(p + f"mlp.{name}_proj.weight", shape, kind, i))
+            out += [ParamSpec(p + f"self_attn.{x}_norm.weight", (d,), "replicate", i)
+                    for x in "qk"]
+        for x in ("gate", "up"):
+            out.append(ParamSpec(p + f"mlp.{x}_proj.weight", (ffn, hidden), "colwise", i))
             if mlp_bias:
-                out.append(ParamSpec(p + f"mlp.{name}_proj.bias", shape[:1],
-                                     "replicate" if kind == "rowwise" else kind, i))
+                out.append(ParamSpec(p + f"mlp.{x}_proj.bias", (ffn,), "colwise", i))
+        out.append(ParamSpec(p + "mlp.down_proj.weight", (hidden, ffn), "rowwise", i))
+        if mlp_bias:
+            out.append(ParamSpec(p + "mlp.down_proj.bias", (hidden,), "replicate", i))
         out += [ParamSpec(p + "input_layernorm.weight", (hidden,), "replicate", i),
                 ParamSpec(p + "post_attention_layernorm.weight", (hidden,), "replicate", i)]
     out.append(ParamSpec("model.norm.weight", (hidden,), "replicate", layers))
@@ -516,16 +520,16 @@ def spec_params(spec: Any, vocab_parallel: bool = True) -> tuple[ParamSpec, ...]
 _MEGATRON_KINDS = (   # (pattern, kind, layer: "i" = the matched layer, -1 first, "L" last)
     (r"(embed_tokens|wte)\.weight$", "colwise", -1),
     (r"wpe\.weight$", "replicate", -1),
-    (r"\.(\d+)\.self_attn\.[qkv]_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", "colwise", "i"),   # fused per head
     (r"\.(\d+)\.self_attn\.o_proj\.weight$", "rowwise", "i"),
-    (r"\.(\d+)\.mlp\.(gate|up)_proj\.weight$", "colwise", "i"),
+    (r"\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)$", "colwise", "i"),
     (r"\.(\d+)\.mlp\.down_proj\.weight$", "rowwise", "i"),
     (r"\.(\d+)\.attn\.c_attn\.(weight|bias)$", "fused3", "i"),
     (r"\.(\d+)\.attn\.c_proj\.weight$", "colwise", "i"),    # Conv1D [in, out]: row-parallel
     (r"\.(\d+)\.mlp\.c_fc\.weight$", "rowwise", "i"),       # Conv1D: column-parallel
     (r"\.(\d+)\.mlp\.c_fc\.bias$", "colwise", "i"),
     (r"\.(\d+)\.mlp\.c_proj\.weight$", "colwise", "i"),
-    (r"\.(\d+)\.", "replicate", "i"),                          # norms, row-parallel biases
+    (r"\.(\d+)\.", "replicate", "i"),            # norms (q/k norms too), row-parallel biases
     (r"^lm_head\.weight$", "colwise", "L"),
     (r"", "replicate", "L"),                                      # final norm, scalar head
 )
@@ -533,9 +537,11 @@ _MEGATRON_KINDS = (   # (pattern, kind, layer: "i" = the matched layer, -1 first
 
 def megatron_params(shapes: Sequence[tuple[str, Sequence[int]]], num_layers: int
                     ) -> tuple[ParamSpec, ...]:
-    """The HF weights of a Llama or GPT-2 model (any head) with the tensor-parallel kind
-    and layer megatron-core gives them (backends/engines/megatron_convert.py), in HF
-    coordinates: a rank's q, k and v rows are contiguous there (its query groups), GPT-2's
+    """The HF weights of a Llama-family (Llama, Mistral, Qwen2, Qwen3) or GPT-2 model (any
+    head) with the tensor-parallel kind and layer megatron-core gives them
+    (backends/engines/megatron_convert.py), in HF coordinates: a rank's q, k and v rows
+    and q/k/v bias entries are contiguous there (its query groups: megatron fuses them per
+    group in linear_qkv), Qwen3's q/k norm weights are replicated, GPT-2's
     fused c_attn is three blocks (`fused3`), Conv1D weights are transposed."""
     import re
 

@@ -103,3 +103,16 @@ def own_ray(shared_ray):
     """For a test that starts and stops Ray itself: the shared session is stopped first."""
     shared_ray.stop()
     yield
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict:
+    """family -> a saved random checkpoint of graphrl.families.TINY[family] (built once);
+    also "llama2_attention_bias" (q, k, v, o biases) and "llama2_mlp_bias" (gate, up, down
+    biases): Llama-2 with attention_bias=true / mlp_bias=true."""
+    from graphrl.families import TINY, save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    configs = {**TINY, "llama2_attention_bias": {**TINY["llama2"], "attention_bias": True},
+               "llama2_mlp_bias": {**TINY["llama2"], "mlp_bias": True}}
+    return {f: str(save_random_checkpoint(c, root / f)) for f, c in configs.items()}

@@ -81,6 +81,9 @@ def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
             # near-zero gradient into a full lr-sized step of either sign, so the max
             # difference of single weights is loose; the update as a whole is tight
             "update": _update_error(we, wr, start),
+            "update_no_key_bias": _update_error(*(_drop_key_bias(w) for w in (we, wr, start))),
+            "weights_no_key_bias": max(float((a - b).abs().max()) for a, b in zip(
+                _drop_key_bias(we).values(), _drop_key_bias(wr).values())),
             "worst": max(wr, key=lambda k: float((we[k] - wr[k]).abs().max())),
             "same_names": list(we) == list(wr)}
 
@@ -109,6 +112,29 @@ def _layout_error(eng: Any, full: dict) -> str:
         if len(lay.pieces_on(eng.rank)) != len(arrays[name]):
             return f"{name}: {len(arrays[name])} arrays"
     return ""
+
+
+def _drop_key_bias(weights: dict) -> dict:
+    """The weights without the attention key biases (Qwen2's k_proj.bias, the middle third
+    of GPT-2's c_attn.bias). Softmax over keys is invariant to a shift common to every key,
+    and q . (k_j + b) shifts every score of a query by q . b, so the key bias's gradient is
+    exactly 0 in exact arithmetic: each engine's is rounding noise, which Adam turns into
+    lr-sized steps of either sign (up to 2 x steps x lr apart)."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("self_attn.k_proj.bias"):
+            continue
+        if k.endswith("attn.c_attn.bias"):
+            h = v.shape[0] // 3
+            v = torch_cat(v[:h], v[2 * h:])
+        out[k] = v
+    return out
+
+
+def torch_cat(*ts: Any) -> Any:
+    import torch
+
+    return torch.cat(ts)
 
 
 def _update_error(we: dict, wr: dict, start: dict) -> float:
@@ -150,6 +176,53 @@ def held(eng: Any, module: Any) -> dict[str, Any]:
     return {"precision": eng.degrees()["precision"],
             "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
             "state_dtypes": sorted(state)}
+
+
+def family_decl(directory: str) -> Any:
+    """The lm-head decl of a saved HF directory (graphrl.families checkpoints)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from graphrl.graph import ModelDecl
+    from graphrl.types import ModelSpec
+
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return ModelDecl("m", replace(ModelSpec.from_hf_config(config), dtype="fp32"), "policy",
+                     True)
+
+
+def _families(rank: int, world: int, configs: list, _: Any) -> list:
+    """Per config [family, directory, tp, pp, sp, micro-batches]: the megatron engine on the
+    checkpoint against the HF engine on it (compare) and against HF's own module
+    (`hf_module`: log-probs' max difference at real positions)."""
+    import torch
+
+    from graphrl.backends.engines.hf import HFEngine
+    from graphrl.backends.engines.megatron import MegatronEngine
+
+    results = []
+    for family, directory, tp, pp, sp, mb in configs:
+        gpus = list(range(tp * pp))
+        groups = megatron_process_groups(rank, gpus, 1, tp, pp)
+        if rank not in gpus:
+            continue
+        decl = family_decl(directory)
+        options = {"lr": 1e-2, "checkpoint": directory}
+        eng = MegatronEngine(decl, options, ranks=gpus, rank=rank, groups=groups, tp=tp,
+                             pp=pp, sequence_parallel=sp, micro_batches=mb)
+        ref = HFEngine(decl, options)
+        inputs, _ = batch("lm", ref)
+        fed = inputs["rollout"]
+        att = fed["attention_mask"]
+        keep = real_pairs(att)
+        mine = eng.forward({"tokens": fed["tokens"], "attention_mask": att})["logprobs"]
+        with torch.no_grad():
+            own = hf_logprobs(hf_module(directory), fed["tokens"], att)
+        results.append({"config": [family, tp, pp],
+                        "hf_module": float((mine - own)[keep].abs().max()),
+                        **compare(eng, ref, "lm")})
+    return results
+
 
 
 def two_parts(eng: Any, ref: Any, head: str) -> dict[str, float]:
@@ -210,6 +283,15 @@ def hf_logprobs(module: Any, tokens: Any, att: Any) -> Any:
     return out
 
 
+def hf_module(directory: str) -> Any:
+    """Hugging Face's own causal-LM module of a saved directory, fp32, eval mode."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, dtype=torch.float32).eval()
+
+
 def real_pairs(att: Any) -> Any:
     """Positions whose log-prob is read: a real token after a real one."""
     import torch
@@ -222,7 +304,6 @@ def _deepspeed_family(rank: int, world: int, family: str, path: str, mesh: Any,
     """ZeRO-3 over all ranks on a checkpoint directory of a model family: its log-probs
     against HF's own module, then `compare` against HFEngine."""
     import torch
-    import transformers
 
     import graphrl as gr
     from graphrl.backends.engines.deepspeed_engine import DeepSpeedEngine
@@ -233,8 +314,7 @@ def _deepspeed_family(rank: int, world: int, family: str, path: str, mesh: Any,
     eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank, group=mesh,
                           self_group=self_group, zero=3)
     ref = HFEngine(decl, options)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32).eval()
+    hf = hf_module(path)
     inputs, _ = batch("lm", ref)
     fed = {k: inputs["rollout"][k] for k in ("tokens", "attention_mask")}
     with torch.no_grad():
@@ -250,7 +330,7 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
 
     init_rank(rank, world, port)
     try:
-        fn = _megatron if which == "megatron" else _deepspeed
+        fn = {"megatron": _megatron, "families": _families}.get(which, _deepspeed)
         results = fn(rank, world, configs, None)
         if rank == 0:
             with open(out, "w") as f:

@@ -99,6 +99,51 @@ def test_megatron_matches_hf(tmp_path):
         assert r["parts_update"] < UPDATE and r["parts_loss"] < LOSS, r
 
 
+def test_every_family_matches_hf_at_tp2_and_pp2(family_dirs, tmp_path):
+    """Each family's random checkpoint (graphrl.families: biases, q/k norms, head_dim,
+    llama3 rope, GPT-2; and Llama with attention_bias, with mlp_bias) on megatron at tp=2
+    (sequence parallel), at pp=2 (1F1B, 2 micro-batches) and on one rank: log-probs equal
+    Hugging Face's own module's, and training steps the HF engine's; every rank's local
+    arrays are what the shard catalog says (biases and norms included). One spawn of 2
+    ranks for all of it."""
+    from graphrl.families import TINY
+
+    families = list(TINY) + ["llama2_attention_bias", "llama2_mlp_bias"]
+    configs = [[f, family_dirs[f], tp, pp, sp, mb] for tp, pp, sp, mb in
+               ((2, 1, True, 1), (1, 2, False, 2), (1, 1, False, 1)) for f in families]
+    results = run("families", 2, configs, str(tmp_path / "families.json"), timeout_s=480)
+    assert [r["config"] for r in results] == [[f, tp, pp] for f, _, tp, pp, _, _ in configs]
+    for r in results:
+        assert r["same_names"], r
+        assert r["layout"] == "", r
+        assert r["hf_module"] < FWD and r["forward"] < FWD, r
+        assert r["loss"] < LOSS, r
+        # the key biases' gradient is 0 but for rounding (engine_diff._drop_key_bias)
+        assert r["update_no_key_bias"] < UPDATE, r
+        assert r["weights_no_key_bias"] < WEIGHTS < r["moved"], r
+
+
+@pytest.mark.parametrize("family,change,feature", [
+    ("mistral", {"sliding_window": 8}, "sliding_window=8"),
+    ("llama2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                    "factor": 4.0, "original_max_position_embeddings": 32}},
+     "rope_type=yarn"),
+    ("llama2", {"hidden_act": "gelu"}, "activation=gelu")])
+def test_features_megatron_lacks_are_refused(family, change, feature, tmp_path):
+    """A checkpoint asking for what megatron does not implement is refused when the
+    engine is built, naming the model, the engine and the feature (never ignored)."""
+    from graphrl.backends.engines.megatron import MegatronEngine
+    from graphrl.errors import UsageError
+    from graphrl.families import save_random_checkpoint, tiny_config
+
+    from engine_diff import family_decl
+
+    d = str(save_random_checkpoint({**tiny_config(family), **change}, tmp_path / family))
+    with pytest.raises(UsageError, match=rf"model m: engine megatron .*{feature}"):
+        MegatronEngine(family_decl(d), {"checkpoint": d}, ranks=[0], rank=0,
+                       groups={"pp": None})
+
+
 def test_unsupported_strategy_is_refused_before_launch():
     """A pinned engine that cannot run the planned strategy, and a strategy no engine
     runs, fail at compile time naming the call, the strategy and the engines that can."""

@@ -3,10 +3,13 @@
 `MegatronEngine` is one rank of a model split over a mesh of `dp * pp * tp` ranks, rank
 order (dp, pp, tp) with tp fastest (graphrl.parallel.Strategy.coords, as Megatron-LM
 orders its groups). It builds megatron-core's `GPTModel` (local, pure-PyTorch layer spec)
-for its pipeline stage from the model's HF config — Llama: RMSNorm, SwiGLU, RoPE, GQA;
-GPT-2: LayerNorm, tanh-GELU, learned positions, biases — and loads the weights of the
-seeded HF model the HF engine would build, converted (megatron_convert.py), so both
-engines start from the same numbers.
+for its pipeline stage from the HF module's own config — Llama: RMSNorm, SwiGLU, RoPE, GQA,
+and what graphrl.architecture names beyond it: Qwen2's q/k/v biases, Llama's
+attention_bias / mlp_bias, Qwen3's q/k norms and head_dim, Llama-3 rope scaling
+(megatron_arch.py; anything else is refused); GPT-2: LayerNorm, tanh-GELU, learned
+positions, biases — and loads the weights of the seeded HF model (or checkpoint) the HF
+engine would build, converted (megatron_convert.py), so both engines start from the same
+numbers.
 
 - forward: log-probs (LM head, vocab-parallel cross-entropy), values or scores; the
   batch is split over the dp groups and run through the pipeline in micro-batches.
@@ -48,15 +51,14 @@ from .base import fit_micro_batches, move_module_and_optimizer
 from .train_loop import (TwoParts, WeightedStats, loss_weights, micro_batches, split_rows,
                          train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
+from .megatron_arch import BiasedColumn, BiasedRow, read_architecture, rope_inv_freq
 from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
 from .megatron_convert import check_degrees, from_megatron, stage_layers, to_megatron
 from .megatron_pipeline import Stage, forward_only, one_f_one_b
 
-def _rope_theta(config: Any) -> float:
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)
+
+def _qk_norm(name: str) -> bool:
+    return ".q_layernorm." in name or ".k_layernorm." in name
 
 
 class Norm:
@@ -133,6 +135,8 @@ class MegatronEngine:
                            self.groups["pp"], timeout_s)
         torch.manual_seed(seed_for(seed, decl.name))   # as HFEngine: same initial weights
         hf = build_module(decl, self.options.get("checkpoint"))
+        self.hf_config = hf.config
+        self.arch = read_architecture(decl, hf.config)
         self.hf_names = list(hf.state_dict())
         self.module = self._build(head_bias=any(k.endswith(("score.bias", "classifier.bias"))
                                                 for k in self.hf_names))
@@ -146,11 +150,11 @@ class MegatronEngine:
     def _config(self) -> Any:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        s, hfc = self.spec, self.spec.hf_config()
+        s, hfc, arch = self.spec, self.hf_config, self.arch
         common = dict(
             num_layers=s.num_layers, hidden_size=s.hidden_size,
             num_attention_heads=s.num_heads, num_query_groups=s.num_kv_heads,
-            ffn_hidden_size=s.intermediate_size, kv_channels=s.head_dim,
+            ffn_hidden_size=s.intermediate_size, kv_channels=arch.head_dim,
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
             sequence_parallel=self.sp, use_cpu_initialization=True,
             params_dtype=torch.float32, pipeline_dtype=torch.float32,
@@ -161,7 +165,8 @@ class MegatronEngine:
             return TransformerConfig(**common, normalization="RMSNorm",
                                      layernorm_epsilon=float(hfc.rms_norm_eps),
                                      gated_linear_unit=True, activation_func=F.silu,
-                                     add_bias_linear=False, add_qkv_bias=False)
+                                     add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+                                     qk_layernorm=arch.qk_norm)
         return TransformerConfig(**common, normalization="LayerNorm",
                                  layernorm_epsilon=float(hfc.layer_norm_epsilon),
                                  activation_func=lambda x: F.gelu(x, approximate="tanh"),
@@ -182,6 +187,14 @@ class MegatronEngine:
         layer = get_gpt_layer_local_spec(normalization=config.normalization)
         layer.submodules.input_layernorm = Norm
         layer.submodules.pre_mlp_layernorm = Norm
+        attn = layer.submodules.self_attention.submodules
+        if self.arch.qk_norm:   # Qwen3: RMSNorm over each head's d_head, before rotary
+            attn.q_layernorm = attn.k_layernorm = Norm
+        if self.arch.o_bias:
+            attn.linear_proj = BiasedRow
+        if self.arch.mlp_bias:
+            mlp = layer.submodules.mlp.submodules
+            mlp.linear_fc1, mlp.linear_fc2 = BiasedColumn, BiasedRow
         per_stage = len(stage_layers(s, self.pp, self.pp_rank))
         block = TransformerBlockSubmodules(layer_specs=[layer] * per_stage, layer_norm=Norm)
         pgc = ProcessGroupCollection(tp=self.groups["tp"], pp=self.groups["pp"],
@@ -198,11 +211,12 @@ class MegatronEngine:
             # instead, and `_finish_grads` sums the two copies' gradients as megatron does.
             share_embeddings_and_output_weights=lm and s.tie_embeddings and self.pp == 1)
         if s.family == "llama":
-            kw.update(position_embedding_type="rope",
-                      rotary_base=int(_rope_theta(s.hf_config())))
+            kw.update(position_embedding_type="rope", rotary_base=self.arch.rope_theta)
         else:
             kw.update(position_embedding_type="learned_absolute")
         model = GPTModel(**kw)
+        if s.family == "llama":   # before any forward (megatron caches the embedding)
+            model.rotary_pos_emb.inv_freq = rope_inv_freq(model.rotary_pos_emb, self.arch)
         if last and not lm:
             model.output_layer = ScalarOutput(s.hidden_size, self.sp, self.groups["tp"],
                                               head_bias)
@@ -242,24 +256,11 @@ class MegatronEngine:
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         """This rank's pieces of every HF weight, in `layout[name].pieces_on(rank)` order
         (copies: a reshard source reads them; graphrl.shard.megatron_params)."""
-        from .megatron_convert import local_hf
+        from .megatron_convert import layout_pieces, local_hf
 
         mine = local_hf(dict(self._params()), self.spec, tp=self.tp, pp=self.pp,
                         pp_rank=self.pp_rank)
-        out: dict[str, list[torch.Tensor]] = {}
-        for name, lay in self.layout.items():
-            pieces = lay.pieces_on(self.rank)
-            if not pieces:
-                out[name] = []
-                continue
-            t = mine[name]
-            parts = list(t.chunk(3, dim=-1)) if len(pieces) == 3 else [t]
-            for piece, a in zip(pieces, parts):
-                if tuple(a.shape) != piece.extents:
-                    raise ValueError(f"{self.decl.name}: {name} piece {tuple(a.shape)} on "
-                                     f"rank {self.rank}, layout {lay.text()}")
-            out[name] = [a.contiguous() for a in parts]
-        return out
+        return layout_pieces(mine, self.layout, self.rank, self.decl.name)
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's megatron parameters (copies)."""
@@ -399,9 +400,13 @@ class MegatronEngine:
         for _, p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.sp:
-            for _, p in params:
-                if getattr(p, "sequence_parallel", False):
+        # Replicated weights whose gradient is partial on each tp rank get summed over tp
+        # (megatron's _allreduce_non_tensor_model_parallel_grads): norms and row-parallel
+        # biases under sequence parallelism (each rank saw its tokens), Qwen3's q/k norms
+        # always (each rank saw its heads).
+        if self.tp > 1:
+            for name, p in params:
+                if (self.sp and getattr(p, "sequence_parallel", False)) or _qk_norm(name):
                     dist.all_reduce(p.grad, group=self.groups["tp"])
         shared = self._tied_name()
         if shared:

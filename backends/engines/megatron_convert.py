@@ -14,6 +14,11 @@ and mlp.py):
 - `linear_fc1` of a gated MLP (SwiGLU) holds gate and up: each tensor-parallel rank's
   local rows are [its gate rows; its up rows] (the activation splits its output in half),
   so the concatenation over ranks is NOT [gate; up] but rank-interleaved halves.
+- `linear_qkv`'s bias (Qwen2's q/k/v biases; GPT-2) is fused and split like its rows.
+- Qwen3's q/k RMSNorm weights (`q_layernorm`, `k_layernorm`: one d_head vector shared by
+  every head) are replicated.
+- Llama's mlp_bias: `linear_fc1`'s bias holds each rank's [gate; up] bias rows as its
+  weight does; `linear_fc2`'s and attention_bias's `linear_proj` bias are replicated.
 - `linear_proj`, `linear_fc2` are row-parallel (split along dim 1); their biases, the
   norms, GPT-2's learned positions and the scalar head are replicated.
 - word embeddings and the LM output layer are vocab-parallel (dim 0).
@@ -134,6 +139,19 @@ def _layer_to_megatron(hf: Mapping[str, Tensor], spec: ModelSpec, i: int, tp: in
                    nq, nkv)
     gate = _chunk(hf[p + "mlp.gate_proj.weight"], tp, r)
     up = _chunk(hf[p + "mlp.up_proj.weight"], tp, r)
+    if a + "q_proj.bias" in hf:   # Qwen2: biases fused per group as the weight rows are
+        qkv_b = fuse_qkv(hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"],
+                         nq, nkv)
+        out["self_attention.linear_qkv.bias"] = _chunk(qkv_b, tp, r)
+    if a + "o_proj.bias" in hf:   # Llama attention_bias: replicated, added after the reduce
+        out["self_attention.linear_proj.bias"] = hf[a + "o_proj.bias"].clone()
+    if p + "mlp.gate_proj.bias" in hf:   # Llama mlp_bias: fc1's as its rows, fc2's replicated
+        out["mlp.linear_fc1.bias"] = torch.cat([_chunk(hf[p + "mlp.gate_proj.bias"], tp, r),
+                                                _chunk(hf[p + "mlp.up_proj.bias"], tp, r)])
+        out["mlp.linear_fc2.bias"] = hf[p + "mlp.down_proj.bias"].clone()
+    for x in "qk":   # Qwen3: one RMSNorm weight per d_head, shared by every head
+        if f"{a}{x}_norm.weight" in hf:
+            out[f"self_attention.{x}_layernorm.weight"] = hf[f"{a}{x}_norm.weight"].clone()
     out.update({
         "input_layernorm.weight": hf[p + "input_layernorm.weight"].clone(),
         "self_attention.linear_qkv.weight": _chunk(qkv, tp, r),
@@ -209,7 +227,22 @@ def _layer_from_megatron(tps: list[Mapping[str, Tensor]], spec: ModelSpec, i: in
         }
     halves = [s[m + "mlp.linear_fc1.weight"].chunk(2) for s in tps]
     a = p + "self_attn."
+    extra: dict[str, Tensor] = {}
+    if m + "self_attention.linear_qkv.bias" in one:
+        qb, kb, vb = split_qkv(_cat(tps, m + "self_attention.linear_qkv.bias"), nq, nkv)
+        extra = {a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb}
+    if m + "self_attention.linear_proj.bias" in one:
+        extra[a + "o_proj.bias"] = one[m + "self_attention.linear_proj.bias"].clone()
+    if m + "mlp.linear_fc1.bias" in one:
+        fc1 = [s[m + "mlp.linear_fc1.bias"].chunk(2) for s in tps]
+        extra[p + "mlp.gate_proj.bias"] = torch.cat([g for g, _ in fc1])
+        extra[p + "mlp.up_proj.bias"] = torch.cat([u for _, u in fc1])
+        extra[p + "mlp.down_proj.bias"] = one[m + "mlp.linear_fc2.bias"].clone()
+    for x in "qk":
+        if f"{m}self_attention.{x}_layernorm.weight" in one:
+            extra[f"{a}{x}_norm.weight"] = one[f"{m}self_attention.{x}_layernorm.weight"].clone()
     return {
+        **extra,
         a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": v,
         a + "o_proj.weight": _cat(tps, m + "self_attention.linear_proj.weight", 1),
         p + "mlp.gate_proj.weight": torch.cat([g for g, _ in halves]),
@@ -299,5 +332,26 @@ def local_hf(local: Mapping[str, Tensor], spec: ModelSpec, *, tp: int, pp: int,
     return out
 
 
-__all__ = ["local_hf", "to_megatron", "from_megatron", "fuse_qkv", "split_qkv", "stage_layers",
-           "check_degrees"]
+def layout_pieces(mine: Mapping[str, Tensor], layout: Any, rank: int, what: str = ""
+                  ) -> dict[str, list[Tensor]]:
+    """One rank's local_hf tensors cut into the pieces `layout` (graphrl.shard.ModelLayout
+    of megatron_params) puts on `rank`, in `pieces_on(rank)` order: one tensor per piece
+    (GPT-2's fused c_attn: its q, k and v blocks). ValueError when a shape disagrees."""
+    out: dict[str, list[Tensor]] = {}
+    for name, lay in layout.items():
+        pieces = lay.pieces_on(rank)
+        if not pieces:
+            out[name] = []
+            continue
+        t = mine[name]
+        parts = list(t.chunk(3, dim=-1)) if len(pieces) == 3 else [t]
+        for piece, a in zip(pieces, parts):
+            if tuple(a.shape) != piece.extents:
+                raise ValueError(f"{what}: {name} piece {tuple(a.shape)} on rank {rank}, "
+                                 f"layout {lay.text()}")
+        out[name] = [a.contiguous() for a in parts]
+    return out
+
+
+__all__ = ["layout_pieces", "local_hf", "to_megatron", "from_megatron", "fuse_qkv",
+           "split_qkv", "stage_layers", "check_degrees"]

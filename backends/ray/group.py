@@ -87,13 +87,14 @@ class RankGroup:
     @classmethod
     def spawn(cls, world_size: int, *, placement_group: Any = None, num_gpus: float = 1.0,
               num_cpus: float = 0.1, device: str = "cpu", num_threads: int = 1,
-              env: Optional[Mapping[str, str]] = None, timeout_s: float = 120.0
-              ) -> "RankGroup":
+              env: Optional[Mapping[str, str]] = None, timeout_s: float = 120.0,
+              worker: Any = RankWorker) -> "RankGroup":
         """Start the actors (rank i in bundle i of `placement_group` when given) and wait
-        until each answers."""
+        until each answers. `worker`: the actor class (RankWorker or a subclass, e.g.
+        runtime.ExecWorker, which builds megatron / DeepSpeed engines from an EngineSpec)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        actor_cls = ray.remote(RankWorker)
+        actor_cls = ray.remote(worker)
         actors = {}
         for rank in range(world_size):
             opts: dict[str, Any] = {"num_gpus": num_gpus, "num_cpus": num_cpus,

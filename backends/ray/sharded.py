@@ -24,29 +24,53 @@ from torch import nn
 from graphrl.errors import UsageError
 from graphrl.graph import ModelDecl
 from graphrl.parallel import DeviceMesh, Strategy
-from graphrl.shard import Box, ModelLayout, ParamSpec, model_layout, spec_params
+from graphrl.shard import Box, ModelLayout, ParamSpec, llama_params, model_layout
 
 from ..engines.hf import HFEngine, build_module
 
 
 # -- layouts -------------------------------------------------------------------------------
-def param_specs(decl: ModelDecl) -> tuple[ParamSpec, ...]:
-    """The weights of `decl`'s HF module in state_dict order (built on the meta device, so
-    nothing is allocated). Llama weights carry their tensor-parallel kinds and layers
-    (graphrl.shard.spec_params); others are `replicate`, on every stage."""
-    with torch.device("meta"):
-        module = build_module(decl)
+def param_specs(decl: ModelDecl, module: Any = None, checkpoint: Any = None
+                ) -> tuple[ParamSpec, ...]:
+    """The weights of `decl`'s HF module in state_dict order: of `module` when given (an
+    engine's own), else of the module of `checkpoint` (a local HF directory) or of the
+    spec, built on the meta device (nothing allocated). Llama-family weights carry their
+    tensor-parallel kinds and layers (graphrl.shard.llama_params, with the biases, q/k
+    norms and head_dim of the module's own config); others are `replicate`, on every
+    stage."""
+    from graphrl.architecture import architecture
+
+    if module is None:
+        with torch.device("meta"):
+            module = _meta_module(decl, checkpoint)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     known: dict[str, ParamSpec] = {}
     s = decl.spec
     if s.family == "llama":
-        known = {p.name: p for p in spec_params(s)}
+        arch = architecture(module.config.to_dict())
+        known = {p.name: p for p in llama_params(
+            s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.intermediate_size,
+            s.vocab_size, tie_embeddings=s.tie_embeddings, head_dim=arch.head_dim,
+            qkv_bias=arch.qkv_bias, o_bias=arch.o_bias, qk_norm=arch.qk_norm,
+            mlp_bias=arch.mlp_bias)}
     out = []
     for name, shape in shapes.items():
         p = known.get(name)
         out.append(p if p is not None and p.shape == shape
                    else ParamSpec(name, shape, "replicate", None))
     return tuple(out)
+
+
+def _meta_module(decl: ModelDecl, checkpoint: Any) -> nn.Module:
+    """The HF module of `decl` (from `checkpoint`'s config when given), weights not loaded."""
+    if checkpoint is None:
+        return build_module(decl)
+    import transformers
+
+    from ..engines.hf import hf_class, inference_config
+
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    return hf_class(decl.spec, auto=True).from_config(inference_config(config, decl.spec.head))
 
 
 def fsdp_layout(specs: Sequence[ParamSpec], gpus: Sequence[int], num_layers: int = 1
@@ -103,7 +127,7 @@ class ReplicatedEngine:
         from ..engines.base import create_engine
 
         self.engine = create_engine(decl.engine, decl, options, device, seed)
-        self.specs = param_specs(decl)
+        self.specs = param_specs(decl, self.engine.module)
         self.layout = replicated_layout(self.specs, self.gpus, decl.spec.num_layers)
 
     @property
@@ -176,7 +200,7 @@ class FSDPEngine:
         from ..engines.base import create_engine
 
         self.engine = create_engine(decl.engine, decl, options, device, seed)
-        self.specs = param_specs(decl)
+        self.specs = param_specs(decl, self.engine.module)
         _check_decl(decl, self.specs, self.engine.module)
         kind = "cuda" if device.startswith("cuda") else "cpu"
         self.mesh = TorchMesh.from_group(group, kind, mesh=list(self.gpus))

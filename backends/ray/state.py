@@ -46,7 +46,8 @@ def check_checkpointable(ex: Any) -> None:
 def model_shapes(ex: Any) -> dict[str, dict[str, list[int]]]:
     from .sharded import param_specs
 
-    return {name: {p.name: list(p.shape) for p in param_specs(m.decl())}
+    return {name: {p.name: list(p.shape)
+                   for p in param_specs(m.decl(), checkpoint=m.checkpoint)}
             for name, m in sorted(ex.program.models.items())}
 
 
