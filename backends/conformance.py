@@ -189,9 +189,11 @@ def read_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any], Any]:
     return d, config, arch
 
 
-def model_decl(directory: Path, config: Mapping[str, Any]) -> Any:
-    """The ModelDecl engines build for this checkpoint (UsageError if graphrl cannot
-    read its shape)."""
+def model_decl(directory: Path, config: Mapping[str, Any], precision: str = "fp32") -> Any:
+    """The ModelDecl engines build for this checkpoint, in `precision` (UsageError if
+    graphrl cannot read its shape)."""
+    from dataclasses import replace
+
     from graphrl.graph import ModelDecl
     from graphrl.types import ModelSpec
 
@@ -199,7 +201,7 @@ def model_decl(directory: Path, config: Mapping[str, Any]) -> Any:
         spec = ModelSpec.from_hf_config(dict(config))
     except (KeyError, ValueError, TypeError) as e:
         raise UsageError(f"model {directory}: graphrl cannot read this config: {e}") from None
-    return ModelDecl(MODEL_NAME, spec, "policy", True)
+    return ModelDecl(MODEL_NAME, replace(spec, dtype=precision), "policy", True)
 
 
 # -- the probe -----------------------------------------------------------------------------
@@ -269,14 +271,19 @@ def train_inputs(probe: Mapping[str, Any], ref_logprobs: Any) -> dict[str, dict[
             "ref_logprobs": {"logprobs": ref_logprobs + probe["noise"]}}
 
 
-def engine_options(directory: Path, precision: str) -> dict[str, Any]:
-    return {"checkpoint": str(directory), "lr": LR, "precision": precision}
+def engine_options(directory: Path) -> dict[str, Any]:
+    """Options of every engine checked (its precision is the decl's spec dtype)."""
+    return {"checkpoint": str(directory), "lr": LR}
 
 
 def ran_precision(engine: Any) -> str:
-    """The precision an engine ran: its own `precision` if it says, else the dtype of its
-    parameters (fp32 unless they are bf16)."""
-    said = getattr(engine, "precision", None)
+    """The precision an engine ran, read off what it holds and runs (hf/fast:
+    `ran_precision()`, megatron/DeepSpeed: their `degrees()` report), else the dtype of
+    its parameters (fp32 unless they are bf16)."""
+    if hasattr(engine, "ran_precision"):
+        said = engine.ran_precision()
+    else:
+        said = engine.degrees().get("precision") if hasattr(engine, "degrees") else None
     if isinstance(said, str):
         return said
     import torch
@@ -352,9 +359,10 @@ def greedy_rows(tokens: Any, ref: Reference, tol: float) -> tuple[int, int]:
 
 def judge(strategy: Strategy, measured: Mapping[str, Any], ref: Reference,
           keep: Any, asked: str) -> Result:
-    """A Result from what an engine measured (its precision decides the tolerance)."""
+    """A Result from what an engine measured, judged at the asked precision's tolerance;
+    an engine that ran another precision than asked is a mismatch (never silent)."""
     precision = measured["precision"]
-    tol = TOLERANCES[precision]
+    tol = TOLERANCES[asked]
     lp = float((measured["logprobs"].float() - ref.logprobs)[keep].abs().max())
     step = update_error(measured["start"], measured["weights"], ref)
     loss = abs(measured["loss"] - ref.loss)
@@ -370,10 +378,10 @@ def judge(strategy: Strategy, measured: Mapping[str, Any], ref: Reference,
         if not value <= limit:   # NaN fails
             bad.append(f"{what} difference {value:.2e} > {limit:.0e}")
     if precision != asked:
-        result.reason = f"asked {asked}, the engine ran {precision}"
+        bad.append(f"asked {asked}, the engine ran {precision}")
     if bad:
         result.status = "mismatch"
-        result.reason = "; ".join(bad + ([result.reason] if result.reason else []))
+        result.reason = "; ".join(bad)
     return result
 
 
@@ -408,7 +416,7 @@ def check_model(directory: str | Path, *, engines: Sequence[str] | None = None,
             results[i] = Result(s.engine, s.text(), precision, "refused", reason=str(e))
     if todo:
         try:
-            decl = model_decl(d, config)
+            decl = model_decl(d, config, precision)
         except UsageError as e:
             for i in todo:
                 results[i] = Result(plan[i].engine, plan[i].text(), precision, "refused",
@@ -438,7 +446,9 @@ def reference(d: Path, decl: Any, probe: Mapping[str, Any]) -> Reference:
     from .engines.hf import HFEngine
 
     logprobs, greedy = hf_reference(d, probe)
-    hf = HFEngine(decl, engine_options(d, "fp32"))
+    from dataclasses import replace
+
+    hf = HFEngine(replace(decl, spec=replace(decl.spec, dtype="fp32")), engine_options(d))
     start = hf.export_weights()
     stats = hf.train(train_inputs(probe, logprobs), loss="grpo", seed=0)
     return Reference(logprobs, greedy, start, hf.export_weights(), float(stats["loss"]))
@@ -450,7 +460,7 @@ def run_local(s: Strategy, decl: Any, d: Path, probe: Mapping[str, Any],
     from .engines.base import create_engine
 
     try:
-        engine = create_engine(s.engine, decl, engine_options(d, precision), "cpu", 0)
+        engine = create_engine(s.engine, decl, engine_options(d), "cpu", 0)
         got = {}
         if s.engine == "fast":
             out = engine.generate({k: probe[k] for k in ("tokens", "attention_mask")},
@@ -477,7 +487,7 @@ def run_spawned(plan: Sequence[Strategy], decl: Any, d: Path, probe: Mapping[str
     with tempfile.TemporaryDirectory(prefix="graphrl-check-") as tmp:
         job, out = os.path.join(tmp, "job.pt"), os.path.join(tmp, "out.pt")
         torch.save({"plan": [(s.engine, s.dp, s.tp, s.pp, s.zero) for s in plan],
-                    "decl": decl, "options": engine_options(d, precision), "probe": dict(probe),
+                    "decl": decl, "options": engine_options(d), "probe": dict(probe),
                     "inputs": inputs}, job)
         try:
             spawn(worker, (job, out), world, timeout_s, f"check-model {what}")

@@ -72,12 +72,24 @@ def test_hf_and_fast_match_hf_module(family, checkpoints, capsys):
         assert done == total
 
 
-def test_bf16_request_reports_the_precision_that_ran(checkpoints, capsys):
+def test_bf16_is_the_default_and_runs_in_bf16(checkpoints, capsys):
     code, rows = check(capsys, str(checkpoints["llama2"]), "--engine", "hf")
     assert code == 0
     (r,) = rows
-    assert r["status"] == "ok"
-    assert r["precision"] == "bf16" or "asked bf16, the engine ran fp32" in r["reason"]
+    assert (r["status"], r["precision"]) == ("ok", "bf16")
+    # bf16 rounding shows (HF's module is the fp32 reference) and stays within the bound
+    assert 0 < r["max_logprob_diff"] <= TOLERANCES["bf16"].logprob
+
+
+def test_an_engine_running_another_precision_is_a_mismatch(checkpoints, capsys,
+                                                          monkeypatch):
+    from graphrl.backends.engines.hf import HFEngine
+
+    monkeypatch.setattr(HFEngine, "ran_precision", lambda self: "fp32")
+    code, rows = check(capsys, str(checkpoints["llama2"]), "--engine", "hf")
+    assert code == 1
+    assert rows[0]["status"] == "mismatch"
+    assert "asked bf16, the engine ran fp32" in rows[0]["reason"]
 
 
 def test_text_lines(checkpoints, capsys):
