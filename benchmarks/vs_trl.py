@@ -6,8 +6,13 @@ model), 16 prompts of 6 tokens a step, 4 samples each at temperature 1, fixed re
 length (16 or 64 new tokens, no EOS), group-normalised advantages (std-scaled), clipped
 surrogate with clip 0.2, KL (k3) to a frozen reference with coefficient 0.01, one
 optimizer step per generation on the token-level mean over the batch (TRL loss_type
-"bnpo"), AdamW lr 1e-3, betas (0.9, 0.95), no weight decay, grad clip 1.0, fp32, 2
-threads. graphrl runs policy and reference on engine="fast".
+"bnpo"), AdamW lr 1e-3, betas (0.9, 0.95), no weight decay, grad clip 1.0, 2 threads.
+graphrl runs policy and reference on engine="fast".
+
+Precision, matched on both sides (`--precisions`, default both): `bf16` is graphrl's
+default (`precision="bf16"`: bf16 compute, fp32 master weights and Adam state, the frozen
+reference held in bf16) against TRL's `bf16=True` (its GRPOConfig default: accelerate's
+bf16 autocast over fp32 weights); `fp32` is `precision="fp32"` against TRL `bf16=False`.
 
 Interleaving: each (size, length) runs as alternating child processes
 (a whole graphrl run, a whole TRL run, again, ...; each from the same initial seed) so
@@ -52,7 +57,7 @@ def task(size: str, length: int):
 
 # -- graphrl ---------------------------------------------------------------------------------
 def run_graphrl(size: str, length: int, steps: int, seed: int,
-                old_forward: bool = False) -> dict:
+                old_forward: bool = False, precision: str = "fp32") -> dict:
     import graphrl as gr
     from graphrl.backends.local import LocalExecutor
     from graphrl.signatures import ROLLOUT, SCORES
@@ -76,9 +81,9 @@ def run_graphrl(size: str, length: int, steps: int, seed: int,
 
     opts = {"lr": LR, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0}
     models = (gr.Model("policy", llama_dict(size), role="policy", trainable=True,
-                       engine="fast", options=opts),
+                       engine="fast", options=opts, precision=precision),
               gr.Model("reference", llama_dict(size), role="reference", init_from="policy",
-                       engine="fast"))
+                       engine="fast", precision=precision))
     exp = gr.Experiment(name="grpo_vs_trl", step=step, models=models,
                         inputs={"prompts": gr.prompts_spec(PROMPTS, PROMPT_LEN)},
                         data=lambda i: {"prompts": t.prompts(PROMPTS, seed=seed * 7919 + i)},
@@ -109,7 +114,7 @@ def word_tokenizer(vocab: int):
 
 
 def run_trl(size: str, length: int, steps: int, seed: int,
-            checkpointing: bool = False) -> dict:
+            checkpointing: bool = False, precision: str = "fp32") -> dict:
     import torch
     import transformers
     from datasets import Dataset
@@ -160,7 +165,8 @@ def run_trl(size: str, length: int, steps: int, seed: int,
         loss_type="bnpo", scale_rewards="group", learning_rate=LR, adam_beta1=0.9,
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
         warmup_steps=0, max_steps=steps, num_train_epochs=1, logging_steps=10 ** 6,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=precision == "bf16",
+        fp16=False,
         seed=seed, data_seed=seed, shuffle_dataset=False, dataloader_num_workers=0,
         log_completions=False, disable_tqdm=True,
         # TRL's GRPOConfig turns activation checkpointing on by default: a second forward
@@ -179,16 +185,17 @@ def run_trl(size: str, length: int, steps: int, seed: int,
 def child(argv: list[str]) -> None:
     import torch
 
-    which, size, length, steps, seed, threads, flag = argv
+    which, size, length, steps, seed, threads, flag, precision = argv
     torch.set_num_threads(int(threads))
     fn = run_graphrl if which == "graphrl" else run_trl
-    print("RESULT " + json.dumps(fn(size, int(length), int(steps), int(seed), flag == "1")))
+    print("RESULT " + json.dumps(fn(size, int(length), int(steps), int(seed), flag == "1",
+                                    precision)))
 
 
 def run(which: str, size: str, length: int, steps: int, seed: int, threads: int,
-        flag: bool) -> dict:
+        flag: bool, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, size, str(length), str(steps),
-           str(seed), str(threads), str(int(flag))]
+           str(seed), str(threads), str(int(flag)), precision]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT,
                          env={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                               "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -210,12 +217,12 @@ def _load() -> float:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/vs_trl.md from the rows a run wrote (--out)."""
-    lines = ["| model | response tokens | graphrl s/step | TRL s/step | TRL / graphrl (wall) "
+    lines = ["| precision | model | response tokens | graphrl s/step | TRL s/step | TRL / graphrl (wall) "
              "| TRL / graphrl (CPU s) | load | graphrl reward (first 5 -> last 5) "
-             "| TRL reward (first 5 -> last 5) |", "|---" * 9 + "|"]
+             "| TRL reward (first 5 -> last 5) |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(
-            f"| {r['size']} | {r['response_len']} | {r['graphrl_s_per_step']:.3f} "
+            f"| {r.get('precision', 'fp32')} | {r['size']} | {r['response_len']} | {r['graphrl_s_per_step']:.3f} "
             f"| {r['trl_s_per_step']:.3f} | **{r['speedup']:.2f}x** "
             f"| {r.get('cpu_speedup', float('nan')):.2f}x | {r.get('load_avg_1min', -1):.1f} "
             f"| {r['graphrl_reward_first5']} -> {r['graphrl_reward_last5']} "
@@ -230,6 +237,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="runs of each, alternating")
     ap.add_argument("--steps", type=int, default=10, help="steps per run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
+                    choices=["bf16", "fp32"],
+                    help="each side at the same precision (bf16: graphrl's default and "
+                         "TRL's bf16=True; fp32: both off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("--old-forward", action="store_true",
@@ -240,7 +251,7 @@ def main() -> None:
                     help="cProfile graphrl's steps at one size/length instead")
     ap.add_argument("--profile-trl", action="store_true", help="--profile TRL's steps")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a run's --out")
-    ap.add_argument("--child", nargs=7)
+    ap.add_argument("--child", nargs=8)
     a = ap.parse_args()
     if a.child:
         child(a.child)
@@ -252,41 +263,44 @@ def main() -> None:
         from bench_profile import profile_steps
 
         size, length = a.profile[0], int(a.profile[1])
+        p = a.precisions[0]
         if a.profile_trl:
-            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing),
+            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing, p),
                           a.threads)
         else:
-            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward),
+            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward, p),
                           a.threads)
         return
     rows = []
-    for size in a.sizes:
-        for length in a.lengths:
-            res = {k: {"times": [], "cpu_times": [], "rewards": []} for k in ("graphrl", "trl")}
-            for _ in range(a.reps):
-                for which in ("graphrl", "trl"):
-                    flag = a.old_forward if which == "graphrl" else a.trl_checkpointing
-                    r = run(which, size, length, a.steps, a.seed, a.threads, flag)
-                    res[which]["times"] += r["times"][1:]
-                    res[which]["cpu_times"] += r["cpu_times"][1:]
-                    res[which]["rewards"].append(r["rewards"])
-            g, t = (statistics.median(res[k]["times"]) for k in ("graphrl", "trl"))
-            gc, tc = (statistics.median(res[k]["cpu_times"]) for k in ("graphrl", "trl"))
-            row = {"size": size, "response_len": length, "steps": a.steps, "reps": a.reps,
-                   "threads": a.threads, "graphrl_old_forward": a.old_forward,
-                   "trl_checkpointing": a.trl_checkpointing,
-                   "graphrl_s_per_step": round(g, 4), "trl_s_per_step": round(t, 4),
-                   "speedup": round(t / g, 2),
-                   # process CPU seconds (1 thread): less sensitive to other load
-                   "graphrl_cpu_s_per_step": round(gc, 4), "trl_cpu_s_per_step": round(tc, 4),
-                   "cpu_speedup": round(tc / gc, 2), "load_avg_1min": _load()}
-            for k in ("graphrl", "trl"):
-                runs = res[k]["rewards"]     # mean over the repetitions, step by step
-                rw = [sum(r[i] for r in runs) / len(runs) for i in range(a.steps)]
-                row[f"{k}_reward_first5"] = round(sum(rw[:5]) / 5, 3)
-                row[f"{k}_reward_last5"] = round(sum(rw[-5:]) / 5, 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    cases = [(p, size, length) for size in a.sizes for length in a.lengths
+             for p in a.precisions]
+    for precision, size, length in cases:
+        res = {k: {"times": [], "cpu_times": [], "rewards": []} for k in ("graphrl", "trl")}
+        for _ in range(a.reps):
+            for which in ("graphrl", "trl"):
+                flag = a.old_forward if which == "graphrl" else a.trl_checkpointing
+                r = run(which, size, length, a.steps, a.seed, a.threads, flag,
+                        precision)
+                res[which]["times"] += r["times"][1:]
+                res[which]["cpu_times"] += r["cpu_times"][1:]
+                res[which]["rewards"].append(r["rewards"])
+        g, t = (statistics.median(res[k]["times"]) for k in ("graphrl", "trl"))
+        gc, tc = (statistics.median(res[k]["cpu_times"]) for k in ("graphrl", "trl"))
+        row = {"precision": precision, "size": size, "response_len": length,
+               "steps": a.steps, "reps": a.reps, "threads": a.threads, "graphrl_old_forward": a.old_forward,
+               "trl_checkpointing": a.trl_checkpointing,
+               "graphrl_s_per_step": round(g, 4), "trl_s_per_step": round(t, 4),
+               "speedup": round(t / g, 2),
+               # process CPU seconds (1 thread): less sensitive to other load
+               "graphrl_cpu_s_per_step": round(gc, 4), "trl_cpu_s_per_step": round(tc, 4),
+               "cpu_speedup": round(tc / gc, 2), "load_avg_1min": _load()}
+        for k in ("graphrl", "trl"):
+            runs = res[k]["rewards"]     # mean over the repetitions, step by step
+            rw = [sum(r[i] for r in runs) / len(runs) for i in range(a.steps)]
+            row[f"{k}_reward_first5"] = round(sum(rw[:5]) / 5, 3)
+            row[f"{k}_reward_last5"] = round(sum(rw[-5:]) / 5, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print(table(rows))
