@@ -43,7 +43,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
 def decl(name: str) -> gr.ModelDecl:
     family = "gpt2" if name == "gpt2" else "llama"
-    spec = gr.ModelSpec(family, 96, 32, 2, 4, 4 if family == "gpt2" else 2, 64, 128, "lm")
+    spec = gr.ModelSpec(family, 96, 32, 2, 4, 4 if family == "gpt2" else 2, 64, 128, "lm",
+                        dtype="fp32")   # exactness against HF's fp32 module
     return gr.ModelDecl("m", spec, "policy", True, "fast")
 
 

@@ -123,7 +123,7 @@ def test_architecture_fields_print_only_when_not_the_default():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_engine_logprobs_equal_hf_module(family, family_dirs):
     path = family_dirs[family]
-    eng = HFEngine(gr.Model("m", path, role="policy").decl(), {"checkpoint": path})
+    eng = HFEngine(gr.Model("m", path, role="policy", precision="fp32").decl(), {"checkpoint": path})
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=torch.float32).eval()
     tokens, att, _ = rows()
@@ -136,7 +136,7 @@ def test_hf_engine_logprobs_equal_hf_module(family, family_dirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_declared_by_its_config_builds_the_familys_module(family):
-    model = gr.Model("policy", dict(TINY[family]), role="policy")
+    model = gr.Model("policy", dict(TINY[family]), role="policy", precision="fp32")
     eng = HFEngine(model.decl(), {})
     own = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
     assert type(eng.module) is type(own)
@@ -157,7 +157,7 @@ def _relative_update(after: dict, want: dict, start: dict) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_engine_step_equals_a_step_by_hand(family, family_dirs):
     path, lr, kl_coef = family_dirs[family], 1e-3, 0.04
-    eng = HFEngine(gr.Model("m", path, role="policy", trainable=True).decl(),
+    eng = HFEngine(gr.Model("m", path, role="policy", trainable=True, precision="fp32").decl(),
                    {"checkpoint": path, "lr": lr})
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=torch.float32).eval()   # eval: no dropout
