@@ -18,6 +18,7 @@ pytest.importorskip("deepspeed")
 torch = pytest.importorskip("torch")
 
 from engine_diff import family_decl  # noqa: E402
+from test_ray_reshard import batch  # noqa: E402
 
 from graphrl.backends.ray.cluster import (mesh_placement_group,  # noqa: E402
                                           remove_mesh_placement_group)
@@ -32,16 +33,6 @@ ENGINES = {"m2": ("qwen2", "megatron", (0, 1), Strategy(tp=2)),
            "m3": ("qwen3", "megatron", (2, 3), Strategy(tp=2)),
            "d2": ("qwen2", "deepspeed", (2, 3), Strategy(dp=2, zero=3)),
            "d3": ("qwen3", "deepspeed", (0, 1), Strategy(dp=2, zero=3))}
-
-
-def _batch(n: int = 4, seq: int = 8) -> dict:
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(n, seq)
-    mask[:, seq // 2:] = 1.0
-    return {"rollout": {"tokens": torch.randint(0, 96, (n, seq), generator=g),
-                        "response_mask": mask},
-            "old_logprobs": {"logprobs": -3.0 * torch.rand(n, seq, generator=g)},
-            "advantages": {"advantages": torch.randn(n, seq, generator=g)}}
 
 
 def _groups(ranks: RankGroup, key: str, engine: str, gpus: tuple, s: Strategy) -> tuple:
@@ -85,7 +76,7 @@ def test_trained_weights_reach_generation_bit_for_bit(ranks, family_dirs):
         d = family_dirs[family]
         specs[key] = EngineSpec(key, family_decl(d), {"lr": 1e-2, "checkpoint": d}, engine,
                                 gpus, engine=engine, strategy=s, groups=names)
-    data = _batch()
+    data = batch(vocab=96)
     for engine in ("megatron", "deepspeed"):   # one engine per rank at a time, all ranks
         mine = {k: sp for k, sp in specs.items() if sp.kind == engine}
         # deadline: DeepSpeed may JIT-build its CPU comm op first (minutes on a busy host)

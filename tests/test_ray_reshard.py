@@ -35,11 +35,12 @@ ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 TIMEOUT = 60.0
 
 
-def batch(n: int = 4, seq: int = 8) -> dict:
+def batch(n: int = 4, seq: int = 8, vocab: int = 65) -> dict:
+    """A PPO train batch of random tokens < vocab (responses: the second half)."""
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(n, seq)
     mask[:, seq // 2:] = 1.0
-    return {"rollout": {"tokens": torch.randint(0, 65, (n, seq), generator=g),
+    return {"rollout": {"tokens": torch.randint(0, vocab, (n, seq), generator=g),
                         "response_mask": mask},
             "old_logprobs": {"logprobs": -3.0 * torch.rand(n, seq, generator=g)},
             "advantages": {"advantages": torch.randn(n, seq, generator=g)}}
