@@ -41,15 +41,18 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             for i, (name, cfg) in enumerate(VARIANTS.items())}
 
 
-def decl(name: str) -> gr.ModelDecl:
+def decl(name: str, precision: str = "fp32") -> gr.ModelDecl:
+    """fp32 unless asked (the 1e-5 comparisons are exact-function checks)."""
     family = "gpt2" if name == "gpt2" else "llama"
-    spec = gr.ModelSpec(family, 96, 32, 2, 4, 4 if family == "gpt2" else 2, 64, 128, "lm")
+    spec = gr.ModelSpec(family, 96, 32, 2, 4, 4 if family == "gpt2" else 2, 64, 128, "lm",
+                        dtype=precision)
     return gr.ModelDecl("m", spec, "policy", True, "fast")
 
 
-def engines(path: str, name: str):
-    hf = HFEngine(decl(name), {"checkpoint": path}, seed=0)
-    fast = create_engine("fast", decl(name), {"checkpoint": path, "slots": 4}, "cpu", 0)
+def engines(path: str, name: str, precision: str = "fp32"):
+    hf = HFEngine(decl(name, precision), {"checkpoint": path}, seed=0)
+    fast = create_engine("fast", decl(name, precision), {"checkpoint": path, "slots": 4},
+                         "cpu", 0)
     return hf, fast
 
 
