@@ -257,11 +257,12 @@ def test_ray_runs_bf16_as_planned_and_reports_it(shared_ray):
         engines
 
 
-# fused bf16 (fast_forward, no autocast) vs HF bf16 autocast on the same fp32 weights, on
-# _decl's tiny model: measured max |Δ log-prob| 3.7e-5 (HF vs fp32: 7.2e-4), gradient
-# relative error (||g_fused - g_hf|| / ||g_hf||, all parameters) 2.1e-3, fused vs fp32
-# 4.1e-3 where HF autocast vs fp32 is 4.0e-3. Bounds leave 5x room.
-BF16_FUSED_VS_AUTOCAST = 1e-3
+# fused bf16 (fast_forward, no autocast; attention in fp32 on CPU) vs HF bf16 autocast on
+# the same fp32 weights, on _decl's tiny model: measured max |Δ log-prob| 9.8e-4 (fused vs
+# fp32 7.6e-4, HF vs fp32 7.2e-4), gradient relative error (||g_fused - g_hf|| / ||g_hf||,
+# all parameters) 3.1e-3, fused vs fp32 4.0e-3 where HF autocast vs fp32 is 4.0e-3.
+# Bounds leave 3-5x room.
+BF16_FUSED_VS_AUTOCAST = 5e-3
 BF16_GRAD_REL = 1e-2
 
 
