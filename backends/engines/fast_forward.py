@@ -29,6 +29,19 @@ Per architecture feature (graphrl.architecture):
 - head_dim != hidden / heads (Qwen3): run here; tied embeddings: run here (lm_head is
   the embedding parameter, autograd sums both uses);
 - sliding-window attention (a window shorter than the context): HF path.
+
+Precision (`dtype`, the compute dtype; default the module's): fp32 / float64 compute in
+their dtype. bf16 over fp32 master weights is bf16 mixed precision without autocast: each
+fused, norm-folded weight is cast to bf16 once per call (autograd casts its gradient
+back, so weight gradients accumulate in the fp32 masters' .grad); matmuls and the
+activations between them (q/k/v, SwiGLU, logits) in bf16; the residual stream stays in
+fp32 (as HF's residual adds do under bf16 autocast); RMSNorm statistics and
+normalisation, the rotary multiply (bf16 has no complex view) and log-softmax with the
+target gather, and their backwards, in fp32; attention in fp32 on CPU (its bf16 backward
+is ~3x slower there), bf16 elsewhere; log-probs fp32. A model held in bf16 (frozen) runs
+the same with its bf16 weights as they are and a bf16 residual stream (as HF runs it).
+tests/test_precision.py and tests/test_fast_families.py check it against HF's bf16
+autocast and fp32.
 """
 from __future__ import annotations
 
