@@ -26,8 +26,8 @@ Precision: the decode copy of the weights and its KV cache are held in the model
 precision (bf16: no fp32 copy). Scoring and training of a bf16 model run fast_forward in
 bf16 mixed precision without autocast: a trainable model's fp32 master weights are cast
 to bf16 once per call (fused and folded first, so one cast per fused weight), matmuls and
-activations in bf16, the residual stream, RMSNorm statistics, rotary and log-softmax in
-fp32, weight gradients accumulated into the fp32 masters' .grad; a frozen model runs on
+activations in bf16, the residual stream, RMSNorm statistics, rotary and log-softmax (and
+on CPU attention) in fp32, weight gradients accumulated into the fp32 masters' .grad; a frozen model runs on
 its held bf16 weights. Other models run the HF engine's forward under bf16 autocast.
 
 Engine options (besides the HF engine's): `slots` (most sequences decoding at once;
