@@ -23,9 +23,12 @@ Mistral (with or without a sliding window), Qwen2/2.5 (q/k/v biases; per-layer s
 windows), Qwen3 (q/k RMSNorm, head_dim != hidden / heads), GPT-2; tied embeddings.
 
 Precision: the decode copy of the weights and its KV cache are held in the model's
-precision (bf16: no fp32 copy). Scoring and training of a bf16 model run the HF engine's
-forward (bf16 autocast over fp32 master weights, fp32 log-softmax); the fused kernels of
-fast_forward serve fp32 models only.
+precision (bf16: no fp32 copy). Scoring and training of a bf16 model run fast_forward in
+bf16 mixed precision without autocast: a trainable model's fp32 master weights are cast
+to bf16 once per call (fused and folded first, so one cast per fused weight), matmuls and
+activations in bf16, the residual stream, RMSNorm statistics, rotary and log-softmax (and
+on CPU attention) in fp32, weight gradients accumulated into the fp32 masters' .grad; a frozen model runs on
+its held bf16 weights. Other models run the HF engine's forward under bf16 autocast.
 
 Engine options (besides the HF engine's): `slots` (most sequences decoding at once;
 default 256), `cuda_graphs` (default true; only on CUDA) and `fused_forward` (default
@@ -68,10 +71,9 @@ class FastEngine(HFEngine):
                              f"got {self.slots}")
         super().__init__(decl, opts, device=device, seed=seed)
         self._refuse_unsupported()
-        # the fused kernels compute in fp32 only: a bf16 model scores and trains through
-        # the HF engine's forward under bf16 autocast
-        self.fused_forward = (fused and decl.spec.head == "lm" and self.precision == "fp32"
-                              and supported(self.module))
+        # bf16: the fused kernels run bf16 mixed precision themselves (fp32 masters cast to
+        # bf16 once per call, fp32 norms / rotary / log-softmax), without autocast
+        self.fused_forward = (fused and decl.spec.head == "lm" and supported(self.module))
         self._lm: FastLM | None = None
         self._graphs: Any = None
         self.last_stats: dict[str, float] = {}
@@ -94,7 +96,8 @@ class FastEngine(HFEngine):
         tokens, mask = self._inputs(payload)
         response = payload.get("response_mask")
         return fast_logprobs(self.module, tokens, mask, positions(mask),
-                             None if response is None else self._to(response))
+                             None if response is None else self._to(response),
+                             TORCH_DTYPES[self.precision])
 
     def _decoder(self, slots: int, max_len: int) -> FastLM:
         """The decode model, reusing the cache when it is large enough; weights are

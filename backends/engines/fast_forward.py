@@ -29,6 +29,19 @@ Per architecture feature (graphrl.architecture):
 - head_dim != hidden / heads (Qwen3): run here; tied embeddings: run here (lm_head is
   the embedding parameter, autograd sums both uses);
 - sliding-window attention (a window shorter than the context): HF path.
+
+Precision (`dtype`, the compute dtype; default the module's): fp32 / float64 compute in
+their dtype. bf16 over fp32 master weights is bf16 mixed precision without autocast: each
+fused, norm-folded weight is cast to bf16 once per call (autograd casts its gradient
+back, so weight gradients accumulate in the fp32 masters' .grad); matmuls and the
+activations between them (q/k/v, SwiGLU, logits) in bf16; the residual stream stays in
+fp32 (as HF's residual adds do under bf16 autocast); RMSNorm statistics and
+normalisation, the rotary multiply (bf16 has no complex view) and log-softmax with the
+target gather, and their backwards, in fp32; attention in fp32 on CPU (its bf16 backward
+is ~3x slower there), bf16 elsewhere; log-probs fp32. A model held in bf16 (frozen) runs
+the same with its bf16 weights as they are and a bf16 residual stream (as HF runs it).
+tests/test_precision.py and tests/test_fast_families.py check it against HF's bf16
+autocast and fp32.
 """
 from __future__ import annotations
 
@@ -45,7 +58,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def supported(module: nn.Module) -> bool:
-    """Whether fast_logprobs runs this module: a float32/float64 Llama-family causal LM
+    """Whether fast_logprobs runs this module: a float32/float64/bfloat16 Llama-family causal LM
     (llama, mistral, qwen2, qwen3) with SiLU, the default or llama3 rotary embedding and
     no sliding window (see the module doc)."""
     from .fast_model import sliding_windows
@@ -53,7 +66,7 @@ def supported(module: nn.Module) -> bool:
     cfg = module.config
     if cfg.model_type not in LLAMA_TYPES or not hasattr(module, "lm_head"):
         return False
-    if module.lm_head.weight.dtype not in (torch.float32, torch.float64):
+    if module.lm_head.weight.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return False
     rope = getattr(module.model, "rotary_emb", None)
     return (getattr(cfg, "hidden_act", "silu") == "silu"
@@ -99,8 +112,11 @@ def _attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
 class _Layout:
     """A Llama config's sizes and the fused weights of one call."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None):
         cfg = module.config
+        # the compute dtype of matmuls and activations; the residual stream stays in the
+        # held weights' dtype (fp32 masters under bf16 compute: as bf16 autocast runs HF)
+        self.dtype = dtype or module.lm_head.weight.dtype
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or self.heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -116,7 +132,12 @@ class _Layout:
     def qkv(self, layer: nn.Module) -> torch.Tensor:
         a = layer.self_attn
         qk = torch.cat([a.q_proj.weight, a.k_proj.weight]).index_select(0, self.qk_rows)
-        return torch.cat([qk, a.v_proj.weight]) * layer.input_layernorm.weight
+        return self.cast(torch.cat([qk, a.v_proj.weight]) * layer.input_layernorm.weight)
+
+    def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """t in the compute dtype (once per call; autograd casts its gradient back to
+        the fp32 master's dtype, where it accumulates)."""
+        return None if t is None else t.to(self.dtype)
 
     def qkv_bias(self, layer: nn.Module) -> torch.Tensor | None:
         """The q/k/v biases in the fused weight's row order, or None."""
@@ -124,20 +145,31 @@ class _Layout:
         if a.q_proj.bias is None:
             return None
         qk = torch.cat([a.q_proj.bias, a.k_proj.bias]).index_select(0, self.qk_rows)
-        return torch.cat([qk, a.v_proj.bias])
+        return self.cast(torch.cat([qk, a.v_proj.bias]))
 
     def qk_norm_weight(self, layer: nn.Module) -> torch.Tensor:
         """Qwen3's q_norm / k_norm weights per head [H+K, d], pair-interleaved."""
         a = layer.self_attn
         w = torch.cat([a.q_norm.weight.expand(self.heads, self.d),
                        a.k_norm.weight.expand(self.kv_heads, self.d)])
-        return w.index_select(1, self.pair)
+        return self.cast(w.index_select(1, self.pair))
 
-    @staticmethod
-    def gate_up(layer: nn.Module) -> torch.Tensor:
+    def gate_up(self, layer: nn.Module) -> torch.Tensor:
         f = layer.mlp
-        return torch.cat([f.gate_proj.weight, f.up_proj.weight]) \
-            * layer.post_attention_layernorm.weight
+        return self.cast(torch.cat([f.gate_proj.weight, f.up_proj.weight])
+                         * layer.post_attention_layernorm.weight)
+
+    def project(self, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """x + a w^T (+ bias): the residual add of an output projection, one addmm
+        when the residual is in the compute dtype; else the bf16 product added to the
+        fp32 residual (and the bias in fp32)."""
+        w = self.cast(w)
+        if x.dtype == self.dtype:
+            x = torch.addmm(x, a, w.t())
+            return x if bias is None else x + bias.to(x.dtype)
+        y = torch.mm(a, w.t())
+        return (x + y) if bias is None else (x + bias).add_(y)
 
 
 class SharedPrefix:
@@ -176,25 +208,21 @@ def _layers(module: nn.Module, lay: _Layout, x: torch.Tensor, rope: torch.Tensor
             attend: Any) -> torch.Tensor:
     """Run the decoder layers on token rows x [N, E]; attend(q, k, v) -> [N, H*d]."""
     for layer in module.model.layers:
-        xh = RMSNormalize.apply(x, lay.eps)
+        xh = RMSNormalize.apply(x, lay.eps, lay.dtype)
         if lay.qk_norm:
             q, k, v = _qk_normed(lay, layer, xh, rope)
         else:
             q, k, v = QKVRope.apply(xh, lay.qkv(layer), rope, lay.heads, lay.kv_heads,
                                     lay.qkv_bias(layer))
         o = layer.self_attn.o_proj
-        x = torch.addmm(x, attend(q, k, v), o.weight.t())
-        if o.bias is not None:
-            x = x + o.bias
-        xh = RMSNormalize.apply(x, lay.eps)
+        x = lay.project(x, attend(q, k, v), o.weight, o.bias)
+        xh = RMSNormalize.apply(x, lay.eps, lay.dtype)
         f = layer.mlp
         gu = torch.mm(xh, lay.gate_up(layer).t())
         if f.gate_proj.bias is not None:
-            gu = gu + torch.cat([f.gate_proj.bias, f.up_proj.bias])
-        x = torch.addmm(x, SwiGLU.apply(gu), f.down_proj.weight.t())
-        if f.down_proj.bias is not None:
-            x = x + f.down_proj.bias
-    return RMSNormalize.apply(x, lay.eps)
+            gu = gu + lay.cast(torch.cat([f.gate_proj.bias, f.up_proj.bias]))
+        x = lay.project(x, SwiGLU.apply(gu), f.down_proj.weight, f.down_proj.bias)
+    return RMSNormalize.apply(x, lay.eps, lay.dtype)
 
 
 def _qk_normed(lay: _Layout, layer: nn.Module, xh: torch.Tensor, rope: torch.Tensor):
@@ -207,8 +235,10 @@ def _qk_normed(lay: _Layout, layer: nn.Module, xh: torch.Tensor, rope: torch.Ten
     split = (lay.heads + lay.kv_heads) * lay.d
     qk = qkv[:, :split].unflatten(-1, (lay.heads + lay.kv_heads, lay.d))
     qk = RMSNormalize.apply(qk, lay.eps) * lay.qk_norm_weight(layer)
+    if qk.dtype == torch.bfloat16:   # no complex bf16: the rotation in fp32
+        qk = qk.float()
     qk = torch.view_as_real(torch.view_as_complex(qk.unflatten(-1, (-1, 2))) * rope)
-    qk = qk.flatten(-2)
+    qk = qk.flatten(-2).to(lay.dtype)
     return qk[:, :lay.heads], qk[:, lay.heads:], qkv[:, split:].unflatten(-1, (lay.kv_heads, lay.d))
 
 
@@ -216,30 +246,39 @@ def _sdpa(lay: _Layout, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of q [B, T, H, d] over k, v [B, S, K, d] -> [B*T, H*d]; mask None means
     plain causal (T == S)."""
     b, t = q.shape[:2]
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and q.device.type == "cpu":
+        # CPU's bf16 flash-attention backward is ~3x slower than its fp32 one (measured:
+        # torch 2.13 CPU, AVX512-BF16; 3M Llama, 64 x 70 tokens: 63 vs 20 ms a layer):
+        # attention in fp32 there, its output rounded to bf16 (CUDA: bf16 attention)
+        q, k, v = q.float(), k.float(), v.float()
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                        v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, scale=lay.scale,
                                        enable_gqa=lay.kv_heads != lay.heads)
-    return o.transpose(1, 2).reshape(b * t, -1)
+    return o.transpose(1, 2).reshape(b * t, -1).to(dtype)
 
 
-def _logprobs(module: nn.Module, xh: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _logprobs(module: nn.Module, lay: _Layout, xh: torch.Tensor,
+              target: torch.Tensor) -> torch.Tensor:
     """log p(target) [N] at normalised final hidden rows xh [N, E] (norm weight folded
-    into the head)."""
-    head = module.lm_head.weight * module.model.norm.weight
+    into the head); logits in the compute dtype, log-softmax in fp32 (fp32 out)."""
+    head = lay.cast(module.lm_head.weight * module.model.norm.weight)
     return TokenLogProbs.apply(torch.mm(xh, head.t()), target)
 
 
 def fast_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                  pos: torch.Tensor, response_mask: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  pos: torch.Tensor, response_mask: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-token log-probs [B, T] of left-padded rows, as HFEngine._head computes them:
     out[:, t] = log p(tokens[:, t] | tokens[:, :t]), out[:, 0] = 0. With a response mask
-    whose rows share their prompt (SharedPrefix), each prompt runs once."""
+    whose rows share their prompt (SharedPrefix), each prompt runs once. `dtype`: the
+    compute dtype (default the module's; torch.bfloat16 over fp32 weights is bf16 mixed
+    precision, see the module doc); the log-probs are fp32 (float64 for float64)."""
     shared = SharedPrefix.find(tokens, mask, response_mask)
     if shared is not None:
-        return _shared_logprobs(module, tokens, mask, pos, shared)
-    lay = _Layout(module)
+        return _shared_logprobs(module, tokens, mask, pos, shared, dtype)
+    lay = _Layout(module, dtype)
     b, t = tokens.shape
     x = F.embedding(tokens, module.model.embed_tokens.weight).view(b * t, -1)
     attn_mask = _attention_mask(mask)
@@ -251,16 +290,17 @@ def fast_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
     xh = _layers(module, lay, x, _rope(module, pos, x.dtype).flatten(0, 1), attend)
     # the last position's target is a dummy (its log-prob is dropped)
     target = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
-    lp = _logprobs(module, xh, target).view(b, t)
+    lp = _logprobs(module, lay, xh, target).view(b, t)
     return F.pad(lp[:, :-1], (1, 0))
 
 
 def _shared_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                     pos: torch.Tensor, shared: SharedPrefix) -> torch.Tensor:
+                     pos: torch.Tensor, shared: SharedPrefix,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """fast_logprobs with the prefix columns [:p] run once per distinct prefix: token
     rows are [U*p prefix rows | B*r rest rows]; the rest attend to their prefix's keys and
     values followed by their own (causal)."""
-    lay = _Layout(module)
+    lay = _Layout(module, dtype)
     b, t = tokens.shape
     p, first, inverse = shared.p, shared.first, shared.inverse
     u, r = first.shape[0], t - p
@@ -290,7 +330,7 @@ def _shared_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor
     # prefix position and its own positions predict its own tokens p..t-1
     own = torch.cat([pre_h[:, -1].index_select(0, inverse)[:, None],
                      xh[n_pre:].view(b, r, -1)[:, :-1]], dim=1)
-    lp = _logprobs(module, torch.cat([pre_h[:, :-1].reshape(-1, pre_h.shape[-1]),
+    lp = _logprobs(module, lay, torch.cat([pre_h[:, :-1].reshape(-1, pre_h.shape[-1]),
                                       own.reshape(b * r, -1)]),
                    torch.cat([tokens[first, 1:p].reshape(-1), tokens[:, p:].reshape(-1)]))
     pre_lp = lp[:u * (p - 1)].view(u, p - 1).index_select(0, inverse)

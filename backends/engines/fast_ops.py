@@ -13,6 +13,11 @@ a fused projection's output into slices (a zero-filled copy per slice in backwar
 
 Each backward is checked against autograd through the plain formula in float64
 (tests/test_fast_forward.py).
+
+bf16 mixed precision (fast_forward with compute dtype bf16): matmuls take and give bf16;
+the RMS statistics, the normalisation and its backward, the rotary multiply (bf16 has no
+complex view: upcast to complex64) and log-softmax with its backward compute in fp32 and
+round their outputs to the activations' dtype once.
 """
 from __future__ import annotations
 
@@ -20,25 +25,37 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions and fp32-kept operators compute in: float64 stays, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class RMSNormalize(torch.autograd.Function):
-    """y = x * r, r = rsqrt(mean(x^2, -1) + eps). Backward: with y saved,
-    dx = r * (dy - y * mean(dy * y, -1)) (the derivative of x / rms(x))."""
+    """y = x * r, r = rsqrt(mean(x^2, -1) + eps), computed in fp32 (float64 for float64)
+    and returned in `dtype` (default x's: bf16 activations from an fp32 residual stream,
+    or from bf16 ones). Backward in fp32: with y saved,
+    dx = r * (dy - y * mean(dy * y, -1)) (the derivative of x / rms(x)), in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:   # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, eps: float,   # type: ignore[override]
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         h = x.shape[-1]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = _acc(x.dtype)
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
         r = torch.rsqrt(sq.square_().div_(h).add_(eps))
-        y = x * r.to(x.dtype)
+        y = (x * r) if x.dtype == acc else x.to(acc).mul_(r)
+        y = y.to(dtype or x.dtype)
         ctx.save_for_backward(y, r)
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):   # type: ignore[override]
         y, r = ctx.saved_tensors
+        acc = r.dtype
+        dy, y = dy.to(acc), y.to(acc)
         c = torch.linalg.vecdot(dy, y).unsqueeze(-1).div_(-y.shape[-1])
-        return torch.addcmul(dy, y, c).mul_(r.to(dy.dtype)), None
+        return torch.addcmul(dy, y, c).mul_(r).to(ctx.x_dtype), None, None
 
 
 class SwiGLU(torch.autograd.Function):
@@ -84,7 +101,8 @@ class QKVRope(torch.autograd.Function):
         d = qkv.shape[-1] // (heads + 2 * kv_heads)
         split = (heads + kv_heads) * d
         qk = qkv[:, :split].unflatten(-1, (heads + kv_heads, d))
-        qk = torch.view_as_real(_complex(qk) * rope).flatten(-2)     # [N, H+K, d]
+        qk = torch.view_as_real(_complex(qk.to(_acc(qk.dtype))) * rope).flatten(-2)
+        qk = qk.to(qkv.dtype)                                        # [N, H+K, d]
         v = qkv[:, split:].unflatten(-1, (kv_heads, d))
         ctx.save_for_backward(xh, w, rope)
         ctx.heads, ctx.kv_heads, ctx.d = heads, kv_heads, d
@@ -97,12 +115,16 @@ class QKVRope(torch.autograd.Function):
         grad = torch.empty(xh.shape[0], w.shape[0], dtype=xh.dtype, device=xh.device)
         hq, hk = heads * d, kv_heads * d
         back = rope.conj()
+        acc = _acc(grad.dtype)
         for g, lo, n in ((dq, 0, heads), (dk, hq, kv_heads)):
-            out = _complex(grad[:, lo:lo + n * d].unflatten(-1, (n, d)))
+            part = grad[:, lo:lo + n * d].unflatten(-1, (n, d))
             if g is None:
-                out.zero_()
-            else:
-                torch.mul(_complex(g.contiguous() if g.stride(-1) != 1 else g), back, out=out)
+                part.zero_()
+            elif acc == grad.dtype:
+                torch.mul(_complex(g.contiguous() if g.stride(-1) != 1 else g), back,
+                          out=_complex(part))
+            else:   # bf16: the conjugate rotation in fp32, rounded once into the buffer
+                part.copy_(torch.view_as_real(_complex(g.to(acc)) * back).flatten(-2))
         if dv is None:
             grad[:, hq + hk:].zero_()
         else:
@@ -110,27 +132,31 @@ class QKVRope(torch.autograd.Function):
         dxh = torch.mm(grad, w) if ctx.needs_input_grad[0] else None
         dw = grad.t().mm(xh) if ctx.needs_input_grad[1] else None
         n = len(ctx.needs_input_grad)      # 5 when called without a bias
-        db = grad.sum(0) if n > 5 and ctx.needs_input_grad[5] else None
+        db = (grad.sum(0, dtype=_acc(grad.dtype)).to(grad.dtype)
+              if n > 5 and ctx.needs_input_grad[5] else None)
         return (dxh, dw, None, None, None, db)[:n]
 
 
 class TokenLogProbs(torch.autograd.Function):
-    """log_softmax(logits)[n, target[n]] for logits [N, V]. Backward:
-    dlogits = g * (onehot(target) - softmax(logits)), from the saved log-softmax."""
+    """log_softmax(logits)[n, target[n]] for logits [N, V], in fp32 (float64 for float64
+    logits; bf16 logits are upcast) and returned in fp32. Backward in fp32:
+    dlogits = g * (onehot(target) - softmax(logits)), from the saved log-softmax, rounded
+    to the logits' dtype."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:   # type: ignore[override]
-        lp = torch.log_softmax(logits, dim=-1)
+        lp = torch.log_softmax(logits, dim=-1, dtype=_acc(logits.dtype))
         ctx.save_for_backward(lp, target)
+        ctx.logits_dtype = logits.dtype
         return lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):   # type: ignore[override]
         lp, target = ctx.saved_tensors
-        g = g.unsqueeze(-1)
+        g = g.to(lp.dtype).unsqueeze(-1)
         d = lp.exp().mul_(g.neg())
         d.scatter_add_(-1, target.unsqueeze(-1), g)
-        return d, None
+        return d.to(ctx.logits_dtype), None
 
 
 __all__ = ["RMSNormalize", "SwiGLU", "QKVRope", "TokenLogProbs"]
