@@ -102,14 +102,13 @@ def bf16_rounding(directory: Path) -> dict[str, Any]:
     module.to(torch.bfloat16)
     out["weights_logprob"] = logprobs()
     try:
-        decl = c.model_decl(directory, config)
+        decl = c.model_decl(directory, config, "bf16")
     except UsageError:
         return out
     reference = c.reference(directory, decl, probe)
-    engine = HFEngine(decl, c.engine_options(directory, "fp32"))
+    engine = HFEngine(decl, c.engine_options(directory))   # bf16 autocast, fp32 masters
     start = engine.export_weights()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        engine.train(c.train_inputs(probe, reference.logprobs), loss="grpo", seed=0)
+    engine.train(c.train_inputs(probe, reference.logprobs), loss="grpo", seed=0)
     out["autocast_step"] = c.update_error(start, engine.export_weights(), reference)
     return out
 
