@@ -18,15 +18,12 @@ pytest.importorskip("deepspeed")
 torch = pytest.importorskip("torch")
 
 from engine_diff import family_decl  # noqa: E402
-from test_ray_reshard import batch  # noqa: E402
+from test_ray_reshard import batch, four_ranks  # noqa: E402
 
-from graphrl.backends.ray.cluster import (mesh_placement_group,  # noqa: E402
-                                          remove_mesh_placement_group)
 from graphrl.backends.ray.group import RankGroup  # noqa: E402
 from graphrl.parallel import Strategy, megatron_groups  # noqa: E402
 from graphrl.passes.reshard_plan import plan_model_reshard  # noqa: E402
 
-ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 TIMEOUT = 120.0
 # key: (family, engine, training GPUs, strategy); generation replicas on the other two
 ENGINES = {"m2": ("qwen2", "megatron", (0, 1), Strategy(tp=2)),
@@ -53,18 +50,8 @@ def _groups(ranks: RankGroup, key: str, engine: str, gpus: tuple, s: Strategy) -
 def ranks(ray_session):
     from graphrl.backends.ray.runtime import ExecWorker
 
-    group = pg = None
-    try:
-        pg = mesh_placement_group(4, timeout_s=TIMEOUT)
-        group = RankGroup.spawn(4, placement_group=pg, env=ENV, timeout_s=TIMEOUT,
-                                worker=ExecWorker)
-        group.init_process_group(timeout_s=TIMEOUT)
+    with four_ranks(TIMEOUT, ExecWorker) as group:
         yield group
-    finally:
-        if group is not None:
-            group.shutdown()
-        if pg is not None:
-            remove_mesh_placement_group(pg)
 
 
 def test_trained_weights_reach_generation_bit_for_bit(ranks, family_dirs):

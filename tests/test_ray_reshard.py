@@ -8,6 +8,8 @@ actor per GPU in a module-scoped placement group, gloo.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -49,12 +51,21 @@ def batch(n: int = 4, seq: int = 8, vocab: int = 65) -> dict:
 @pytest.fixture(scope="module")
 def ranks(ray_session):
     """Four rank actors on the session-wide cluster (tests/conftest.py: 4 fake GPUs)."""
+    with four_ranks() as group:
+        group.new_group("train", [0, 1])
+        yield group
+
+
+@contextmanager
+def four_ranks(timeout_s: float = TIMEOUT, worker: Any = None):
+    """Four rank actors (of `worker`, default RankWorker) in one placement group, joined
+    in a process group; shut down and the group removed on exit."""
     group = pg = None
     try:
-        pg = mesh_placement_group(4, timeout_s=TIMEOUT)
-        group = RankGroup.spawn(4, placement_group=pg, env=ENV, timeout_s=TIMEOUT)
-        group.init_process_group(timeout_s=TIMEOUT)
-        group.new_group("train", [0, 1])
+        pg = mesh_placement_group(4, timeout_s=timeout_s)
+        group = RankGroup.spawn(4, placement_group=pg, env=ENV, timeout_s=timeout_s,
+                                **({"worker": worker} if worker is not None else {}))
+        group.init_process_group(timeout_s=timeout_s)
         yield group
     finally:
         if group is not None:
