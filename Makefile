@@ -36,8 +36,12 @@ trl: $(STAMP)
 
 # One OpenMP thread per process: the tests' models are tiny, and on a busy machine torch's
 # spinning OpenMP barriers made a 2-thread run 10x slower in CPU time (measured: 272 s vs 29 s).
+# Two pytest-xdist workers; --dist loadgroup keeps each xdist_group in one worker (the Ray
+# tests share one Ray cluster, the learning tests one trained reward model: tests/conftest.py).
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
