@@ -165,8 +165,7 @@ def run_stream(worker: Any, engine: Any, spec: CallSpec,
                data: list[tuple[Mapping[str, Any], int]]) -> Any:
     """On a rank: this rank's rows of a stream_head / stream_tail / stream_logprobs."""
     from graphrl.backends.stream_generation import stream_for
-
-    from .runtime import _rows
+    from graphrl.backends.stream_parts import take_rows
 
     attrs = dict(spec.attrs)
     version = int(attrs.pop("stream_version"))
@@ -178,14 +177,14 @@ def run_stream(worker: Any, engine: Any, spec: CallSpec,
     noise = (lo * samples, spec.total * samples)
     if spec.method == "stream_head":
         (prompts, first), = data
-        stream.head(spec.iteration, _rows(prompts, lo - first, hi - first), spec.seed,
-                    version, noise)
+        mine = take_rows(prompts, slice(lo - first, hi - first))
+        stream.head(spec.iteration, mine, spec.seed, version, noise)
         return None
     if spec.method == "stream_tail":
         nxt = None
         if next_seed is not None:
             (prompts, first), = data
-            nxt = (spec.iteration + 1, _rows(prompts, lo - first, hi - first),
+            nxt = (spec.iteration + 1, take_rows(prompts, slice(lo - first, hi - first)),
                    int(next_seed), noise)
         rollout, behaviour, _ = stream.tail(spec.iteration, version, nxt)
         stream.finished[spec.iteration] = behaviour
