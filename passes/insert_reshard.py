@@ -5,7 +5,7 @@ strategy) and consumed in another (its generate call's), a `reshard[model]` syst
 is inserted before the consumer. Its attributes carry the symbolic transfer plan's
 totals (bytes on the busiest link, total network bytes, the source layout); the plan
 itself (which source rank sends which slice to which destination rank) is built from
-the shard algebra by passes/reshard_plan.py and kept in the context for lower and the
+the shard algebra by graphrl/reshard_plan.py and kept in the context for lower and the
 executors. When both layouts share GPUs the generation ranks are ordered for
 zero-redundancy grouping (HybridFlow §5.4).
 """
@@ -20,7 +20,7 @@ from graphrl.shard import ModelLayout, model_layout, spec_params
 from graphrl.types import DTYPE_BYTES, ModelSpec
 
 from .base import PassContext
-from .reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
+from graphrl.reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
 
 
 def weight_layout(spec: ModelSpec, mesh: DeviceMesh, strategy: Strategy,
