@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 from .error_report import ArgumentParser, guarded, split_debug
 from .example_file import load_example
-from .experiment import Experiment, RunOptions, add_run_options, run_options
+from .experiment import Experiment, RunOptions
+from .run_args import add_run_options, run_options
 
 DESCRIPTION = """graphrl: trace an RLHF step (PPO, GRPO) into a dataflow graph, compile it
 and run it. An EXAMPLE is a Python file defining build(options) -> Experiment, such as

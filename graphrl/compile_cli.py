@@ -88,7 +88,7 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from .compiler import compile_graph
-    from .experiment import run_options
+    from .run_args import run_options
     from .progress import Progress
 
     from .outputs import check_output_dir
@@ -218,7 +218,7 @@ def _head_part(findings: Any) -> dict[str, Any] | None:
 
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
-    from .experiment import run_options
+    from .run_args import run_options
     from .progress import Progress
 
     lengths = response_lengths(ns)
