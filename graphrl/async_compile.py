@@ -3,17 +3,20 @@ split (graphrl.async_cost), and whichever step is faster lowered as the plan."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .cluster import ClusterSpec
 from .graph import Graph
 
 
 def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, staleness: int,
-                           *, placement: Mapping[str, Mapping[str, Any]] | None = None,
+                           *, compile_sync: Callable[..., Any],
+                           placement: Mapping[str, Mapping[str, Any]] | None = None,
                            **kw: Any) -> Any:
     """The synchronous compile of `graph`, and, when async pays, the compile of its
-    staleness-K rewrite pinned to the async plan's pools. `Compiled.findings` gains
+    staleness-K rewrite pinned to the async plan's pools; `compile_sync` is the
+    synchronous compiler (graphrl.compiler.compile_graph, which calls this one: passed in,
+    so the two modules do not import each other). `Compiled.findings` gains
     "staleness" (the chosen K, 0 = synchronous), "async" (the best AsyncPlan or None),
     "async_bound", "sync_seconds", "async_lowered_seconds" (the executable async plan's
     step as the executors run it, streamed — `as_executed` — None when not lowered) and
@@ -22,13 +25,12 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
     from graphrl.passes.staleness import carry_rollouts
 
     from .async_cost import async_lower_bound, async_pins, best_async, choose
-    from .compiler import compile_graph
     from .errors import UsageError
 
     if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
         raise UsageError(f"--staleness {staleness!r}: must be an int >= 0")
     rewritten = carry_rollouts(graph, staleness)   # refuses a step it cannot rewrite
-    sync = compile_graph(graph, cluster, policy, placement=placement, **kw)
+    sync = compile_sync(graph, cluster, policy, placement=placement, **kw)
     problem = sync.findings["problem"]
     plan = best_async(problem, staleness)
     bound = async_lower_bound(problem, staleness)
@@ -38,7 +40,7 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
              "sync_seconds": sync_s, "sync_policy": policy, "async_lowered_seconds": None}
     if not chosen:
         return replace(sync, findings={**sync.findings, **notes})
-    out = compile_graph(rewritten, cluster, policy, placement=async_pins(rewritten, plan), **kw)
+    out = compile_sync(rewritten, cluster, policy, placement=async_pins(rewritten, plan), **kw)
     out = as_executed(out, problem)
     notes["async_lowered_seconds"] = lowered = out.plan.predicted_step_seconds
     notes["stream"] = out.findings.get("stream")

@@ -45,7 +45,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     if staleness:
         from .async_compile import compile_with_staleness
 
-        return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
+        return compile_with_staleness(graph, cluster, policy, staleness,
+                                      compile_sync=compile_graph, placement=placement,
                                       gen_engine=gen_engine, check=check, dump_dir=dump_dir,
                                       engines=engines, response_lengths=response_lengths,
                                       memory_headroom=memory_headroom, progress=progress)
