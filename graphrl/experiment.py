@@ -2,7 +2,7 @@
 
 Examples expose `build(options) -> Experiment`; `graphrl run` and `python examples/X.py`
 both go through it. RunOptions are the options every example takes, as plain typed
-fields (the command line fills them: graphrl/run_args.py).
+fields (the command line fills them: graphrl/cli/run_args.py).
 """
 from __future__ import annotations
 

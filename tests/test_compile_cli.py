@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from graphrl.cli import main
-from graphrl.compile_cli import POLICY_NAMES
+from graphrl.cli.compile import POLICY_NAMES
 from graphrl.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -199,7 +199,7 @@ def test_the_repository_graph_is_read_whole(repo):
                  ("graphrl.backends.ray.runtime", "graphrl.backends.engines.registry"),
                  ("graphrl.backends.ray.runtime", "graphrl.signatures")]:
         assert g.has_edge(*edge), edge
-    assert {"graphrl.cli", "graphrl.compile_cli", "graphrl.run_args"} <= cli
+    assert {"graphrl.cli", "graphrl.cli.compile", "graphrl.cli.run_args"} <= cli
     assert not cli & set(DRIVER), "a driver module imports argparse"
 
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import graphrl as gr
 from conftest import load_build
 from graphrl.cluster import ClusterSpec, gpu_type
-from graphrl.compile_cli import POLICY_NAMES
+from graphrl.cli.compile import POLICY_NAMES
 from graphrl.compiler import DEFAULT_PIPELINE, compile_graph
 from graphrl.dump import plan_text
 from graphrl.graph import Placement

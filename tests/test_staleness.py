@@ -155,7 +155,7 @@ def test_run_reports_trained_steps_only(grpo, tmp_path):
 
 
 def test_compile_chooses_async_only_when_it_pays(root):
-    from graphrl.compile_cli import async_row
+    from graphrl.cli.compile import async_row
     from graphrl.compiler import compile_graph
     from graphrl.lengths import parse as parse_lengths
     from graphrl.placement_file import cluster_of

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
+from ..experiment import BACKENDS, RunOptions
 from .argtypes import int_at_least, positive_int, positive_seconds
-from .errors import UsageError
-from .experiment import BACKENDS, RunOptions
 
 
 def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -93,7 +93,7 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
-    from .placement_file import POLICY_NAMES
+    from ..placement_file import POLICY_NAMES
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="local",

@@ -15,9 +15,9 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from ..example_file import load_example
+from ..experiment import Experiment, RunOptions
 from .error_report import ArgumentParser, guarded, split_debug
-from .example_file import load_example
-from .experiment import Experiment, RunOptions
 from .run_args import add_run_options, run_options
 
 DESCRIPTION = """graphrl: trace an RLHF step (PPO, GRPO) into a dataflow graph, compile it
@@ -28,7 +28,7 @@ tracebacks."""
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from .runner import run_experiment
+    from ..runner import run_experiment
 
     build = load_example(ns.example)
     run_experiment(build(run_options(ns)), run_options(ns))
@@ -37,8 +37,8 @@ def _run(ns: argparse.Namespace) -> int:
 
 def _show(ns: argparse.Namespace) -> int:
     if ns.example.endswith(".json"):
-        from .dump import plan_text
-        from .plan_file import load_plan
+        from ..dump import plan_text
+        from ..plan_file import load_plan
 
         print(plan_text(load_plan(ns.example)), end="")
         return 0
@@ -49,19 +49,19 @@ def _show(ns: argparse.Namespace) -> int:
 
 
 def _compile(ns: argparse.Namespace) -> int:
-    from .compile_cli import compile_main
+    from .compile import compile_main
 
     return compile_main(ns, load_example(ns.example))
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    from .compile_cli import compare_main
+    from .compile import compare_main
 
     return compare_main(ns, load_example(ns.example))
 
 
 def _plot(ns: argparse.Namespace) -> int:
-    from .plot import plot_metrics
+    from ..plot import plot_metrics
 
     print(f"graphrl plot: wrote {plot_metrics(ns.metrics, ns.output)}")
     return 0
@@ -74,7 +74,7 @@ def _estimate(argv: Sequence[str]) -> int:
 
 
 def _check_model(ns: argparse.Namespace) -> int:
-    from .check_model_cli import check_model_main
+    from .check_model import check_model_main
 
     return check_model_main(ns)
 
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("example", metavar="EXAMPLE.py|plan.json")
     add_run_options(show, backend=False)
     show.set_defaults(func=_show)
-    from .compile_cli import POLICY_NAMES, add_compile_options
+    from .compile import POLICY_NAMES, add_compile_options
 
     comp = sub.add_parser("compile", help="place, schedule and reshard a step for a cluster",
                           description="Compile EXAMPLE's step for a cluster: print a table "
@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", metavar="METRICS.jsonl")
     plot.add_argument("-o", "--output", metavar="PNG", help="picture to write")
     plot.set_defaults(func=_plot)
-    from .check_model_cli import DESCRIPTION as CHECK_DESCRIPTION, add_arguments
+    from .check_model import DESCRIPTION as CHECK_DESCRIPTION, add_arguments
 
     check = sub.add_parser("check-model", help="check every engine against Hugging Face's "
                                                "own module on a local checkpoint",
@@ -161,7 +161,7 @@ def example_main(build: Callable[[RunOptions], Experiment],
     add_run_options(p)
 
     def go() -> int:
-        from .runner import run_experiment
+        from ..runner import run_experiment
 
         ns = p.parse_args(argv)
         run_experiment(build(run_options(ns)), run_options(ns))
