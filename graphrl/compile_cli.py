@@ -101,10 +101,12 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
-                             progress=progress, staleness=opts.staleness)
+                             progress=progress, staleness=opts.staleness,
+                             pipeline=getattr(ns, "pipeline", None))
     progress.done()
     plan = compiled.plan
-    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
+    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {plan.policy}")
+    print(f"pipeline: {compiled.pipeline}")
     print(format_table(compiled))
     notes = dict(plan.notes)
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "

@@ -26,6 +26,7 @@ from graphrl.parallel import DeviceMesh
 from graphrl.schedule import Schedule, Timing
 
 from .context import PassContext, SearchResult
+from .insert_reshard import strip_reshards
 from .policies import (POLICIES, STREAMS, auto_finalists, hardest_call, run_policy,
                        smallest_cluster)
 from .search import CallInfo, Evaluation, Infeasible, Pin, Problem
@@ -208,6 +209,16 @@ def placement_pins(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, Pin]:
                              f" x pp {strategy.pp} = {strategy.world}, not the {mesh.size} "
                              f"GPUs it is placed on ({n.placement.mesh.text()})")
         out[n.call] = Pin(mesh, (), "", strategy)
+    units: dict[str, Node] = {}
+    for n in graph.calls():   # a unit's calls share one mesh (see search.py)
+        if n.placement is None:
+            continue
+        first = units.setdefault(unit_of(n), n)
+        if out[n.call].mesh.gpu_set != out[first.call].mesh.gpu_set:
+            raise UsageError(f"node {n.name} ({n.call}) is placed on "
+                             f"{n.placement.mesh.text()}, {first.name} ({first.call}) on "
+                             f"{first.placement.mesh.text()}: a model's forward and train "
+                             "calls share one mesh")
     return out
 
 
@@ -229,6 +240,7 @@ class AssignDevices:
             raise ValueError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        graph = strip_reshards(graph)   # a placed graph's: insert-reshard plans them anew
         calls = list(graph.calls())
         placed = bool(calls) and all(n.placement is not None for n in calls)
         pins = placement_pins(graph, ctx.pins)

@@ -24,7 +24,8 @@ from graphrl.dump import plan_text
 from graphrl.graph import CALL, OP, SYSTEM, Placement
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.passes.assign_devices import AssignDevices, parse_pins
-from graphrl.passes.base import PassContext, parse_pipeline
+from graphrl.passes.base import PassContext, parse_pipeline, pipeline_text
+from graphrl.passes.registry import PASSES as PASSES_BY_NAME
 from graphrl.passes.choose_overlap import ChooseOverlap
 from graphrl.passes.insert_reshard import InsertReshard, generation_placement, plan_traffic
 from graphrl.passes.lower import lower
@@ -369,6 +370,69 @@ def test_pipeline_spec_parses_and_rejects_unknowns(program):
         parse_pipeline("assign-devices{mode=fast}")
     with pytest.raises(gr.UsageError, match="unknown policy 'fastest'"):
         compile_graph(program.graph, CLUSTER, "fastest")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("insert-reshard{exact=maybe}", r"insert-reshard: option exact='maybe' is not a bool"),
+    ("staleness{k=one}", r"staleness: option k='one' is not a int"),
+    ("staleness{k=-1}", r"staleness: k must be an integer >= 0"),
+    ("staleness{k=1,k=2}", r"staleness: option k given twice"),
+    ("staleness{k}", r"staleness: option k needs a value"),
+    ("assign-devices{policy=fastest}", r"assign-devices: unknown policy 'fastest'"),
+    ("lower{policy=auto}", r"pass lower has no option 'policy' \(its options: none\)"),
+    ("lower,choose-overlap", r"lower makes the plan: it must be the pipeline's last pass"),
+    ("", r"empty pass pipeline"),
+])
+def test_pass_options_are_typed_and_checked(spec, message):
+    with pytest.raises(gr.UsageError, match=message):
+        parse_pipeline(spec)
+
+
+def test_pass_options_are_coerced_by_their_declared_types_and_print_back():
+    passes = parse_pipeline("staleness{k=2},assign-devices{policy=split},choose-overlap,"
+                            "insert-reshard{exact=false},lower")
+    assert passes[0].k == 2 and passes[3].exact is False   # not the truthy string "false"
+    text = pipeline_text(passes)
+    assert text == ("staleness{k=2},assign-devices{policy=split},choose-overlap,"
+                    "insert-reshard{exact=false},lower")
+    assert parse_pipeline(text) == passes
+    assert set(PASSES_BY_NAME) == {"staleness", "assign-devices", "choose-overlap",
+                                   "insert-reshard", "lower"}
+
+
+def test_the_ranking_runs_the_declared_rest_of_the_pipeline(program):
+    """auto ranks its finalists by the plans the passes after it make (ctx.rest), in a
+    scratch context; the declared options take effect."""
+    from graphrl.passes.lower import Lower
+    from graphrl.passes.policies import auto_finalists
+    from graphrl.passes.assign_devices import problem_from_graph
+
+    graph = program.graph
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy:
+        name: str = "spy"
+
+        def run(self, g, ctx):
+            seen.append((ctx.ranking, ctx.check, g.schedule is not None))
+            return g
+
+    ctx = PassContext(CLUSTER)
+    ctx.rest = (Spy(), ChooseOverlap(), InsertReshard(), Lower())
+    AssignDevices("auto").run(graph, ctx)
+    finalists = auto_finalists(problem_from_graph(graph, PassContext(CLUSTER)))
+    assert len(finalists) > 1 and seen == [(True, False, True)] * len(finalists)
+    exact = compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap,"
+                          "insert-reshard{exact=true},lower")
+    closed = compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap,"
+                           "insert-reshard{exact=false},lower")
+    assert exact.pipeline.endswith("insert-reshard{exact=true},lower")
+    assert closed.pipeline.endswith("insert-reshard{exact=false},lower")
+    for c in (exact, closed):
+        assert simulate(c.plan)[1] == c.plan.predicted_step_seconds
+    with pytest.raises(gr.UsageError, match="does not end with lower"):
+        compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap")
 
 
 # -- HybridFlow §5.4 reference case -----------------------------------------------------
