@@ -196,7 +196,7 @@ class CaseResult:
 
 def _describe(compiled: Any) -> str:
     """Auto's plan in a few words: units grouped by mesh, streaming, offloaded GPUs."""
-    ev = compiled.findings["evaluation"]
+    ev = compiled.evaluation
     short = {"policy.generate": "gen", "policy": "actor", "reference": "ref",
              "reward": "rm", "critic": "critic"}
     groups: dict[str, list[str]] = {}
@@ -229,7 +229,7 @@ def compile_one(graph: Any, cluster: ClusterSpec, policy: str,
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     notes = dict(compiled.plan.notes)
     timings = dict(compiled.timings)
-    ev = compiled.findings["evaluation"]
+    ev = compiled.evaluation
     meshes = {u: set(m.gpus) for u, m in ev.assignment}
     sets = list(meshes.values())
     return PolicyResult(

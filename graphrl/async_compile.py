@@ -31,7 +31,7 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
         raise UsageError(f"--staleness {staleness!r}: must be an int >= 0")
     rewritten = carry_rollouts(graph, staleness)   # refuses a step it cannot rewrite
     sync = compile_sync(graph, cluster, policy, placement=placement, **kw)
-    problem = sync.findings["problem"]
+    problem = sync.problem
     plan = best_async(problem, staleness)
     bound = async_lower_bound(problem, staleness)
     sync_s = sync.plan.predicted_step_seconds
