@@ -43,6 +43,7 @@ ALLOWED = {"core": {"core"}, "passes": {"passes", "core"}, "backends": {"backend
            "driver": {"driver", "passes", "backends", "core"},
            "cli": {"cli", "driver", "passes", "backends", "core"}}
 
+
 # -- the import graph ----------------------------------------------------------------------
 def package_dirs(root: Path) -> dict[str, Path]:
     """Import name -> directory of every package setup.cfg lists (`packages`), placed as
