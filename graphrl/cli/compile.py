@@ -106,11 +106,11 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     progress.done()
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {plan.policy}")
-    print(f"pipeline: {compiled.pipeline}")
     print(format_table(compiled))
     notes = dict(plan.notes)
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    print(f"pipeline: {compiled.pipeline}")
     if opts.staleness:
         print(async_line(compiled.findings))
     if lengths is not None:
