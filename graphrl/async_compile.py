@@ -51,13 +51,15 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
 
 
 def as_executed(out: Any, problem: Any) -> Any:
-    """The compiled async plan priced as the executors run it: its generate node streams
-    (graphrl.stream_cost) with the cut that makes the step shortest, which the node's
-    `stream_cut` now holds; the plan's step is max(head, training pool) + push + tail.
-    Its timeline still draws generation as one call at its whole-batch price. Unchanged
-    where generation does not stream (a static-batch engine)."""
+    """The compiled async plan as the executors run it: its generate node streams
+    (graphrl.stream_cost) with the cut that makes the priced step shortest, and the
+    plan is lowered again with what that price needs written on the node — `stream_cut`,
+    `head_seconds`, `tail_seconds` and, where calls start on the head part, `head_share`
+    (graphrl/stream_train.py) — so its instructions run the head, the push, the tail
+    and the early parts (passes/lower_stream.py) and its step is their simulation.
+    Unchanged where generation does not stream (a static-batch engine)."""
     from .async_cost import _gen_call
-    from .stream_cost import best_stream, plan_sides
+    from .stream_cost import best_stream, head_share, plan_sides
     from .stream_train import HEAD_PART, split_report
 
     gen = _gen_call(problem)
@@ -90,32 +92,57 @@ def as_executed(out: Any, problem: Any) -> Any:
                           "starting it on the head part would not shorten the step here"
                           for m in marked if m not in forwards})
             marked, choice = forwards, alt
-    report = split_report(out.graph, 1)
-    notes = list(out.plan.notes)
     if marked and choice.split is None:   # starting early does not pay: unmark
         whole.update({m: "starting it on the head part would not shorten the step here"
                       for m in marked})
+    share = (head_share(problem, gen, choice.cut, int(node.attr("samples", 1)))
+             if choice.split is not None else None)
+    graph = _priced(out.graph, node.name, choice, share, whole)
+    plan = _lowered(out, graph)
+    report = split_report(graph, 1)
+    notes = list(plan.notes)
     if report is not None and whole:
-        report = replace(report, calls=tuple(c for c in report.calls if c not in whole),
-                         refused=tuple((m, why) for m, why in whole.items() if why)
+        report = replace(report, refused=tuple((m, why) for m, why in whole.items() if why)
                          + report.refused)
-    graph, pgraph = out.graph, out.plan.graph
-    for g_name in [node.name] + list(whole):
-        def edit(g: Any) -> Any:
-            n = g.node(g_name)
-            attrs = dict(n.attrs)
-            if g_name == node.name:
-                attrs["stream_cut"] = choice.cut
-            else:
-                attrs.pop(HEAD_PART, None)
-            return g.replace_node(g_name, replace(n, attrs=tuple(sorted(attrs.items()))))
-        graph, pgraph = edit(graph), edit(pgraph)
     if report is not None:
         notes += [("stream", line) for line in report.lines()]
-    plan = replace(out.plan, graph=pgraph, predicted_step_seconds=choice.step_seconds,
-                   notes=tuple(notes))
+    plan = replace(plan, notes=tuple(notes))
     return replace(out, graph=graph, plan=plan, findings={
         **out.findings, "stream": choice, "stream_split": report})
+
+
+def _priced(graph: Any, gen: str, choice: Any, share: float | None,
+            whole: Mapping[str, str]) -> Any:
+    """`graph` with generate node `gen` carrying the stream's price (as_executed) and
+    the `whole` nodes unmarked (they wait for the whole batch)."""
+    from .stream_train import HEAD_PART, HEAD_SECONDS, HEAD_SHARE, TAIL_SECONDS
+
+    for name in [gen] + list(whole):
+        n = graph.node(name)
+        attrs = dict(n.attrs)
+        if name == gen:
+            attrs.update({"stream_cut": choice.cut, HEAD_SECONDS: choice.phases.head,
+                          TAIL_SECONDS: choice.phases.tail})
+            attrs.pop(HEAD_SHARE, None)
+            if share:
+                attrs[HEAD_SHARE] = share
+        else:
+            attrs.pop(HEAD_PART, None)
+        graph = graph.replace_node(name, replace(n, attrs=tuple(sorted(attrs.items()))))
+    return graph
+
+
+def _lowered(out: Any, graph: Any) -> Any:
+    """The plan of `graph` (out's placed graph with new attributes) lowered in the
+    findings of out's compile, verified."""
+    from graphrl.passes.base import PassContext
+    from graphrl.passes.lower import lower
+
+    from .verify import verify_plan
+
+    ctx = PassContext(out.plan.cluster)
+    ctx.findings.update(out.findings)
+    return verify_plan(lower(graph, ctx))
 
 
 def _no_room_for_gradient_copy(plan: Any, marked: tuple[str, ...], problem: Any
