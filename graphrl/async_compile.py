@@ -112,14 +112,10 @@ def as_executed(out: Any, problem: Any, search: bool = True) -> Any:
              if choice.split is not None else None)
     graph = _priced(out.graph, node.name, choice, share, whole)
     plan = _lowered(out, graph)
-    report = split_report(graph, 1)
-    notes = list(plan.notes)
-    if report is not None and whole:
+    report = split_report(graph, 1)   # for reports (compile_cli); the plan is the
+    if report is not None and whole:  # graph's lowering alone, so its text lowers to it
         report = replace(report, refused=tuple((m, why) for m, why in whole.items() if why)
                          + report.refused)
-    if report is not None:
-        notes += [("stream", line) for line in report.lines()]
-    plan = replace(plan, notes=tuple(notes))
     return replace(out, graph=graph, plan=plan, findings={
         **out.findings, "stream": choice, "stream_split": report})
 

@@ -59,9 +59,15 @@ def async_compiled(pq, case, variant=None):
 
 
 def check_async(out) -> None:
-    """The async compile's plan is its simulation, and it kept the async plan only where
-    that simulated step beats the synchronous one (else the synchronous plan)."""
+    """The async compile's plan is its simulation and its placed graph's text lowers to
+    it byte for byte (the stream's price is in the graph), and it kept the async plan
+    only where that simulated step beats the synchronous one (else the synchronous plan)."""
+    from graphrl.parser import parse_graph
+    from graphrl.passes.lower import lower
+
     check(out.plan)
+    assert lower(parse_graph(out.graph.text()), out.plan.cluster).to_json() == \
+        out.plan.to_json()
     f = out.findings
     lowered = f["async_lowered_seconds"]
     if lowered is None:
