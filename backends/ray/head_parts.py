@@ -9,9 +9,10 @@
   are issued, the driver waits (with the executor's timeout) for those rows and runs the
   `head_part` nodes on them in graph order: forwards are issued on their ranks, ops run
   on the driver once their inputs arrived, a train's head part (train_loop.TwoParts,
-  part="head": gradient kept, no optimizer step) is issued on its ranks. The training
-  pool's actors run them after the step's train and push, beside the tail; results stay
-  Ray objects (and engine state) for the next step.
+  part="head": gradient kept, no optimizer step) is issued on its ranks, each between
+  the plan's onload and offload of its early part where its GPUs offload (passes/
+  lower_stream.py). The training pool's actors run them after the step's train and
+  push, beside the tail; results stay Ray objects (and engine state) for the next step.
 - `run_rest` / `run_train_rest` / `split_host_op`: at the next step a `head_part` node
   computes the other rows — a forward's output is both parts in row order (a zero-CPU
   Ray task puts them together, so the driver does not wait), a train takes its rest and
