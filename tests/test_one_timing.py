@@ -95,15 +95,21 @@ def test_sync_quick_suite(suites):
     assert checked == len(pq.quick_suite()) + len(pq.POLICY_NAMES) - 1
 
 
-def test_async_streamed_step_is_its_instructions(suites):
+@pytest.fixture(scope="module")
+def streamed(suites):
     """grpo 34b on 64 H100s, one optimizer pass (so the forwards and the train start on
-    the head part): the plan's instructions are the executors' order — on the generation
-    pool the head, the push, the tail; on the training pool every call (its rest part
-    for a head_part call), the push, then the early parts — and their simulation is the
-    stream's price max(head, rest) + push + max(tail, early) (graphrl/stream_cost.py)."""
+    the head part), compiled with staleness 1."""
     pq, pqa = suites
     case = next(c for c in pqa.async_cases() if c.name == "grpo 34b 1024/tail3k-16k 8x8xH100")
-    out = async_compiled(pq, case, pqa.one_pass)
+    return async_compiled(pq, case, pqa.one_pass)
+
+
+def test_async_streamed_step_is_its_instructions(streamed):
+    """The plan's instructions are the executors' order — on the generation pool the
+    head, the push, the tail; on the training pool every call (its rest part for a
+    head_part call), the push, then the early parts — and their simulation is the
+    stream's price max(head, rest) + push + max(tail, early) (graphrl/stream_cost.py)."""
+    out = streamed
     check_async(out)
     assert out.findings["staleness"] == 1
     plan, choice = out.plan, out.findings["stream"]
@@ -137,6 +143,41 @@ def test_async_streamed_step_is_its_instructions(suites):
     # pool offloads between calls) is the little it adds
     assert plan.predicted_step_seconds == pytest.approx(choice.step_seconds, rel=1e-3)
     assert plan.predicted_step_seconds >= choice.step_seconds * (1 - 1e-9)
+
+
+def test_ray_executor_issues_the_parts_in_order(streamed):
+    """The Ray executor walks the plan's groups in dispatch order (backends/ray/assign.py):
+    in place it meets generate's head and the head_part calls' rest parts, and the push
+    after the train; the tail and the early parts (LATER_PARTS) it issues after the
+    step, each early part between the plan's onload and offload of it."""
+    from graphrl.backends.ray.assign import dispatch_order
+    from graphrl.backends.ray.head_parts import _early_memory
+    from graphrl.backends.ray.stream_calls import LATER_PARTS
+
+    plan = streamed.plan
+    order = dispatch_order(plan)
+    at = {(g.op, g.node, g.members[0][1].part): k for k, g in enumerate(order)}
+    gen = next(n.name for n in plan.graph.nodes if n.target == "generate")
+    train = next(n.name for n in plan.graph.nodes if n.target == "train")
+    push = next(k for (op, node, _), k in at.items() if op == "reshard")
+    assert at[("run", gen, "head")] < push and at[("run", train, "rest")] < push
+    assert push < at[("run", gen, "tail")]
+    later = {g.members[0][1].part for g in order if g.members[0][1].part in LATER_PARTS}
+    assert later == {"tail", "early"}
+
+    class Recorder:
+        def __init__(self):
+            self.plan, self.issued = plan, []
+
+        def _memory_op(self, grp, iteration):
+            self.issued.append((grp.op, grp.node, sorted(w for w, _ in grp.members)))
+
+    ex = Recorder()
+    node = plan.graph.node(train)
+    _early_memory(ex, node, "onload", 3)
+    _early_memory(ex, node, "offload", 3)
+    gpus = sorted(node.placement.mesh.gpus)
+    assert ex.issued == [("onload", train, gpus), ("offload", train, gpus)]
 
 
 def test_async_suite_subset(suites):
