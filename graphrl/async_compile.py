@@ -52,20 +52,31 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
                    timings=sync.timings + out.timings)
 
 
-def as_executed(out: Any, problem: Any) -> Any:
-    """The compiled async plan priced as the executors run it: its generate node streams
-    (graphrl.stream_cost) with the cut that makes the step shortest, which the node's
-    `stream_cut` now holds; the plan's step is max(head, training pool) + push + tail.
-    Its timeline still draws generation as one call at its whole-batch price. Unchanged
-    where generation does not stream (a static-batch engine)."""
+def as_executed(out: Any, problem: Any, search: bool = True) -> Any:
+    """The compiled async plan as the executors run it: its generate node streams
+    (graphrl.stream_cost) and the plan is lowered again with what the stream's price
+    needs written on the node — `stream_cut`, `head_seconds`, `tail_seconds` and, where
+    calls start on the head part, `head_share` (graphrl/stream_train.py) — so its
+    instructions run the head, the push, the tail and the early parts (passes/
+    lower_stream.py) and its step is their simulation. `search`: choose the cut that
+    makes the priced step shortest and unmark the calls whose early start does not pay;
+    else price the graph's own cut and marks (compile_graph, for a graph rewritten
+    before compiling: the cut decides which weights sample which tokens). Either way a
+    call its engine or memory cannot split is unmarked. Unchanged where generation does
+    not stream (a static-batch engine); a priced plan is priced again only to search."""
     from .async_cost import _gen_call
-    from .stream_cost import best_stream, plan_sides
-    from .stream_train import HEAD_PART, split_report
+    from .stream_cost import best_stream, head_share, plan_sides, priced_stream
+    from .stream_train import HEAD_PART, HEAD_SECONDS, split_report
 
     gen = _gen_call(problem)
     node = next((n for n in out.graph.nodes if n.name == gen.name), None) if gen else None
     if node is None or not node.attr("stream_cut"):
         return out
+    if node.attr(HEAD_SECONDS) is not None:
+        if not search:
+            return out
+        out = _unpriced(out, node.name)   # the search prices the plan with one call
+        node = out.graph.node(node.name)
     train, push = plan_sides(out.plan, node.name)
     marked = tuple(n.name for n in out.graph.nodes if n.attr(HEAD_PART))
     # a DeepSpeed train takes its batch in one call (train_loop.TwoParts is the HF and
@@ -79,12 +90,16 @@ def as_executed(out: Any, problem: Any) -> Any:
         whole.update({m: "" for m in marked if out.graph.node(m).kind == "op"})
     marked = tuple(m for m in marked if m not in whole)
     split = _split_sides(out.plan, node, marked, problem, gen) if marked else None
-    choice = best_stream(problem, gen, node.placement.strategy, train, push, split)
+    if search:
+        choice = best_stream(problem, gen, node.placement.strategy, train, push, split)
+    else:
+        cut = min(int(node.attr("stream_cut")), gen.new_tokens)
+        choice = priced_stream(problem, gen, node.placement.strategy, cut, train, push, split)
     if choice is None:
         return out
     # the trains' head parts may cost more than they hide: try the forwards alone too
     forwards = tuple(m for m in marked if out.graph.node(m).target == "forward")
-    if forwards and forwards != marked:
+    if search and forwards and forwards != marked:
         alt = best_stream(problem, gen, node.placement.strategy, train, push,
                           _split_sides(out.plan, node, forwards, problem, gen))
         if alt.split is not None and alt.step_seconds < choice.step_seconds:
@@ -92,32 +107,60 @@ def as_executed(out: Any, problem: Any) -> Any:
                           "starting it on the head part would not shorten the step here"
                           for m in marked if m not in forwards})
             marked, choice = forwards, alt
-    report = split_report(out.graph, 1)
-    notes = list(out.plan.notes)
     if marked and choice.split is None:   # starting early does not pay: unmark
         whole.update({m: "starting it on the head part would not shorten the step here"
                       for m in marked})
-    if report is not None and whole:
-        report = replace(report, calls=tuple(c for c in report.calls if c not in whole),
-                         refused=tuple((m, why) for m, why in whole.items() if why)
+    share = (head_share(problem, gen, choice.cut, int(node.attr("samples", 1)))
+             if choice.split is not None else None)
+    graph = _priced(out.graph, node.name, choice, share, whole)
+    plan = _lowered(out, graph)
+    report = split_report(graph, 1)   # for reports (compile_cli); the plan is the
+    if report is not None and whole:  # graph's lowering alone, so its text lowers to it
+        report = replace(report, refused=tuple((m, why) for m, why in whole.items() if why)
                          + report.refused)
-    graph, pgraph = out.graph, out.plan.graph
-    for g_name in [node.name] + list(whole):
-        def edit(g: Any) -> Any:
-            n = g.node(g_name)
-            attrs = dict(n.attrs)
-            if g_name == node.name:
-                attrs["stream_cut"] = choice.cut
-            else:
-                attrs.pop(HEAD_PART, None)
-            return g.replace_node(g_name, replace(n, attrs=tuple(sorted(attrs.items()))))
-        graph, pgraph = edit(graph), edit(pgraph)
-    if report is not None:
-        notes += [("stream", line) for line in report.lines()]
-    plan = replace(out.plan, graph=pgraph, predicted_step_seconds=choice.step_seconds,
-                   notes=tuple(notes))
     return replace(out, graph=graph, plan=plan, findings={
         **out.findings, "stream": choice, "stream_split": report})
+
+
+def _priced(graph: Any, gen: str, choice: Any, share: float | None,
+            whole: Mapping[str, str]) -> Any:
+    """`graph` with generate node `gen` carrying the stream's price (as_executed) and
+    the `whole` nodes unmarked (they wait for the whole batch)."""
+    from .stream_train import HEAD_PART, HEAD_SECONDS, HEAD_SHARE, TAIL_SECONDS
+
+    for name in [gen] + list(whole):
+        n = graph.node(name)
+        attrs = dict(n.attrs)
+        if name == gen:
+            attrs.update({"stream_cut": choice.cut, HEAD_SECONDS: choice.phases.head,
+                          TAIL_SECONDS: choice.phases.tail})
+            attrs.pop(HEAD_SHARE, None)
+            if share:
+                attrs[HEAD_SHARE] = share
+        else:
+            attrs.pop(HEAD_PART, None)
+        graph = graph.replace_node(name, replace(n, attrs=tuple(sorted(attrs.items()))))
+    return graph
+
+
+def _unpriced(out: Any, gen: str) -> Any:
+    """`out` with generate node `gen`'s stream price removed, lowered again (generation
+    as one call, the push at the step's start)."""
+    from .stream_train import HEAD_SECONDS, HEAD_SHARE, TAIL_SECONDS
+
+    n = out.graph.node(gen)
+    attrs = tuple(a for a in n.attrs if a[0] not in (HEAD_SECONDS, TAIL_SECONDS, HEAD_SHARE))
+    graph = out.graph.replace_node(gen, replace(n, attrs=attrs))
+    return replace(out, graph=graph, plan=_lowered(out, graph))
+
+
+def _lowered(out: Any, graph: Any) -> Any:
+    """The plan of `graph` (out's placed graph with new attributes), verified."""
+    from graphrl.passes.lower import lower
+
+    from .verify import verify_plan
+
+    return verify_plan(lower(graph, out.plan.cluster))
 
 
 def _no_room_for_gradient_copy(plan: Any, marked: tuple[str, ...], problem: Any

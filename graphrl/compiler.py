@@ -84,6 +84,12 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                          "compile makes a plan")
     plan = run_pipeline(graph, passes, ctx)
     search = ctx.search
-    return Compiled(plan, plan.graph, {}, tuple(ctx.timings),
-                    pipeline_text(passes), search.problem if search else None,
-                    search.evaluation if search else None)
+    out = Compiled(plan, plan.graph, {}, tuple(ctx.timings),
+                   pipeline_text(passes), search.problem if search else None,
+                   search.evaluation if search else None)
+    if search is not None and any(n.attr("stream_cut") for n in plan.graph.nodes
+                                  if n.target == "generate"):
+        from .async_compile import as_executed   # its own stream, priced and lowered
+
+        out = as_executed(out, search.problem, search=False)
+    return out

@@ -3,6 +3,7 @@
     graphrl run EXAMPLE.py [--iterations N --seed S --metrics FILE --trace FILE --device D]
                 [--backend ray --cluster 1x4xcpu --policy auto --placement FILE --address A]
     graphrl show EXAMPLE.py|plan.json  print the traced graph, or a saved plan
+    graphrl show --simulate plan.json [--json]   its predicted step beside its simulation
     graphrl compile EXAMPLE.py --cluster 4x8xH100 --policy auto --dump DIR
     graphrl compare EXAMPLE.py --cluster 4x8xH100 [--json]
     graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
@@ -36,6 +37,8 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _show(ns: argparse.Namespace) -> int:
+    if ns.simulate or ns.json:
+        return _show_simulated(ns)
     if ns.example.endswith(".json"):
         from ..dump import plan_text
         from ..plan_file import load_plan
@@ -46,6 +49,32 @@ def _show(ns: argparse.Namespace) -> int:
     opts = run_options(ns)
     print(build(opts).program(opts.staleness).graph.text(), end="")
     return 0
+
+
+def _show_simulated(ns: argparse.Namespace) -> int:
+    """`show --simulate plan.json`: the saved plan's instruction streams simulated again
+    (graphrl/simulate.py) beside the step it predicts; exit 1 where they differ."""
+    import json
+
+    from .errors import UsageError
+    from .plan_file import load_plan
+    from .simulate import simulate
+
+    if not ns.simulate or not ns.example.endswith(".json"):
+        raise UsageError(f"graphrl show {ns.example}: --json goes with --simulate, which "
+                         "takes a plan.json (written by compile --dump)")
+    plan = load_plan(ns.example)
+    predicted, simulated = plan.predicted_step_seconds, simulate(plan)[1]
+    if ns.json:
+        print(json.dumps({"predicted_step_seconds": predicted,
+                          "simulated_step_seconds": simulated}))
+    else:
+        print(f"predicted step {predicted:.6f} s, its instructions simulated {simulated:.6f} s")
+    same = abs(predicted - simulated) <= 1e-9 * max(abs(predicted), abs(simulated))
+    if not same:
+        print(f"graphrl show: {ns.example}: the plan's predicted step differs from the "
+              "simulation of its instructions", file=sys.stderr)
+    return 0 if same else 1
 
 
 def _compile(ns: argparse.Namespace) -> int:
@@ -102,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
                           description="Trace EXAMPLE's step and print its canonical text "
                                       "form, or print a plan.json written by compile --dump.")
     show.add_argument("example", metavar="EXAMPLE.py|plan.json")
+    show.add_argument("--simulate", action="store_true",
+                      help="with plan.json: simulate its instruction streams again and print "
+                           "that step beside the plan's predicted step (exit 1 if they differ)")
+    show.add_argument("--json", action="store_true",
+                      help="with --simulate: print {predicted_step_seconds, "
+                           "simulated_step_seconds}")
     add_run_options(show, backend=False)
     show.set_defaults(func=_show)
     from .compile import POLICY_NAMES, add_compile_options
