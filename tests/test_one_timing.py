@@ -50,12 +50,12 @@ def sync_plan(pq, case, policy="auto"):
 
 
 def async_compiled(pq, case, variant=None):
-    from graphrl.async_compile import compile_with_staleness
+    from graphrl.compiler import compile_graph
 
     graph = pq.build_graph(case)
     graph = variant(graph) if variant is not None else graph
-    return compile_with_staleness(graph, ClusterSpec.parse(case.cluster), "auto", 1,
-                                  gen_engine=pq.GEN_ENGINE, response_lengths=case.dist)
+    return compile_graph(graph, ClusterSpec.parse(case.cluster), "auto", staleness=1,
+                         gen_engine=pq.GEN_ENGINE, response_lengths=case.dist)
 
 
 def check_async(out) -> None:

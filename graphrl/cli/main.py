@@ -56,9 +56,9 @@ def _show_simulated(ns: argparse.Namespace) -> int:
     (graphrl/simulate.py) beside the step it predicts; exit 1 where they differ."""
     import json
 
-    from .errors import UsageError
-    from .plan_file import load_plan
-    from .simulate import simulate
+    from ..errors import UsageError
+    from ..plan_file import load_plan
+    from ..simulate import simulate
 
     if not ns.simulate or not ns.example.endswith(".json"):
         raise UsageError(f"graphrl show {ns.example}: --json goes with --simulate, which "
