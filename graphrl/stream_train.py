@@ -30,7 +30,7 @@ tail, without changing any result:
   Each marked node's output is both parts put back in row order.
   Memory: between the two parts the training engine holds a copy of the head part's
   gradient (its gradients' bytes, sharded as they are); the compiler keeps a train whole
-  where its GPUs cannot hold that copy too (async_compile._no_room_for_gradient_copy).
+  where its GPUs cannot hold that copy too (passes/price_stream.no_room_for_gradient_copy).
 - Everything else waits for the whole batch, and `split_report` says why: a train with
   more than one optimizer pass (its first update needs rows of both parts), one reading
   an advantage normalised over the whole batch (gae with whiten=true), any op not known
