@@ -62,12 +62,16 @@ def check_async(out) -> None:
     """The async compile's plan is its simulation and its placed graph's text lowers to
     it byte for byte (the stream's price is in the graph), and it kept the async plan
     only where that simulated step beats the synchronous one (else the synchronous plan)."""
+    from graphrl.lower_placed import lower_placed
     from graphrl.parser import parse_graph
     from graphrl.passes.lower import lower
 
     check(out.plan)
     assert lower(parse_graph(out.graph.text()), out.plan.cluster).to_json() == \
         out.plan.to_json()
+    # scheduled and priced again from its placements (graphrl lower): the same plan
+    again = lower_placed(out.graph.text())
+    assert again.changed == () and again.plan.to_json() == out.plan.to_json()
     f = out.findings
     lowered = f["async_lowered_seconds"]
     if lowered is None:
