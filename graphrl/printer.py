@@ -17,9 +17,12 @@ parallel group `par=g0`. Names are the user's or the tracer's, never object ids.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from .graph import Graph, ModelDecl, Node
 from .types import PayloadSpec
+
+if TYPE_CHECKING:   # annotations only: Graph.text() calls this printer
+    from .graph import Graph, ModelDecl, Node
 
 
 def format_attr(value: object) -> str:
@@ -59,6 +62,8 @@ def node_line(n: Node) -> str:
         line += f" {n.placement.text()}"
     if n.group:
         line += f" par={n.group}"
+    if n.timing is not None:
+        line += " at" + format_attrs(n.timing.attrs()).lstrip()
     return line
 
 
@@ -66,6 +71,8 @@ def graph_lines(g: Graph) -> list[str]:
     """The text form as a list of lines (verify uses it to show context)."""
     lines = [f"graph @{g.name} {{"]
     lines += [f"  {model_line(m)}" for m in g.models]
+    if g.schedule is not None:
+        lines.append("  schedule" + format_attrs(g.schedule.attrs()))
     lines += [f"  input {v.name} : {v.spec.text()}" for v in g.inputs]
     lines += [f"  {node_line(n)}" for n in g.nodes]
     if g.outputs:

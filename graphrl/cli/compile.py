@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .placement_file import POLICY_NAMES, cluster_of, gen_engine, load_placement
+from ..placement_file import POLICY_NAMES, cluster_of, gen_engine, load_placement
 
 __all__ = ["POLICY_NAMES", "add_compile_options", "compile_main", "compare_main",
            "compare_rows", "cluster_of", "gen_engine", "load_placement"]
@@ -36,16 +36,13 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
 
 def format_table(compiled: Any) -> str:
     """call | mesh | strategy | predicted seconds | peak memory per GPU."""
-    ev = compiled.findings["evaluation"]
-    sched = {s.name: s for s in ev.schedule}
     rows = [("call", "mesh", "strategy", "start s", "seconds", "peak GiB")]
-    for n in compiled.graph.nodes:
-        s = sched.get(n.name)
-        if n.placement is None or s is None or s.choice is None:
+    for n in compiled.graph.calls():
+        t = n.timing
+        if n.placement is None or t is None:
             continue
         rows.append((n.call, n.placement.mesh.text(), n.placement.strategy.text(),
-                     f"{s.start:.2f}", f"{s.choice.seconds:.2f}",
-                     f"{s.choice.peak_bytes / 2**30:.1f}"))
+                     f"{t.start:.2f}", f"{t.seconds:.2f}", f"{t.peak_bytes / 2**30:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -55,7 +52,7 @@ def format_table(compiled: Any) -> str:
 def response_lengths(ns: argparse.Namespace) -> Any:
     """The parsed --response-lengths (None if absent); a --response-len left unset
     becomes the distribution's max."""
-    from .lengths import parse
+    from ..lengths import parse
 
     if not getattr(ns, "response_lengths", None):
         return None
@@ -67,10 +64,9 @@ def response_lengths(ns: argparse.Namespace) -> Any:
 
 def spread_lines(compiled: Any, lengths: Any) -> list[str]:
     """p50 / p90 of each generate call's predicted seconds over sampled length draws."""
-    from .serving import SPREAD_DRAWS, generation_spread
+    from ..serving import SPREAD_DRAWS, generation_spread
 
-    ev = compiled.findings["evaluation"]
-    problem = compiled.findings["problem"]
+    ev, problem = compiled.evaluation, compiled.problem
     out = []
     for s in ev.schedule:
         c = problem.by_name[s.name]
@@ -87,11 +83,11 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 
 
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
-    from .compiler import compile_graph
-    from .experiment import run_options
-    from .progress import Progress
+    from ..compiler import compile_graph
+    from .run_args import run_options
+    from ..progress import Progress
 
-    from .outputs import check_output_dir
+    from ..outputs import check_output_dir
 
     if ns.dump:  # before compiling: say now, not after the search, that DIR is unusable
         check_output_dir("--dump", ns.dump)
@@ -105,21 +101,23 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
-                             progress=progress, staleness=opts.staleness)
+                             progress=progress, staleness=opts.staleness,
+                             pipeline=getattr(ns, "pipeline", None))
     progress.done()
     plan = compiled.plan
-    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
+    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {plan.policy}")
     print(format_table(compiled))
     notes = dict(plan.notes)
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    print(f"pipeline: {compiled.pipeline}")
     if opts.staleness:
         print(async_line(compiled.findings))
     if lengths is not None:
         print(f"response lengths {lengths.text()}; generation " + "; ".join(
             spread_lines(compiled, lengths)))
     if dump is not None:
-        from .dump import write_dumps
+        from ..dump import write_dumps
 
         paths = write_dumps(plan, dump)
         print(f"dumps: {dump}/ ({', '.join(sorted(Path(p).name for p in paths))} and the "
@@ -156,8 +154,8 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
                  lengths: Any = None, headroom: float | None = None,
                  progress: Any = None, staleness: int = 0) -> list[dict[str, Any]]:
-    from .compiler import compile_graph
-    from .errors import GraphRLError
+    from ..compiler import compile_graph
+    from ..errors import GraphRLError
 
     rows = []
     for policy in POLICY_NAMES:
@@ -187,8 +185,8 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
 def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any,
               staleness: int) -> dict[str, Any]:
     """auto allowed staleness <= K: the async plan's step if it pays, else auto's."""
-    from .compiler import compile_graph
-    from .errors import GraphRLError
+    from ..compiler import compile_graph
+    from ..errors import GraphRLError
 
     try:
         c = compile_graph(graph, cluster, "auto", gen_engine=engine, engines=False,
@@ -218,8 +216,8 @@ def _head_part(findings: Any) -> dict[str, Any] | None:
 
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
-    from .experiment import run_options
-    from .progress import Progress
+    from .run_args import run_options
+    from ..progress import Progress
 
     lengths = response_lengths(ns)
     opts = run_options(ns)
