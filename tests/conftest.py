@@ -121,7 +121,8 @@ def family_dirs(tmp_path_factory) -> dict:
 # -- running in parallel (pytest-xdist: `make test-parallel`) -----------------------------
 # Tests that share a session's state run in one worker, each group as one unit: every
 # Ray test (one Ray cluster a process, `shared_ray`), and the tests that share the trained
-# reward models (`reward_models`: trained once per worker, so once in all). The Ray tests
+# reward models (`reward_models`: trained once per worker, so once in all), and the tests
+# of the modules named for Ray (test_ray_cli.py, ...: Ray in subprocesses). The Ray tests
 # are also marked `ray`: `make test-parallel` runs them alone after the rest (next to
 # another worker, on 2 cores, their kill/restart runs missed their 60 s call deadlines).
 XDIST_GROUPS = (("shared_ray", "ray"), ("ray_session", "ray"), ("own_ray", "ray"),
@@ -138,6 +139,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         names = getattr(item, "fixturenames", ())
         group = next((g for fixture, g in XDIST_GROUPS if fixture in names), None)
+        if group is None and "ray" in item.path.stem.split("_"):   # test_ray_cli.py, ...:
+            group = "ray"   # their own Ray clusters, in subprocesses, with call deadlines
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
             if group == "ray":
