@@ -241,54 +241,48 @@ def one_pass(graph: Any) -> Any:
 
 
 MODEL_NOTES = """\
-How the async step is priced (graphrl/async_cost.py): generation on a pool of whole nodes,
-training (every other call) on the rest. The "auto async" column is the ideal stream:
-step = max(weight push + generation of one batch, the training pool's step), generation
-being the serving model of graphrl/serving.py fed a stream of K+1 = 2 batches, so a
-batch's long tail overlaps the next batch's body; the training pool is placed by the
-synchronous search (faster of colocate-all and auto). The lower bound takes, for the best
-split, the larger of the fastest streamed generation on the generation pool (under
-either stream model: the ideal stream above, or the executors' head + tail at any cut,
-which never drains between batches and so can beat the ideal stream's drained bursts
-where tails are long) and the fastest train call alone on the training pool (forwards,
-ops and the push count zero), and never less than the least GPU-seconds of both spread
-over the cluster.
+## How auto plans an asynchronous step
 
-The "as executed" column is what the executors run (backends/stream_generation.py,
-priced by graphrl/stream_cost.py on the same serving model): each step's generate call
-runs a head (the batch's sequences up to `stream_cut` response tokens, with the step's
-weights) while the training pool trains, then — after the train and the weight push — a
-tail that finishes the batch's longer responses with the new weights (KV recomputed,
-AReaL §4.1) while the next batch's prompts take the freed KV up to their own cut. So
-step = max(head, training pool) + push + tail, with the training pool's step and the
-push taken from the lowered plan of the rewritten graph, and the cut the compiler picks
-(of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest.
+`graphrl compile --staleness K` (graphrl/async_compile.py) compiles the synchronous plan,
+then searches the asynchronous ones (graphrl/async_cost.py): every split of the cluster
+into a generation pool and a training pool of whole nodes (one node: every split of its
+GPUs), each priced as the executors run it (backends/stream_generation.py, priced by
+graphrl/stream_cost.py on graphrl/serving.py's continuous-batching model): each step's
+generate call runs a head (the batch's sequences up to `stream_cut` response tokens,
+with the step's weights) while the training pool trains, then, after the train and the
+weight push, a tail that finishes the batch's longer responses with the new weights (KV
+recomputed, AReaL §4.1) while the next batch's prompts take the freed KV up to their
+own cut:
 
-Streamed scoring and training (graphrl/stream_train.py): the groups of a batch whose
-responses all finished within the cut are complete at the end of its head, so the
-training pool's per-row forwards (reference, reward, critic, the policy's proximal
-log-probs) start on them after the push, beside the tail, and do the rest of the rows at
-the next step (AReaL starts training on finished samples as they arrive). A train with
-one optimizer pass whose advantages are per group or per sequence starts there too: it
-accumulates the head part's gradient and takes its one optimizer step after the rest,
-each part weighted by its share of the loss tokens (train_loop.TwoParts: the unsplit
-update up to float summation order). With early = the training pool's work on the head
-part (its share of the batch's tokens) and rest = its other work:
-step = max(head, rest) + push + max(tail, early); the compiler takes it only where it is
-shorter than max(head, training pool) + push + tail (otherwise the calls wait, and the
-plan says so). In the suite's examples the trains wait (epochs = minibatches = 2: an
-update needs rows of both parts; PPO also whitens its advantages over the batch), so
-only the forwards start early; the one-pass table below shows the same cases with
-trains that may start early too. A two-part train keeps a copy of the head part's
-gradient until the rest arrives (2 bytes per parameter of its shard); where its GPUs
-cannot hold that beside the call's peak and the other resident models, within the
-headroom, it takes the batch in one call and the plan says so.
+    step = max(head, training pool) + push + tail
 
-Why "as executed" stays above the ideal stream: the train and the rest of the forwards
-still wait for the tail, which holds each batch's longest responses; AReaL switches
-weights whenever they arrive (wall-clock), so its tails run through training; here the
-switch is at a fixed token index so that runs are deterministic and the local and Ray
-backends sample the same tokens.
+with the training pool's calls all on the whole pool (as the plan pins them, strategies
+from the synchronous search), the push each generation GPU's weight shard over the
+inter-node link, and the cut (1/4 .. 1 of the response budget, in sixteenths) that makes
+the step shortest. A split whose generation or training side does not fit is skipped
+with its reason. The fastest priced splits are then lowered (the staleness rewrite
+pinned to the two pools; a split the placement cannot realise is skipped, never blamed
+on the user's pins) and priced again as executed (`as_executed`, which may also start
+scoring and one-pass trains on the batch's head-finished groups, graphrl/stream_train.py);
+auto takes the async plan only where that lowered step beats its synchronous plan, and
+`graphrl compile` prints the best async plan, its step and why it lost where it lost.
+
+Staleness: the executors run the same step for every K >= 1 (the generation pool waits
+for each step's weight push; a deeper rollout queue only delays when training reads a
+batch) and only K = 1 lets training start on head-finished groups, so the fastest plan
+within any bound is K = 1; a larger bound buys nothing here.
+
+## What dominates, and what would go further
+
+The async step is dominated by the tail: the batch's longest responses, decoded after
+the push (the "tail share" above). A sequence switches weights once, at the cut, and
+must finish within the step after the one it started in, so each step waits for the
+decode latency of the longest responses past the cut, however many GPUs generate —
+more generation GPUs shorten the body of the batch, not that latency. AReaL (Fu et al.
+2025, arXiv 2505.24298) and verl's fully-async recipe go further (2.35-2.77x on such
+workloads) with interruptible generation: a long response continues across several
+weight updates (partial rollouts up to the staleness bound), so no step waits for it.
+The executors here do not run that mode, so it is not priced.
 """
 
 

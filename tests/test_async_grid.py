@@ -89,3 +89,20 @@ def test_compare_shows_auto_sync_and_async_rows():
     assert asy["step_seconds"] != sync["step_seconds"]
     assert asy["chosen"] == (asy["step_seconds"] < sync["step_seconds"])
     assert asy["chosen"] or asy["error"]   # a losing async row says why
+
+
+def test_benchmark_samples_its_declared_space():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from plan_quality_async import SPACE, sample
+
+    ws = sample(40, 7)
+    assert ws == sample(40, 7) and ws != sample(40, 8)   # seeded, not hand-picked
+    for w in ws:
+        assert w.algo in SPACE["algo"] and w.size in SPACE["size"]
+        assert w.nodes * 8 >= 64 and w.batch in SPACE["batch"]
+        assert SPACE["mean"][0] <= w.mean <= SPACE["mean"][1] and w.cap >= 2 * w.mean
+        assert SPACE["staleness"][0] <= w.staleness <= SPACE["staleness"][1]
+    assert len({(w.algo, w.size, w.nodes) for w in ws}) > 10
