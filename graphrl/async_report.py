@@ -57,7 +57,8 @@ class AsyncReport:
             lb = f"{self.lower_bound:.2f} s" if self.lower_bound is not None else "n/a"
             out.append(f"  priced: {self.plan.text()}{lowered} (async lower bound {lb})")
         if self.bound > 1:
-            out.append(f"  staleness 2..{self.bound} not used: {STALENESS_NOTE}")
+            more = "2" if self.bound == 2 else f"2..{self.bound}"
+            out.append(f"  staleness {more} not used: {STALENESS_NOTE}")
         if self.skipped:
             out.append(f"  {len(self.skipped)} split(s) skipped: " + "; ".join(
                 f"{pools}: {why}" for pools, why in self.skipped[:3])

@@ -110,7 +110,9 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
     print(format_table(compiled))
-    notes = dict(plan.notes)
+    notes = {}
+    for key, value in plan.notes:   # the first of each key: an async plan's later
+        notes.setdefault(key, value)   # ("stream", line) notes describe its head part
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
     if opts.staleness:

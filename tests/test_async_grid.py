@@ -106,3 +106,19 @@ def test_benchmark_samples_its_declared_space():
         assert SPACE["mean"][0] <= w.mean <= SPACE["mean"][1] and w.cap >= 2 * w.mean
         assert SPACE["staleness"][0] <= w.staleness <= SPACE["staleness"][1]
     assert len({(w.algo, w.size, w.nodes) for w in ws}) > 10
+
+
+def test_compile_cli_reports_async_where_it_loses(capsys):
+    # the command of issue 20: it used to end in a pin error nobody made, or crash
+    from pathlib import Path
+
+    from graphrl.cli import main
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "grpo.py")
+    assert main(["compile", example, "--cluster", "1x8xH100", "--model-size", "7b",
+                 "--staleness", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted step:" in out and "pinned" not in out
+    line = next(x for x in out.splitlines() if x.startswith("async staleness 1 on "))
+    assert " vs sync " in line and ("sync kept: " in line or "async pays" in line)
+    assert "staleness 2..3 not used" in out
