@@ -7,6 +7,7 @@ synchronous plan or took the asynchronous one.
 
     python benchmarks/plan_quality_async.py                 # 24 workloads, seed 0
     python benchmarks/plan_quality_async.py --n 8 --seed 3 --out /tmp/a.md
+    python benchmarks/plan_quality_async.py --suite    # plan_quality.py's six cases
 
 benchmarks/plan_quality.py calls `async_rows` / `markdown_section` on its own long-tail
 cases at >= 64 GPUs (staleness 1), so its report carries the same columns for them.
@@ -208,6 +209,12 @@ def async_rows(results: Sequence[Any]) -> list[AsyncRow]:
     return out
 
 
+def suite_rows() -> list[AsyncRow]:
+    """Rows for plan_quality.py's own long-tail cases at >= 64 GPUs, compiled here."""
+    return [evaluate(c.name, pq.build_graph(c), ClusterSpec.parse(c.cluster), c.dist, 1)
+            for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
+
+
 def markdown_section(results: Sequence[Any], rows: Sequence[AsyncRow] | None = None
                      ) -> list[str]:
     """The async table for plan_quality.py's report, from its CaseResults (or the rows
@@ -329,7 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=24, help="workloads to sample (default 24)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", default=str(DEFAULT_OUT), metavar="FILE.md")
+    p.add_argument("--suite", action="store_true",
+                   help="instead: print plan_quality.py's async section for its own "
+                        "long-tail cases at >= 64 GPUs (the section of docs/plan_quality.md)")
     ns = p.parse_args(argv)
+    if ns.suite:
+        pq.warm_up()
+        print("\n".join(markdown_section([], suite_rows())))
+        return 0
     run(ns.n, ns.seed, ns.out)
     return 0
 
