@@ -63,6 +63,7 @@ class AsyncPlan:
     gen_strategy: str
     head_seconds: float | None = None   # before the push; None: the whole batch (no stream)
     cut: int | None = None               # the stream cut, response tokens
+    train_meshes: tuple[tuple[str, tuple[int, ...]], ...] = ()   # unit -> GPUs in its pool
 
     @property
     def head(self) -> float:
@@ -142,10 +143,12 @@ def push_seconds(problem: Any, gen: Any, strategy: Any) -> float:
     return spec.weight_bytes / (strategy.tp * strategy.pp) / link
 
 
-def training_side(problem: Any, gen: Any, gpus: int) -> float | None:
-    """Seconds of every call but generation on `gpus` (whole nodes), all of them on the
-    whole pool as the lowered plan pins them (`async_pins`), strategies chosen by the
-    synchronous search (its colocate-all policy); None if they do not fit."""
+def training_side(problem: Any, gen: Any, gpus: int
+                  ) -> tuple[float, tuple[tuple[str, tuple[int, ...]], ...]] | None:
+    """(seconds, meshes) of every call but generation on `gpus` (whole nodes), placed by
+    the synchronous search's colocate-all policy on those GPUs: the step of that side,
+    and each unit's GPUs numbered from 0 within the pool (the lowered plan pins them
+    there, `async_pins`); None if they do not fit."""
     from graphrl.passes.policies import run_policy
     from graphrl.passes.search import Infeasible, Problem
 
@@ -159,9 +162,10 @@ def training_side(problem: Any, gen: Any, gpus: int) -> float | None:
     sub_problem = Problem(calls, problem.specs, sub, problem.gen_engine, problem.params,
                           {}, None, problem.headroom)
     try:
-        return run_policy(sub_problem, "colocate-all").step_seconds
+        ev = run_policy(sub_problem, "colocate-all")
     except Infeasible:
         return None
+    return ev.step_seconds, tuple((u, tuple(m.gpus)) for u, m in ev.assignment)
 
 
 def pool_splits(cluster: ClusterSpec) -> list[int]:
@@ -182,18 +186,27 @@ def split_plan(problem: Any, gen: Any, a: int) -> AsyncPlan | str:
     n = problem.cluster.num_gpus
     if not problem.fits(gen.name, a):
         return f"{gen.call} does not fit on {a} GPU(s)"
-    train = training_side(problem, gen, n - a)
-    if train is None:
+    side = training_side(problem, gen, n - a)
+    if side is None:
         return f"the training side does not fit on {n - a} GPU(s)"
+    train, meshes = side
+    size = dict((u, len(g)) for u, g in meshes)
+    for c in problem.calls:   # pinned, a pool is a mesh inside the cluster, not all of it
+        if c.phase in ("forward", "train") and c.unit in size \
+                and not problem.fits(c.name, size[c.unit]):
+            return (f"{c.call} fits the {n - a}-GPU training pool only as a whole cluster "
+                    f"of its own (uneven data parallelism), not as {size[c.unit]} GPUs pinned "
+                    "inside this one")
     best: AsyncPlan | None = None
     for s in _strategies(problem, gen, a)[:2]:
         push = push_seconds(problem, gen, s)
         choice = best_stream(problem, gen, s, train, push)
         if choice is None:   # pipeline stages: static batches, no stream
-            plan = AsyncPlan(1, a, n - a, problem.cost(gen, s).seconds, push, train, s.text())
+            plan = AsyncPlan(1, a, n - a, problem.cost(gen, s).seconds, push, train, s.text(),
+                             train_meshes=meshes)
         else:
             plan = AsyncPlan(1, a, n - a, choice.phases.total, push, train, s.text(),
-                             choice.phases.head, choice.cut)
+                             choice.phases.head, choice.cut, meshes)
         if best is None or plan.step_seconds < best.step_seconds:
             best = plan
     return best if best is not None else f"{gen.call} has no strategy on {a} GPU(s)"
@@ -305,8 +318,16 @@ __all__ = ["AsyncPlan", "MAX_STALENESS", "STALENESS_NOTE", "async_candidates",
 
 def async_pins(graph: Any, plan: AsyncPlan) -> dict[str, dict[str, Any]]:
     """Placement entries (graphrl.placement_file's form) putting generation on the first
-    `gen_gpus` GPUs and every other call on the rest."""
-    gen_pool = f"0-{plan.gen_gpus - 1}"
-    train_pool = f"{plan.gen_gpus}-{plan.gen_gpus + plan.train_gpus - 1}"
-    return {n.call: {"gpus": gen_pool if n.target == "generate" else train_pool}
+    `gen_gpus` GPUs and every other call on the GPUs the training side was priced on
+    (`train_meshes`, after the generation pool; the whole rest where it has none)."""
+    from graphrl.passes.assign_devices import unit_of
+
+    from .parallel import DeviceMesh
+
+    def text(gpus: Any) -> str:
+        return DeviceMesh(tuple(gpus)).text()
+    meshes = {u: [plan.gen_gpus + g for g in gpus] for u, gpus in plan.train_meshes}
+    rest = range(plan.gen_gpus, plan.gen_gpus + plan.train_gpus)
+    return {n.call: {"gpus": text(range(plan.gen_gpus)) if n.target == "generate"
+                     else text(meshes.get(unit_of(n), rest))}
             for n in graph.calls()}
