@@ -160,7 +160,7 @@ def training_side(problem: Any, gen: Any, gpus: int
                      seq=packed.get(x.name, x.seq))
              for x in problem.calls if x.name != gen.name]
     sub_problem = Problem(calls, problem.specs, sub, problem.gen_engine, problem.params,
-                          {}, None, problem.headroom)
+                          {}, None, problem.headroom, problem.engines, problem.efficiency)
     try:
         ev = run_policy(sub_problem, "colocate-all")
     except Infeasible:
@@ -212,6 +212,21 @@ def split_plan(problem: Any, gen: Any, a: int) -> AsyncPlan | str:
     return best if best is not None else f"{gen.call} has no strategy on {a} GPU(s)"
 
 
+def pinned_pools(problem: Any) -> Any:
+    """The problem as a compile with an async plan's pins sees it: pools that are not a
+    power of two admit uneven data-parallel splits (passes/search.py Problem.uneven_dp),
+    which the synchronous search of a power-of-two cluster leaves out."""
+    from graphrl.passes.search import Problem
+
+    if problem.uneven_dp:
+        return problem
+    twin = Problem(problem.calls, problem.specs, problem.cluster, problem.gen_engine,
+                   problem.params, problem.pins, problem.lengths, problem.headroom,
+                   problem.engines, problem.efficiency)
+    twin.uneven_dp = True
+    return twin
+
+
 def async_candidates(problem: Any, staleness: int
                      ) -> tuple[list[AsyncPlan], list[tuple[str, str]]]:
     """(plans, skipped): one priced plan per split that can run, fastest first, and
@@ -223,6 +238,7 @@ def async_candidates(problem: Any, staleness: int
     if gen is None or staleness < 1:
         return [], []
     n = problem.cluster.num_gpus
+    problem = pinned_pools(problem)
     skipped = [(f"{a}+{n - a}", f"{gen.call} does not fit on {a} GPU(s)")
                for a in pool_splits(problem.cluster) if not problem.fits(gen.name, a)]
     splits = [a for a in pool_splits(problem.cluster) if problem.fits(gen.name, a)]
