@@ -72,6 +72,10 @@ def why_lost(plan: AsyncPlan, step: float, sync_seconds: float, n_gpus: int,
     no faster than the synchronous one, in words."""
     if step < sync_seconds:
         return ""
+    if plan.step_seconds < sync_seconds:
+        return (f"priced at {plan.step_seconds:.2f} s, its lowered plan takes {step:.2f} s "
+                "(the training pool as scheduled with its reshards and memory moves, the "
+                "stream cut chosen again)")
     if plan.train_seconds > plan.head + plan.tail:
         return (f"training pool too small: the other calls take {plan.train_seconds:.2f} s "
                 f"on {plan.train_gpus} GPUs, more than generating a batch "
@@ -101,14 +105,4 @@ def infeasible_why(skipped: tuple[tuple[str, str], ...], gens: int) -> str:
             + (" ..." if len(reasons) > 3 else ""))
 
 
-def report_summary(report: Any) -> dict[str, Any]:
-    """The report as plain data (compare --json rows)."""
-    plan = report.plan
-    return {"staleness": plan.staleness if plan else None,
-            "pools": plan.pools if plan else "",
-            "step_seconds": report.step_seconds,
-            "priced_step_seconds": plan.step_seconds if plan else None,
-            "chosen": bool(report.staleness), "why": report.why}
-
-
-__all__ = ["AsyncReport", "infeasible_why", "report_summary", "why_lost"]
+__all__ = ["AsyncReport", "infeasible_why", "why_lost"]
