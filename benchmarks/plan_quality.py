@@ -33,6 +33,7 @@ from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compile_cli import POLICY_NAMES  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
 from graphrl.lengths import parse as parse_lengths  # noqa: E402
+from graphrl.lower_placed import lower_placed  # noqa: E402
 from graphrl.passes.assign_devices import problem_from_graph  # noqa: E402
 from graphrl.passes.base import PassContext  # noqa: E402
 from graphrl.passes.bound import step_lower_bound  # noqa: E402
@@ -167,6 +168,7 @@ class PolicyResult:
     gen_apart: bool = False               # generation on other GPUs than the actor's train
     nested: bool = False                  # a unit's mesh strictly inside another's
     disjoint: bool = False                # some units run on disjoint meshes
+    from_text: bool | None = None         # its placed graph's text lowers to this plan.json
 
 
 @dataclass
@@ -196,7 +198,7 @@ class CaseResult:
 
 def _describe(compiled: Any) -> str:
     """Auto's plan in a few words: units grouped by mesh, streaming, offloaded GPUs."""
-    ev = compiled.findings["evaluation"]
+    ev = compiled.evaluation
     short = {"policy.generate": "gen", "policy": "actor", "reference": "ref",
              "reward": "rm", "critic": "critic"}
     groups: dict[str, list[str]] = {}
@@ -227,9 +229,13 @@ def compile_one(graph: Any, cluster: ClusterSpec, policy: str,
                             compile_cpu=time.process_time() - c0,
                             error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # the placed IR is closed: its text, read back and lowered (graphrl lower), gives
+    # back this plan byte for byte
+    from_text = (lower_placed(compiled.graph.text(), cluster).plan.to_json()
+                 == compiled.plan.to_json())
     notes = dict(compiled.plan.notes)
     timings = dict(compiled.timings)
-    ev = compiled.findings["evaluation"]
+    ev = compiled.evaluation
     meshes = {u: set(m.gpus) for u, m in ev.assignment}
     sets = list(meshes.values())
     return PolicyResult(
@@ -240,7 +246,7 @@ def compile_one(graph: Any, cluster: ClusterSpec, policy: str,
         gen_apart=any(u.endswith(".generate") and meshes[u] != meshes.get(u.split(".")[0])
                       for u in meshes),
         nested=any(a < b for a in sets for b in sets),
-        disjoint=any(not a & b for a in sets for b in sets))
+        disjoint=any(not a & b for a in sets for b in sets), from_text=from_text)
 
 
 _BUILDS: dict[str, Callable[..., Any]] = {}
@@ -310,6 +316,11 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:
     s["auto_worse"] = worse
     s["errors"] = [(r.case.name, p, pr.error) for r in results for p, pr in r.results.items()
                    if pr.status == "error"]
+    lowered = [(r.case.name, p) for r in results for p, pr in r.results.items()
+                if pr.status == "ok"]
+    s["not_from_text"] = [(c, p) for r in results for p, pr in r.results.items()
+                          for c in [r.case.name] if pr.status == "ok" and not pr.from_text]
+    s["from_text"] = (len(lowered) - len(s["not_from_text"]), len(lowered))
     s["all_infeasible"] = [r.case.name for r in results
                            if all(pr.status == "infeasible" for pr in r.results.values())]
     timed = [r for r in results if r.auto.compile_wall is not None]
@@ -329,6 +340,8 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:
     s["auto_over_bound"] = geomean([r.auto.step_seconds / r.bound for r in results
                                     if r.bound and r.auto.status == "ok"])
     s["targets"] = {
+        "every plan's placed graph lowers from its text to the same plan.json, byte for "
+        "byte (graphrl lower)": not s["not_from_text"],
         "auto >= every policy on every case (final lowered plans; holds by construction: the "
         "baselines are among auto's finalists)": not worse,
         f"synchronous auto within {BOUND_TARGET:.2f}x of the lower bound (geometric mean)":
@@ -400,6 +413,11 @@ def _detail(s: dict[str, Any], target: str) -> str:
             "bound, geometric mean" if c else "") + ")")
     if target.startswith("auto compiles") and "ppo256_max" in s:
         return f" ({s['ppo256_max']})"
+    if target.startswith("every plan's placed graph"):
+        done, total = s["from_text"]
+        return f" ({done}/{total} plans)" + (
+            "; not: " + ", ".join(f"{c} [{p}]" for c, p in s["not_from_text"][:5])
+            if s["not_from_text"] else "")
     if target.startswith("auto >=") and s["auto_worse"]:
         return f" ({len(s['auto_worse'])} (case, baseline) pairs where auto is slower)"
     return ""

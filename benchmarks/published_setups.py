@@ -113,7 +113,7 @@ def predict_with_generation(graph: Any, cluster: str, policy: str, engine: str =
         c = compile_graph(graph, ClusterSpec.parse(cluster), policy, gen_engine=engine)
     except graphrl.GraphRLError as e:
         return None, str(e).splitlines()[0], None
-    ev = c.findings["evaluation"]
+    ev = c.evaluation
     groups: dict[str, list[str]] = {}
     for unit, mesh in ev.assignment:
         groups.setdefault(mesh.text(), []).append(unit)

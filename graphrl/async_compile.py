@@ -40,7 +40,7 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
                          "(rollouts that many steps old are far off-policy)")
     rewritten = carry_rollouts(graph, 1)   # refuses a step it cannot rewrite
     sync = compile_graph(graph, cluster, policy, placement=placement, **kw)
-    problem = sync.findings["problem"]
+    problem = sync.problem
     sync_s = sync.plan.predicted_step_seconds
     plans, skipped = async_candidates(problem, staleness)
     bound = async_lower_bound(problem, 1)
@@ -106,7 +106,7 @@ def _generate_seconds(compiled: Any, gen: Any) -> float | None:
     """The synchronous plan's predicted seconds of generate call `gen`."""
     if gen is None:
         return None
-    ev = compiled.findings.get("evaluation")
+    ev = compiled.evaluation
     s = next((s for s in getattr(ev, "schedule", ()) if s.name == gen.name), None)
     return s.choice.seconds if s is not None and s.choice is not None else None
 

@@ -53,6 +53,12 @@ def _compile(ns: argparse.Namespace) -> int:
     return compile_main(ns, load_example(ns.example))
 
 
+def _lower(ns: argparse.Namespace) -> int:
+    from .lower_cli import lower_main
+
+    return lower_main(ns)
+
+
 def _compare(ns: argparse.Namespace) -> int:
     from .compile_cli import compare_main
 
@@ -109,9 +115,19 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--policy", default="auto", choices=POLICY_NAMES,
                       help="placement policy (default auto)")
     comp.add_argument("--dump", metavar="DIR", help="write dumps into DIR")
+    comp.add_argument("--pipeline", metavar="SPEC", default=None,
+                      help="the pass pipeline, e.g. 'assign-devices{policy=auto},"
+                           "choose-overlap,insert-reshard{exact=true},lower' (printed by "
+                           "every compile; default: that with --policy)")
     add_compile_options(comp)
     add_run_options(comp, backend=False)
     comp.set_defaults(func=_compile)
+    from .lower_cli import DESCRIPTION as LOWER_DESCRIPTION, add_arguments as add_lower
+
+    low = sub.add_parser("lower", help="lower a placed graph's text (a compile dump, perhaps "
+                                       "edited) to its plan", description=LOWER_DESCRIPTION)
+    add_lower(low)
+    low.set_defaults(func=_lower)
     cmp = sub.add_parser("compare", help="every placement policy side by side",
                          description="Compile EXAMPLE with every policy and print the "
                                      "predicted step times and auto's speedup over each.")

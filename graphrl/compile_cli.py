@@ -36,16 +36,13 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
 
 def format_table(compiled: Any) -> str:
     """call | mesh | strategy | predicted seconds | peak memory per GPU."""
-    ev = compiled.findings["evaluation"]
-    sched = {s.name: s for s in ev.schedule}
     rows = [("call", "mesh", "strategy", "start s", "seconds", "peak GiB")]
-    for n in compiled.graph.nodes:
-        s = sched.get(n.name)
-        if n.placement is None or s is None or s.choice is None:
+    for n in compiled.graph.calls():
+        t = n.timing
+        if n.placement is None or t is None:
             continue
         rows.append((n.call, n.placement.mesh.text(), n.placement.strategy.text(),
-                     f"{s.start:.2f}", f"{s.choice.seconds:.2f}",
-                     f"{s.choice.peak_bytes / 2**30:.1f}"))
+                     f"{t.start:.2f}", f"{t.seconds:.2f}", f"{t.peak_bytes / 2**30:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -69,8 +66,7 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
     """p50 / p90 of each generate call's predicted seconds over sampled length draws."""
     from .serving import SPREAD_DRAWS, generation_spread
 
-    ev = compiled.findings["evaluation"]
-    problem = compiled.findings["problem"]
+    ev, problem = compiled.evaluation, compiled.problem
     out = []
     for s in ev.schedule:
         c = problem.by_name[s.name]
@@ -105,16 +101,18 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
                              gen_engine=gen_engine(ns.gen_engine, opts.planning_only),
                              dump_dir=dump, engines=not opts.planning_only,
                              response_lengths=lengths, memory_headroom=ns.memory_headroom,
-                             progress=progress, staleness=opts.staleness)
+                             progress=progress, staleness=opts.staleness,
+                             pipeline=getattr(ns, "pipeline", None))
     progress.done()
     plan = compiled.plan
-    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {ns.policy}")
+    print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {plan.policy}")
     print(format_table(compiled))
     notes = {}
     for key, value in plan.notes:   # the first of each key: an async plan's later
         notes.setdefault(key, value)   # ("stream", line) notes describe its head part
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
+    print(f"pipeline: {compiled.pipeline}")
     if opts.staleness:
         print(async_line(compiled.findings))
     if lengths is not None:

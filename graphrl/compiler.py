@@ -1,7 +1,7 @@
 """compile(graph, cluster, policy) -> Plan: the pass pipeline end to end."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -9,15 +9,23 @@ from .cluster import ClusterSpec
 from .graph import Graph
 from .plan import Plan
 
-DEFAULT_PIPELINE = "assign-devices{{policy={policy}}},choose-overlap,insert-reshard"
+DEFAULT_PIPELINE = "assign-devices{{policy={policy}}},choose-overlap,insert-reshard,lower"
 
 
 @dataclass(frozen=True)
 class Compiled:
+    """A compile's plan, the placed graph it was lowered from (its text lowers to the same
+    plan: `graphrl lower`), the pipeline that made it, and for reports the placement
+    search behind it (`problem`, `evaluation`) and, with --staleness, the asynchronous
+    search's findings."""
+
     plan: Plan
     graph: Graph
     findings: Mapping[str, Any]
     timings: tuple[tuple[str, float], ...]
+    pipeline: str = ""
+    problem: Any = field(default=None, compare=False)
+    evaluation: Any = field(default=None, compare=False)
 
     @property
     def compile_seconds(self) -> float:
@@ -29,7 +37,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   gen_engine: str = "hf", check: bool = True,
                   dump_dir: str | Path | None = None, engines: bool = False,
                   response_lengths: Any = None, memory_headroom: float | None = None,
-                  progress: Any = None, staleness: int = 0) -> Compiled:
+                  progress: Any = None, staleness: int = 0,
+                  pipeline: str | None = None) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
     a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
     are run: the Ray launcher and `graphrl compile` outside planning-only mode).
@@ -38,6 +47,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     `memory_headroom`: share of each GPU's and node's memory left free (default 8%).
     `progress`: a (stage, evaluations) sink told as the passes and the search go on
     (graphrl.progress.Progress prints it for long compiles).
+    `pipeline`: a pass pipeline spec (passes/base.py) ending in `lower`; default
+    DEFAULT_PIPELINE with `policy`.
     `staleness` K >= 1: also price asynchronous steps (graphrl.async_cost); if they beat
     the synchronous step, the plan is for the graph rewritten for staleness K
     (passes/staleness.py) with generation and training on the chosen disjoint pools.
@@ -48,15 +59,12 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
         return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
                                       gen_engine=gen_engine, check=check, dump_dir=dump_dir,
                                       engines=engines, response_lengths=response_lengths,
-                                      memory_headroom=memory_headroom, progress=progress)
-    import time
-
+                                      memory_headroom=memory_headroom, progress=progress,
+                                      pipeline=pipeline)
     from graphrl.passes.assign_devices import parse_pins
-    from graphrl.passes.base import PassContext, parse_pipeline, run_pipeline
-    from graphrl.passes.lower import lower
+    from graphrl.passes.base import PassContext, parse_pipeline, pipeline_text, run_pipeline
 
-    from .verify import verify_plan
-
+    from .errors import UsageError
     from .lengths import parse as parse_lengths
 
     if isinstance(response_lengths, str):
@@ -64,25 +72,17 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     pins = parse_pins(placement or {}, graph, cluster)
     ctx = PassContext(cluster, gen_engine=gen_engine, pins=pins, check=check,
                       dump_dir=Path(dump_dir) if dump_dir else None,
-                      lengths=response_lengths, progress=progress)
+                      lengths=response_lengths, progress=progress, engines=engines)
     if memory_headroom is not None:
         if not 0 <= memory_headroom < 1:
-            from .errors import UsageError
-
             raise UsageError(f"memory headroom must be in [0, 1), got {memory_headroom!r}")
         ctx.headroom = memory_headroom
-    passes = parse_pipeline(DEFAULT_PIPELINE.format(policy=policy))
-    placed = run_pipeline(graph, passes, ctx)
-    from .engines import resolve_engines, with_engines
-
-    placed = with_engines(placed, pins)
-    if engines:
-        resolve_engines(placed)   # refuses a strategy no engine of its call can run
-    if progress is not None:
-        progress("lower", 0)
-    t0 = time.perf_counter()
-    plan = lower(placed, ctx)
-    ctx.timings.append(("lower", time.perf_counter() - t0))
-    if check:
-        verify_plan(plan)
-    return Compiled(plan, placed, dict(ctx.findings), tuple(ctx.timings))
+    passes = parse_pipeline(pipeline or DEFAULT_PIPELINE.format(policy=policy))
+    if passes[-1].name != "lower":
+        raise UsageError(f"pipeline {pipeline_text(passes)!r} does not end with lower: a "
+                         "compile makes a plan")
+    plan = run_pipeline(graph, passes, ctx)
+    search = ctx.search
+    return Compiled(plan, plan.graph, {}, tuple(ctx.timings),
+                    pipeline_text(passes), search.problem if search else None,
+                    search.evaluation if search else None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 from .parallel import DeviceMesh, Strategy
+from .schedule import Schedule, Timing
 from .types import ModelSpec, PayloadSpec
 
 # Node kinds: a call on a model, a pure op on tensors, or a system op inserted by passes.
@@ -76,6 +77,7 @@ class Node:
     attrs: tuple[tuple[str, AttrValue], ...] = ()
     placement: Placement | None = None
     group: str = ""  # nodes sharing a non-empty group may run in parallel
+    timing: Timing | None = None   # its place in the predicted schedule (assign-devices)
 
     @property
     def name(self) -> str:
@@ -108,6 +110,7 @@ class Graph:
     nodes: tuple[Node, ...]
     outputs: tuple[str, ...]
     carries: tuple[tuple[str, str], ...] = ()  # (input value, value feeding it next step)
+    schedule: Schedule | None = None   # what it was placed for (assign-devices), see schedule.py
 
     # -- lookups ----------------------------------------------------------------------
     def model(self, name: str) -> ModelDecl:

@@ -58,6 +58,15 @@ class LengthDist:
             return f"lognormal:mean={self.mean:g},max={self.max_len},sigma={self.sigma:g}"
         return f"empirical:{len(self.values)} lengths, mean {self.mean:.0f}, max {self.max_len}"
 
+    def exact_text(self) -> str:
+        """The distribution itself, which `parse` reads back equal (a placed graph's
+        schedule line records it): floats as repr, empirical lengths inline."""
+        if self.kind == "fixed":
+            return self.text()
+        if self.kind == "lognormal":
+            return f"lognormal:mean={self.mean!r},max={self.max_len},sigma={self.sigma!r}"
+        return "empirical:" + json.dumps(list(self.values), separators=(",", ":"))
+
     def capped(self, cap: int) -> "LengthDist":
         """The same distribution truncated at `cap` (a call's max_new_tokens)."""
         if cap >= self.max_len:
@@ -136,6 +145,8 @@ def parse(text: str) -> LengthDist:
         if kind == "empirical":
             if not rest:
                 raise ValueError("empirical needs a file: empirical:FILE")
+            if rest.startswith("["):   # inline, as exact_text writes it
+                return empirical(tuple(int(v) for v in json.loads(rest)))
             return empirical(_read_lengths(rest))
         if kind == "lognormal":
             kv = dict(p.split("=", 1) for p in rest.split(",") if p)

@@ -11,6 +11,7 @@ import re
 from .errors import GraphSyntaxError
 from .graph import Graph, ModelDecl, Node, Placement, Value
 from .parallel import DeviceMesh, Strategy
+from .schedule import Schedule, Timing
 from .types import WEIGHTS, Field, ModelSpec, PayloadSpec
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -235,10 +236,25 @@ def _node(c: _Cursor) -> Node:
     group = ""
     if c.take("par="):
         group = c.ident()
+    timing = None
+    if c.take("at{"):
+        try:
+            timing = Timing.from_attrs(_unique(c, _key_values(c, "}"), "timing"))
+        except (TypeError, ValueError) as e:
+            raise c.fail(f"a valid timing ({e})") from None
     c.end()
     return Node(kind, target, tuple(inputs), tuple(expects),
                 tuple(Value(n, s) for n, s in zip(outs, specs)), model, tuple(sorted(attrs)),
-                placement, group)
+                placement, group, timing)
+
+
+def _unique(c: _Cursor, items: list[tuple[str, object]], what: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in items:
+        if k in out:
+            raise c.fail(f"one {k} in a {what}, not two")
+        out[k] = v
+    return out
 
 
 def parse_graph(text: str) -> Graph:
@@ -257,6 +273,7 @@ def parse_graph(text: str) -> Graph:
     nodes: list[Node] = []
     outputs: list[str] = []
     carries: list[tuple[str, str]] = []
+    schedule = None
     closed = False
     for lineno, line in lines[1:]:
         c = _Cursor(line, lineno)
@@ -278,6 +295,15 @@ def parse_graph(text: str) -> Graph:
             engine = c.ident()
             c.end()
             models.append(ModelDecl(mname, spec, role, trainable, engine))
+        elif c.take("schedule"):
+            if schedule is not None:
+                raise c.fail("one schedule line, not two")
+            c.expect("{")
+            try:
+                schedule = Schedule.from_attrs(_unique(c, _key_values(c, "}"), "schedule"))
+            except (TypeError, ValueError) as e:
+                raise c.fail(f"a valid schedule ({e})") from None
+            c.end()
         elif c.take("input "):
             vname = c.value_name()
             c.expect(":")
@@ -298,4 +324,4 @@ def parse_graph(text: str) -> Graph:
     if not closed:
         raise GraphSyntaxError(f"line {lines[-1][0]}: graph @{name} is not closed with '}}'")
     return Graph(name, tuple(models), tuple(inputs), tuple(nodes), tuple(outputs),
-                 tuple(carries))
+                 tuple(carries), schedule)

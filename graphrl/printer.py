@@ -59,6 +59,8 @@ def node_line(n: Node) -> str:
         line += f" {n.placement.text()}"
     if n.group:
         line += f" par={n.group}"
+    if n.timing is not None:
+        line += " at" + format_attrs(n.timing.attrs()).lstrip()
     return line
 
 
@@ -66,6 +68,8 @@ def graph_lines(g: Graph) -> list[str]:
     """The text form as a list of lines (verify uses it to show context)."""
     lines = [f"graph @{g.name} {{"]
     lines += [f"  {model_line(m)}" for m in g.models]
+    if g.schedule is not None:
+        lines.append("  schedule" + format_attrs(g.schedule.attrs()))
     lines += [f"  input {v.name} : {v.spec.text()}" for v in g.inputs]
     lines += [f"  {node_line(n)}" for n in g.nodes]
     if g.outputs:

@@ -1,8 +1,17 @@
 """assign-devices: a mesh and a parallel strategy for every model call.
 
 Builds the placement problem (search.py) from the graph, runs the chosen policy
-(policies.py) with the user's pins, and annotates each call node with its Placement.
-Ops stay on the host (no placement).
+(policies.py) with the user's pins, and annotates each call node with its Placement,
+each node with its Timing in the predicted schedule and the graph with its Schedule
+(graphrl/schedule.py): everything the later passes and lower read. Ops stay on the host
+(no placement).
+
+Placements already in the graph are inputs: a placed graph read back from its text
+(perhaps edited by hand) keeps every placement it states — each call's mesh and whole
+strategy — and is scheduled as it is (with the streaming factor its schedule line
+states), so a dumped placed graph gives back the plan it was dumped from, and an edited
+one the plan of its edit. Under policy auto, the finalists of the search are ranked by
+running the rest of the pipeline (ctx.rest) on each and simulating the plan it lowers to.
 """
 from __future__ import annotations
 
@@ -14,12 +23,14 @@ from graphrl.errors import UsageError
 from graphrl.graph import CALL, Graph, Node, Placement
 from graphrl.nearest import suggest
 from graphrl.parallel import DeviceMesh
+from graphrl.schedule import Schedule, Timing
 
-from .base import PassContext
-from .policies import POLICIES, auto_finalists, hardest_call, run_policy, smallest_cluster
+from .context import PassContext, SearchResult
+from .insert_reshard import strip_reshards
+from .policies import (POLICIES, STREAMS, auto_finalists, hardest_call, run_policy,
+                       smallest_cluster)
 from .search import CallInfo, Evaluation, Infeasible, Pin, Problem
 
-EXACT_FINALIST_GPUS = 16   # finalists are lowered with exact reshard plans up to this size
 PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches", "recompute", "offload",
             "engine")
 
@@ -74,10 +85,14 @@ def engine_efficiency() -> dict[str, float]:
     return load_engine_efficiency(Path(__file__).resolve().parents[1] / ENGINE_EFFICIENCY_FILE)
 
 
-def problem_from_graph(graph: Graph, ctx: PassContext) -> Problem:
+def problem_from_graph(graph: Graph, ctx: PassContext,
+                       pins: Mapping[str, Pin] | None = None) -> Problem:
+    """The placement problem of the graph's step under the context's options; `pins`
+    default to the context's (the user's)."""
+    pins = ctx.pins if pins is None else pins
     specs = {m.name: m.spec for m in graph.models}
     problem = Problem(call_infos(graph), specs, ctx.cluster, ctx.gen_engine, ctx.params,
-                      ctx.pins, ctx.lengths, ctx.headroom, fixed_engines(graph, ctx.pins),
+                      pins, ctx.lengths, ctx.headroom, fixed_engines(graph, pins),
                       engine_efficiency())
     if ctx.progress is not None:
         sink = ctx.progress
@@ -170,15 +185,66 @@ def infeasible_error(problem: Problem, e: Infeasible, policy: str) -> UsageError
     return UsageError(f"no placement fits on {c.text()} under policy {policy}{hint}")
 
 
+def placement_pins(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, Pin]:
+    """The user's pins plus, for every call the graph already places, a pin of its mesh
+    and whole strategy. A generation mesh that insert-reshard reordered on its model's
+    training GPUs is pinned as the training mesh (the search's view of it)."""
+    out = dict(pins)
+    train_mesh = {n.model: n.placement.mesh for n in graph.calls()
+                  if n.target != "generate" and n.placement is not None}
+    for n in graph.calls():
+        if n.placement is None:
+            continue
+        mesh = n.placement.mesh
+        own = train_mesh.get(n.model)
+        if n.target == "generate" and own is not None and own.gpu_set == mesh.gpu_set:
+            mesh = own
+        user = pins.get(n.call)
+        if user is not None and user.mesh is not None and user.mesh.gpu_set != mesh.gpu_set:
+            raise UsageError(f"placement {n.call!r}: pinned to GPUs {user.mesh.text()}, but "
+                             f"the graph places {n.name} on {n.placement.mesh.text()}")
+        strategy = n.placement.strategy
+        if strategy.world != mesh.size:
+            raise UsageError(f"node {n.name} ({n.call}): dp {strategy.dp} x tp {strategy.tp}"
+                             f" x pp {strategy.pp} = {strategy.world}, not the {mesh.size} "
+                             f"GPUs it is placed on ({n.placement.mesh.text()})")
+        out[n.call] = Pin(mesh, (), "", strategy)
+    units: dict[str, Node] = {}
+    for n in graph.calls():   # a unit's calls share one mesh (see search.py)
+        if n.placement is None:
+            continue
+        first = units.setdefault(unit_of(n), n)
+        if out[n.call].mesh.gpu_set != out[first.call].mesh.gpu_set:
+            raise UsageError(f"node {n.name} ({n.call}) is placed on "
+                             f"{n.placement.mesh.text()}, {first.name} ({first.call}) on "
+                             f"{first.placement.mesh.text()}: a model's forward and train "
+                             "calls share one mesh")
+    return out
+
+
+def schedule_of(ev: Evaluation, ctx: PassContext, policy: str) -> Schedule:
+    """The graph-wide schedule line of a placement the search evaluated."""
+    return Schedule(ctx.cluster.text(), ctx.gen_engine,
+                    ctx.lengths.exact_text() if ctx.lengths is not None else "",
+                    ctx.headroom, policy, ev.stream, tuple(ev.offloaded_gpus),
+                    ev.step_seconds)
+
+
 @dataclass(frozen=True)
 class AssignDevices:
     policy: str = "auto"
     name: str = "assign-devices"
 
-    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+    def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise UsageError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
-        problem = problem_from_graph(graph, ctx)
+            raise ValueError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        graph = strip_reshards(graph)   # a placed graph's: insert-reshard plans them anew
+        calls = list(graph.calls())
+        placed = bool(calls) and all(n.placement is not None for n in calls)
+        pins = placement_pins(graph, ctx.pins)
+        problem = problem_from_graph(graph, ctx, pins)
         for call, pin in ctx.pins.items():
             if pin.mesh is not None:
                 name = next(n.name for n in graph.calls() if n.call == call)
@@ -191,54 +257,81 @@ class AssignDevices:
                     raise UsageError(f"placement {call!r}: {why}"
                                      f" (pinned to GPUs {pin.mesh.text()} with "
                                      f"{dict(pin.fields) or 'no strategy fields'})")
+        policy = graph.schedule.policy if placed and graph.schedule else self.policy
         try:
-            if self.policy == "auto":
+            if placed:
+                ev = _as_placed(graph, problem)
+            elif self.policy == "auto":
                 ev = _fastest_lowered(graph, problem, ctx, auto_finalists(problem))
             else:
                 ev = run_policy(problem, self.policy)
         except Infeasible as e:
             raise infeasible_error(problem, e, self.policy) from None
-        ctx.findings.update(problem=problem, evaluation=ev, policy=self.policy)
-        return placed_graph(graph, ev)
+        ctx.search = SearchResult(problem, ev)
+        return placed_graph(graph, ev, schedule_of(ev, ctx, policy), ctx.pins)
 
 
-def placed_graph(graph: Graph, ev: Evaluation) -> Graph:
-    """The graph with each call node annotated with its mesh and strategy from `ev`."""
-    placed = {s.name: s for s in ev.schedule if s.choice is not None}
-    return graph.with_nodes(
-        replace(n, placement=Placement(placed[n.name].mesh, placed[n.name].choice.strategy))
-        if n.name in placed else n for n in graph.nodes)
+def _as_placed(graph: Graph, problem: Problem) -> Evaluation:
+    """The schedule of a graph that places every call (its pins say where and how): at
+    its schedule line's streaming factor, else the fastest of STREAMS."""
+    units = {unit_of(n): n.call for n in graph.calls()}
+    assignment = {u: problem.pins[call].mesh for u, call in units.items()}
+    streams = (graph.schedule.stream,) if graph.schedule is not None else STREAMS
+    best = None
+    for st in streams:
+        ev = problem.evaluate(assignment, st)
+        if best is None or ev.step_seconds < best.step_seconds - 1e-12:
+            best = ev
+    return best
 
 
+def placed_graph(graph: Graph, ev: Evaluation, schedule: Schedule,
+                 pins: Mapping[str, Pin] | None = None) -> Graph:
+    """The graph with each call node annotated with its mesh and strategy from `ev` (a
+    pinned engine named in the strategies of its model's calls, graphrl.engines), each
+    scheduled node with its Timing, and the graph with `schedule`."""
+    from graphrl.engines import with_engines
+
+    sched = {s.name: s for s in ev.schedule}
+    resident = dict(ev.resident)
+    nodes = []
+    for n in graph.nodes:
+        s = sched.get(n.name)
+        if s is None:
+            nodes.append(replace(n, timing=None))
+            continue
+        if s.choice is None:
+            timing = Timing(s.start, s.end, s.end - s.start)
+        else:
+            timing = Timing(s.start, s.end, s.choice.seconds, s.choice.peak_bytes,
+                            resident.get(unit_of(n), 0), s.offload_seconds)
+        placement = (Placement(s.mesh, s.choice.strategy) if s.choice is not None
+                     else n.placement)
+        nodes.append(replace(n, placement=placement, timing=timing))
+    out = replace(graph.with_nodes(nodes), schedule=schedule)
+    return with_engines(out, pins or {})
 def _fastest_lowered(graph: Graph, problem: Problem, ctx: PassContext,
                      finalists: list[Evaluation]) -> Evaluation:
-    """The finalist whose lowered plan simulates fastest (the first on ties). The search
-    estimates each placement; lowering adds what it leaves out (onload/offload order,
-    streamed transfers), which can reorder close finalists. Reshards are costed by their
-    closed form here above EXACT_FINALIST_GPUS (the exact planner takes seconds on 32
-    GPUs with pipeline stages); the pipeline plans the winner's exactly."""
-    from .choose_overlap import ChooseOverlap
-    from .insert_reshard import InsertReshard
-    from .lower import lower
+    """The finalist whose plan, made by the rest of the pipeline (ctx.rest), simulates
+    fastest (the first on ties). The search estimates each placement; lowering adds what
+    it leaves out (onload/offload order, streamed transfers), which can reorder close
+    finalists. The ranking runs the declared passes in a scratch context (ctx.ranking:
+    insert-reshard costs reshards by their closed form above RANKING_EXACT_GPUS). When
+    the rest of the pipeline does not lower, the search's estimates rank them."""
+    from graphrl.plan import Plan
 
     if not finalists:
         raise hardest_call(problem)
     if len(finalists) == 1:
         return finalists[0]
 
-    # Up to 16 GPUs the exact reshard plans are cheap and decide close calls the way the
-    # pipeline will (ppo 7b 128/256 batch 64 on 2x8 H100: 2.616 s vs 2.631 s).
-    exact = ctx.cluster.num_gpus <= EXACT_FINALIST_GPUS
-
     def seconds(ev: Evaluation) -> float:
-        scratch = PassContext(ctx.cluster, ctx.gen_engine, ctx.params, ctx.pins, check=False,
-                              lengths=ctx.lengths, headroom=ctx.headroom,
-                              findings={"problem": problem, "evaluation": ev,
-                                        "policy": "auto"})
-        g = placed_graph(graph, ev)
-        for p in (ChooseOverlap(), InsertReshard(exact=exact)):
-            g = p.run(g, scratch)
-        return lower(g, scratch).predicted_step_seconds
+        scratch = ctx.scratch()
+        ir: Any = placed_graph(graph, ev, schedule_of(ev, ctx, "auto"), ctx.pins)
+        for k, p in enumerate(ctx.rest):
+            scratch.rest = ctx.rest[k + 1:]
+            ir = p.run(ir, scratch)
+        return ir.predicted_step_seconds if isinstance(ir, Plan) else ev.step_seconds
 
     times = [seconds(ev) for ev in finalists]
     return finalists[times.index(min(times))]

@@ -7,9 +7,12 @@ Rules (stated here, enforced by lower and checked by verify_plan):
   on disjoint meshes;
 - when the states of the models colocated on a GPU do not fit together with the largest
   call's working memory, each call there onloads its model's state before it runs and
-  offloads it after (recorded for lower as `offload` findings);
+  offloads it after (the search's choice, in the graph's schedule line: `offloaded`);
 - micro-batch streaming of rollouts into downstream calls on other meshes is kept when
-  the search found it shortens the step (`stream` finding, k micro-batches).
+  the search found it shortens the step (the schedule line's `stream`, k micro-batches).
+
+The groups follow from the nodes' timings (graphrl/schedule.py), which assign-devices
+writes into the graph: this pass reads nothing else.
 """
 from __future__ import annotations
 
@@ -18,14 +21,15 @@ from dataclasses import dataclass, replace
 from graphrl.errors import GraphRLError
 from graphrl.graph import Graph
 
-from .base import PassContext
-from .search import Evaluation
+from .context import PassContext
 
 
-def parallel_groups(ev: Evaluation) -> dict[str, str]:
+def parallel_groups(graph: Graph) -> dict[str, str]:
     """Node name -> group label for calls overlapping in time on disjoint meshes."""
-    calls = [s for s in ev.schedule if s.mesh is not None and s.end > s.start]
-    parent = {s.name: s.name for s in calls}
+    calls = [n for n in graph.nodes if n.placement is not None and n.timing is not None
+             and n.timing.end > n.timing.start]
+    position = {n.name: k for k, n in enumerate(graph.nodes)}
+    parent = {n.name: n.name for n in calls}
 
     def find(x: str) -> str:
         while parent[x] != x:
@@ -35,16 +39,16 @@ def parallel_groups(ev: Evaluation) -> dict[str, str]:
 
     for i, a in enumerate(calls):
         for b in calls[i + 1:]:
-            overlap = min(a.end, b.end) - max(a.start, b.start)
-            if overlap > 1e-9 and not a.mesh.overlaps(b.mesh):
+            ta, tb = a.timing, b.timing
+            overlap = min(ta.end, tb.end) - max(ta.start, tb.start)
+            if overlap > 1e-9 and not a.placement.mesh.overlaps(b.placement.mesh):
                 parent[find(a.name)] = find(b.name)
     roots: dict[str, list[str]] = {}
-    for s in calls:
-        roots.setdefault(find(s.name), []).append(s.name)
+    for n in calls:
+        roots.setdefault(find(n.name), []).append(n.name)
     labels: dict[str, str] = {}
     order = sorted((members for members in roots.values() if len(members) > 1),
-                   key=lambda m: min(ev.schedule.index(next(s for s in ev.schedule
-                                                             if s.name == n)) for n in m))
+                   key=lambda m: min(position[n] for n in m))
     for k, members in enumerate(order):
         for n in members:
             labels[n] = f"p{k}"
@@ -56,10 +60,8 @@ class ChooseOverlap:
     name: str = "choose-overlap"
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        ev: Evaluation | None = ctx.findings.get("evaluation")
-        if ev is None:
-            raise GraphRLError("choose-overlap needs assign-devices to run first")
-        groups = parallel_groups(ev)
-        ctx.findings["offloaded_gpus"] = ev.offloaded_gpus
-        ctx.findings["stream"] = ev.stream
+        if graph.schedule is None:
+            raise GraphRLError("choose-overlap needs a scheduled graph: run assign-devices "
+                               "first")
+        groups = parallel_groups(graph)
         return graph.with_nodes(replace(n, group=groups.get(n.name, "")) for n in graph.nodes)

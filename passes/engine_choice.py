@@ -32,7 +32,8 @@ def shared_engine_calls(calls: Sequence[Any], pins: Mapping[str, Any]
         if lead is None:
             continue
         tied = tuple(c.name for c in mine if c.phase != "generate" and c is not lead
-                     and not (c.call in pins and pins[c.call].fields))
+                     and not (c.call in pins and (pins[c.call].fields
+                                                  or pins[c.call].strategy is not None)))
         followers[lead.name] = tied
         leader.update({name: lead.name for name in tied})
     return leader, followers

@@ -3,11 +3,12 @@
 Wherever a model's weights are produced in one layout (the train call's mesh and
 strategy) and consumed in another (its generate call's), a `reshard[model]` system node
 is inserted before the consumer. Its attributes carry the symbolic transfer plan's
-totals (bytes on the busiest link, total network bytes, the source layout); the plan
-itself (which source rank sends which slice to which destination rank) is built from
-the shard algebra by passes/reshard_plan.py and kept in the context for lower and the
-executors. When both layouts share GPUs the generation ranks are ordered for
-zero-redundancy grouping (HybridFlow §5.4).
+totals (bytes on the busiest link, total network bytes, the source layout) and the bytes
+each GPU sends (`sent`, which lower prices); the plan itself (which source rank sends
+which slice to which destination rank) is built from the shard algebra by
+passes/reshard_plan.py. When both layouts share GPUs the generation ranks are ordered
+for zero-redundancy grouping (HybridFlow §5.4). Reshards already in the graph (a placed
+graph read back and re-placed) are replaced, not doubled.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.shard import ModelLayout, model_layout, spec_params
 from graphrl.types import DTYPE_BYTES, ModelSpec
 
-from .base import PassContext
+from .context import PassContext
 from .reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
 
 
@@ -52,6 +53,29 @@ class ReshardTraffic:
 
     def sent_by(self, gpu: int) -> int:
         return dict(self.sent).get(gpu, 0)
+
+    def sent_text(self) -> str:
+        """`gpu:bytes,...` of the GPUs that send (the reshard node's `sent` attribute)."""
+        return ",".join(f"{g}:{b}" for g, b in self.sent if b)
+
+
+def parse_sent(text: str) -> dict[int, int]:
+    """A reshard node's `sent` attribute -> GPU -> bytes it sends."""
+    out = {}
+    for item in filter(None, str(text).split(",")):
+        gpu, _, nbytes = item.partition(":")
+        out[int(gpu)] = int(nbytes)
+    return out
+
+
+def strip_reshards(graph: Graph) -> Graph:
+    """The graph without its reshard nodes, their readers reading the weights again."""
+    for n in [n for n in graph.nodes if n.kind == SYSTEM and n.target == "reshard"]:
+        out = n.outputs[0].name
+        for c in graph.consumers().get(out, ()):
+            graph = graph.rename_input(c.name, out, n.inputs[0])
+        graph = graph.with_nodes(m for m in graph.nodes if m.name != n.name)
+    return graph
 
 
 def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement,
@@ -118,12 +142,19 @@ def generation_placement(train: Placement, gen: Placement) -> Placement:
         return gen
 
 
+RANKING_EXACT_GPUS = 16   # ranking finalists: exact plans up to this many GPUs, closed
+                          # form beyond (the exact planner takes seconds on 32 GPUs with
+                          # pipeline stages; the winner's is then planned exactly)
+
+
 @dataclass(frozen=True)
 class InsertReshard:
-    exact: bool = True     # False: the closed form everywhere (auto ranks finalists so)
+    exact: bool = True     # False: the closed form everywhere
     name: str = "insert-reshard"
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        graph = strip_reshards(graph)
+        exact = self.exact and not (ctx.ranking and ctx.cluster.num_gpus > RANKING_EXACT_GPUS)
         trains = {n.model: n for n in graph.nodes if n.target == "train" and n.placement}
         for n in list(graph.nodes):
             if n.target != "generate" or n.model not in trains or n.placement is None:
@@ -138,13 +169,13 @@ class InsertReshard:
             spec = graph.model(n.model).spec
             if ctx.cluster.gpu.name == "cpu":  # CPU engines send the fp32 master weights
                 spec = replace(spec, dtype="fp32")
-            traffic = plan_traffic(spec, src, dst, self.exact)
-            ctx.findings.setdefault("reshards", {})[n.model] = traffic
+            traffic = plan_traffic(spec, src, dst, exact)
             weights = n.inputs[0]
             out = Value(f"{weights}.gen", graph.value(weights).spec)
             node = Node(SYSTEM, "reshard", (weights,), (f"Weights[{n.model}]",), (out,),
                         n.model, (("max_link_bytes", traffic.max_link_bytes),
                                   ("network_bytes", traffic.total_bytes),
+                                  ("sent", traffic.sent_text()),
                                   ("src", f"{src.mesh.text()}:{src.strategy.text()}")),
                         dst)
             graph = graph.insert_before(n.name, node).rename_input(n.name, weights, out.name)

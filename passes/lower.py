@@ -15,19 +15,25 @@ Rules:
   its recv are emitted together, as are a gang's runs, so all streams meet transfers and
   gangs in one global order (no deadlock), and a sender never waits behind its mesh's
   later calls.
-Durations come from the search's cost model; `simulate` turns the plan into a timeline.
+Durations come from the search's cost model, read from the graph alone: each node's
+Timing, the graph's Schedule (graphrl/schedule.py) and each reshard node's `sent`
+bytes, so a placed graph printed, parsed back and lowered gives the same plan. The
+plan's predicted step is `simulate` of its instruction streams.
 """
 from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 
 from graphrl.cluster import ClusterSpec
+from graphrl.errors import GraphRLError, UsageError
 from graphrl.graph import Graph, Node
 from graphrl.plan import HOST, Plan, StreamBuilder
+from graphrl.schedule import gpus_text
 
-from .base import PassContext
-from .search import Evaluation
+from .context import PassContext
+from .insert_reshard import parse_sent
 
 
 def _bandwidth(cluster: ClusterSpec, src: int, dst: int) -> float:
@@ -37,13 +43,14 @@ def _bandwidth(cluster: ClusterSpec, src: int, dst: int) -> float:
 
 
 class _Lowering:
-    def __init__(self, graph: Graph, ctx: PassContext):
-        self.g, self.ctx, self.cluster = graph, ctx, ctx.cluster
-        self.ev: Evaluation = ctx.findings["evaluation"]
-        self.sched = {s.name: s for s in self.ev.schedule}
-        self.resident = dict(self.ev.resident)
-        self.offloaded = set(ctx.findings.get("offloaded_gpus", ()))
-        self.stream = int(ctx.findings.get("stream", 1))
+    def __init__(self, graph: Graph, cluster: ClusterSpec):
+        self.g, self.cluster = graph, cluster
+        schedule = graph.schedule
+        self.sched = {n.name: n.timing for n in graph.nodes if n.timing is not None}
+        self.resident = {self.unit(n): n.timing.resident_bytes for n in graph.nodes
+                         if n.placement is not None and n.timing is not None}
+        self.offloaded = set(schedule.offloaded_gpus)
+        self.stream = schedule.stream
         self.sb = StreamBuilder()
         self.where: dict[str, tuple[int, ...]] = {v.name: (HOST,) for v in graph.inputs}
         self.made: dict[tuple[str, int], str] = {}   # (value, worker) -> instr id holding it
@@ -54,9 +61,10 @@ class _Lowering:
         # queued transfers: (ready at, sequence, value, destination worker, part)
         self.pending: list[tuple[float, int, str, int, str]] = []
         self.runs: dict[int, list[tuple[float, float]]] = {}  # GPU -> busy (start, end)
-        for s in self.ev.schedule:
-            for gpu in (s.mesh.gpus if s.mesh is not None else ()):
-                self.runs.setdefault(gpu, []).append((s.start, s.end))
+        for n in graph.nodes:
+            if n.placement is not None and n.timing is not None:
+                for gpu in n.placement.mesh.gpus:
+                    self.runs.setdefault(gpu, []).append((n.timing.start, n.timing.end))
         self.gens = {n.name for n in graph.nodes if n.target == "generate"}
         self.streamed = {   # inference readers only: training takes the whole batch
             n.name for n in graph.nodes
@@ -208,7 +216,7 @@ class _Lowering:
             return s.start
         if n.name in self.gens:
             return s.start + k * (s.end - s.start) / parts
-        dur = (s.choice.seconds if s.choice else 0.0) + s.offload_seconds
+        dur = (s.seconds if n.placement is not None else 0.0) + s.offload_seconds
         gens = [self.producers[i] for i in n.inputs
                 if self._produced_by_gen(i) and not self.producers[i].placement.mesh.overlaps(
                     n.placement.mesh)]
@@ -242,15 +250,15 @@ class _Lowering:
         return p is not None and p.name in self.gens
 
     def lower_reshard(self, n: Node) -> None:
-        traffic = self.ctx.findings.get("reshards", {}).get(n.model)
+        sent = parse_sent(n.attr("sent", ""))
         src_text = str(n.attr("src", ""))
         src_gpus = _gpus_of(src_text)
         gang = tuple(sorted(set(src_gpus) | set(n.placement.mesh.gpus)))
         mesh_bw = self.cluster.group_bandwidth(gang)
         seconds = int(n.attr("max_link_bytes", 0)) / mesh_bw
         for w in gang:
-            sent = traffic.sent_by(w) if traffic is not None else 0
-            self.sb.add(w, "reshard", node=n.name, model=n.model, nbytes=sent, seconds=seconds,
+            self.sb.add(w, "reshard", node=n.name, model=n.model, nbytes=sent.get(w, 0),
+                        seconds=seconds,
                         label=f"reshard {n.model}")
         for v in n.outputs:
             self.where[v.name] = n.placement.mesh.gpus
@@ -259,9 +267,7 @@ class _Lowering:
         s = self.sched.get(n.name)
         if s is None:
             return 0.0, 0
-        if s.choice is None:
-            return s.end - s.start, 0
-        return s.choice.seconds, s.choice.peak_bytes
+        return s.seconds, s.peak_bytes
 
     def plan(self, policy: str) -> Plan:
         """Emit every node part in the order of its predicted start (ties: topological
@@ -278,14 +284,14 @@ class _Lowering:
             self.flush(start)
             self.lower_part(self.g.node(name), k)
         self.flush(math.inf)
-        resident = []
-        for unit, nbytes in self.ev.resident:   # a policy's generation copy is its own unit
-            for gpu in self.ev.mesh_of(unit).gpus:
-                if nbytes:
-                    resident.append((gpu, unit, nbytes))
+        resident = set()
+        for n in self.g.nodes:   # a policy's generation copy is its own unit
+            if n.placement is not None and n.timing is not None and n.timing.resident_bytes:
+                resident.update((gpu, self.unit(n), n.timing.resident_bytes)
+                                for gpu in n.placement.mesh.gpus)
         notes = (("stream", str(self.stream)),
-                 ("offloaded_gpus", ",".join(map(str, sorted(self.offloaded))) or "none"),
-                 ("search_step_seconds", f"{self.ev.step_seconds:.6f}"))
+                 ("offloaded_gpus", gpus_text(tuple(sorted(self.offloaded)))),
+                 ("search_step_seconds", f"{self.g.schedule.search_step_seconds:.6f}"))
         plan = Plan(self.g, self.cluster, policy, self.sb.build(), 0.0,
                     tuple(sorted(resident)), notes)
         from graphrl.simulate import simulate
@@ -302,10 +308,37 @@ def _gpus_of(src: str) -> tuple[int, ...]:
     return DeviceMesh.parse(mesh_text).gpus if mesh_text else ()
 
 
-def lower(graph: Graph, ctx: PassContext) -> Plan:
-    """The Plan of a graph that has been through assign-devices, choose-overlap and
-    insert-reshard in this context."""
-    return _Lowering(graph, ctx).plan(str(ctx.findings.get("policy", "")))
+def lower(graph: Graph, cluster: ClusterSpec) -> Plan:
+    """The Plan of a placed graph (assign-devices, choose-overlap and insert-reshard have
+    run, or its text was read back): it reads nothing but the graph. Refuses a graph
+    without a schedule, or placed for another cluster than `cluster`."""
+    if graph.schedule is None:
+        raise GraphRLError(f"graph @{graph.name} has no schedule line: lower needs a placed "
+                           "graph (run assign-devices first)")
+    if graph.schedule.cluster != cluster.text():
+        raise UsageError(f"graph @{graph.name} was placed for {graph.schedule.cluster}, not "
+                         f"{cluster.text()}")
+    missing = [n.name for n in graph.calls() if n.placement is None or n.timing is None]
+    if missing:
+        raise GraphRLError(f"graph @{graph.name}: {', '.join(missing)} not placed and "
+                           "scheduled: lower needs every call placed (assign-devices)")
+    return _Lowering(graph, cluster).plan(graph.schedule.policy)
 
 
-__all__ = ["lower"]
+@dataclass(frozen=True)
+class Lower:
+    """The last pass: the placed graph -> its Plan (per-worker instruction streams),
+    whose predicted step is the simulation of those streams. With `ctx.engines` it first
+    refuses a strategy no engine of graphrl runs (graphrl.engines)."""
+
+    name: str = "lower"
+
+    def run(self, graph: Graph, ctx: PassContext) -> Plan:
+        if ctx.engines:
+            from graphrl.engines import resolve_engines
+
+            resolve_engines(graph)
+        return lower(graph, ctx.cluster)
+
+
+__all__ = ["lower", "Lower"]

@@ -70,6 +70,7 @@ class Pin:
     mesh: DeviceMesh | None = None
     fields: tuple[tuple[str, int], ...] = ()
     engine: str = ""   # a training/inference engine the user asked for (graphrl.engines)
+    strategy: Strategy | None = None   # the whole strategy, as a placed graph states it
 
 
 @dataclass(frozen=True)
@@ -256,18 +257,22 @@ class Problem:
         """Every strategy on n GPUs that fits a GPU (and the pins), fastest first; and the
         least peak bytes of any strategy (what an infeasible call would need)."""
         c = self.by_name[name]
-        pinned = dict(self.pins[c.call].fields) if c.call in self.pins else {}
+        pin = self.pins.get(c.call)
+        pinned = dict(pin.fields) if pin is not None else {}
         fitting: list[tuple[float, Choice]] = []
         least = math.inf
         followers = self._followers.get(name, ())
-        raw = [s for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
-                                               self.cluster.gpus_per_node, self.uneven_dp)
-               if not any(getattr(s, k) != val for k, val in pinned.items())]
-        # none that an engine runs: plan them anyway (graphrl.engines refuses a run by name)
-        fixed = self.engines.get(c.model, "")
-        features = frozenset(self.specs[c.model].arch.features())
-        cands = [v for s in raw for v in engine_variants(c.phase, s, fixed, features)] or [
-            replace(s, engine=fixed) for s in raw]
+        if pin is not None and pin.strategy is not None:   # a placed graph's: as it is
+            cands = [pin.strategy] if pin.strategy.world == n else []
+        else:
+            raw = [s for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
+                                                   self.cluster.gpus_per_node, self.uneven_dp)
+                   if not any(getattr(s, k) != val for k, val in pinned.items())]
+            # none that an engine runs: plan them anyway (graphrl.engines refuses by name)
+            fixed = self.engines.get(c.model, "")
+            features = frozenset(self.specs[c.model].arch.features())
+            cands = [v for s in raw for v in engine_variants(c.phase, s, fixed, features)] or [
+                replace(s, engine=fixed) for s in raw]
         for s in cands:
             ch = self.cost(c, s)
             tied = [self._tied(f, s) for f in followers]   # priced with their leader

@@ -29,7 +29,7 @@ from graphrl import signatures as sig
 from graphrl.errors import GraphError, UsageError
 from graphrl.graph import CALL, Graph, Node, Value
 
-from .base import PassContext
+from .context import PassContext
 
 BEHAVIOUR_CLIP = 2.0   # truncation of pi_prox / pi_behav (losses._decoupled_surrogate)
 
@@ -227,9 +227,12 @@ class Staleness:
     k: int = 0
     name: str = "staleness"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {self.k!r}")
+
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        out = carry_rollouts(graph, int(self.k))
+        out = carry_rollouts(graph, self.k)
         if self.k:
-            verify_staleness(out, int(self.k))
-            ctx.findings["staleness"] = int(self.k)
+            verify_staleness(out, self.k)
         return out

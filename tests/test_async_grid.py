@@ -75,8 +75,8 @@ def test_staleness_bound_and_its_note():
     report = c.findings["async_report"]
     assert report.bound == 4 and report.plan.staleness == 1
     assert "staleness 2..4 not used" in async_line(c.findings)
-    # the synchronous plan keeps its own streaming degree (an int), the report the rest
-    assert c.findings["staleness"] == 0 and isinstance(c.findings["stream"], int)
+    # the synchronous plan is kept and the report says why
+    assert c.findings["staleness"] == 0 and report.staleness == 0 and report.why
 
 
 def test_compare_shows_auto_sync_and_async_rows():

@@ -19,7 +19,7 @@ PPO = str(ROOT / "examples" / "ppo.py")
 PLANNING = ["--model-size", "7b", "--prompt-len", "1024", "--response-len", "1024",
             "--batch-size", "256"]
 DUMPS = ("000_traced.txt", "001_assign-devices.txt", "002_choose-overlap.txt",
-         "003_insert-reshard.txt", "plan.txt", "plan.json", "plan.dot", "trace.json",
+         "003_insert-reshard.txt", "004_lower.txt", "plan.txt", "plan.json", "plan.dot", "trace.json",
          "gantt.png", "gantt.svg")
 
 
@@ -49,7 +49,7 @@ def test_compile_prints_a_table_and_the_predicted_step(dumped):
     assert table[0].split() == ["call", "mesh", "strategy", "start", "s", "seconds", "peak",
                                 "GiB"]
     rows = {ln.split()[0]: ln.split() for ln in table[2:] if ln and not ln.startswith(
-        ("predicted", "dumps"))}
+        ("predicted", "dumps", "pipeline"))}
     assert set(rows) == {"policy.generate", "policy.forward", "reference.forward",
                          "reward.forward", "critic.forward", "policy.train", "critic.train"}
     for call, cols in rows.items():

@@ -37,7 +37,7 @@ def _graph(example, size, batch=64):
 def test_headroom_is_kept_and_offload_makes_70b_fit_16_a100():
     c = compile_graph(_graph("ppo", "70b"), ClusterSpec.parse("2x8xA100"), "auto",
                       gen_engine="graph")
-    ev = c.findings["evaluation"]
+    ev = c.evaluation
     room = A100_80G.memory_bytes * (1 - DEFAULT_HEADROOM)
     assert all(s.choice.peak_bytes <= room for s in ev.schedule if s.choice)
     train = next(s for s in ev.schedule if s.choice and s.name.endswith("policy@1"))

@@ -24,7 +24,8 @@ from graphrl.dump import plan_text
 from graphrl.graph import CALL, OP, SYSTEM, Placement
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.passes.assign_devices import AssignDevices, parse_pins
-from graphrl.passes.base import PassContext, parse_pipeline
+from graphrl.passes.base import PassContext, parse_pipeline, pipeline_text
+from graphrl.passes.registry import PASSES as PASSES_BY_NAME
 from graphrl.passes.choose_overlap import ChooseOverlap
 from graphrl.passes.insert_reshard import InsertReshard, generation_placement, plan_traffic
 from graphrl.passes.lower import lower
@@ -81,7 +82,7 @@ def stages(request, program):
     for p in (AssignDevices("auto"), ChooseOverlap(), InsertReshard()):
         out[p.name] = p.run(graph, ctx)
         graph = out[p.name]
-    out["plan"] = lower(graph, ctx)
+    out["plan"] = lower(graph, ctx.cluster)
     assert program.graph.text() == before, "a pass mutated its input"
     return out
 
@@ -135,7 +136,7 @@ def test_assign_devices_places_every_call(stages):
     traced, g = stages["traced"], stages["assign-devices"]
     verify_graph(g)
     assert [n.name for n in g.nodes] == [n.name for n in traced.nodes]
-    assert [dataclasses.replace(n, placement=None) for n in g.nodes] == list(traced.nodes)
+    assert [dataclasses.replace(n, placement=None, timing=None) for n in g.nodes] == list(traced.nodes)
     for n in g.nodes:
         if n.kind == OP:
             assert n.placement is None, n.name   # ops run on the host
@@ -149,7 +150,7 @@ def test_assign_devices_places_every_call(stages):
     for model in ("policy", "critic"):   # a model's forward and train share one mesh
         assert (node(g, f"{model}.forward").placement.mesh
                 == node(g, f"{model}.train").placement.mesh)
-    ev = stages["ctx"].findings["evaluation"]
+    ev = stages["ctx"].search.evaluation
     placed = {s.name: s for s in ev.schedule if s.mesh is not None}
     assert {n.name for n in g.calls()} == set(placed)
     for n in g.calls():
@@ -163,7 +164,7 @@ def test_assign_devices_honours_the_pins(stages):
         assert node(g, "policy.forward").placement.mesh == DeviceMesh.parse("0-1")
         assert node(g, "policy.generate").placement.mesh == DeviceMesh.parse("2-3")
     else:
-        assert stages["ctx"].findings["policy"] == "auto"
+        assert g.schedule.policy == "auto"
 
 
 # -- choose-overlap ---------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_choose_overlap_only_labels_parallel_groups(stages):
     before, g = stages["assign-devices"], stages["choose-overlap"]
     verify_graph(g)
     assert [dataclasses.replace(n, group="") for n in g.nodes] == list(before.nodes)
-    ev = stages["ctx"].findings["evaluation"]
+    ev = stages["ctx"].search.evaluation
     sched = {s.name: s for s in ev.schedule}
     groups: dict[str, list] = {}
     for n in g.nodes:
@@ -186,8 +187,8 @@ def test_choose_overlap_only_labels_parallel_groups(stages):
             assert any(not a.placement.mesh.overlaps(b.placement.mesh)
                        and min(sa.end, sched[b.name].end) - max(sa.start, sched[b.name].start)
                        > 0 for b in members if b is not a), (label, a.name)
-    assert stages["ctx"].findings["stream"] == ev.stream
-    assert stages["ctx"].findings["offloaded_gpus"] == ev.offloaded_gpus == ()  # tiny models
+    assert g.schedule == before.schedule and g.schedule.stream == ev.stream
+    assert g.schedule.offloaded_gpus == ev.offloaded_gpus == ()  # tiny models
 
 
 # -- insert-reshard ---------------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_insert_reshard_moves_the_trained_weights_into_the_generation_layout(sta
     # on a cpu cluster the engines keep float32 weights: the plan counts 4 bytes a weight
     spec = dataclasses.replace(g.model("policy").spec, dtype="fp32")
     traffic = plan_traffic(spec, train.placement, gen.placement)
-    assert stages["ctx"].findings["reshards"]["policy"] == traffic
+    assert rs.attr("sent") == traffic.sent_text()
     assert rs.attr("max_link_bytes") == traffic.max_link_bytes
     assert rs.attr("network_bytes") == traffic.total_bytes
     # every generation GPU ends up holding its shard; nobody receives more than that
@@ -260,7 +261,7 @@ def test_lower_gives_verified_per_worker_streams(stages):
                        for i in leader[:run_at]), (n.name, value)   # whole, or streamed parts
     _, step = simulate(plan)
     assert step == plan.predicted_step_seconds > 0
-    search = stages["ctx"].findings["evaluation"].step_seconds
+    search = stages["ctx"].search.evaluation.step_seconds
     assert plan.predicted_step_seconds == pytest.approx(search, rel=0.10)
     assert plan_text(Plan.from_json(plan.to_json())) == plan_text(plan)
 
@@ -268,20 +269,16 @@ def test_lower_gives_verified_per_worker_streams(stages):
 def lower_assignment(size: str, cluster: str, assignment: dict[str, str], stream: int):
     """Plan PPO at planning size for a fixed unit -> mesh assignment and streaming factor
     (what assign-devices would do had the search picked them): (plan, evaluation)."""
-    from graphrl.passes.assign_devices import problem_from_graph
+    from graphrl.passes.assign_devices import placed_graph, problem_from_graph, schedule_of
 
     graph = load_build("ppo")(gr.RunOptions(model_size=size, prompt_len=256, response_len=256,
                                             batch_size=64)).program().graph
     ctx = PassContext(ClusterSpec.parse(cluster), gen_engine="graph")
     problem = problem_from_graph(graph, ctx)
     ev = problem.evaluate({u: DeviceMesh.parse(m) for u, m in assignment.items()}, stream)
-    ctx.findings.update(problem=problem, evaluation=ev, policy="manual")
-    at = {s.name: s for s in ev.schedule if s.choice is not None}
-    graph = graph.with_nodes(
-        dataclasses.replace(n, placement=Placement(at[n.name].mesh, at[n.name].choice.strategy))
-        if n.name in at else n for n in graph.nodes)
+    graph = placed_graph(graph, ev, schedule_of(ev, ctx, "manual"))
     graph = InsertReshard().run(ChooseOverlap().run(graph, ctx), ctx)
-    return verify_plan(lower(graph, ctx)), ev
+    return verify_plan(lower(graph, ctx.cluster)), ev
 
 
 def test_streamed_rollouts_cross_once_per_part_and_the_plan_keeps_pace():
@@ -373,6 +370,69 @@ def test_pipeline_spec_parses_and_rejects_unknowns(program):
         parse_pipeline("assign-devices{mode=fast}")
     with pytest.raises(gr.UsageError, match="unknown policy 'fastest'"):
         compile_graph(program.graph, CLUSTER, "fastest")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("insert-reshard{exact=maybe}", r"insert-reshard: option exact='maybe' is not a bool"),
+    ("staleness{k=one}", r"staleness: option k='one' is not a int"),
+    ("staleness{k=-1}", r"staleness: k must be an integer >= 0"),
+    ("staleness{k=1,k=2}", r"staleness: option k given twice"),
+    ("staleness{k}", r"staleness: option k needs a value"),
+    ("assign-devices{policy=fastest}", r"assign-devices: unknown policy 'fastest'"),
+    ("lower{policy=auto}", r"pass lower has no option 'policy' \(its options: none\)"),
+    ("lower,choose-overlap", r"lower makes the plan: it must be the pipeline's last pass"),
+    ("", r"empty pass pipeline"),
+])
+def test_pass_options_are_typed_and_checked(spec, message):
+    with pytest.raises(gr.UsageError, match=message):
+        parse_pipeline(spec)
+
+
+def test_pass_options_are_coerced_by_their_declared_types_and_print_back():
+    passes = parse_pipeline("staleness{k=2},assign-devices{policy=split},choose-overlap,"
+                            "insert-reshard{exact=false},lower")
+    assert passes[0].k == 2 and passes[3].exact is False   # not the truthy string "false"
+    text = pipeline_text(passes)
+    assert text == ("staleness{k=2},assign-devices{policy=split},choose-overlap,"
+                    "insert-reshard{exact=false},lower")
+    assert parse_pipeline(text) == passes
+    assert set(PASSES_BY_NAME) == {"staleness", "assign-devices", "choose-overlap",
+                                   "insert-reshard", "lower"}
+
+
+def test_the_ranking_runs_the_declared_rest_of_the_pipeline(program):
+    """auto ranks its finalists by the plans the passes after it make (ctx.rest), in a
+    scratch context; the declared options take effect."""
+    from graphrl.passes.lower import Lower
+    from graphrl.passes.policies import auto_finalists
+    from graphrl.passes.assign_devices import problem_from_graph
+
+    graph = program.graph
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy:
+        name: str = "spy"
+
+        def run(self, g, ctx):
+            seen.append((ctx.ranking, ctx.check, g.schedule is not None))
+            return g
+
+    ctx = PassContext(CLUSTER)
+    ctx.rest = (Spy(), ChooseOverlap(), InsertReshard(), Lower())
+    AssignDevices("auto").run(graph, ctx)
+    finalists = auto_finalists(problem_from_graph(graph, PassContext(CLUSTER)))
+    assert len(finalists) > 1 and seen == [(True, False, True)] * len(finalists)
+    exact = compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap,"
+                          "insert-reshard{exact=true},lower")
+    closed = compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap,"
+                           "insert-reshard{exact=false},lower")
+    assert exact.pipeline.endswith("insert-reshard{exact=true},lower")
+    assert closed.pipeline.endswith("insert-reshard{exact=false},lower")
+    for c in (exact, closed):
+        assert simulate(c.plan)[1] == c.plan.predicted_step_seconds
+    with pytest.raises(gr.UsageError, match="does not end with lower"):
+        compile_graph(graph, CLUSTER, pipeline="assign-devices,choose-overlap")
 
 
 # -- HybridFlow §5.4 reference case -----------------------------------------------------

@@ -29,6 +29,9 @@ def test_quick_suite_auto_never_worse_and_report_has_table(plan_quality, tmp_pat
     assert len(results) == len(plan_quality.quick_suite())
     assert not summary["errors"], summary["errors"]
     assert not summary["auto_worse"], summary["auto_worse"]
+    # the placed IR is closed: every plan lowers again from its graph's text, byte for byte
+    assert not summary["not_from_text"], summary["not_from_text"]
+    assert summary["from_text"][0] == summary["from_text"][1] >= len(results)
     for r in results:
         assert r.auto.status == "ok", (r.case.name, r.auto.error)
         for b in plan_quality.BASELINES:

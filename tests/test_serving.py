@@ -86,8 +86,8 @@ def test_13b_ppo_long_generation_on_16_a100_is_feasible():
     graph = load_build("ppo")(opts).program().graph
     c = compile_graph(graph, ClusterSpec.parse("2x8xA100-80G"), "auto", gen_engine="graph",
                       check=True)
-    problem = c.findings["problem"]
-    gen = next(s for s in c.findings["evaluation"].schedule
+    problem = c.problem
+    gen = next(s for s in c.evaluation.schedule
                if problem.by_name[s.name].phase == "generate")
     assert gen.choice.peak_bytes <= A100_80G.memory_bytes
     assert c.plan.predicted_step_seconds > 0

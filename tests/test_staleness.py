@@ -202,8 +202,8 @@ def test_compile_chooses_async_only_when_it_pays(root):
     from graphrl.async_compile import _no_room_for_gradient_copy
 
     train = next(n.name for n in c.plan.graph.nodes if n.target == "train")
-    assert "gradient copy" in _no_room_for_gradient_copy(c.plan, (train,), f["problem"])[train]
-    roomy = copy(f["problem"])
+    assert "gradient copy" in _no_room_for_gradient_copy(c.plan, (train,), c.problem)[train]
+    roomy = copy(c.problem)
     roomy.capacity = 2 * roomy.capacity
     assert _no_room_for_gradient_copy(c.plan, (train,), roomy) == {}
     gen = c.graph.node("%rollout")    # the plan runs the rewritten graph on the two pools

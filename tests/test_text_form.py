@@ -16,6 +16,7 @@ from graphrl import (DeviceMesh, Field, Graph, GraphSyntaxError, ModelDecl, Mode
                      PayloadSpec, Placement, Strategy, Value, parse_graph, print_graph,
                      verify_graph)
 from graphrl.graph import NODE_KINDS
+from graphrl.schedule import Schedule, Timing
 from graphrl.types import DTYPE_BYTES, FAMILIES, HEADS, PRECISIONS, WEIGHTS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -77,6 +78,17 @@ meshes = st.one_of(
 strategies = st.builds(Strategy, st.integers(1, 8), st.integers(1, 8), st.integers(1, 8),
                        st.integers(1, 16), st.integers(0, 3))
 placements = st.builds(Placement, meshes, strategies)
+seconds = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+byte_counts = st.integers(0, 1 << 45)
+timings = st.builds(Timing, seconds, seconds, seconds, byte_counts, byte_counts, seconds)
+schedules = st.builds(
+    Schedule, st.sampled_from(["1x8xH100-80G", "4x8xA100-80G", "2x4xcpu"]),
+    st.sampled_from(["hf", "graph"]),
+    st.sampled_from(["", "fixed:512", "lognormal:mean=3072.5,max=16384,sigma=1.0",
+                     "empirical:[3,1,4]"]),
+    st.floats(0, 0.99), idents, st.integers(1, 8),
+    st.lists(st.integers(0, 127), max_size=5, unique=True).map(lambda g: tuple(sorted(g))),
+    seconds)
 
 
 def _kind_of(spec: PayloadSpec) -> str:
@@ -129,7 +141,8 @@ def graphs(draw) -> Graph:
             outs.append(v)
         nodes.append(Node(kind, draw(idents), tuple(a.name for a in args), expects,
                           tuple(outs), model, draw(attr_tuples),
-                          draw(st.none() | placements), draw(st.just("") | idents)))
+                          draw(st.none() | placements), draw(st.just("") | idents),
+                          draw(st.none() | timings)))
         defined += outs
     all_names = [v.name for v in defined]
     outputs = tuple(draw(st.lists(st.sampled_from(all_names), max_size=3))) if all_names else ()
@@ -137,7 +150,8 @@ def graphs(draw) -> Graph:
     if inputs:
         carries = tuple(draw(st.lists(st.tuples(st.sampled_from([v.name for v in inputs]),
                                                 st.sampled_from(all_names)), max_size=2)))
-    return Graph(draw(idents), tuple(models), tuple(inputs), tuple(nodes), outputs, carries)
+    return Graph(draw(idents), tuple(models), tuple(inputs), tuple(nodes), outputs, carries,
+                 draw(st.none() | schedules))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
