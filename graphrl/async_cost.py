@@ -101,7 +101,9 @@ def _gen_call(problem: Any) -> Any:
 def streamed_generation(problem: Any, gen: Any, n: int, staleness: int
                         ) -> tuple[float, Any] | None:
     """(seconds per batch, strategy) of `gen` on n GPUs with K+1 batches in flight, over
-    the strategies the synchronous search lets it use (fits a GPU); None if none fits."""
+    the strategies the synchronous search lets it use (fits a GPU); None if none fits.
+    An ideal stream the executors do not run (they stream head and tail around the
+    push, graphrl/stream_cost.py): only `async_lower_bound` uses it, as a floor."""
     from .serving import serve_generate
 
     if not problem.fits(gen.name, n):
@@ -129,7 +131,8 @@ def _strategies(problem: Any, gen: Any, n: int) -> list[Any]:
 
     first = problem.choice(gen.name, n).strategy
     others = [s for s in candidate_strategies(problem.specs[gen.model], "generate", n,
-                                              gen.batch, problem.cluster.gpus_per_node)
+                                              gen.batch, problem.cluster.gpus_per_node,
+                                              problem.uneven_dp)
               if s != first and problem.cost(gen, s).peak_bytes <= problem.capacity]
     others.sort(key=lambda s: problem.cost(gen, s).seconds)
     return [first] + others[:3]
