@@ -76,20 +76,20 @@ def why_lost(plan: AsyncPlan, step: float, sync_seconds: float, n_gpus: int,
         return (f"priced at {plan.step_seconds:.2f} s, its lowered plan takes {step:.2f} s "
                 "(the training pool as scheduled with its reshards and memory moves, the "
                 "stream cut chosen again)")
-    if plan.train_seconds > plan.head + plan.tail:
-        return (f"training pool too small: the other calls take {plan.train_seconds:.2f} s "
-                f"on {plan.train_gpus} GPUs, more than generating a batch "
-                f"({plan.head + plan.tail:.2f} s on {plan.gen_gpus} GPUs)")
+    gen = plan.head + plan.tail
+    if plan.train_seconds > gen:
+        return (f"training-bound: the other calls take {plan.train_seconds:.2f} s on "
+                f"{plan.train_gpus} GPUs and generating a batch {gen:.2f} s on "
+                f"{plan.gen_gpus}, so overlapping them hides at most {gen:.2f} s, while the "
+                f"training pool has {plan.gen_gpus} GPUs fewer than the synchronous plan's "
+                f"and the weight push adds {plan.push_seconds:.2f} s")
     sync_gen = (f"; synchronous generation takes {sync_generate:.2f} s on all {n_gpus}"
                 if sync_generate is not None else "")
-    if plan.train_seconds > plan.head:
-        wait = (f", and the head waits {plan.train_seconds - plan.head:.2f} s for the "
-                "training pool before the push")
-    else:
-        wait = ""
-    return (f"generation pool too small: its tail alone (the batch's longest responses "
-            f"after the push) takes {plan.tail:.2f} s and the head {plan.head:.2f} s on "
-            f"{plan.gen_gpus} GPUs{wait}{sync_gen}")
+    wait = (f", and the head waits {plan.train_seconds - plan.head:.2f} s for the training "
+            "pool before the push" if plan.train_seconds > plan.head else "")
+    return (f"generation-bound (generation pool too small): its tail alone (the batch's "
+            f"longest responses after the push) takes {plan.tail:.2f} s and the head "
+            f"{plan.head:.2f} s on {plan.gen_gpus} GPUs{wait}{sync_gen}")
 
 
 def infeasible_why(skipped: tuple[tuple[str, str], ...], gens: int) -> str:

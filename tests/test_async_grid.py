@@ -133,8 +133,8 @@ def test_why_an_async_plan_lost_names_the_dominant_term():
     assert gen_bound.step_seconds == pytest.approx(90.1)
     assert why_lost(gen_bound, 90.1, 95.0, 64, 70.0) == ""          # it won
     assert why_lost(gen_bound, 90.1, 85.0, 64, 70.0).startswith(
-        "generation pool too small: its tail alone")
+        "generation-bound (generation pool too small): its tail alone")
     assert why_lost(gen_bound, 99.0, 95.0, 64, 70.0).startswith(
         "priced at 90.10 s, its lowered plan takes 99.00 s")
     train_bound = AsyncPlan(1, 32, 32, 10.0, 0.1, 50.0, "dp=4,tp=8,pp=1", 5.0, 100)
-    assert why_lost(train_bound, 55.1, 50.0, 64, None).startswith("training pool too small")
+    assert why_lost(train_bound, 55.1, 50.0, 64, None).startswith("training-bound: the other")
