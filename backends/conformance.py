@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 
 from graphrl.errors import ExecutionError, UsageError
 
+from .conformance_ranks import measure
+
 ENGINES = ("hf", "fast", "megatron", "deepspeed")
 SPAWNED = ("megatron", "deepspeed")
 PRECISIONS = ("fp32", "bf16")
@@ -126,16 +128,10 @@ def _num(x: float | None) -> str:
 # -- what runs here ----------------------------------------------------------------------
 def available_engines() -> list[str]:
     """The engines this machine can run: hf and fast always; megatron and deepspeed when
-    their packages are installed."""
-    import importlib.util
+    their packages are installed (engines.registry.installed)."""
+    from .engines.registry import BUILDERS, installed
 
-    out = ["hf", "fast"]
-    if importlib.util.find_spec("megatron") is not None and importlib.util.find_spec(
-            "megatron.core") is not None:
-        out.append("megatron")
-    if importlib.util.find_spec("deepspeed") is not None:
-        out.append("deepspeed")
-    return out
+    return [e for e in BUILDERS if installed(e)]
 
 
 def strategies(engines: Sequence[str], *, tp: int | None = None, pp: int | None = None,
@@ -274,37 +270,6 @@ def train_inputs(probe: Mapping[str, Any], ref_logprobs: Any) -> dict[str, dict[
 def engine_options(directory: Path) -> dict[str, Any]:
     """Options of every engine checked (its precision is the decl's spec dtype)."""
     return {"checkpoint": str(directory), "lr": LR}
-
-
-def ran_precision(engine: Any) -> str:
-    """The precision an engine ran, read off what it holds and runs (hf/fast:
-    `ran_precision()`, megatron/DeepSpeed: their `degrees()` report), else the dtype of
-    its parameters (fp32 unless they are bf16)."""
-    if hasattr(engine, "ran_precision"):
-        said = engine.ran_precision()
-    else:
-        said = engine.degrees().get("precision") if hasattr(engine, "degrees") else None
-    if isinstance(said, str):
-        return said
-    import torch
-
-    for attr in ("module", "hf"):
-        m = getattr(engine, attr, None)
-        m = getattr(m, "module", m)
-        if isinstance(m, torch.nn.Module):
-            return "bf16" if any(p.dtype == torch.bfloat16 for p in m.parameters()) else "fp32"
-    return "fp32"
-
-
-def measure(engine: Any, probe: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict:
-    """What an engine computes on the probe: log-probs, the loss of one GRPO step and
-    its weights after it (full weights, every rank)."""
-    fed = {k: probe[k] for k in ("tokens", "attention_mask")}
-    logprobs = engine.forward(fed)["logprobs"]
-    start = engine.export_weights()
-    stats = engine.train(inputs, loss="grpo", seed=0)
-    return {"logprobs": logprobs, "loss": float(stats["loss"]), "start": start,
-            "weights": engine.export_weights(), "precision": ran_precision(engine)}
 
 
 # -- comparing -----------------------------------------------------------------------------
@@ -457,7 +422,7 @@ def reference(d: Path, decl: Any, probe: Mapping[str, Any]) -> Reference:
 def run_local(s: Strategy, decl: Any, d: Path, probe: Mapping[str, Any],
               inputs: Mapping[str, Any], ref: Reference, keep: Any, precision: str) -> Result:
     """hf or fast in this process."""
-    from .engines.base import create_engine
+    from .engines.registry import create_engine
 
     try:
         engine = create_engine(s.engine, decl, engine_options(d), "cpu", 0)
@@ -486,7 +451,7 @@ def run_spawned(plan: Sequence[Strategy], decl: Any, d: Path, probe: Mapping[str
     what = ", ".join(f"{s.engine} {s.text()}" for s in plan)
     with tempfile.TemporaryDirectory(prefix="graphrl-check-") as tmp:
         job, out = os.path.join(tmp, "job.pt"), os.path.join(tmp, "out.pt")
-        torch.save({"plan": [(s.engine, s.dp, s.tp, s.pp, s.zero) for s in plan],
+        torch.save({"plan": [(s.engine, s.dp, s.tp, s.pp, s.zero, s.text()) for s in plan],
                     "decl": decl, "options": engine_options(d), "probe": dict(probe),
                     "inputs": inputs}, job)
         try:

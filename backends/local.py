@@ -18,7 +18,8 @@ from graphrl.timeline import Event
 from graphrl.trace import Program
 from graphrl.types import PayloadSpec
 
-from .engines.base import ModelEngine, create_engine
+from .engines.base import ModelEngine
+from .engines.registry import create_engine
 from .engines.hf import seed_for
 
 

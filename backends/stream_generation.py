@@ -355,11 +355,15 @@ def streams_of(holder: Any) -> dict[tuple[str, str], GenerationStream]:
 def stream_for(holder: Any, key: str, node: str, engine: Any,
                attrs: Mapping[str, Any]) -> GenerationStream:
     """The stream of generate node `node` on engine `key` (made at first use); `attrs`:
-    the node's attributes (stream_cut and behaviour are not generate options)."""
+    the node's attributes (stream_cut, behaviour and the compiler's price of the stream,
+    graphrl/stream_train.py, are not generate options)."""
+    from graphrl.stream_train import HEAD_SECONDS, HEAD_SHARE, TAIL_SECONDS
+
     table = streams_of(holder)
     s = table.get((key, node))
     if s is None or s.engine is not engine:
-        opts = {k: v for k, v in attrs.items() if k not in ("stream_cut", "behaviour")}
+        opts = {k: v for k, v in attrs.items() if k not in (
+            "stream_cut", "behaviour", HEAD_SECONDS, TAIL_SECONDS, HEAD_SHARE)}
         s = table[(key, node)] = GenerationStream(engine, opts, int(attrs["stream_cut"]))
     return s
 

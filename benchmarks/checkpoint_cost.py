@@ -123,7 +123,7 @@ def ray_cost(steps: int, written: dict, resumed: dict) -> dict[str, float]:
 
     import graphrl as gr
     from graphrl import checkpoint_run as ckr
-    from graphrl.backends.ray.launch import start_executor
+    from graphrl.launch import start_executor
     from graphrl.checkpoint import published
     from graphrl.example_file import load_example
     from graphrl.runner import run_experiment

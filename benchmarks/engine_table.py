@@ -6,7 +6,7 @@ read back from the run's measured trace (each call's `ran` field), as a markdown
         --iterations 3 --batch-size 8 --trace /tmp/trace.json
 
 runs `graphrl run EXAMPLE --backend ray` with those options (the example's own reward-
-model pre-training included), compiles the same plan again (backends/ray/launch.py
+model pre-training included), compiles the same plan again (graphrl/launch.py
 compile_for: the plan that run executed), and prints one row per call: its mesh, the
 planned engine and strategy, what its ranks ran (every rank, every iteration: one row
 per distinct report), and whether they agree (graphrl.engines.degree_mismatches).
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace", required=True)
     a = ap.parse_args(argv)
-    from graphrl.backends.ray.launch import compile_for
+    from graphrl.launch import compile_for
     from graphrl.cli import load_example, main as cli
     from graphrl.experiment import RunOptions
 

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 import graphrl  # noqa: E402
 from graphrl.cli import load_example  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
-from graphrl.compile_cli import POLICY_NAMES  # noqa: E402
+from graphrl.cli.compile import POLICY_NAMES  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
 from graphrl.lengths import parse as parse_lengths  # noqa: E402
 from graphrl.lower_placed import lower_placed  # noqa: E402

@@ -31,7 +31,7 @@ def measure(size: str, engine: str, precision: str, repeats: int,
     import torch
 
     import graphrl as gr
-    from graphrl.backends.engines.base import create_engine
+    from graphrl.backends.engines.registry import create_engine
 
     shape, rows, prompt, new = SIZES[size]
     spec = gr.ModelSpec("llama", *shape, "lm", dtype=precision)

@@ -9,7 +9,10 @@ from .cluster import ClusterSpec
 from .graph import Graph
 from .plan import Plan
 
-DEFAULT_PIPELINE = "assign-devices{{policy={policy}}},choose-overlap,insert-reshard,lower"
+# price-stream prices an asynchronous step's streamed generation (a no-op otherwise);
+# `search`: choose its cut (the async compile of a staleness rewrite) or keep the graph's
+DEFAULT_PIPELINE = ("assign-devices{{policy={policy}}},choose-overlap,insert-reshard,"
+                    "price-stream{{search={search}}},lower")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Compiled:
     pipeline: str = ""
     problem: Any = field(default=None, compare=False)
     evaluation: Any = field(default=None, compare=False)
+    stream: Any = field(default=None, compare=False)   # passes/price_stream.StreamReport
 
     @property
     def compile_seconds(self) -> float:
@@ -38,7 +42,7 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
                   dump_dir: str | Path | None = None, engines: bool = False,
                   response_lengths: Any = None, memory_headroom: float | None = None,
                   progress: Any = None, staleness: int = 0,
-                  pipeline: str | None = None) -> Compiled:
+                  pipeline: str | None = None, search_stream: bool = False) -> Compiled:
     """Place, schedule, reshard and lower a traced graph for a cluster. `engines`: refuse
     a call whose strategy no engine of graphrl runs (graphrl.engines; on for plans that
     are run: the Ray launcher and `graphrl compile` outside planning-only mode).
@@ -48,7 +52,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     `progress`: a (stage, evaluations) sink told as the passes and the search go on
     (graphrl.progress.Progress prints it for long compiles).
     `pipeline`: a pass pipeline spec (passes/base.py) ending in `lower`; default
-    DEFAULT_PIPELINE with `policy`.
+    DEFAULT_PIPELINE with `policy` and `search_stream` (price-stream chooses the stream
+    cut of a graph rewritten for staleness instead of pricing its own).
     `staleness` K >= 1: also price asynchronous steps (graphrl.async_cost); if they beat
     the synchronous step, the plan is for the graph rewritten for staleness K
     (passes/staleness.py) with generation and training on the chosen disjoint pools.
@@ -56,7 +61,8 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
     if staleness:
         from .async_compile import compile_with_staleness
 
-        return compile_with_staleness(graph, cluster, policy, staleness, placement=placement,
+        return compile_with_staleness(graph, cluster, policy, staleness,
+                                      compile_sync=compile_graph, placement=placement,
                                       gen_engine=gen_engine, check=check, dump_dir=dump_dir,
                                       engines=engines, response_lengths=response_lengths,
                                       memory_headroom=memory_headroom, progress=progress,
@@ -77,12 +83,16 @@ def compile_graph(graph: Graph, cluster: ClusterSpec, policy: str = "auto", *,
         if not 0 <= memory_headroom < 1:
             raise UsageError(f"memory headroom must be in [0, 1), got {memory_headroom!r}")
         ctx.headroom = memory_headroom
-    passes = parse_pipeline(pipeline or DEFAULT_PIPELINE.format(policy=policy))
+    passes = parse_pipeline(pipeline or DEFAULT_PIPELINE.format(
+        policy=policy, search=str(bool(search_stream)).lower()))
     if passes[-1].name != "lower":
         raise UsageError(f"pipeline {pipeline_text(passes)!r} does not end with lower: a "
                          "compile makes a plan")
     plan = run_pipeline(graph, passes, ctx)
     search = ctx.search
-    return Compiled(plan, plan.graph, {}, tuple(ctx.timings),
-                    pipeline_text(passes), search.problem if search else None,
-                    search.evaluation if search else None)
+    report = ctx.stream
+    findings = ({"stream": report.choice, "stream_split": report.split}
+                if report is not None else {})
+    return Compiled(plan, plan.graph, findings, tuple(ctx.timings), pipeline_text(passes),
+                    search.problem if search else None,
+                    search.evaluation if search else None, report)

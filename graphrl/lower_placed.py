@@ -20,7 +20,7 @@ from .errors import GraphRLError, UsageError
 from .graph import Graph
 from .plan import Plan
 
-RESCHEDULE = "assign-devices,choose-overlap,insert-reshard"
+RESCHEDULE = "assign-devices,choose-overlap,insert-reshard,price-stream"
 
 
 @dataclass(frozen=True)

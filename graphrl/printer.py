@@ -17,9 +17,12 @@ parallel group `par=g0`. Names are the user's or the tracer's, never object ids.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from .graph import Graph, ModelDecl, Node
 from .types import PayloadSpec
+
+if TYPE_CHECKING:   # annotations only: Graph.text() calls this printer
+    from .graph import Graph, ModelDecl, Node
 
 
 def format_attr(value: object) -> str:

@@ -93,7 +93,7 @@ def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> A
 
         return LocalExecutor(program, device=opts.device, seed=opts.seed)
     if opts.backend == "ray":
-        from graphrl.backends.ray.launch import start_executor
+        from .launch import start_executor
 
         return start_executor(program, opts, out=None if opts.quiet else out)
     raise UsageError(f"unknown backend {opts.backend!r} (known: local, ray)")

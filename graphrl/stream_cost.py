@@ -219,16 +219,30 @@ def best_stream(problem: Any, gen: Any, strategy: Any, train: float, push: float
     best = None
     for f in CUTS:
         cut = max(1, int(round(gen.new_tokens * f)))
-        ph = stream_phases(problem, gen, strategy, cut)
-        if ph is None:
+        c = priced_stream(problem, gen, strategy, cut, train, push)
+        if c is None:
             return None
-        c = StreamChoice(cut, ph, ph.step(train, push))
-        parts = split(cut) if split is not None else None
-        if parts is not None and ph.step_split(*parts, push) < c.step_seconds:
-            c = StreamChoice(cut, ph, ph.step_split(*parts, push), parts)
+        if split is not None:
+            both = priced_stream(problem, gen, strategy, cut, train, push, split)
+            c = both if both.step_seconds < c.step_seconds else c
         if best is None or c.step_seconds < best.step_seconds:
             best = c
     return best
+
+
+def priced_stream(problem: Any, gen: Any, strategy: Any, cut: int, train: float,
+                  push: float, split: Callable[[int], tuple[float, float]] | None = None
+                  ) -> StreamChoice | None:
+    """The executed step at `cut` (best_stream's terms): with `split`, the marked calls
+    start on the head part (step_split), else they wait for the whole batch; None where
+    generation does not stream."""
+    ph = stream_phases(problem, gen, strategy, cut)
+    if ph is None:
+        return None
+    if split is None:
+        return StreamChoice(cut, ph, ph.step(train, push))
+    parts = split(cut)
+    return StreamChoice(cut, ph, ph.step_split(*parts, push), parts)
 
 
 def plan_sides(plan: Any, gen_node: str, scale: Mapping[str, float] | None = None,
@@ -292,6 +306,6 @@ def head_share(problem: Any, gen: Any, cut: int, samples: int, draws: int = 8) -
     return float(np.mean(shares))
 
 
-__all__ = ["StreamChoice", "StreamPhases", "best_stream", "head_share", "plan_sides", "simulate_stream",
-           "stream_phases"]
+__all__ = ["StreamChoice", "StreamPhases", "best_stream", "head_share", "plan_sides",
+           "priced_stream", "simulate_stream", "stream_phases"]
 

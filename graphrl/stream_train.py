@@ -30,7 +30,7 @@ tail, without changing any result:
   Each marked node's output is both parts put back in row order.
   Memory: between the two parts the training engine holds a copy of the head part's
   gradient (its gradients' bytes, sharded as they are); the compiler keeps a train whole
-  where its GPUs cannot hold that copy too (async_compile._no_room_for_gradient_copy).
+  where its GPUs cannot hold that copy too (passes/price_stream.no_room_for_gradient_copy).
 - Everything else waits for the whole batch, and `split_report` says why: a train with
   more than one optimizer pass (its first update needs rows of both parts), one reading
   an advantage normalised over the whole batch (gae with whiten=true), any op not known
@@ -51,6 +51,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 HEAD_PART = "head_part"   # node attribute: the call runs on the head part early
+# attributes of a streamed generate node that the compiler priced (async_compile.
+# as_executed) and passes/lower.py turns into instructions: the generation pool's head
+# and tail seconds (graphrl/stream_cost.py), and the head part's share of the marked
+# calls' work (stream_cost.head_share; absent: no call starts early)
+HEAD_SECONDS, TAIL_SECONDS, HEAD_SHARE = "head_seconds", "tail_seconds", "head_share"
 
 
 def head_finished(lengths: Sequence[int], cut: int, samples: int) -> list[bool]:
@@ -182,4 +187,5 @@ def split_report(g: Any, k: int, marked: bool = True) -> SplitReport | None:
     return SplitReport(gen.name, calls, tuple(refused))
 
 
-__all__ = ["HEAD_PART", "SplitReport", "head_finished", "mark_head_parts", "split_report"]
+__all__ = ["HEAD_PART", "HEAD_SECONDS", "HEAD_SHARE", "SplitReport", "TAIL_SECONDS",
+           "head_finished", "mark_head_parts", "split_report"]

@@ -28,8 +28,6 @@ from graphrl.verify import verify_graph, verify_plan
 from .context import PassContext, SearchResult
 from .registry import PASSES
 
-DEFAULT_PIPELINE = "assign-devices{{policy={policy}}},choose-overlap,insert-reshard,lower"
-
 _SPEC = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
@@ -144,5 +142,5 @@ def _dump_text(ir: Any) -> str:
     return ir.text()
 
 
-__all__ = ["PassContext", "SearchResult", "DEFAULT_PIPELINE", "parse_pipeline",
+__all__ = ["PassContext", "SearchResult", "parse_pipeline",
            "pipeline_text", "run_pipeline", "option_fields"]

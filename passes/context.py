@@ -5,7 +5,8 @@ It holds the compile's inputs — the cluster, options, the user's pins — and 
 (timings, progress, dumps). It carries no results from one pass to the next: a pass
 reads only the graph it is given, and everything a later pass needs is in the graph it
 returns (graphrl/schedule.py). `search` keeps the placement search's problem and chosen
-evaluation for reports (`graphrl compile`'s table, benchmarks); no pass reads it.
+evaluation, `stream` price-stream's choice, for reports (`graphrl compile`'s table and
+async line, benchmarks); no pass reads them.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class PassContext:
     rest: tuple[Any, ...] = ()   # the passes after the running one (the pipeline sets it)
     ranking: bool = False        # a scratch run ranking the search's finalists
     search: SearchResult | None = None
+    stream: Any = None           # price-stream's report (passes/price_stream.py), for reports
 
     def scratch(self) -> "PassContext":
         """A context for ranking finalists: the same inputs, no checks, dumps or

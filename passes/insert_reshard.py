@@ -6,7 +6,7 @@ is inserted before the consumer. Its attributes carry the symbolic transfer plan
 totals (bytes on the busiest link, total network bytes, the source layout) and the bytes
 each GPU sends (`sent`, which lower prices); the plan itself (which source rank sends
 which slice to which destination rank) is built from the shard algebra by
-passes/reshard_plan.py. When both layouts share GPUs the generation ranks are ordered
+graphrl/reshard_plan.py. When both layouts share GPUs the generation ranks are ordered
 for zero-redundancy grouping (HybridFlow §5.4). Reshards already in the graph (a placed
 graph read back and re-placed) are replaced, not doubled.
 """
@@ -21,7 +21,7 @@ from graphrl.shard import ModelLayout, model_layout, spec_params
 from graphrl.types import DTYPE_BYTES, ModelSpec
 
 from .context import PassContext
-from .reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
+from graphrl.reshard_plan import ModelTransferPlan, plan_model_reshard, zero_redundancy_mesh
 
 
 def weight_layout(spec: ModelSpec, mesh: DeviceMesh, strategy: Strategy,

@@ -10,6 +10,9 @@ Rules:
 - with streaming (k micro-batches), the generate run and the runs of forward calls on
   other meshes are split into k parts, part i of a consumer after part i of the rollouts;
 - a value is freed on a worker after its last use there;
+- a streamed async step the compiler priced (generate's `head_seconds`) runs its head,
+  the push, its tail and the early parts of `head_part` calls as the executors do
+  (passes/lower_stream.py);
 - instructions are emitted in the order of the search's schedule: each run (part) at its
   predicted start, each transfer as soon as its value (part) is ready there. A send and
   its recv are emitted together, as are a gang's runs, so all streams meet transfers and
@@ -34,6 +37,7 @@ from graphrl.schedule import gpus_text
 
 from .context import PassContext
 from .insert_reshard import parse_sent
+from .lower_stream import StreamSplit, lower_stream_end, run_part, stream_split
 
 
 def _bandwidth(cluster: ClusterSpec, src: int, dst: int) -> float:
@@ -74,6 +78,7 @@ class _Lowering:
                 for i in n.inputs)}
         if self.streamed:
             self.streamed |= self.gens
+        self.split = stream_split(graph)   # a priced streamed async step (lower_stream)
 
     def workers(self, n: Node) -> tuple[int, ...]:
         return n.placement.mesh.gpus if n.placement is not None else (HOST,)
@@ -106,6 +111,15 @@ class _Lowering:
     def parts(self, n: Node) -> int:
         return self.stream if n.name in self.streamed else 1
 
+    def run_part(self, n: Node, k: int, parts: int, seconds: float) -> tuple[str, float]:
+        """(label, seconds) of part k of n's run: a micro-batch, or a streamed async
+        step's head / rest part (passes/lower_stream.py)."""
+        return run_part(self.split, n, k, parts, seconds)
+
+    def lower_stream_end(self, split: StreamSplit) -> None:
+        """The push, generation's tail and the early parts (passes/lower_stream.py)."""
+        lower_stream_end(self, split)
+
     def lower_part(self, n: Node, k: int) -> None:
         """Part k of n's run (all of it when n is not streamed); the node's offload, its
         outgoing transfers and frees follow its last part."""
@@ -115,7 +129,7 @@ class _Lowering:
         leader = workers[0]
         parts = self.parts(n)
         seconds, mem = self.cost(n)
-        part = f"{k + 1}/{parts}" if parts > 1 else ""
+        part, part_seconds = self.run_part(n, k, parts, seconds)
         deps: list[str] = []
         for i in n.inputs:
             if self.g.value(i).spec.is_weights:
@@ -133,7 +147,7 @@ class _Lowering:
                             seconds=self.resident.get(self.unit(n), 0) / self.cluster.gpu.host_bw,
                             label=f"onload {n.model}")
             run = self.sb.add(w, "run", node=n.name, model=n.model, label=n.call,
-                              seconds=seconds / parts, mem=mem, deps=tuple(deps), part=part)
+                              seconds=part_seconds, mem=mem, deps=tuple(deps), part=part)
             for v in n.outputs:
                 self.made[(v.name, w)] = run.id
                 if part:
@@ -280,10 +294,15 @@ class _Lowering:
         last = {name: i for i, (_, _, _, name) in enumerate(items)}
         self.dead = self.g.with_nodes(self.g.node(name) for name in sorted(last, key=last.get)
                                       ).last_uses()
+        split = self.split
         for start, _, k, name in items:
+            if split is not None and name == split.push:
+                continue   # the push comes after the step's other work (lower_stream_end)
             self.flush(start)
             self.lower_part(self.g.node(name), k)
         self.flush(math.inf)
+        if split is not None:
+            self.lower_stream_end(split)
         resident = set()
         for n in self.g.nodes:   # a policy's generation copy is its own unit
             if n.placement is not None and n.timing is not None and n.timing.resident_bytes:

@@ -5,9 +5,10 @@ from .assign_devices import AssignDevices
 from .choose_overlap import ChooseOverlap
 from .insert_reshard import InsertReshard
 from .lower import Lower
+from .price_stream import PriceStream
 from .staleness import Staleness
 
 PASSES: dict[str, type] = {p.name: p for p in (Staleness, AssignDevices, ChooseOverlap,
-                                               InsertReshard, Lower)}
+                                               InsertReshard, PriceStream, Lower)}
 
 __all__ = ["PASSES"]

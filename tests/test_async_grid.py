@@ -10,7 +10,7 @@ import pytest
 import graphrl as gr
 from conftest import load_build
 from graphrl.async_cost import MAX_STALENESS
-from graphrl.compile_cli import async_line, compare_rows
+from graphrl.cli.compile import async_line, compare_rows
 from graphrl.compiler import compile_graph
 from graphrl.errors import GraphRLError, UsageError
 from graphrl.placement_file import cluster_of

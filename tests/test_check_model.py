@@ -117,13 +117,13 @@ def test_a_perturbed_engine_is_a_mismatch(checkpoints, capsys, monkeypatch):
 
 
 def test_an_engine_usage_error_is_a_refusal(checkpoints, capsys, monkeypatch):
-    from graphrl.backends.engines import base
+    from graphrl.backends.engines import registry
     from graphrl.errors import UsageError
 
     def refuse(engine, decl, *args):
         raise UsageError(f"model {decl.name}: engine {engine} cannot do this")
 
-    monkeypatch.setattr(base, "create_engine", refuse)
+    monkeypatch.setattr(registry, "create_engine", refuse)
     code, rows = check(capsys, str(checkpoints["gpt2"]), "--engine", "fast")
     assert code == 0 and rows[0]["status"] == "refused"
     assert "cannot do this" in rows[0]["reason"]

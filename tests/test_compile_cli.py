@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from graphrl.cli import main
-from graphrl.compile_cli import POLICY_NAMES
+from graphrl.cli.compile import POLICY_NAMES
 from graphrl.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ PPO = str(ROOT / "examples" / "ppo.py")
 PLANNING = ["--model-size", "7b", "--prompt-len", "1024", "--response-len", "1024",
             "--batch-size", "256"]
 DUMPS = ("000_traced.txt", "001_assign-devices.txt", "002_choose-overlap.txt",
-         "003_insert-reshard.txt", "004_lower.txt", "plan.txt", "plan.json", "plan.dot", "trace.json",
+         "003_insert-reshard.txt", "004_price-stream.txt", "005_lower.txt", "plan.txt", "plan.json", "plan.dot", "trace.json",
          "gantt.png", "gantt.svg")
 
 

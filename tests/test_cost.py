@@ -234,7 +234,7 @@ def test_matmul_efficiency_rises_with_tokens_and_saturates():
 
 
 def test_import_needs_neither_torch_nor_ray():
-    code = ("import sys, graphrl.cost, graphrl.cluster, graphrl.calibrate, graphrl.estimate; "
+    code = ("import sys, graphrl.cost, graphrl.cluster, graphrl.calibrate, graphrl.cli.estimate; "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import graphrl as gr
-from graphrl.backends.engines.base import create_engine
 from graphrl.backends.engines.fast import FastEngine
 from graphrl.backends.engines.fast_sampling import uniforms
 from graphrl.backends.engines.hf import HFEngine
+from graphrl.backends.engines.registry import create_engine
 
 FIELDS = ("tokens", "attention_mask", "response_mask", "row")
 
@@ -153,7 +153,7 @@ def test_bad_input_is_a_clear_error():
                       max_new_tokens=2)
     with pytest.raises(gr.UsageError, match="exceed the model's 64"):
         fast.generate({"tokens": torch.ones(1, 60, dtype=torch.long)}, max_new_tokens=8)
-    with pytest.raises(gr.UsageError, match="unknown engine 'nope'.*hf, fast"):
+    with pytest.raises(gr.UsageError, match="unknown engine 'nope'.*hf, megatron, deepspeed, fast"):
         create_engine("nope", decl(), {}, "cpu", 0)
 
 

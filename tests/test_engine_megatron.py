@@ -147,7 +147,7 @@ def test_features_megatron_lacks_are_refused(family, change, feature, tmp_path):
 def test_unsupported_strategy_is_refused_before_launch():
     """A pinned engine that cannot run the planned strategy, and a strategy no engine
     runs, fail at compile time naming the call, the strategy and the engines that can."""
-    from graphrl.compile_cli import cluster_of
+    from graphrl.cli.compile import cluster_of
     from graphrl.compiler import compile_graph
     from graphrl.errors import UsageError
 

@@ -96,7 +96,7 @@ def test_dead_ray_address_fails_fast(capsys, own_ray):
 def test_wait_deadline_follows_the_plan():
     from types import SimpleNamespace as NS
 
-    from graphrl.backends.ray.launch import WAIT_FLOOR_S, wait_deadline
+    from graphrl.launch import WAIT_FLOOR_S, wait_deadline
 
     plan = NS(streams=[NS(instrs=[NS(seconds=100.0), NS(seconds=3.0)])])
     assert wait_deadline(plan) == 1000.0            # a 100 s call is not cut at 120 s

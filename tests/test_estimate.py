@@ -7,7 +7,7 @@ import pytest
 
 from graphrl import cost
 from graphrl.cluster import GiB, H100_80G
-from graphrl.estimate import main
+from graphrl.cli.estimate import main
 from graphrl.parallel import Strategy
 from graphrl.types import ModelSpec, llama2
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import graphrl as gr
-from graphrl.backends.engines.base import create_engine
 from graphrl.backends.engines.fast import compact_left
 from graphrl.backends.engines.fast_model import rope_inv_freq
 from graphrl.backends.engines.hf import HFEngine, positions
+from graphrl.backends.engines.registry import create_engine
 from graphrl.families import TINY, save_random_checkpoint
 
 VARIANTS = {

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import graphrl as gr
-from graphrl.backends.engines.base import create_engine
 from graphrl.backends.engines.fast_forward import fast_logprobs, interleave_rows
 from graphrl.backends.engines.fast_ops import QKVRope, RMSNormalize, SwiGLU, TokenLogProbs
 from graphrl.backends.engines.hf import HFEngine, positions
+from graphrl.backends.engines.registry import create_engine
 
 D64 = dict(dtype=torch.float64)
 

@@ -18,7 +18,7 @@ import pytest
 
 from graphrl.cli import main
 from graphrl.cluster import ClusterSpec
-from graphrl.compile_cli import POLICY_NAMES
+from graphrl.cli.compile import POLICY_NAMES
 from graphrl.compiler import compile_graph
 from graphrl.errors import UsageError
 from graphrl.lower_placed import lower_placed
@@ -73,11 +73,11 @@ def test_the_cli_lowers_a_compile_dump_to_its_plan_json_byte_for_byte(tmp_path, 
     out = capsys.readouterr().out
     spec = re.search(r"^pipeline: (.*)$", out, re.M).group(1)
     assert spec == ("assign-devices{policy=auto},choose-overlap,insert-reshard{exact=true},"
-                    "lower")
+                    "price-stream{search=false},lower")
     dumps = sorted(p.name for p in first.glob("0*.txt"))
     assert dumps == ["000_traced.txt", "001_assign-devices.txt", "002_choose-overlap.txt",
-                     "003_insert-reshard.txt", "004_lower.txt"]
-    assert main(["lower", str(first / "003_insert-reshard.txt"), "--dump", str(second)]) == 0
+                     "003_insert-reshard.txt", "004_price-stream.txt", "005_lower.txt"]
+    assert main(["lower", str(first / "004_price-stream.txt"), "--dump", str(second)]) == 0
     assert "(as compiled)" in capsys.readouterr().out
     assert (second / "plan.json").read_bytes() == (first / "plan.json").read_bytes()
     # the printed pipeline compiles to the same plan

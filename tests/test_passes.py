@@ -318,7 +318,7 @@ def test_compile_graph_is_the_passes_in_a_row(stages):
                              placement=CASES[stages["case"]])
     assert compiled.graph == stages["insert-reshard"]
     assert compiled.plan.to_json() == stages["plan"].to_json()
-    assert [name for name, _ in compiled.timings] == [*PASSES, "lower"]
+    assert [name for name, _ in compiled.timings] == [*PASSES, "price-stream", "lower"]
 
 
 # -- golden text ------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def test_pass_options_are_coerced_by_their_declared_types_and_print_back():
                     "insert-reshard{exact=false},lower")
     assert parse_pipeline(text) == passes
     assert set(PASSES_BY_NAME) == {"staleness", "assign-devices", "choose-overlap",
-                                   "insert-reshard", "lower"}
+                                   "insert-reshard", "price-stream", "lower"}
 
 
 def test_the_ranking_runs_the_declared_rest_of_the_pipeline(program):

@@ -134,7 +134,7 @@ def _gap(a, b, roll):
 
 
 def _engine(decl):
-    from graphrl.backends.engines.base import create_engine
+    from graphrl.backends.engines.registry import create_engine
 
     return create_engine(decl.engine, decl, {}, "cpu", 0)
 

@@ -22,7 +22,7 @@ from test_ray_reshard import batch, four_ranks  # noqa: E402
 
 from graphrl.backends.ray.group import RankGroup  # noqa: E402
 from graphrl.parallel import Strategy, megatron_groups  # noqa: E402
-from graphrl.passes.reshard_plan import plan_model_reshard  # noqa: E402
+from graphrl.reshard_plan import plan_model_reshard  # noqa: E402
 
 TIMEOUT = 120.0
 # key: (family, engine, training GPUs, strategy); generation replicas on the other two

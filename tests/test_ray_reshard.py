@@ -24,7 +24,7 @@ from graphrl.backends.ray.group import RankGroup, WorkerError  # noqa: E402
 from graphrl.backends.ray.sharded import (fsdp_layout, param_specs,  # noqa: E402
                                           replicated_layout, shard_batch)
 from graphrl.parallel import DeviceMesh, Strategy  # noqa: E402
-from graphrl.passes.reshard_plan import (bucketize, extract, plan_model_reshard,  # noqa: E402
+from graphrl.reshard_plan import (bucketize, extract, plan_model_reshard,  # noqa: E402
                                          verify_transfer_plan)
 from graphrl.shard import Box, ModelLayout, TensorLayout, model_layout  # noqa: E402
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphrl.parallel import DeviceMesh, Strategy
-from graphrl.passes.reshard_plan import (apply_plan, assemble, bucketize, extract,
+from graphrl.reshard_plan import (apply_plan, assemble, bucketize, extract,
                                          hybridflow_traffic, naive_allgather_bytes,
                                          naive_allgather_bytes_by_gpu, plan_model_reshard,
                                          plan_transfer, verify_transfer_plan,

@@ -155,7 +155,7 @@ def test_run_reports_trained_steps_only(grpo, tmp_path):
 
 
 def test_compile_chooses_async_only_when_it_pays(root):
-    from graphrl.compile_cli import async_row
+    from graphrl.cli.compile import async_row
     from graphrl.compiler import compile_graph
     from graphrl.lengths import parse as parse_lengths
     from graphrl.placement_file import cluster_of
@@ -199,13 +199,13 @@ def test_compile_chooses_async_only_when_it_pays(root):
     # use), it takes the batch in one call
     from copy import copy
 
-    from graphrl.async_compile import _no_room_for_gradient_copy
+    from graphrl.passes.price_stream import no_room_for_gradient_copy
 
     train = next(n.name for n in c.plan.graph.nodes if n.target == "train")
-    assert "gradient copy" in _no_room_for_gradient_copy(c.plan, (train,), c.problem)[train]
+    assert "gradient copy" in no_room_for_gradient_copy(c.plan, (train,), c.problem)[train]
     roomy = copy(c.problem)
     roomy.capacity = 2 * roomy.capacity
-    assert _no_room_for_gradient_copy(c.plan, (train,), roomy) == {}
+    assert no_room_for_gradient_copy(c.plan, (train,), roomy) == {}
     gen = c.graph.node("%rollout")    # the plan runs the rewritten graph on the two pools
     pool = set(range(f["async"].gen_gpus))
     assert set(gen.placement.mesh.gpus) == pool

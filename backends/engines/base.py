@@ -69,20 +69,3 @@ def fit_micro_batches(rows: int, planned: int) -> int:
     it that divides the rows it has (the plan's count is sized for the planning batch,
     not every batch); engines report the count they ran."""
     return max(k for k in range(1, max(1, min(planned, rows)) + 1) if rows % k == 0)
-
-
-def create_engine(engine: str, decl: Any, options: Mapping[str, Any], device: str,
-                  seed: int) -> ModelEngine:
-    """Build the engine a ModelDecl names: `hf` (Hugging Face models throughout) or
-    `fast` (the same, generating with the static-KV-cache, continuous-batching engine)."""
-    if engine == "hf":
-        from .hf import HFEngine
-
-        return HFEngine(decl, options, device=device, seed=seed)
-    if engine == "fast":
-        from .fast import FastEngine
-
-        return FastEngine(decl, options, device=device, seed=seed)
-    from graphrl.errors import UsageError
-
-    raise UsageError(f"model {decl.name}: unknown engine {engine!r} (available: hf, fast)")

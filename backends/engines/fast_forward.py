@@ -61,8 +61,6 @@ def supported(module: nn.Module) -> bool:
     """Whether fast_logprobs runs this module: a float32/float64/bfloat16 Llama-family causal LM
     (llama, mistral, qwen2, qwen3) with SiLU, the default or llama3 rotary embedding and
     no sliding window (see the module doc)."""
-    from .fast_model import sliding_windows
-
     cfg = module.config
     if cfg.model_type not in LLAMA_TYPES or not hasattr(module, "lm_head"):
         return False
@@ -75,6 +73,21 @@ def supported(module: nn.Module) -> bool:
             and not any(sliding_windows(cfg, cfg.num_hidden_layers))
             and (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
             % 2 == 0)
+
+
+def sliding_windows(config: Any, layers: int) -> list[int]:
+    """Each layer's attention window (0: full attention), as Hugging Face's modules apply
+    it: Mistral's `sliding_window` on every layer; Qwen2/Qwen3's on the layers that
+    `layer_types` marks "sliding_attention" (their configs set it from use_sliding_window
+    and max_window_layers). A query at position i sees keys j with i - window < j <= i
+    (transformers' sliding_window_overlay)."""
+    window = getattr(config, "sliding_window", None) or 0
+    if config.model_type == "gpt2" or not window:
+        return [0] * layers
+    types = getattr(config, "layer_types", None)
+    if config.model_type == "mistral" or types is None:
+        return [int(window)] * layers
+    return [int(window) if t == "sliding_attention" else 0 for t in types]
 
 
 def interleave_rows(heads: int, d: int, device: torch.device) -> torch.Tensor:
@@ -338,4 +351,5 @@ def _shared_logprobs(module: nn.Module, tokens: torch.Tensor, mask: torch.Tensor
                       lp[u * (p - 1):].view(b, r)], dim=1)
 
 
-__all__ = ["supported", "fast_logprobs", "interleave_rows", "SharedPrefix"]
+__all__ = ["supported", "fast_logprobs", "interleave_rows", "sliding_windows",
+           "SharedPrefix"]

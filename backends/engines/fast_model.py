@@ -29,7 +29,7 @@ from torch import nn
 
 from graphrl.errors import UsageError
 
-from .fast_forward import interleave_rows
+from .fast_forward import interleave_rows, sliding_windows
 
 
 def rope_inv_freq(config: Any, head_dim: int, device: Any = None) -> torch.Tensor:
@@ -63,21 +63,6 @@ def rope_inv_freq(config: Any, head_dim: int, device: Any = None) -> torch.Tenso
     smooth = (1 - s) * scaled / factor + s * scaled
     middle = (wavelen >= old / high) & (wavelen <= old / low)
     return torch.where(middle, smooth, scaled)
-
-
-def sliding_windows(config: Any, layers: int) -> list[int]:
-    """Each layer's attention window (0: full attention), as Hugging Face's modules apply
-    it: Mistral's `sliding_window` on every layer; Qwen2/Qwen3's on the layers that
-    `layer_types` marks "sliding_attention" (their configs set it from use_sliding_window
-    and max_window_layers). A query at position i sees keys j with i - window < j <= i
-    (transformers' sliding_window_overlay)."""
-    window = getattr(config, "sliding_window", None) or 0
-    if config.model_type == "gpt2" or not window:
-        return [0] * layers
-    types = getattr(config, "layer_types", None)
-    if config.model_type == "mistral" or types is None:
-        return [int(window)] * layers
-    return [int(window) if t == "sliding_attention" else 0 for t in types]
 
 
 class FastLM:

@@ -29,6 +29,7 @@ from graphrl.graph import ModelDecl
 
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
+from .hf_classes import hf_class, inference_config
 from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
 from .train_loop import TwoParts, micro_batches, rank_share, train_epochs
 
@@ -42,42 +43,6 @@ def resolve_device(device: str) -> torch.device:
     if not (device == "cpu" or device.startswith("cuda")):
         raise UsageError(f"--device {device!r}: use cpu or cuda")
     return torch.device(device)
-
-
-SCALAR_HEADS = {  # head -> (HF class suffix, the attribute holding the head's Linear)
-    "value": "ForTokenClassification",      # a scalar per token: a critic
-    "score": "ForSequenceClassification",   # a scalar per sequence: a reward model
-}
-
-
-def hf_class(spec: Any, auto: bool = False) -> Any:
-    """The transformers class of a model with this head: a causal LM for `lm`, token
-    classification (one label) for `value`, sequence classification (one label) for
-    `score`; `auto` picks the Auto class (a checkpoint's own architecture)."""
-    import transformers
-
-    suffix = "ForCausalLM" if spec.head == "lm" else SCALAR_HEADS[spec.head]
-    if auto:
-        return getattr(transformers, "AutoModel" + suffix)
-    if spec.family == "gpt2":
-        return getattr(transformers, "GPT2LMHeadModel" if spec.head == "lm" else "GPT2" + suffix)
-    return getattr(transformers, HF_PREFIX[spec.model_type] + suffix)
-
-
-HF_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-
-
-def inference_config(config: Any, head: str) -> Any:
-    """The config as graphrl runs it: SDPA attention, no dropout (RL needs the same
-    function in every pass), one label for scalar heads."""
-    config._attn_implementation = "sdpa"
-    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
-                "classifier_dropout", "hidden_dropout", "summary_first_dropout"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
-    if head != "lm":
-        config.num_labels = 1
-    return config
 
 
 def build_module(decl: ModelDecl, checkpoint: str | None = None) -> nn.Module:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 from graphrl.errors import UsageError
 from graphrl.hf_dir import TOKENIZER_FILES, check_model_dir
 
+from .hf_classes import hf_class, inference_config
+
 
 @contextlib.contextmanager
 def no_progress_bars():
@@ -138,8 +140,6 @@ def check_checkpoints(models: Mapping[str, Any], graph: Any) -> None:
 
     from graphrl.engines import resolve_engines
 
-    from .hf import hf_class, inference_config
-
     resolved = resolve_engines(graph, {name: m.engine for name, m in models.items()})
     for name, m in sorted(models.items()):
         if m.checkpoint is None:
@@ -227,8 +227,6 @@ def empty_module(decl: Any, checkpoint: str | None) -> Any:
     device: the shape to save weights into, nothing allocated."""
     import torch
     import transformers
-
-    from .hf import hf_class
 
     head = decl.spec.head
     if checkpoint is None:

@@ -15,7 +15,7 @@ class DriverEngines(Mapping[str, Any]):
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.built:
-            from graphrl.backends.engines.base import create_engine
+            from graphrl.backends.engines.registry import create_engine
 
             m = self.program.models[name]
             eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)

@@ -13,7 +13,10 @@ A step walks the plan's instruction groups in `assign.dispatch_order`:
   (`assign.split_rows`; training: every rank sees the whole batch and takes its part of
   each minibatch). The call is issued without waiting; its result stays a Ray object
   that later calls take as arguments, so calls on disjoint meshes run at the same time.
-  A streamed run (parts k/K) runs whole at its first part.
+  A streamed run (parts k/K) runs whole at its first part. A streamed async step's
+  parts (passes/lower_stream.py): generate's `head` and a `head_part` call's `rest` run
+  where they are; its `tail`, the push before it and the `early` parts are issued after
+  the step's other instructions (stream_calls.py, head_parts.py).
 - `run` on the host: an op, on the driver, once its inputs have arrived.
 - `reshard`: every GPU of the TransferPlan runs its part (torch.distributed
   point-to-point); the bytes each sent are recorded beside the plan's figure.
@@ -49,7 +52,8 @@ from .assign import Group, assign_engines, dispatch_order, split_rows
 from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
 from .specs import CallSpec, InputSpec, Stamp
-from .stream_calls import check_streams, skip_push, stream_head, stream_tails
+from .stream_calls import (LATER_PARTS, check_streams, push_before_head, skip_push,
+                           stream_head, stream_tails)
 from .head_parts import HEAD_PART, issue_head_parts, run_rest, split_host_op
 from .reshard_steps import ReshardSteps
 from .state import CheckpointMethods
@@ -262,14 +266,19 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         reshards: list[tuple[Node, dict[int, Any]]] = []
         for grp in self.order:
             self.instructions_dispatched += len(grp.members)
+            part = grp.members[0][1].part
+            if part in LATER_PARTS:   # issued after the step's instructions (stream_tails,
+                continue              # issue_head_parts)
             if grp.op == "run":
                 n = g.node(grp.node)
+                if n.attr("stream_cut") and n.inputs[0] not in env:   # its push comes later
+                    reshards += push_before_head(self, n, env, iteration, _Value, checks)
                 if warmup and not all(i in env for i in n.inputs):
                     continue
                 if grp.workers == (HOST,):
                     host_events.append(self._run_op(n, env, iteration))
-                elif grp.members[0][1].part in ("",) or \
-                        grp.members[0][1].part.startswith("1/"):   # streamed: whole at part 1
+                elif part in ("", "head", "rest") or part.startswith("1/"):
+                    # streamed: whole at its first part
                     if n.attr("stream_cut"):   # streamed generation: head now, tail last
                         stream_head(self, n, env, iteration)
                     elif n.attr(HEAD_PART):   # started on the head part (head_parts.py)

@@ -9,9 +9,10 @@
   are issued, the driver waits (with the executor's timeout) for those rows and runs the
   `head_part` nodes on them in graph order: forwards are issued on their ranks, ops run
   on the driver once their inputs arrived, a train's head part (train_loop.TwoParts,
-  part="head": gradient kept, no optimizer step) is issued on its ranks. The training
-  pool's actors run them after the step's train and push, beside the tail; results stay
-  Ray objects (and engine state) for the next step.
+  part="head": gradient kept, no optimizer step) is issued on its ranks, each between
+  the plan's onload and offload of its early part where its GPUs offload (passes/
+  lower_stream.py). The training pool's actors run them after the step's train and
+  push, beside the tail; results stay Ray objects (and engine state) for the next step.
 - `run_rest` / `run_train_rest` / `split_host_op`: at the next step a `head_part` node
   computes the other rows — a forward's output is both parts in row order (a zero-CPU
   Ray task puts them together, so the driver does not wait), a train takes its rest and
@@ -153,23 +154,39 @@ def issue_head_parts(ex: Any, iteration: int, make_value: Any) -> None:
             if any(i not in env for i in n.inputs[1:]):
                 break   # an earlier node of the part did not start early
             key = ex.engines.node_engine.get(n.name)
-            if n.target == "forward":
-                v = _issue_forward(ex, n, env[n.inputs[1]], it, make_value)
-                if v is None:
-                    break
-                env[n.outputs[0].name] = v
-                st["done"][n.name] = (it, ex.versions[key], index, v)
-            elif n.kind == "op":
+            if n.kind == "op":
                 args = [_local(ex, env[i], i) for i in n.inputs]
                 attrs = {k: v for k, v in n.attr_dict.items() if k != HEAD_PART}
                 out = ex.program.ops[n.target].fn(*args, **attrs)
                 for v, r in zip(n.outputs, out if isinstance(out, tuple) else (out,)):
                     env[v.name] = r
-            elif n.target == "train" and ex.engines.specs[key].kind in TRAIN_KINDS:
-                payloads = [_local(ex, env[i], i) for i in n.inputs[1:]]
-                whole = torch.arange(int(index.numel()))
-                if _issue_train(ex, n, payloads, whole, "head", it, make_value, it + 1):
-                    st["done"][n.name] = (it, ex.versions[key], index, None)
+                continue
+            _early_memory(ex, n, "onload", iteration)   # the plan's, around the early part
+            try:
+                if n.target == "forward":
+                    v = _issue_forward(ex, n, env[n.inputs[1]], it, make_value)
+                    if v is None:
+                        break
+                    env[n.outputs[0].name] = v
+                    st["done"][n.name] = (it, ex.versions[key], index, v)
+                elif n.target == "train" and ex.engines.specs[key].kind in TRAIN_KINDS:
+                    payloads = [_local(ex, env[i], i) for i in n.inputs[1:]]
+                    whole = torch.arange(int(index.numel()))
+                    if _issue_train(ex, n, payloads, whole, "head", it, make_value, it + 1):
+                        st["done"][n.name] = (it, ex.versions[key], index, None)
+            finally:
+                _early_memory(ex, n, "offload", iteration)
+
+
+def _early_memory(ex: Any, n: Node, op: str, iteration: int) -> None:
+    """The plan's `op` (onload / offload) instructions of `n`'s early part (passes/
+    lower_stream.py), on their ranks, in issue order around the early call."""
+    from .assign import Group
+
+    members = tuple((w, i) for w, i in ex.plan.instrs()
+                    if i.op == op and i.node == n.name and i.part == "early")
+    if members:
+        ex._memory_op(Group(f"{op}:{n.name}:early", op, members), iteration)
 
 
 def split_host_op(ex: Any, n: Node, args: list[Any]) -> tuple[Any, ...]:

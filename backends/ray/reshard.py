@@ -1,4 +1,4 @@
-"""Run a symbolic transfer plan (graphrl.passes.reshard_plan) on real tensors with
+"""Run a symbolic transfer plan (graphrl.reshard_plan) on real tensors with
 torch.distributed point-to-point operations.
 
 Every rank taking part calls `execute_plan` with the same plan and its own local tensors:
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from graphrl.errors import ExecutionError
-from graphrl.passes.reshard_plan import (Bucket, BucketItem, ModelTransferPlan, Transfer,
+from graphrl.reshard_plan import (Bucket, BucketItem, ModelTransferPlan, Transfer,
                                          TransferPlan)
 from graphrl.shard import Box, FlatRange, Piece, TensorLayout, region_size
 

@@ -23,7 +23,7 @@ class ReshardSteps:
 
     def _plan_reshards(self) -> dict[str, tuple[Any, Any]]:
         """Reshard node -> (TransferPlan, its Ray object), on the engines' real layouts."""
-        from graphrl.passes.reshard_plan import plan_model_reshard
+        from graphrl.reshard_plan import plan_model_reshard
 
         out = {}
         for n in self.graph.nodes:

@@ -129,10 +129,10 @@ class ExecWorker(RankWorker):
         else:
             raise UsageError(f"engine {spec.key}: unknown kind {spec.kind!r}")
         if spec.init_from is not None:
-            from ..engines.hf import HFEngine
+            from ..engines.registry import create_engine
 
             options = {"checkpoint": spec.init_checkpoint} if spec.init_checkpoint else {}
-            source = HFEngine(spec.init_from, options, device="cpu", seed=spec.seed)
+            source = create_engine("hf", spec.init_from, options, "cpu", spec.seed)
             self.engine(spec.key).load_weights(source.export_weights())
         return layout
 
@@ -151,24 +151,12 @@ class ExecWorker(RankWorker):
     def _build_sharded(self, spec: EngineSpec) -> Any:
         """A megatron-core or DeepSpeed engine over the mesh, with the plan's degrees (a
         collective over the mesh's ranks); returns its layout."""
-        groups = self._member_groups(spec)
+        from ..engines.registry import RankMesh, create_engine
+
         s = spec.strategy
-        if spec.kind == "megatron":
-            from ..engines.megatron import MegatronEngine
-
-            eng = MegatronEngine(spec.decl, spec.options, ranks=spec.gpus, rank=self.rank,
-                                 groups=groups, dp=s.dp, tp=s.tp, pp=s.pp,
-                                 micro_batches=s.micro_batches, zero=s.zero,
-                                 sequence_parallel=s.tp > 1, device=self.device,
-                                 seed=spec.seed)
-        else:
-            from ..engines.deepspeed_engine import DeepSpeedEngine
-
-            eng = DeepSpeedEngine(spec.decl, spec.options, ranks=spec.gpus, rank=self.rank,
-                                  group=groups["mesh"], self_group=groups["self"],
-                                  zero=s.zero, offload=bool(s.offload),
-                                  micro_batches=s.micro_batches,
-                                  device=self.device, seed=spec.seed)
+        mesh = RankMesh(tuple(spec.gpus), self.rank, self._member_groups(spec), s,
+                        sequence_parallel=s.tp > 1)
+        eng = create_engine(spec.kind, spec.decl, spec.options, self.device, spec.seed, mesh)
         self._add(spec.key, eng)
         return getattr(eng, "layout", None)
 

@@ -67,7 +67,7 @@ def _meta_module(decl: ModelDecl, checkpoint: Any) -> nn.Module:
         return build_module(decl)
     import transformers
 
-    from ..engines.hf import hf_class, inference_config
+    from ..engines.hf_classes import hf_class, inference_config
 
     config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
     return hf_class(decl.spec, auto=True).from_config(inference_config(config, decl.spec.head))
@@ -124,7 +124,7 @@ class ReplicatedEngine:
         if gpu not in gpus:
             raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
         self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
-        from ..engines.base import create_engine
+        from ..engines.registry import create_engine
 
         self.engine = create_engine(decl.engine, decl, options, device, seed)
         self.specs = param_specs(decl, self.engine.module)
@@ -197,7 +197,7 @@ class FSDPEngine:
         if gpu not in gpus:
             raise UsageError(f"model {decl.name}: GPU {gpu} is not in its mesh {list(gpus)}")
         self.decl, self.gpu, self.gpus = decl, gpu, tuple(gpus)
-        from ..engines.base import create_engine
+        from ..engines.registry import create_engine
 
         self.engine = create_engine(decl.engine, decl, options, device, seed)
         self.specs = param_specs(decl, self.engine.module)

@@ -92,6 +92,26 @@ def _push_node(ex: Any, n: Node) -> Optional[Node]:
     return p if p is not None and p.target == "reshard" else None
 
 
+LATER_PARTS = ("tail", "early")   # plan parts issued after the step's other instructions
+
+
+def push_before_head(ex: Any, n: Node, env: dict[str, Any], iteration: int,
+                     make_value: Any, checks: list[Any]) -> list[tuple[Node, Any]]:
+    """Bind the weights of streamed generate node `n`, whose push the plan places after
+    the head (passes/lower_stream.py: it pushes the weights the step's train makes, which
+    stream_tails does): already there when the previous step's tail pushed them, else
+    (the first step) pushed now, before the head. Returns the push run, if any, for the
+    step's reshard records; `checks` gains its check where reshards are checked."""
+    push = _push_node(ex, n)
+    if push is None or skip_push(ex, push, env, make_value):
+        return []
+    stats = ex._run_reshard(push, env, iteration)
+    _pushed(ex)[ex.engines.gen_engine[push.model]] = env[push.inputs[0]].token.version
+    if ex.check_reshards and not ex.noop:
+        checks.append(ex._check_reshard(push))
+    return [(push, stats)]
+
+
 def skip_push(ex: Any, n: Node, env: dict[str, Any], make_value: Any) -> bool:
     """A step's reshard into a streaming generation engine that the previous step's
     tail already pushed at this version: nothing to send (binds its output)."""
@@ -165,8 +185,7 @@ def run_stream(worker: Any, engine: Any, spec: CallSpec,
                data: list[tuple[Mapping[str, Any], int]]) -> Any:
     """On a rank: this rank's rows of a stream_head / stream_tail / stream_logprobs."""
     from graphrl.backends.stream_generation import stream_for
-
-    from .runtime import _rows
+    from graphrl.backends.stream_parts import take_rows
 
     attrs = dict(spec.attrs)
     version = int(attrs.pop("stream_version"))
@@ -178,14 +197,14 @@ def run_stream(worker: Any, engine: Any, spec: CallSpec,
     noise = (lo * samples, spec.total * samples)
     if spec.method == "stream_head":
         (prompts, first), = data
-        stream.head(spec.iteration, _rows(prompts, lo - first, hi - first), spec.seed,
-                    version, noise)
+        mine = take_rows(prompts, slice(lo - first, hi - first))
+        stream.head(spec.iteration, mine, spec.seed, version, noise)
         return None
     if spec.method == "stream_tail":
         nxt = None
         if next_seed is not None:
             (prompts, first), = data
-            nxt = (spec.iteration + 1, _rows(prompts, lo - first, hi - first),
+            nxt = (spec.iteration + 1, take_rows(prompts, slice(lo - first, hi - first)),
                    int(next_seed), noise)
         rollout, behaviour, _ = stream.tail(spec.iteration, version, nxt)
         stream.finished[spec.iteration] = behaviour

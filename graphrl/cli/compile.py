@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .placement_file import POLICY_NAMES, cluster_of, gen_engine, load_placement
+from ..placement_file import POLICY_NAMES, cluster_of, gen_engine, load_placement
 
 __all__ = ["POLICY_NAMES", "add_compile_options", "compile_main", "compare_main",
            "compare_rows", "cluster_of", "gen_engine", "load_placement"]
@@ -52,7 +52,7 @@ def format_table(compiled: Any) -> str:
 def response_lengths(ns: argparse.Namespace) -> Any:
     """The parsed --response-lengths (None if absent); a --response-len left unset
     becomes the distribution's max."""
-    from .lengths import parse
+    from ..lengths import parse
 
     if not getattr(ns, "response_lengths", None):
         return None
@@ -64,7 +64,7 @@ def response_lengths(ns: argparse.Namespace) -> Any:
 
 def spread_lines(compiled: Any, lengths: Any) -> list[str]:
     """p50 / p90 of each generate call's predicted seconds over sampled length draws."""
-    from .serving import SPREAD_DRAWS, generation_spread
+    from ..serving import SPREAD_DRAWS, generation_spread
 
     ev, problem = compiled.evaluation, compiled.problem
     out = []
@@ -83,11 +83,11 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 
 
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
-    from .compiler import compile_graph
-    from .experiment import run_options
-    from .progress import Progress
+    from ..compiler import compile_graph
+    from .run_args import run_options
+    from ..progress import Progress
 
-    from .outputs import check_output_dir
+    from ..outputs import check_output_dir
 
     if ns.dump:  # before compiling: say now, not after the search, that DIR is unusable
         check_output_dir("--dump", ns.dump)
@@ -119,7 +119,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
         print(f"response lengths {lengths.text()}; generation " + "; ".join(
             spread_lines(compiled, lengths)))
     if dump is not None:
-        from .dump import write_dumps
+        from ..dump import write_dumps
 
         paths = write_dumps(plan, dump)
         print(f"dumps: {dump}/ ({', '.join(sorted(Path(p).name for p in paths))} and the "
@@ -146,8 +146,8 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
                  placement: dict[str, Any] | None = None,
                  lengths: Any = None, headroom: float | None = None,
                  progress: Any = None, staleness: int = 0) -> list[dict[str, Any]]:
-    from .compiler import compile_graph
-    from .errors import GraphRLError
+    from ..compiler import compile_graph
+    from ..errors import GraphRLError
 
     rows = []
     for policy in POLICY_NAMES:
@@ -179,8 +179,8 @@ def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any
               staleness: int) -> dict[str, Any]:
     """auto's asynchronous row under staleness <= K: the best async plan's lowered step,
     staleness and pools, whether auto chose it (else why it lost), its lower bound."""
-    from .compiler import compile_graph
-    from .errors import GraphRLError
+    from ..compiler import compile_graph
+    from ..errors import GraphRLError
 
     base = {"policy": "auto", "mode": "async", "chosen": False, "compile_seconds": None,
             "async_bound": None, "split": "", "head_part": None}
@@ -216,8 +216,8 @@ def _head_part(report: Any) -> dict[str, Any] | None:
 
 
 def compare_main(ns: argparse.Namespace, build: Any) -> int:
-    from .experiment import run_options
-    from .progress import Progress
+    from .run_args import run_options
+    from ..progress import Progress
 
     lengths = response_lengths(ns)
     opts = run_options(ns)

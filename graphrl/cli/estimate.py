@@ -15,13 +15,13 @@ import json
 import sys
 from typing import Any
 
-from .cluster import GPU_TYPES, gpu_type
-from .cost import ENGINES, PHASES, CallCost, estimate
+from ..cluster import GPU_TYPES, gpu_type
+from ..cost import ENGINES, PHASES, CallCost, estimate
+from ..errors import UsageError
+from ..parallel import Strategy
+from ..types import HEADS, ModelSpec
 from .argtypes import int_at_least
 from .error_report import ArgumentParser
-from .errors import UsageError
-from .parallel import Strategy
-from .types import HEADS, ModelSpec
 
 PROG = "graphrl estimate"
 
@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_spec(path: str, head: str) -> ModelSpec:
-    from .model_config import load_hf_config
+    from ..model_config import load_hf_config
 
     return ModelSpec.from_hf_config(load_hf_config(path), head=head)
 

@@ -3,6 +3,7 @@
     graphrl run EXAMPLE.py [--iterations N --seed S --metrics FILE --trace FILE --device D]
                 [--backend ray --cluster 1x4xcpu --policy auto --placement FILE --address A]
     graphrl show EXAMPLE.py|plan.json  print the traced graph, or a saved plan
+    graphrl show --simulate plan.json [--json]   its predicted step beside its simulation
     graphrl compile EXAMPLE.py --cluster 4x8xH100 --policy auto --dump DIR
     graphrl compare EXAMPLE.py --cluster 4x8xH100 [--json]
     graphrl estimate --model-config CONFIG.json --phase train ...   the cost model
@@ -15,9 +16,10 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from ..example_file import load_example
+from ..experiment import Experiment, RunOptions
 from .error_report import ArgumentParser, guarded, split_debug
-from .example_file import load_example
-from .experiment import Experiment, RunOptions, add_run_options, run_options
+from .run_args import add_run_options, run_options
 
 DESCRIPTION = """graphrl: trace an RLHF step (PPO, GRPO) into a dataflow graph, compile it
 and run it. An EXAMPLE is a Python file defining build(options) -> Experiment, such as
@@ -27,7 +29,7 @@ tracebacks."""
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from .runner import run_experiment
+    from ..runner import run_experiment
 
     build = load_example(ns.example)
     run_experiment(build(run_options(ns)), run_options(ns))
@@ -35,9 +37,11 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _show(ns: argparse.Namespace) -> int:
+    if ns.simulate or ns.json:
+        return _show_simulated(ns)
     if ns.example.endswith(".json"):
-        from .dump import plan_text
-        from .plan_file import load_plan
+        from ..dump import plan_text
+        from ..plan_file import load_plan
 
         print(plan_text(load_plan(ns.example)), end="")
         return 0
@@ -47,26 +51,52 @@ def _show(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _show_simulated(ns: argparse.Namespace) -> int:
+    """`show --simulate plan.json`: the saved plan's instruction streams simulated again
+    (graphrl/simulate.py) beside the step it predicts; exit 1 where they differ."""
+    import json
+
+    from ..errors import UsageError
+    from ..plan_file import load_plan
+    from ..simulate import simulate
+
+    if not ns.simulate or not ns.example.endswith(".json"):
+        raise UsageError(f"graphrl show {ns.example}: --json goes with --simulate, which "
+                         "takes a plan.json (written by compile --dump)")
+    plan = load_plan(ns.example)
+    predicted, simulated = plan.predicted_step_seconds, simulate(plan)[1]
+    if ns.json:
+        print(json.dumps({"predicted_step_seconds": predicted,
+                          "simulated_step_seconds": simulated}))
+    else:
+        print(f"predicted step {predicted:.6f} s, its instructions simulated {simulated:.6f} s")
+    same = abs(predicted - simulated) <= 1e-9 * max(abs(predicted), abs(simulated))
+    if not same:
+        print(f"graphrl show: {ns.example}: the plan's predicted step differs from the "
+              "simulation of its instructions", file=sys.stderr)
+    return 0 if same else 1
+
+
 def _compile(ns: argparse.Namespace) -> int:
-    from .compile_cli import compile_main
+    from .compile import compile_main
 
     return compile_main(ns, load_example(ns.example))
 
 
 def _lower(ns: argparse.Namespace) -> int:
-    from .lower_cli import lower_main
+    from .lower import lower_main
 
     return lower_main(ns)
 
 
 def _compare(ns: argparse.Namespace) -> int:
-    from .compile_cli import compare_main
+    from .compile import compare_main
 
     return compare_main(ns, load_example(ns.example))
 
 
 def _plot(ns: argparse.Namespace) -> int:
-    from .plot import plot_metrics
+    from ..plot import plot_metrics
 
     print(f"graphrl plot: wrote {plot_metrics(ns.metrics, ns.output)}")
     return 0
@@ -79,7 +109,7 @@ def _estimate(argv: Sequence[str]) -> int:
 
 
 def _check_model(ns: argparse.Namespace) -> int:
-    from .check_model_cli import check_model_main
+    from .check_model import check_model_main
 
     return check_model_main(ns)
 
@@ -101,9 +131,15 @@ def parser() -> argparse.ArgumentParser:
                           description="Trace EXAMPLE's step and print its canonical text "
                                       "form, or print a plan.json written by compile --dump.")
     show.add_argument("example", metavar="EXAMPLE.py|plan.json")
+    show.add_argument("--simulate", action="store_true",
+                      help="with plan.json: simulate its instruction streams again and print "
+                           "that step beside the plan's predicted step (exit 1 if they differ)")
+    show.add_argument("--json", action="store_true",
+                      help="with --simulate: print {predicted_step_seconds, "
+                           "simulated_step_seconds}")
     add_run_options(show, backend=False)
     show.set_defaults(func=_show)
-    from .compile_cli import POLICY_NAMES, add_compile_options
+    from .compile import POLICY_NAMES, add_compile_options
 
     comp = sub.add_parser("compile", help="place, schedule and reshard a step for a cluster",
                           description="Compile EXAMPLE's step for a cluster: print a table "
@@ -122,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
     add_compile_options(comp)
     add_run_options(comp, backend=False)
     comp.set_defaults(func=_compile)
-    from .lower_cli import DESCRIPTION as LOWER_DESCRIPTION, add_arguments as add_lower
+    from .lower import DESCRIPTION as LOWER_DESCRIPTION, add_arguments as add_lower
 
     low = sub.add_parser("lower", help="lower a placed graph's text (a compile dump, perhaps "
                                        "edited) to its plan", description=LOWER_DESCRIPTION)
@@ -145,7 +181,7 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", metavar="METRICS.jsonl")
     plot.add_argument("-o", "--output", metavar="PNG", help="picture to write")
     plot.set_defaults(func=_plot)
-    from .check_model_cli import DESCRIPTION as CHECK_DESCRIPTION, add_arguments
+    from .check_model import DESCRIPTION as CHECK_DESCRIPTION, add_arguments
 
     check = sub.add_parser("check-model", help="check every engine against Hugging Face's "
                                                "own module on a local checkpoint",
@@ -176,7 +212,7 @@ def example_main(build: Callable[[RunOptions], Experiment],
     add_run_options(p)
 
     def go() -> int:
-        from .runner import run_experiment
+        from ..runner import run_experiment
 
         ns = p.parse_args(argv)
         run_experiment(build(run_options(ns)), run_options(ns))

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .errors import ExecutionError, GraphRLError
+from ..errors import ExecutionError, GraphRLError
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1

@@ -39,14 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_model_main(ns: argparse.Namespace) -> int:
-    from .backends.conformance import check_model, strategies
+    from ..backends.conformance import check_model, strategies
 
     engines = None
     if ns.engine:
         engines = [e.strip() for arg in ns.engine for e in arg.split(",") if e.strip()]
     plan = None
     if engines is not None or any(v is not None for v in (ns.tp, ns.pp, ns.zero, ns.dp)):
-        from .backends.conformance import available_engines
+        from ..backends.conformance import available_engines
 
         plan = strategies(engines or available_engines(), tp=ns.tp, pp=ns.pp,
                           zero=ns.zero, dp=ns.dp)

@@ -18,6 +18,11 @@ wire format of a transfer is its boxes in order, each row-major. `bucketize` spl
 into ordered buckets under a per-GPU staging-memory budget. `apply_plan` is the pure numpy
 reference executor; numpy is imported only inside the functions that move data.
 
+Pure shard algebra (no torch, no passes): the compiler plans with it
+(passes/insert_reshard.py) and the Ray executor re-plans the same transfers at run time
+from the engines' real layouts (backends/ray/reshard_steps.py, reshard.py), so it lives in
+the core, beside graphrl/shard.py.
+
 "Busiest link" counts each GPU's port, full duplex: max over GPUs of max(sent, received)
 — the figure the cost model divides by bandwidth.
 """

@@ -1,5 +1,6 @@
 """`graphrl run --backend ray`: compile the step for the cluster, start or join Ray, and
-start a RayExecutor on the plan.
+start a RayExecutor on the plan. Driver side: it joins the compiler (graphrl.compiler)
+and the Ray backend (graphrl.backends.ray), which never import each other.
 
 Without --address a local cluster is started with the plan's GPU count (fake GPUs on a
 machine without any) and shut down when the executor closes; the ranks then meet on
@@ -13,18 +14,16 @@ import os
 import sys
 from typing import Any, Optional, TextIO
 
-import ray
-
-from graphrl.errors import ExecutionError
-from graphrl.experiment import RunOptions
+from .errors import ExecutionError
+from .experiment import RunOptions
 
 DEFAULT_CLUSTER = "1x4xcpu"
 
 
 def compile_for(program: Any, opts: RunOptions) -> Any:
-    from graphrl.placement_file import cluster_of, load_placement
-    from graphrl.compiler import compile_graph
-    from graphrl.progress import Progress
+    from .compiler import compile_graph
+    from .placement_file import cluster_of, load_placement
+    from .progress import Progress
 
     progress = None if opts.quiet else Progress("graphrl run: compiling")
     compiled = compile_graph(program.graph, cluster_of(opts.cluster or DEFAULT_CLUSTER),
@@ -34,7 +33,7 @@ def compile_for(program: Any, opts: RunOptions) -> Any:
                              progress=progress)
     if progress is not None:
         progress.done()
-    from graphrl.backends.engines.hf_checkpoint import check_checkpoints
+    from .backends.engines.hf_checkpoint import check_checkpoints
 
     check_checkpoints(program.models, compiled.graph)   # weights agree with config.json
     return compiled
@@ -58,7 +57,7 @@ def wait_deadline(plan: Any, requested: Optional[float] = None) -> float:
 def gen_class(graph: Any) -> str:
     """The generation cost class the plan assumes: "graph" when every generating model
     is declared engine="fast", else "hf"."""
-    from graphrl.cost import generation_class
+    from .cost import generation_class
 
     gens = {n.model for n in graph.nodes if getattr(n, "target", "") == "generate"}
     classes = {generation_class(m.engine) for m in graph.models if m.name in gens}
@@ -69,11 +68,13 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
                    **kw: Any) -> Any:
     """A RayExecutor running `program` as compiled for `opts`; it owns the Ray session it
     had to start (closing the executor shuts it down)."""
-    from .cluster import start_ray
-    from .executor import RayExecutor
+    import ray
+
+    from .backends.ray.cluster import start_ray
+    from .backends.ray.executor import RayExecutor
 
     if opts.address and not ray.is_initialized():
-        from .address import check_address
+        from .backends.ray.address import check_address
 
         check_address(opts.address)
     compiled = compile_for(program, opts)

@@ -24,11 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lower_main(ns: argparse.Namespace) -> int:
-    from .errors import UsageError
-    from .lower_placed import lower_placed
-    from .outputs import check_output_dir
-    from .placement_file import cluster_of
-    from .simulate import simulate
+    from ..errors import UsageError
+    from ..lower_placed import lower_placed
+    from ..outputs import check_output_dir
+    from ..placement_file import cluster_of
+    from ..simulate import simulate
 
     path = Path(ns.placed)
     try:
@@ -53,7 +53,7 @@ def lower_main(ns: argparse.Namespace) -> int:
         print(f"predicted step: {plan.predicted_step_seconds:.3f} s (the simulation of its "
               f"instruction streams)")
     if ns.dump:
-        from .dump import write_dumps
+        from ..dump import write_dumps
 
         paths = write_dumps(plan, ns.dump)
         if not ns.json:
