@@ -116,3 +116,38 @@ def family_dirs(tmp_path_factory) -> dict:
     configs = {**TINY, "llama2_attention_bias": {**TINY["llama2"], "attention_bias": True},
                "llama2_mlp_bias": {**TINY["llama2"], "mlp_bias": True}}
     return {f: str(save_random_checkpoint(c, root / f)) for f, c in configs.items()}
+
+
+# -- running in parallel (pytest-xdist: `make test-parallel`) -----------------------------
+# Tests that share a session's state run in one worker, each group as one unit: every
+# Ray test (one Ray cluster a process, `shared_ray`), and the tests that share the trained
+# reward models (`reward_models`: trained once per worker, so once in all). The Ray tests
+# are also marked `ray`: `make test-parallel` runs them alone after the rest (next to
+# another worker, on 2 cores, their kill/restart runs missed their 60 s call deadlines).
+XDIST_GROUPS = (("shared_ray", "ray"), ("ray_session", "ray"), ("own_ray", "ray"),
+                ("reward_models", "reward_models"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker")
+    config.addinivalue_line("markers", "ray: uses the session's Ray cluster (set in conftest)")
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        group = next((g for fixture, g in XDIST_GROUPS if fixture in names), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+            if group == "ray":
+                item.add_marker(pytest.mark.ray)
+        # xdist 3.8 tells the scheduler a test's group by a "@group" suffix on its node
+        # id, set as item._nodeid, which pytest >= 9.2 no longer reads (the id is now
+        # item._id): add the suffix here (xdist's own assignment then changes nothing)
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        node_id = getattr(item, "_id", None)
+        if (groups and getattr(config.option, "loadgroup", False)   # an xdist worker's flag
+                and node_id is not None and "@" not in str(node_id).rpartition("]")[2]):
+            item._id = type(node_id).parse(f"{node_id}@{'_'.join(groups)}")

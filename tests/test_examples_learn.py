@@ -30,11 +30,12 @@ def test_reward_rises(example, seed, tmp_path, reward_models):
 
 
 @pytest.mark.parametrize("example", ["ppo", "grpo"])
-def test_reward_rises_with_staleness_1(example):
+def test_reward_rises_with_staleness_1(example, reward_models):
     """Asynchronous steps (rollouts train one step after they are generated, with the
     decoupled loss) learn as well: the same +0.15 bar, one seed."""
     opts = RunOptions(seed=11, quiet=True, staleness=1)
-    summary = run_experiment(load_build(example)(opts), opts)
+    exp = shared_prepare(load_build(example)(opts), reward_models, 11)
+    summary = run_experiment(exp, opts)
     first, last = summary.reward_window(True), summary.reward_window(False)
     assert last - first >= 0.15, f"{example} staleness 1: first5 {first:.3f} last5 {last:.3f}"
     assert len(summary.rows) == 60 and summary.rows[0]["iteration"] == 1

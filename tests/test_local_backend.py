@@ -95,7 +95,8 @@ def test_missing_input_is_named(ppo):
 def test_metrics_and_chrome_trace(ppo, tmp_path):
     opts = gr.RunOptions(iterations=2, seed=0, batch_size=4, quiet=True,
                          metrics=str(tmp_path / "m.jsonl"), trace=str(tmp_path / "t.json"))
-    run_experiment(load_build("ppo")(opts), opts)
+    # without the example's reward-model training (tests/test_examples_learn.py runs it)
+    run_experiment(dataclasses.replace(load_build("ppo")(opts), prepare=None), opts)
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert {"reward_mean", "step_seconds", "seconds/policy.generate",

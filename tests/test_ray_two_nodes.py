@@ -8,6 +8,7 @@ go to a temporary folder (RAY_TMPDIR), not /tmp/ray."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -24,10 +25,16 @@ PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3},
 
 
 @pytest.fixture
-def two_nodes(own_ray, tmp_path_factory, monkeypatch):
+def two_nodes(own_ray, monkeypatch, request):
+    import shutil
+    import tempfile
+
     from ray.cluster_utils import Cluster
 
-    tmp = tmp_path_factory.mktemp("ray2", numbered=True)
+    # a short folder (not under pytest's, which xdist makes longer): Ray puts unix sockets
+    # under it (paths of at most 107 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="grtest-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     (tmp / "ray").mkdir()     # Ray writes its address file there before the session's
     monkeypatch.setenv("RAY_TMPDIR", str(tmp))
     from graphrl.backends.ray.cluster import session_token_env, set_auth_env

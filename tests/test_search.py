@@ -119,12 +119,22 @@ def test_compiled_plans_are_valid_deterministic_and_auto_is_best(step, cluster):
 
 
 # -- auto against exhaustive search -----------------------------------------------------
+@lru_cache(maxsize=None)
+def brute_force(example: str, cluster: str):
+    """The exhaustive search's optimum for the 7b step on `cluster` (the slowest search
+    here: computed once for this test and the lower bound's)."""
+    graph = planning_graph(example, "7b", 512, 512, 64)
+    ctx = PassContext(ClusterSpec.parse(cluster), gen_engine="graph")
+    return policies.brute_force(problem_from_graph(graph, ctx))
+
+
+@pytest.mark.xdist_group("brute_force")   # one worker: brute_force() runs once a case
 @pytest.mark.parametrize("example, cluster", [("grpo", "1x4xH100"), ("ppo", "2x2xH100")])
 def test_auto_matches_brute_force_on_small_clusters(example, cluster):
     graph = planning_graph(example, "7b", 512, 512, 64)
     ctx = PassContext(ClusterSpec.parse(cluster), gen_engine="graph")
     auto = policies.auto(problem_from_graph(graph, ctx))
-    brute = policies.brute_force(problem_from_graph(graph, ctx))
+    brute = brute_force(example, cluster)
     assert auto is not None and brute is not None
     assert auto.step_seconds == pytest.approx(brute.step_seconds, abs=1e-9)
     bound = step_lower_bound(problem_from_graph(graph, ctx))
@@ -258,6 +268,7 @@ def test_placement_of_generation_reuses_training_gpus_only_when_shared():
 
 
 # -- the lower bound --------------------------------------------------------------------
+@pytest.mark.xdist_group("brute_force")   # one worker: brute_force() runs once a case
 @pytest.mark.parametrize("example, cluster", [("grpo", "1x4xH100"), ("ppo", "2x2xH100")])
 def test_lower_bound_is_below_the_optimum_and_not_trivial(example, cluster):
     from graphrl.passes.bound import step_lower_bound
@@ -266,7 +277,7 @@ def test_lower_bound_is_below_the_optimum_and_not_trivial(example, cluster):
     problem = problem_from_graph(graph, PassContext(ClusterSpec.parse(cluster),
                                                     gen_engine="graph"))
     bound = step_lower_bound(problem)
-    best = policies.brute_force(problem).step_seconds
+    best = brute_force(example, cluster).step_seconds
     assert bound is not None and bound <= best
     # generation alone at its best is part of it: the bound is more than half the optimum
     assert bound > 0.5 * best
