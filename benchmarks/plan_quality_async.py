@@ -1,17 +1,23 @@
-"""Plan quality of asynchronous off-policy steps (issue 13 item 5, async target):
-`auto` allowed staleness <= 1 against synchronous colocate-all on the long-tail cases at
->= 64 GPUs, with the async lower bound beside it (graphrl/async_cost.py).
+"""Plan quality of asynchronous off-policy steps (issue 20 item 5): `auto` allowed
+staleness <= K against synchronous colocate-all on long-tail workloads sampled AT RANDOM
+from a declared space (SPACE), each compiled as `graphrl compile --staleness K` does;
+the number reported is each plan's predicted step (`Plan.predicted_step_seconds`: the
+lowered plan, generation streamed as the executors run it), whether auto kept the
+synchronous plan or took the asynchronous one.
 
-    python benchmarks/plan_quality_async.py              # writes docs/async_steps.md
-    python benchmarks/plan_quality_async.py --out /tmp/a.md
+    python benchmarks/plan_quality_async.py                 # 24 workloads, seed 0
+    python benchmarks/plan_quality_async.py --n 8 --seed 3 --out /tmp/a.md
+    python benchmarks/plan_quality_async.py --suite    # plan_quality.py's six cases
 
-benchmarks/plan_quality.py calls `markdown_section` on its own results (the long-tail
-cases it already compiled), so its report carries the same table.
+benchmarks/plan_quality.py calls `async_rows` / `markdown_section` on its own long-tail
+cases at >= 64 GPUs (staleness 1), so its report carries the same columns for them.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -22,48 +28,205 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import plan_quality as pq  # noqa: E402
-from graphrl.async_cost import async_lower_bound, best_async  # noqa: E402
+import graphrl  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
-from graphrl.passes.assign_devices import problem_from_graph  # noqa: E402
-from graphrl.passes.base import PassContext  # noqa: E402
+from graphrl.compiler import compile_graph  # noqa: E402
+from graphrl.lengths import parse as parse_lengths  # noqa: E402
 
 MIN_GPUS = 64
-STALENESS = 1
-TARGET = 1.5     # issue 13: geometric-mean speedup over synchronous colocate-all
+TARGET = 1.5     # geometric-mean speedup of auto over synchronous colocate-all
 DEFAULT_OUT = ROOT / "docs" / "async_steps.md"
+GROUP = 4        # GRPO responses per prompt (examples/grpo.py GROUP_SIZE)
+PROMPT_LEN = 1024
+SPACE = {        # the declared space workloads are drawn from, uniformly per field
+    "algo": ("ppo", "grpo"),
+    "size": ("7b", "13b", "34b", "70b"),          # every model of the step (Llama-2 shapes)
+    "nodes": (8, 16, 32),                         # x 8 H100-80G: 64-256 GPUs
+    "batch": (128, 256, 512, 1024),               # sequences per step
+    "mean": (1024, 6144),                         # lognormal mean response tokens, range
+    "cap": (8192, 16384, 32768),                  # max response tokens (>= 2 x mean)
+    "staleness": (1, 4),                          # the --staleness bound, range
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    algo: str
+    size: str
+    nodes: int
+    batch: int       # sequences
+    mean: int
+    cap: int
+    staleness: int
+
+    @property
+    def dist(self) -> str:
+        return f"lognormal:mean={self.mean},max={self.cap}"
+
+    @property
+    def cluster(self) -> str:
+        return f"{self.nodes}x8xH100-80G"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.algo} {self.size} b{self.batch} tail{self.mean / 1024:.2g}k-"
+                f"{self.cap // 1024}k {self.nodes}x8 K<={self.staleness}")
+
+    def graph(self) -> Any:
+        if self.algo not in pq._BUILDS:
+            pq._BUILDS[self.algo] = pq.load_example(str(ROOT / "examples" / f"{self.algo}.py"))
+        prompts = self.batch // GROUP if self.algo == "grpo" else self.batch
+        opts = graphrl.RunOptions(model_size=f"{self.size}-64k", prompt_len=PROMPT_LEN,
+                                  response_len=self.cap, batch_size=prompts)
+        return pq._BUILDS[self.algo](opts).program().graph
+
+
+def sample(n: int, seed: int) -> list[Workload]:
+    """n workloads drawn from SPACE with random.Random(seed): each field uniform over its
+    choices (ranges: uniform integers, the mean rounded to 256 tokens), the cap among
+    those at least twice the mean."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        mean = 256 * round(rng.randint(*SPACE["mean"]) / 256)
+        out.append(Workload(rng.choice(SPACE["algo"]), rng.choice(SPACE["size"]),
+                            rng.choice(SPACE["nodes"]), rng.choice(SPACE["batch"]), mean,
+                            rng.choice([c for c in SPACE["cap"] if c >= 2 * mean]),
+                            rng.randint(*SPACE["staleness"])))
+    return out
 
 
 @dataclass(frozen=True)
 class AsyncRow:
     case: str
-    colocate: float | None     # synchronous colocate-all, lowered plan
-    auto_sync: float | None    # synchronous auto, lowered plan
-    async_step: float | None   # best async split (priced)
-    bound: float | None        # async lower bound
-    split: str
-    detail: str
-    executable: float | None = None   # the lowered plan of the staleness-1 rewrite
-    early: str = ""                   # calls that start on the head part (stream_train)
-
-    @property
-    def speedup_executed(self) -> float | None:
-        """Over colocate-all, counting async at its executable (lowered) plan."""
-        options = [x for x in (self.auto_sync, self.executable) if x is not None]
-        return self.colocate / min(options) if self.colocate and options else None
-
-    @property
-    def auto(self) -> float | None:
-        """auto with staleness <= 1: async if it pays, else synchronous auto."""
-        options = [x for x in (self.auto_sync, self.async_step) if x is not None]
-        return min(options) if options else None
+    colocate: float | None    # synchronous colocate-all, the lowered plan's step
+    auto: float | None        # auto with --staleness K: the plan's predicted step
+    auto_sync: float | None   # auto's synchronous plan
+    async_step: float | None  # the best async plan's lowered step (chosen or not)
+    pools: str                # its generation + training GPUs
+    staleness: int            # what auto runs (0: synchronous)
+    why: str                  # why the async plan lost, or why none ran
+    terms: tuple[float, float, float, float] | None = None  # head, train, push, tail (priced)
+    seconds: float = 0.0      # compile wall time of the case
+    error: str = ""
 
     @property
     def speedup(self) -> float | None:
         return self.colocate / self.auto if self.colocate and self.auto else None
 
+    speedup_executed = speedup   # plan_quality.py's name: the same plans
 
-def async_cases() -> list[Any]:
-    return [c for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
+    @property
+    def async_speedup(self) -> float | None:
+        return self.colocate / self.async_step if self.colocate and self.async_step else None
+
+
+def evaluate(name: str, graph: Any, cluster: ClusterSpec, dist: Any, staleness: int,
+             colocate: float | None = None) -> AsyncRow:
+    """One workload: colocate-all (compiled here unless given) and auto with staleness
+    <= K, as `graphrl compile` plans them."""
+    t0 = time.perf_counter()
+    kw = dict(gen_engine=pq.GEN_ENGINE, response_lengths=dist)
+    if colocate is None:
+        try:
+            colocate = compile_graph(graph, cluster, "colocate-all", **kw
+                                     ).plan.predicted_step_seconds
+        except graphrl.GraphRLError:
+            colocate = None
+    try:
+        c = compile_graph(graph, cluster, "auto", staleness=staleness, **kw)
+    except graphrl.GraphRLError as e:
+        return AsyncRow(name, colocate, None, None, None, "", 0, "", None,
+                        time.perf_counter() - t0, str(e).splitlines()[0])
+    r = c.findings["async_report"]
+    p = r.plan
+    terms = (p.head, p.train_seconds, p.push_seconds, p.tail) if p is not None else None
+    return AsyncRow(name, colocate, c.plan.predicted_step_seconds, r.sync_seconds,
+                    r.lowered_seconds, p.pools if p else "", r.staleness, r.why, terms,
+                    time.perf_counter() - t0)
+
+
+def geomean(xs: Sequence[float]) -> float | None:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def _f(x: float | None, unit: str = "") -> str:
+    return f"{x:.2f}{unit}" if x is not None else "-"
+
+
+def table(rows: Sequence[AsyncRow]) -> list[str]:
+    out = ["| workload | colocate-all s | auto sync s | best async s (gen+train GPUs) | "
+           "auto runs | auto s | auto vs colocate-all | async: head / train / push / tail "
+           "s (priced) | why async lost |",
+           "|---|---:|---:|---:|---|---:|---:|---|---|"]
+    for r in rows:
+        terms = " / ".join(f"{t:.1f}" for t in r.terms) if r.terms else "-"
+        runs = f"async K={r.staleness}" if r.staleness else "sync"
+        out.append(f"| {r.case} | {_f(r.colocate)} | {_f(r.auto_sync)} | {_f(r.async_step)} "
+                   f"({r.pools or '-'}) | {runs} | {_f(r.auto)} | {_f(r.speedup, 'x')} | "
+                   f"{terms} | {(r.why or r.error).replace('|', '/')} |")
+    return out
+
+
+def summary(rows: Sequence[AsyncRow]) -> dict[str, Any]:
+    xs = [r.speedup for r in rows if r.speedup]
+    sync = [r.colocate / r.auto_sync for r in rows if r.colocate and r.auto_sync]
+    asy = [r.async_speedup for r in rows if r.async_speedup]
+    tails = [r.terms[3] / r.async_step for r in rows if r.terms and r.async_step]
+    return {"n": len(rows), "scored": len(xs), "min": min(xs, default=None),
+            "median": statistics.median(xs) if xs else None, "geomean": geomean(xs),
+            "max": max(xs, default=None), "async_chosen": sum(bool(r.staleness) for r in rows),
+            "sync_geomean": geomean(sync), "async_geomean": geomean(asy),
+            "tail_share": statistics.median(tails) if tails else None}
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    g = s["geomean"]
+    return [f"auto (staleness <= K) over synchronous colocate-all, {s['scored']} of {s['n']} "
+            f"workloads scored: min {_f(s['min'], 'x')}, median {_f(s['median'], 'x')}, "
+            f"**geometric mean {_f(g, 'x')}**, max {_f(s['max'], 'x')} (target >= {TARGET}x: "
+            f"{'met' if g is not None and g >= TARGET else 'NOT met'}); auto ran async on "
+            f"{s['async_chosen']}.",
+            "",
+            f"For comparison, geometric means over colocate-all: auto's synchronous plan "
+            f"{_f(s['sync_geomean'], 'x')}; the best asynchronous plan alone (lowered, "
+            f"chosen or not) {_f(s['async_geomean'], 'x')}. Median share of the async step "
+            f"spent in the tail (the batch's longest responses, after the push): "
+            f"{_f(None if s['tail_share'] is None else 100 * s['tail_share'])}%."]
+
+
+def async_rows(results: Sequence[Any]) -> list[AsyncRow]:
+    """Rows for plan_quality.py's long-tail cases at >= 64 GPUs (staleness 1), reusing
+    the colocate-all step it already compiled."""
+    out = []
+    for r in results:
+        if not (r.case.tail and r.case.gpus >= MIN_GPUS):
+            continue
+        col = r.results["colocate-all"]
+        out.append(evaluate(r.case.name, pq.build_graph(r.case),
+                            ClusterSpec.parse(r.case.cluster), r.case.dist, 1,
+                            col.step_seconds if col.status == "ok" else None))
+    return out
+
+
+def suite_rows() -> list[AsyncRow]:
+    """Rows for plan_quality.py's own long-tail cases at >= 64 GPUs, compiled here."""
+    return [evaluate(c.name, pq.build_graph(c), ClusterSpec.parse(c.cluster), c.dist, 1)
+            for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
+
+
+def markdown_section(results: Sequence[Any], rows: Sequence[AsyncRow] | None = None
+                     ) -> list[str]:
+    """The async table for plan_quality.py's report, from its CaseResults (or the rows
+    already computed from them)."""
+    rows = async_rows(results) if rows is None else list(rows)
+    if not rows:
+        return []
+    return ["", "## Asynchronous steps (staleness <= 1, long-tail cases >= 64 GPUs)", "",
+            "From benchmarks/plan_quality_async.py (graphrl/async_cost.py, "
+            "graphrl/async_compile.py); each auto step is the plan `graphrl compile "
+            "--staleness 1` predicts. docs/async_steps.md samples workloads at random.", ""] \
+        + table(rows) + [""] + summary_lines(summary(rows))
 
 
 def one_pass(graph: Any) -> Any:
@@ -84,186 +247,84 @@ def one_pass(graph: Any) -> Any:
     return graph
 
 
-def async_row(case: Any, colocate: float | None = None, auto_sync: float | None = None,
-              variant: Any = None) -> AsyncRow:
-    """One case: the sync steps (compiled here unless given) and the async plan;
-    `variant`: a function of the case's graph (one_pass)."""
-    graph = pq.build_graph(case)
-    graph = variant(graph) if variant is not None else graph
-    cluster = ClusterSpec.parse(case.cluster)
-    if colocate is None:
-        colocate = _step(pq.compile_one(graph, cluster, "colocate-all", case.dist))
-    if auto_sync is None:
-        auto_sync = _step(pq.compile_one(graph, cluster, "auto", case.dist))
-    problem = problem_from_graph(graph, PassContext(cluster, gen_engine=pq.GEN_ENGINE,
-                                                    lengths=case.dist))
-    plan = best_async(problem, STALENESS)
-    bound = async_lower_bound(problem, STALENESS)
-    lowered, early = (lowered_async(graph, cluster, plan, case.dist, problem) if plan
-                      else (None, ""))
-    return AsyncRow(case.name, colocate, auto_sync, plan.step_seconds if plan else None,
-                    bound, f"{plan.gen_gpus}+{plan.train_gpus}" if plan else "",
-                    plan.text() if plan else "no split fits", lowered, early)
-
-
-def lowered_async(graph: Any, cluster: ClusterSpec, plan: Any, lengths: Any,
-                  problem: Any) -> tuple[float | None, str]:
-    """The step of the staleness-1 rewrite lowered on the plan's pools, priced as the
-    executors run it (streamed generation, graphrl.async_compile.as_executed), and the
-    calls that start on the head part."""
-    import graphrl
-    from graphrl.async_compile import as_executed
-    from graphrl.async_cost import async_pins
-    from graphrl.compiler import compile_graph
-    from graphrl.passes.staleness import carry_rollouts
-
-    rewritten = carry_rollouts(graph, STALENESS)
-    try:
-        out = compile_graph(rewritten, cluster, "auto", placement=async_pins(rewritten, plan),
-                            gen_engine=pq.GEN_ENGINE, response_lengths=lengths)
-    except graphrl.GraphRLError:
-        return None, ""
-    out = as_executed(out, problem)
-    split = out.findings.get("stream_split")
-    early = [c.lstrip("%") for c in split.calls
-             if out.graph.node(c).kind == "call"] if split is not None else []
-    return out.plan.predicted_step_seconds, ", ".join(early) or "none"
-
-
-def _step(result: Any) -> float | None:
-    return result.step_seconds if result.status == "ok" else None
-
-
-def geomean(xs: Sequence[float]) -> float | None:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def table(rows: Sequence[AsyncRow]) -> list[str]:
-    def f(x: float | None, unit: str = "") -> str:
-        return f"{x:.2f}{unit}" if x is not None else "-"
-    out = ["| case | colocate-all sync s | auto sync s | auto async s (gen+train GPUs) | "
-           "async lower bound s | auto (staleness <= 1) vs colocate-all | "
-           "async as executed (lowered) s | vs colocate-all as executed | "
-           "start on the head part |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        out.append(f"| {r.case} | {f(r.colocate)} | {f(r.auto_sync)} | "
-                   f"{f(r.async_step)} ({r.split}) | {f(r.bound)} | {f(r.speedup, 'x')} | "
-                   f"{f(r.executable)} | {f(r.speedup_executed, 'x')} | {r.early} |")
-    g = geomean([r.speedup for r in rows if r.speedup])
-    g_exec = geomean([r.speedup_executed for r in rows if r.speedup_executed])
-    out += ["", f"Geometric-mean speedup of auto with staleness <= {STALENESS} over "
-                f"synchronous colocate-all: **{f(g, 'x')}** (target >= {TARGET}x: "
-                f"{'met' if g is not None and g >= TARGET else 'NOT met'}); async step over "
-                f"its lower bound, geometric mean: "
-                f"{f(geomean([r.async_step / r.bound for r in rows if r.async_step and r.bound]), 'x')}.",
-            "", f"As executed (the lowered async plan with generation streamed as the "
-                f"executors run it, head and tail around the weight push, the cut chosen by "
-                f"the compiler; what `graphrl compile --staleness 1` chooses on): "
-                f"**{f(g_exec, 'x')}** (target >= {TARGET}x: "
-                f"{'met' if g_exec is not None and g_exec >= TARGET else 'NOT met'})."]
-    return out
-
-
-def async_rows(results: Sequence[Any]) -> list[AsyncRow]:
-    """The async rows of plan_quality.py's long-tail cases at >= 64 GPUs."""
-    return [async_row(r.case, _step(r.results["colocate-all"]), _step(r.auto))
-            for r in results if r.case.tail and r.case.gpus >= MIN_GPUS]
-
-
-def markdown_section(results: Sequence[Any], rows: Sequence[AsyncRow] | None = None
-                     ) -> list[str]:
-    """The async table for plan_quality.py's report, from its CaseResults (or the rows
-    already computed from them)."""
-    rows = async_rows(results) if rows is None else list(rows)
-    if not rows:
-        return []
-    return ["", "## Asynchronous steps (staleness <= 1, long-tail cases >= 64 GPUs)", "",
-            "From benchmarks/plan_quality_async.py (model: graphrl/async_cost.py).", ""] + \
-        table(rows)
-
-
 MODEL_NOTES = """\
-How the async step is priced (graphrl/async_cost.py): generation on a pool of whole nodes,
-training (every other call) on the rest. The "auto async" column is the ideal stream:
-step = max(weight push + generation of one batch, the training pool's step), generation
-being the serving model of graphrl/serving.py fed a stream of K+1 = 2 batches, so a
-batch's long tail overlaps the next batch's body; the training pool is placed by the
-synchronous search (faster of colocate-all and auto). The lower bound takes, for the best
-split, the larger of the fastest streamed generation on the generation pool (under
-either stream model: the ideal stream above, or the executors' head + tail at any cut,
-which never drains between batches and so can beat the ideal stream's drained bursts
-where tails are long) and the fastest train call alone on the training pool (forwards,
-ops and the push count zero), and never less than the least GPU-seconds of both spread
-over the cluster.
+## How auto plans an asynchronous step
 
-The "as executed" column is what the executors run (backends/stream_generation.py,
-priced by graphrl/stream_cost.py on the same serving model): each step's generate call
-runs a head (the batch's sequences up to `stream_cut` response tokens, with the step's
-weights) while the training pool trains, then — after the train and the weight push — a
-tail that finishes the batch's longer responses with the new weights (KV recomputed,
-AReaL §4.1) while the next batch's prompts take the freed KV up to their own cut. So
-step = max(head, training pool) + push + tail, with the training pool's step and the
-push taken from the lowered plan of the rewritten graph, and the cut the compiler picks
-(of 1/4 .. 1 of the response budget, in sixteenths) to make it shortest.
+`graphrl compile --staleness K` (graphrl/async_compile.py) compiles the synchronous plan,
+then searches the asynchronous ones (graphrl/async_cost.py): every split of the cluster
+into a generation pool and a training pool of whole nodes (one node: every split of its
+GPUs), each priced as the executors run it (backends/stream_generation.py, priced by
+graphrl/stream_cost.py on graphrl/serving.py's continuous-batching model): each step's
+generate call runs a head (the batch's sequences up to `stream_cut` response tokens,
+with the step's weights) while the training pool trains, then, after the train and the
+weight push, a tail that finishes the batch's longer responses with the new weights (KV
+recomputed, AReaL §4.1) while the next batch's prompts take the freed KV up to their
+own cut:
 
-Streamed scoring and training (graphrl/stream_train.py): the groups of a batch whose
-responses all finished within the cut are complete at the end of its head, so the
-training pool's per-row forwards (reference, reward, critic, the policy's proximal
-log-probs) start on them after the push, beside the tail, and do the rest of the rows at
-the next step (AReaL starts training on finished samples as they arrive). A train with
-one optimizer pass whose advantages are per group or per sequence starts there too: it
-accumulates the head part's gradient and takes its one optimizer step after the rest,
-each part weighted by its share of the loss tokens (train_loop.TwoParts: the unsplit
-update up to float summation order). With early = the training pool's work on the head
-part (its share of the batch's tokens) and rest = its other work:
-step = max(head, rest) + push + max(tail, early); the compiler takes it only where it is
-shorter than max(head, training pool) + push + tail (otherwise the calls wait, and the
-plan says so). In the suite's examples the trains wait (epochs = minibatches = 2: an
-update needs rows of both parts; PPO also whitens its advantages over the batch), so
-only the forwards start early; the one-pass table below shows the same cases with
-trains that may start early too. A two-part train keeps a copy of the head part's
-gradient until the rest arrives (2 bytes per parameter of its shard); where its GPUs
-cannot hold that beside the call's peak and the other resident models, within the
-headroom, it takes the batch in one call and the plan says so.
+    step = max(head, training pool) + push + tail
 
-Why "as executed" stays above the ideal stream: the train and the rest of the forwards
-still wait for the tail, which holds each batch's longest responses; AReaL switches
-weights whenever they arrive (wall-clock), so its tails run through training; here the
-switch is at a fixed token index so that runs are deterministic and the local and Ray
-backends sample the same tokens.
+with the training pool's calls all on the whole pool (as the plan pins them, strategies
+from the synchronous search), the push each generation GPU's weight shard over the
+inter-node link, and the cut (1/4 .. 1 of the response budget, in sixteenths) that makes
+the step shortest. A split whose generation or training side does not fit is skipped
+with its reason. The fastest priced splits are then lowered (the staleness rewrite
+pinned to the two pools; a split the placement cannot realise is skipped, never blamed
+on the user's pins) and priced again as executed (`as_executed`, which may also start
+scoring and one-pass trains on the batch's head-finished groups, graphrl/stream_train.py);
+auto takes the async plan only where that lowered step beats its synchronous plan, and
+`graphrl compile` prints the best async plan, its step and why it lost where it lost.
+
+Staleness: the executors run the same step for every K >= 1 (the generation pool waits
+for each step's weight push; a deeper rollout queue only delays when training reads a
+batch) and only K = 1 lets training start on head-finished groups, so the fastest plan
+within any bound is K = 1; a larger bound buys nothing here.
+
+## What dominates, and what would go further
+
+The async step is dominated by the tail: the batch's longest responses, decoded after
+the push (the "tail share" above). A sequence switches weights once, at the cut, and
+must finish within the step after the one it started in, so each step waits for the
+decode latency of the longest responses past the cut, however many GPUs generate —
+more generation GPUs shorten the body of the batch, not that latency. AReaL (Fu et al.
+2025, arXiv 2505.24298) and verl's fully-async recipe go further (2.35-2.77x on such
+workloads) with interruptible generation: a long response continues across several
+weight updates (partial rollouts up to the staleness bound), so no step waits for it.
+The executors here do not run that mode, so it is not priced.
 """
 
 
-def run(out: Path | str | None = DEFAULT_OUT, verbose: bool = True) -> list[AsyncRow]:
+def run(n: int = 24, seed: int = 0, out: Path | str | None = DEFAULT_OUT,
+        verbose: bool = True) -> list[AsyncRow]:
     say = print if verbose else (lambda *a, **k: None)
     pq.warm_up()
     t0 = time.perf_counter()
     rows = []
-    for case in async_cases():
-        rows.append(async_row(case))
-        say(f"{rows[-1].case}: {rows[-1].detail}", flush=True)
+    for w in sample(n, seed):
+        rows.append(evaluate(w.name, w.graph(), ClusterSpec.parse(w.cluster),
+                             parse_lengths(w.dist), w.staleness))
+        r = rows[-1]
+        say(f"{r.case}: colocate {_f(r.colocate)} auto {_f(r.auto)} "
+            f"({'async' if r.staleness else 'sync'}; best async {_f(r.async_step)} "
+            f"{r.pools}) {_f(r.speedup, 'x')} [{r.seconds:.0f} s] {r.why or r.error}",
+            flush=True)
+    s = summary(rows)
     lines = table(rows)
-    say("\n".join(lines))
-    passes = [async_row(case, variant=one_pass) for case in async_cases()]
-    extra = table(passes)
-    say("\n".join(extra))
-    g = geomean([r.speedup_executed for r in passes if r.speedup_executed])
+    say("\n".join(summary_lines(s)))
     if out is not None:
-        text = "\n".join(["# Asynchronous off-policy steps: predicted speedup", "",
-                          "Generated by `python benchmarks/plan_quality_async.py` "
-                          f"({time.perf_counter() - t0:.0f} s). Source: {pq.source_state()}.",
-                          "", *lines, "", MODEL_NOTES, "",
-                          "## The same cases with one optimizer pass", "",
-                          "Not the suite (its examples train with epochs = minibatches = 2, "
-                          "PPO whitens its advantages): the same cases with epochs = "
-                          "minibatches = 1 and GAE without whitening, each against its own "
-                          "synchronous colocate-all, so that the trains (and the advantage "
-                          "ops feeding them) may start on the head part too "
-                          "(graphrl/stream_train.py; train_loop.TwoParts, in the HF and "
-                          "megatron-core engines; a DeepSpeed train waits); the last column "
-                          "names what starts early. As executed, geometric mean: "
-                          f"**{g:.2f}x**." if g else "", "", *extra, ""])
+        space = "; ".join(f"{k} {v[0]}-{v[1]}" if k in ("mean", "staleness")
+                          else f"{k} {'/'.join(map(str, v))}" for k, v in SPACE.items())
+        text = "\n".join([
+            "# Asynchronous off-policy steps: predicted speedup on sampled workloads", "",
+            f"Generated by `python benchmarks/plan_quality_async.py --n {n} --seed {seed}` "
+            f"({time.perf_counter() - t0:.0f} s). Source: {pq.source_state()}.", "",
+            f"{n} long-tail workloads drawn at random (seed {seed}) from the declared space "
+            f"({space}; prompts {PROMPT_LEN} tokens; GRPO answers each prompt {GROUP} "
+            "times; every model of the step at the size drawn, 64k context; H100-80G, "
+            "graph generation engine), not picked by hand. Each is compiled twice: "
+            "synchronous colocate-all, and auto allowed staleness <= K as `graphrl "
+            "compile --staleness K` plans it; the auto column is that plan's predicted "
+            "step, whichever of its synchronous and asynchronous plans it chose.", "",
+            *summary_lines(s), "", *lines, "", MODEL_NOTES, ""])
         Path(out).write_text(text)
         say(f"wrote {out}")
     return rows
@@ -272,9 +333,18 @@ def run(out: Path | str | None = DEFAULT_OUT, verbose: bool = True) -> list[Asyn
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="plan_quality_async.py", description=__doc__.split(
         "\n\n")[0])
+    p.add_argument("--n", type=int, default=24, help="workloads to sample (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", default=str(DEFAULT_OUT), metavar="FILE.md")
+    p.add_argument("--suite", action="store_true",
+                   help="instead: print plan_quality.py's async section for its own "
+                        "long-tail cases at >= 64 GPUs (the section of docs/plan_quality.md)")
     ns = p.parse_args(argv)
-    run(ns.out)
+    if ns.suite:
+        pq.warm_up()
+        print("\n".join(markdown_section([], suite_rows())))
+        return 0
+    run(ns.n, ns.seed, ns.out)
     return 0
 
 

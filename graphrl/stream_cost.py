@@ -122,6 +122,8 @@ class _Engine:
                 self.watching += 1
         while self.watching:
             seconds += self._admit(waiting)
+            if not self.watching:   # the admitted prefill sampled their last tokens
+                break
             if not self.heap:
                 if not waiting:
                     raise ValueError("stream pricing: sequences wait for nothing")

@@ -197,8 +197,11 @@ class Problem:
         self._packed = self._packed_lengths()
         self.units = list(dict.fromkeys(c.unit for c in self.calls if c.phase != "op"))
         self._gen_names = frozenset(c.name for c in self.calls if c.phase == "generate")
-        # uneven data-parallel splits over whole nodes (candidate_strategies)
-        self.uneven_dp = cluster.num_gpus & (cluster.num_gpus - 1) != 0
+        # uneven data-parallel splits over whole nodes (candidate_strategies): on a
+        # cluster, or a pinned mesh (an async plan's pools), whose GPU count is not a
+        # power of two
+        self.uneven_dp = any(n & (n - 1) for n in [cluster.num_gpus] + [
+            p.mesh.size for p in self.pins.values() if p.mesh is not None])
         self.capacity = int(cluster.gpu.memory_bytes * (1 - headroom))
         self.host_capacity = int(cluster.gpu.host_memory_bytes * cluster.gpus_per_node
                                  * (1 - headroom))

@@ -171,7 +171,11 @@ def test_compile_chooses_async_only_when_it_pays(root):
     tail = parse_lengths("lognormal:mean=3072,max=16384")
     row = async_row(big, cluster_of("2x8xH100"), "graph", tail, None, 1)
     assert row["staleness"] == 1 and row["split"] == "8+8", row
-    assert row["async_bound"] <= row["streamed_step_seconds"] < row["step_seconds"]
+    # priced before lowering as the executors run it; the lowered plan may also start
+    # calls on the head part (stream_train), so it may be faster than priced
+    assert row["async_bound"] <= min(row["streamed_step_seconds"], row["step_seconds"])
+    assert row["step_seconds"] == pytest.approx(row["streamed_step_seconds"], rel=0.1)
+    assert row["chosen"] and row["mode"] == "async" and row["sync_seconds"] > row["step_seconds"]
     sync = compile_graph(big, cluster_of("2x8xH100"), "auto", gen_engine="graph",
                          response_lengths=tail).plan.predicted_step_seconds
     assert row["step_seconds"] < sync

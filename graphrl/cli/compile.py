@@ -107,7 +107,9 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     plan = compiled.plan
     print(f"graphrl compile: @{graph.name} on {plan.cluster.text()}, policy {plan.policy}")
     print(format_table(compiled))
-    notes = dict(plan.notes)
+    notes = {}
+    for key, value in plan.notes:   # the first of each key: an async plan's later
+        notes.setdefault(key, value)   # ("stream", line) notes describe its head part
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
     print(f"pipeline: {compiled.pipeline}")
@@ -126,28 +128,18 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
 
 
 def async_line(findings: Any) -> str:
-    """What --staleness K decided: the async plan, its lower bound, sync or async."""
-    plan, bound = findings["async"], findings["async_bound"]
-    if plan is None:
-        return "async: no split of the cluster into generation and training pools fits"
-    chosen, lowered = findings["staleness"], findings.get("async_lowered_seconds")
-    sync = findings["sync_seconds"]
-    stream = findings.get("stream")
-    how = (f"; generation streamed, cut at {stream.cut} tokens: head "
-           f"{stream.phases.head:.2f} s + push + tail {stream.phases.tail:.2f} s"
-           if stream is not None else "")
-    if chosen:
-        verdict = (f"async pays: running staleness {chosen} (executable plan {lowered:.2f} s"
-                   f"{how})")
-    elif lowered is not None:
-        verdict = (f"async does not pay as executed: its lowered plan takes {lowered:.2f} s "
-                   f"vs synchronous {sync:.2f} s{how}")
-    else:
-        verdict = f"async does not pay: synchronous {sync:.2f} s is faster"
-    lb = f"{bound:.2f} s" if bound is not None else "n/a"
-    split = findings.get("stream_split")
-    head = ("\n" + "\n".join(split.lines())) if chosen and split is not None else ""
-    return f"{plan.text()} (async lower bound {lb}); {verdict}{head}"
+    """What --staleness K decided (graphrl.async_report.AsyncReport): the best async
+    plan, its step against the synchronous one and why it lost or could not run; where
+    async runs, the stream cut and the calls that start on the head part."""
+    report = findings["async_report"]
+    lines = report.lines()
+    stream = report.stream if report.staleness else None
+    if stream is not None:
+        lines.append(f"  generation streamed, cut at {stream.cut} tokens: head "
+                     f"{stream.phases.head:.2f} s + push + tail {stream.phases.tail:.2f} s")
+    if report.staleness and report.stream_split is not None:
+        lines += report.stream_split.lines()
+    return "\n".join(lines)
 
 
 def compare_rows(graph: Any, cluster: Any, engine: str,
@@ -166,17 +158,18 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
                               engines=False,   # comparing placements, not running them
                               response_lengths=lengths, memory_headroom=headroom,
                               progress=told)
-            rows.append({"policy": policy, "staleness": 0, "feasible": True,
+            rows.append({"policy": policy, "mode": "sync", "staleness": 0, "feasible": True,
                          "step_seconds": c.plan.predicted_step_seconds,
                          "compile_seconds": c.compile_seconds, "error": ""})
         except GraphRLError as e:
-            rows.append({"policy": policy, "staleness": 0, "feasible": False,
+            rows.append({"policy": policy, "mode": "sync", "staleness": 0, "feasible": False,
                          "step_seconds": None, "compile_seconds": None,
                          "error": str(e).splitlines()[0]})
     if staleness:
-        rows.insert(0, async_row(graph, cluster, engine, lengths, headroom, staleness))
-    auto = min((r["step_seconds"] for r in rows if r["policy"] == "auto" and r["feasible"]),
-               default=None)
+        rows.insert(1, async_row(graph, cluster, engine, lengths, headroom, staleness))
+    chosen = [r["step_seconds"] for r in rows if r["policy"] == "auto" and r["feasible"]
+              and (r["mode"] == "sync" or r["chosen"])]
+    auto = min(chosen, default=None)
     for r in rows:
         r["auto_speedup"] = (r["step_seconds"] / auto if auto and r["step_seconds"] else None)
     return rows
@@ -184,32 +177,39 @@ def compare_rows(graph: Any, cluster: Any, engine: str,
 
 def async_row(graph: Any, cluster: Any, engine: str, lengths: Any, headroom: Any,
               staleness: int) -> dict[str, Any]:
-    """auto allowed staleness <= K: the async plan's step if it pays, else auto's."""
+    """auto's asynchronous row under staleness <= K: the best async plan's lowered step,
+    staleness and pools, whether auto chose it (else why it lost), its lower bound."""
     from ..compiler import compile_graph
     from ..errors import GraphRLError
 
+    base = {"policy": "auto", "mode": "async", "chosen": False, "compile_seconds": None,
+            "async_bound": None, "split": "", "head_part": None}
     try:
         c = compile_graph(graph, cluster, "auto", gen_engine=engine, engines=False,
                           response_lengths=lengths, memory_headroom=headroom,
                           staleness=staleness)
     except GraphRLError as e:
-        return {"policy": "auto", "staleness": staleness, "feasible": False,
-                "step_seconds": None, "compile_seconds": None, "async_bound": None,
+        return {**base, "staleness": staleness, "feasible": False, "step_seconds": None,
                 "error": str(e).splitlines()[0]}
-    f = c.findings
-    chosen = f["staleness"]
-    return {"policy": "auto", "staleness": chosen, "feasible": True,
-            "step_seconds": c.plan.predicted_step_seconds,   # the executable plan's
-            "streamed_step_seconds": f["async"].step_seconds if f["async"] else None,
-            "async_bound": f["async_bound"], "compile_seconds": c.compile_seconds,
-            "split": (f"{f['async'].gen_gpus}+{f['async'].train_gpus}" if chosen else ""),
-            "head_part": _head_part(f) if chosen else None, "error": ""}
+    report = c.findings["async_report"]
+    plan = report.plan
+    if plan is None or report.lowered_seconds is None:
+        return {**base, "staleness": staleness, "feasible": False, "step_seconds": None,
+                "compile_seconds": c.compile_seconds, "error": report.why}
+    return {**base, "staleness": plan.staleness, "feasible": True,
+            "chosen": bool(report.staleness),
+            "step_seconds": report.lowered_seconds,   # the executable plan's
+            "streamed_step_seconds": plan.step_seconds,   # as priced before lowering
+            "sync_seconds": report.sync_seconds,
+            "async_bound": report.lower_bound, "compile_seconds": c.compile_seconds,
+            "split": plan.pools, "head_part": _head_part(report),
+            "error": "" if report.staleness else report.why}
 
 
-def _head_part(findings: Any) -> dict[str, Any] | None:
+def _head_part(report: Any) -> dict[str, Any] | None:
     """A compare row's streamed scoring (graphrl/stream_train.py): the calls that start
     on the head part, those that wait for the whole batch and why."""
-    split = findings.get("stream_split")
+    split = report.stream_split
     if split is None:
         return None
     return {"calls": list(split.calls), "waits": dict(split.refused)}
@@ -232,11 +232,18 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"graphrl compare: @{graph.name} on {cluster.text()}")
-    print(f"{'policy':<14}{'stale':>6}{'step s':>10}{'auto speedup':>14}{'compile s':>11}")
+    print(f"{'policy':<14}{'stale':>6}{'step s':>10}{'auto speedup':>14}{'compile s':>11}"
+          "  pools")
     for r in rows:
+        name = r["policy"] + (" async" if r.get("mode") == "async" else "")
         if r["feasible"]:
-            print(f"{r['policy']:<14}{r['staleness']:>6}{r['step_seconds']:>10.3f}"
-                  f"{r['auto_speedup']:>13.2f}x{r['compile_seconds']:>11.2f}")
+            compile_s = (f"{r['compile_seconds']:>11.2f}" if r["compile_seconds"] is not None
+                         else f"{'-':>11}")
+            note = (f"  {r['split']} " + ("(chosen)" if r["chosen"] else
+                                          f"(sync kept: {r['error']})")
+                    if r.get("mode") == "async" else "")
+            print(f"{name:<14}{r['staleness']:>6}{r['step_seconds']:>10.3f}"
+                  f"{r['auto_speedup']:>13.2f}x{compile_s}{note}")
         else:
-            print(f"{r['policy']:<14}{r['staleness']:>6}{'infeasible':>10}   {r['error']}")
+            print(f"{name:<14}{r['staleness']:>6}{'infeasible':>10}   {r['error']}")
     return 0
