@@ -209,10 +209,15 @@ def async_rows(results: Sequence[Any]) -> list[AsyncRow]:
     return out
 
 
+def async_cases() -> list[Any]:
+    """plan_quality.py's own long-tail cases at >= 64 GPUs (its Case objects)."""
+    return [c for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
+
+
 def suite_rows() -> list[AsyncRow]:
     """Rows for plan_quality.py's own long-tail cases at >= 64 GPUs, compiled here."""
     return [evaluate(c.name, pq.build_graph(c), ClusterSpec.parse(c.cluster), c.dist, 1)
-            for c in pq.tail_suite() if c.gpus >= MIN_GPUS]
+            for c in async_cases()]
 
 
 def markdown_section(results: Sequence[Any], rows: Sequence[AsyncRow] | None = None

@@ -42,7 +42,9 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
         raise UsageError(f"--staleness {staleness}: the bound must be at most {MAX_STALENESS} "
                          "(rollouts that many steps old are far off-policy)")
     rewritten = carry_rollouts(graph, 1)   # refuses a step it cannot rewrite
-    sync = compile_sync(graph, cluster, policy, placement=placement, **kw)
+    dumps = _Dumps(kw.pop("dump_dir", None))
+    sync = compile_sync(graph, cluster, policy, placement=placement,
+                        dump_dir=dumps.dir("sync"), **kw)
     problem = sync.problem
     sync_s = sync.plan.predicted_step_seconds
     plans, skipped = async_candidates(problem, staleness)
@@ -55,7 +57,7 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
                              skipped=tuple(skipped), why="--placement pins the synchronous "
                              "plan's calls; async plans place generation on a pool of its own",
                              **common)
-        return _with(sync, report, sync.timings)
+        return _with(dumps.publish("sync", sync), report, sync.timings)
     best, timings = None, list(sync.timings)   # (lowered step, plan, compiled)
     tried = 0
     for plan in plans:
@@ -63,7 +65,8 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
             break   # enough lowered, or priced no faster than what it would have to beat
         try:
             out = compile_sync(rewritten, cluster, policy,
-                               placement=async_pins(rewritten, plan), search_stream=True, **kw)
+                               placement=async_pins(rewritten, plan), search_stream=True,
+                               dump_dir=dumps.dir(f"async-{tried + 1}"), **kw)
         except GraphRLError as e:
             skipped.append((plan.pools, "not placed: " + str(e).splitlines()[0]))
             continue
@@ -71,13 +74,13 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
         timings += list(out.timings)
         lowered = out.plan.predicted_step_seconds
         if best is None or lowered < best[0]:
-            best = (lowered, plan, out)
+            best = (lowered, plan, out, f"async-{tried}")
     if best is None:
         why = infeasible_why(tuple(skipped), sum(c.phase == "generate" for c in problem.calls))
         report = AsyncReport(plan=None, lowered_seconds=None, skipped=tuple(skipped),
                              why=why, **common)
-        return _with(sync, report, tuple(timings))
-    lowered, plan, out = best
+        return _with(dumps.publish("sync", sync), report, tuple(timings))
+    lowered, plan, out, name = best
     n = cluster.num_gpus
     common.update(stream=out.findings.get("stream"),
                   stream_split=out.findings.get("stream_split"))
@@ -85,10 +88,33 @@ def compile_with_staleness(graph: Graph, cluster: ClusterSpec, policy: str, stal
         report = AsyncReport(plan=plan, lowered_seconds=lowered, skipped=tuple(skipped),
                              why=why_lost(plan, lowered, sync_s, n, common[
                                  "sync_generate_seconds"]), **common)
-        return _with(sync, report, tuple(timings))
+        return _with(dumps.publish("sync", sync), report, tuple(timings))
     report = AsyncReport(plan=plan, lowered_seconds=lowered, skipped=tuple(skipped),
                          **{**common, "staleness": plan.staleness})
-    return _with(out, report, tuple(timings))
+    return _with(dumps.publish(name, out), report, tuple(timings))
+
+
+class _Dumps:
+    """Numbered pass dumps of an async compile: each compile (the synchronous one, each
+    async candidate lowered) into a folder of its own under DIR (`sync/`, `async-1/`,
+    ...), and the chosen plan's copied into DIR itself, next to the plan.json `graphrl
+    compile --dump` writes: so DIR's last dump before lowering lowers to that plan."""
+
+    def __init__(self, root: Any):
+        from pathlib import Path
+
+        self.root = Path(root) if root else None
+
+    def dir(self, name: str) -> Any:
+        return self.root / name if self.root is not None else None
+
+    def publish(self, name: str, compiled: Any) -> Any:
+        import shutil
+
+        if self.root is not None:
+            for f in sorted(self.dir(name).glob("[0-9][0-9][0-9]_*.txt")):
+                shutil.copyfile(f, self.root / f.name)
+        return compiled
 
 
 def _with(base: Any, report: Any, timings: tuple) -> Any:

@@ -32,6 +32,7 @@ DRIVER = {
     "graphrl.lower_placed": "lowers a placed graph's text with the passes",
     "graphrl.async_compile": "staleness rewrite (passes.staleness)",
     "graphrl.async_cost": "prices async splits with passes.search / policies",
+    "graphrl.async_report": "says why async lost, from async_cost's pricing",
     "graphrl.placement_file": "pin keys of passes.assign_devices",
     "graphrl.experiment": "Experiment.program: passes.staleness for async runs",
     "graphrl.example_file": "loads an example's Experiment",

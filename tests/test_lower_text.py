@@ -169,3 +169,25 @@ def test_lower_refuses_what_is_not_a_placed_graph_for_this_cluster(ppo_7b, tmp_p
         == c.plan.predicted_step_seconds and got["changed"] == []
     assert main(["lower", str(tmp_path / "missing.txt")]) != 0
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_an_async_compile_dumps_the_chosen_plan_and_it_lowers_from_text(tmp_path, capsys):
+    """--staleness compiles the synchronous step and async candidates, each dumped in a
+    folder of its own; DIR's numbered dumps are the chosen plan's, whose last dump before
+    lowering (price-stream's, the stream's price on the generate node) lowers to its
+    plan.json byte for byte."""
+    first, second = tmp_path / "compile", tmp_path / "lower"
+    assert main(["compile", "examples/grpo.py", "--cluster", "4x8xH100", "--model-size",
+                 "7b-64k", "--prompt-len", "1024", "--batch-size", "128",
+                 "--response-lengths", "lognormal:mean=3072,max=16384", "--staleness", "1",
+                 "--dump", str(first)]) == 0
+    out = capsys.readouterr().out
+    assert "async pays, running staleness 1" in out
+    assert (first / "sync" / "004_price-stream.txt").exists()
+    assert (first / "async-1" / "004_price-stream.txt").exists()
+    priced = (first / "004_price-stream.txt").read_text()
+    assert priced == (first / "async-1" / "004_price-stream.txt").read_text()
+    assert "head_seconds=" in priced and "stream_cut=" in priced
+    assert main(["lower", str(first / "004_price-stream.txt"), "--dump", str(second)]) == 0
+    assert "(as compiled)" in capsys.readouterr().out
+    assert (second / "plan.json").read_bytes() == (first / "plan.json").read_bytes()
