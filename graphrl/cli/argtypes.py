@@ -5,16 +5,19 @@ import argparse
 from typing import Callable
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type accepting integers >= minimum, with a one-line error otherwise."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type accepting integers >= minimum (and <= maximum, if given), with a
+    one-line error otherwise."""
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if maximum is not None:
+        what = f"an integer from {minimum} to {maximum}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     parse.__name__ = "positive_int" if minimum == 1 else f"int_at_least_{minimum}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..async_cost import MAX_STALENESS
 from ..errors import UsageError
 from ..experiment import BACKENDS, RunOptions
 from .argtypes import int_at_least, positive_int, positive_seconds
@@ -64,10 +65,12 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
-    p.add_argument("--staleness", type=int_at_least(0), default=0, metavar="K",
+    p.add_argument("--staleness", type=int_at_least(0, MAX_STALENESS), default=0,
+                   metavar="K",
                    help="asynchronous off-policy steps: rollouts generated at step n train "
                         "at step n+K, so generation overlaps training (default 0: "
-                        "synchronous); the policy loss becomes its staleness-corrected form")
+                        f"synchronous; at most {MAX_STALENESS}); the policy loss becomes its "
+                        "staleness-corrected form")
     p.add_argument("--prompt-len", type=positive_int, metavar="P",
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
