@@ -28,7 +28,10 @@ def build(opts):
 """
 
 
-def test_ray_run_and_ctrl_c(root, tmp_path, request):
+def test_ray_run_and_ctrl_c(root, tmp_path, request, own_ray):
+    """`graphrl run --backend ray` in a subprocess, interrupted: it exits 130, tidy. The
+    session's shared Ray cluster is stopped first (`own_ray`): beside it on two cores the
+    subprocess's own cluster took over a minute to shut down."""
     example = tmp_path / "tiny_ppo.py"
     example.write_text(TINY.format(examples=str(root / "examples")))
     placement = tmp_path / "placement.json"
