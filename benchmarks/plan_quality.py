@@ -646,8 +646,8 @@ def discussion(results: Sequence[CaseResult], s: dict[str, Any]) -> str:
         "every call to onload/offload over PCIe). The plan column of the table above shows "
         "each case's placement.", "",
         "Geometric-mean speedup over colocate-all (and over hybridflow) by cluster size:", "",
-        md_table([["GPUs", "cases", "geomean vs colocate-all", "best", "geomean vs hybridflow"]]
-                 + by_gpus), "",
+        md_table([["GPUs", "cases", "geometric mean vs colocate-all", "best",
+                   "geometric mean vs hybridflow"]] + by_gpus), "",
         trend, "",
         f"Split (every unit on its own pool) is infeasible on "
         f"{len(split['baseline_infeasible_auto_ok'])} cases where auto fits (on few GPUs a "
