@@ -52,7 +52,7 @@ from typing import Any, Sequence
 
 HEAD_PART = "head_part"   # node attribute: the call runs on the head part early
 # attributes of a streamed generate node that the compiler priced (async_compile.
-# as_executed) and passes/lower.py turns into instructions: the generation pool's head
+# passes/price_stream.py) and passes/lower.py turns into instructions: the generation pool's head
 # and tail seconds (graphrl/stream_cost.py), and the head part's share of the marked
 # calls' work (stream_cost.head_share; absent: no call starts early)
 HEAD_SECONDS, TAIL_SECONDS, HEAD_SHARE = "head_seconds", "tail_seconds", "head_share"
@@ -182,7 +182,7 @@ def split_report(g: Any, k: int, marked: bool = True) -> SplitReport | None:
                 needed.add(p.name)
                 stack += list(p.inputs)
     calls = tuple(n for n in split if g.node(n).kind == CALL or n in needed)
-    if marked:   # what the compiler kept (async_compile.as_executed may unmark)
+    if marked:   # what the compiler kept (passes/price_stream.py may unmark)
         calls = tuple(n.name for n in g.nodes if n.attr(HEAD_PART))
     return SplitReport(gen.name, calls, tuple(refused))
 

@@ -1,6 +1,6 @@
 """Lowering a streamed asynchronous step (graphrl/stream_train.py, backends/
 stream_generation.py) as the executors run it, once the compiler priced its parts
-(graphrl/async_compile.as_executed writes them on the generate node):
+(passes/price_stream.py writes them on the generate node):
 
     generation pool:  generate[head]  ----------------+ push +  generate[tail]
     training pool:    every call (a head_part call:   |      |  head_part calls[early]

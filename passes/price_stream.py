@@ -131,7 +131,7 @@ class PriceStream:
 
 def _priced(graph: Any, gen: str, choice: Any, share: float | None,
             whole: Mapping[str, str]) -> Any:
-    """`graph` with generate node `gen` carrying the stream's price (as_executed) and
+    """`graph` with generate node `gen` carrying the stream's price and
     the `whole` nodes unmarked (they wait for the whole batch)."""
     for name in [gen] + list(whole):
         n = graph.node(name)
