@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 HEAD_PART = "head_part"   # node attribute: the call runs on the head part early
-# attributes of a streamed generate node that the compiler priced (async_compile.
-# passes/price_stream.py) and passes/lower.py turns into instructions: the generation pool's head
+# attributes of a streamed generate node that the compiler priced (passes/price_stream.py)
+# and passes/lower.py turns into instructions: the generation pool's head
 # and tail seconds (graphrl/stream_cost.py), and the head part's share of the marked
 # calls' work (stream_cost.head_share; absent: no call starts early)
 HEAD_SECONDS, TAIL_SECONDS, HEAD_SHARE = "head_seconds", "tail_seconds", "head_share"
