@@ -118,12 +118,12 @@ def family_dirs(tmp_path_factory) -> dict:
     return {f: str(save_random_checkpoint(c, root / f)) for f, c in configs.items()}
 
 
-# -- running in parallel (pytest-xdist: `make test`) -----------------------------
+# -- running in parallel (pytest-xdist: `make test-parallel`) -----------------------------
 # Tests that share a session's state run in one worker, each group as one unit: every
 # Ray test (one Ray cluster a process, `shared_ray`), and the tests that share the trained
 # reward models (`reward_models`: trained once per worker, so once in all), and the tests
 # of the modules named for Ray (test_ray_cli.py, ...: Ray in subprocesses). The Ray tests
-# are also marked `ray`: `make test` runs them alone after the rest (next to
+# are also marked `ray`: `make test-parallel` runs them alone after the rest (next to
 # another worker, on 2 cores, their kill/restart runs missed their 60 s call deadlines).
 XDIST_GROUPS = (("shared_ray", "ray"), ("ray_session", "ray"), ("own_ray", "ray"),
                 ("reward_models", "reward_models"))
