@@ -36,8 +36,6 @@ trl: $(STAMP)
 
 # One OpenMP thread per process: the tests' models are tiny, and on a busy machine torch's
 # spinning OpenMP barriers made a 2-thread run 10x slower in CPU time (measured: 272 s vs 29 s).
-# One OpenMP thread per process: the tests' models are tiny, and on a busy machine torch's
-# spinning OpenMP barriers made a 2-thread run 10x slower in CPU time (measured: 272 s vs 29 s).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
