@@ -27,6 +27,20 @@ def parse_gpus(text: str) -> tuple[int, ...]:
     return () if text in ("", NO_GPUS) else tuple(int(g) for g in text.split(","))
 
 
+def _fields_of(keys: dict[str, str], kv: dict[str, Any], required: set[str],
+               what: str) -> dict[str, Any]:
+    """Text-form keys -> field values; unknown or missing keys are ValueErrors."""
+    names = {short: long for long, short in keys.items()}
+    bad = sorted(set(kv) - set(names))
+    if bad:
+        raise ValueError(f"unknown {what} key(s) {', '.join(bad)} (known: "
+                         f"{', '.join(sorted(names))})")
+    missing = sorted(required - set(kv))
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)}")
+    return {names[k]: v for k, v in kv.items()}
+
+
 @dataclass(frozen=True)
 class Timing:
     """One node in the search's predicted schedule (passes/search.py `Scheduled`)."""
@@ -53,15 +67,7 @@ class Timing:
 
     @classmethod
     def from_attrs(cls, kv: dict[str, Any]) -> "Timing":
-        names = {short: long for long, short in cls.KEYS.items()}
-        bad = sorted(set(kv) - set(names))
-        if bad:
-            raise ValueError(f"unknown timing key(s) {', '.join(bad)} (known: "
-                             f"{', '.join(sorted(names))})")
-        missing = sorted({"start", "end", "seconds"} - set(kv))
-        if missing:
-            raise ValueError(f"timing needs {', '.join(missing)}")
-        args = {names[k]: v for k, v in kv.items()}
+        args = _fields_of(cls.KEYS, kv, {"start", "end", "seconds"}, "timing")
         for k in ("start", "end", "seconds", "offload_seconds"):
             if k in args:
                 args[k] = float(args[k])
@@ -100,15 +106,7 @@ class Schedule:
 
     @classmethod
     def from_attrs(cls, kv: dict[str, Any]) -> "Schedule":
-        names = {short: long for long, short in cls.KEYS.items()}
-        bad = sorted(set(kv) - set(names))
-        if bad:
-            raise ValueError(f"unknown schedule key(s) {', '.join(bad)} (known: "
-                             f"{', '.join(sorted(names))})")
-        missing = sorted({"cluster", "gen_engine", "policy"} - set(kv))
-        if missing:
-            raise ValueError(f"schedule needs {', '.join(missing)}")
-        args = {names[k]: v for k, v in kv.items()}
+        args = _fields_of(cls.KEYS, kv, {"cluster", "gen_engine", "policy"}, "schedule")
         for k in ("cluster", "gen_engine", "lengths", "policy"):
             if k in args and not isinstance(args[k], str):
                 raise ValueError(f"schedule {cls.KEYS[k]} must be a string")
