@@ -27,6 +27,26 @@ def build(opts):
     return dataclasses.replace(ppo_build(opts), prepare=None)
 """
 
+# `graphrl` as a terminal starts it: SIGINT at its default and not blocked. A child
+# inherits its parent's ignored and blocked signals, and Python installs its Ctrl-C
+# handler only where SIGINT is at its default, so whatever an earlier test in this
+# pytest process left in its signal state must not reach the run under test.
+AS_FROM_A_TERMINAL = ("import runpy, signal, sys; "
+                      "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "sys.argv[0] = 'graphrl'; "
+                      "runpy.run_module('graphrl.cli', run_name='__main__')")
+
+
+def signal_masks(pid: int) -> str:
+    """The process's blocked, ignored and caught signal masks (for a failure's message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"(no /proc status: {e})"
+    return " ".join(l.replace("\t", "") for l in lines if l.startswith(("SigBlk", "SigIgn",
+                                                                         "SigCgt")))
+
 
 def test_ray_run_and_ctrl_c(root, tmp_path, request, own_ray):
     """`graphrl run --backend ray` in a subprocess, interrupted: it exits 130, tidy. The
@@ -45,7 +65,7 @@ def test_ray_run_and_ctrl_c(root, tmp_path, request, own_ray):
     env = dict(os.environ, TMPDIR=str(tmp), HOME=str(home))
     env.pop("RAY_AUTH_MODE", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graphrl.cli", "run", str(example), "--backend", "ray",
+        [sys.executable, "-c", AS_FROM_A_TERMINAL, "run", str(example), "--backend", "ray",
          "--cluster", "1x2xcpu", "--placement", str(placement), "--iterations", "1000",
          "--batch-size", "4", "--quiet", "--metrics", str(metrics),
          "--trace", str(tmp_path / "trace.json")],
@@ -59,6 +79,8 @@ def test_ray_run_and_ctrl_c(root, tmp_path, request, own_ray):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert len(metrics.read_text().splitlines()) >= 2, "no iterations within 150 s"
         assert [p.name for p in tmp.iterdir() if p.name.startswith("graphrl-ray-")]
+        masks = (f"run: {signal_masks(proc.pid)}; pytest: {signal_masks(os.getpid())}, "
+                 f"SIGINT handler {signal.getsignal(signal.SIGINT)}")
         # Ctrl-C, pressed again every 20 s while the run goes on: on the loaded CI machine,
         # after the other Ray tests, a single SIGINT was at times not acted on (the run
         # went on to its end); a hang or a run that never stops is the defect
@@ -70,12 +92,12 @@ def test_ray_run_and_ctrl_c(root, tmp_path, request, own_ray):
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() > deadline:
-                    raise
+                    raise AssertionError(f"Ctrl-C not acted on in 150 s ({masks})")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"{masks}\n{err[-3000:]}"
     assert "graphrl: interrupted" in err and "Traceback" not in err, err[-3000:]
     row = json.loads(metrics.read_text().splitlines()[0])
     assert row["seconds/reshard[policy]"] > 0 and 0.0 <= row["reward_mean"] <= 1.0
