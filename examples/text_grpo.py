@@ -28,7 +28,7 @@ def answer_reward(response: str, answer: str) -> float:
 
 def build(opts: gr.RunOptions) -> gr.Experiment:
     """GRPO of a causal LM on text prompts with a reward function (graphrl example)."""
-    run_dir = Path(opts.run_dir) / "text_grpo"
+    run_dir = Path(opts.files_dir) / "text_grpo"
     policy = opts.model_dir("policy")
     if policy is None:
         tiny = run_dir / f"tiny-llama-seed{opts.seed}"

@@ -38,7 +38,8 @@ class RunOptions:
     chat_template: bool = False
     save: str | None = None              # write the trained models here (HF directories)
     reward: str | None = None            # FILE.py:FUNCTION, a reward over text
-    run_dir: str = "runs"                # where examples write what they generate
+    run_dir: str | None = None           # the run directory (graphrl.run_dir); examples
+                                         # write what they generate there (default runs/)
     overwrite: bool = False              # --metrics may replace an earlier run's file
     call_timeout: float | None = None    # ray: seconds one wait may take (None: from plan)
     checkpoint_dir: str | None = None    # write checkpoints here (graphrl.checkpoint)
@@ -48,6 +49,14 @@ class RunOptions:
     max_restarts: int = 0                # ray: restarts from the last checkpoint on a lost rank
     staleness: int = 0                   # rollouts train K steps after they are generated
     precision: str | None = None         # "fp32" for every model, or "policy=fp32,critic=bf16"
+    loggers: tuple[str, ...] = ("jsonl",)  # where metrics rows go (graphrl.loggers)
+    config: str | None = None            # the config.json this run reruns (graphrl run --config)
+
+    @property
+    def files_dir(self) -> str:
+        """Where an example writes what it generates (a tiny model, a data file): the run
+        directory, else runs/."""
+        return self.run_dir or "runs"
 
     def precisions(self) -> dict[str, str]:
         """Role -> precision from --precision ("*" for every role)."""

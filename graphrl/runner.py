@@ -100,12 +100,14 @@ def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> A
 
 
 def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
-                   executor: Any = None) -> RunSummary:
+                   executor: Any = None, source: str | None = None) -> RunSummary:
     """Run `exp` for its iterations on `executor` (default: a new one of `opts.backend`,
     closed at the end — also on errors and Ctrl-C; one passed in stays open).
     --checkpoint-dir/--checkpoint-every/--keep write checkpoints (graphrl.checkpoint),
     --resume continues from one, --max-restarts restarts the executor from the last
-    checkpoint when a worker dies."""
+    checkpoint when a worker dies. --run-dir holds the whole run (graphrl.run_dir; its
+    config.json records `source`, the example file); every metrics row goes to the
+    --logger loggers (graphrl.loggers)."""
     from tqdm import tqdm
 
     from . import checkpoint_run as ckr
@@ -114,19 +116,32 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         raise UsageError(f"--model-size {opts.model_size} plans full-size models for graphrl "
                          "compile/compare; they are not run here (run the examples at their "
                          "own size, or give small configs with --model-config ROLE=FILE)")
-    from .outputs import MetricsLog, check_output_file
+    from . import run_dir
+    from .loggers import check_loggers
+    from .outputs import check_output_file
 
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
     exp = exp.with_precision(opts)
+    given, opts = opts, run_dir.resolve(opts, trains=any(m.trainable for m in exp.models))
+    check_loggers(opts.loggers, opts.run_dir)
     check_checkpoint_options(opts)
+    run_dir.prepare(given, opts)
     if opts.save:
         check_save_target(opts.save)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
     program = exp.program(opts.staleness)
     ckpt = ckr.open_resume(opts, exp, program)   # verified before anything is loaded
+    if opts.metrics:
+        check_output_file("--metrics", opts.metrics, overwrite=opts.overwrite or bool(ckpt))
+    record = None
+    if opts.run_dir:
+        from .run_record import run_record
+
+        record = run_record(exp, program, given, opts, iterations, source)
+        run_dir.write_config(opts.run_dir, record)
     writer = None
     if opts.checkpoint_dir:
         from .checkpoint import CheckpointWriter
@@ -136,8 +151,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             print(f"[{exp.name}] removed half-written checkpoints: "
                   + ", ".join(writer.removed), file=out)
     owned = executor is None
-    metrics = MetricsLog(opts.metrics, overwrite=opts.overwrite or bool(ckpt)) \
-        if opts.metrics else None
+    log = None
     prepared: dict[str, float] = {}
     finished = False
     bar = None
@@ -151,6 +165,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             executor = make_executor(program, opts, out)
         if (writer or ckpt) and hasattr(executor, "check_checkpointable"):
             executor.check_checkpointable()
+        log = open_run_loggers(exp.name, opts, executor, record, overwrite=bool(ckpt))
         if ckpt is not None:
             resumed = ckr.restore(ckpt, executor)
             rows, prepared = resumed.rows, resumed.prepared
@@ -161,9 +176,8 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if prepared and not opts.quiet:
             print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                           prepared.items()), file=out)
-        if metrics:
-            for row in rows:
-                metrics.write(row)
+        for row in rows:
+            log.log_row(row)
         bar = tqdm(total=iterations, initial=len(rows), desc=exp.name, unit="it",
                    disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
         # steps: async runs (--staleness K) first run K generate-only warm-up steps
@@ -186,11 +200,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                 executor, i = restart_from_checkpoint(
                     e, lost, executor, program, opts, out, exp.name, i, restarts)
                 rows = rows[:i]
-                if metrics:
-                    metrics.close()
-                    metrics = MetricsLog(opts.metrics, overwrite=True)
-                    for row in rows:
-                        metrics.write(row)
+                log.rewind(rows)
                 bar.n = i
                 continue
             if getattr(result, "warmup", False):
@@ -199,8 +209,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
             rows.append(row)
             events.extend(result.events)
-            if metrics:
-                metrics.write(row)
+            log.log_row(row)
             i += 1
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
@@ -222,12 +231,12 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     finally:
         if bar is not None:
             bar.close()
-        if metrics:
-            metrics.close()
         if owned and executor is not None:
             executor.close()
         if opts.trace:  # also when the run failed or was interrupted: what was measured
             write_chrome_trace(opts.trace, events, source="measured")
+        if log is not None:
+            close_loggers(log, finished, exp.name, out)
         if not finished and rows:
             partial = RunSummary(tuple(rows), tuple(events), prepared,
                                  time.perf_counter() - start)
@@ -236,6 +245,34 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
     print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary
+
+
+def open_run_loggers(name: str, opts: RunOptions, executor: Any, record: Any,
+                     overwrite: bool) -> Any:
+    """The --logger loggers, given the run's configuration (config.json, now with the
+    plan the executor runs, written again) once."""
+    from .loggers import open_loggers
+
+    if record is not None:
+        from .run_dir import write_config
+        from .run_record import plan_summary
+
+        record["plan"] = plan_summary(executor, opts)
+        write_config(opts.run_dir, record)
+    return open_loggers(opts.loggers, metrics=opts.metrics, run_dir=opts.run_dir, name=name,
+                        config=record, overwrite=opts.overwrite or overwrite)
+
+
+def close_loggers(log: Any, finished: bool, name: str, out: TextIO) -> None:
+    """Close the loggers (ok=False after an error or Ctrl-C: a W&B run is marked
+    failed); a failure to close is raised after a finished run, reported after a failed
+    one (whose own error goes on)."""
+    try:
+        log.close(ok=finished)
+    except Exception as e:
+        if finished:
+            raise
+        print(f"[{name}] closing the loggers failed too: {type(e).__name__}: {e}", file=out)
 
 
 def check_checkpoint_options(opts: RunOptions) -> None:
@@ -302,4 +339,7 @@ def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:
     for what, path in (("metrics", opts.metrics), ("trace", opts.trace)):
         if path:
             lines.append(f"  {what}: {Path(path)}")
+    if opts.run_dir:
+        lines.append(f"  run dir: {Path(opts.run_dir)} (rerun: graphrl run --config "
+                     f"{Path(opts.run_dir) / 'config.json'})")
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """The `graphrl` command line.
 
     graphrl run EXAMPLE.py [--iterations N --seed S --metrics FILE --trace FILE --device D]
+                [--run-dir DIR --logger jsonl,tensorboard,wandb]
+    graphrl run --config DIR/config.json [options]   rerun a recorded run
                 [--backend ray --cluster 1x4xcpu --policy auto --placement FILE --address A]
     graphrl show EXAMPLE.py|plan.json  print the traced graph, or a saved plan
     graphrl show --simulate plan.json [--json]   its predicted step beside its simulation
@@ -29,10 +31,18 @@ tracebacks."""
 
 
 def _run(ns: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..runner import run_experiment
 
+    if ns.config:
+        from .run_config import given_dests, rerun
+
+        return rerun(ns, given_dests(ns.parser, ns.argv))
+    if not ns.example:
+        raise UsageError("graphrl run: name an EXAMPLE.py to run, or --config "
+                         "DIR/config.json to rerun a recorded run")
     build = load_example(ns.example)
-    run_experiment(build(run_options(ns)), run_options(ns))
+    run_experiment(build(run_options(ns)), run_options(ns), source=ns.example)
     return 0
 
 
@@ -124,9 +134,14 @@ def parser() -> argparse.ArgumentParser:
                                      "per call; on Ray, predicted vs measured seconds per "
                                      "call and reshard bytes). EXAMPLE.py is executed as "
                                      "Python: run only files you trust.")
-    run.add_argument("example", metavar="EXAMPLE.py")
+    run.add_argument("example", metavar="EXAMPLE.py", nargs="?")
+    run.add_argument("--config", metavar="CONFIG.json",
+                     help="rerun the run a --run-dir recorded (DIR/config.json): its example "
+                          "and options; options given beside it replace the recorded ones "
+                          "(--overwrite and --resume are never carried over); refused when "
+                          "the example, a model's config.json or a data file changed since")
     add_run_options(run)
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, parser=run)
     show = sub.add_parser("show", help="print an example's traced graph, or a saved plan",
                           description="Trace EXAMPLE's step and print its canonical text "
                                       "form, or print a plan.json written by compile --dump.")
@@ -201,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(p: argparse.ArgumentParser, argv: list[str]) -> int:
     ns = p.parse_args(argv)
+    ns.argv = argv[1:]   # after the command's name
     return ns.func(ns)
 
 
@@ -215,7 +231,9 @@ def example_main(build: Callable[[RunOptions], Experiment],
         from ..runner import run_experiment
 
         ns = p.parse_args(argv)
-        run_experiment(build(run_options(ns)), run_options(ns))
+        module = sys.modules.get(getattr(build, "__module__", ""))
+        run_experiment(build(run_options(ns)), run_options(ns),
+                       source=getattr(module, "__file__", None))
         return 0
     return guarded(go, debug=debug)
 

@@ -17,6 +17,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     if backend:
         add_backend_options(p)
         add_checkpoint_options(p)
+        add_logger_options(p)
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -58,9 +59,14 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--reward", metavar="FILE.py:FUNCTION",
                    help="a reward function over text, def f(prompt, response, **row_fields) "
                         "-> float, for examples that score text (FILE runs as Python)")
-    p.add_argument("--run-dir", default="runs", metavar="DIR",
-                   help="where examples write what they generate (tiny default model, "
-                        "data file); default runs/")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="a folder holding the whole run: config.json (every option, model "
+                        "and data hashes, versions, the plan; rerun it with graphrl run "
+                        "--config DIR/config.json), metrics.jsonl, trace.json, "
+                        "checkpoints/, save/ and the logger folders, unless those are given "
+                        "elsewhere; a DIR holding a run is refused unless --overwrite or "
+                        "--resume. Examples write what they generate (tiny default model, "
+                        "data file) there too (default runs/)")
     p.add_argument("--save", metavar="DIR",
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
@@ -93,6 +99,29 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-restarts", type=int_at_least(0), default=0, metavar="R",
                    help="ray: when a worker dies, restart the workers from the last "
                         "checkpoint, at most R times (needs --checkpoint-dir)")
+
+
+def add_logger_options(p: argparse.ArgumentParser) -> None:
+    """--logger (runs only)."""
+    from ..loggers import DEFAULT_LOGGERS
+
+    p.add_argument("--logger", dest="loggers", type=logger_names,
+                   default=DEFAULT_LOGGERS, metavar="NAMES",
+                   help="where each iteration's metrics go, any of jsonl,tensorboard,wandb "
+                        "(default jsonl: the --metrics file, DIR/metrics.jsonl with "
+                        "--run-dir); tensorboard writes event files to DIR/tensorboard, "
+                        "wandb an offline W&B run to DIR/wandb (upload later with wandb "
+                        "sync), both with the run's configuration; they need --run-dir and "
+                        "pip install 'graphrl[loggers]'")
+
+
+def logger_names(text: str) -> tuple[str, ...]:
+    from ..loggers import parse_loggers
+
+    try:
+        return parse_loggers(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2] or str(e)) from None
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -146,7 +175,8 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       prompt_field=getattr(ns, "prompt_field", "prompt"),
                       chat_template=getattr(ns, "chat_template", False),
                       save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
-                      run_dir=getattr(ns, "run_dir", "runs"),
+                      run_dir=getattr(ns, "run_dir", None),
+                      loggers=getattr(ns, "loggers", ("jsonl",)),
                       checkpoint_dir=getattr(ns, "checkpoint_dir", None),
                       checkpoint_every=getattr(ns, "checkpoint_every", None),
                       keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
