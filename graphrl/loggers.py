@@ -134,7 +134,7 @@ class TensorBoardLogger:
         self._writer.flush()
 
     def log_row(self, row: Mapping[str, Any]) -> None:
-        step = int(row["iteration"])
+        step = row.get("iteration")
         for key, value in numeric(row).items():
             self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()
@@ -180,11 +180,14 @@ class WandbLogger:
         pass   # given to wandb.init as the run's config
 
     def log_row(self, row: Mapping[str, Any]) -> None:
-        step = int(row["iteration"])
-        if step <= self._last:
+        step = row.get("iteration")
+        if step is None:
+            self._run.log(numeric(row))
+            return
+        if step < self._last:
             return   # W&B steps only increase: iterations redone after a restart are kept once
-        self._run.log(numeric(row), step=step)
-        self._last = step
+        self._run.log(numeric(row), step=int(step))   # a row of the same step adds to it
+        self._last = int(step)
 
     def rewind(self, rows: Iterable[Mapping[str, Any]]) -> None:
         pass

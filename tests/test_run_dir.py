@@ -95,16 +95,16 @@ def test_tensorboard_events_read_back_equal_the_rows(run1):
     assert json.loads(text.strip("`\n")) == json.loads((run1 / "config.json").read_text())
 
 
-def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
-    """The config and the history rows of the offline W&B run, read with wandb's own
-    reader of its run file."""
+def wandb_records(run_dir: Path) -> tuple[dict, list[dict], int | None]:
+    """The config, the history rows and the exit code of the offline W&B run, read with
+    wandb's own reader of its run file."""
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
     [file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     store = DataStore()
     store.open_for_scan(str(file))
-    config, history = {}, []
+    config, history, exit_code = {}, [], None
     while (data := store.scan_data()) is not None:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
@@ -116,11 +116,14 @@ def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
         elif kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                             for i in record.history.item})
-    return config, history
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return config, history, exit_code
 
 
 def test_wandb_offline_run_reads_back_equal_to_the_rows(run1):
-    config, history = wandb_records(run1)
+    config, history, exit_code = wandb_records(run1)
+    assert exit_code == 0
     recorded = json.loads((run1 / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "_wandb"} == recorded
     rows = rows_of(run1 / "metrics.jsonl")
@@ -198,3 +201,28 @@ def test_logger_option_errors(inputs, tmp_path, capsys):
     assert "unknown logger 'tensorbord' (did you mean 'tensorboard'?" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), *args(model, data), "--logger", "wandb"]) == 2
     assert "--logger wandb needs --run-dir DIR" in capsys.readouterr().err
+
+
+def test_ctrl_c_finishes_the_wandb_run_failed_with_the_rows_so_far(inputs, tmp_path):
+    import graphrl as gr
+    from word_problems import correct_answer
+
+    model, data = inputs
+    calls = []
+
+    def reward(response, answer):   # Ctrl-C during the second iteration's scoring
+        calls.append(1)
+        if len(calls) > 4 * 4:
+            raise KeyboardInterrupt
+        return correct_answer(response, answer)
+
+    exp = gr.recipes.text_grpo(str(model), str(data), reward, batch=4, group_size=4,
+                               max_new_tokens=3)
+    with pytest.raises(KeyboardInterrupt):
+        gr.run(exp, iterations=3, quiet=True, run_dir=str(tmp_path / "r"),
+               loggers=("jsonl", "wandb"))
+    _, history, exit_code = wandb_records(tmp_path / "r")
+    assert [h["_step"] for h in history] == [0] and exit_code == 1
+    assert rows_of(tmp_path / "r" / "metrics.jsonl")[0]["reward_mean"] == \
+        history[0]["reward_mean"]
+
