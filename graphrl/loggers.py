@@ -182,11 +182,12 @@ class WandbLogger:
     def log_row(self, row: Mapping[str, Any]) -> None:
         step = row.get("iteration")
         if step is None:
-            self._run.log(numeric(row))
+            self._run.log(numeric(row), commit=True)
             return
-        if step < self._last:
+        if step <= self._last:
             return   # W&B steps only increase: iterations redone after a restart are kept once
-        self._run.log(numeric(row), step=int(step))   # a row of the same step adds to it
+        # committed now: a run that stops (an error, Ctrl-C) keeps every row logged so far
+        self._run.log(numeric(row), step=int(step), commit=True)
         self._last = int(step)
 
     def rewind(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -230,14 +231,14 @@ class Loggers:
 def open_loggers(loggers: Sequence[str], *, metrics: str | None, run_dir: str | None,
                  name: str, config: Mapping[str, Any] | None,
                  overwrite: bool = False) -> Loggers:
-    """The loggers `loggers` names (jsonl: `metrics`, when given), each given `config`
-    once. A logger that fails to open closes the ones opened before it."""
+    """The metrics file (when given) and the other loggers `loggers` names, each given
+    `config` once. A logger that fails to open closes the ones opened before it."""
     out = Loggers([])
     try:
+        if metrics:   # --metrics FILE, or DIR/metrics.jsonl with jsonl among the loggers
+            out.loggers.append(JsonlLogger(metrics, overwrite=overwrite))
         for logger in loggers:
-            if logger == "jsonl" and metrics:
-                out.loggers.append(JsonlLogger(metrics, overwrite=overwrite))
-            elif logger == "tensorboard":
+            if logger == "tensorboard":
                 out.loggers.append(TensorBoardLogger(Path(run_dir or ".") / SUBDIRS[logger]))
             elif logger == "wandb":
                 out.loggers.append(WandbLogger(Path(run_dir or ".") / SUBDIRS[logger], name,

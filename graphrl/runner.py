@@ -321,7 +321,8 @@ def restart_from_checkpoint(e: ExecutionError, lost: list[int], executor: Any,
 
 def run(exp: Experiment, **options: Any) -> RunSummary:
     """Run `exp` from Python: options as on the command line (iterations, seed, metrics,
-    trace, device, backend, save, ...), e.g. run(exp, iterations=100, save="out/")."""
+    trace, device, backend, save, run_dir, loggers, ...), e.g. run(exp, iterations=100,
+    save="out/") or run(exp, run_dir="runs/a", loggers=("jsonl", "tensorboard"))."""
     return run_experiment(exp, RunOptions(**options))
 
 

@@ -201,6 +201,13 @@ def test_logger_option_errors(inputs, tmp_path, capsys):
     assert "unknown logger 'tensorbord' (did you mean 'tensorboard'?" in capsys.readouterr().err
     assert main(["run", str(EXAMPLE), *args(model, data), "--logger", "wandb"]) == 2
     assert "--logger wandb needs --run-dir DIR" in capsys.readouterr().err
+    assert main(["run", "--quiet"]) == 2
+    assert "name an EXAMPLE.py to run, or --config" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "nothing.json")]) == 2
+    assert f"--config {tmp_path / 'nothing.json'}: no such file" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"iterations": 3}')
+    assert main(["run", "--config", str(tmp_path / "other.json")]) == 2
+    assert "not a graphrl run's config.json" in capsys.readouterr().err
 
 
 def test_ctrl_c_finishes_the_wandb_run_failed_with_the_rows_so_far(inputs, tmp_path):

@@ -103,9 +103,10 @@ def rerun(ns: argparse.Namespace, given: set[str], out: TextIO | None = None) ->
     old_metrics = (record.get("resolved") or {}).get("metrics")
     old_rows = recorded_rows(old_metrics) if old_metrics else None   # before a rerun
     summary = run_experiment(exp, opts, out=out, source=example)    # replaces them
-    if old_rows is not None:
-        print(f"  rerun: {compare_rows(old_rows, list(summary.rows))} ({old_metrics})",
-              file=out)
+    if old_metrics:
+        print("  rerun: " + (f"{compare_rows(old_rows, list(summary.rows))} ({old_metrics})"
+                             if old_rows is not None else f"the recorded metrics "
+                             f"{old_metrics} could not be read: nothing to compare"), file=out)
     return 0
 
 
