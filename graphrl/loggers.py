@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from .errors import ExecutionError, UsageError
 
@@ -102,7 +102,7 @@ class JsonlLogger:
     def log_row(self, row: Mapping[str, Any]) -> None:
         self._log.write(dict(row))
 
-    def rewind(self, rows: Iterable[Mapping[str, Any]]) -> None:
+    def rewind(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """After a restart from a checkpoint: the file holds exactly `rows` again."""
         from .outputs import MetricsLog
 
@@ -139,9 +139,16 @@ class TensorBoardLogger:
             self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()
 
-    def rewind(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        pass   # the iterations redone after a restart are written again at their steps;
-        # TensorBoard's reader keeps the newest values of a step that comes again
+    def rewind(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """After a restart from a checkpoint: a SessionLog START at the first redone
+        step, TensorBoard's own restart mark (its readers drop what was written at and
+        after that step before it)."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        step = int(rows[-1]["iteration"]) + 1 if rows else 0
+        self._writer.file_writer.add_event(
+            Event(session_log=SessionLog(status=SessionLog.START)), step=step)
+        self._writer.flush()
 
     def close(self, ok: bool = True) -> None:
         self._writer.close()
@@ -159,14 +166,19 @@ def flat_hparams(options: Mapping[str, Any]) -> dict[str, Any]:
 
 class WandbLogger:
     """An offline W&B run in `folder`/wandb: never touches the network, never captures
-    the console, samples no system metrics; wandb.init waits at most WANDB_TIMEOUT_S."""
+    the console, samples no system metrics; wandb.init and run.finish wait at most
+    WANDB_TIMEOUT_S each. Closing it also shuts W&B's service process down (unless
+    another W&B run of this process is active), which completes the run's file on disk
+    before close() returns: read at once, it holds every row and the exit code."""
 
     def __init__(self, folder: Path, name: str, config: Mapping[str, Any]):
         wandb = require("wandb", "--logger wandb")
+        self._wandb, self.folder = wandb, folder
         settings = wandb.Settings(mode="offline", silent=True, console="off",
                                   x_disable_stats=True, x_disable_meta=True,
                                   disable_git=True, disable_code=True, save_code=False,
-                                  init_timeout=WANDB_TIMEOUT_S, reinit="create_new")
+                                  init_timeout=WANDB_TIMEOUT_S,
+                                  finish_timeout=WANDB_TIMEOUT_S, reinit="create_new")
         folder.mkdir(parents=True, exist_ok=True)
         try:
             self._run = wandb.init(dir=str(folder.parent), project="graphrl", name=name,
@@ -190,11 +202,22 @@ class WandbLogger:
         self._run.log(numeric(row), step=int(step), commit=True)
         self._last = int(step)
 
-    def rewind(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        pass
+    def rewind(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        pass   # W&B steps only increase: log_row keeps the first values of a redone step
 
     def close(self, ok: bool = True) -> None:
+        import threading
+
         self._run.finish(exit_code=0 if ok else 1)
+        if self._wandb.run is not None:
+            return   # someone else's W&B run goes on in this process
+        done = threading.Thread(target=self._wandb.teardown, daemon=True)
+        done.start()
+        done.join(WANDB_TIMEOUT_S)
+        if done.is_alive():
+            raise ExecutionError(f"--logger wandb: W&B's service did not shut down within "
+                                 f"{WANDB_TIMEOUT_S:.0f} s; the offline run in {self.folder} "
+                                 "may lack its last rows")
 
 
 class Loggers:

@@ -233,3 +233,28 @@ def test_ctrl_c_finishes_the_wandb_run_failed_with_the_rows_so_far(inputs, tmp_p
     assert rows_of(tmp_path / "r" / "metrics.jsonl")[0]["reward_mean"] == \
         history[0]["reward_mean"]
 
+
+
+def test_after_a_restart_jsonl_is_rewritten_and_tensorboard_keeps_the_redone_steps(tmp_path):
+    """A Ray restart from a checkpoint redoes iterations: the loggers are rewound to the
+    checkpoint's rows, then get the redone ones (graphrl.runner)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from graphrl.loggers import open_loggers
+
+    log = open_loggers(("jsonl", "tensorboard"), metrics=str(tmp_path / "m.jsonl"),
+                       run_dir=str(tmp_path), name="t", config={"options": {"seed": 0}})
+    rows = [{"iteration": i, "reward_mean": 0.25 * i, "note": "text"} for i in range(3)]
+    for row in rows:
+        log.log_row(row)
+    log.rewind(rows[:1])   # restarted from the checkpoint after iteration 0
+    redone = [{"iteration": i, "reward_mean": 1.0 + i, "note": "text"} for i in (1, 2)]
+    for row in redone:
+        log.log_row(row)
+    log.close()
+    assert rows_of(tmp_path / "m.jsonl") == rows[:1] + redone
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["reward_mean"]   # the text value is not a scalar
+    assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == \
+        [(0, 0.0), (1, 2.0), (2, 3.0)]
