@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from graphrl.cli import main
+from conftest import load_build
 from word_problems import write_problems, write_tiny_llama
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text_grpo.py"
@@ -258,3 +259,25 @@ def test_after_a_restart_jsonl_is_rewritten_and_tensorboard_keeps_the_redone_ste
     assert events.Tags()["scalars"] == ["reward_mean"]   # the text value is not a scalar
     assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == \
         [(0, 0.0), (1, 2.0), (2, 3.0)]
+
+
+def test_plan_summary_of_a_compiled_plan(inputs):
+    """On Ray, config.json's plan is the compiled plan's cluster, policy, predicted step
+    and each node's placement (as the plan prints them)."""
+    from types import SimpleNamespace
+
+    import graphrl as gr
+    from graphrl.launch import compile_for
+    from graphrl.run_record import plan_summary
+
+    model, data = inputs
+    opts = gr.RunOptions(backend="ray", cluster="1x4xcpu", batch_size=4,
+                         model_dirs=(("policy", str(model)),), data=str(data))
+    plan = compile_for(load_build("text_grpo")(opts).program(), opts).plan
+    summary = plan_summary(SimpleNamespace(plan=plan), opts)
+    assert summary["cluster"] == "1x4xcpu" and summary["policy"] == "auto"
+    assert summary["predicted_step_seconds"] == plan.predicted_step_seconds
+    placed = {n.name: n for n in plan.graph.nodes if n.placement is not None}
+    assert set(summary["placement"]) == set(placed)
+    for name, text in summary["placement"].items():
+        assert text.endswith(placed[name].placement.text())
