@@ -132,8 +132,10 @@ def parser() -> argparse.ArgumentParser:
                          description="Run EXAMPLE for N iterations with a progress bar, "
                                      "then print a summary (reward first/last 5, seconds "
                                      "per call; on Ray, predicted vs measured seconds per "
-                                     "call and reshard bytes). EXAMPLE.py is executed as "
-                                     "Python: run only files you trust.")
+                                     "call and reshard bytes); or rerun a recorded run "
+                                     "(--config DIR/config.json, docs/run_dir.md). "
+                                     "EXAMPLE.py is executed as Python: run only files "
+                                     "you trust.")
     run.add_argument("example", metavar="EXAMPLE.py", nargs="?")
     run.add_argument("--config", metavar="CONFIG.json",
                      help="rerun the run a --run-dir recorded (DIR/config.json): its example "
