@@ -148,6 +148,12 @@ def test_config_reruns_the_run_with_the_same_rows(run1, tmp_path, capsys):
     again = json.loads((rerun / "config.json").read_text())
     assert again["options"]["config"] == str(run1 / "config.json")
     assert not (rerun / "tensorboard").exists()
+    # --overwrite replaces the rerun's run: its old checkpoints go, its rows are new
+    assert main(["run", "--config", str(run1 / "config.json"), "--run-dir", str(rerun),
+                 "--logger", "jsonl", "--overwrite", "--iterations", "2"]) == 0
+    assert "2 iteration(s) equal to the recorded run's" in capsys.readouterr().out
+    assert curve(rows_of(rerun / "metrics.jsonl")) == curve(rows_of(run1 / "metrics.jsonl"))[:2]
+    assert [p.name for p in (rerun / "checkpoints").iterdir()] == ["ckpt-00000002"]
 
 
 def test_config_refuses_a_changed_data_file_or_model(run1, inputs, tmp_path, capsys):
