@@ -165,7 +165,8 @@ def flat_hparams(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class WandbLogger:
-    """An offline W&B run in `folder`/wandb: never touches the network, never captures
+    """An offline W&B run in `folder` (DIR/wandb; the run is named after DIR, grouped by
+    the experiment's name): never touches the network, never captures
     the console, samples no system metrics; wandb.init and run.finish wait at most
     WANDB_TIMEOUT_S each. Closing it also shuts W&B's service process down (unless
     another W&B run of this process is active), which completes the run's file on disk
@@ -181,7 +182,8 @@ class WandbLogger:
                                   finish_timeout=WANDB_TIMEOUT_S, reinit="create_new")
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            self._run = wandb.init(dir=str(folder.parent), project="graphrl", name=name,
+            self._run = wandb.init(dir=str(folder.parent), project="graphrl",
+                                   name=folder.parent.name or name, group=name,
                                    config=dict(config), settings=settings)
         except Exception as e:   # wandb's own errors: one line naming the logger
             raise ExecutionError(f"--logger wandb: could not start the offline W&B run "

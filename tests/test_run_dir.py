@@ -111,6 +111,7 @@ def wandb_records(run_dir: Path) -> tuple[dict, list[dict], int | None]:
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
         if kind == "run":
+            assert (record.run.display_name, record.run.run_group) == (run_dir.name, "text_grpo")
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
