@@ -247,6 +247,6 @@ def check_example(record: Mapping[str, Any], path: str, where: str) -> None:
                          f"(sha256 {sha256_file(path)[:12]}, recorded {old['sha256'][:12]})")
 
 
-__all__ = ["FORMAT", "CONFIG_FILE", "options_record", "load_record",
-           "inputs_record", "run_record", "plan_summary", "learning_curve", "compare_rows", "check_inputs", "check_example", "versions",
-           "git_state"]
+__all__ = ["FORMAT", "CONFIG_FILE", "options_record", "load_record", "inputs_record",
+           "run_record", "plan_summary", "learning_curve", "compare_rows", "check_inputs",
+           "check_example", "versions", "git_state"]

@@ -216,6 +216,10 @@ def test_logger_option_errors(inputs, tmp_path, capsys):
     (tmp_path / "other.json").write_text('{"iterations": 3}')
     assert main(["run", "--config", str(tmp_path / "other.json")]) == 2
     assert "not a graphrl run's config.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps(
+        {"format": "graphrl-run/1", "options": {"iterations": "three"}}))
+    assert main(["run", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "option iterations is 'three', expected int | None" in capsys.readouterr().err
 
 
 def test_ctrl_c_finishes_the_wandb_run_failed_with_the_rows_so_far(inputs, tmp_path):

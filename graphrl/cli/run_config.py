@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
@@ -36,17 +38,36 @@ def recorded_options(record: Mapping[str, Any], where: str) -> RunOptions:
     if unknown:
         raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)} (written by "
                          "another graphrl version?)")
+    hints = typing.get_type_hints(RunOptions)
     values = {}
     for key, value in options.items():
-        if key in ("model_dirs", "model_config"):
+        if key in ("model_dirs", "model_config") and isinstance(value, list) and all(
+                isinstance(v, list) and len(v) == 2 for v in value):
             value = tuple((str(r), str(p)) for r, p in value)
         elif isinstance(value, list):
             value = tuple(value)
+        if not _has_type(value, hints[key]):
+            raise UsageError(f"{where}: option {key} is {value!r}, expected "
+                             f"{_type_name(hints[key])}")
         values[key] = value
-    try:
-        return RunOptions(**values)
-    except TypeError as e:
-        raise UsageError(f"{where}: options do not form a run ({e})") from None
+    return RunOptions(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple)
+    if hint in (int, float):   # a JSON number; never a bool
+        return isinstance(value, (int, float) if hint is float else int) and \
+            not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -62,7 +83,8 @@ def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
 
 
 def flag(dest: str) -> str:
-    return {"model_dirs": "--model", "loggers": "--logger"}.get(dest, "--" + dest.replace("_", "-"))
+    named = {"model_dirs": "--model", "loggers": "--logger"}
+    return named.get(dest, "--" + dest.replace("_", "-"))
 
 
 def rerun(ns: argparse.Namespace, given: set[str], out: TextIO | None = None) -> int:
@@ -91,9 +113,9 @@ def rerun(ns: argparse.Namespace, given: set[str], out: TextIO | None = None) ->
     fresh = {k: getattr(RunOptions(), k) for k in NOT_CARRIED}
     opts = dataclasses.replace(recorded, **{**fresh, **overrides},
                                config=str(Path(ns.config).absolute()))
-    changed = [f"{flag(d)} {_shown(getattr(opts, d))} (recorded {_shown(getattr(recorded, d))})"
-               for d in sorted(overrides) if d not in NOT_CARRIED
-               and getattr(opts, d) != getattr(recorded, d)]
+    changed = [f"{flag(d)} {_shown(getattr(opts, d))} "
+               f"(recorded {_shown(getattr(recorded, d))})" for d in sorted(overrides)
+               if d not in NOT_CARRIED and getattr(opts, d) != getattr(recorded, d)]
     print(f"graphrl run: rerunning {example} as recorded in {ns.config}"
           + (f"; from the command line: {', '.join(changed)}" if changed else ""), file=out)
     build = load_example(example)
