@@ -10,9 +10,10 @@ is the default).
   later with `wandb sync DIR/wandb/offline-run-*`): the configuration as the run's
   config, every numeric value of a row at step = iteration.
 
-Every logger has the same three calls: `log_config(config)` once, `log_row(row)` per
-iteration, `close(ok)` at the end (also after an error or Ctrl-C: ok=False marks a W&B
-run failed). The optional packages are imported only by the loggers that need them, and
+Every logger has the same calls: `log_config(config)` once, `log_row(row)` per
+iteration, `rewind(rows)` after a restart from a checkpoint (the rows it holds),
+`close(ok)` at the end (also after an error or Ctrl-C: ok=False marks a W&B run
+failed). The optional packages are imported only by the loggers that need them, and
 `check_loggers` refuses a missing one before the run starts, with an install hint.
 """
 from __future__ import annotations
@@ -27,13 +28,16 @@ LOGGERS = ("jsonl", "tensorboard", "wandb")
 DEFAULT_LOGGERS = ("jsonl",)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}   # logger -> package it needs
 SUBDIRS = {"tensorboard": "tensorboard", "wandb": "wandb"}    # logger -> folder in DIR
-WANDB_TIMEOUT_S = 60.0    # the longest wandb.init may wait on its local service process
+WANDB_TIMEOUT_S = 60.0    # the longest wandb.init, run.finish or the service's shutdown
+                          # may each wait on W&B's local service process
 
 
 class Logger(Protocol):
     def log_config(self, config: Mapping[str, Any]) -> None: ...
 
     def log_row(self, row: Mapping[str, Any]) -> None: ...
+
+    def rewind(self, rows: Sequence[Mapping[str, Any]]) -> None: ...
 
     def close(self, ok: bool = True) -> None: ...
 
@@ -58,7 +62,8 @@ def check_loggers(loggers: Sequence[str], run_dir: str | None) -> None:
     if isinstance(loggers, str):
         raise UsageError(f"loggers={loggers!r}: expected a tuple of names, e.g. "
                          "(\"jsonl\", \"tensorboard\")")
-    parse_loggers(",".join(loggers) or " ")
+    if loggers:   # none at all is allowed from Python: only a --metrics file, if given
+        parse_loggers(",".join(loggers))
     for name in loggers:
         if name in SUBDIRS and not run_dir:
             raise UsageError(f"--logger {name} needs --run-dir DIR (it writes into "
@@ -271,7 +276,10 @@ def open_loggers(loggers: Sequence[str], *, metrics: str | None, run_dir: str | 
         if config is not None:
             out.log_config(config)
     except BaseException:
-        out.close(ok=False)
+        try:
+            out.close(ok=False)
+        except Exception:   # noqa: BLE001 - the error that stopped the opening is reported
+            pass
         raise
     return out
 
