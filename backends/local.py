@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from graphrl import signatures as sig
-from graphrl.errors import ExecutionError, GraphRLError
+from graphrl.errors import ExecutionError, GraphRLError, OpError
 from graphrl.graph import CALL, OP, SYSTEM, Graph, Node
 from graphrl.timeline import Event
 from graphrl.trace import Program
@@ -180,6 +180,8 @@ class LocalExecutor:
             start = self.now()
             try:
                 results = self.run_node(n, [env[i] for i in n.inputs], iteration)
+            except OpError as e:   # an op's user code: add the iteration
+                raise e.at(iteration) from e
             except GraphRLError:
                 raise
             except Exception as e:  # name the node; keep the cause for debugging

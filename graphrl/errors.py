@@ -27,5 +27,13 @@ class ExecutionError(GraphRLError):
     """A node failed while running; names the node, call and (on Ray) the rank."""
 
 
+class OpError(ExecutionError):
+    """An op's own function (user code, e.g. a reward) failed or misbehaved; the executor
+    that ran it names the iteration (`at`)."""
+
+    def at(self, iteration: int) -> ExecutionError:
+        return type(self)(f"iteration {iteration}: {self}")
+
+
 class UsageError(GraphRLError):
     """A bad command-line argument or option value."""

@@ -50,19 +50,21 @@ def text_grpo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
               top_p: float = 1.0, prompt_field: str = "prompt", chat_template: bool = False,
               prompt_len: int | None = None, lr: float = 1e-4, kl_coef: float = 0.01,
               clip: float = 0.2, epochs: int = 1, minibatches: int = 1, seed: int = 0,
-              iterations: int = 100, name: str = "text_grpo") -> Experiment:
+              iterations: int = 100, name: str = "text_grpo",
+              reward_timeout: float | None = None) -> Experiment:
     """GRPO (Shao et al. 2024) of the causal LM in directory `policy` on the prompts of
     `data` (JSONL or Parquet), scored by `reward` over text (graphrl.rewards): each
     prompt is answered `group_size` times and a response's advantage is its reward
     normalised within its group; the reference is the starting policy (k3 KL,
-    `kl_coef`). Responses stop at the tokenizer's EOS or after `max_new_tokens`."""
+    `kl_coef`). Responses stop at the tokenizer's EOS or after `max_new_tokens`; each
+    reward call must return within `reward_timeout` seconds (default 60)."""
     if batch < 1 or group_size < 2:
         raise UsageError(f"text_grpo: batch must be >= 1 and group_size >= 2, got "
                          f"{batch} and {group_size}")
     rows = load_rows(data, prompt_field)
     prompts = PromptData(rows, tokenizer_of(policy), batch=batch, seed=seed,
                          prompt_len=prompt_len, chat_template=chat_template)
-    score = text_reward(reward, prompts)
+    score = text_reward(reward, prompts, timeout=reward_timeout)
     models = (Model("policy", policy, role="policy", trainable=True, options={"lr": lr}),
               Model("reference", policy, role="reference"))
 

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from .errors import ExecutionError, UsageError
 from .experiment import Experiment, RunOptions
+from .finite import check_finite
 from .timeline import Event, call_seconds, write_chrome_trace
 
 
@@ -27,7 +28,7 @@ class RunSummary:
 def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: float,
                 events: tuple[Event, ...]) -> dict[str, Any]:
     row: dict[str, Any] = {"iteration": iteration,
-                           "reward_mean": float(outputs[reward]["score"].float().mean()),
+                           "reward_mean": float(outputs[reward]["score"].double().mean()),
                            "step_seconds": round(seconds, 6)}
     for call, s in sorted(call_seconds(events).items()):
         row[f"seconds/{call}"] = round(s, 6)
@@ -41,7 +42,7 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
             if t.numel() == 1:
                 row[f"{name}/{f}"] = float(t)
             elif t.dtype.is_floating_point or f == "version":
-                row[f"{name}/{f}_mean"] = float(t.float().mean())
+                row[f"{name}/{f}_mean"] = float(t.double().mean())
     return row
 
 
@@ -207,6 +208,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                 i += 1
                 continue
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
+            check_finite(row, i, program.graph, exp.reward)
             rows.append(row)
             events.extend(result.events)
             log.log_row(row)

@@ -269,9 +269,18 @@ def text_job_argv(job: dict, case: str) -> list[str]:
     (base / "prompts.txt").write_text("hello\n")
     (base / "empty.jsonl").write_text("")
     (base / "a_file").write_text("x")
+    (base / "rewards.py").write_text(
+        "import sys, time\n"
+        "def hangs(response):\n    while True:\n        time.sleep(0.01)\n"
+        "def exits(response):\n    sys.exit(0)\n"
+        "def interrupts(response):\n    raise KeyboardInterrupt\n"
+        "def huge(response):\n    return 1e300\n"
+        "def nan(response):\n    return float('nan')\n")
+    rewards = str(base / "rewards.py")
     (base / "m.jsonl").write_text('{"iteration": 0, "reward_mean": 0.1}\n'
                                   '{"iteration": 1, "reward_mean": 0.2}\n')
     ok = ["--model", f"policy={model}", "--data", data]
+    tiny_run = ["--iterations", "2", "--batch-size", "2", "--quiet"]
     cases = {
         "--model without =": ["show", TEXT, "--model", "policy", "--data", data],
         "--model empty role": ["show", TEXT, "--model", f"={model}", "--data", data],
@@ -294,6 +303,14 @@ def text_job_argv(job: dict, case: str) -> list[str]:
         "--save is a file": ["run", TEXT, *ok, "--save", str(base / "a_file"), "--quiet"],
         "--save parent missing": ["run", TEXT, *ok, "--save", "/nonexistent/out", "--quiet"],
         "--save unwritable": ["run", TEXT, *ok, "--save", "/proc/out", "--quiet"],
+        "--reward never returns": ["run", TEXT, *ok, "--reward", f"{rewards}:hangs",
+                                   "--reward-timeout", "0.3", *tiny_run],
+        "--reward calls sys.exit(0)": ["run", TEXT, *ok, "--reward", f"{rewards}:exits",
+                                       *tiny_run],
+        "--reward raises KeyboardInterrupt": ["run", TEXT, *ok, "--reward",
+                                              f"{rewards}:interrupts", *tiny_run],
+        "--reward returns 1e300": ["run", TEXT, *ok, "--reward", f"{rewards}:huge", *tiny_run],
+        "--reward returns nan": ["run", TEXT, *ok, "--reward", f"{rewards}:nan", *tiny_run],
         "plot missing file": ["plot", "/nonexistent/m.jsonl"],
         "plot garbage file": ["plot", str(base / "prompts.txt")],
         "plot empty file": ["plot", str(base / "empty.jsonl")],
@@ -307,7 +324,9 @@ TEXT_CASES = ["--model without =", "--model empty role", "--model unknown role",
               "--model missing dir", "--model a file", "--model no weights", "--data missing",
               "--data a directory", "--data unknown format", "--data empty",
               "--prompt-field unknown", "--reward without :FUNCTION", "--reward missing file",
-              "--reward unknown function", "--reward syntax error", "--save is a file",
+              "--reward unknown function", "--reward syntax error", "--reward never returns",
+              "--reward calls sys.exit(0)", "--reward raises KeyboardInterrupt",
+              "--reward returns 1e300", "--reward returns nan", "--save is a file",
               "--save parent missing", "--save unwritable", "plot missing file",
               "plot garbage file", "plot empty file", "plot output unwritable",
               "plot unknown picture format"]
@@ -319,8 +338,15 @@ def test_text_job_arguments(text_job, capsys, case):
     assert len(err) < 600, err
     named = {"--model unknown role": "did you mean 'policy'", "--reward unknown function":
              "did you mean 'score'", "--prompt-field unknown": "--prompt-field",
-             "plot output unwritable": "/proc/x.png", "--save unwritable": "/proc"}
+             "plot output unwritable": "/proc/x.png", "--save unwritable": "/proc",
+             "--reward never returns": "rewards.py:hangs did not return within 0.3 s",
+             "--reward calls sys.exit(0)": "rewards.py:exits raised on",
+             "--reward raises KeyboardInterrupt": "KeyboardInterrupt",
+             "--reward returns 1e300": "returned 1e+300",
+             "--reward returns nan": "returned nan"}
     assert named.get(case, "") in err, err
+    if case.startswith("--reward") and "run" in text_job_argv(text_job, case):
+        assert "iteration 0: " in err and "data.jsonl line " in err, err
 
 
 def test_contract_counts():
@@ -356,3 +382,21 @@ def test_user_code_error_shows_only_user_frames(tmp_path, capsys):
     assert main(["--debug", "show", str(path)]) == 2     # --debug: every frame
     err = capsys.readouterr().err
     assert "Traceback" in err and "example_file.py" in err
+
+
+def test_nonfinite_training_stops_the_run(text_job, tmp_path, capsys):
+    """Rewards of 3e38 are finite float32 numbers, but their group statistics overflow:
+    the run stops at that iteration naming the quantity; no NaN reaches the metrics."""
+    rewards = tmp_path / "big.py"
+    rewards.write_text("def big(response):\n    return 3e38\n")
+    metrics = tmp_path / "m.jsonl"
+    rc = main(["run", TEXT, "--model", f"policy={text_job['model']}", "--data",
+               text_job["data"], "--reward", f"{rewards}:big", "--iterations", "2",
+               "--batch-size", "2", "--quiet", "--metrics", str(metrics)])
+    err = capsys.readouterr().err
+    COUNT["inputs"] += 1
+    KINDS.add("non-finite training")
+    assert rc == 1 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("graphrl: error:")]
+    assert "iteration 0: policy_stats/loss is nan (from policy.train" in line, line
+    assert "nan" not in metrics.read_text().lower()

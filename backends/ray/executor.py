@@ -42,7 +42,7 @@ import ray
 
 from graphrl.backends.engines.hf import seed_for
 from graphrl.backends.local import StepResult, WeightsToken, check_payload
-from graphrl.errors import ExecutionError, GraphRLError, UsageError
+from graphrl.errors import ExecutionError, GraphRLError, OpError, UsageError
 from graphrl.graph import CALL, Node
 from graphrl.plan import HOST, Plan
 from graphrl.timeline import Event
@@ -421,6 +421,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         try:
             out = (split_host_op(self, n, args) if n.attr(HEAD_PART) else
                    self.program.ops[n.target].fn(*args, **n.attr_dict))
+        except OpError as e:   # an op's user code: add the iteration
+            raise e.at(iteration) from e
         except GraphRLError:
             raise
         except Exception as e:

@@ -2,7 +2,9 @@
 
 - Bad input (a graphrl error: flags, files, configs, plans, a step graphrl cannot trace):
   one line `graphrl: error: ...`, exit 2.
-- A failure of a run (ExecutionError: a node failed, a worker died): one line, exit 1.
+- A failure of a run (ExecutionError: a node failed, a worker died): one line, exit 1;
+  but an op's user code failing (OpError: a reward raised, hung or returned NaN) is the
+  user's: exit 2.
 - An exception raised in the user's own code (the example file or code it calls, not
   graphrl): the user's frames only (file, line, code), then one line saying it came from
   their code; exit 2.
@@ -18,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from ..errors import ExecutionError, GraphRLError
+from ..errors import ExecutionError, GraphRLError, OpError
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
@@ -97,7 +99,8 @@ def report(exc: BaseException, *, debug: bool = False, err: TextIO | None = None
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
     if isinstance(exc, GraphRLError):
         print(f"graphrl: error: {exc}", file=err)
-        return FAILURE_EXIT if isinstance(exc, ExecutionError) else USAGE_EXIT
+        run_failure = isinstance(exc, ExecutionError) and not isinstance(exc, OpError)
+        return FAILURE_EXIT if run_failure else USAGE_EXIT
     if from_user_code(exc):
         if not debug:
             print("error in your code (its frames; --debug shows graphrl's too):", file=err)

@@ -60,6 +60,9 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--reward", metavar="FILE.py:FUNCTION",
                    help="a reward function over text, def f(prompt, response, **row_fields) "
                         "-> float, for examples that score text (FILE runs as Python)")
+    p.add_argument("--reward-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="the longest one call of the reward function may take before the "
+                        "run stops with an error naming it and the data row (default 60)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="a folder holding the whole run: config.json (every option, model "
                         "and data hashes, versions, the plan; rerun it with graphrl run "
@@ -176,6 +179,7 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       prompt_field=getattr(ns, "prompt_field", "prompt"),
                       chat_template=getattr(ns, "chat_template", False),
                       save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
+                      reward_timeout=getattr(ns, "reward_timeout", None),
                       run_dir=getattr(ns, "run_dir", None),
                       loggers=getattr(ns, "loggers", ("jsonl",)),
                       checkpoint_dir=getattr(ns, "checkpoint_dir", None),
