@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
+from .option_checks import BACKENDS, check_run_options
 from .trace import Model, Program, trace
 from .types import PayloadSpec
 
@@ -58,6 +59,9 @@ class RunOptions:
         """Where an example writes what it generates (a tiny model, a data file): the run
         directory, else runs/."""
         return self.run_dir or "runs"
+
+    def __post_init__(self) -> None:
+        check_run_options(self)
 
     def precisions(self) -> dict[str, str]:
         """Role -> precision from --precision ("*" for every role)."""
@@ -186,5 +190,3 @@ class Experiment:
                 raise UsageError(f"{flag}: {self.name} has no model {role!r}"
                                  f"{suggest(role, names)} (its models: {', '.join(names)})")
 
-
-BACKENDS = ("local", "ray")

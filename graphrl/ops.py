@@ -66,8 +66,19 @@ def _group_advantages(rollout: dict, scores: dict, *, group_size: int,
 gae = OpDef("gae", _gae, (sig.ROLLOUT, sig.SCORES, sig.VALUES, sig.LOGPROBS, sig.LOGPROBS),
             (("advantages", sig.ADVANTAGES, ADV_FIELDS), ("returns", sig.RETURNS, RET_FIELDS)))
 
+def _check_group(attrs: dict, rollout: Any) -> str:
+    """group_size: an int >= 1 that divides the rollout's rows (prompts x samples)."""
+    size = attrs.get("group_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"group_size={size!r} must be an int >= 1"
+    if rollout.batch % size:
+        return (f"group_size={size} does not divide the rollout's {rollout.batch} rows "
+                "(generate samples=group_size per prompt)")
+    return ""
+
+
 group_advantages = OpDef("group_advantages", _group_advantages, (sig.ROLLOUT, sig.SCORES),
-                         (("advantages", sig.ADVANTAGES, ADV_FIELDS),))
+                         (("advantages", sig.ADVANTAGES, ADV_FIELDS),), check=_check_group)
 
 
 def op(name: str, inputs: tuple[str, ...],

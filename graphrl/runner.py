@@ -325,6 +325,11 @@ def run(exp: Experiment, **options: Any) -> RunSummary:
     """Run `exp` from Python: options as on the command line (iterations, seed, metrics,
     trace, device, backend, save, run_dir, loggers, ...), e.g. run(exp, iterations=100,
     save="out/") or run(exp, run_dir="runs/a", loggers=("jsonl", "tensorboard"))."""
+    from dataclasses import fields
+
+    from .option_checks import unknown_options
+
+    unknown_options(options, [f.name for f in fields(RunOptions)])
     return run_experiment(exp, RunOptions(**options))
 
 

@@ -18,6 +18,7 @@ Conventions for a rollout of `seq` tokens (prompt then response):
 """
 from __future__ import annotations
 
+from .errors import UsageError
 from .types import Field, PayloadSpec
 
 PROMPTS = "Prompts"
@@ -84,6 +85,10 @@ def train_input_names(loss: str, given: int) -> list[str]:
 
 
 def prompts_spec(batch: int, seq: int) -> PayloadSpec:
+    """The Prompts payload of a step: `batch` prompts of `seq` tokens (both ints >= 1)."""
+    for name, value in (("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"prompts_spec: {name}={value!r} must be an int >= 1")
     return PayloadSpec(PROMPTS, batch, seq, PROMPT_FIELDS)
 
 

@@ -21,6 +21,7 @@ from . import signatures as sig
 from .errors import TraceError, UsageError
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
 from .hf_dir import is_model_dir, read_config
+from .model_checks import check_model_fields
 from .printer import format_attr
 from .train_options import check_train_options
 from .types import PRECISIONS, Field, ModelSpec, PayloadSpec, weights_spec
@@ -54,6 +55,7 @@ class Model:
     precision: str | None = None
 
     def __post_init__(self) -> None:
+        check_model_fields(self.name, self.role, self.head, self.engine, self.options)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"model {self.name}: unknown precision {self.precision!r} "
                              f"(allowed: {', '.join(PRECISIONS)})")
@@ -90,12 +92,15 @@ class Model:
 class OpDef:
     """A pure tensor op usable in a step: `fn(*payload_dicts, **attrs)` returns one dict
     per output. `inputs` are the payload kinds it takes; `outputs` (name, kind, fields)
-    what it returns, with the batch and sequence length of its first data input."""
+    what it returns, with the batch and sequence length of its first data input. The
+    attributes of a call are checked against fn's keyword arguments when it is traced,
+    and by `check(attrs, first_input_spec)` (an error message, or "" when fine)."""
 
     name: str
     fn: Callable[..., Any]
     inputs: tuple[str, ...]
     outputs: tuple[tuple[str, str, tuple[Field, ...]], ...]
+    check: Callable[[Mapping[str, Any], PayloadSpec], str] | None = None
 
     def __call__(self, *args: "TracedValue", **attrs: Any) -> Any:
         if not args or not all(isinstance(a, TracedValue) for a in args):
@@ -142,7 +147,34 @@ class ModelHandle:
                              f"(role {decl.role}, head {decl.spec.head}, "
                              f"{'trainable' if decl.trainable else 'frozen'}) has no method "
                              f"{method!r}; its methods are {', '.join(decl.methods)}")
-        return lambda *a, **kw: getattr(self._tracer, f"call_{method}")(self._model, *a, **kw)
+        call = getattr(self._tracer, f"call_{method}")
+        where = f"{self._model.name}.{method}"
+
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            check_arguments(where, call, (self._model, *args), kwargs)
+            return call(self._model, *args, **kwargs)
+        return bound
+
+
+def check_arguments(where: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: Mapping[str, Any], skip: int = 1) -> None:
+    """A TraceError naming the call and the unknown or missing argument (with the nearest
+    known name) unless fn(*args, **kwargs) binds to fn's signature; the first `skip`
+    parameters are not the user's to name."""
+    from .nearest import suggest
+
+    params = inspect.signature(fn).parameters
+    names = [p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+    if any(v.kind is v.VAR_KEYWORD for v in params.values()):
+        names = []
+    for key in kwargs:
+        if names and key not in names:
+            raise TraceError(f"{where}: unknown argument {key!r}{suggest(key, names)} "
+                             f"(it takes {', '.join(names[skip:])})")
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TraceError(f"{where}: {e}") from None
 
 
 class Tracer:
@@ -295,7 +327,11 @@ class Tracer:
         known = self.ops.setdefault(op.name, op)
         if known is not op:
             raise TraceError(f"{where}: two different ops share the name {op.name!r}")
+        check_arguments(where, op.fn, tuple(checked), attrs, skip=len(checked))
         first = checked[0].spec
+        problem = op.check(attrs, first) if op.check is not None else ""
+        if problem:
+            raise TraceError(f"{where}: {problem}")
         outs = [(name, PayloadSpec(kind, first.batch, first.seq, fields))
                 for name, kind, fields in op.outputs]
         return self._record(OP, op.name, "", checked, list(op.inputs), outs,

@@ -400,3 +400,125 @@ def test_nonfinite_training_stops_the_run(text_job, tmp_path, capsys):
     (line,) = [ln for ln in err.splitlines() if ln.startswith("graphrl: error:")]
     assert "iteration 0: policy_stats/loss is nan (from policy.train" in line, line
     assert "nan" not in metrics.read_text().lower()
+
+
+# -- the Python API: constructors and traced calls check their arguments ---------------
+def check_api_error(make, kind: str) -> str:
+    """make() raises a graphrl error that the command line reports as one line, exit 2."""
+    import io
+
+    from graphrl.cli.error_report import report
+    from graphrl.errors import GraphRLError
+
+    COUNT["inputs"] += 1
+    KINDS.add(kind)
+    with pytest.raises(GraphRLError) as e:
+        make()
+    err = io.StringIO()
+    assert report(e.value, err=err) == 2
+    (line,) = err.getvalue().splitlines()
+    return line
+
+
+bad_numbers = st.one_of(st.integers(-3, 0), st.floats(0.5, 9.5),
+                        st.just("zero"), st.just(True), st.none(), st.just(float("nan")))
+
+
+def _valid_option(field, value) -> bool:
+    import math
+
+    if value is None:
+        return field in ("iterations", "batch_size", "prompt_len", "reward_timeout",
+                         "call_timeout")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if field.endswith("timeout"):
+        return math.isfinite(value) and value > 0
+    least = 0 if field in ("seed", "max_restarts", "staleness") else 1
+    return isinstance(value, int) and value >= least and field not in ("backend", "device")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(field=st.sampled_from(["iterations", "seed", "batch_size", "prompt_len", "keep",
+                              "max_restarts", "staleness", "reward_timeout", "call_timeout",
+                              "backend", "device"]),
+       value=bad_numbers)
+def test_run_options(field, value):
+    from graphrl.experiment import RunOptions
+
+    if field == "seed" and value is None:
+        value = 2**40    # past the seeds numpy takes
+    if _valid_option(field, value):
+        return
+    line = check_api_error(lambda: RunOptions(**{field: value}), f"RunOptions.{field}")
+    assert field in line and f"--{field.replace('_', '-')}" in line, line
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(case=st.one_of(
+    st.builds(lambda v: ("role", {"role": v}), st.sampled_from(["wizard", "polciy", "", None])),
+    st.builds(lambda v: ("head", {"head": v}), st.sampled_from(["lm_head", "values", 3])),
+    st.builds(lambda v: ("engine", {"engine": v}), st.sampled_from(["nope", "HF", "vllm"])),
+    st.builds(lambda k, v: (k, {"options": {k: v}}),
+              st.sampled_from(["lr", "weight_decay", "grad_clip", "betas"]),
+              st.sampled_from([-1, -1e-3, float("inf"), "fast", (0.9,), (1.5, 0.9)])),
+    st.builds(lambda k: (k, {"options": {k: 1e-3}}),
+              st.sampled_from(["lrr", "learning_rate", "warmup", "weightdecay"])),
+    st.builds(lambda v: ("name", {"name": v}), st.sampled_from(["", "a b", 3, "1x"]))))
+def test_model_declarations(case):
+    from graphrl.trace import Model
+    from graphrl.types import llama2
+
+    what, fields = case
+    args = {"name": "policy", "config": llama2("7b"), "role": "policy", **fields}
+    if what == "grad_clip" and fields["options"]["grad_clip"] is None:
+        return
+    line = check_api_error(lambda: Model(**args), f"Model {what}")
+    assert repr(fields.get("name", "policy")) in line or "model policy" in line, line
+
+
+def _step_with(generate: dict, group: dict):
+    from graphrl.ops import group_advantages, op
+    from graphrl.signatures import ROLLOUT, SCORES
+    from graphrl.types import Field
+
+    score = op("score", (ROLLOUT,), (("score", SCORES, (Field("score", "f32",
+                                                                   per_token=False),)),)
+               )(lambda rollout: None)
+
+    def step(policy, prompts):
+        rollout = policy.generate(prompts, **generate)
+        return {"adv": group_advantages(rollout, score(rollout), **group)}
+    return step
+
+
+@pytest.mark.parametrize("generate, group, needle", [
+    ({"max_new_token": 4}, {"group_size": 2}, "unknown argument 'max_new_token' (did you "
+                                              "mean 'max_new_tokens'?)"),
+    ({}, {"group_size": 2}, "missing a required argument: 'max_new_tokens'"),
+    ({"max_new_tokens": 4, "sample": 2}, {"group_size": 2}, "did you mean 'samples'"),
+    ({"max_new_tokens": 4, "samples": 2}, {"group_size": 0}, "group_size=0 must be"),
+    ({"max_new_tokens": 4, "samples": 2}, {"group_size": 3}, "does not divide the "
+                                                             "rollout's 4 rows"),
+    ({"max_new_tokens": 4, "samples": 2}, {"group_sise": 2}, "did you mean 'group_size'"),
+])
+def test_traced_call_arguments(generate, group, needle):
+    from graphrl.signatures import prompts_spec
+    from graphrl.trace import Model, trace
+    from graphrl.types import llama2
+
+    line = check_api_error(lambda: trace(_step_with(generate, group),
+                                         [Model("policy", llama2("7b"), "policy")],
+                                         prompts=prompts_spec(2, 8)), "traced call arguments")
+    assert needle in line, line
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: __import__("graphrl").prompts_spec(0, 8), "batch=0 must be an int >= 1"),
+    (lambda: __import__("graphrl").prompts_spec(2, -1), "seq=-1 must be an int >= 1"),
+    (lambda: __import__("graphrl").run(None, iterationz=3), "did you mean 'iterations'"),
+    (lambda: __import__("graphrl").run(None, iterations=0), "iterations (--iterations)=0"),
+    (lambda: __import__("graphrl").run(None, iterations=-1), "iterations (--iterations)=-1"),
+])
+def test_api_calls(make, needle):
+    assert needle in check_api_error(make, "API call")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..option_checks import MAX_SEED
+from .argtypes import int_at_least
+
 DESCRIPTION = """Load the local Hugging Face checkpoint DIR in each engine and strategy and
 compare, on a few random prompts (some left-padded), its per-token log-probs with
 AutoModelForCausalLM.from_pretrained(DIR) in fp32, and one GRPO optimizer step with the
@@ -31,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reference is always HF's module in fp32")
     p.add_argument("--prompts", type=int, default=4, help="probe rows (default 4)")
     p.add_argument("--seq", type=int, default=16, help="probe tokens per row (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
+    p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                   help="seed of the probe (default 0)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="seconds the multi-rank engines may take together (default 600)")
     p.add_argument("--json", action="store_true",

@@ -8,6 +8,7 @@ import argparse
 from ..async_cost import MAX_STALENESS
 from ..errors import UsageError
 from ..experiment import BACKENDS, RunOptions
+from ..option_checks import MAX_SEED
 from .argtypes import int_at_least, positive_int, positive_seconds
 
 
@@ -20,7 +21,8 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
         add_logger_options(p)
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
+                   help="random seed (default 0)")
     p.add_argument("--metrics", metavar="FILE",
                    help="write one JSON line per iteration (iteration, reward_mean, "
                         "step_seconds, seconds per call, losses)")
