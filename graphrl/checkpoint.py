@@ -90,10 +90,38 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def load_torch(path: Path) -> Any:
-    """A checkpoint file written by save_torch (tensors and plain containers only)."""
+    """A checkpoint file written by save_torch (tensors and plain containers only); a
+    file torch cannot read (corrupt behind a matching manifest) or a float tensor holding
+    NaN or inf is a UsageError naming the file (and the tensor)."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and storage errors of many kinds
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise UsageError(f"checkpoint file {path}: cannot read it ({type(e).__name__}: "
+                         f"{first})") from None
+    bad = _nonfinite_tensor(obj, "")
+    if bad is not None:
+        raise UsageError(f"checkpoint file {path}: tensor {bad or '(the file)'} holds NaN "
+                         "or inf values")
+    return obj
+
+
+def _nonfinite_tensor(obj: Any, where: str) -> str | None:
+    """The key path of the first float tensor in `obj` holding NaN or inf, else None."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        finite = not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        return None if finite else where
+    items = (obj.items() if isinstance(obj, Mapping) else
+             enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for key, value in items:
+        found = _nonfinite_tensor(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def fingerprint(text: str) -> str:

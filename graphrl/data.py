@@ -42,23 +42,32 @@ class Rows:
 
 
 def _jsonl(path: Path) -> tuple[list[Any], list[str]]:
+    from .text_lines import utf8_lines
+
     rows, where = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise UsageError(f"{path} line {lineno}: not valid JSON ({e.msg} at column "
-                                 f"{e.colno})") from None
-            where.append(f"line {lineno}")
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise UsageError(f"{path} line {lineno}: not valid JSON ({e.msg} at column "
+                             f"{e.colno})") from None
+        where.append(f"line {lineno}")
     return rows, where
 
 
 def _parquet(path: Path) -> tuple[list[Any], list[str]]:
     import datasets
+    import pyarrow.parquet as pq
 
+    try:
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            raise UsageError(f"--data {path}: no rows (an empty Parquet file)")
+    except UsageError:
+        raise
+    except Exception:  # noqa: BLE001 - not Parquet at all: said below, by the reader
+        pass
     try:
         table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as e:  # pyarrow raises many kinds; all mean "not a Parquet file"

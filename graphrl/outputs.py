@@ -8,15 +8,22 @@ half-written file where a good one was.
   rename over the target (POSIX rename is atomic): readers see the old file or the new
   one, never a truncated one (e.g. when the disk fills up mid-write).
 - `MetricsLog`: --metrics as JSON lines, appended one line at a time and flushed; an
-  existing non-empty file is refused unless overwrite=True.
+  existing non-empty file is refused unless overwrite=True; a non-finite number is
+  written as null (JSON has no NaN).
+- `writing(flag, path)`: a write that fails (a full disk, a file-size limit, a folder
+  made read-only during the run) is one UsageError naming the flag, the path and the
+  reason, whichever library wrote (open/write, torch.save, safetensors).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
+import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from .errors import UsageError
 
@@ -102,14 +109,53 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         assert self._file is not None, "MetricsLog used after close()"
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in row.items()}
+        file = self._file
+        try:
+            with writing("--metrics", self.path):
+                file.write(json.dumps(row, allow_nan=False) + "\n")
+                file.flush()
+        except UsageError:
+            self._file = None    # nothing more goes to a file that failed
+            with contextlib.suppress(OSError):
+                file.close()
+            raise
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with writing("--metrics", self.path):
+                file.close()
+
+
+def _io_failure(e: BaseException) -> str | None:
+    """Why a write failed when `e` is a failed write (an OSError, or what torch.save and
+    safetensors raise for one), else None: an error of another kind is not the disk's."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    writers = ("torch/serialization.py", "safetensors")
+    frames = traceback.extract_tb(e.__traceback__)
+    if type(e).__module__.startswith("safetensors") or any(
+            w in f.filename for f in frames for w in writers):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"{first}; is the disk full?"
+    return None
+
+
+@contextlib.contextmanager
+def writing(flag: str, path: str | Path) -> Iterator[None]:
+    """Turn a failed write inside the block into one UsageError naming flag and path."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - _io_failure re-raises what is not a write
+        why = _io_failure(e)
+        if why is None:
+            raise
+        raise UsageError(f"{flag} {path}: cannot write ({why})") from e
 
 
 __all__ = ["check_output_file", "check_output_dir", "atomic_write_text",
-           "atomic_write_bytes", "MetricsLog"]
+           "atomic_write_bytes", "MetricsLog", "writing"]

@@ -21,8 +21,10 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{path}: no such metrics file")
+    from .text_lines import utf8_lines
+
     rows = []
-    for lineno, line in enumerate(file.read_text().splitlines(), 1):
+    for lineno, line in utf8_lines(file):
         if not line.strip():
             continue
         try:

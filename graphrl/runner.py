@@ -58,13 +58,17 @@ def token_counts(rollout: dict[str, Any]) -> dict[str, float]:
             "response_length_max": float(lengths.max())}
 
 
-def check_save_target(path: str) -> None:
-    """--save must be creatable: not a file, its parent a directory we can write in."""
+def check_save_target(path: str, overwrite: bool = False) -> None:
+    """--save must be creatable: not a file, not an earlier output (unless overwrite), its
+    parent a directory we can write in."""
     from .outputs import why_not_writable
 
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise UsageError(f"--save {path}: is a file")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UsageError(f"--save {path}: the directory holds an earlier output; choose "
+                         "another name or pass --overwrite")
     why = why_not_writable(target.resolve().parent)
     if why:
         raise UsageError(f"--save {path}: {why}")
@@ -119,7 +123,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                          "own size, or give small configs with --model-config ROLE=FILE)")
     from . import run_dir
     from .loggers import check_loggers
-    from .outputs import check_output_file
+    from .outputs import check_output_file, writing
 
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
@@ -130,7 +134,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     check_checkpoint_options(opts)
     run_dir.prepare(given, opts)
     if opts.save:
-        check_save_target(opts.save)
+        check_save_target(opts.save, opts.overwrite)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
     program = exp.program(opts.staleness)
@@ -216,9 +220,10 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{result.seconds:.2f}")
             if writer is not None and ckr.due(opts, len(rows), iterations):
-                path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts,
-                                                  len(rows), rows, prepared, iterations,
-                                                  next_step=i)
+                with writing("--checkpoint-dir", opts.checkpoint_dir):
+                    path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts,
+                                                      len(rows), rows, prepared, iterations,
+                                                      next_step=i)
                 saved_s.append(secs)
         report = getattr(executor, "summary_lines", None)
         if report is not None:
@@ -227,7 +232,8 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             extra.append(f"  checkpoints: {len(saved_s)} written to {opts.checkpoint_dir}, "
                          f"{sum(saved_s) / len(saved_s):.3f} s each")
         if opts.save:
-            saved = save_run(program, executor, opts.save)
+            with writing("--save", opts.save):
+                saved = save_run(program, executor, opts.save)
             extra.append("  saved: " + ", ".join(saved))
         finished = True
     finally:
@@ -236,7 +242,13 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if owned and executor is not None:
             executor.close()
         if opts.trace:  # also when the run failed or was interrupted: what was measured
-            write_chrome_trace(opts.trace, events, source="measured")
+            try:
+                with writing("--trace", opts.trace):
+                    write_chrome_trace(opts.trace, events, source="measured")
+            except UsageError as e:
+                if finished:
+                    raise
+                print(f"[{exp.name}] {e}", file=out)   # the run's own error is reported
         if log is not None:
             close_loggers(log, finished, exp.name, out)
         if not finished and rows:

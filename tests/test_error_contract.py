@@ -224,6 +224,9 @@ bad_jsonl_lines = st.one_of(
         json.dumps)),
     labelled("no prompt field", st.dictionaries(st.sampled_from(["question", "answer", "x"]),
                                                 json_values, max_size=2).map(json.dumps)),
+    labelled("not UTF-8", st.binary(min_size=1, max_size=20).map(
+        lambda b: b"{\"prompt\": \"" + b.replace(b"\n", b" ") + b"\xff\"}").map(
+        lambda b: b.decode("utf-8", "surrogateescape"))),
     labelled("prompt not a string", st.one_of(st.none(), st.integers(), st.just(""),
                                               st.just("   "), st.just([1])).map(
         lambda v: json.dumps({"prompt": v}))),
@@ -277,6 +280,15 @@ def text_job_argv(job: dict, case: str) -> list[str]:
         "def huge(response):\n    return 1e300\n"
         "def nan(response):\n    return float('nan')\n")
     rewards = str(base / "rewards.py")
+    (base / "m_not_utf8.jsonl").write_bytes(b'{"iteration": 0, "reward_mean": 0.1}\n'
+                                            b'{"iteration": 1, "note": "\xff"}\n')
+    if not (base / "empty.parquet").exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), base / "empty.parquet")
+    (base / "earlier_save").mkdir(exist_ok=True)
+    (base / "earlier_save" / "config.json").write_text("{}")
     (base / "m.jsonl").write_text('{"iteration": 0, "reward_mean": 0.1}\n'
                                   '{"iteration": 1, "reward_mean": 0.2}\n')
     ok = ["--model", f"policy={model}", "--data", data]
@@ -311,6 +323,11 @@ def text_job_argv(job: dict, case: str) -> list[str]:
                                               f"{rewards}:interrupts", *tiny_run],
         "--reward returns 1e300": ["run", TEXT, *ok, "--reward", f"{rewards}:huge", *tiny_run],
         "--reward returns nan": ["run", TEXT, *ok, "--reward", f"{rewards}:nan", *tiny_run],
+        "--data empty Parquet": ["show", TEXT, "--model", f"policy={model}", "--data",
+                                 str(base / "empty.parquet")],
+        "--save over an earlier output": ["run", TEXT, *ok, "--save",
+                                          str(base / "earlier_save"), *tiny_run],
+        "plot not UTF-8": ["plot", str(base / "m_not_utf8.jsonl")],
         "plot missing file": ["plot", "/nonexistent/m.jsonl"],
         "plot garbage file": ["plot", str(base / "prompts.txt")],
         "plot empty file": ["plot", str(base / "empty.jsonl")],
@@ -326,7 +343,8 @@ TEXT_CASES = ["--model without =", "--model empty role", "--model unknown role",
               "--prompt-field unknown", "--reward without :FUNCTION", "--reward missing file",
               "--reward unknown function", "--reward syntax error", "--reward never returns",
               "--reward calls sys.exit(0)", "--reward raises KeyboardInterrupt",
-              "--reward returns 1e300", "--reward returns nan", "--save is a file",
+              "--reward returns 1e300", "--reward returns nan", "--data empty Parquet",
+              "--save over an earlier output", "plot not UTF-8", "--save is a file",
               "--save parent missing", "--save unwritable", "plot missing file",
               "plot garbage file", "plot empty file", "plot output unwritable",
               "plot unknown picture format"]
@@ -343,7 +361,10 @@ def test_text_job_arguments(text_job, capsys, case):
              "--reward calls sys.exit(0)": "rewards.py:exits raised on",
              "--reward raises KeyboardInterrupt": "KeyboardInterrupt",
              "--reward returns 1e300": "returned 1e+300",
-             "--reward returns nan": "returned nan"}
+             "--reward returns nan": "returned nan",
+             "--data empty Parquet": "no rows (an empty Parquet file)",
+             "--save over an earlier output": "--overwrite",
+             "plot not UTF-8": "line 2: not UTF-8 text (byte 0xff"}
     assert named.get(case, "") in err, err
     if case.startswith("--reward") and "run" in text_job_argv(text_job, case):
         assert "iteration 0: " in err and "data.jsonl line " in err, err
@@ -522,3 +543,130 @@ def test_traced_call_arguments(generate, group, needle):
 ])
 def test_api_calls(make, needle):
     assert needle in check_api_error(make, "API call")
+
+
+# -- files graphrl reads: model weights, checkpoints -----------------------------------
+def _corrupt_weights(directory: Path, how: str, at: float) -> None:
+    """Damage a copy of the tiny model's weights in the way `how` names; `at` in [0, 1)
+    picks where (which byte, which tensor)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = directory / "model.safetensors"
+    data = file.read_bytes()
+    if how == "truncated safetensors":
+        file.write_bytes(data[:int(len(data) * at)])
+    elif how == "garbage safetensors":
+        file.write_bytes(bytes((i * 37 + int(at * 255)) % 256 for i in range(64)))
+    elif how in ("NaN weight", "inf weight"):
+        state = load_file(file)
+        name = sorted(state)[int(at * len(state))]
+        state[name].view(-1)[int(at * state[name].numel())] = float(
+            "nan" if how == "NaN weight" else "inf")
+        save_file(state, file, metadata={"format": "pt"})
+    elif how in ("pickle the safe loader refuses", "garbage pytorch_model.bin"):
+        file.unlink()
+        (directory / "pytorch_model.bin").write_bytes(
+            b"\x80\x04cos\nsystem\n." if how.startswith("pickle") else data[:int(64 * at) + 1])
+    elif how == "config with more layers":
+        cfg = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    elif how == "config shapes disagree":
+        cfg = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(
+            {**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    torch.manual_seed(0)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(how=st.sampled_from(["truncated safetensors", "garbage safetensors", "NaN weight",
+                            "inf weight", "pickle the safe loader refuses",
+                            "garbage pytorch_model.bin", "config with more layers",
+                            "config shapes disagree"]),
+       at=st.floats(0.05, 0.95))
+def test_model_directories_with_bad_weights(text_job, tmp_path_factory, capsys, how, at):
+    import shutil
+
+    model = tmp_path_factory.mktemp("bad_model") / "model"
+    shutil.copytree(text_job["model"], model)
+    _corrupt_weights(model, how, at)
+    line = check_usage_error(capsys, ["run", TEXT, "--model", f"policy={model}", "--data",
+                                      text_job["data"], "--iterations", "1", "--batch-size",
+                                      "2", "--quiet"], f"--model dir: {how}")
+    assert f"model directory {model}" in line and len(line) < 600, line
+    if how in ("NaN weight", "inf weight"):
+        assert "model.safetensors holds 1 non-finite value" in line, line
+
+
+def test_checkpoint_files_corrupt_behind_a_matching_manifest(text_job, tmp_path, capsys):
+    """A checkpoint whose file was damaged and its manifest rewritten to match (so the
+    checksum passes): unreadable or NaN tensors are named at --resume."""
+    import shutil
+
+    import torch
+
+    from graphrl.checkpoint import sha256_file
+
+    run = ["run", TEXT, "--model", f"policy={text_job['model']}", "--data", text_job["data"],
+           "--iterations", "1", "--batch-size", "2", "--quiet"]
+    assert main(run + ["--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    (good,) = (tmp_path / "ck").iterdir()
+    for how, needle in (("garbage", "cannot read it"), ("nan", "holds NaN or inf")):
+        ck = tmp_path / how / good.name
+        shutil.copytree(good, ck)
+        file = ck / "models" / "policy.pt"
+        if how == "garbage":
+            file.write_bytes(b"not a torch file" * 8)
+        else:
+            state = torch.load(file, weights_only=True)
+            next(iter(state["weights"].values())).view(-1)[0] = float("nan")
+            torch.save(state, file)
+        manifest = json.loads((ck / "manifest.json").read_text())
+        manifest["files"]["models/policy.pt"] = {"bytes": file.stat().st_size,
+                                                 "sha256": sha256_file(file)}
+        (ck / "manifest.json").write_text(json.dumps(manifest))
+        line = check_usage_error(capsys, run + ["--resume", str(ck)],
+                                 f"checkpoint: {how} file behind a matching manifest")
+        assert f"checkpoint file {file}" in line and needle in line, line
+
+
+# -- files graphrl writes: a full disk (a file-size limit: writes fail as they would) ---
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {examples!r})
+from graphrl.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+run = {run!r}
+for flag, target in {targets!r}:
+    rc = main(run + [flag, target])
+    print("RESULT", flag, rc, flush=True)
+"""
+
+
+def test_full_disk_while_writing_outputs(text_job, tmp_path):
+    """--metrics, --trace, --checkpoint-dir and --save each fail with one line naming the
+    flag and the path when the disk refuses a write mid-run (one subprocess: the
+    file-size limit must not touch pytest)."""
+    import subprocess
+    import sys
+
+    run = ["run", TEXT, "--model", f"policy={text_job['model']}", "--data", text_job["data"],
+           "--iterations", "4", "--batch-size", "2", "--quiet"]
+    targets = [("--metrics", str(tmp_path / "m.jsonl")), ("--trace", str(tmp_path / "t.json")),
+               ("--checkpoint-dir", str(tmp_path / "ck")), ("--save", str(tmp_path / "out"))]
+    script = FULL_DISK.format(examples=str(ROOT / "examples"), run=run, targets=targets)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ,
+                                            "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("graphrl: error:")]
+    results = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert [r[1:] for r in results] == [[flag, "2"] for flag, _ in targets], proc.stdout
+    assert len(lines) == len(targets), lines
+    for (flag, path), line in zip(targets, lines):
+        COUNT["inputs"] += 1
+        KINDS.add(f"full disk: {flag}")
+        assert f"{flag} {path}: cannot write (" in line, line
+    assert not list(tmp_path.glob(".out.tmp-*")), "a failed --save leaves no temporary folder"

@@ -50,8 +50,10 @@ def load_hf_module(path: str, head: str, adjust: Callable[[Any], Any], auto_cls:
         config = adjust(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
         check_weights(path, config, auto_cls, model, engine)
         with no_progress_bars():
-            return auto_cls.from_pretrained(path, config=config, local_files_only=True,
-                                            dtype=torch.float32)
+            module = auto_cls.from_pretrained(path, config=config, local_files_only=True,
+                                              dtype=torch.float32)
+        check_finite_weights(path, module)
+        return module
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"model directory {path}: cannot load it as a {head}-head model: "
                          f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
@@ -74,14 +76,51 @@ def checkpoint_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
         files = [f for f in ("model.safetensors", "pytorch_model.bin") if (d / f).is_file()][:1]
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
-        if f.endswith(".safetensors"):
-            with safe_open(str(d / f), framework="pt") as fh:
-                for k in fh.keys():
-                    out[k] = (tuple(fh.get_slice(k).get_shape()), f)
-        else:
-            state = torch.load(d / f, map_location="cpu", mmap=True, weights_only=True)
-            out.update({k: (tuple(v.shape), f) for k, v in state.items()})
+        try:
+            if f.endswith(".safetensors"):
+                with safe_open(str(d / f), framework="pt") as fh:
+                    for k in fh.keys():
+                        out[k] = (tuple(fh.get_slice(k).get_shape()), f)
+            else:
+                out.update({k: (tuple(v.shape), f) for k, v in _load_bin(d / f).items()})
+        except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip raise many kinds
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+            raise UsageError(f"model directory {path}: {f} is not a readable "
+                             f"{'safetensors' if f.endswith('.safetensors') else 'PyTorch'} "
+                             f"weights file (truncated, corrupt, or a pickle the safe loader "
+                             f"refuses): {type(e).__name__}: {first}") from None
     return out
+
+
+def _load_bin(file: Path) -> Any:
+    """A pytorch_model.bin through torch's safe (weights-only) unpickler, memory-mapped
+    when its format allows (the legacy format does not)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the unpickler's protocol notes: the error says it
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:
+            return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_finite_weights(path: str, module: Any) -> None:
+    """UsageError naming the file and tensor when a loaded weight holds NaN or inf (one
+    isfinite reduction per tensor): such a model would train silently to nonsense."""
+    import torch
+
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found = checkpoint_shapes(path)
+            prefix = module.base_model_prefix + "."
+            file = (found.get(name) or found.get(name.removeprefix(prefix)) or
+                    ((), "its weights"))[1]
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UsageError(f"model directory {path}: tensor {name} in {file} holds {bad} "
+                             f"non-finite value{'s' * (bad > 1)} (NaN or inf)")
 
 
 # buffers older checkpoints saved (GPT-2's causal masks, rotary frequencies): not weights

@@ -27,8 +27,9 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="write one JSON line per iteration (iteration, reward_mean, "
                         "step_seconds, seconds per call, losses)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --metrics replace an existing file, and --run-dir a folder "
-                        "holding an earlier run (refused otherwise)")
+                   help="let --metrics replace an existing file, --save a non-empty "
+                        "directory, and --run-dir a folder holding an earlier run (refused "
+                        "otherwise)")
     p.add_argument("--trace", metavar="FILE",
                    help="write the measured timeline as Chrome trace JSON (open in "
                         "ui.perfetto.dev)")
