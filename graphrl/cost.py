@@ -89,8 +89,9 @@ class CallCost:
     def peak_memory_gib(self) -> float:
         return self.peak_memory_bytes / GiB
 
-    def fits(self, gpu: GPUType) -> bool:
-        return self.peak_memory_bytes <= gpu.memory_bytes
+    def fits(self, gpu: GPUType, headroom: float = 0.0) -> bool:
+        """Whether the peak fits in the GPU's memory less a `headroom` share of it."""
+        return self.peak_memory_bytes <= gpu.memory_bytes * (1.0 - headroom)
 
     def as_dict(self) -> dict[str, object]:
         return {"seconds": self.seconds, "peak_memory_bytes": self.peak_memory_bytes,

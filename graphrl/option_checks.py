@@ -13,6 +13,9 @@ MAX_SEED = 2**32 - 1    # numpy takes seeds below 2**32; torch seeds derived fro
 COUNTS = {"iterations": 1, "batch_size": 1, "prompt_len": 1, "response_len": 1,
           "checkpoint_every": 1, "keep": 1, "max_restarts": 0, "staleness": 0}
 BACKENDS = ("local", "ray")
+# prompts per iteration: compile simulates generation sequence by sequence, so its time
+# grows with the batch (a 7B PPO step at 65536 takes ~15 s; 10 million never ends)
+MAX_BATCH = 65536
 SECONDS = ("call_timeout", "reward_timeout")
 NONE_ALLOWED = {"iterations", "batch_size", "prompt_len", "response_len",
                 "checkpoint_every", "call_timeout", "reward_timeout"}
@@ -41,6 +44,9 @@ def check_run_options(opts: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value <= 0:
             raise UsageError(f"{_flag(name)}={value!r}: expected seconds > 0")
+    if opts.batch_size is not None and opts.batch_size > MAX_BATCH:
+        raise UsageError(f"{_flag('batch_size')}={opts.batch_size}: at most {MAX_BATCH} "
+                         "prompts per iteration")
     if opts.backend not in BACKENDS:
         raise UsageError(f"{_flag('backend')}={opts.backend!r}: expected one of "
                          f"{', '.join(BACKENDS)}")
@@ -58,4 +64,4 @@ def unknown_options(given: Any, known: Any) -> None:
                              "graphrl.RunOptions for the options)")
 
 
-__all__ = ["check_run_options", "unknown_options", "MAX_SEED", "BACKENDS"]
+__all__ = ["check_run_options", "unknown_options", "MAX_SEED", "MAX_BATCH", "BACKENDS"]

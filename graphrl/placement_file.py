@@ -47,6 +47,7 @@ PIN_MINIMUM = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "micro_batches": 1, "recomp
                "offload": 0}
 ZERO_STAGES = (0, 1, 2, 3)
 _CALL_NAME = re.compile(r"[A-Za-z_][\w-]*\.[A-Za-z_]\w*\Z")
+_SHORT_KEY = re.compile(r"[A-Za-z_]\w{0,15}\Z")   # echoed in errors; longer text is not
 
 
 def _kind(v: Any) -> str:
@@ -67,10 +68,12 @@ def check_pin(known: tuple[str, ...], where: str, call: Any, entry: Any) -> None
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: {call}: expected a mapping of {', '.join(known)}, "
                          f"got {_kind(entry)}")
-    for key, value in entry.items():
+    for i, (key, value) in enumerate(entry.items()):
         if key not in known:
             hint = suggest(key, known) if isinstance(key, str) and len(key) < 40 else ""
-            shown = repr(key) if hint else "a key"
+            short = isinstance(key, str) and _SHORT_KEY.match(key)
+            shown = (repr(key) if hint or short else
+                     f"number {i + 1} of the entry (not shown: not a short name)")
             raise UsageError(f"{where}: {call}: unknown key {shown}{hint} "
                              f"(known: {', '.join(known)})")
         if key == "gpus":

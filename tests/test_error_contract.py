@@ -16,6 +16,7 @@ from graphrl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO = str(ROOT / "examples" / "ppo.py")
+TEXT = str(ROOT / "examples" / "text_grpo.py")
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
@@ -133,6 +134,9 @@ def test_placement_files(tmp_path, capsys, text):
     line = check_usage_error(capsys, ["compile", PPO, "--cluster", "1x8xH100",
                                       "--placement", str(path)], f"placement: {label}")
     assert "placement" in line
+    if label == "unknown key":
+        key = next(iter(json.loads(text)["policy.train"]))
+        assert f"unknown key {key!r}" in line, line
 
 
 @SETTINGS
@@ -182,6 +186,12 @@ BAD_ARGS = st.one_of(
     st.builds(lambda v: ["compile", PPO, "--cluster", "1x8xH100", "--dump", v],
               st.sampled_from(["/proc/x", "/proc/version", "/proc/self/status/x"])),
     st.builds(lambda c: [c], st.sampled_from(["frobnicate", "runn", "--nope"])),
+    st.builds(lambda c, f, v: [c, PPO, f, v], st.sampled_from(["show", "compile", "run"]),
+              st.sampled_from(["--seed", "--batch-size"]),
+              st.sampled_from(["99999999999999999999", "-1", "10000000", "4294967296",
+                               "1e3", "0x10"])),
+    st.builds(lambda v: ["run", TEXT, "--reward-timeout", v],
+              st.sampled_from(["0", "-1", "nan", "inf", "x", ""])),
     st.builds(lambda e: ["show", e],
               st.sampled_from(["/nonexistent.py", "/nonexistent.json", str(ROOT / "README.md"),
                                "/proc"])),
@@ -198,7 +208,6 @@ def test_bad_arguments(capsys, argv):
 
 
 # -- text jobs: --model, --data, --prompt-field, --reward, --save; graphrl plot --------
-TEXT = str(ROOT / "examples" / "text_grpo.py")
 
 
 @pytest.fixture(scope="module")
@@ -670,3 +679,29 @@ def test_full_disk_while_writing_outputs(text_job, tmp_path):
         KINDS.add(f"full disk: {flag}")
         assert f"{flag} {path}: cannot write (" in line, line
     assert not list(tmp_path.glob(".out.tmp-*")), "a failed --save leaves no temporary folder"
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq=st.one_of(st.integers(1, 4096), st.integers(4097, 10**7)),
+       new=st.one_of(st.just(0), st.integers(1, 64), st.integers(5000, 10**6)),
+       batch=st.integers(1, 4096))
+def test_estimate_prices_only_what_the_model_holds(tmp_path, capsys, seq, new, batch):
+    """A call past the model's context is refused, not priced; 'fits' means what compile
+    plans with (the GPU's memory less its headroom)."""
+    config = {**GOOD_CONFIG, "hidden_size": 4096, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
+              "max_position_embeddings": 4096}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    phase = ["--phase", "generate", "--new-tokens", str(new)] if new else ["--phase", "train"]
+    argv = ["estimate", "--model-config", str(path), *phase, "--batch", str(batch), "--seq",
+            str(seq), "--json"]
+    if seq + new > 4096:
+        line = check_usage_error(capsys, argv, "estimate past the context")
+        assert f"= {seq + new} tokens exceeds the model's context of 4096" in line, line
+        return
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    usable = out["gpu_memory_gib"] * (1 - out["headroom"])
+    assert out["headroom"] > 0 and out["fits"] == (out["peak_memory_gib"] <= usable), out

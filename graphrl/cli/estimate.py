@@ -76,14 +76,17 @@ def _load_spec(path: str, head: str) -> ModelSpec:
 
 def result_dict(spec: ModelSpec, args: argparse.Namespace, strategy: Strategy,
                 cost: CallCost) -> dict[str, Any]:
+    from graphrl.passes.search import DEFAULT_HEADROOM   # what compile leaves free
+
     gpu = gpu_type(args.gpu)
     out: dict[str, Any] = {
         "seconds": cost.seconds,
         "peak_memory_bytes": cost.peak_memory_bytes,
         "peak_memory_gib": cost.peak_memory_gib,
-        "fits": cost.fits(gpu),
+        "fits": cost.fits(gpu, DEFAULT_HEADROOM),
         "gpu": gpu.name,
         "gpu_memory_gib": gpu.memory_gib,
+        "headroom": DEFAULT_HEADROOM,
         "phase": args.phase,
         "batch": args.batch,
         "seq": args.seq,
@@ -107,7 +110,10 @@ def table_text(result: dict[str, Any]) -> str:
         f"strategy   {result['strategy']} on {result['gpu']}",
         f"time       {result['seconds']:.4g} s",
         f"memory     {result['peak_memory_gib']:.2f} GiB per GPU "
-        f"({'fits' if result['fits'] else 'does NOT fit'} in {result['gpu_memory_gib']:.0f} GiB)",
+        f"({'fits' if result['fits'] else 'does NOT fit'} in "
+        f"{result['gpu_memory_gib'] * (1 - result['headroom']):.2f} GiB: "
+        f"{result['gpu_memory_gib']:.0f} GiB less the {result['headroom']:.0%} headroom "
+        "compile keeps free)",
     ]
     return "\n".join(lines)
 
@@ -133,6 +139,11 @@ def _main(p: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_strategy(spec, strategy)
+    tokens = args.seq + (args.new_tokens or 0)
+    if tokens > spec.max_positions:
+        raise UsageError(f"--seq {args.seq}{f' + --new-tokens {args.new_tokens}' if args.new_tokens else ''}"
+                         f" = {tokens} tokens exceeds the model's context of "
+                         f"{spec.max_positions} (max_position_embeddings in its config)")
     try:
         cost = estimate(spec, args.phase, args.batch, args.seq, strategy, gpu_type(args.gpu),
                         new_tokens=args.new_tokens or 0, engine=args.engine,

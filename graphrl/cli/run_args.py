@@ -8,7 +8,7 @@ import argparse
 from ..async_cost import MAX_STALENESS
 from ..errors import UsageError
 from ..experiment import BACKENDS, RunOptions
-from ..option_checks import MAX_SEED
+from ..option_checks import MAX_BATCH, MAX_SEED
 from .argtypes import int_at_least, positive_int, positive_seconds
 
 
@@ -35,8 +35,9 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                         "ui.perfetto.dev)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the models run (default cpu)")
-    p.add_argument("--batch-size", type=positive_int, metavar="B",
-                   help="prompts per iteration (default: the example's own)")
+    p.add_argument("--batch-size", type=int_at_least(1, MAX_BATCH), metavar="B",
+                   help=f"prompts per iteration (default: the example's own; at most "
+                        f"{MAX_BATCH})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--model-size", metavar="SIZES",
                    help="plan with Llama-2-shaped models: 7b|13b|34b|70b for every model, "
