@@ -57,3 +57,16 @@ def test_decode_cost_grows_faster_than_the_tokens_when_kv_dominates():
     step = [cost.generate_breakdown(spec, 128, ctx, 2, s, H100_80G, "graph")["decode_step"]
             for ctx in (512, 1024, 2048)]
     assert step[2] - step[1] == pytest.approx(2 * (step[1] - step[0]), rel=0.05)  # linear in KV
+
+
+def test_partial_runs_never_replace_the_full_doc_and_name_their_commit(bench, tmp_path,
+                                                                        capsys):
+    """--only without --out is refused (the default doc holds every section); outside a
+    git checkout the doc says so instead of an empty commit hash."""
+    doc = bench.DEFAULT_OUT.read_text()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--only", "realhf"])
+    assert e.value.code == 2 and "give --out FILE.md" in capsys.readouterr().err
+    assert bench.DEFAULT_OUT.read_text() == doc
+    assert bench.source_commit(tmp_path) == "an unknown commit (not a git checkout)"
+    assert bench.source_commit(bench.ROOT).startswith("commit ")
