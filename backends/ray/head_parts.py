@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from graphrl.errors import ExecutionError
+from graphrl.errors import ExecutionError, OpError
 from graphrl.graph import Node
 from graphrl.stream_train import HEAD_PART
 
@@ -157,7 +157,10 @@ def issue_head_parts(ex: Any, iteration: int, make_value: Any) -> None:
             if n.kind == "op":
                 args = [_local(ex, env[i], i) for i in n.inputs]
                 attrs = {k: v for k, v in n.attr_dict.items() if k != HEAD_PART}
-                out = ex.program.ops[n.target].fn(*args, **attrs)
+                try:
+                    out = ex.program.ops[n.target].fn(*args, **attrs)
+                except OpError as e:   # an op's user code (a reward): add the iteration
+                    raise e.at(it) from e
                 for v, r in zip(n.outputs, out if isinstance(out, tuple) else (out,)):
                     env[v.name] = r
                 continue
