@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from graphrl import signatures as sig
 from graphrl.errors import ExecutionError, GraphRLError, OpError
+from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, OP, SYSTEM, Graph, Node
 from graphrl.timeline import Event
 from graphrl.trace import Program
@@ -191,6 +192,8 @@ class LocalExecutor:
             for v, r in zip(n.outputs, results):
                 check_payload(n, v.spec, r)
                 env[v.name] = r
+            if n.kind == OP:
+                check_op_outputs(n, results, iteration)
             events.append(Event(n.name, n.call, n.model, "local", start, end, iteration))
             for dead in self._dead.get(n.name, ()):
                 env.pop(dead, None)

@@ -3,7 +3,9 @@ train call's loss, KL and other statistics, each float output's mean) is checked
 first NaN or infinite value stops the run with one line naming the iteration, the
 quantity and the node that produced it — before the row reaches the metrics file or a
 checkpoint. A NaN or infinity inside any output tensor reaches its mean, so one check of
-the row covers every element at the cost of the reductions the row already made."""
+the row covers every element at the cost of the reductions the row already made. The
+executors also check each op's outputs (advantages, returns, scores) as they are made,
+so a non-finite advantage is named before a train call consumes it."""
 from __future__ import annotations
 
 import math
@@ -37,3 +39,22 @@ def check_finite(row: Mapping[str, Any], iteration: int, graph: Graph, reward: s
                          "before this iteration's metrics and checkpoint are written "
                          "(non-finite training: check the reward's scale, the learning "
                          "rate and the model's weights)")
+
+
+def check_op_outputs(node: Any, results: Any, iteration: int) -> None:
+    """ExecutionError when an op (advantages, returns, scores: computed on the host)
+    produced a NaN or infinite value: named before any train call consumes it."""
+    import torch
+
+    for value, payload in zip(node.outputs, results):
+        for field, t in payload.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                name = value.name.lstrip("%")
+                if bad:
+                    raise ExecutionError(
+                        f"iteration {iteration}: {node.call} produced {bad} non-finite "
+                        f"value{'s' * (bad > 1)} (NaN or inf) in "
+                        f"{name if field == name else f'{name}.{field}'} (node {node.name}); "
+                        "the run stops before a train call consumes them (check the "
+                        "reward's scale)")

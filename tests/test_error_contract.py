@@ -416,7 +416,8 @@ def test_user_code_error_shows_only_user_frames(tmp_path, capsys):
 
 def test_nonfinite_training_stops_the_run(text_job, tmp_path, capsys):
     """Rewards of 3e38 are finite float32 numbers, but their group statistics overflow:
-    the run stops at that iteration naming the quantity; no NaN reaches the metrics."""
+    the run stops at that iteration naming the advantages, before the policy trains on
+    them; no NaN reaches the metrics."""
     rewards = tmp_path / "big.py"
     rewards.write_text("def big(response):\n    return 3e38\n")
     metrics = tmp_path / "m.jsonl"
@@ -428,8 +429,41 @@ def test_nonfinite_training_stops_the_run(text_job, tmp_path, capsys):
     KINDS.add("non-finite training")
     assert rc == 1 and "Traceback" not in err, err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("graphrl: error:")]
-    assert "iteration 0: policy_stats/loss is nan (from policy.train" in line, line
+    assert "iteration 0: group_advantages produced" in line, line
+    assert "non-finite values (NaN or inf) in advantages (node" in line, line
     assert "nan" not in metrics.read_text().lower()
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("policy_stats/loss", float("nan"), "iteration 3: policy_stats/loss is nan (from "
+                                        "policy.train"),
+    ("policy_stats/kl", float("inf"), "iteration 3: policy_stats/kl is inf (from policy.train"),
+    ("reward_mean", float("-inf"), "iteration 3: the reward's mean is -inf (from score"),
+])
+def test_nonfinite_statistics_name_iteration_quantity_and_call(key, value, needle):
+    """The per-iteration check of the metrics row (what a train call returns: loss, KL)."""
+    from graphrl.errors import ExecutionError
+    from graphrl.finite import check_finite
+    from graphrl.signatures import prompts_spec
+    from graphrl.trace import Model, trace
+    from graphrl.types import llama2
+
+    from graphrl.ops import group_advantages
+
+    def ppo(policy, prompts):
+        rollout = policy.generate(prompts, max_new_tokens=4, samples=2)
+        lp = policy.forward(rollout)
+        scores = _score_op()(rollout)
+        adv = group_advantages(rollout, scores, group_size=2)
+        return {"reward": scores, "policy_stats": policy.train(
+            loss="ppo", rollout=rollout, old_logprobs=lp, advantages=adv)}
+    program = trace(ppo, [Model("policy", llama2("7b"), "policy", trainable=True)],
+                    prompts=prompts_spec(2, 8))
+    row = {"iteration": 3, "reward_mean": 0.5, "policy_stats/loss": 0.1, key: value}
+    with pytest.raises(ExecutionError) as e:
+        check_finite(row, 3, program.graph, "reward")
+    assert needle in str(e.value), str(e.value)
+    check_finite({**row, key: 0.0}, 3, program.graph, "reward")   # finite: no error
 
 
 # -- the Python API: constructors and traced calls check their arguments ---------------
@@ -507,14 +541,20 @@ def test_model_declarations(case):
     assert repr(fields.get("name", "policy")) in line or "model policy" in line, line
 
 
-def _step_with(generate: dict, group: dict):
-    from graphrl.ops import group_advantages, op
+def _score_op():
+    from graphrl.ops import op
     from graphrl.signatures import ROLLOUT, SCORES
     from graphrl.types import Field
 
-    score = op("score", (ROLLOUT,), (("score", SCORES, (Field("score", "f32",
-                                                                   per_token=False),)),)
-               )(lambda rollout: None)
+    return op("score", (ROLLOUT,), (("score", SCORES, (Field("score", "f32",
+                                                              per_token=False),)),)
+              )(lambda rollout: None)
+
+
+def _step_with(generate: dict, group: dict):
+    from graphrl.ops import group_advantages
+
+    score = _score_op()
 
     def step(policy, prompts):
         rollout = policy.generate(prompts, **generate)

@@ -43,6 +43,7 @@ import ray
 from graphrl.backends.engines.hf import seed_for
 from graphrl.backends.local import StepResult, WeightsToken, check_payload
 from graphrl.errors import ExecutionError, GraphRLError, OpError, UsageError
+from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, Node
 from graphrl.plan import HOST, Plan
 from graphrl.timeline import Event
@@ -433,6 +434,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         for v, r in zip(n.outputs, results):
             check_payload(n, v.spec, r)
             env[v.name] = _Value(local=r)
+        check_op_outputs(n, results, iteration)
         return Event(n.name, n.call, n.model, "host", start - self._t0, end - self._t0,
                      iteration)
 
