@@ -83,6 +83,9 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
         print(f"[ray] @{plan.graph.name} compiled for {plan.cluster.text()} (policy "
               f"{opts.policy or 'auto'}): predicted {plan.predicted_step_seconds:.3f} s "
               "per step", file=out)
+        note = device_note(plan.cluster, opts.device)
+        if note:
+            print(f"[ray] note: {note}", file=out)
     session = None
     if not ray.is_initialized():
         try:
@@ -100,4 +103,14 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
                        store_host="127.0.0.1" if local else None, env=env, **kw)
 
 
-__all__ = ["start_executor", "compile_for", "wait_deadline", "DEFAULT_CLUSTER"]
+def device_note(cluster: Any, device: str) -> str:
+    """What a run should say when its plan is priced for GPUs it does not use (e.g. an
+    H100 plan on CPU-only Ray actors): measured times are not the plan's."""
+    if device == "cpu" and cluster.gpu.name != "cpu":
+        return (f"the plan is priced for {cluster.gpu.name} GPUs ({cluster.text()}), but the "
+                "models run on CPU here (--device cpu): measured seconds are CPU seconds, not "
+                "comparable with its prediction")
+    return ""
+
+
+__all__ = ["device_note", "start_executor", "compile_for", "wait_deadline", "DEFAULT_CLUSTER"]

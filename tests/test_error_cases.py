@@ -235,3 +235,14 @@ def test_calibration_files_name_the_line_and_field(tmp_path, line, needle):
     with pytest.raises(ValueError, match=None) as e:
         load(path)
     assert str(e.value).startswith(f"{path}:1: ") and needle in str(e.value)
+
+
+def test_a_gpu_plan_run_on_cpu_says_so():
+    """An H100 plan run on CPU Ray actors prints a note (graphrl.launch.device_note)."""
+    from graphrl.cluster import ClusterSpec
+    from graphrl.launch import device_note
+
+    note = device_note(ClusterSpec.parse("1x8xH100"), "cpu")
+    assert "priced for H100" in note and "run on CPU" in note
+    assert device_note(ClusterSpec.parse("1x8xH100"), "cuda") == ""
+    assert device_note(ClusterSpec.parse("1x4xcpu"), "cpu") == ""
