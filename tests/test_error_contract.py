@@ -379,13 +379,6 @@ def test_text_job_arguments(text_job, capsys, case):
         assert "iteration 0: " in err and "data.jsonl line " in err, err
 
 
-def test_contract_counts():
-    """Runs last in this file: how many malformed inputs the tests above generated."""
-    print(f"\nerror contract: {COUNT['inputs']} malformed inputs, "
-          f"{len(KINDS)} failure kinds: {sorted(KINDS)}")
-    assert COUNT["inputs"] >= 200 or COUNT["inputs"] == 0  # 0: run alone with -k
-
-
 @pytest.mark.parametrize("command", ["show", "compile"])
 def test_graphrl_bug_shows_a_traceback_and_says_so(tmp_path, capsys, monkeypatch, command):
     """An exception inside graphrl itself (here: the graph verifier made uncallable, so
@@ -745,3 +738,10 @@ def test_estimate_prices_only_what_the_model_holds(tmp_path, capsys, seq, new, b
     out = json.loads(capsys.readouterr().out)
     usable = out["gpu_memory_gib"] * (1 - out["headroom"])
     assert out["headroom"] > 0 and out["fits"] == (out["peak_memory_gib"] <= usable), out
+
+
+def test_contract_counts():
+    """Runs last in this file: how many malformed inputs the tests above generated."""
+    print(f"\nerror contract: {COUNT['inputs']} malformed inputs, "
+          f"{len(KINDS)} failure kinds: {sorted(KINDS)}")
+    assert COUNT["inputs"] >= 200 or COUNT["inputs"] == 0  # 0: run alone with -k
