@@ -740,6 +740,17 @@ def test_estimate_prices_only_what_the_model_holds(tmp_path, capsys, seq, new, b
     assert out["headroom"] > 0 and out["fits"] == (out["peak_memory_gib"] <= usable), out
 
 
+
+@pytest.mark.parametrize("dp, micro", [(1, 10**12), (8, 1), (2, 3)])
+def test_estimate_batch_covers_the_strategy(tmp_path, capsys, dp, micro):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GOOD_CONFIG))
+    line = check_usage_error(capsys, ["estimate", "--model-config", str(path), "--phase",
+                                      "train", "--batch", "5", "--seq", "8", "--dp", str(dp),
+                                      "--micro-batches", str(micro)],
+                             "estimate batch below dp x micro-batches")
+    assert f"--batch 5 is fewer sequences than --dp {dp} x --micro-batches {micro}" in line
+
 def test_contract_counts():
     """Runs last in this file: how many malformed inputs the tests above generated."""
     print(f"\nerror contract: {COUNT['inputs']} malformed inputs, "

@@ -139,6 +139,10 @@ def _main(p: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_strategy(spec, strategy)
+    if args.dp * args.micro_batches > args.batch:
+        raise UsageError(f"--batch {args.batch} is fewer sequences than --dp {args.dp} x "
+                         f"--micro-batches {args.micro_batches} (each micro-batch of each "
+                         "replica needs one at least)")
     tokens = args.seq + (args.new_tokens or 0)
     if tokens > spec.max_positions:
         raise UsageError(f"--seq {args.seq}{f' + --new-tokens {args.new_tokens}' if args.new_tokens else ''}"
