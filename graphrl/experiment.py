@@ -149,6 +149,21 @@ class Experiment:
     description: str = ""
     notes: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        where = f"Experiment {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise UsageError(f"{where}: name must be a Python identifier")
+        for what in ("step", "data"):
+            if not callable(getattr(self, what)):
+                raise UsageError(f"{where}: {what} must be callable")
+        if self.prepare is not None and not callable(self.prepare):
+            raise UsageError(f"{where}: prepare must be callable or None")
+        it = self.iterations
+        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+            raise UsageError(f"{where}: iterations={it!r} must be an int >= 1")
+        if not all(isinstance(m, Model) for m in self.models):
+            raise UsageError(f"{where}: models must be graphrl.Model declarations")
+
     def program(self, staleness: int = 0) -> Program:
         """The traced step; staleness K >= 1: rewritten so that rollouts train K steps
         after they are generated (graphrl.passes.staleness)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, Callable
 
 from .errors import OpError, UsageError
@@ -100,10 +101,8 @@ def call_rows(fn: Callable[..., Any], calls: list[dict[str, Any]], timeout: floa
         if error is not None:
             raise OpError(f"reward function {fn_name} raised on {where(k)}: "
                           f"{type(error).__name__}: {error}") from error
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or abs(value) > FLOAT32_MAX:
+        if not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or abs(value) > FLOAT32_MAX:   # numbers.Real: bool and numpy numbers too
             raise OpError(f"reward function {fn_name} returned {value!r} on {where(k)}: "
                           "expected a finite number (within float32's range)")
         out.append(float(value))

@@ -576,12 +576,22 @@ def test_traced_call_arguments(generate, group, needle):
     assert needle in line, line
 
 
+def _experiment(**fields):
+    from graphrl.experiment import Experiment
+
+    return Experiment(**{"name": "exp", "step": lambda prompts: {}, "models": (),
+                         "inputs": {}, "data": lambda i: {}, "reward": "reward", **fields})
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda: __import__("graphrl").prompts_spec(0, 8), "batch=0 must be an int >= 1"),
     (lambda: __import__("graphrl").prompts_spec(2, -1), "seq=-1 must be an int >= 1"),
     (lambda: __import__("graphrl").run(None, iterationz=3), "did you mean 'iterations'"),
     (lambda: __import__("graphrl").run(None, iterations=0), "iterations (--iterations)=0"),
     (lambda: __import__("graphrl").run(None, iterations=-1), "iterations (--iterations)=-1"),
+    (lambda: _experiment(iterations=0), "iterations=0 must be an int >= 1"),
+    (lambda: _experiment(data=[1, 2]), "data must be callable"),
+    (lambda: _experiment(name="my run"), "name must be a Python identifier"),
 ])
 def test_api_calls(make, needle):
     assert needle in check_api_error(make, "API call")
