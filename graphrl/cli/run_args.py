@@ -22,7 +22,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--iterations", type=positive_int, metavar="N",
                    help="RL iterations to run (default: the example's own, e.g. 30)")
     p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
-                   help="random seed (default 0)")
+                   help=f"random seed, 0 to {MAX_SEED} (default 0)")
     p.add_argument("--metrics", metavar="FILE",
                    help="write one JSON line per iteration (iteration, reward_mean, "
                         "step_seconds, seconds per call, losses)")
