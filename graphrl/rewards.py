@@ -12,11 +12,11 @@
 The function's parameters are matched by name: `prompt` (the row's prompt text),
 `response` (the generated text up to its stop, special tokens removed), and any field of
 the row (`answer` above); `**fields` takes every field. It runs as an op, on the host
-that holds the data (the driver, on the Ray backend too), once per sequence, each call within a deadline
-(`timeout`, `--reward-timeout`, default 60 s). An error inside it (an exception,
-SystemExit or KeyboardInterrupt included; no return before the deadline; a result that is
-not a finite float32 number) stops the run with one line naming the function
-(FILE.py:FUNCTION), the iteration and the data row it was scoring.
+that holds the data (the driver, on the Ray backend too), once per sequence, each call
+within a deadline (`timeout`, `--reward-timeout`, default 60 s). An error inside it (an
+exception, SystemExit or KeyboardInterrupt included; no return before the deadline; a
+result that is not a finite float32 number) stops the run with one line naming the
+function (FILE.py:FUNCTION), the iteration and the data row it was scoring.
 """
 from __future__ import annotations
 
@@ -81,9 +81,12 @@ def call_rows(fn: Callable[..., Any], calls: list[dict[str, Any]], timeout: floa
     import threading
 
     results: queue.Queue = queue.Queue()
+    stop = threading.Event()     # set once this call is over: no row is scored after it
 
     def work() -> None:
         for k, kwargs in enumerate(calls):
+            if stop.is_set():
+                return
             try:
                 results.put((k, fn(**kwargs), None))
             except BaseException as e:  # noqa: BLE001 - sys.exit() in a reward is its error
@@ -91,8 +94,19 @@ def call_rows(fn: Callable[..., Any], calls: list[dict[str, Any]], timeout: floa
                 return
 
     threading.Thread(target=work, daemon=True, name=f"reward {fn_name}").start()
+    try:
+        return _collect(results, len(calls), timeout, where, fn_name)
+    finally:
+        stop.set()
+
+
+def _collect(results: Any, n: int, timeout: float, where: Callable[[int], str],
+             fn_name: str) -> list[float]:
+    """The n values call_rows' worker puts in `results`, each within `timeout` s."""
+    import queue
+
     out: list[float] = []
-    for k in range(len(calls)):
+    for k in range(n):
         try:
             _, value, error = results.get(timeout=timeout)
         except queue.Empty:

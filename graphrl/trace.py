@@ -163,7 +163,11 @@ def check_arguments(where: str, fn: Callable[..., Any], args: tuple[Any, ...],
     parameters are not the user's to name."""
     from .nearest import suggest
 
-    params = inspect.signature(fn).parameters
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):   # a builtin or C function: nothing to check against
+        return
+    params = signature.parameters
     names = [p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
     if any(v.kind is v.VAR_KEYWORD for v in params.values()):
         names = []
@@ -172,7 +176,7 @@ def check_arguments(where: str, fn: Callable[..., Any], args: tuple[Any, ...],
             raise TraceError(f"{where}: unknown argument {key!r}{suggest(key, names)} "
                              f"(it takes {', '.join(names[skip:])})")
     try:
-        inspect.signature(fn).bind(*args, **kwargs)
+        signature.bind(*args, **kwargs)
     except TypeError as e:
         raise TraceError(f"{where}: {e}") from None
 

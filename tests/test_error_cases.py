@@ -246,3 +246,29 @@ def test_a_gpu_plan_run_on_cpu_says_so():
     assert "priced for H100" in note and "run on CPU" in note
     assert device_note(ClusterSpec.parse("1x8xH100"), "cuda") == ""
     assert device_note(ClusterSpec.parse("1x4xcpu"), "cpu") == ""
+
+
+def test_reward_rows_stop_at_the_first_error_and_a_hang_is_abandoned():
+    import threading
+
+    from graphrl.errors import OpError
+    from graphrl.rewards import call_rows
+
+    seen, release = [], threading.Event()
+
+    def reward(k):
+        seen.append(k)
+        if k == 1:
+            raise SystemExit(0)
+        return 1.0
+    with pytest.raises(OpError, match="reward function f.py:g raised on row 1: SystemExit"):
+        call_rows(reward, [{"k": k} for k in range(4)], 5.0, lambda k: f"row {k}", "f.py:g")
+    time.sleep(0.2)
+    assert seen == [0, 1]          # nothing scored after the error
+
+    start = time.monotonic()
+    with pytest.raises(OpError, match="did not return within 0.2 s on row 0"):
+        call_rows(lambda: release.wait(30), [{}], 0.2, lambda k: f"row {k}", "f.py:g")
+    assert time.monotonic() - start < 5
+    release.set()                  # let the abandoned thread end
+    assert call_rows(lambda v: v, [{"v": 2}, {"v": True}], 5.0, str, "f") == [2.0, 1.0]
