@@ -8,7 +8,7 @@ import argparse
 import json
 
 from ..option_checks import MAX_SEED
-from .argtypes import int_at_least
+from .argtypes import int_at_least, positive_int, positive_seconds
 
 DESCRIPTION = """Load the local Hugging Face checkpoint DIR in each engine and strategy and
 compare, on a few random prompts (some left-padded), its per-token log-probs with
@@ -23,20 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action="append", metavar="ENGINE",
                    help="hf, fast, megatron or deepspeed; repeat or comma-separate "
                         "(default: every engine this machine can run)")
-    p.add_argument("--tp", type=int, help="megatron tensor-parallel degree "
+    p.add_argument("--tp", type=positive_int, help="megatron tensor-parallel degree "
                                           "(default: tp=2, then pp=2)")
-    p.add_argument("--pp", type=int, help="megatron pipeline-parallel degree")
+    p.add_argument("--pp", type=positive_int, help="megatron pipeline-parallel degree")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3),
                    help="deepspeed ZeRO stage (default 3)")
-    p.add_argument("--dp", type=int, help="deepspeed data-parallel degree (default 2)")
+    p.add_argument("--dp", type=positive_int, help="deepspeed data-parallel degree (default 2)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="what the engines run in (default bf16, as runs do); the "
                         "reference is always HF's module in fp32")
-    p.add_argument("--prompts", type=int, default=4, help="probe rows (default 4)")
-    p.add_argument("--seq", type=int, default=16, help="probe tokens per row (default 16)")
+    p.add_argument("--prompts", type=positive_int, default=4, help="probe rows (default 4)")
+    p.add_argument("--seq", type=positive_int, default=16, help="probe tokens per row (default 16)")
     p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                    help="seed of the probe (default 0)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="S",
                    help="seconds the multi-rank engines may take together (default 600)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per engine and strategy")
