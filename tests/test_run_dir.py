@@ -223,23 +223,26 @@ def test_logger_option_errors(inputs, tmp_path, capsys):
 
 
 def test_ctrl_c_finishes_the_wandb_run_failed_with_the_rows_so_far(inputs, tmp_path):
+    from dataclasses import replace
+
     import graphrl as gr
     from word_problems import correct_answer
 
     model, data = inputs
-    calls = []
 
-    def reward(response, answer):   # Ctrl-C during the second iteration's scoring
-        calls.append(1)
-        if len(calls) > 4 * 4:
-            raise KeyboardInterrupt
+    def reward(response, answer):
         return correct_answer(response, answer)
 
     exp = gr.recipes.text_grpo(str(model), str(data), reward, batch=4, group_size=4,
                                max_new_tokens=3)
+
+    def batches(i):   # Ctrl-C as the second iteration starts (a KeyboardInterrupt raised
+        if i == 1:    # inside the reward is the reward's error, graphrl.rewards)
+            raise KeyboardInterrupt
+        return exp.data(i)
     with pytest.raises(KeyboardInterrupt):
-        gr.run(exp, iterations=3, quiet=True, run_dir=str(tmp_path / "r"),
-               loggers=("jsonl", "wandb"))
+        gr.run(replace(exp, data=batches), iterations=3, quiet=True,
+               run_dir=str(tmp_path / "r"), loggers=("jsonl", "wandb"))
     _, history, exit_code = wandb_records(tmp_path / "r")
     assert [h["_step"] for h in history] == [0] and exit_code == 1
     assert rows_of(tmp_path / "r" / "metrics.jsonl")[0]["reward_mean"] == \
