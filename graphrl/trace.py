@@ -168,7 +168,8 @@ def check_arguments(where: str, fn: Callable[..., Any], args: tuple[Any, ...],
     except (TypeError, ValueError):   # a builtin or C function: nothing to check against
         return
     params = signature.parameters
-    names = [p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+    names = [p for p, v in params.items()
+             if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
     if any(v.kind is v.VAR_KEYWORD for v in params.values()):
         names = []
     for key in kwargs:

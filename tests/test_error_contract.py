@@ -434,7 +434,8 @@ def test_nonfinite_training_stops_the_run(text_job, tmp_path, capsys):
 @pytest.mark.parametrize("key, value, needle", [
     ("policy_stats/loss", float("nan"), "iteration 3: policy_stats/loss is nan (from "
                                         "policy.train"),
-    ("policy_stats/kl", float("inf"), "iteration 3: policy_stats/kl is inf (from policy.train"),
+    ("policy_stats/kl", float("inf"), "iteration 3: policy_stats/kl is inf (from "
+                                      "policy.train"),
     ("reward_mean", float("-inf"), "iteration 3: the reward's mean is -inf (from score"),
 ])
 def test_nonfinite_statistics_name_iteration_quantity_and_call(key, value, needle):
@@ -517,7 +518,8 @@ def test_run_options(field, value):
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=st.one_of(
-    st.builds(lambda v: ("role", {"role": v}), st.sampled_from(["wizard", "polciy", "", None])),
+    st.builds(lambda v: ("role", {"role": v}),
+              st.sampled_from(["wizard", "polciy", "", None])),
     st.builds(lambda v: ("head", {"head": v}), st.sampled_from(["lm_head", "values", 3])),
     st.builds(lambda v: ("engine", {"engine": v}), st.sampled_from(["nope", "HF", "vllm"])),
     st.builds(lambda k, v: (k, {"options": {k: v}}),

@@ -147,7 +147,8 @@ def test_reward_errors_name_function_and_row(ckpt, problems):
 
     def broken(response, answer):
         raise KeyError("boom")
-    with pytest.raises(ExecutionError, match=r"reward function test_text_jobs.py:broken raised on .*p.jsonl "
+    with pytest.raises(ExecutionError, match=r"reward function test_text_jobs.py:broken "
+                                             r"raised on .*p.jsonl "
                                              r"line 5: KeyError"):
         text_reward(broken, data).fn(rollout)
     with pytest.raises(ExecutionError, match="returned 'yes'"):

@@ -28,12 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=positive_int, help="megatron pipeline-parallel degree")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3),
                    help="deepspeed ZeRO stage (default 3)")
-    p.add_argument("--dp", type=positive_int, help="deepspeed data-parallel degree (default 2)")
+    p.add_argument("--dp", type=positive_int,
+                   help="deepspeed data-parallel degree (default 2)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="what the engines run in (default bf16, as runs do); the "
                         "reference is always HF's module in fp32")
     p.add_argument("--prompts", type=positive_int, default=4, help="probe rows (default 4)")
-    p.add_argument("--seq", type=positive_int, default=16, help="probe tokens per row (default 16)")
+    p.add_argument("--seq", type=positive_int, default=16,
+                   help="probe tokens per row (default 16)")
     p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                    help="seed of the probe (default 0)")
     p.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="S",

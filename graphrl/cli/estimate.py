@@ -145,9 +145,10 @@ def _main(p: argparse.ArgumentParser, argv: list[str] | None) -> int:
                          "replica needs one at least)")
     tokens = args.seq + (args.new_tokens or 0)
     if tokens > spec.max_positions:
-        raise UsageError(f"--seq {args.seq}{f' + --new-tokens {args.new_tokens}' if args.new_tokens else ''}"
-                         f" = {tokens} tokens exceeds the model's context of "
-                         f"{spec.max_positions} (max_position_embeddings in its config)")
+        new = f" + --new-tokens {args.new_tokens}" if args.new_tokens else ""
+        raise UsageError(f"--seq {args.seq}{new} = {tokens} tokens exceeds the model's "
+                         f"context of {spec.max_positions} (max_position_embeddings in its "
+                         "config)")
     try:
         cost = estimate(spec, args.phase, args.batch, args.seq, strategy, gpu_type(args.gpu),
                         new_tokens=args.new_tokens or 0, engine=args.engine,
