@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from graphrl import signatures as sig
 from graphrl.errors import ExecutionError, GraphRLError, OpError
+from graphrl.evaluation import due, run_attrs
 from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, OP, SYSTEM, Graph, Node
 from graphrl.timeline import Event
@@ -174,6 +175,8 @@ class LocalExecutor:
         for n in g.nodes:
             if warmup and not all(i in env for i in n.inputs):
                 continue   # an async step's first steps only generate (passes/staleness)
+            if not due(n, iteration):
+                continue   # an eval node between evaluations (graphrl.evaluation)
             if n.attr("stream_cut"):
                 tails.append(n)
                 events.append(self._stream_half(n, env, iteration, None))
@@ -238,7 +241,7 @@ class LocalExecutor:
             return split_op(self.program.ops[n.target].fn, args, attrs,
                             self._head_mask(next(a for a in args if "response_mask" in a)))
         if n.kind == OP:
-            out = self.program.ops[n.target].fn(*args, **n.attr_dict)
+            out = self.program.ops[n.target].fn(*args, **run_attrs(n))
             return list(out) if isinstance(out, tuple) else [out]
         if n.kind == CALL:
             return self.run_call(n, args, seed)
@@ -252,7 +255,7 @@ class LocalExecutor:
         if weights.version != engine.version:
             raise ExecutionError(f"node {n.name} ({n.call}) reads {n.model} weights version "
                                  f"{weights.version} but the engine holds {engine.version}")
-        attrs = n.attr_dict
+        attrs = run_attrs(n)
         if n.target == "generate" and attrs.pop("behaviour", False):
             from .async_steps import behaviour_outputs
 

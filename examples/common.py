@@ -9,6 +9,8 @@ from graphrl.signatures import ROLLOUT, SCORES
 from graphrl.synthetic import TopicTokensTask
 
 TASK = TopicTokensTask(vocab_size=16, prompt_len=6, response_len=8)
+EVAL_PROMPTS = 32          # held-out prompts of --eval-every
+HELD_OUT_SEED = 1 << 40    # + --seed: a seed stream the training batches never reach
 
 
 def llama_config(hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -52,7 +54,25 @@ def rl_experiment(name: str, step: Any, models: tuple[gr.Model, ...], task: Topi
         name=name, step=step, models=models,
         inputs={"prompts": gr.prompts_spec(prompts, task.prompt_len)},
         data=prompt_data(task, prompts, opts.seed), reward="task_score", iterations=60,
-        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed))
+        prepare=lambda engines: train_reward_model(engines["reward"], task, opts.seed),
+        evaluation=held_out(task, opts))
+
+
+def held_out(task: TopicTokensTask, opts: gr.RunOptions) -> Any:
+    """--eval-every: the task's rule-based score on EVAL_PROMPTS fixed prompts seeded
+    apart from the training batches (seed * 100003 + iteration), never trained on."""
+    options = gr.evaluation.eval_options(opts)
+    if options is None:
+        return None
+    if opts.eval_data:
+        raise gr.UsageError(f"--eval-data {opts.eval_data}: the synthetic task has no text "
+                            "prompts (--eval-every alone evaluates on held-out synthetic "
+                            "prompts)")
+    seed = HELD_OUT_SEED + opts.seed
+    return gr.evaluation.Evaluation(
+        options, task.prompts(EVAL_PROMPTS, seed=seed),
+        gr.prompts_spec(EVAL_PROMPTS, task.prompt_len), task_score(task),
+        source=f"{EVAL_PROMPTS} held-out synthetic prompts (seed 2**40 + {opts.seed})")
 
 
 def reward_model(opts: gr.RunOptions) -> gr.Model:

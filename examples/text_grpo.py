@@ -9,7 +9,8 @@ Without --model it builds a tiny Llama and a word-level tokenizer in code and sa
 under --run-dir (default runs/) as a Hugging Face directory; without --data it writes
 arithmetic word problems there ("Tom has 3 apples and buys 4 more . How many apples does
 Tom have ?", answer "7"). The default reward is 1 when the last number of the response
-equals the row's `answer`.
+equals the row's `answer`. `--eval-data FILE --eval-every N` scores held-out prompts
+(same fields) every N iterations (eval/... keys in the metrics; graphrl.evaluation).
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
                                 prompt_field=opts.prompt_field,
                                 chat_template=opts.chat_template, prompt_len=opts.prompt_len,
                                 lr=3e-3, kl_coef=0.01, seed=opts.seed, iterations=400,
-                                reward_timeout=opts.reward_timeout)
+                                reward_timeout=opts.reward_timeout,
+                                eval_data=opts.eval_data,
+                                evaluation=gr.evaluation.eval_options(opts))
 
 
 if __name__ == "__main__":

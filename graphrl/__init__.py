@@ -3,7 +3,7 @@
 Write one RL step as plain Python over model handles, trace it into a Graph, compile and
 run it. `import graphrl` imports neither torch nor ray; backends load them when they run.
 """
-from . import data, ops, recipes, rewards, signatures
+from . import data, evaluation, ops, recipes, rewards, signatures
 from .errors import (ExecutionError, GraphError, GraphRLError, GraphSyntaxError, TraceError,
                      UsageError)
 from .experiment import Experiment, RunOptions
@@ -19,7 +19,7 @@ from .verify import verify_graph
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "ops", "recipes", "rewards", "run", "signatures", "ExecutionError", "GraphError", "GraphRLError",
+__all__ = ["data", "evaluation", "ops", "recipes", "rewards", "run", "signatures", "ExecutionError", "GraphError", "GraphRLError",
            "GraphSyntaxError", "TraceError", "UsageError", "Experiment", "RunOptions", "Graph",
            "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
            "print_graph", "prompts_spec", "Model", "OpDef", "Program", "trace", "Field",

@@ -77,15 +77,15 @@ def _parquet(path: Path) -> tuple[list[Any], list[str]]:
     return rows, [f"row {i}" for i in range(len(rows))]
 
 
-def load_rows(path: str, prompt_field: str = "prompt") -> Rows:
+def load_rows(path: str, prompt_field: str = "prompt", flag: str = "--data") -> Rows:
     """The rows of a JSONL (one JSON object per line) or Parquet file; every row must be
-    an object whose `prompt_field` is a non-empty string."""
+    an object whose `prompt_field` is a non-empty string. `flag`: the option errors name."""
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"--data {path}: {'is a directory' if file.is_dir() else 'no such file'}")
+        raise UsageError(f"{flag} {path}: {'is a directory' if file.is_dir() else 'no such file'}")
     suffix = file.suffix.lower()
     if suffix not in FORMATS:
-        raise UsageError(f"--data {path}: unknown format {suffix or '(no extension)'!r} "
+        raise UsageError(f"{flag} {path}: unknown format {suffix or '(no extension)'!r} "
                          f"(use {', '.join(FORMATS)})")
     rows, where = _parquet(file) if suffix == ".parquet" else _jsonl(file)
     for row, w in zip(rows, where):
@@ -100,7 +100,7 @@ def load_rows(path: str, prompt_field: str = "prompt") -> Rows:
             raise UsageError(f"{path} {w}: field {prompt_field!r} must be a non-empty "
                              f"string, got {value!r}"[:300])
     if not rows:
-        raise UsageError(f"--data {path}: no rows")
+        raise UsageError(f"{flag} {path}: no rows")
     return Rows(str(path), prompt_field, tuple(rows), tuple(where))
 
 

@@ -53,6 +53,11 @@ class RunOptions:
     precision: str | None = None         # "fp32" for every model, or "policy=fp32,critic=bf16"
     loggers: tuple[str, ...] = ("jsonl",)  # where metrics rows go (graphrl.loggers)
     config: str | None = None            # the config.json this run reruns (graphrl run --config)
+    eval_data: str | None = None         # held-out prompts file (graphrl.evaluation)
+    eval_every: int | None = None        # evaluate after every N-th training step
+    eval_samples: int = 1                # responses per held-out prompt (pass@k's n)
+    eval_greedy: bool = False            # also decode the held-out prompts at temperature 0
+    eval_threshold: float = 0.5          # a held-out response is correct if reward >= this
 
     @property
     def files_dir(self) -> str:
@@ -136,7 +141,8 @@ class Experiment:
     """name: the step's name; data(iteration) gives that iteration's input payloads;
     reward: the graph output (a Scores payload in [0, 1]) reported as reward_mean;
     prepare(engines) runs once before RL (e.g. reward-model training) and returns
-    metrics to report."""
+    metrics to report; evaluation: held-out prompts scored every N iterations inside
+    the step's graph (graphrl.evaluation)."""
 
     name: str
     step: Callable[..., Any]
@@ -148,6 +154,7 @@ class Experiment:
     prepare: Callable[[Mapping[str, Any]], Mapping[str, float]] | None = None
     description: str = ""
     notes: Mapping[str, Any] = field(default_factory=dict)
+    evaluation: Any = None   # graphrl.evaluation.Evaluation
 
     def __post_init__(self) -> None:
         where = f"Experiment {self.name!r}"
@@ -165,9 +172,14 @@ class Experiment:
             raise UsageError(f"{where}: models must be graphrl.Model declarations")
 
     def program(self, staleness: int = 0) -> Program:
-        """The traced step; staleness K >= 1: rewritten so that rollouts train K steps
-        after they are generated (graphrl.passes.staleness)."""
+        """The traced step (with its eval step merged in when it evaluates); staleness
+        K >= 1: rewritten so that rollouts train K steps after they are generated
+        (graphrl.passes.staleness)."""
         program = trace(self.step, list(self.models), name=self.name, **self.inputs)
+        if self.evaluation is not None:
+            from .evaluation import add_evaluation
+
+            program = add_evaluation(program, self.evaluation)
         if staleness:
             from dataclasses import replace
 
@@ -176,6 +188,12 @@ class Experiment:
             graph = verify_staleness(carry_rollouts(program.graph, staleness), staleness)
             program = replace(program, graph=graph)
         return program
+
+    def step_inputs(self, iteration: int) -> dict[str, Any]:
+        """The inputs of step `iteration`: its data, and the held-out prompts when the
+        experiment evaluates."""
+        extra = self.evaluation.inputs() if self.evaluation is not None else {}
+        return {**self.data(iteration), **extra}
 
     def with_precision(self, opts: RunOptions) -> "Experiment":
         """The experiment with --precision applied to its models (each named role, or

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .data import PromptData, load_rows
 from .errors import UsageError
+from .evaluation import EvalOptions, text_evaluation
 from .example_file import load_python_file
 from .experiment import Experiment
 from .ops import group_advantages
@@ -51,13 +52,16 @@ def text_grpo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
               prompt_len: int | None = None, lr: float = 1e-4, kl_coef: float = 0.01,
               clip: float = 0.2, epochs: int = 1, minibatches: int = 1, seed: int = 0,
               iterations: int = 100, name: str = "text_grpo",
-              reward_timeout: float | None = None) -> Experiment:
+              reward_timeout: float | None = None, eval_data: str | None = None,
+              evaluation: EvalOptions | None = None) -> Experiment:
     """GRPO (Shao et al. 2024) of the causal LM in directory `policy` on the prompts of
     `data` (JSONL or Parquet), scored by `reward` over text (graphrl.rewards): each
     prompt is answered `group_size` times and a response's advantage is its reward
     normalised within its group; the reference is the starting policy (k3 KL,
     `kl_coef`). Responses stop at the tokenizer's EOS or after `max_new_tokens`; each
-    reward call must return within `reward_timeout` seconds (default 60)."""
+    reward call must return within `reward_timeout` seconds (default 60).
+    `evaluation` (graphrl.evaluation.EvalOptions): score the prompts of `eval_data`
+    every `evaluation.every` iterations with `reward`, inside the step's graph."""
     if batch < 1 or group_size < 2:
         raise UsageError(f"text_grpo: batch must be >= 1 and group_size >= 2, got "
                          f"{batch} and {group_size}")
@@ -81,7 +85,16 @@ def text_grpo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
                                     minibatches=minibatches)
         return {"reward": scores, "rollout": rollout, "policy_stats": policy_stats}
 
+    held_out = None
+    if evaluation is not None:
+        if eval_data is None:
+            raise UsageError("--eval-every: text runs evaluate on held-out prompts: give "
+                             "--eval-data FILE (eval_data=)")
+        held_out = text_evaluation(eval_data, evaluation, reward, prompts.tokenizer,
+                                   prompt_field=prompt_field, chat_template=chat_template,
+                                   timeout=reward_timeout)
     return Experiment(name=name, step=grpo_step, models=models,
                       inputs={"prompts": prompts_spec(batch, prompts.prompt_len)},
                       data=prompts.inputs, reward="reward", iterations=iterations,
-                      notes={"data": data, "rows": len(rows), "policy": policy})
+                      notes={"data": data, "rows": len(rows), "policy": policy},
+                      evaluation=held_out)

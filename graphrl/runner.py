@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import ExecutionError, UsageError
+from .evaluation import OUTPUTS as EVAL_OUTPUTS
+from .evaluation import check_evaluates, eval_metrics
 from .experiment import Experiment, RunOptions
 from .finite import check_finite
 from .timeline import Event, call_seconds, write_chrome_trace
@@ -33,7 +35,7 @@ def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: f
     for call, s in sorted(call_seconds(events).items()):
         row[f"seconds/{call}"] = round(s, 6)
     for name, payload in sorted(outputs.items()):
-        if name == reward:
+        if name == reward or name in EVAL_OUTPUTS:   # eval rows: graphrl.evaluation
             continue
         if {"tokens", "attention_mask", "response_mask"} <= set(payload):
             row.update(token_counts(payload))
@@ -128,6 +130,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     start = time.perf_counter()
     iterations = opts.iterations or exp.iterations
     exp.check_roles(opts)
+    check_evaluates(exp, opts)
     exp = exp.with_precision(opts)
     given, opts = opts, run_dir.resolve(opts, trains=any(m.trainable for m in exp.models))
     check_loggers(opts.loggers, opts.run_dir)
@@ -191,7 +194,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             try:
                 ahead = ({"upcoming": exp.data(i + 1)} if opts.staleness and i + 1 < steps
                          and getattr(executor, "streams_ahead", False) else {})
-                result = executor.run_step(exp.data(i), iteration=i, **ahead)
+                result = executor.run_step(exp.step_inputs(i), iteration=i, **ahead)
             except ExecutionError as e:
                 lost = lost_ranks(e, executor) if opts.max_restarts and owned else []
                 if not lost:
@@ -213,6 +216,8 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                 continue
             row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
             check_finite(row, i, program.graph, exp.reward)
+            if exp.evaluation is not None and "eval_scores" in result.outputs:
+                row.update(eval_metrics(result.outputs, exp.evaluation.options))
             rows.append(row)
             events.extend(result.events)
             log.log_row(row)

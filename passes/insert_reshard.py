@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from graphrl.cost import reshard_received_bytes
+from graphrl.evaluation import EVAL_EVERY
 from graphrl.graph import SYSTEM, Graph, Node, Placement, Value
 from graphrl.parallel import DeviceMesh, Strategy
 from graphrl.shard import ModelLayout, model_layout, spec_params
@@ -172,11 +173,12 @@ class InsertReshard:
             traffic = plan_traffic(spec, src, dst, exact)
             weights = n.inputs[0]
             out = Value(f"{weights}.gen", graph.value(weights).spec)
+            every = n.attr(EVAL_EVERY)   # a reshard for an eval generate runs when it does
             node = Node(SYSTEM, "reshard", (weights,), (f"Weights[{n.model}]",), (out,),
                         n.model, (("max_link_bytes", traffic.max_link_bytes),
                                   ("network_bytes", traffic.total_bytes),
                                   ("sent", traffic.sent_text()),
-                                  ("src", f"{src.mesh.text()}:{src.strategy.text()}")),
-                        dst)
+                                  ("src", f"{src.mesh.text()}:{src.strategy.text()}"))
+                        + (((EVAL_EVERY, every),) if every is not None else ()), dst)
             graph = graph.insert_before(n.name, node).rename_input(n.name, weights, out.name)
         return graph

@@ -43,6 +43,7 @@ import ray
 from graphrl.backends.engines.hf import seed_for
 from graphrl.backends.local import StepResult, WeightsToken, check_payload
 from graphrl.errors import ExecutionError, GraphRLError, OpError, UsageError
+from graphrl.evaluation import EVAL_EVERY, due, run_attrs
 from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, Node
 from graphrl.plan import HOST, Plan
@@ -276,6 +277,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                     reshards += push_before_head(self, n, env, iteration, _Value, checks)
                 if warmup and not all(i in env for i in n.inputs):
                     continue
+                if not due(n, iteration):   # an eval node between evaluations
+                    continue
                 if grp.workers == (HOST,):
                     host_events.append(self._run_op(n, env, iteration))
                 elif part in ("", "head", "rest") or part.startswith("1/"):
@@ -288,8 +291,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                         self._run_call(n, env, iteration)
             elif grp.op == "reshard":
                 n = g.node(grp.node)
-                if skip_push(self, n, env, _Value):   # a streamed tail pushed it
-                    continue
+                if skip_push(self, n, env, _Value) or not due(n, iteration):
+                    continue   # a streamed tail pushed it / an eval reshard between evals
                 reshards.append((n, self._run_reshard(n, env, iteration)))
                 if self.check_reshards and not self.noop:
                     checks.append(self._check_reshard(n))
@@ -352,7 +355,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         out_spec = n.outputs[0].spec if n.target != "train" else n.outputs[1].spec
         seed = seed_for(self.seed, iteration, n.name)
         attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness",
-                                                              HEAD_PART))
+                                                              HEAD_PART, EVAL_EVERY))
         if n.attr("staleness") is not None:   # async train: samples within the bound
             from graphrl.backends.async_steps import check_versions
 
@@ -421,7 +424,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         start = time.time()
         try:
             out = (split_host_op(self, n, args) if n.attr(HEAD_PART) else
-                   self.program.ops[n.target].fn(*args, **n.attr_dict))
+                   self.program.ops[n.target].fn(*args, **run_attrs(n)))
         except OpError as e:   # an op's user code: add the iteration
             raise e.at(iteration) from e
         except GraphRLError:

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..experiment import BACKENDS, RunOptions
 from ..option_checks import MAX_BATCH, MAX_SEED
 from .argtypes import int_at_least, positive_int, positive_seconds
+from .eval_args import add_eval_options, eval_fields
 
 
 def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -89,6 +90,7 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="prompt tokens (default: the example's task)")
     p.add_argument("--response-len", type=positive_int, metavar="R",
                    help="generated tokens per response (default: the example's task)")
+    add_eval_options(p)
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
@@ -191,5 +193,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       keep=getattr(ns, "keep", 2), resume=getattr(ns, "resume", None),
                       max_restarts=getattr(ns, "max_restarts", 0),
                       staleness=getattr(ns, "staleness", 0) or 0,
-                      precision=getattr(ns, "precision", None),
+                      precision=getattr(ns, "precision", None), **eval_fields(ns),
                       **(ray_opts if backend == "ray" else {}))
