@@ -202,19 +202,22 @@ def describe(graph: Graph) -> list[str]:
     every = nodes[0].attr(EVAL_EVERY)
     names = {n.name for n in nodes}
     placed = [n for n in nodes if n.placement is not None]
-    lines = [f"evaluation: {', '.join(n.name for n in nodes)} run after every {every}-th "
-             f"training step (iterations {every - 1}, {2 * every - 1}, ...) on the trained "
-             "weights; nothing the step trains on depends on them, so they may overlap "
-             "the step's later calls",
+    lines = [f"evaluation every {every} training steps (iterations {every - 1}, "
+             f"{2 * every - 1}, ...) on the trained weights: {', '.join(n.name for n in nodes)}"
+             "; nothing the step trains on depends on them, so they may overlap the "
+             "step's later calls",
              "  the plan prices an evaluating step (eval nodes included); other steps "
              "skip them"]
     for n in placed:
+        if n.timing is None:
+            continue
         others = [m for m in graph.nodes if m.name not in names and m.placement is not None
-                  and m.timing is not None and n.timing is not None
+                  and m.timing is not None
                   and m.timing.start < n.timing.end and n.timing.start < m.timing.end]
-        where = n.placement.text()
         overlap = ", ".join(m.call for m in others) or "nothing (runs alone)"
-        lines.append(f"  {n.name} {where}: overlaps {overlap}")
+        lines.append(f"  {n.name} {n.placement.text()}: {n.timing.seconds:.3f} s "
+                     f"(that is {n.timing.seconds / every:.3f} s per step over {every} steps), "
+                     f"overlaps {overlap}")
     return lines
 
 
@@ -274,3 +277,15 @@ def text_evaluation(path: str, options: EvalOptions, reward: Any, tokenizer: Any
                       prompts_spec(len(rows), data.prompt_len),
                       text_reward(reward, data, name="eval_text_reward", timeout=timeout), model,
                       source=f"{len(rows)} prompts of {path}")
+
+
+def eval_summary(rows: Any) -> list[str]:
+    """The run summary's line on its evaluations: first and last of each eval/pass@k
+    and eval/reward_mean (none when the run did not evaluate)."""
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    if not evals:
+        return []
+    keys = [k for k in evals[-1] if k.startswith("eval/pass@")] + ["eval/reward_mean"]
+    return [f"  held-out ({len(evals)} evaluations, iterations {evals[0]['iteration']}.."
+            f"{evals[-1]['iteration']}): " + "   ".join(
+                f"{k[5:]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in keys)]

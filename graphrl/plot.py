@@ -1,7 +1,9 @@
 """`graphrl plot METRICS.jsonl`: a run's curves as one picture.
 
 Four panels over iterations: reward (reward_mean), KL (every metric whose name ends in
-`kl`), response length (mean and max), and seconds per call (`seconds/<call>`). A panel
+`kl`), response length (mean and max), and seconds per call (`seconds/<call>`); a fifth,
+held-out evaluation (eval/pass@k, eval/reward_mean, ...), when the run evaluated
+(--eval-every, graphrl.evaluation). A panel
 whose metrics the file lacks says so instead of drawing nothing silently.
 """
 from __future__ import annotations
@@ -42,10 +44,14 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 def panels(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Panel title -> the metric names it draws."""
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    return {"reward": [k for k in keys if k == "reward_mean"],
-            "KL": [k for k in keys if k.lower().endswith("kl")],
-            "response length (tokens)": [k for k in keys if k.startswith("response_length")],
-            "seconds per call": [k for k in keys if k.startswith("seconds/")]}
+    out = {"reward": [k for k in keys if k == "reward_mean"],
+           "KL": [k for k in keys if k.lower().endswith("kl")],
+           "response length (tokens)": [k for k in keys if k.startswith("response_length")],
+           "seconds per call": [k for k in keys if k.startswith("seconds/")]}
+    held_out = [k for k in keys if k.startswith("eval/") and ("pass@" in k or "reward" in k)]
+    if held_out:   # --eval-every rows (graphrl.evaluation): only at evaluating iterations
+        out["held-out evaluation"] = held_out
+    return out
 
 
 def plot_metrics(path: str, out: str | None = None) -> Path:
@@ -64,14 +70,20 @@ def plot_metrics(path: str, out: str | None = None) -> Path:
     if kind not in PICTURE_FORMATS:
         raise UsageError(f"-o {target}: unknown picture format {target.suffix or '(none)'!r} "
                          f"(use {', '.join('.' + k for k in PICTURE_FORMATS)})")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for ax, (title, names) in zip(axes.flat, panels(rows).items()):
+    drawn = panels(rows)
+    wide = len(drawn) > 4
+    fig, axes = plt.subplots(2, 3 if wide else 2, figsize=(16 if wide else 11, 7),
+                             constrained_layout=True)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    for ax, (title, names) in zip(axes.flat, drawn.items()):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         for name in names:
             pts = [(r["iteration"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name.split("/")[-1]
-                    if title == "seconds per call" else name, lw=1.2)
+                    if title == "seconds per call" else name, lw=1.2,
+                    marker="o" if name.startswith("eval/") else None, ms=3)
         if names:
             ax.legend(fontsize=7)
         else:

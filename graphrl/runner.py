@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from .errors import ExecutionError, UsageError
 from .evaluation import OUTPUTS as EVAL_OUTPUTS
-from .evaluation import check_evaluates, eval_metrics
+from .evaluation import check_evaluates, eval_metrics, eval_summary
 from .experiment import Experiment, RunOptions
 from .finite import check_finite
 from .timeline import Event, call_seconds, write_chrome_trace
@@ -358,6 +358,7 @@ def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:
              f"  reward_mean  first {k}: {s.reward_window(True, k):.3f}   "
              f"last {k}: {s.reward_window(False, k):.3f}   "
              f"change: {s.reward_window(False, k) - s.reward_window(True, k):+.3f}",
+             *eval_summary(s.rows),
              "  seconds per call (total):"]
     for call, sec in sorted(call_seconds(s.events).items(), key=lambda kv: -kv[1]):
         lines.append(f"    {call:<24} {sec:8.3f}")

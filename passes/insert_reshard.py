@@ -157,6 +157,7 @@ class InsertReshard:
         graph = strip_reshards(graph)
         exact = self.exact and not (ctx.ranking and ctx.cluster.num_gpus > RANKING_EXACT_GPUS)
         trains = {n.model: n for n in graph.nodes if n.target == "train" and n.placement}
+        made: dict[tuple[str, Placement], str] = {}   # one reshard per weights and layout
         for n in list(graph.nodes):
             if n.target != "generate" or n.model not in trains or n.placement is None:
                 continue
@@ -170,9 +171,16 @@ class InsertReshard:
             spec = graph.model(n.model).spec
             if ctx.cluster.gpu.name == "cpu":  # CPU engines send the fp32 master weights
                 spec = replace(spec, dtype="fp32")
-            traffic = plan_traffic(spec, src, dst, exact)
             weights = n.inputs[0]
-            out = Value(f"{weights}.gen", graph.value(weights).spec)
+            if (weights, dst) in made:   # e.g. an eval step's sampled and greedy generate
+                graph = graph.rename_input(n.name, weights, made[(weights, dst)])
+                continue
+            traffic = plan_traffic(spec, src, dst, exact)
+            taken = {v.name for v in graph.values()}
+            name = next(f"{weights}.gen{k or ''}" for k in range(len(taken) + 2)
+                        if k != 1 and f"{weights}.gen{k or ''}" not in taken)
+            made[(weights, dst)] = name
+            out = Value(name, graph.value(weights).spec)
             every = n.attr(EVAL_EVERY)   # a reshard for an eval generate runs when it does
             node = Node(SYSTEM, "reshard", (weights,), (f"Weights[{n.model}]",), (out,),
                         n.model, (("max_link_bytes", traffic.max_link_bytes),

@@ -84,6 +84,7 @@ def spread_lines(compiled: Any, lengths: Any) -> list[str]:
 
 def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from ..compiler import compile_graph
+    from ..evaluation import describe as describe_evaluation
     from .run_args import run_options
     from ..progress import Progress
 
@@ -113,6 +114,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     print(f"predicted step: {plan.predicted_step_seconds:.3f} s   (streaming x{notes['stream']}, "
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
     print(f"pipeline: {compiled.pipeline}")
+    for line in describe_evaluation(plan.graph):
+        print(line)
     if opts.staleness:
         print(async_line(compiled.findings))
     if lengths is not None:
