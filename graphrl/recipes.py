@@ -86,6 +86,9 @@ def text_grpo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
         return {"reward": scores, "rollout": rollout, "policy_stats": policy_stats}
 
     held_out = None
+    if eval_data is not None and evaluation is None:
+        raise UsageError(f"text_grpo: eval_data={eval_data!r} needs evaluation="
+                         "graphrl.evaluation.EvalOptions(every=N) (how often to evaluate)")
     if evaluation is not None:
         if eval_data is None:
             raise UsageError("--eval-every: text runs evaluate on held-out prompts: give "

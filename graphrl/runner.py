@@ -184,6 +184,11 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if prepared and not opts.quiet:
             print(f"[{exp.name}] before RL: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                           prepared.items()), file=out)
+        if exp.evaluation is not None and not opts.quiet:
+            ev = exp.evaluation
+            print(f"[{exp.name}] evaluating every {ev.options.every} steps on "
+                  f"{ev.source or 'held-out prompts'}, {ev.options.samples} sample(s) each"
+                  + (" and greedy" if ev.options.greedy else ""), file=out)
         for row in rows:
             log.log_row(row)
         bar = tqdm(total=iterations, initial=len(rows), desc=exp.name, unit="it",

@@ -223,8 +223,9 @@ class _Lowering:
         """When part k of n starts in the search's schedule (search.py: a streamed reader
         starts with the first part of the rollouts and keeps pace with them)."""
         s = self.sched.get(n.name)
-        if s is None:
-            return -1.0
+        if s is None:   # a reshard: when its weights exist (step inputs: at the start)
+            return max((self.sched[p.name].end for p in map(self.producers.get, n.inputs)
+                        if p is not None and p.name in self.sched), default=-1.0)
         parts = self.parts(n)
         if parts == 1:
             return s.start
