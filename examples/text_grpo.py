@@ -10,7 +10,8 @@ under --run-dir (default runs/) as a Hugging Face directory; without --data it w
 arithmetic word problems there ("Tom has 3 apples and buys 4 more . How many apples does
 Tom have ?", answer "7"). The default reward is 1 when the last number of the response
 equals the row's `answer`. `--eval-data FILE --eval-every N` scores held-out prompts
-(same fields) every N iterations (eval/... keys in the metrics; graphrl.evaluation).
+(same fields) every N iterations (eval/... keys in the metrics; graphrl.evaluation);
+without --data and --eval-data it writes 64 problems the training file lacks there.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
-from word_problems import correct_answer, write_problems, write_tiny_llama  # noqa: E402
+from word_problems import (correct_answer, write_held_out, write_problems,  # noqa: E402
+                           write_tiny_llama)
 
 
 def answer_reward(response: str, answer: str) -> float:
@@ -35,10 +37,13 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
         tiny = run_dir / f"tiny-llama-seed{opts.seed}"
         policy = str(tiny if (tiny / "config.json").is_file()
                      else write_tiny_llama(tiny, seed=opts.seed))
-    data = opts.data
+    data, eval_data = opts.data, opts.eval_data
     if data is None:
         file = run_dir / "word_problems.jsonl"
         data = str(file if file.is_file() else write_problems(file))
+        if opts.eval_every and eval_data is None:   # 64 problems the run never trains on
+            held = run_dir / "word_problems_held_out.jsonl"
+            eval_data = str(held if held.is_file() else write_held_out(held, Path(data)))
     reward = gr.recipes.load_reward(opts.reward) if opts.reward else answer_reward
     return gr.recipes.text_grpo(policy, data, reward, batch=opts.batch_size or 16,
                                 group_size=8, max_new_tokens=opts.response_len or 4,
@@ -46,7 +51,7 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
                                 chat_template=opts.chat_template, prompt_len=opts.prompt_len,
                                 lr=3e-3, kl_coef=0.01, seed=opts.seed, iterations=400,
                                 reward_timeout=opts.reward_timeout,
-                                eval_data=opts.eval_data,
+                                eval_data=eval_data,
                                 evaluation=gr.evaluation.eval_options(opts))
 
 

@@ -42,6 +42,17 @@ def write_problems(path: Path, n: int = 2000, seed: int = 0) -> Path:
     return path
 
 
+def write_held_out(path: Path, train: Path, n: int = 64, seed: int = 1) -> Path:
+    """n problems whose prompt is not in the `train` file (held out for --eval-every)."""
+    seen = {json.loads(line)["prompt"] for line in train.read_text().splitlines() if line}
+    fresh = [p for p in problems(20 * n, seed) if p["prompt"] not in seen]
+    unique = list({p["prompt"]: p for p in fresh}.values())[:n]
+    if len(unique) < n:
+        raise ValueError(f"only {len(unique)} problems outside {train}; asked for {n}")
+    path.write_text("".join(json.dumps(p) + "\n" for p in unique))
+    return path
+
+
 def last_number(text: str) -> str | None:
     found = re.findall(r"-?\d+", text)
     return found[-1] if found else None

@@ -13,7 +13,7 @@ import torch
 import graphrl as gr
 from graphrl.cli import main
 from graphrl.evaluation import EVAL_EVERY, EvalOptions, eval_metrics, pass_at_k
-from word_problems import write_problems, write_tiny_llama
+from word_problems import write_held_out, write_problems, write_tiny_llama
 
 from conftest import EXAMPLES, load_build
 
@@ -57,16 +57,17 @@ def test_eval_metrics_on_hand_made_scores():
 
 
 # -- the eval step in the graph and the plan ----------------------------------------------
-def grpo(**eval_opts):
-    return load_build("grpo")(gr.RunOptions(batch_size=4, **eval_opts))
+def grpo(example="grpo", **eval_opts):
+    return load_build(example)(gr.RunOptions(batch_size=4, **eval_opts))
 
 
-def test_eval_step_is_in_the_graph_and_the_plan():
+@pytest.mark.parametrize("example", ["grpo", "ppo"])
+def test_eval_step_is_in_the_graph_and_the_plan(example):
     from graphrl.cluster import ClusterSpec
     from graphrl.compiler import compile_graph
     from graphrl.evaluation import describe
 
-    graph = grpo(eval_every=3, eval_samples=2, eval_greedy=True).program().graph
+    graph = grpo(example, eval_every=3, eval_samples=2, eval_greedy=True).program().graph
     evals = [n for n in graph.nodes if n.attr(EVAL_EVERY) == 3]
     assert [n.call for n in evals] == ["policy.generate", "task_score"] * 2
     train = graph.node("%policy@1")
@@ -75,7 +76,7 @@ def test_eval_step_is_in_the_graph_and_the_plan():
     assert [n.inputs for n in gens] == [("%policy@1", "%eval_prompts")] * 2
     assert [(n.attr("samples"), n.attr("temperature")) for n in gens] == [(2, 1.0), (1, 0.0)]
     assert gr.parse_graph(graph.text()) == graph
-    plain = grpo().program().graph   # the training part is the step without evaluation
+    plain = grpo(example).program().graph   # the training part: the step without eval
     assert [n for n in graph.nodes if n.attr(EVAL_EVERY) is None] == list(plain.nodes)
 
     plan = compile_graph(graph, ClusterSpec.parse("1x4xcpu"), "auto").plan
@@ -138,6 +139,13 @@ def test_text_run_writes_eval_rows(text_files, capsys):
         assert r["eval/greedy_pass@1"] == pytest.approx(r["eval/greedy_reward_mean"])
         assert 1 <= r["eval/response_length_mean"] <= 4
         assert "reward_mean" in r and "eval_rollout" not in json.dumps(r)
+
+
+def test_held_out_word_problems_are_not_training_prompts(tmp_path):
+    train = write_problems(tmp_path / "train.jsonl", n=500, seed=0)
+    held = write_held_out(tmp_path / "held.jsonl", train, n=16)
+    prompts = lambda f: [json.loads(x)["prompt"] for x in f.read_text().splitlines()]  # noqa: E731
+    assert len(set(prompts(held))) == 16 and not set(prompts(held)) & set(prompts(train))
 
 
 def test_plot_draws_eval_curves(tmp_path):
