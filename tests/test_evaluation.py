@@ -193,5 +193,11 @@ def test_bad_eval_options(tmp_path, capsys, text_files):
     assert "q.jsonl line 1" in line and "no field 'prompt'" in line
     with pytest.raises(gr.UsageError, match="--eval-every 0"):
         EvalOptions(every=0)
+    reward = lambda response, answer: 0.0  # noqa: E731
+    plain = gr.recipes.text_grpo(str(model), str(train), reward, batch=2, group_size=2)
+    with pytest.raises(gr.UsageError, match="does not evaluate"):
+        gr.run(plain, eval_every=1, quiet=True)
+    with pytest.raises(gr.UsageError, match="needs evaluation="):
+        gr.recipes.text_grpo(str(model), str(train), reward, eval_data=str(held))
     with pytest.raises(gr.UsageError, match="--staleness"):
         grpo(eval_every=1, staleness=1)
