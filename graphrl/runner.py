@@ -28,14 +28,15 @@ class RunSummary:
 
 
 def metrics_row(iteration: int, outputs: dict[str, Any], reward: str, seconds: float,
-                events: tuple[Event, ...]) -> dict[str, Any]:
+                events: tuple[Event, ...], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One iteration's metrics; outputs named in `skip` (an evaluation's) are left out."""
     row: dict[str, Any] = {"iteration": iteration,
                            "reward_mean": float(outputs[reward]["score"].double().mean()),
                            "step_seconds": round(seconds, 6)}
     for call, s in sorted(call_seconds(events).items()):
         row[f"seconds/{call}"] = round(s, 6)
     for name, payload in sorted(outputs.items()):
-        if name == reward or name in EVAL_OUTPUTS:   # eval rows: graphrl.evaluation
+        if name == reward or name in skip:
             continue
         if {"tokens", "attention_mask", "response_mask"} <= set(payload):
             row.update(token_counts(payload))
@@ -219,9 +220,11 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             if getattr(result, "warmup", False):
                 i += 1
                 continue
-            row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events)
+            evaluates = exp.evaluation is not None
+            row = metrics_row(i, result.outputs, exp.reward, result.seconds, result.events,
+                              EVAL_OUTPUTS if evaluates else ())
             check_finite(row, i, program.graph, exp.reward)
-            if exp.evaluation is not None and "eval_scores" in result.outputs:
+            if evaluates and "eval_scores" in result.outputs:   # graphrl.evaluation
                 row.update(eval_metrics(result.outputs, exp.evaluation.options))
             rows.append(row)
             events.extend(result.events)
