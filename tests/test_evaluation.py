@@ -141,6 +141,24 @@ def test_text_run_writes_eval_rows(text_files, capsys):
         assert "reward_mean" in r and "eval_rollout" not in json.dumps(r)
 
 
+def test_a_resumed_run_keeps_evaluating(text_files, tmp_path, capsys):
+    d, model, train, held = text_files
+    common = ["run", str(EXAMPLES / "text_grpo.py"), "--model", f"policy={model}", "--data",
+              str(train), "--eval-data", str(held), "--eval-every", "2", "--batch-size", "2",
+              "--quiet", "--run-dir", str(d), "--metrics", str(tmp_path / "m.jsonl")]
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2"]
+    assert main(common + ckpt + ["--iterations", "4"]) == 0, capsys.readouterr().err
+    halfway = str(tmp_path / "ck" / "ckpt-00000002")
+    assert main(common + ["--resume", halfway, "--iterations", "4"]) == 0, \
+        capsys.readouterr().err
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], "eval/pass@1" in r) for r in rows] == \
+        [(0, False), (1, True), (2, False), (3, True)]
+    line = error_line(capsys, common[:-2] + ["--resume", halfway, "--iterations", "4",
+                                             "--eval-every", "3"])
+    assert "written by another step" in line and "eval_every" in line
+
+
 def test_held_out_word_problems_are_not_training_prompts(tmp_path):
     train = write_problems(tmp_path / "train.jsonl", n=500, seed=0)
     held = write_held_out(tmp_path / "held.jsonl", train, n=16)
