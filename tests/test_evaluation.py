@@ -126,7 +126,7 @@ def test_text_run_writes_eval_rows(text_files, capsys):
     rc = main(["run", str(EXAMPLES / "text_grpo.py"), "--model", f"policy={model}",
                "--data", str(train), "--eval-data", str(held), "--eval-every", "2",
                "--eval-samples", "3", "--eval-greedy", "--iterations", "4", "--batch-size",
-               "2", "--metrics", str(metrics), "--quiet", "--run-dir", str(d)])
+               "2", "--metrics", str(metrics), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
@@ -145,7 +145,7 @@ def test_a_resumed_run_keeps_evaluating(text_files, tmp_path, capsys):
     d, model, train, held = text_files
     common = ["run", str(EXAMPLES / "text_grpo.py"), "--model", f"policy={model}", "--data",
               str(train), "--eval-data", str(held), "--eval-every", "2", "--batch-size", "2",
-              "--quiet", "--run-dir", str(d), "--metrics", str(tmp_path / "m.jsonl")]
+              "--quiet", "--metrics", str(tmp_path / "m.jsonl")]
     ckpt = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2"]
     assert main(common + ckpt + ["--iterations", "4"]) == 0, capsys.readouterr().err
     halfway = str(tmp_path / "ck" / "ckpt-00000002")
@@ -200,7 +200,7 @@ def test_bad_eval_options(tmp_path, capsys, text_files):
     assert "synthetic task" in error_line(capsys, ["show", grpo_py, "--eval-every", "1",
                                                    "--eval-data", str(held)])
     text = ["show", str(EXAMPLES / "text_grpo.py"), "--model", f"policy={model}", "--data",
-            str(train), "--run-dir", str(d), "--eval-every", "1"]
+            str(train), "--eval-every", "1"]
     assert "--eval-data FILE" in error_line(capsys, text)
     missing = error_line(capsys, text + ["--eval-data", str(tmp_path / "none.jsonl")])
     assert "--eval-data" in missing and "no such file" in missing
