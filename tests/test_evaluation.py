@@ -120,14 +120,17 @@ def text_files(tmp_path_factory):
     return d, model, train, held
 
 
-def test_text_run_writes_eval_rows(text_files, capsys):
+def test_text_run_writes_eval_rows(text_files, tmp_path, capsys):
+    """The eval rows of a text GRPO run, read back from its metrics file and from the
+    TensorBoard logger's event files."""
     d, model, train, held = text_files
-    metrics = d / "m.jsonl"
+    run_dir = tmp_path / "run"
     rc = main(["run", str(EXAMPLES / "text_grpo.py"), "--model", f"policy={model}",
                "--data", str(train), "--eval-data", str(held), "--eval-every", "2",
                "--eval-samples", "3", "--eval-greedy", "--iterations", "4", "--batch-size",
-               "2", "--metrics", str(metrics), "--quiet"])
+               "2", "--run-dir", str(run_dir), "--logger", "jsonl,tensorboard", "--quiet"])
     assert rc == 0, capsys.readouterr().err
+    metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert ["eval/pass@3" in r for r in rows] == [False, True, False, True]
@@ -139,6 +142,14 @@ def test_text_run_writes_eval_rows(text_files, capsys):
         assert r["eval/greedy_pass@1"] == pytest.approx(r["eval/greedy_reward_mean"])
         assert 1 <= r["eval/response_length_mean"] <= 4
         assert "reward_mean" in r and "eval_rollout" not in json.dumps(r)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("eval/pass@1", "eval/pass@3", "eval/greedy_pass@1", "eval/reward_mean"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert got == [(1, float(np.float32(rows[1][key]))),
+                       (3, float(np.float32(rows[3][key])))], key
 
 
 def test_a_resumed_run_keeps_evaluating(text_files, tmp_path, capsys):
