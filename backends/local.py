@@ -273,8 +273,8 @@ class LocalExecutor:
         if n.target == "train":
             import torch
 
-            loss = attrs.pop("loss")
-            names = sig.train_input_names(loss, len(data))
+            loss = self.program.loss(attrs.pop("loss"))
+            names = loss.input_names(len(data))
             if "staleness" in attrs:
                 from .async_steps import check_versions
 
@@ -289,7 +289,7 @@ class LocalExecutor:
             else:
                 stats = engine.train(dict(zip(names, data)), loss=loss, seed=seed, **attrs)
             return [WeightsToken(n.model, engine.version),
-                    {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}]
+                    {k: torch.tensor([float(stats[k])]) for k in loss.stats}]
         raise ExecutionError(f"node {n.name}: unknown method {n.target!r}")
 
     def _head_mask(self, rollout: Mapping[str, Any]) -> Any:

@@ -8,6 +8,7 @@ from .errors import (ExecutionError, GraphError, GraphRLError, GraphSyntaxError,
                      UsageError)
 from .experiment import Experiment, RunOptions
 from .graph import Graph, ModelDecl, Node, Placement, Value
+from .loss_def import LossDef, loss
 from .parallel import DeviceMesh, Strategy
 from .parser import parse_graph
 from .printer import print_graph
@@ -23,4 +24,4 @@ __all__ = ["data", "evaluation", "ops", "recipes", "rewards", "run", "signatures
            "GraphSyntaxError", "TraceError", "UsageError", "Experiment", "RunOptions", "Graph",
            "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
            "print_graph", "prompts_spec", "Model", "OpDef", "Program", "trace", "Field",
-           "ModelSpec", "PayloadSpec", "llama2", "verify_graph"]
+           "ModelSpec", "PayloadSpec", "llama2", "verify_graph", "LossDef", "loss"]

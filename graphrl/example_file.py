@@ -63,4 +63,21 @@ def check_roles(exp: Any, options: Any) -> None:
     exp.check_roles(options)
 
 
-__all__ = ["load_python_file", "load_example", "check_roles"]
+def load_loss(spec: str) -> Any:
+    """`FILE.py:NAME` -> the LossDef NAME defined in FILE (`--loss`)."""
+    from .loss_def import LossDef
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise UsageError(f"--loss {spec}: expected FILE.py:NAME")
+    module = load_python_file(path, f"--loss {spec}")
+    found = getattr(module, name, None)
+    if not isinstance(found, LossDef):
+        defined = [k for k, v in vars(module).items() if isinstance(v, LossDef)]
+        raise UsageError(f"--loss {spec}: {path} defines no loss {name!r}"
+                         f"{suggest(name, defined)} (losses there: "
+                         f"{', '.join(defined) or 'none'}; make one with @graphrl.loss)")
+    return found
+
+
+__all__ = ["load_python_file", "load_example", "check_roles", "load_loss"]

@@ -41,47 +41,8 @@ FORWARD_OUTPUT = {  # head -> (kind, fields, output name suffix)
     "score": (SCORES, (Field("score", "f32", per_token=False),), "scores"),
 }
 
-# loss -> (named inputs with their payload kinds, stats fields it reports)
-LOSSES: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
-    "ppo": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS), ("advantages", ADVANTAGES)),
-            ("loss", "clip_fraction", "approx_kl")),
-    "grpo": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS), ("ref_logprobs", LOGPROBS),
-              ("advantages", ADVANTAGES)),
-             ("loss", "clip_fraction", "kl")),
-    "value": ((("rollout", ROLLOUT), ("old_values", VALUES), ("returns", RETURNS)),
-              ("loss", "value_clip_fraction")),
-    # staleness-corrected forms the async rewrite (passes/staleness.py) substitutes:
-    # old_logprobs is the proximal policy, behaviour_logprobs the policy that generated
-    "ppo_decoupled": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS),
-                       ("behaviour_logprobs", LOGPROBS), ("advantages", ADVANTAGES),
-                       ("versions", VERSIONS)),
-                      ("loss", "clip_fraction", "approx_kl", "behaviour_weight",
-                       "behaviour_clip_fraction")),
-    "grpo_decoupled": ((("rollout", ROLLOUT), ("old_logprobs", LOGPROBS),
-                        ("ref_logprobs", LOGPROBS), ("behaviour_logprobs", LOGPROBS),
-                        ("advantages", ADVANTAGES), ("versions", VERSIONS)),
-                       ("loss", "clip_fraction", "kl", "behaviour_weight",
-                        "behaviour_clip_fraction")),
-}
-# loss -> its staleness-corrected form (passes/staleness.py)
-DECOUPLED = {"ppo": "ppo_decoupled", "grpo": "grpo_decoupled"}
-
-
-# Inputs a loss may go without: on-policy PPO/GRPO (one optimizer pass over the rollout,
-# epochs=1 and minibatches=1) take the train forward's own detached log-probs as the old
-# ones, so the ratio is exactly 1 and its gradient the policy gradient (as TRL's
-# GRPOTrainer does with num_iterations=1); this saves the old-log-prob forward.
-OPTIONAL_INPUTS = {"ppo": ("old_logprobs",), "grpo": ("old_logprobs",)}
-
-
-def train_input_names(loss: str, given: int) -> list[str]:
-    """The names of a train node's `given` data inputs, in order (optional ones left
-    out when fewer were given)."""
-    names = [name for name, _ in LOSSES[loss][0]]
-    optional = OPTIONAL_INPUTS.get(loss, ())
-    if given == len(names) - len(optional):
-        names = [n for n in names if n not in optional]
-    return names
+# The losses a train node optimises, with the payloads they take and the stats they
+# report, are LossDefs: graphrl/loss_def.py, the built-ins in graphrl/builtin_losses.py.
 
 
 def prompts_spec(batch: int, seq: int) -> PayloadSpec:
@@ -105,6 +66,6 @@ def versions_spec(batch: int, seq: int) -> PayloadSpec:
     return PayloadSpec(VERSIONS, batch, seq, (Field("version", "i64", per_token=False),))
 
 
-def stats_spec(loss: str) -> PayloadSpec:
-    return PayloadSpec(STATS, 1, 1, tuple(Field(n, "f32", per_token=False)
-                                          for n in LOSSES[loss][1]))
+def stats_spec(names: tuple[str, ...]) -> PayloadSpec:
+    """A train node's Stats payload: one f32 per stat its loss reports."""
+    return PayloadSpec(STATS, 1, 1, tuple(Field(n, "f32", per_token=False) for n in names))

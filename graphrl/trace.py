@@ -19,8 +19,11 @@ from typing import Any, Callable, Mapping
 
 from . import signatures as sig
 from .errors import TraceError, UsageError
+from .builtin_losses import BUILTIN
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
 from .hf_dir import is_model_dir, read_config
+from .loss_def import LossDef
+from .loss_def import resolve as resolve_loss
 from .model_checks import check_model_fields
 from .printer import format_attr
 from .train_options import check_train_options
@@ -111,11 +114,18 @@ class OpDef:
 
 @dataclass(frozen=True)
 class Program:
-    """A traced step: the Graph plus what runs it (models' engine settings, op kernels)."""
+    """A traced step: the Graph plus what runs it (models' engine settings, op kernels,
+    the losses its train nodes optimise)."""
 
     graph: Graph
     models: Mapping[str, Model]
     ops: Mapping[str, OpDef]
+    losses: Mapping[str, LossDef] = field(default_factory=dict)
+
+    def loss(self, name: str) -> LossDef:
+        """The loss a train node names: the step's own, or a built-in (a rewrite such as
+        passes/staleness may substitute a built-in the step did not name)."""
+        return resolve_loss(name, {**BUILTIN, **self.losses}, "train")
 
 
 class TracedValue:
@@ -193,6 +203,7 @@ class Tracer:
         self.weights: dict[str, str] = {}   # model -> value name of its current weights
         self.versions: dict[str, int] = {}
         self.ops: dict[str, OpDef] = {}
+        self.losses: dict[str, LossDef] = {}   # the losses the train calls use, by name
 
     # -- names and values -------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -285,14 +296,21 @@ class Tracer:
                             [f"Weights[{model.name}]", sig.ROLLOUT],
                             [(f"{model.name}_{suffix}", out)], ())[0]
 
-    def call_train(self, model: Model, *, loss: str, **kwargs: Any) -> TracedValue:
+    def call_train(self, model: Model, *, loss: Any, **kwargs: Any) -> TracedValue:
+        """`loss`: a built-in's name or a LossDef (@graphrl.loss); the call's payloads by
+        the loss's input names, its options and the loop's (epochs, minibatches)."""
         where = f"{model.name}.train"
-        if loss not in sig.LOSSES:
-            raise TraceError(f"{where}: unknown loss {loss!r} (known: {', '.join(sig.LOSSES)})")
-        wanted, _ = sig.LOSSES[loss]
-        check_train_options(where, loss, {k: v for k, v in kwargs.items()
-                                          if k not in dict(wanted)})
-        left_out = [k for k in sig.OPTIONAL_INPUTS.get(loss, ()) if k not in kwargs]
+        defn = resolve_loss(loss, {**BUILTIN, **self.losses}, where)
+        known = self.losses.get(defn.name) or BUILTIN.get(defn.name)
+        if known is not None and known is not defn:
+            raise TraceError(f"{where}: two different losses share the name {defn.name!r}"
+                             f" ({defn.where()} and {known.where()}); rename one")
+        wanted = defn.inputs
+        options = {k: v for k, v in kwargs.items() if k not in dict(wanted)}
+        if defn.prepare is not None:
+            options = defn.prepare(options)
+        check_train_options(where, defn, options)
+        left_out = [k for k in defn.optional if k not in kwargs]
         if left_out:
             passes = {k: kwargs.get(k, 1) for k in ("epochs", "minibatches")}
             if any(v != 1 for v in passes.values()):
@@ -303,20 +321,22 @@ class Tracer:
             wanted = tuple((k, t) for k, t in wanted if k not in left_out)
         missing = [k for k, _ in wanted if k not in kwargs]
         if missing:
-            raise TraceError(f"{where}: loss {loss!r} needs argument(s) {', '.join(missing)} "
+            raise TraceError(f"{where}: loss {defn.name!r} needs argument(s) "
+                             f"{', '.join(missing)} "
                              f"(it takes {', '.join(f'{k}: {t}' for k, t in wanted)})")
-        args = [self._check(f"{where} argument {k}", kwargs.pop(k), kind) for k, kind in wanted]
+        args = [self._check(f"{where} argument {k}", kwargs[k], kind) for k, kind in wanted]
         batches = {a.spec.batch for a in args}
         if len(batches) > 1:
             raise TraceError(f"{where}: payload mismatch: inputs disagree on batch size "
                              + ", ".join(f"{a.name}={a.spec.batch}" for a in args))
-        attrs = self._attrs(where, dict(kwargs, loss=loss))
+        attrs = self._attrs(where, dict(options, loss=defn.name))
+        self.losses[defn.name] = defn
         w = self._weights(model)
         version = self.versions[model.name] + 1
         outs = self._record(CALL, "train", model.name, [w] + args,
                             [f"Weights[{model.name}]"] + [k for _, k in wanted],
                             [(f"{model.name}@{version}", w.spec),
-                             (f"{model.name}_stats", sig.stats_spec(loss))], attrs)
+                             (f"{model.name}_stats", sig.stats_spec(defn.stats))], attrs)
         self.weights[model.name], self.versions[model.name] = outs[0].name, version
         return outs[1]
 
@@ -404,4 +424,4 @@ def trace(step: Callable[..., Any], models: list[Model], name: str | None = None
                 raise TraceError(f"step {name}: output name {key!r} is already a value")
             graph = _rename(graph, value.name, f"%{key}")
             tracer.names.add(f"%{key}")
-    return Program(verify_graph(graph), by_name, dict(tracer.ops))
+    return Program(verify_graph(graph), by_name, dict(tracer.ops), dict(tracer.losses))

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from graphrl import signatures as sig
+from graphrl.builtin_losses import BUILTIN, DECOUPLED
 from graphrl.errors import GraphError, UsageError
 from graphrl.graph import CALL, Graph, Node, Value
 
@@ -144,21 +145,28 @@ def _decoupled_train(g: Graph, n: Node, k: int, generated_by: dict[str, Node],
     own = [gen for gen in stale.values() if gen.model == n.model]
     if not own:
         return n
-    if loss not in sig.DECOUPLED:
+    if loss not in DECOUPLED:
         raise UsageError(f"--staleness {k}: {n.name} ({n.call}) trains {n.model} with loss "
                          f"{loss!r} on rollouts {n.model} generated {k} step(s) earlier; "
-                         f"only {', '.join(sig.DECOUPLED)} have a staleness-corrected form")
+                         f"only {', '.join(DECOUPLED)} have a staleness-corrected form")
     gen = own[0]
-    new_loss = sig.DECOUPLED[loss]
-    named = dict(zip([name for name, _ in sig.LOSSES[loss][0]], n.inputs[1:]))
+    new_loss = BUILTIN[DECOUPLED[loss]]
+    untaken = sorted(a for a in n.attr_dict if a not in ("loss", "epochs", "minibatches")
+                     and a not in new_loss.options)
+    if untaken:
+        raise UsageError(f"--staleness {k}: {n.name} ({n.call}) sets {', '.join(untaken)}, "
+                         f"which the staleness-corrected loss {new_loss.name!r} does not take "
+                         f"(it takes {', '.join(new_loss.options)})")
+    named = dict(zip([name for name, _ in BUILTIN[loss].inputs], n.inputs[1:]))
     named["behaviour_logprobs"] = last[gen.outputs[1].name]
     named["versions"] = last[gen.outputs[2].name]
-    wanted = sig.LOSSES[new_loss][0]
-    attrs = dict(n.attrs, loss=new_loss, staleness=k)
+    wanted = new_loss.inputs
+    attrs = dict(n.attrs, loss=new_loss.name, staleness=k)
     attrs.setdefault("behaviour_clip", BEHAVIOUR_CLIP)
     return replace(n, inputs=(n.inputs[0],) + tuple(named[name] for name, _ in wanted),
                    expects=(n.expects[0],) + tuple(kind for _, kind in wanted),
-                   outputs=(n.outputs[0], Value(n.outputs[1].name, sig.stats_spec(new_loss))),
+                   outputs=(n.outputs[0],
+                            Value(n.outputs[1].name, sig.stats_spec(new_loss.stats))),
                    attrs=tuple(sorted(attrs.items())))
 
 
@@ -212,7 +220,7 @@ def verify_staleness(g: Graph, k: int) -> Graph:
             raise GraphError(f"graph @{g.name}: node {n.name} ({n.call}) mixes inputs of "
                              "different steps: " + ", ".join(f"{i} ({a} old)"
                                                              for i, a in ages.items()), n.name)
-        if n.target == "train" and n.attr("loss") in sig.DECOUPLED.values():
+        if n.target == "train" and n.attr("loss") in DECOUPLED.values():
             if n.attr("staleness") != k:
                 raise GraphError(f"graph @{g.name}: node {n.name} ({n.call}) is marked "
                                  f"staleness={n.attr('staleness')}, the graph is rewritten "

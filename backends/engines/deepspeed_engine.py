@@ -204,14 +204,14 @@ class DeepSpeedEngine:
                          "generation runs on the HF engine after a reshard")
 
     # -- training -----------------------------------------------------------------------
-    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: Any, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: Any = None,
               **hyper: Any) -> dict[str, float]:
         """HFEngine.train's minibatches (train_loop.train_epochs); each rank its slice."""
         self.ds.train()
         self.hf.module.eval()   # no dropout (as HFEngine); DeepSpeed's train() flag only
         stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
-                             minibatches=minibatches,
+                             minibatches=minibatches, options=hyper,
                              step=lambda fn, idx: self._minibatch(fn, inputs, idx, hyper))
         self.version += 1
         return stats
@@ -229,7 +229,7 @@ class DeepSpeedEngine:
             self.ds.set_train_batch_size(m * self.dp)
         self.ran_micro_batches = m
         mbs = micro_batches(self.decl.name, inputs, mine, m, self.hf._to)
-        weights = loss_weights(mbs, self._dp_sum)
+        weights = loss_weights(mbs, self._dp_sum, loss_fn.measure)
         sums = WeightedStats()
         summed = None
         for i, mb in enumerate(mbs):

@@ -31,7 +31,7 @@ from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
 from .hf_classes import hf_class, inference_config
 from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
-from .train_loop import TwoParts, micro_batches, rank_share, train_epochs
+from .train_loop import TwoParts, bind_loss, micro_batches, rank_share, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
 
@@ -316,7 +316,7 @@ class HFEngine:
                                                weight_decay=o["weight_decay"])
         return self.optimizer
 
-    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: Any, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,
               part: str = "", **hyper: Any) -> dict[str, float]:
         """Optimise `loss` over `epochs` passes of `minibatches` random minibatches
@@ -328,7 +328,8 @@ class HFEngine:
         (train_loop.TwoParts: "head" accumulates the first part's gradient, "rest" adds
         the second's, each weighted by its share of the loss tokens, and steps)."""
         opt = self._optimizer()
-        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches)
+        bound = bind_loss(self.decl.name, loss, hyper)
+        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches, bound.measure)
 
         def step(loss_fn: Callable[..., Any], idx: torch.Tensor) -> Mapping[str, float]:
             share = 1.0
@@ -338,7 +339,8 @@ class HFEngine:
                     raise UsageError(f"{self.decl.name}.train: minibatch of {idx.numel()} "
                                      f"does not split into {ranks} equal data-parallel parts")
                 # ranks' parts may hold unequal loss tokens (responses of varied lengths)
-                share = rank_share(inputs, idx.chunk(ranks)[rank], idx, ranks)
+                share = rank_share(inputs, idx.chunk(ranks)[rank], idx, ranks,
+                                   bound.measure)
                 idx = idx.chunk(ranks)[rank]
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
             with torch.enable_grad():
@@ -359,7 +361,7 @@ class HFEngine:
             opt.step()
             return stats
 
-        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
+        stats = train_epochs(self.decl.name, inputs, loss=bound, seed=seed, epochs=epochs,
                              minibatches=minibatches, step=step)
         if part != "head":
             self.version += 1

@@ -48,8 +48,8 @@ from graphrl.graph import ModelDecl
 from graphrl.parallel import GROUP_KINDS, megatron_groups  # noqa: F401  (re-export)
 
 from .base import fit_micro_batches, move_module_and_optimizer
-from .train_loop import (TwoParts, WeightedStats, loss_weights, micro_batches, split_rows,
-                         train_epochs)
+from .train_loop import (TwoParts, WeightedStats, bind_loss, loss_weights, micro_batches,
+                         split_rows, train_epochs)
 from .hf import DEFAULTS, build_module, last_index, resolve_device, seed_for
 from .megatron_arch import BiasedColumn, BiasedRow, read_architecture, rope_inv_freq
 from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
@@ -449,7 +449,7 @@ class MegatronEngine:
             for _, p in params:
                 p.grad.mul_(coef)
 
-    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: str, seed: int = 0,
+    def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: Any, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: Any = None, part: str = "",
               **hyper: Any) -> dict[str, float]:
         """HFEngine.train's minibatches (train_loop.train_epochs: the same seeded
@@ -457,14 +457,15 @@ class MegatronEngine:
         the whole batch (`shard` is ignored: the engine knows its dp rank). `part`: a
         batch in two calls with one optimizer step (train_loop.TwoParts)."""
         self._optimizer()
-        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches)
+        bound = bind_loss(self.decl.name, loss, hyper)
+        parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches, bound.measure)
 
         def step(loss_fn: Callable, idx: torch.Tensor) -> dict[str, float]:
             stats = self._train_minibatch(loss_fn, inputs, idx, hyper, parts)
             self._optimizer().zero_grad(set_to_none=True)
             return stats
 
-        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
+        stats = train_epochs(self.decl.name, inputs, loss=bound, seed=seed, epochs=epochs,
                              minibatches=minibatches, step=step)
         if part != "head":
             self.version += 1
@@ -483,7 +484,7 @@ class MegatronEngine:
         m = self.ran_micro_batches = fit_micro_batches(mine.numel(), self.micro_batches)
         mbs = micro_batches(self.decl.name, inputs, mine, m)
         fed = sorted(k for k in inputs if "tokens" in inputs[k])   # what the loss forwards
-        weights = loss_weights(mbs, self._dp_sum)
+        weights = loss_weights(mbs, self._dp_sum, loss_fn.measure)
         stat_sums = WeightedStats()
         seq = inputs[fed[0]]["tokens"].shape[1]
         rows = mine.numel() // m

@@ -6,9 +6,11 @@ averages the losses' stats over the minibatches; an engine supplies only what it
 with one minibatch (`step`). Engines that split a minibatch (over data-parallel ranks
 and into micro-batches) use `split_rows`, `micro_batches` and `loss_weights`: each
 micro-batch's loss is weighted by its share of the minibatch's loss tokens (response
-tokens for masked-mean losses, rows for pairwise ones; `base.loss_tokens`), so the
-summed gradient equals the gradient of the whole minibatch's loss, and `WeightedStats`
-sums the stats with the same weights.
+tokens for token-mean losses, rows for per-sequence means and pairwise ones: the
+loss's `measure`, graphrl/loss_def.py), so the summed gradient equals the gradient of
+the whole minibatch's loss, and `WeightedStats` sums the stats with the same weights.
+A loss is a LossDef (or a built-in's name); `bind_loss` fixes a call's options, checks
+each value it returns (loss_def.LossDef.run) and gives the measure.
 """
 from __future__ import annotations
 
@@ -18,18 +20,46 @@ import torch
 
 from graphrl.errors import UsageError
 
-from ..losses import LOSS_FUNCTIONS
+from graphrl.builtin_losses import BUILTIN
+from graphrl.loss_def import LossDef
+
 from .base import loss_tokens
 
 Inputs = Mapping[str, Mapping[str, Any]]
 Reduce = Callable[[torch.Tensor], None]     # an in-place sum over ranks (all_reduce)
 
 
-def loss_function(model: str, loss: str) -> Callable[..., Any]:
-    if loss not in LOSS_FUNCTIONS:
+Measure = Callable[[Mapping[str, Mapping[str, Any]]], float]
+
+
+def loss_function(model: str, loss: Any) -> LossDef:
+    """A train call's loss: a LossDef, or a built-in's name."""
+    if isinstance(loss, LossDef):
+        return loss
+    if not isinstance(loss, str) or loss not in BUILTIN:
         raise UsageError(f"model {model}: unknown loss {loss!r} "
-                         f"(known: {', '.join(LOSS_FUNCTIONS)})")
-    return LOSS_FUNCTIONS[loss]
+                         f"(known: {', '.join(BUILTIN)}; or a LossDef)")
+    return BUILTIN[loss]
+
+
+class BoundLoss:
+    """A loss with a train call's options: `loss_fn(forward, mb, **options)` as the
+    engines call it (each value checked: LossDef.run), and `measure(mb)`, the share of a
+    minibatch's loss that payloads `mb` carry (LossDef.measure)."""
+
+    def __init__(self, model: str, loss: Any, options: Mapping[str, Any]):
+        self.defn = loss.defn if isinstance(loss, BoundLoss) else loss_function(model, loss)
+        self.options = dict(options)
+
+    def __call__(self, forward: Any, mb: Inputs, **options: Any) -> tuple[Any, dict]:
+        return self.defn.run(forward, mb, options)
+
+    def measure(self, mb: Inputs) -> float:
+        return self.defn.measure(mb, self.options)
+
+
+def bind_loss(model: str, loss: Any, options: Mapping[str, Any]) -> BoundLoss:
+    return loss if isinstance(loss, BoundLoss) else BoundLoss(model, loss, options)
 
 
 def batch_rows(inputs: Inputs) -> int:
@@ -49,16 +79,19 @@ def minibatch_indices(model: str, n: int, *, seed: int, epochs: int,
         yield from torch.randperm(n, generator=gen).chunk(minibatches)
 
 
-def train_epochs(model: str, inputs: Inputs, *, loss: str, seed: int, epochs: int,
-                 minibatches: int, step: Callable[[Callable[..., Any], torch.Tensor],
-                                                  Mapping[str, float]]) -> dict[str, float]:
+def train_epochs(model: str, inputs: Inputs, *, loss: Any, seed: int, epochs: int,
+                 minibatches: int, step: Callable[[BoundLoss, torch.Tensor],
+                                                  Mapping[str, float]],
+                 options: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Run `step(loss_fn, minibatch_rows)` (one optimizer step, returning the loss's
-    stats) on every minibatch; the stats averaged over the minibatches."""
-    loss_fn = loss_function(model, loss)
-    if loss in ("ppo", "grpo") and "old_logprobs" not in inputs and epochs * minibatches > 1:
-        raise UsageError(f"{model}.train: loss {loss!r} without old_logprobs (on-policy) "
-                         f"needs one optimizer pass, got epochs={epochs}, "
-                         f"minibatches={minibatches}")
+    stats) on every minibatch; the stats averaged over the minibatches. `loss`: a
+    BoundLoss, a LossDef or a built-in's name (then bound to `options`)."""
+    loss_fn = bind_loss(model, loss, options or {})
+    left_out = [k for k in loss_fn.defn.optional if k not in inputs]
+    if left_out and epochs * minibatches > 1:
+        raise UsageError(f"{model}.train: loss {loss_fn.defn.name!r} without "
+                         f"{', '.join(left_out)} (on-policy) needs one optimizer pass, got "
+                         f"epochs={epochs}, minibatches={minibatches}")
     totals: dict[str, float] = {}
     count = 0
     for idx in minibatch_indices(model, batch_rows(inputs), seed=seed, epochs=epochs,
@@ -87,10 +120,11 @@ def micro_batches(model: str, inputs: Inputs, rows: torch.Tensor, count: int,
 
 
 def loss_weights(mbs: list[Mapping[str, Mapping[str, Any]]],
-                 reduce: Reduce | None = None) -> torch.Tensor:
-    """Each micro-batch's share of the minibatch's loss tokens (float64); `reduce` sums
-    the total over the data-parallel ranks that hold the minibatch's other parts."""
-    weights = torch.tensor([loss_tokens(mb) for mb in mbs], dtype=torch.float64)
+                 reduce: Reduce | None = None, measure: Measure = loss_tokens) -> torch.Tensor:
+    """Each micro-batch's share of the minibatch's loss (float64) by `measure` (the
+    loss's: BoundLoss.measure); `reduce` sums the total over the data-parallel ranks
+    that hold the minibatch's other parts."""
+    weights = torch.tensor([measure(mb) for mb in mbs], dtype=torch.float64)
     total = weights.sum().clone()
     if reduce is not None:
         reduce(total)
@@ -98,25 +132,19 @@ def loss_weights(mbs: list[Mapping[str, Mapping[str, Any]]],
 
 
 def rank_share(inputs: Inputs, rows: torch.Tensor, minibatch: torch.Tensor,
-               ranks: int) -> float:
+               ranks: int, measure: Measure = loss_tokens) -> float:
     """The factor on a data-parallel rank's mean loss (and its stats) over `rows` so that
     the ranks' gradients, averaged (DDP, FSDP), are the gradient of the whole
-    `minibatch`'s loss: `ranks` x the rank's share of the minibatch's loss tokens
-    (base.loss_tokens: response tokens, else rows). 1 where every rank holds as many."""
-    def tokens(idx: torch.Tensor) -> float:
-        r = inputs.get("rollout")
-        if r is not None and "response_mask" in r:
-            return float(r["response_mask"][idx].sum())
-        return float(idx.numel())
-    return ranks * tokens(rows) / max(tokens(minibatch), 1.0)
+    `minibatch`'s loss: `ranks` x the rank's share of the minibatch's loss by `measure`
+    (the loss's: response tokens or rows). 1 where every rank holds as many."""
+    def share(idx: torch.Tensor) -> float:
+        return measure({k: {f: t[idx] for f, t in p.items()} for k, p in inputs.items()})
+    return ranks * share(rows) / max(share(minibatch), 1.0)
 
 
-def part_tokens(inputs: Inputs) -> float:
-    """The loss tokens of a train call's whole batch (base.loss_tokens' measure)."""
-    r = inputs.get("rollout")
-    if r is not None and "response_mask" in r:
-        return float(r["response_mask"].sum())
-    return float(batch_rows(inputs))
+def part_tokens(inputs: Inputs, measure: Measure = loss_tokens) -> float:
+    """A train call's whole batch by `measure` (the loss's: response tokens or rows)."""
+    return float(measure(inputs))
 
 
 class TwoParts:
@@ -138,7 +166,7 @@ class TwoParts:
 
     @classmethod
     def begin(cls, engine: Any, part: str, inputs: Inputs, seed: int,
-              passes: int) -> "TwoParts | None":
+              passes: int, measure: Measure = loss_tokens) -> "TwoParts | None":
         if not part:
             return None
         name = engine.decl.name
@@ -151,7 +179,7 @@ class TwoParts:
         engine._head_part = None
         if part == "rest" and (carried is None or carried[0] != seed):
             raise UsageError(f"{name}.train: part='rest' without its head part (seed {seed})")
-        return cls(engine, part, seed, part_tokens(inputs), carried)
+        return cls(engine, part, seed, part_tokens(inputs, measure), carried)
 
     def _total(self) -> float:
         return max(self.carried[1] + self.tokens, 1.0)
@@ -204,6 +232,6 @@ class WeightedStats:
         return dict(zip(names, vec.tolist()))
 
 
-__all__ = ["train_epochs", "loss_function", "batch_rows", "minibatch_indices", "split_rows",
+__all__ = ["train_epochs", "loss_function", "BoundLoss", "bind_loss", "batch_rows", "minibatch_indices", "split_rows",
            "micro_batches", "loss_weights", "part_tokens", "rank_share", "TwoParts",
            "WeightedStats"]

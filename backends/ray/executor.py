@@ -53,7 +53,7 @@ from graphrl.trace import Program
 from .assign import Group, assign_engines, dispatch_order, split_rows
 from .group import GRACE_S, RankGroup, WorkerError, gather
 from .report import ReshardRecord, predicted_call_seconds, summary_lines
-from .specs import CallSpec, InputSpec, Stamp
+from .specs import CallSpec, InputSpec, Stamp, with_loss
 from .stream_calls import (LATER_PARTS, check_streams, push_before_head, skip_push,
                            stream_head, stream_tails)
 from .head_parts import HEAD_PART, issue_head_parts, run_rest, split_host_op
@@ -361,6 +361,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
 
             versions = self._resolve(env[n.inputs[-1]], n.inputs[-1])
             check_versions(n, {"versions": versions}, token.version, int(n.attr("staleness")))
+        if n.target == "train":
+            attrs = with_loss(attrs, self.program)
         common = dict(node=n.name, call=n.call, model=n.model, method=n.target, engine=key,
                       attrs=attrs, seed=seed, iteration=iteration, output=out_spec)
         results, stamps, bounds, used = [], [], [], []

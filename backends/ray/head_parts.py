@@ -31,7 +31,7 @@ from graphrl.errors import ExecutionError, OpError
 from graphrl.graph import Node
 from graphrl.stream_train import HEAD_PART
 
-from .specs import CallSpec, InputSpec
+from .specs import CallSpec, InputSpec, with_loss
 
 
 def _state(ex: Any) -> dict[str, Any]:
@@ -106,8 +106,9 @@ def _issue_train(ex: Any, n: Node, payloads: list[Mapping[str, Any]], index: Any
     vals = [make_value(local={f: t[index] for f, t in p.items()}) for p in payloads]
     for v in vals:
         ex._to_refs(v)
-    attrs = tuple((k, v) for k, v in n.attrs if k not in ("behaviour", "staleness",
-                                                          HEAD_PART)) + (("part", part),)
+    attrs = with_loss(tuple((k, v) for k, v in n.attrs
+                            if k not in ("behaviour", "staleness", HEAD_PART)),
+                      ex.program) + (("part", part),)
     results, stamps = [], []
     for i, rank in enumerate(ranks):
         cs = CallSpec(node=n.name, call=n.call, model=n.model, method="train", engine=key,
@@ -208,7 +209,6 @@ def run_train_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int,
     """A `head_part` train at the step after its batch's head: the rest of the rows and
     the optimizer step (its head part too where no valid early part exists); the whole
     batch at once where the engine or the data-parallel split cannot take parts."""
-    from graphrl import signatures as sig
     from graphrl.backends.local import WeightsToken
     from graphrl.backends.stream_parts import (cut_and_samples, head_mask, parts_of,
                                                stream_source)
@@ -216,7 +216,7 @@ def run_train_rest(ex: Any, n: Node, env: dict[str, Any], iteration: int,
     key = ex.engines.node_engine[n.name]
     token = ex._weights(n, env, key)
     payloads = [ex._resolve(env[i], i) for i in n.inputs[1:]]
-    named = dict(zip(sig.train_input_names(n.attr("loss"), len(payloads)), payloads))
+    named = dict(zip(ex.program.loss(n.attr("loss")).input_names(len(payloads)), payloads))
     a, b = parts_of(head_mask(named["rollout"], *cut_and_samples(stream_source(ex.graph))))
     early = _state(ex)["done"].pop(n.name, None)
     dp = n.placement.strategy.dp

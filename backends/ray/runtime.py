@@ -30,6 +30,7 @@ from graphrl import signatures as sig
 from graphrl.errors import UsageError
 from graphrl.types import PayloadSpec
 
+from ..engines.train_loop import loss_function
 from .specs import CallSpec, EngineSpec, Stamp
 from .worker import RankWorker
 
@@ -225,11 +226,11 @@ class ExecWorker(RankWorker):
             lo, hi = spec.rows or (0, spec.total)
             out = engine.forward(_rows(rollout, lo - first, hi - first))
         elif spec.method == "train":
-            loss = attrs.pop("loss")
-            names = sig.train_input_names(loss, len(data))
+            loss = loss_function(spec.model, attrs.pop("loss"))   # the driver's LossDef
+            names = loss.input_names(len(data))
             stats = engine.train(dict(zip(names, (d for d, _ in data))), loss=loss,
                                  seed=spec.seed, shard=spec.shard, **attrs)
-            out = {k: torch.tensor([float(stats[k])]) for k in sig.LOSSES[loss][1]}
+            out = {k: torch.tensor([float(stats[k])]) for k in loss.stats}
         else:
             raise UsageError(f"node {spec.node}: unknown method {spec.method!r}")
         from graphrl.engines import degrees_text
@@ -240,8 +241,8 @@ class ExecWorker(RankWorker):
     def _noop(self, spec: CallSpec, engine: NoopEngine) -> Any:
         if spec.method == "train":
             engine.version += 1
-            loss = dict(spec.attrs)["loss"]
-            return {k: torch.zeros(1) for k in sig.LOSSES[loss][1]}
+            loss = loss_function(spec.model, dict(spec.attrs)["loss"])
+            return {k: torch.zeros(1) for k in loss.stats}
         lo, hi = spec.rows or (0, spec.total)
         samples = int(dict(spec.attrs).get("samples", 1)) if spec.method == "generate" else 1
         return zeros_payload(spec.output, (hi - lo) * samples)

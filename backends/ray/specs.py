@@ -69,5 +69,11 @@ class Stamp:
     nbytes: int = 0
     ran: str = ""               # the engine and degrees that ran it (engines.degrees_text)
 
+def with_loss(attrs: tuple[tuple[str, Any], ...], program: Any) -> tuple[tuple[str, Any], ...]:
+    """A train call's attributes with its loss's name replaced by the LossDef itself
+    (graphrl/loss_def.py): the actor runs the step's own loss, a user's included (pickled
+    by value when its file is not importable there), with no registry to look it up in."""
+    return tuple((k, program.loss(v) if k == "loss" else v) for k, v in attrs)
 
-__all__ = ["EngineSpec", "InputSpec", "CallSpec", "Stamp"]
+
+__all__ = ["EngineSpec", "InputSpec", "CallSpec", "Stamp", "with_loss"]
