@@ -42,6 +42,22 @@ def old_logprobs(mb: MB, new_lp: Any) -> Any:
     return new_lp.detach() if old is None else old["logprobs"]
 
 
+def token_inputs(forward: Forward, mb: MB, *names: str) -> tuple:
+    """(mask, the forward's per-token output, then each named input's per-token field),
+    every one exactly 0 at masked positions (loss_math.masked): whatever a prompt or
+    padding position holds (inf, NaN, a log-ratio whose exp overflows) reaches neither
+    the loss nor its gradient, through any nonlinearity."""
+    mask = mb["rollout"]["response_mask"]
+    fields = {"old_logprobs": "logprobs", "ref_logprobs": "logprobs",
+              "behaviour_logprobs": "logprobs", "advantages": "advantages",
+              "old_values": "values", "returns": "returns"}
+    out = [lm.masked(forward(mb["rollout"]), mask)]
+    for name in names:
+        p = mb.get(name)
+        out.append(None if p is None else lm.masked(p[fields[name]], mask))
+    return (mask, *out)
+
+
 def clip_bounds(o: Mapping[str, Any]) -> tuple[float, float]:
     """(low, high) of the clip range: clip_high None means the same as clip."""
     low = float(o["clip"])
@@ -97,9 +113,9 @@ def pg_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any,
     return loss_value, lm.clip_fraction(ratio, mask, low, high), ratio
 
 
-def kl_term(new_lp: Any, mb: MB, mask: Any, o: Mapping[str, Any]) -> Any:
+def kl_term(new_lp: Any, ref_lp: Any, mask: Any, o: Mapping[str, Any]) -> Any:
     """The KL-to-reference term, aggregated as the surrogate is."""
-    per_token = lm.kl_estimate(new_lp, mb["ref_logprobs"]["logprobs"], o["kl_estimator"])
+    per_token = lm.kl_estimate(new_lp, ref_lp, o["kl_estimator"])
     return lm.aggregate(per_token, mask, o["aggregation"], float(o["norm_length"]))
 
 
@@ -110,11 +126,9 @@ def kl_term(new_lp: Any, mb: MB, mask: Any, o: Mapping[str, Any]) -> Any:
       prepare=split_clip)
 def ppo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) and its variants (options)."""
-    mask = mb["rollout"]["response_mask"]
-    new_lp = forward(mb["rollout"])
-    old_lp = old_logprobs(mb, new_lp)
-    value, clip_frac, _ = pg_surrogate(new_lp, old_lp, mb["advantages"]["advantages"],
-                                       mask, o)
+    mask, new_lp, old, adv = token_inputs(forward, mb, "old_logprobs", "advantages")
+    old_lp = new_lp.detach() if old is None else old
+    value, clip_frac, _ = pg_surrogate(new_lp, old_lp, adv, mask, o)
     approx_kl = lm.masked_mean(old_lp - new_lp.detach(), mask)
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(),
                    "approx_kl": approx_kl.item()}
@@ -129,17 +143,17 @@ def grpo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     """GRPO (Shao et al. 2024, eq. 3): the clipped surrogate plus kl_coef times a KL
     estimator to the reference (k3 by default); with options, DAPO's, Dr. GRPO's and
     GSPO's variants (docs/algorithms.md)."""
-    mask = mb["rollout"]["response_mask"]
-    new_lp = forward(mb["rollout"])
-    surrogate, clip_frac, _ = pg_surrogate(new_lp, old_logprobs(mb, new_lp),
-                                           mb["advantages"]["advantages"], mask, o)
-    kl = kl_term(new_lp, mb, mask, o)
+    mask, new_lp, old, ref, adv = token_inputs(forward, mb, "old_logprobs", "ref_logprobs",
+                                               "advantages")
+    surrogate, clip_frac, _ = pg_surrogate(new_lp, new_lp.detach() if old is None else old,
+                                           adv, mask, o)
+    kl = kl_term(new_lp, ref, mask, o)
     value = surrogate + o["kl_coef"] * kl
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
 
 
-def _decoupled_surrogate(new_lp: Any, mb: MB, mask: Any, clip: float,
-                         behaviour_clip: float) -> tuple:
+def _decoupled_surrogate(new_lp: Any, prox_lp: Any, behav_lp: Any, adv: Any, mask: Any,
+                         clip: float, behaviour_clip: float) -> tuple:
     """AReaL's decoupled PPO objective (Fu et al. 2025, "AReaL", arXiv 2505.24298, §5.2,
     eq. 5): the clipped surrogate is taken against the *proximal* policy (old_logprobs:
     the weights the trainer holds at this step) and each token is weighted by
@@ -150,11 +164,9 @@ def _decoupled_surrogate(new_lp: Any, mb: MB, mask: Any, clip: float,
     proximal) the weight is 1 and this is PPO's clipped surrogate."""
     import torch
 
-    prox_lp = mb["old_logprobs"]["logprobs"]
-    raw = torch.exp(lm.masked(prox_lp - mb["behaviour_logprobs"]["logprobs"], mask))
+    raw = torch.exp(prox_lp - behav_lp)
     weight = torch.clamp(raw, max=behaviour_clip)
-    ratio = torch.exp(lm.masked(new_lp - prox_lp, mask))
-    adv = mb["advantages"]["advantages"]
+    ratio = torch.exp(new_lp - prox_lp)
     per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv)
     loss_value = -lm.masked_mean(weight * per_token, mask)
     stats = {"clip_fraction": lm.clip_fraction(ratio, mask, clip, clip).item(),
@@ -176,10 +188,10 @@ DECOUPLED_STATS = ("clip_fraction", "behaviour_weight", "behaviour_clip_fraction
 def ppo_decoupled(forward: Forward, mb: MB, *, clip: float,
                   behaviour_clip: float) -> tuple[Any, dict[str, float]]:
     """PPO on stale rollouts: the decoupled objective (see _decoupled_surrogate)."""
-    mask = mb["rollout"]["response_mask"]
-    new_lp = forward(mb["rollout"])
-    value, stats = _decoupled_surrogate(new_lp, mb, mask, clip, behaviour_clip)
-    approx_kl = lm.masked_mean(mb["old_logprobs"]["logprobs"] - new_lp.detach(), mask)
+    mask, new_lp, prox, behav, adv = token_inputs(forward, mb, "old_logprobs",
+                                                  "behaviour_logprobs", "advantages")
+    value, stats = _decoupled_surrogate(new_lp, prox, behav, adv, mask, clip, behaviour_clip)
+    approx_kl = lm.masked_mean(prox - new_lp.detach(), mask)
     return value, {"loss": value.item(), "approx_kl": approx_kl.item(), **stats}
 
 
@@ -192,10 +204,11 @@ def grpo_decoupled(forward: Forward, mb: MB, *, clip: float, kl_coef: float,
                    behaviour_clip: float) -> tuple[Any, dict[str, float]]:
     """GRPO on stale rollouts: the decoupled surrogate (see _decoupled_surrogate) plus
     kl_coef times the k3 KL estimator to the reference, as in grpo."""
-    mask = mb["rollout"]["response_mask"]
-    new_lp = forward(mb["rollout"])
-    surrogate, stats = _decoupled_surrogate(new_lp, mb, mask, clip, behaviour_clip)
-    kl = lm.masked_mean(lm.kl_estimate(new_lp, mb["ref_logprobs"]["logprobs"], "k3"), mask)
+    mask, new_lp, prox, ref, behav, adv = token_inputs(
+        forward, mb, "old_logprobs", "ref_logprobs", "behaviour_logprobs", "advantages")
+    surrogate, stats = _decoupled_surrogate(new_lp, prox, behav, adv, mask, clip,
+                                            behaviour_clip)
+    kl = lm.masked_mean(lm.kl_estimate(new_lp, ref, "k3"), mask)
     value = surrogate + kl_coef * kl
     return value, {"loss": value.item(), "kl": kl.item(), **stats}
 
@@ -208,9 +221,7 @@ def value(forward: Forward, mb: MB, *, value_clip: float) -> tuple[Any, dict[str
     of the new value and of the old value moved by at most value_clip."""
     import torch
 
-    mask = mb["rollout"]["response_mask"]
-    new_v = forward(mb["rollout"])
-    old_v, ret = mb["old_values"]["values"], mb["returns"]["returns"]
+    mask, new_v, old_v, ret = token_inputs(forward, mb, "old_values", "returns")
     clipped = old_v + torch.clamp(new_v - old_v, -value_clip, value_clip)
     err = torch.maximum((new_v - ret) ** 2, (clipped - ret) ** 2)
     loss_value = 0.5 * lm.masked_mean(err, mask)

@@ -81,8 +81,18 @@ class LossDef:
         return names
 
     def resolved(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The options with defaults filled in (only the loss's own)."""
-        return {**self.options, **{k: v for k, v in options.items() if k in self.options}}
+        """The options (as `prepare` writes them) with defaults filled in (only the
+        loss's own)."""
+        given = self.prepare(dict(options)) if self.prepare else options
+        return {**self.options, **{k: v for k, v in given.items() if k in self.options}}
+
+    def _strict(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        given = self.prepare(dict(options)) if self.prepare else options
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise UsageError(f"{self.where()}: unknown option(s) {', '.join(unknown)} "
+                             f"(it takes {', '.join(self.options) or 'none'})")
+        return self.resolved(given)
 
     def weight_of(self, options: Mapping[str, Any]) -> str:
         w = self.weight(self.resolved(options)) if callable(self.weight) else self.weight
@@ -100,22 +110,15 @@ class LossDef:
                  **options: Any) -> tuple[Any, dict[str, float]]:
         """The loss and its stats (options not given take their defaults; one it does
         not declare is an error, never ignored)."""
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise UsageError(f"{self.where()}: unknown option(s) {', '.join(unknown)} "
-                             f"(it takes {', '.join(self.options) or 'none'})")
-        return self.fn(forward, mb, **self.resolved(options))
+        return self.fn(forward, mb, **self._strict(options))
 
     def run(self, forward: Any, mb: Mapping[str, Mapping[str, Any]],
             options: Mapping[str, Any]) -> tuple[Any, dict[str, float]]:
         """Call the function; LossFailed naming the loss when it raises or returns a
         loss that is not finite (nothing is trained on it)."""
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise UsageError(f"{self.where()}: unknown option(s) {', '.join(unknown)} "
-                             f"(it takes {', '.join(self.options) or 'none'})")
+        resolved = self._strict(options)
         try:
-            value, stats = self.fn(forward, mb, **self.resolved(options))
+            value, stats = self.fn(forward, mb, **resolved)
         except Exception as e:  # noqa: BLE001  the user's code: name it, keep the cause
             raise LossFailed(f"{self.where()} raised {type(e).__name__}: {e}") from e
         if not math.isfinite(float(value.detach())):
