@@ -6,6 +6,7 @@ run it. `import graphrl` imports neither torch nor ray; backends load them when 
 from . import data, evaluation, ops, recipes, rewards, signatures
 from .errors import (ExecutionError, GraphError, GraphRLError, GraphSyntaxError, TraceError,
                      UsageError)
+from .example_file import load_loss
 from .experiment import Experiment, RunOptions
 from .graph import Graph, ModelDecl, Node, Placement, Value
 from .loss_def import LossDef, loss
@@ -24,4 +25,4 @@ __all__ = ["data", "evaluation", "ops", "recipes", "rewards", "run", "signatures
            "GraphSyntaxError", "TraceError", "UsageError", "Experiment", "RunOptions", "Graph",
            "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
            "print_graph", "prompts_spec", "Model", "OpDef", "Program", "trace", "Field",
-           "ModelSpec", "PayloadSpec", "llama2", "verify_graph", "LossDef", "loss"]
+           "ModelSpec", "PayloadSpec", "llama2", "verify_graph", "LossDef", "loss", "load_loss"]

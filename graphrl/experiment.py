@@ -40,6 +40,7 @@ class RunOptions:
     save: str | None = None              # write the trained models here (HF directories)
     reward: str | None = None            # FILE.py:FUNCTION, a reward over text
     reward_timeout: float | None = None  # seconds one reward call may take (None: 60)
+    loss: str | None = None              # FILE.py:NAME, a @graphrl.loss for the policy
     run_dir: str | None = None           # the run directory (graphrl.run_dir); examples
                                          # write what they generate there (default runs/)
     overwrite: bool = False              # --metrics may replace an earlier run's file

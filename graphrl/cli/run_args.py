@@ -68,6 +68,10 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--reward-timeout", type=positive_seconds, metavar="SECONDS",
                    help="the longest one call of the reward function may take before the "
                         "run stops with an error naming it and the data row (default 60)")
+    p.add_argument("--loss", metavar="FILE.py:NAME",
+                   help="the policy loss: a loss declared with @graphrl.loss in FILE (FILE "
+                        "runs as Python), for examples that take one (grpo.py, gspo.py; "
+                        "docs/algorithms.md)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="a folder holding the whole run: config.json (every option, model "
                         "and data hashes, versions, the plan; rerun it with graphrl run "
@@ -186,6 +190,7 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       chat_template=getattr(ns, "chat_template", False),
                       save=getattr(ns, "save", None), reward=getattr(ns, "reward", None),
                       reward_timeout=getattr(ns, "reward_timeout", None),
+                      loss=getattr(ns, "loss", None),
                       run_dir=getattr(ns, "run_dir", None),
                       loggers=getattr(ns, "loggers", ("jsonl",)),
                       checkpoint_dir=getattr(ns, "checkpoint_dir", None),
