@@ -118,12 +118,21 @@ class LossDef:
         loss that is not finite (nothing is trained on it)."""
         resolved = self._strict(options)
         try:
-            value, stats = self.fn(forward, mb, **resolved)
+            out = self.fn(forward, mb, **resolved)
         except Exception as e:  # noqa: BLE001  the user's code: name it, keep the cause
             raise LossFailed(f"{self.where()} raised {type(e).__name__}: {e}") from e
+        value, stats = out if isinstance(out, tuple) and len(out) == 2 else (None, None)
+        if not hasattr(value, "detach") or getattr(value, "dim", lambda: 1)() != 0 \
+                or not isinstance(stats, Mapping):
+            raise LossFailed(f"{self.where()} must return (scalar loss tensor, stats dict), "
+                             f"got {type(out).__name__}")
+        missing = [k for k in self.stats if k not in stats]
+        if missing:
+            raise LossFailed(f"{self.where()} returned stats without "
+                             f"{', '.join(missing)} (it declares {', '.join(self.stats)})")
         if not math.isfinite(float(value.detach())):
-            raise LossFailed(f"{self.where()} returned a non-finite loss ({float(value)}); "
-                             "no update was made")
+            raise LossFailed(f"{self.where()} returned a non-finite loss "
+                             f"({float(value.detach())}); no update was made")
         return value, stats
 
 
