@@ -42,7 +42,7 @@ def test_user_loss_trains_as_the_builtin_with_its_formula():
     sa = a.train(batch, loss=user, seed=0, epochs=2, minibatches=2, clip=0.1)
     sb = b.train(batch, loss="ppo", seed=0, epochs=2, minibatches=2, clip=0.1,
                  aggregation="seq-mean-token-mean")
-    assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and "ratio_max" in sa
+    assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and "ratio_mean" in sa
     wa, wb = a.export_weights(), b.export_weights()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
@@ -57,9 +57,9 @@ def test_user_loss_runs_in_the_example_on_the_local_backend():
     program = exp.program()
     train = next(n for n in program.graph.nodes if n.target == "train")
     assert train.attr("loss") == "seq_mean_pg" and program.losses["seq_mean_pg"].weight == "rows"
-    assert [f.name for f in train.outputs[1].spec.fields] == ["loss", "ratio_max"]
+    assert [f.name for f in train.outputs[1].spec.fields] == ["loss", "ratio_mean"]
     summary = run_experiment(exp, opts, out=io.StringIO())
-    assert all("policy_stats/ratio_max" in row for row in summary.rows)
+    assert all("policy_stats/ratio_mean" in row for row in summary.rows)
 
 
 def test_a_nan_loss_stops_naming_the_loss_its_file_and_the_iteration():

@@ -10,7 +10,7 @@ from graphrl.signatures import ADVANTAGES, LOGPROBS, ROLLOUT
 
 @gr.loss("seq_mean_pg", inputs=(("rollout", ROLLOUT), ("old_logprobs", LOGPROBS),
                                 ("advantages", ADVANTAGES)),
-         stats=("loss", "ratio_max"), options={"clip": 0.2}, weight="rows")
+         stats=("loss", "ratio_mean"), options={"clip": 0.2}, weight="rows")
 def seq_mean_pg(forward, mb, *, clip):
     mask = mb["rollout"]["response_mask"] > 0
     zero = torch.zeros(())
@@ -21,7 +21,10 @@ def seq_mean_pg(forward, mb, *, clip):
     obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     per_seq = torch.where(mask, obj, zero).sum(1) / mask.sum(1).clamp(min=1)
     loss = -per_seq.mean()
-    return loss, {"loss": loss.item(), "ratio_max": ratio[mask].max().item()}
+    # stats are averaged over micro-batches and ranks with the loss's weight (rows here):
+    # a per-sequence mean, as the loss is, so the average is the whole minibatch's
+    ratio_mean = (torch.where(mask, ratio, zero).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return loss, {"loss": loss.item(), "ratio_mean": ratio_mean.item()}
 
 
 @gr.loss("broken_loss", inputs=(("rollout", ROLLOUT), ("old_logprobs", LOGPROBS),
