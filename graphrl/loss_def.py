@@ -159,13 +159,14 @@ def loss(name: str, *, inputs: Any, stats: Any = ("loss",),
     return wrap
 
 
-def resolve(loss: Any, known: Mapping[str, LossDef], where: str) -> LossDef:
-    """A train call's loss: a LossDef as is, or a name among `known` (TraceError with a
+def resolve(loss: Any, known: Mapping[str, LossDef], where: str,
+            error: type[Exception] = TraceError) -> LossDef:
+    """A train call's loss: a LossDef as is, or a name among `known` (`error` with a
     suggestion otherwise)."""
     if isinstance(loss, LossDef):
         return loss
     if not isinstance(loss, str) or loss not in known:
-        raise TraceError(f"{where}: unknown loss {loss!r} (known: {', '.join(known)}; "
+        raise error(f"{where}: unknown loss {loss!r} (known: {', '.join(known)}; "
                          f"or pass a loss made with @graphrl.loss){suggest(loss, known)}")
     return known[loss]
 

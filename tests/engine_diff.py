@@ -4,7 +4,11 @@ spawned gloo processes (tests/test_engine_megatron.py, test_engine_deepspeed.py)
 Each rank builds the engine under test and an HFEngine on the same seeded weights, runs a
 forward and several optimizer steps (2 epochs x 2 minibatches, lr 1e-2) on the same
 batch, and rank 0 writes what it measured (max abs differences) to a JSON file.
-Response masks have unequal lengths per row, so micro-batch weighting matters.
+Response masks have unequal lengths per row, so micro-batch weighting matters. The lm
+head trains a user's loss from its own file (tests/data/user_loss.py: PPO's surrogate as
+a per-sequence mean, weighted by rows), so every engine runs a loss it did not ship with,
+through the LossDef path the built-ins take too, and the rows measure is what weights its
+micro-batches, data-parallel ranks and two-part trains.
 """
 from __future__ import annotations
 
@@ -49,10 +53,19 @@ def batch(head: str, ref: Any) -> tuple[dict, str]:
     if head == "lm":
         return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
                  "old_logprobs": {"logprobs": out + 0.01 * torch.randn(B, S, generator=g)},
-                 "advantages": {"advantages": torch.randn(B, S, generator=g)}}, "ppo")
+                 "advantages": {"advantages": torch.randn(B, S, generator=g)}}, user_loss())
     return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
              "old_values": {"values": out},
              "returns": {"returns": torch.randn(B, S, generator=g)}}, "value")
+
+
+def user_loss() -> Any:
+    """tests/data/user_loss.py's seq_mean_pg, loaded as `--loss` loads it."""
+    from pathlib import Path
+
+    from graphrl.example_file import load_loss
+
+    return load_loss(f"{Path(__file__).parent / 'data' / 'user_loss.py'}:seq_mean_pg")
 
 
 def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:

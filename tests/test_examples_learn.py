@@ -39,3 +39,10 @@ def test_reward_rises_with_staleness_1(example, reward_models):
     first, last = summary.reward_window(True), summary.reward_window(False)
     assert last - first >= 0.15, f"{example} staleness 1: first5 {first:.3f} last5 {last:.3f}"
     assert len(summary.rows) == 60 and summary.rows[0]["iteration"] == 1
+
+
+@pytest.mark.parametrize("seed", [11, 23])
+def test_gspo_reward_rises(seed, tmp_path, reward_models):
+    """examples/gspo.py (GSPO's sequence-level ratio and clip ranges, docs/algorithms.md)
+    learns as the others do: the same +0.15 bar on both seeds."""
+    test_reward_rises("gspo", seed, tmp_path, reward_models)

@@ -13,7 +13,7 @@ pytest.importorskip("ray")
 pytest.importorskip("torch")
 
 import graphrl as gr  # noqa: E402
-from common import llama_config, prompt_data, task_score  # noqa: E402
+from test_user_loss import policy_only  # noqa: E402
 from graphrl.backends.local import LocalExecutor  # noqa: E402
 from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
@@ -21,29 +21,6 @@ from graphrl.runner import run_experiment  # noqa: E402
 
 USER = str(Path(__file__).parent / "data" / "user_loss.py")
 PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3}}
-
-
-def policy_only(loss: gr.LossDef) -> gr.Experiment:
-    """GRPO's step on the synthetic task with the policy alone (the task's rule-based
-    score as reward; fewer engines for Ray to build), trained with `loss`."""
-    from common import TASK
-
-    score = task_score(TASK)
-
-    def step(prompts, policy):
-        rollout = policy.generate(prompts, max_new_tokens=TASK.response_len, samples=2)
-        old = policy.forward(rollout)
-        task = score(rollout)
-        adv = gr.ops.group_advantages(rollout, task, group_size=2)
-        return {"task_score": task,
-                "policy_stats": policy.train(loss=loss, rollout=rollout, old_logprobs=old,
-                                             advantages=adv, epochs=2, minibatches=2)}
-
-    policy = gr.Model("policy", llama_config(hidden=32, layers=1), role="policy",
-                      trainable=True, options={"lr": 2e-3}, precision="fp32")
-    return gr.Experiment("user_loss_step", step, (policy,),
-                         {"prompts": gr.prompts_spec(4, TASK.prompt_len)},
-                         prompt_data(TASK, 4, 0), reward="task_score", iterations=2)
 
 
 def test_user_loss_on_ray_equals_local(ray_session):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import graphrl as gr
+from common import llama_config, prompt_data, task_score
 from conftest import load_build
 from graphrl.backends.engines.hf import HFEngine
 from graphrl.errors import ExecutionError, TraceError, UsageError
@@ -45,6 +46,45 @@ def test_user_loss_trains_as_the_builtin_with_its_formula():
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and "ratio_mean" in sa
     wa, wb = a.export_weights(), b.export_weights()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def policy_only(loss: gr.LossDef) -> gr.Experiment:
+    """GRPO's step on the synthetic task with the policy alone (the task's rule-based
+    score as reward; fewer engines for Ray to build), trained with `loss`."""
+    from common import TASK
+
+    score = task_score(TASK)
+
+    def step(prompts, policy):
+        rollout = policy.generate(prompts, max_new_tokens=TASK.response_len, samples=2)
+        old = policy.forward(rollout)
+        task = score(rollout)
+        adv = gr.ops.group_advantages(rollout, task, group_size=2)
+        return {"task_score": task,
+                "policy_stats": policy.train(loss=loss, rollout=rollout, old_logprobs=old,
+                                             advantages=adv, epochs=2, minibatches=2)}
+
+    policy = gr.Model("policy", llama_config(hidden=32, layers=1), role="policy",
+                      trainable=True, options={"lr": 2e-3}, precision="fp32")
+    return gr.Experiment("user_loss_step", step, (policy,),
+                         {"prompts": gr.prompts_spec(4, TASK.prompt_len)},
+                         prompt_data(TASK, 4, 0), reward="task_score", iterations=2)
+
+
+def test_a_user_loss_is_priced_as_the_builtin_on_the_same_payloads():
+    """The cost model prices a train node from its payloads and strategy, whatever its
+    loss: the same plan and predicted seconds for the user's loss and for ppo."""
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+
+    def train_timing(loss):
+        plan = compile_graph(policy_only(loss).program().graph, ClusterSpec.parse("1x4xcpu"),
+                             "auto").plan
+        n = next(n for n in plan.graph.nodes if n.target == "train")
+        return n.placement, n.timing
+
+    user = train_timing(gr.load_loss(f"{USER}:seq_mean_pg"))
+    assert user[1] is not None and user == train_timing("ppo")
 
 
 def _grpo(loss: str, **kw):

@@ -21,7 +21,7 @@ import torch
 from graphrl.errors import UsageError
 
 from graphrl.builtin_losses import BUILTIN
-from graphrl.loss_def import LossDef
+from graphrl.loss_def import LossDef, resolve
 
 from .base import loss_tokens
 
@@ -34,12 +34,7 @@ Measure = Callable[[Mapping[str, Mapping[str, Any]]], float]
 
 def loss_function(model: str, loss: Any) -> LossDef:
     """A train call's loss: a LossDef, or a built-in's name."""
-    if isinstance(loss, LossDef):
-        return loss
-    if not isinstance(loss, str) or loss not in BUILTIN:
-        raise UsageError(f"model {model}: unknown loss {loss!r} "
-                         f"(known: {', '.join(BUILTIN)}; or a LossDef)")
-    return BUILTIN[loss]
+    return resolve(loss, BUILTIN, f"model {model}", UsageError)
 
 
 class BoundLoss:
