@@ -53,6 +53,7 @@ def load_example(path: str) -> Callable[[Any], Any]:
             raise UsageError(f"{path}: build(options) returned {type(exp).__name__}, "
                              "expected a graphrl Experiment")
         check_roles(exp, options)
+        check_loss_used(exp, options, path)
         return exp.with_precision(options)
     checked_build.__doc__ = build.__doc__
     return checked_build
@@ -61,6 +62,16 @@ def load_example(path: str) -> Callable[[Any], Any]:
 def check_roles(exp: Any, options: Any) -> None:
     """--model, --model-size and --model-config may only name the example's models."""
     exp.check_roles(options)
+
+
+def check_loss_used(exp: Any, options: Any, path: str) -> None:
+    """--loss FILE.py:NAME must reach a train call: an example that ignores it would
+    train another objective than the one asked for."""
+    spec = getattr(options, "loss", None)
+    if spec and spec.rpartition(":")[2] not in exp.program().losses:
+        raise UsageError(f"--loss {spec}: {path} trains no loss named "
+                         f"{spec.rpartition(':')[2]!r} (it does not take --loss; "
+                         "examples/grpo.py does)")
 
 
 def load_loss(spec: str) -> Any:
@@ -80,4 +91,4 @@ def load_loss(spec: str) -> Any:
     return found
 
 
-__all__ = ["load_python_file", "load_example", "check_roles", "load_loss"]
+__all__ = ["load_python_file", "load_example", "check_roles", "load_loss", "check_loss_used"]

@@ -122,8 +122,9 @@ def test_bad_loss_specs_and_missing_inputs_are_clear_errors(tmp_path):
         "import graphrl as gr\nfrom graphrl.signatures import ROLLOUT, VALUES\n"
         "@gr.loss('needs_values', inputs=(('rollout', ROLLOUT), ('values', VALUES)))\n"
         "def needs_values(forward, mb):\n    return forward(mb['rollout']).sum(), {}\n")
-    exp, _ = _grpo(f"{needs_values}:needs_values")
     with pytest.raises(TraceError, match="loss 'needs_values' needs argument.s. values"):
-        exp.program()
+        _grpo(f"{needs_values}:needs_values")
+    with pytest.raises(UsageError, match="ppo.py trains no loss named 'seq_mean_pg'"):
+        load_build("ppo")(gr.RunOptions(loss=f"{USER}:seq_mean_pg"))
     with pytest.raises(UsageError, match="weight='sequences'"):
         gr.loss("x", inputs=(("rollout", "Rollout"),), weight="sequences")(lambda f, mb: 0)
