@@ -261,3 +261,26 @@ def test_two_losses_with_one_name_are_refused():
     other = gr.loss("ppo", inputs=BUILTIN["ppo"].inputs)(lambda f, mb: None)
     with pytest.raises(TraceError, match="two different losses share the name 'ppo'"):
         _trace({}, loss=other)
+
+
+def test_a_loss_that_raises_or_returns_garbage_names_itself():
+    from graphrl.loss_def import LossFailed
+    from graphrl.signatures import ROLLOUT
+
+    def make(name, fn, **kw):
+        return gr.loss(name, inputs=(("rollout", ROLLOUT),), **kw)(fn)
+
+    forward = lambda r: torch.zeros(()) + 1.0  # noqa: E731
+    cases = [(make("raises", lambda f, mb: mb["nope"]), r"raised KeyError: 'nope'"),
+             (make("scalar", lambda f, mb: 1.0), r"must return \(scalar loss tensor, stats"),
+             (make("nostats", lambda f, mb: (f(mb["rollout"]), {}), stats=("loss", "kl")),
+              r"returned stats without loss, kl"),
+             (make("inf", lambda f, mb: (f(mb["rollout"]) * float("inf"), {"loss": 0.0})),
+              r"returned a non-finite loss \(inf\); no update was made")]
+    for loss_def, needle in cases:
+        with pytest.raises(LossFailed, match=rf"loss '{loss_def.name}' \(.*test_losses.py\) "
+                                             + needle):
+            loss_def.run(forward, batch(), {})
+    with pytest.raises(gr.UsageError,
+                       match=r"loss 'ppo' \(.*builtin_losses.py\): unknown option\(s\) cilp"):
+        BUILTIN["ppo"].run(forward, batch(), {"cilp": 0.1})
