@@ -302,7 +302,7 @@ class Tracer:
         where = f"{model.name}.train"
         defn = resolve_loss(loss, {**BUILTIN, **self.losses}, where)
         known = self.losses.get(defn.name) or BUILTIN.get(defn.name)
-        if known is not None and known is not defn:
+        if known is not None and known != defn:
             raise TraceError(f"{where}: two different losses share the name {defn.name!r}"
                              f" ({defn.where()} and {known.where()}); rename one")
         wanted = defn.inputs
