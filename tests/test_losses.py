@@ -207,6 +207,13 @@ def test_masked_positions_never_reach_the_loss_or_its_gradient(bad):
         assert value.item() == pytest.approx(clean_value.item(), rel=1e-6)
         assert torch.allclose(grad, clean_grad)
         assert stats == pytest.approx(clean_stats)
+    # the clipped value loss: bad values and returns at masked positions change nothing
+    values = {"old_values": {"values": torch.where(MASK > 0, REF, bad)},
+              "returns": {"returns": torch.where(MASK > 0, OLD, bad)}}
+    clean = {"old_values": {"values": REF}, "returns": {"returns": OLD}}
+    got = [run("value", mb={**batch(new=new), **v}, new=new) for v in (values, clean)]
+    assert torch.isfinite(got[0][1]).all() and torch.equal(got[0][0], got[1][0])
+    assert torch.allclose(got[0][1], got[1][1]) and got[0][2] == got[1][2]
     x = torch.tensor([1.0, bad, 3.0])
     assert lm.masked_mean(x, torch.tensor([1.0, 0.0, 1.0])).item() == 2.0
     assert lm.masked_mean(x, torch.zeros(3)).item() == 0.0
