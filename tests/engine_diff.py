@@ -4,11 +4,12 @@ spawned gloo processes (tests/test_engine_megatron.py, test_engine_deepspeed.py)
 Each rank builds the engine under test and an HFEngine on the same seeded weights, runs a
 forward and several optimizer steps (2 epochs x 2 minibatches, lr 1e-2) on the same
 batch, and rank 0 writes what it measured (max abs differences) to a JSON file.
-Response masks have unequal lengths per row, so micro-batch weighting matters. The lm
-head trains a user's loss from its own file (tests/data/user_loss.py: PPO's surrogate as
-a per-sequence mean, weighted by rows), so every engine runs a loss it did not ship with,
-through the LossDef path the built-ins take too, and the rows measure is what weights its
-micro-batches, data-parallel ranks and two-part trains.
+Response masks have unequal lengths per row, so micro-batch weighting matters. In fp32
+the lm head trains a user's loss from its own file (tests/data/user_loss.py: PPO's
+surrogate as a per-sequence mean, weighted by rows), so every engine runs a loss it did
+not ship with, through the LossDef path the built-ins take too, and the rows measure is
+what weights its micro-batches, data-parallel ranks and two-part trains; in bf16 the
+built-in ppo (token-weighted), with which the bf16 tolerances were measured.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def tiny_decl(family: str, head: str, precision: str = "fp32") -> Any:
     return ModelDecl("m", spec, "policy", True)
 
 
-def batch(head: str, ref: Any) -> tuple[dict, str]:
+def batch(head: str, ref: Any, eng: Any = None) -> tuple[dict, Any]:
     import torch
 
     g = torch.Generator().manual_seed(1)
@@ -53,7 +54,9 @@ def batch(head: str, ref: Any) -> tuple[dict, str]:
     if head == "lm":
         return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
                  "old_logprobs": {"logprobs": out + 0.01 * torch.randn(B, S, generator=g)},
-                 "advantages": {"advantages": torch.randn(B, S, generator=g)}}, user_loss())
+                 "advantages": {"advantages": torch.randn(B, S, generator=g)}},
+                "ppo" if eng is not None and eng.degrees()["precision"] == "bf16"
+                else user_loss())
     return ({"rollout": {"tokens": toks, "attention_mask": att, "response_mask": mask},
              "old_values": {"values": out},
              "returns": {"returns": torch.randn(B, S, generator=g)}}, "value")
@@ -71,7 +74,7 @@ def user_loss() -> Any:
 def compare(eng: Any, ref: Any, head: str) -> dict[str, float]:
     import torch
 
-    inputs, loss = batch(head, ref)
+    inputs, loss = batch(head, ref, eng)
     start = ref.export_weights()
     fed = next(p for p in inputs.values() if "tokens" in p)
     fed = {k: fed[k] for k in ("tokens", "attention_mask")}
@@ -242,7 +245,7 @@ def two_parts(eng: Any, ref: Any, head: str) -> dict[str, float]:
     """A one-pass train given in two calls (train_loop.TwoParts: part="head", then
     "rest") against the reference's one call on the whole batch: the update's relative
     error and the loss's."""
-    inputs, loss = batch(head, ref)
+    inputs, loss = batch(head, ref, eng)
     n = next(iter(next(iter(inputs.values())).values())).shape[0]
     halves = [slice(0, n // 2), slice(n // 2, n)]
     start = ref.export_weights()
