@@ -4,10 +4,10 @@ the terms of graphrl/loss_math.py; this module re-exports them for the engines."
 from __future__ import annotations
 
 from graphrl.builtin_losses import (BUILTIN, bradley_terry, forward_each, grpo,
-                                    grpo_decoupled, old_logprobs, ppo, ppo_decoupled, value)
+                                    grpo_decoupled, ppo, ppo_decoupled, value)
 from graphrl.loss_math import masked_mean
 
 LOSS_FUNCTIONS = dict(BUILTIN)
 
-__all__ = ["LOSS_FUNCTIONS", "masked_mean", "forward_each", "old_logprobs", "ppo", "grpo",
+__all__ = ["LOSS_FUNCTIONS", "masked_mean", "forward_each", "ppo", "grpo",
            "value", "bradley_terry", "ppo_decoupled", "grpo_decoupled"]

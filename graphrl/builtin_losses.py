@@ -36,12 +36,6 @@ def forward_each(forward: Forward, *payloads: Any) -> list[Any]:
     return list(many(payloads)) if many is not None else [forward(p) for p in payloads]
 
 
-def old_logprobs(mb: MB, new_lp: Any) -> Any:
-    """The old log-probs of the ratio: the given ones, or on-policy the new ones detached."""
-    old = mb.get("old_logprobs")
-    return new_lp.detach() if old is None else old["logprobs"]
-
-
 def token_inputs(forward: Forward, mb: MB, *names: str) -> tuple:
     """(mask, the forward's per-token output, then each named input's per-token field),
     every one exactly 0 at masked positions (loss_math.masked): whatever a prompt or
@@ -101,16 +95,18 @@ def pg_weight(o: Mapping[str, Any]) -> str:
 
 
 def pg_surrogate(new_lp: Any, old_lp: Any, adv: Any, mask: Any,
-                 o: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """(loss, clip fraction, per-token ratio) of the clipped policy-gradient surrogate
-    with the options `o` (loss_math.clipped_objective, log_ratio, aggregate)."""
+                 o: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(loss, clip fraction) of the clipped policy-gradient surrogate with the options
+    `o` (loss_math.clipped_objective, log_ratio, aggregate); old_lp None: on-policy, the
+    new log-probs detached."""
     import torch
 
     low, high = clip_bounds(o)
+    old_lp = new_lp.detach() if old_lp is None else old_lp
     ratio = torch.exp(lm.log_ratio(new_lp, old_lp, mask, o["ratio"]))
     obj = lm.clipped_objective(ratio, adv, low, high, float(o["dual_clip"]))
     loss_value = -lm.aggregate(obj, mask, o["aggregation"], float(o["norm_length"]))
-    return loss_value, lm.clip_fraction(ratio, mask, low, high), ratio
+    return loss_value, lm.clip_fraction(ratio, mask, low, high)
 
 
 def kl_term(new_lp: Any, ref_lp: Any, mask: Any, o: Mapping[str, Any]) -> Any:
@@ -128,7 +124,7 @@ def ppo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) and its variants (options)."""
     mask, new_lp, old, adv = token_inputs(forward, mb, "old_logprobs", "advantages")
     old_lp = new_lp.detach() if old is None else old
-    value, clip_frac, _ = pg_surrogate(new_lp, old_lp, adv, mask, o)
+    value, clip_frac = pg_surrogate(new_lp, old_lp, adv, mask, o)
     approx_kl = lm.masked_mean(old_lp - new_lp.detach(), mask)
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(),
                    "approx_kl": approx_kl.item()}
@@ -145,8 +141,7 @@ def grpo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     GSPO's variants (docs/algorithms.md)."""
     mask, new_lp, old, ref, adv = token_inputs(forward, mb, "old_logprobs", "ref_logprobs",
                                                "advantages")
-    surrogate, clip_frac, _ = pg_surrogate(new_lp, new_lp.detach() if old is None else old,
-                                           adv, mask, o)
+    surrogate, clip_frac = pg_surrogate(new_lp, old, adv, mask, o)
     kl = kl_term(new_lp, ref, mask, o)
     value = surrogate + o["kl_coef"] * kl
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
@@ -178,12 +173,12 @@ def _decoupled_surrogate(new_lp: Any, prox_lp: Any, behav_lp: Any, adv: Any, mas
 
 DECOUPLED_INPUTS = (("behaviour_logprobs", sig.LOGPROBS), ("advantages", sig.ADVANTAGES),
                     ("versions", sig.VERSIONS))
-DECOUPLED_STATS = ("clip_fraction", "behaviour_weight", "behaviour_clip_fraction")
+DECOUPLED_STATS = ("behaviour_weight", "behaviour_clip_fraction")
 
 
 @loss("ppo_decoupled",
       inputs=(("rollout", sig.ROLLOUT), ("old_logprobs", sig.LOGPROBS), *DECOUPLED_INPUTS),
-      stats=("loss", "clip_fraction", "approx_kl", *DECOUPLED_STATS[1:]),
+      stats=("loss", "clip_fraction", "approx_kl", *DECOUPLED_STATS),
       options={"clip": 0.2, "behaviour_clip": 2.0})
 def ppo_decoupled(forward: Forward, mb: MB, *, clip: float,
                   behaviour_clip: float) -> tuple[Any, dict[str, float]]:
@@ -198,7 +193,7 @@ def ppo_decoupled(forward: Forward, mb: MB, *, clip: float,
 @loss("grpo_decoupled",
       inputs=(("rollout", sig.ROLLOUT), ("old_logprobs", sig.LOGPROBS),
               ("ref_logprobs", sig.LOGPROBS), *DECOUPLED_INPUTS),
-      stats=("loss", "clip_fraction", "kl", *DECOUPLED_STATS[1:]),
+      stats=("loss", "clip_fraction", "kl", *DECOUPLED_STATS),
       options={"clip": 0.2, "kl_coef": 0.04, "behaviour_clip": 2.0})
 def grpo_decoupled(forward: Forward, mb: MB, *, clip: float, kl_coef: float,
                    behaviour_clip: float) -> tuple[Any, dict[str, float]]:
@@ -248,6 +243,6 @@ BUILTIN: Mapping[str, LossDef] = {d.name: d for d in (ppo, grpo, value, bradley_
 # loss -> its staleness-corrected form (passes/staleness.py)
 DECOUPLED = {"ppo": "ppo_decoupled", "grpo": "grpo_decoupled"}
 
-__all__ = ["BUILTIN", "DECOUPLED", "forward_each", "old_logprobs", "pg_surrogate", "kl_term",
+__all__ = ["BUILTIN", "DECOUPLED", "forward_each", "token_inputs", "pg_surrogate", "kl_term",
            "clip_bounds", "split_clip", "check_pg", "ppo", "grpo", "value", "bradley_terry",
            "ppo_decoupled", "grpo_decoupled"]
