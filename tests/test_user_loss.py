@@ -19,9 +19,9 @@ from graphrl.runner import run_experiment
 USER = str(Path(__file__).parent / "data" / "user_loss.py")
 
 
-def tiny() -> gr.ModelDecl:
-    return gr.ModelDecl("m", gr.ModelSpec("llama", 16, 32, 1, 2, 2, 64, 32, "lm"),
-                        "policy", True)
+def tiny(dtype: str = "bf16") -> gr.ModelDecl:
+    return gr.ModelDecl("m", gr.ModelSpec("llama", 16, 32, 1, 2, 2, 64, 32, "lm",
+                                          dtype=dtype), "policy", True)
 
 
 def test_user_loss_trains_as_the_builtin_with_its_formula():
@@ -46,6 +46,33 @@ def test_user_loss_trains_as_the_builtin_with_its_formula():
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5) and "ratio_mean" in sa
     wa, wb = a.export_weights(), b.export_weights()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def test_user_loss_on_the_fast_engine_trains_like_hf():
+    """The fast engine's fused forward (Llama) feeds a user's loss as HF's forward does:
+    the same losses and weights after 2 epochs x 2 minibatches (fp32: both exact to
+    float rounding)."""
+    from graphrl.backends.engines.registry import create_engine
+
+    user = gr.load_loss(f"{USER}:seq_mean_pg")
+    hf = HFEngine(tiny("fp32"), {}, seed=0)
+    fast = create_engine("fast", tiny("fp32"), {}, "cpu", 0)
+    assert fast.fused_forward
+    fast.load_weights(hf.export_weights())
+    start = hf.export_weights()
+    r = hf.generate({"tokens": torch.randint(0, 16, (4, 3), generator=torch.Generator()
+                                             .manual_seed(0))},
+                    max_new_tokens=5, samples=2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    batch = {"rollout": r, "old_logprobs": {"logprobs": hf.forward(r)["logprobs"]},
+             "advantages": {"advantages": torch.randn(8, 8, generator=g)}}
+    s1 = hf.train(batch, loss=user, seed=0, epochs=2, minibatches=2)
+    s2 = fast.train(batch, loss=user, seed=0, epochs=2, minibatches=2)
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-5)
+    wa, wb = hf.export_weights(), fast.export_weights()
+    diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa]).norm()
+    moved = torch.cat([(wa[k] - start[k]).flatten() for k in wa]).norm()
+    assert diff < 1e-3 * moved, (float(diff), float(moved))
 
 
 def policy_only(loss: gr.LossDef) -> gr.Experiment:
