@@ -15,6 +15,7 @@ Policy losses' options (docs/algorithms.md lists them with TRL's and verl's name
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from . import loss_math as lm
@@ -238,10 +239,12 @@ def bradley_terry(forward: Forward, mb: MB) -> tuple[Any, dict[str, float]]:
                         "accuracy": (margin > 0).float().mean().item()}
 
 
-BUILTIN: Mapping[str, LossDef] = {d.name: d for d in (ppo, grpo, value, bradley_terry,
-                                                      ppo_decoupled, grpo_decoupled)}
+# read-only: a step adds its own losses by passing them (the Program carries them)
+BUILTIN: Mapping[str, LossDef] = MappingProxyType({
+    d.name: d for d in (ppo, grpo, value, bradley_terry, ppo_decoupled, grpo_decoupled)})
 # loss -> its staleness-corrected form (passes/staleness.py)
-DECOUPLED = {"ppo": "ppo_decoupled", "grpo": "grpo_decoupled"}
+DECOUPLED: Mapping[str, str] = MappingProxyType({"ppo": "ppo_decoupled",
+                                                 "grpo": "grpo_decoupled"})
 
 __all__ = ["BUILTIN", "DECOUPLED", "forward_each", "token_inputs", "pg_surrogate", "kl_term",
            "clip_bounds", "split_clip", "check_pg", "ppo", "grpo", "value", "bradley_terry",

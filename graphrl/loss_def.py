@@ -27,7 +27,8 @@ names a built-in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from .errors import TraceError, UsageError
@@ -68,6 +69,17 @@ class LossDef:
 
     def __hash__(self) -> int:
         return hash((self.name, self.source))
+
+    def __reduce__(self) -> tuple:
+        """graphrl's own losses pickle by reference (the module attribute is this
+        LossDef, not its function); others by value (Ray's cloudpickle carries the
+        function of a user's file, which the actors cannot import)."""
+        module = getattr(self.fn, "__module__", "") or ""
+        name = getattr(self.fn, "__name__", "")
+        if module.startswith("graphrl.") and \
+                getattr(sys.modules.get(module), name, None) is self:
+            return (_imported, (module, name))
+        return (LossDef, tuple(getattr(self, f.name) for f in fields(self)))
 
     def where(self) -> str:
         return f"loss {self.name!r}" + (f" ({self.source})" if self.source else "")
@@ -134,6 +146,13 @@ class LossDef:
             raise LossFailed(f"{self.where()} returned a non-finite loss "
                              f"({float(value.detach())}); no update was made")
         return value, stats
+
+
+def _imported(module: str, name: str) -> LossDef:
+    """The LossDef `name` of module `module` (unpickling a built-in)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def loss(name: str, *, inputs: Any, stats: Any = ("loss",),

@@ -155,3 +155,24 @@ def test_bad_loss_specs_and_missing_inputs_are_clear_errors(tmp_path):
         load_build("ppo")(gr.RunOptions(loss=f"{USER}:seq_mean_pg"))
     with pytest.raises(UsageError, match="weight='sequences'"):
         gr.loss("x", inputs=(("rollout", "Rollout"),), weight="sequences")(lambda f, mb: 0)
+
+
+def test_losses_pickle_for_the_ray_actors():
+    """Built-ins travel by reference (the same object comes back); a user's loss from
+    its file, which the actors cannot import, by value with Ray's cloudpickle."""
+    import pickle
+
+    from graphrl.builtin_losses import BUILTIN
+
+    for d in BUILTIN.values():
+        assert pickle.loads(pickle.dumps(d)) is d
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    user = gr.load_loss(f"{USER}:seq_mean_pg")
+    back = cloudpickle.loads(cloudpickle.dumps(user))
+    assert (back.name, back.inputs, back.stats, back.options, back.weight) == \
+        (user.name, user.inputs, user.stats, user.options, user.weight)
+    x = torch.zeros(2, 4, requires_grad=True)
+    mb = {"rollout": {"response_mask": torch.tensor([[0., 1, 1, 0], [0, 1, 1, 1]])},
+          "old_logprobs": {"logprobs": torch.zeros(2, 4) - 0.1},
+          "advantages": {"advantages": torch.ones(2, 4)}}
+    assert back(lambda r: x, mb)[0].item() == user(lambda r: x, mb)[0].item()
