@@ -22,9 +22,10 @@ class ModelEngine(Protocol):
     def forward(self, rollout: Payload) -> dict[str, Any]:
         """No-grad pass: LogProbs (lm head), Values (value head) or Scores (score head)."""
 
-    def train(self, inputs: Mapping[str, Payload], *, loss: str, seed: int,
+    def train(self, inputs: Mapping[str, Payload], *, loss: Any, seed: int,
               **hyper: Any) -> dict[str, float]:
-        """Optimise `loss` on the named input payloads; returns the loss's stats."""
+        """Optimise `loss` (a LossDef, graphrl/loss_def.py, or a built-in's name) with its
+        options `hyper` on the named input payloads; returns the loss's stats."""
 
     def export_weights(self) -> dict[str, Any]:
         """Named tensors of the full weights (copies)."""
@@ -41,9 +42,10 @@ class ModelEngine(Protocol):
 
 def loss_tokens(mb: Mapping[str, Mapping[str, Any]]) -> float:
     """How much of a minibatch's loss one of its micro-batches carries, for engines that
-    split a minibatch: its response tokens (the masked-mean losses), else its rows
+    split a minibatch: its response tokens (the token-mean losses), else its rows
     (pairwise losses). Weighting micro-batch losses by these shares makes the summed
-    gradient that of the whole minibatch's loss."""
+    gradient that of the whole minibatch's loss. The default measure; a loss declares
+    its own (LossDef.measure: per-sequence means weigh rows)."""
     r = mb.get("rollout")
     if r is not None and "response_mask" in r:
         return float(r["response_mask"].sum())
