@@ -53,7 +53,7 @@ def options_record(opts: RunOptions) -> dict[str, Any]:
             value = _absolute(value)
         elif f.name in ("model_dirs", "model_config"):
             value = [[role, _absolute(path)] for role, path in value]
-        elif f.name == "reward" and value:
+        elif f.name in ("reward", "loss") and value:
             file, sep, fn = value.rpartition(":")
             value = f"{_absolute(file)}:{fn}" if sep else value
         elif isinstance(value, tuple):
@@ -103,6 +103,8 @@ def input_files(opts: RunOptions, notes: Mapping[str, Any]) -> dict[str, str]:
         files["data"] = data
     if opts.reward:
         files["reward"] = opts.reward.rpartition(":")[0]
+    if opts.loss:
+        files["loss"] = opts.loss.rpartition(":")[0]
     for role, path in opts.model_config:
         files[f"model_config:{role}"] = path
     if opts.placement:

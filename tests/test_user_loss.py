@@ -176,3 +176,14 @@ def test_losses_pickle_for_the_ray_actors():
           "old_logprobs": {"logprobs": torch.zeros(2, 4) - 0.1},
           "advantages": {"advantages": torch.ones(2, 4)}}
     assert back(lambda r: x, mb)[0].item() == user(lambda r: x, mb)[0].item()
+
+
+def test_the_run_record_holds_the_loss_file_and_its_hash():
+    """--loss is an input of the run as --reward is: recorded with its absolute path and
+    the file's sha256 (graphrl/run_record.py), so --config reruns check it."""
+    from graphrl.run_record import files_record, options_record
+
+    opts = gr.RunOptions(loss=f"{Path(USER).relative_to(Path.cwd())}:seq_mean_pg"
+                         if Path(USER).is_relative_to(Path.cwd()) else f"{USER}:seq_mean_pg")
+    assert options_record(opts)["loss"] == f"{USER}:seq_mean_pg"
+    assert files_record(opts, {})["loss"]["path"] == USER

@@ -23,7 +23,8 @@ from ..errors import UsageError
 from ..experiment import RunOptions
 
 # options that name the run's inputs -> the part of the record they replace
-INPUT_OPTIONS = {"data": "data", "reward": "reward", "model_config": "model_config",
+INPUT_OPTIONS = {"data": "data", "reward": "reward", "loss": "loss",
+                 "model_config": "model_config",
                  "placement": "placement", "model_dirs": "models"}
 NOT_CARRIED = ("overwrite", "resume")
 
