@@ -12,6 +12,8 @@ Policy losses' options (docs/algorithms.md lists them with TRL's and verl's name
   aggregation="token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"
               | "seq-mean-token-sum-norm"  (norm_length: its constant L; 0 = response width)
   kl_coef, kl_estimator="k1" | "k2" | "k3"   (grpo: the KL-to-reference term in the loss)
+  entropy_coef=c                minus c times the token entropy (engines giving
+                                `forward.with_entropy`: hf, fast, deepspeed, FSDP)
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ Forward = Callable[[Any], Any]
 MB = Mapping[str, Mapping[str, Any]]
 
 PG_OPTIONS = {"clip": 0.2, "clip_high": None, "dual_clip": 0.0, "ratio": "token",
-              "aggregation": "token-mean", "norm_length": 0.0}
+              "aggregation": "token-mean", "norm_length": 0.0, "entropy_coef": 0.0}
 KL_OPTIONS = {"kl_coef": 0.04, "kl_estimator": "k3"}
 
 
@@ -37,20 +39,41 @@ def forward_each(forward: Forward, *payloads: Any) -> list[Any]:
     return list(many(payloads)) if many is not None else [forward(p) for p in payloads]
 
 
-def token_inputs(forward: Forward, mb: MB, *names: str) -> tuple:
-    """(mask, the forward's per-token output, then each named input's per-token field),
-    every one exactly 0 at masked positions (loss_math.masked): whatever a prompt or
-    padding position holds (inf, NaN, a log-ratio whose exp overflows) reaches neither
-    the loss nor its gradient, through any nonlinearity."""
+def token_inputs(forward: Forward, mb: MB, *names: str, entropy: bool = False) -> tuple:
+    """(mask, the forward's per-token output, then each named input's per-token field,
+    then with `entropy` the token entropies), every one exactly 0 at masked positions
+    (loss_math.masked): whatever a prompt or padding position holds (inf, NaN, a
+    log-ratio whose exp overflows) reaches neither the loss nor its gradient, through
+    any nonlinearity."""
     mask = mb["rollout"]["response_mask"]
     fields = {"old_logprobs": "logprobs", "ref_logprobs": "logprobs",
               "behaviour_logprobs": "logprobs", "advantages": "advantages",
               "old_values": "values", "returns": "returns"}
-    out = [lm.masked(forward(mb["rollout"]), mask)]
+    if entropy:
+        both = getattr(forward, "with_entropy", None)
+        if both is None:
+            raise ValueError("entropy_coef needs the token entropies of the engine's "
+                             "forward (forward.with_entropy: engines hf, fast, deepspeed "
+                             "and FSDP give them; megatron does not)")
+        new, ent = both(mb["rollout"])
+    else:
+        new, ent = forward(mb["rollout"]), None
+    out = [lm.masked(new, mask)]
     for name in names:
         p = mb.get(name)
         out.append(None if p is None else lm.masked(p[fields[name]], mask))
+    if entropy:
+        out.append(lm.masked(ent, mask))
     return (mask, *out)
+
+
+def entropy_bonus(value: Any, entropy: Any, mask: Any, o: Mapping[str, Any]) -> Any:
+    """The loss minus entropy_coef times the token entropy, aggregated as the surrogate
+    is (the entropy bonus c2 S of PPO's objective, Schulman et al. 2017, eq. 9)."""
+    if entropy is None:
+        return value
+    return value - o["entropy_coef"] * lm.aggregate(entropy, mask, o["aggregation"],
+                                                    float(o["norm_length"]))
 
 
 def clip_bounds(o: Mapping[str, Any]) -> tuple[float, float]:
@@ -123,9 +146,11 @@ def kl_term(new_lp: Any, ref_lp: Any, mask: Any, o: Mapping[str, Any]) -> Any:
       prepare=split_clip)
 def ppo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) and its variants (options)."""
-    mask, new_lp, old, adv = token_inputs(forward, mb, "old_logprobs", "advantages")
+    mask, new_lp, old, adv, *ent = token_inputs(forward, mb, "old_logprobs", "advantages",
+                                                entropy=o["entropy_coef"] > 0)
     old_lp = new_lp.detach() if old is None else old
     value, clip_frac = pg_surrogate(new_lp, old_lp, adv, mask, o)
+    value = entropy_bonus(value, ent[0] if ent else None, mask, o)
     approx_kl = lm.masked_mean(old_lp - new_lp.detach(), mask)
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(),
                    "approx_kl": approx_kl.item()}
@@ -140,11 +165,12 @@ def grpo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     """GRPO (Shao et al. 2024, eq. 3): the clipped surrogate plus kl_coef times a KL
     estimator to the reference (k3 by default); with options, DAPO's, Dr. GRPO's and
     GSPO's variants (docs/algorithms.md)."""
-    mask, new_lp, old, ref, adv = token_inputs(forward, mb, "old_logprobs", "ref_logprobs",
-                                               "advantages")
+    mask, new_lp, old, ref, adv, *ent = token_inputs(
+        forward, mb, "old_logprobs", "ref_logprobs", "advantages",
+        entropy=o["entropy_coef"] > 0)
     surrogate, clip_frac = pg_surrogate(new_lp, old, adv, mask, o)
     kl = kl_term(new_lp, ref, mask, o)
-    value = surrogate + o["kl_coef"] * kl
+    value = entropy_bonus(surrogate + o["kl_coef"] * kl, ent[0] if ent else None, mask, o)
     return value, {"loss": value.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
 
 
@@ -246,6 +272,7 @@ BUILTIN: Mapping[str, LossDef] = MappingProxyType({
 DECOUPLED: Mapping[str, str] = MappingProxyType({"ppo": "ppo_decoupled",
                                                  "grpo": "grpo_decoupled"})
 
-__all__ = ["BUILTIN", "DECOUPLED", "forward_each", "token_inputs", "pg_surrogate", "kl_term",
+__all__ = ["BUILTIN", "DECOUPLED", "forward_each", "token_inputs", "entropy_bonus",
+           "pg_surrogate", "kl_term",
            "clip_bounds", "split_clip", "check_pg", "ppo", "grpo", "value", "bradley_terry",
            "ppo_decoupled", "grpo_decoupled"]

@@ -291,3 +291,56 @@ def test_a_loss_that_raises_or_returns_garbage_names_itself():
     with pytest.raises(gr.UsageError,
                        match=r"loss 'ppo' \(.*builtin_losses.py\): unknown option\(s\) cilp"):
         BUILTIN["ppo"].run(forward, batch(), {"cilp": 0.1})
+
+
+ENT = torch.tensor([[0.0, 1.5, 0.2, 0.9, 7.0],
+                    [0.0, 2.0, 5.0, 5.0, 5.0],
+                    [0.0, 0.1, 0.4, 1.1, 0.6]])
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_entropy_bonus(mode):
+    """PPO's objective with the entropy bonus (Schulman et al. 2017, eq. 9): the loss is
+    the surrogate's minus c times the token entropy, aggregated alike; its gradient
+    reaches the entropies of response tokens only."""
+    per_row = [[float(ENT[i, t]) for t in ts] for i, ts in enumerate(rows(MASK))]
+    mean = {"token-mean": sum(map(sum, per_row)) / sum(map(len, per_row)),
+            "seq-mean-token-mean": sum(sum(r) / len(r) for r in per_row) / 3}[mode]
+    ent = ENT.clone().requires_grad_()
+
+    def forward(r):
+        raise AssertionError("with entropy_coef the loss takes one pass, with_entropy")
+    forward.with_entropy = lambda r: (NEW, ent)
+    value, _ = BUILTIN["grpo"](forward, batch(), entropy_coef=0.05, aggregation=mode)
+    base, _ = BUILTIN["grpo"](lambda r: NEW, batch(), aggregation=mode)
+    assert value.item() == pytest.approx(base.item() - 0.05 * mean, rel=1e-6)
+    value.backward()
+    assert ent.grad[MASK == 0].abs().max() == 0 and ent.grad[MASK > 0].lt(0).all()
+
+
+def test_entropy_needs_an_engine_that_gives_it():
+    from graphrl.loss_def import LossFailed
+
+    with pytest.raises(LossFailed, match="loss 'ppo' .* raised ValueError: entropy_coef "
+                                         "needs the token entropies .*megatron does not"):
+        BUILTIN["ppo"].run(lambda r: NEW, batch(), {"entropy_coef": 0.01})
+
+
+def test_hf_engine_gives_log_probs_and_entropies_in_one_pass():
+    """forward.with_entropy: the same log-probs as the forward, and each position's
+    -sum_v p log p, computed here from the HF module's own logits."""
+    from graphrl.backends.engines.hf import HFEngine
+
+    decl = gr.ModelDecl("m", gr.ModelSpec("llama", 16, 32, 1, 2, 2, 64, 32, "lm",
+                                          dtype="fp32"), "policy", True)
+    eng = HFEngine(decl, {}, seed=0)
+    tokens = torch.randint(0, 16, (3, 6), generator=torch.Generator().manual_seed(0))
+    payload = {"tokens": tokens, "attention_mask": torch.ones(3, 6)}
+    forward = eng.loss_forward()
+    lp, ent = forward.with_entropy(payload)
+    assert torch.allclose(lp, forward(payload), atol=1e-6)
+    logits = eng.module(input_ids=tokens).logits[:, :-1]
+    p = torch.softmax(logits, -1)
+    want = -(p * torch.log(p)).sum(-1)
+    assert torch.allclose(ent[:, 1:], want, atol=1e-5) and ent[:, 0].eq(0).all()
+    assert ent[:, 1:].gt(0).all() and ent.le(math.log(16) + 1e-5).all()

@@ -50,8 +50,8 @@ def test_user_loss_trains_as_the_builtin_with_its_formula():
 
 def test_user_loss_on_the_fast_engine_trains_like_hf():
     """The fast engine's fused forward (Llama) feeds a user's loss as HF's forward does:
-    the same losses and weights after 2 epochs x 2 minibatches (fp32: both exact to
-    float rounding)."""
+    the same losses and weights after 2 epochs x 2 minibatches and a step with the
+    entropy bonus (fp32: both exact to float rounding)."""
     from graphrl.backends.engines.registry import create_engine
 
     user = gr.load_loss(f"{USER}:seq_mean_pg")
@@ -68,6 +68,10 @@ def test_user_loss_on_the_fast_engine_trains_like_hf():
              "advantages": {"advantages": torch.randn(8, 8, generator=g)}}
     s1 = hf.train(batch, loss=user, seed=0, epochs=2, minibatches=2)
     s2 = fast.train(batch, loss=user, seed=0, epochs=2, minibatches=2)
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-5)
+    # and the entropy bonus, whose token entropies both take from HF's full logits
+    s1 = hf.train(batch, loss="ppo", seed=1, entropy_coef=0.1)
+    s2 = fast.train(batch, loss="ppo", seed=1, entropy_coef=0.1)
     assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-5)
     wa, wb = hf.export_weights(), fast.export_weights()
     diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa]).norm()

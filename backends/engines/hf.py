@@ -220,12 +220,29 @@ class HFEngine:
                           "attention_mask": torch.cat([m for _, m in parts])})
         return list(out.split([t.shape[0] for t, _ in parts]))
 
+    def _logprobs_and_entropy(self, payload: Mapping[str, Any]) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+        """An lm head's per-token log-probs and the entropy of each position's next-token
+        distribution, H_t = -sum_v p(v) log p(v) (with gradients; 0 at t = 0, as the
+        log-probs): one HF forward over the full logits."""
+        tokens, mask = self._inputs(payload)
+        with self.compute():
+            logits = self.module(input_ids=tokens, attention_mask=mask,
+                                 position_ids=positions(mask), use_cache=False).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)   # fp32 reduction
+        picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        entropy = -(lp.exp() * lp).sum(-1)
+        return F.pad(picked, (1, 0)), F.pad(entropy, (1, 0))
+
     def loss_forward(self) -> Callable[[Mapping[str, Any]], torch.Tensor]:
-        """What a loss calls to run the model (losses.forward_each uses `many`)."""
+        """What a loss calls to run the model (losses.forward_each uses `many`; an lm
+        head's `with_entropy` gives log-probs and token entropies in one pass)."""
         def forward(payload: Mapping[str, Any]) -> torch.Tensor:
             return self._head(payload)
 
         forward.many = self._heads   # type: ignore[attr-defined]
+        if self.decl.spec.head == "lm":
+            forward.with_entropy = self._logprobs_and_entropy   # type: ignore[attr-defined]
         return forward
 
     @torch.no_grad()
