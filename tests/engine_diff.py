@@ -278,10 +278,30 @@ def _deepspeed(rank: int, world: int, configs: list, _: Any) -> list:
                               micro_batches=mb, offload=offload)
         ref = HFEngine(tiny_decl(family, head), {"lr": 1e-2})   # the fp32 reference
         results.append({"config": config, **compare(eng, ref, head),
+                        **(entropy_step(eng, ref) if head == "lm" else {}),
                         "precision": eng.degrees()["precision"],
                         "param_dtypes": sorted({str(p.dtype)
                                                 for p in eng.hf.module.parameters()})})
     return results
+
+
+def entropy_step(eng: Any, ref: Any) -> dict[str, float]:
+    """One ppo step with the entropy bonus (forward.with_entropy) on both engines, from
+    the weights compare left them at: the losses' difference and the relative error of
+    the engine's own update against the reference's."""
+    import torch
+
+    inputs, _ = batch("lm", ref)
+    e0 = {k: v.float() for k, v in eng.export_weights().items()}
+    r0 = ref.export_weights()
+    s1 = eng.train(inputs, loss="ppo", seed=7, entropy_coef=0.1)
+    s2 = ref.train(inputs, loss="ppo", seed=7, entropy_coef=0.1)
+    e1 = {k: v.float() for k, v in eng.export_weights().items()}
+    r1 = ref.export_weights()
+    de = torch.cat([(e1[k] - e0[k]).reshape(-1) for k in r0])
+    dr = torch.cat([(r1[k] - r0[k]).reshape(-1) for k in r0])
+    return {"entropy_loss": abs(s1["loss"] - s2["loss"]),
+            "entropy_update": float((de - dr).norm() / dr.norm())}
 
 
 def hf_logprobs(module: Any, tokens: Any, att: Any) -> Any:

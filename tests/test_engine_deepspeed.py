@@ -62,3 +62,5 @@ def test_deepspeed_matches_hf(tmp_path):
         assert r["loss"] < LOSS, r
         assert r["update"] < UPDATE, r
         assert r["weights"] < WEIGHTS < r["moved"], r
+        if r["config"][1] == "lm":   # the entropy bonus: token entropies from HF's logits
+            assert r["entropy_loss"] < LOSS and r["entropy_update"] < UPDATE, r
