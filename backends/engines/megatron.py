@@ -456,6 +456,10 @@ class MegatronEngine:
         permutation); each split over dp and the plan's micro-batches. Every rank passes
         the whole batch (`shard` is ignored: the engine knows its dp rank). `part`: a
         batch in two calls with one optimizer step (train_loop.TwoParts)."""
+        if hyper.get("entropy_coef"):   # before any stage runs: no rank waits on another
+            raise UsageError(f"{self.decl.name}.train: entropy_coef needs token entropies, "
+                             "which the megatron engine does not give (hf, fast and "
+                             "deepspeed do; docs/algorithms.md)")
         self._optimizer()
         bound = bind_loss(self.decl.name, loss, hyper)
         parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches, bound.measure)
