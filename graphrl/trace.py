@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from . import signatures as sig
-from .errors import TraceError, UsageError
 from .builtin_losses import BUILTIN
+from .errors import TraceError, UsageError
 from .graph import CALL, OP, Graph, ModelDecl, Node, Value
 from .hf_dir import is_model_dir, read_config
 from .loss_def import LossDef
