@@ -5,8 +5,10 @@ A checkpoint is a directory `ckpt-NNNNNNNN` (NNNNNNNN = completed iterations) in
 --checkpoint-dir:
 
     ckpt-00000004/
-      manifest.json     what, which step, which plan; every other file's size and sha256
-      run.json          iteration, seed, data fingerprint, metrics rows so far, prepare
+      manifest.json     what, which step, which plan; every other file's size and sha256;
+                        a sha256 of its own content
+      run.json          iteration, settings (graphrl.run_identity), next step and its
+                        inputs' fingerprint, metrics rows so far, prepare
       models/...        per model (or per rank and engine on Ray): weights, optimizer,
                         version (torch.save of a state dict)
       rng/...           torch, numpy and python RNG states (per process / rank)
@@ -19,8 +21,9 @@ fsynced. A process killed at any moment leaves either the previous checkpoints a
 newest `keep` published checkpoints stay.
 
 Reading (`find_checkpoint`, `Checkpoint.verify`): --resume DIR is a checkpoint directory
-or a --checkpoint-dir (its newest published checkpoint). Every file the manifest lists
-must exist with its size and sha256, and the step's graph, the models' parameter
+or a --checkpoint-dir (its newest published checkpoint). The manifest must match its own
+sha256 and every file it lists must exist with its size and sha256 (checked first, so
+corruption is reported as such), and then the step's graph, the models' parameter
 shapes and the seed must match this run: otherwise a UsageError names the file and what
 differs, before any state is touched.
 """
@@ -40,6 +43,7 @@ from .errors import UsageError
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
+SELF_SUM = "manifest_sha256"   # the manifest's checksum of itself (older ones have none)
 FORMAT = 1
 PREFIX = "ckpt-"
 TMP = ".tmp-"
@@ -210,6 +214,7 @@ class CheckpointWriter:
             rel = f.relative_to(tmp).as_posix()
             files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         body = {"format": FORMAT, "iteration": iteration, **manifest, "files": files}
+        body[SELF_SUM] = manifest_sum(body)
         path = tmp / MANIFEST
         path.write_text(json.dumps(body, indent=1, sort_keys=True), encoding="utf-8")
         file_written(path)
@@ -315,7 +320,16 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise UsageError(f"checkpoint {manifest}: not a graphrl checkpoint manifest "
                          f"(format {body.get('format') if isinstance(body, dict) else None}, "
                          f"expected {FORMAT})")
+    if SELF_SUM in body and body[SELF_SUM] != manifest_sum(body):
+        raise UsageError(f"checkpoint {manifest}: fails its own checksum ({SELF_SUM}): "
+                         "changed or corrupted after it was written")
     return Checkpoint(path, body)
+
+
+def manifest_sum(body: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content (all but its own checksum field), canonical JSON."""
+    rest = {k: v for k, v in body.items() if k != SELF_SUM}
+    return fingerprint(json.dumps(rest, sort_keys=True))
 
 
 def find_checkpoint(path: str | Path) -> Checkpoint:
@@ -331,8 +345,8 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
         if not found:
             raise UsageError(f"--resume {path}: no published checkpoint in it "
                              f"(expected {PREFIX}NNNNNNNN directories)")
-        ck = read_checkpoint(found[-1])
         try:
+            ck = read_checkpoint(found[-1])
             ck.verify()
         except UsageError as e:
             older = ", ".join(str(f) for f in found[:-1]) or "none"
@@ -349,4 +363,4 @@ def shapes_of(named: Iterable[tuple[str, Any]]) -> dict[str, list[int]]:
 
 __all__ = ["CheckpointWriter", "Checkpoint", "find_checkpoint", "read_checkpoint",
            "rng_state", "set_rng_state", "save_torch", "load_torch", "payload_fingerprint",
-           "fingerprint", "published", "remove_partial", "MANIFEST", "RUN_FILE"]
+           "fingerprint", "published", "remove_partial", "manifest_sum", "MANIFEST", "RUN_FILE"]

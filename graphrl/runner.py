@@ -119,6 +119,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     from tqdm import tqdm
 
     from . import checkpoint_run as ckr
+    from .run_identity import run_settings
 
     if opts.model_size:
         raise UsageError(f"--model-size {opts.model_size} plans full-size models for graphrl "
@@ -136,13 +137,18 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     given, opts = opts, run_dir.resolve(opts, trains=any(m.trainable for m in exp.models))
     check_loggers(opts.loggers, opts.run_dir)
     check_checkpoint_options(opts)
+    program = exp.program(opts.staleness)
+    ckpt = ckr.open_resume(opts, exp, program)   # verified before anything is loaded
+    if ckpt is not None and ckpt.iteration >= iterations:   # a finished run, not extended
+        print(f"[{exp.name}] " + ckr.nothing_left(ckpt, iterations, given), file=out)
+        state = ckpt.run_state()   # (before --run-dir is prepared: nothing is touched)
+        return RunSummary(tuple(state["rows"]), (), dict(state["prepared"]),
+                          time.perf_counter() - start)
     run_dir.prepare(given, opts)
     if opts.save:
         check_save_target(opts.save, opts.overwrite)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
-    program = exp.program(opts.staleness)
-    ckpt = ckr.open_resume(opts, exp, program)   # verified before anything is loaded
     if opts.metrics:
         check_output_file("--metrics", opts.metrics, overwrite=opts.overwrite or bool(ckpt))
     record = None
@@ -151,6 +157,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
 
         record = run_record(exp, program, given, opts, iterations, source)
         run_dir.write_config(opts.run_dir, record)
+    settings = run_settings(opts, program) if opts.checkpoint_dir else {}
     writer = None
     if opts.checkpoint_dir:
         from .checkpoint import CheckpointWriter
@@ -235,7 +242,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             if writer is not None and ckr.due(opts, len(rows), iterations):
                 with writing("--checkpoint-dir", opts.checkpoint_dir):
                     path, secs = ckr.write_checkpoint(writer, executor, exp, program, opts,
-                                                      len(rows), rows, prepared, iterations,
+                                                      len(rows), rows, prepared, settings,
                                                       next_step=i)
                 saved_s.append(secs)
         report = getattr(executor, "summary_lines", None)

@@ -118,15 +118,17 @@ def test_bad_checkpoints_are_refused_naming_file(tiny, reference, tmp_path):
     with pytest.raises(gr.UsageError, match=r"models/policy.pt fails its checksum"):
         run(tiny, resume=str(ck))
     ck = folder / "ckpt-00000002"
-    with pytest.raises(gr.UsageError, match=r"another step.*Prompts\[8"):
+    with pytest.raises(gr.UsageError, match=r"settings differ.*--batch-size: checkpoint 4, "
+                                            r"this run 8"):
         run(tiny, resume=str(ck), batch_size=8)
-    with pytest.raises(gr.UsageError, match=r"--seed 0, this run has --seed 1"):
+    with pytest.raises(gr.UsageError, match=r"--seed: checkpoint 0, this run 1"):
         run(tiny, resume=str(ck), seed=1)
     config = tmp_path / "critic.json"
     config.write_text(json.dumps(dict(model_type="gpt2", vocab_size=16, n_embd=32, n_layer=2,
                                       n_head=4, n_inner=128, n_positions=64)))
-    with pytest.raises(gr.UsageError, match=r"model critic parameter \S+ has shape \[\d+, 64\] "
-                                            r"in the checkpoint, \[\d+, 32\] in this run"):
+    with pytest.raises(gr.UsageError, match=r"model critic: checkpoint gpt2\{\S+ hidden=64.*"
+                                            r"this run gpt2\{\S+ hidden=32.*--model-config: "
+                                            r"checkpoint not given, this run critic="):
         run(tiny, resume=str(ck), model_config=(("critic", str(config)),))
 
 
@@ -200,5 +202,131 @@ def test_async_run_resumes_with_its_queued_rollouts(tiny, tmp_path):
     resumed = run(tiny, staleness=1, resume=str(ckpt))
     assert len(resumed.rows) == ITERATIONS
     assert same(resumed.rows) == same(full.rows)
-    with pytest.raises(gr.UsageError, match="another step"):   # staleness is in the graph
+    with pytest.raises(gr.UsageError, match="--staleness: checkpoint 1, this run 0"):
         run(tiny, resume=str(ckpt))
+    # a finished async run (its queue saved at the end) extends like the uninterrupted one
+    short = tmp_path / "short"
+    run(tiny, staleness=1, iterations=2, checkpoint_dir=str(short))
+    extended = run(tiny, staleness=1, resume=str(short))
+    assert same(extended.rows) == same(full.rows)
+
+
+# -- extending a finished run, and what a resume refuses -------------------------------------
+def weights(ckpt: Path) -> dict[str, dict]:
+    """Every model's state (weights, AdamW moments, version) in a checkpoint."""
+    from graphrl.checkpoint import load_torch
+
+    return {p.stem: load_torch(p) for p in sorted((ckpt / "models").glob("*.pt"))}
+
+
+def assert_equal_state(a, b, where=""):
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert sorted(a) == sorted(b), where
+        for k in a:
+            assert_equal_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_finished_run_extends_bit_for_bit(tiny, reference, tmp_path):
+    """A 2-iteration run, finished, then resumed with --iterations 4: every metrics row and
+    the final weights and optimizer state equal the uninterrupted 4-iteration run's."""
+    import io
+
+    summary, folder = reference
+    ck = tmp_path / "ck"
+    run(tiny, iterations=2, checkpoint_dir=str(ck))
+    out = io.StringIO()
+    exp, opts = build(tiny, resume=str(ck), checkpoint_dir=str(ck))
+    extended = run_experiment(exp, opts, out=out)
+    assert "resumed from" in out.getvalue() and "after 2 iterations" in out.getvalue()
+    assert same(extended.rows) == same(summary.rows) and len(extended.rows) == ITERATIONS
+    assert_equal_state(weights(ck / "ckpt-00000004"), weights(folder / "ckpt-00000004"))
+    for asked in (ITERATIONS, 3):   # nothing left to run: one line, no run, no summary
+        out = io.StringIO()
+        exp, opts = build(tiny, resume=str(ck), iterations=asked)
+        done = run_experiment(exp, opts, out=out)
+        assert out.getvalue() == (f"[ppo_step] nothing to run: checkpoint "
+                                  f"{ck / 'ckpt-00000004'} already has 4 iterations and this "
+                                  f"run asks for {asked} (--iterations); give more to extend "
+                                  "it\n")
+        assert same(done.rows) == same(summary.rows)
+    with pytest.raises(gr.UsageError, match=r"--save .*nothing to run"):
+        run(tiny, resume=str(ck), save=str(tmp_path / "out"))
+
+
+def test_resume_refuses_changed_settings_naming_the_flag(tiny, reference, tmp_path):
+    """Settings are compared flag by flag before anything starts; spelling out the
+    example's own default is no change."""
+    from graphrl import checkpoint_run as ckr
+    from graphrl.run_identity import differences, run_settings
+
+    ck = str(reference[1] / "ckpt-00000004")
+
+    def open_resume(**kw):
+        exp, opts = build(tiny, resume=ck, iterations=6, **kw)
+        return ckr.open_resume(opts, exp, exp.program(opts.staleness))
+
+    assert open_resume(prompt_len=6).iteration == 4   # the task's own prompt length
+    with pytest.raises(gr.UsageError, match=r"--prompt-len: checkpoint not given, this run 7"):
+        open_resume(prompt_len=7)
+    with pytest.raises(gr.UsageError, match=r"--precision: checkpoint critic=bf16,\S+ this run "
+                                            r"critic=fp32"):
+        open_resume(precision="fp32")
+    with pytest.raises(gr.UsageError, match=r"--seed: checkpoint 0, this run 2; "
+                                            r"--batch-size: checkpoint 4, this run 5"):
+        open_resume(seed=2, batch_size=5)
+    # --data by its contents: the same file elsewhere is no change, changed rows are
+    exp, opts = build(tiny)
+    program = exp.program()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a"}\n')
+    before = run_settings(gr.RunOptions(data=str(rows)), program)
+    moved = tmp_path / "moved.jsonl"
+    rows.rename(moved)
+    assert differences(before, run_settings(gr.RunOptions(data=str(moved)), program),
+                       ("--data",)) == []
+    moved.write_text('{"prompt": "b"}\n')
+    [line] = differences(before, run_settings(gr.RunOptions(data=str(moved)), program),
+                         ("--data",))
+    assert line.startswith(f"--data: checkpoint {rows} (sha256 ") and str(moved) in line
+
+
+def test_corruption_is_reported_before_changed_settings(tiny, reference, tmp_path):
+    """A corrupt checkpoint resumed with other flags is refused as corrupt (its checksums
+    first), wherever the corruption is: a model file, run.json or the manifest itself."""
+    _, folder = reference
+    for name, flip in (("models/policy.pt", None), ("run.json", ('"--seed": 0', '"--seed": 1')),
+                       ("manifest.json", ('"seed": 0', '"seed": 1'))):
+        ck = copy_checkpoint(folder / "ckpt-00000004", tmp_path / name.replace("/", "_"))
+        f = ck / name
+        if flip is None:
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        else:
+            assert flip[0] in f.read_text()
+            f.write_text(f.read_text().replace(*flip))
+        with pytest.raises(gr.UsageError, match=r"fails its (own )?checksum") as e:
+            run(tiny, resume=str(ck), seed=1, iterations=6)
+        assert name.split("/")[-1] in str(e.value)
+
+
+def test_cli_resume_exit_codes(tiny, reference, capsys):
+    """Nothing to run is no error (exit 0); changed settings are one line (exit 2)."""
+    from graphrl.cli import main
+
+    ck = str(reference[1])
+    assert main(["run", str(tiny), "--batch-size", "4", "--quiet", "--resume", ck]) == 0
+    rc = main(["run", str(tiny), "--batch-size", "4", "--quiet", "--resume", ck, "--seed", "3",
+               "--iterations", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--seed: checkpoint 0, this run 3" in err and "Traceback" not in err
