@@ -40,10 +40,12 @@ def task_for(opts: gr.RunOptions) -> TopicTokensTask:
 
 
 def policy_and_reference(opts: gr.RunOptions) -> tuple[gr.Model, gr.Model]:
-    """The trained policy and its frozen reference, which starts as a copy of it."""
+    """The trained policy and its frozen reference, which starts as a copy of it (also of
+    the policy's --model directory, unless the reference is given one of its own)."""
     return (gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
                      trainable=True, options={"lr": 2e-3}),
-            gr.Model("reference", opts.config_for("reference", llama_config()),
+            gr.Model("reference", opts.config_for("reference", opts.model_dir("policy")
+                                                  or llama_config()),
                      role="reference", init_from="policy"))
 
 

@@ -1,6 +1,6 @@
 """GRPO on text: your model directory, your prompts file, your reward function.
 
-    python examples/text_grpo.py --model policy=DIR --data FILE.jsonl --iterations 200 \
+    python examples/text_grpo.py --model DIR --data FILE.jsonl --iterations 200 \
         --save OUT --metrics m.jsonl [--reward my_reward.py:score]
     graphrl run examples/text_grpo.py ...      (the same)
     graphrl plot m.jsonl                       (reward, KL, response length, seconds)

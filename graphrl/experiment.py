@@ -104,7 +104,7 @@ class RunOptions:
 
     def config_for(self, role: str, default: Any) -> Any:
         """The config a role's model uses: --model ROLE=DIR (a local Hugging Face model
-        directory), else --model-config ROLE=FILE, else --model-size, else the example's
+        directory; a bare --model DIR is the policy's), else --model-config ROLE=FILE, else --model-size, else the example's
         default."""
         from .model_config import load_hf_config
         from .types import llama2

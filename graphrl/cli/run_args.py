@@ -50,11 +50,13 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                         "policy=fp32,critic=fp32; the plan prices and every engine runs it")
     p.add_argument("--model-config", metavar="ROLE=CONFIG.json", action="append", default=[],
                    help="a Hugging Face config file for one role (repeatable)")
-    p.add_argument("--model", metavar="ROLE=DIR", action="append", default=[],
+    p.add_argument("--model", metavar="[ROLE=]DIR", action="append", default=[],
                    dest="model_dirs",
                    help="a local Hugging Face model directory (config.json, weights, "
-                        "tokenizer) for one role, e.g. policy=./my-llama (repeatable; "
-                        "compile plans its real shapes; never downloads)")
+                        "tokenizer): DIR alone is the policy (and the reference, which "
+                        "starts as a copy of it), ROLE=DIR another role, e.g. "
+                        "reward=./my-rm (repeatable; compile plans its real shapes; never "
+                        "downloads)")
     p.add_argument("--data", metavar="FILE",
                    help="prompts file: JSONL (one JSON object per line) or Parquet, for "
                         "examples that read text prompts")
@@ -161,11 +163,17 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "plan's longest predicted call, at least 120 s)")
 
 
-def _role_paths(items: list[str], flag: str = "--model-config",
-                what: str = "CONFIG.json") -> tuple[tuple[str, str], ...]:
+def _role_paths(items: list[str], flag: str = "--model-config", what: str = "CONFIG.json",
+                bare: str | None = None) -> tuple[tuple[str, str], ...]:
+    """ROLE=PATH items; with `bare` a PATH alone (no '=', or an existing directory whose
+    name has one) is `bare`=PATH."""
+    from pathlib import Path
+
     out = []
     for item in items:
         role, sep, path = item.partition("=")
+        if bare and (not sep or Path(item).is_dir()):
+            role, sep, path = bare, "=", item
         if not sep or not role or not path:
             raise UsageError(f"{flag} expects ROLE={what}, got {item!r}")
         out.append((role, path))
@@ -184,7 +192,8 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
     return RunOptions(ns.iterations, ns.seed, ns.metrics, ns.trace, ns.device, ns.batch_size,
                       ns.quiet, ns.model_size, _role_paths(ns.model_config), ns.prompt_len,
                       ns.response_len, backend=backend, overwrite=ns.overwrite,
-                      model_dirs=_role_paths(getattr(ns, "model_dirs", []), "--model", "DIR"),
+                      model_dirs=_role_paths(getattr(ns, "model_dirs", []), "--model", "DIR",
+                                             bare="policy"),
                       data=getattr(ns, "data", None),
                       prompt_field=getattr(ns, "prompt_field", "prompt"),
                       chat_template=getattr(ns, "chat_template", False),
