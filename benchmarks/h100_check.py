@@ -2,7 +2,7 @@
 
     python benchmarks/h100_check.py --measure DIR       # on a CUDA machine
 
-writes records in the format of shared/calibration/h100_hf_llama.jsonl
+writes records in the format of benchmarks/data/calibration/h100_hf_llama.jsonl
 (`env`, `hw`, `model`, `run`), for model shapes and lengths *not* in the calibration file
 (a 3B and a 7B Llama, 4k-token sequences, 256-token generations), measured by the same
 protocol (median of 3 timed runs after one warm-up; peak = torch.cuda.max_memory_allocated),
@@ -13,7 +13,7 @@ DIR/h100_decode.jsonl gets the decode steps, DIR/h100_heldout.jsonl the HF runs.
 copies in benchmarks/data/ (one H100, 2026-11-26) feed the cost model: the decode steps
 fit its captured-engine constants, the HF runs are held out, e.g.
 
-    python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl \
+    python -m graphrl.calibrate benchmarks/data/calibration/h100_hf_llama.jsonl \
         benchmarks/data/h100_decode.jsonl --check benchmarks/data/h100_heldout.jsonl
 
 (docs/cost_model_check.md has the table).
@@ -127,7 +127,7 @@ def _hf_model(shape: dict, torch, dtype, device: str):
 
 
 def _phase_fn(model, phase: str, ids, new: int, torch, device: str):
-    """The call the calibration protocol times for `phase` (see shared/calibration)."""
+    """The call the calibration protocol times for `phase` (see benchmarks/data/calibration)."""
     if phase == "forward":
         model.eval()
 

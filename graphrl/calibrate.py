@@ -3,7 +3,8 @@
     python -m graphrl.calibrate FILE.jsonl [FILE.jsonl ...] [--check HELDOUT.jsonl ...]
                                 [--no-fit]
 
-loads the measurements (one JSON object a line, see shared/calibration/README.md), fits
+loads the measurements (one JSON object a line, see
+benchmarks/data/calibration/README.md), fits
 `graphrl.cost.CostParams` by least squares over log(predicted / measured) with a
 coordinate (pattern) search in log-parameter space (Hooke & Jeeves 1961; numpy only),
 prints the fitted constants in the form cost.py stores them, and a table of predicted vs
@@ -16,7 +17,7 @@ the captured-engine decode constants on `decode` records (benchmarks/h100_check.
 HBM efficiency is read off the first `hw` copy record (measured / datasheet bandwidth).
 The constants in cost.py come from
 
-    python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl \
+    python -m graphrl.calibrate benchmarks/data/calibration/h100_hf_llama.jsonl \
         benchmarks/data/h100_decode.jsonl --check benchmarks/data/h100_heldout.jsonl
 """
 from __future__ import annotations
@@ -369,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphrl.calibrate",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="FILE.jsonl",
-                        help="measurements to fit (e.g. ../shared/calibration/"
-                             "h100_hf_llama.jsonl benchmarks/data/h100_decode.jsonl)")
+                        help="measurements to fit (e.g. benchmarks/data/calibration/"
+                             "h100_hf_llama.jsonl benchmarks/data/h100_decode.jsonl, in "
+                             "a clone of the repository)")
     parser.add_argument("--check", action="append", default=[], metavar="FILE.jsonl",
                         help="held-out measurements: predicted and compared, never fitted")
     parser.add_argument("--no-fit", action="store_true",

@@ -76,13 +76,13 @@ DP_BUCKET_PARAMS_PER_RANK = 1_000_000
 # ---------------------------------------------------------------------------------------
 # Fitted constants. Obtained by `graphrl.calibrate.fit`: least squares over
 # log(predicted / measured) (plus a small L4 term for the worst points) on every `run`
-# record of shared/calibration/h100_hf_llama.jsonl (one H100 80GB, HF transformers eager,
-# SDPA), by a coordinate search from `calibrate.FIT_START`; the time constants on the run
+# record of benchmarks/data/calibration/h100_hf_llama.jsonl (one H100 80GB, HF transformers
+# eager, SDPA), by a coordinate search from `calibrate.FIT_START`; the time constants on the run
 # times, then the memory constants on the peak memory of the train / generate / forward
 # runs; matmul_eff is capped by the measured matmul ceiling (741 TFLOP/s), hbm_eff is the
 # measured copy bandwidth. Refit (prints these lines and a predicted-vs-measured table,
 # then the held-out points of benchmarks/h100_check.py: 1B-7B, 4k tokens, never fitted):
-#     python -m graphrl.calibrate ../shared/calibration/h100_hf_llama.jsonl \
+#     python -m graphrl.calibrate benchmarks/data/calibration/h100_hf_llama.jsonl \
 #         benchmarks/data/h100_decode.jsonl --check benchmarks/data/h100_heldout.jsonl
 # Efficiencies are fractions of the datasheet figures of `GPUType`, so they carry over to
 # other GPU kinds; host overheads are seconds (an eager PyTorch host of the H100 era).
