@@ -7,6 +7,9 @@ executor writes them: `save_state` / `load_state`), the RNG states of the driver
 iteration and the seed, so the position is the iteration; a fingerprint of the next
 iteration's inputs proves the data is the same), the metrics rows so far and the
 result of Experiment.prepare (not re-run on resume: its effect is in the weights).
+Every checkpoint, the last of a finished run included, records the next step and its
+inputs' fingerprint, and the run's settings (graphrl.run_identity) but not the number of
+iterations asked for: resuming with a larger --iterations extends a finished run.
 """
 from __future__ import annotations
 

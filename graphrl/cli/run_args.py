@@ -111,7 +111,9 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
                    help="keep the newest K checkpoints (default 2)")
     c.add_argument("--resume", metavar="DIR",
                    help="continue from a checkpoint directory, or from the newest valid "
-                        "one in a --checkpoint-dir; the run continues exactly (same seed)")
+                        "one in a --checkpoint-dir; the run continues exactly (the same "
+                        "settings: a changed --seed, --batch-size, --data, ... is refused "
+                        "naming it); a larger --iterations extends a finished run")
     c.add_argument("--max-restarts", type=int_at_least(0), default=0, metavar="R",
                    help="ray: when a worker dies, restart the workers from the last "
                         "checkpoint, at most R times (needs --checkpoint-dir)")
