@@ -21,6 +21,7 @@ class RunSummary:
     events: tuple[Event, ...]
     prepare: dict[str, float]
     seconds: float
+    resumed: int = 0   # of the rows, how many came from a checkpoint (--resume)
 
     def reward_window(self, first: bool, k: int = 5) -> float:
         rows = self.rows[:k] if first else self.rows[-k:]
@@ -143,7 +144,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         print(f"[{exp.name}] " + ckr.nothing_left(ckpt, iterations, given), file=out)
         state = ckpt.run_state()   # (before --run-dir is prepared: nothing is touched)
         return RunSummary(tuple(state["rows"]), (), dict(state["prepared"]),
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, len(state["rows"]))
     run_dir.prepare(given, opts)
     if opts.save:
         check_save_target(opts.save, opts.overwrite)
@@ -175,6 +176,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
     events: list[Event] = []
     extra: list[str] = []
     restarts = 0
+    resumed_rows = 0
     saved_s: list[float] = []   # seconds each checkpoint took
     try:
         if executor is None:
@@ -185,6 +187,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if ckpt is not None:
             resumed = ckr.restore(ckpt, executor)
             rows, prepared = resumed.rows, resumed.prepared
+            resumed_rows = len(rows)
             print(f"[{exp.name}] resumed from {ckpt.path} after {resumed.start} "
                   "iterations", file=out)
         else:
@@ -273,10 +276,11 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             close_loggers(log, finished, exp.name, out)
         if not finished and rows:
             partial = RunSummary(tuple(rows), tuple(events), prepared,
-                                 time.perf_counter() - start)
+                                 time.perf_counter() - start, resumed_rows)
             print(f"[{exp.name}] stopped early; the completed iterations:\n"
                   + format_summary(exp.name, partial, opts), file=out)
-    summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start)
+    summary = RunSummary(tuple(rows), tuple(events), prepared, time.perf_counter() - start,
+                         resumed_rows)
     print("\n".join([format_summary(exp.name, summary, opts)] + extra), file=out)
     return summary
 
@@ -368,8 +372,10 @@ def run(exp: Experiment, **options: Any) -> RunSummary:
 def format_summary(name: str, s: RunSummary, opts: RunOptions) -> str:
     k = min(5, len(s.rows))
     step_s = sum(r["step_seconds"] for r in s.rows) / len(s.rows)
-    lines = [f"[{name}] {len(s.rows)} iterations in {s.seconds:.1f} s "
-             f"({step_s:.3f} s per step)",
+    ran = (f"{len(s.rows)} iterations in {s.seconds:.1f} s" if not s.resumed else
+           f"{len(s.rows)} iterations ({s.resumed} from the checkpoint, "
+           f"{len(s.rows) - s.resumed} run in {s.seconds:.1f} s)")
+    lines = [f"[{name}] {ran} ({step_s:.3f} s per step)",
              f"  reward_mean  first {k}: {s.reward_window(True, k):.3f}   "
              f"last {k}: {s.reward_window(False, k):.3f}   "
              f"change: {s.reward_window(False, k) - s.reward_window(True, k):+.3f}",

@@ -248,6 +248,7 @@ def test_finished_run_extends_bit_for_bit(tiny, reference, tmp_path):
     exp, opts = build(tiny, resume=str(ck), checkpoint_dir=str(ck))
     extended = run_experiment(exp, opts, out=out)
     assert "resumed from" in out.getvalue() and "after 2 iterations" in out.getvalue()
+    assert "[ppo_step] 4 iterations (2 from the checkpoint, 2 run in " in out.getvalue()
     assert same(extended.rows) == same(summary.rows) and len(extended.rows) == ITERATIONS
     assert_equal_state(weights(ck / "ckpt-00000004"), weights(folder / "ckpt-00000004"))
     for asked in (ITERATIONS, 3):   # nothing left to run: one line, no run, no summary
