@@ -1,15 +1,15 @@
 """Fit the cost model's efficiency factors and overhead floors to measured step times.
 
-    python -m graphrl.calibrate FILE.jsonl [FILE.jsonl ...] [--check HELDOUT.jsonl ...]
-                                [--no-fit]
+    python -m graphrl.calibrate [FILE.jsonl ...] [--check HELDOUT.jsonl ...] [--no-fit]
 
-loads the measurements (one JSON object a line, see
-benchmarks/data/calibration/README.md), fits
-`graphrl.cost.CostParams` by least squares over log(predicted / measured) with a
-coordinate (pattern) search in log-parameter space (Hooke & Jeeves 1961; numpy only),
+loads the measurements (one JSON object a line, see benchmarks/data/calibration/
+README.md), fits `graphrl.cost.CostParams` by least squares over log(predicted /
+measured) with a coordinate (pattern) search in log-parameter space (Hooke & Jeeves 1961;
+numpy only),
 prints the fitted constants in the form cost.py stores them, and a table of predicted vs
 measured time and peak memory with % error for every run, then the same for the held-out
-`--check` files (never fitted). `--no-fit` uses the constants stored in cost.py.
+`--check` files (never fitted). `--no-fit` uses the constants stored in cost.py. Without
+files it fits the H100 measurements that ship in the repository (the command below).
 
 Time parameters are fitted on run times (all phases at once); memory parameters on the
 peak memory of the train (activations, logits) and forward/generate runs (transients);
@@ -38,6 +38,13 @@ from .cost import (CALIBRATED, KORTHIKANTI_ACT_BYTES, CallCost, CostParams, esti
                    generate_breakdown)
 from .parallel import Strategy
 from .types import ModelSpec
+
+# The measurements the constants in cost.py are fitted to, as a clone of the repository
+# has them (benchmarks/data/calibration/README.md): the default of `python -m
+# graphrl.calibrate` without files.
+MEASURED = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+DEFAULT_FIT = (MEASURED / "calibration" / "h100_hf_llama.jsonl", MEASURED / "h100_decode.jsonl")
+DEFAULT_CHECK = (MEASURED / "h100_heldout.jsonl",)
 
 # Parameters fitted on times, with (low, high) bounds of the search.
 TIME_PARAMS: Mapping[str, tuple[float, float]] = MappingProxyType({
@@ -369,15 +376,25 @@ def table_text(rows: Iterable[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphrl.calibrate",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="FILE.jsonl",
-                        help="measurements to fit (e.g. benchmarks/data/calibration/"
-                             "h100_hf_llama.jsonl benchmarks/data/h100_decode.jsonl, in "
-                             "a clone of the repository)")
+    parser.add_argument("paths", nargs="*", metavar="FILE.jsonl",
+                        help="measurements to fit (default: the H100 measurements of a "
+                             "clone of the repository, benchmarks/data/calibration/"
+                             "h100_hf_llama.jsonl and benchmarks/data/h100_decode.jsonl, "
+                             "with --check benchmarks/data/h100_heldout.jsonl)")
     parser.add_argument("--check", action="append", default=[], metavar="FILE.jsonl",
                         help="held-out measurements: predicted and compared, never fitted")
     parser.add_argument("--no-fit", action="store_true",
                         help="use the constants stored in cost.py instead of fitting")
     args = parser.parse_args(argv)
+    if not args.paths:
+        missing = [str(p) for p in DEFAULT_FIT + DEFAULT_CHECK if not p.is_file()]
+        if missing:
+            print(f"python -m graphrl.calibrate: error: no FILE.jsonl given and the "
+                  f"repository's measurements are not here ({', '.join(missing)}): give "
+                  "the files to fit", file=sys.stderr)
+            return 2
+        args.paths = [str(p) for p in DEFAULT_FIT]
+        args.check = args.check or [str(p) for p in DEFAULT_CHECK]
     try:
         cal = load_all(args.paths)
         held_out = load_all(args.check) if args.check else None

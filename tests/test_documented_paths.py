@@ -50,3 +50,16 @@ def test_documented_calibration_commands_run_from_the_root(monkeypatch, capsys):
     documented = dict(commands)["docs/cost_model_check.md"]   # the reproduce section
     assert main([*documented, "--no-fit"]) == 0
     assert "worst train" in capsys.readouterr().out
+
+
+def test_calibrate_without_files_uses_the_repository_copy(tmp_path, monkeypatch, capsys):
+    import graphrl.calibrate as calibrate
+
+    monkeypatch.chdir(tmp_path)   # from anywhere: the files are found beside the package
+    assert calibrate.main(["--no-fit"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-1b train 8x1024" in out and "# held out" in out
+    monkeypatch.setattr(calibrate, "DEFAULT_CHECK", (tmp_path / "gone.jsonl",))
+    assert calibrate.main(["--no-fit"]) == 2
+    err = capsys.readouterr().err
+    assert "gone.jsonl" in err and "give the files to fit" in err
