@@ -268,6 +268,7 @@ def test_resume_refuses_changed_settings_naming_the_flag(tiny, reference, tmp_pa
     """Settings are compared flag by flag before anything starts; spelling out the
     example's own default is no change."""
     from graphrl import checkpoint_run as ckr
+    from graphrl.checkpoint import find_checkpoint
     from graphrl.run_identity import differences, run_settings
 
     ck = str(reference[1] / "ckpt-00000004")
@@ -285,6 +286,12 @@ def test_resume_refuses_changed_settings_naming_the_flag(tiny, reference, tmp_pa
     with pytest.raises(gr.UsageError, match=r"--seed: checkpoint 0, this run 2; "
                                             r"--batch-size: checkpoint 4, this run 5"):
         open_resume(seed=2, batch_size=5)
+    # the last checkpoint of a finished run written before the next inputs were recorded
+    exp, opts = build(tiny, resume=ck, iterations=6)
+    old = {"data": {"next_iteration": 4, "next_inputs": None}}
+    with pytest.raises(gr.UsageError, match=r"records no fingerprint of the next inputs, so "
+                                            r"it cannot be extended"):
+        ckr.check_next_inputs(find_checkpoint(ck), exp, opts, old, [])
     # --data by its contents: the same file elsewhere is no change, changed rows are
     exp, opts = build(tiny)
     program = exp.program()
