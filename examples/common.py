@@ -13,18 +13,19 @@ EVAL_PROMPTS = 32          # held-out prompts of --eval-every
 HELD_OUT_SEED = 2_000_000_000   # + --seed: prompts seeded apart from the training batches
 
 
-def llama_config(hidden: int = 64, layers: int = 2, heads: int = 4,
-                 context: int = 64) -> dict[str, Any]:
+def llama_config(hidden: int = 64, layers: int = 2, heads: int = 4, context: int = 64,
+                 vocab: int = TASK.vocab_size) -> dict[str, Any]:
     """A tiny Llama-shaped Hugging Face config (random init, built in code)."""
-    return dict(model_type="llama", vocab_size=TASK.vocab_size, hidden_size=hidden,
+    return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden,
                 intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=heads,
                 max_position_embeddings=context)
 
 
-def gpt2_config(hidden: int = 64, layers: int = 2, heads: int = 4) -> dict[str, Any]:
+def gpt2_config(hidden: int = 64, layers: int = 2, heads: int = 4,
+                vocab: int = TASK.vocab_size) -> dict[str, Any]:
     """A tiny GPT-2-shaped Hugging Face config."""
-    return dict(model_type="gpt2", vocab_size=TASK.vocab_size, n_embd=hidden, n_layer=layers,
+    return dict(model_type="gpt2", vocab_size=vocab, n_embd=hidden, n_layer=layers,
                 n_head=heads, n_inner=4 * hidden, n_positions=64)
 
 
@@ -34,8 +35,19 @@ def task_score(task: TopicTokensTask) -> gr.OpDef:
         gr.Field("score", "f32", per_token=False),)),))(task.score_rollout)
 
 
+def vocab_of(opts: gr.RunOptions) -> int:
+    """The task's vocabulary: the policy directory's (--model DIR), so that every model
+    reads the token ids the policy generates; else the tiny default."""
+    policy = opts.model_dir("policy")
+    if policy is None:
+        return TASK.vocab_size
+    from graphrl.hf_dir import read_config
+
+    return int(read_config(policy)["vocab_size"])
+
+
 def task_for(opts: gr.RunOptions) -> TopicTokensTask:
-    return TopicTokensTask(TASK.vocab_size, opts.prompt_len or TASK.prompt_len,
+    return TopicTokensTask(vocab_of(opts), opts.prompt_len or TASK.prompt_len,
                            opts.response_len or TASK.response_len)
 
 
@@ -79,7 +91,8 @@ def held_out(task: TopicTokensTask, opts: gr.RunOptions) -> Any:
 
 
 def reward_model(opts: gr.RunOptions) -> gr.Model:
-    return gr.Model("reward", opts.config_for("reward", llama_config()), role="reward",
+    return gr.Model("reward", opts.config_for("reward", llama_config(vocab=vocab_of(opts))),
+                    role="reward",
                     head="score", options={"lr": 1e-3})
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphrl as gr  # noqa: E402
 from common import (gpt2_config, policy_and_reference, reward_model,  # noqa: E402
-                    rl_experiment, task_for, task_score)
+                    rl_experiment, task_for, task_score, vocab_of)
 
 
 def build(opts: gr.RunOptions) -> gr.Experiment:
@@ -36,8 +36,8 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
                 "policy_stats": policy_stats, "critic_stats": critic_stats}
 
     models = (*policy_and_reference(opts), reward_model(opts),
-              gr.Model("critic", opts.config_for("critic", gpt2_config()), role="critic",
-                       head="value", trainable=True, options={"lr": 2e-3}))
+              gr.Model("critic", opts.config_for("critic", gpt2_config(vocab=vocab_of(opts))),
+                       role="critic", head="value", trainable=True, options={"lr": 2e-3}))
     return rl_experiment("ppo_step", ppo_step, models, task, opts.batch_size or 64, opts)
 
 

@@ -3,7 +3,9 @@ where the example has one); ROLE=DIR stays for the other roles."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +75,23 @@ def test_reference_starts_as_the_policy_directory(model_dir, tmp_path):
             assert torch.equal(reference[name], t.to(reference[name].dtype)), name
     finally:
         executor.close()
+
+
+@pytest.mark.parametrize("example", ["grpo", "ppo"])
+def test_synthetic_examples_run_on_a_model_dir(example, model_dir):
+    """The synthetic task and the tiny reward model and critic take the directory's
+    vocabulary (the word-level tokenizer's, not the task's default 16), so every model
+    reads the token ids the policy generates: one iteration runs."""
+    import dataclasses
+    import io
+
+    from graphrl.runner import run_experiment
+
+    opts = parse("--model", model_dir, "--batch-size", "2", "--iterations", "1", "--quiet")
+    exp = dataclasses.replace(load_build(example)(opts), prepare=None)
+    vocab = {re.match(r"\w+\{vocab=(\d+)", a).group(1)
+             for a in architectures(exp.program().graph.text()).values()}
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    assert vocab == {str(config["vocab_size"])} and config["vocab_size"] != 16
+    summary = run_experiment(exp, opts, out=io.StringIO())
+    assert len(summary.rows) == 1 and 0 <= summary.rows[0]["reward_mean"] <= 1
