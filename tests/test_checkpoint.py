@@ -241,16 +241,25 @@ def test_finished_run_extends_bit_for_bit(tiny, reference, tmp_path):
     the final weights and optimizer state equal the uninterrupted 4-iteration run's."""
     import io
 
+    import torch
+
     summary, folder = reference
-    ck = tmp_path / "ck"
+    ck, saved = tmp_path / "ck", tmp_path / "saved"
     run(tiny, iterations=2, checkpoint_dir=str(ck))
     out = io.StringIO()
-    exp, opts = build(tiny, resume=str(ck), checkpoint_dir=str(ck))
+    exp, opts = build(tiny, resume=str(ck), checkpoint_dir=str(ck), save=str(saved))
     extended = run_experiment(exp, opts, out=out)
     assert "resumed from" in out.getvalue() and "after 2 iterations" in out.getvalue()
     assert "[ppo_step] 4 iterations (2 from the checkpoint, 2 run in " in out.getvalue()
     assert same(extended.rows) == same(summary.rows) and len(extended.rows) == ITERATIONS
-    assert_equal_state(weights(ck / "ckpt-00000004"), weights(folder / "ckpt-00000004"))
+    final = weights(folder / "ckpt-00000004")
+    assert_equal_state(weights(ck / "ckpt-00000004"), final)
+    # --save of the extended run: the policy a Hugging Face directory of the final weights
+    import transformers
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(saved).state_dict()
+    for name, t in final["policy"]["weights"].items():
+        assert torch.equal(policy[name], t.to(policy[name].dtype)), name
     for asked in (ITERATIONS, 3):   # nothing left to run: one line, no run, no summary
         out = io.StringIO()
         exp, opts = build(tiny, resume=str(ck), iterations=asked)

@@ -276,8 +276,8 @@ def empty_module(decl: Any, checkpoint: str | None) -> Any:
         cls = hf_class(decl.spec, auto=True)
     if head != "lm":
         config.num_labels = 1
-    with torch.device("meta"):
-        return cls.from_config(config)
+    with torch.device("meta"):   # a concrete class is built directly (it has no from_config)
+        return cls.from_config(config) if checkpoint is not None else cls(config)
 
 
 def _write_model(directory: Path, module: Any, state: Mapping[str, Any]) -> None:
