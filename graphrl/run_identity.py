@@ -3,11 +3,12 @@
 
 Two kinds of settings:
 - decisive: the value itself decides what the run computes (--seed, the contents of the
-  --data and --reward files, the reward function, --staleness, each model's precision and
-  architecture); any change is refused.
+  --data, --eval-data and --reward files, the reward function, --staleness,
+  --eval-threshold, each model's precision and architecture); any change is refused.
 - explaining: a flag whose effect shows in the step's graph, the next iteration's inputs
   or the models' shapes (--batch-size, --prompt-len, --response-len, --model,
-  --model-config, --prompt-field, --chat-template). Leaving it out or spelling out the
+  --model-config, --prompt-field, --chat-template, --eval-every, --eval-samples,
+  --eval-greedy). Leaving it out or spelling out the
   example's default, or moving a model directory, changes nothing and is accepted; when
   the graph or the data differ, these flags are named as the cause.
 
@@ -19,9 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-DECISIVE = ("--seed", "--data", "--reward", "--staleness", "--precision", "models")
+DECISIVE = ("--seed", "--data", "--reward", "--staleness", "--precision", "models",
+            "--eval-data", "--eval-threshold")
 EXPLAINING = ("--batch-size", "--prompt-len", "--response-len", "--model", "--model-config",
-              "--prompt-field", "--chat-template")
+              "--prompt-field", "--chat-template", "--eval-every", "--eval-samples",
+              "--eval-greedy")
 _MODEL_LINE = re.compile(r"^\s*model (\S+) = (\w+\{[^}]*\})")
 
 
@@ -43,6 +46,11 @@ def run_settings(opts: Any, program: Any) -> dict[str, Any]:
         "--model-config": ",".join(f"{r}={p}" for r, p in opts.model_config) or None,
         "--prompt-field": opts.prompt_field,
         "--chat-template": opts.chat_template,
+        "--eval-data": _file_identity(opts.eval_data),
+        "--eval-threshold": opts.eval_threshold,
+        "--eval-every": opts.eval_every,
+        "--eval-samples": opts.eval_samples,
+        "--eval-greedy": opts.eval_greedy,
     }
 
 
@@ -91,7 +99,7 @@ def _show(value: Any) -> str:
 
 
 def _same(flag: str, a: Any, b: Any) -> bool:
-    if flag in ("--data", "--reward") and a and b:   # by contents: the file may move
+    if flag in ("--data", "--eval-data", "--reward") and a and b:   # by contents: the file may move
         return ({k: v for k, v in a.items() if k != "path"}
                 == {k: v for k, v in b.items() if k != "path"})
     return a == b
