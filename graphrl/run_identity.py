@@ -3,14 +3,15 @@
 
 Two kinds of settings:
 - decisive: the value itself decides what the run computes (--seed, the contents of the
-  --data, --eval-data and --reward files, the reward function, --staleness,
-  --eval-threshold, each model's precision and architecture); any change is refused.
+  --data, --eval-data, --reward and --loss files, the reward and loss functions,
+  --staleness, --eval-threshold, each model's precision and architecture); any change
+  is refused.
 - explaining: a flag whose effect shows in the step's graph, the next iteration's inputs
   or the models' shapes (--batch-size, --prompt-len, --response-len, --model,
   --model-config, --prompt-field, --chat-template, --eval-every, --eval-samples,
-  --eval-greedy). Leaving it out or spelling out the
-  example's default, or moving a model directory, changes nothing and is accepted; when
-  the graph or the data differ, these flags are named as the cause.
+  --eval-greedy). Leaving it out or spelling out the example's default, or moving a
+  model directory, changes nothing and is accepted; when the graph or the data differ,
+  these flags are named as the cause.
 
 --iterations is not a setting: a finished run resumed with more iterations continues it.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DECISIVE = ("--seed", "--data", "--reward", "--staleness", "--precision", "models",
-            "--eval-data", "--eval-threshold")
+            "--eval-data", "--eval-threshold", "--loss")
 EXPLAINING = ("--batch-size", "--prompt-len", "--response-len", "--model", "--model-config",
               "--prompt-field", "--chat-template", "--eval-every", "--eval-samples",
               "--eval-greedy")
@@ -34,7 +35,8 @@ def run_settings(opts: Any, program: Any) -> dict[str, Any]:
     return {
         "--seed": opts.seed,
         "--data": _file_identity(opts.data),
-        "--reward": _reward_identity(opts.reward),
+        "--reward": _function_identity(opts.reward),
+        "--loss": _function_identity(getattr(opts, "loss", None)),
         "--staleness": opts.staleness,
         "--precision": ",".join(f"{name}={dtype}" for name, dtype in
                                 sorted(precisions(text).items())),
@@ -81,8 +83,8 @@ def _file_identity(path: str | None) -> dict[str, str] | None:
     return {"path": path, "sha256": sha256_file(Path(path))[:16]}
 
 
-def _reward_identity(spec: str | None) -> dict[str, Any] | None:
-    """--reward FILE.py:FUNCTION: the function's name and the file's contents."""
+def _function_identity(spec: str | None) -> dict[str, Any] | None:
+    """--reward/--loss FILE.py:NAME: the function's name and the file's contents."""
     if not spec:
         return None
     path, _, name = spec.rpartition(":")
@@ -99,7 +101,7 @@ def _show(value: Any) -> str:
 
 
 def _same(flag: str, a: Any, b: Any) -> bool:
-    if flag in ("--data", "--eval-data", "--reward") and a and b:   # by contents: the file may move
+    if flag in ("--data", "--eval-data", "--reward", "--loss") and a and b:   # by contents: the file may move
         return ({k: v for k, v in a.items() if k != "path"}
                 == {k: v for k, v in b.items() if k != "path"})
     return a == b
