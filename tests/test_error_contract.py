@@ -659,12 +659,12 @@ def test_model_directories_with_bad_weights(text_job, tmp_path_factory, capsys, 
 
 def test_checkpoint_files_corrupt_behind_a_matching_manifest(text_job, tmp_path, capsys):
     """A checkpoint whose file was damaged and its manifest rewritten to match (so the
-    checksum passes): unreadable or NaN tensors are named at --resume."""
+    checksums, the manifest's own included, pass): unreadable or NaN tensors are named at --resume."""
     import shutil
 
     import torch
 
-    from graphrl.checkpoint import sha256_file
+    from graphrl.checkpoint import SELF_SUM, manifest_sum, sha256_file
 
     run = ["run", TEXT, "--model", f"policy={text_job['model']}", "--data", text_job["data"],
            "--iterations", "1", "--batch-size", "2", "--quiet"]
@@ -683,8 +683,11 @@ def test_checkpoint_files_corrupt_behind_a_matching_manifest(text_job, tmp_path,
         manifest = json.loads((ck / "manifest.json").read_text())
         manifest["files"]["models/policy.pt"] = {"bytes": file.stat().st_size,
                                                  "sha256": sha256_file(file)}
+        manifest[SELF_SUM] = manifest_sum(manifest)   # rewritten whole, its own sum too
         (ck / "manifest.json").write_text(json.dumps(manifest))
-        line = check_usage_error(capsys, run + ["--resume", str(ck)],
+        # one iteration more than the checkpoint holds: a resume with nothing left to
+        # run reads no model file
+        line = check_usage_error(capsys, run + ["--resume", str(ck), "--iterations", "2"],
                                  f"checkpoint: {how} file behind a matching manifest")
         assert f"checkpoint file {file}" in line and needle in line, line
 
