@@ -10,6 +10,7 @@ from .example_file import load_loss
 from .experiment import Experiment, RunOptions
 from .graph import Graph, ModelDecl, Node, Placement, Value
 from .loss_def import LossDef, loss
+from .lora import LoRA
 from .parallel import DeviceMesh, Strategy
 from .parser import parse_graph
 from .printer import print_graph
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = ["data", "evaluation", "ops", "recipes", "rewards", "run", "signatures", "ExecutionError", "GraphError", "GraphRLError",
            "GraphSyntaxError", "TraceError", "UsageError", "Experiment", "RunOptions", "Graph",
-           "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
+           "LoRA", "ModelDecl", "Node", "Placement", "Value", "DeviceMesh", "Strategy", "parse_graph",
            "print_graph", "prompts_spec", "Model", "OpDef", "Program", "trace", "Field",
            "ModelSpec", "PayloadSpec", "llama2", "verify_graph", "LossDef", "loss", "load_loss"]

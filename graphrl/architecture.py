@@ -70,6 +70,8 @@ FEATURES = {
     "rope_scaling": "a rotary scaling other than llama3 (linear, dynamic, yarn, ...)",
     "sliding_window": "sliding-window attention shorter than the context",
     "activation": "an MLP activation other than the family's (silu / tanh-gelu)",
+    "lora": "LoRA adapters (graphrl.lora; run through peft on the Hugging Face module, "
+            "and not implemented on megatron-core's tensor-parallel linears)",
 }
 ALL_FEATURES = frozenset(FEATURES)
 
@@ -78,7 +80,7 @@ ALL_FEATURES = frozenset(FEATURES)
 # megatron converts the weights into megatron-core's GPTModel.
 ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
-    "deepspeed": ALL_FEATURES,
+    "deepspeed": ALL_FEATURES - {"lora"},
     "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
                        "sliding_window"}),
     "megatron": frozenset("qkv_bias o_bias mlp_bias qk_norm head_dim rope_llama3".split()),
@@ -101,6 +103,7 @@ class Architecture:
     sliding_window: int = 0                          # 0 = full attention in every layer
     activation: str = ""
     head_dim_differs: bool = False                   # head_dim * heads != hidden_size
+    lora: bool = False                               # LoRA adapters (graphrl.lora)
 
     def features(self) -> dict[str, str]:
         """feature -> the config field and value that asks for it."""
@@ -125,6 +128,8 @@ class Architecture:
             out["sliding_window"] = f"sliding_window={self.sliding_window}"
         if self.activation:
             out["activation"] = f"activation={self.activation}"
+        if self.lora:
+            out["lora"] = "gr.Model(lora=...) / --lora"
         return out
 
 

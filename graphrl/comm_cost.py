@@ -166,9 +166,15 @@ def _dp_grad_comm(spec: ModelSpec, strategy: Strategy, bw: float,
         return 0.0
     # the gradients in the model's precision: bf16 (GRAD_BYTES) in mixed precision, or fp32
     grad_bytes = GRAD_BYTES if spec.dtype == "bf16" else DTYPE_BYTES[spec.dtype]
-    params = spec.num_params / (strategy.tp * strategy.pp)
+    # LoRA (graphrl.lora): only the adapters have gradients to reduce
+    params = spec.trained_params / (strategy.tp * strategy.pp)
     if strategy.zero == 3:
         layers = max(1.0, spec.num_layers / strategy.pp)
+        if spec.lora is not None:   # the frozen base gathered for forward and backward
+            per_layer = grad_bytes * spec.num_params / (strategy.tp * strategy.pp) / layers
+            return (2 * layers * max(micro_batches, 1)
+                    * nccl_allgather_time(per_layer, strategy.dp, bw, nodes)
+                    + nccl_allreduce_time(grad_bytes * params, strategy.dp, bw, nodes))
         per_layer = grad_bytes * params / layers
         return (3 * layers * max(micro_batches, 1)
                 * nccl_allgather_time(per_layer, strategy.dp, bw, nodes))

@@ -141,14 +141,19 @@ def train_breakdown(spec: ModelSpec, batch: int, seq: int, strategy: Strategy = 
     tp_bw, pp_bw, dp_bw = _bandwidths(strategy, gpu, gpus_per_node)
     tp_nodes, dp_nodes = group_nodes(strategy, gpus_per_node)
     compute, hbm = _device_forward(spec, sp.per_micro, seq, strategy, gpu, params)
-    # backward: 2x the FLOPs; recomputation runs the forward once more
-    compute *= 1.0 + strategy.recompute + 2.0 / max(params.bwd_eff_ratio, 1e-9)
-    hbm *= 3.0 + strategy.recompute   # weights read in forward, data-grad, weight-grad
+    # backward: 2x the FLOPs; recomputation runs the forward once more. LoRA (graphrl.lora)
+    # computes no weight gradients for the frozen base: its backward is the data-gradient
+    # half (activation gradients still flow through every layer), the adapters' own
+    # FLOPs (r << hidden) neglected
+    lora = spec.lora is not None
+    compute *= 1.0 + strategy.recompute + (1.0 if lora else 2.0) / max(params.bwd_eff_ratio,
+                                                                       1e-9)
+    hbm *= 3.0 - lora + strategy.recompute   # weights read in forward, data-grad, weight-grad
     tokens = sp.per_micro * seq
     comm = _tp_comm(spec, tokens, sp.layers, 4, strategy, tp_bw, tp_nodes)
     p2p = 2 * _pp_p2p(spec, tokens, strategy, pp_bw)
     stage = compute + hbm + comm + p2p
-    local_params = spec.num_params / (strategy.tp * strategy.pp)
+    local_params = spec.trained_params / (strategy.tp * strategy.pp)   # Adam's
     if strategy.zero >= 1:
         local_params /= strategy.dp
     optimizer = OPTIMIZER_TRAFFIC_BYTES_PER_PARAM * local_params / (

@@ -59,6 +59,7 @@ class RunOptions:
     eval_samples: int = 1                # responses per held-out prompt (pass@k's n)
     eval_greedy: bool = False            # also decode the held-out prompts at temperature 0
     eval_threshold: float = 0.5          # a held-out response is correct if reward >= this
+    lora: tuple[str, ...] = ()           # --lora ROLE:r=16,alpha=32,targets=q_proj,v_proj
 
     @property
     def files_dir(self) -> str:
@@ -68,6 +69,15 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_run_options(self)
+
+    def loras(self) -> dict[str, Any]:
+        """Role -> graphrl.LoRA from --lora."""
+        from .lora import parse_lora_option
+
+        out = dict(parse_lora_option(text) for text in self.lora)
+        if len(out) != len(self.lora):
+            raise UsageError(f"--lora: a role is given twice ({', '.join(self.lora)})")
+        return out
 
     def precisions(self) -> dict[str, str]:
         """Role -> precision from --precision ("*" for every role)."""
@@ -198,9 +208,18 @@ class Experiment:
 
     def with_precision(self, opts: RunOptions) -> "Experiment":
         """The experiment with --precision applied to its models (each named role, or
-        every model for a bare PRECISION); unchanged without --precision."""
+        every model for a bare PRECISION), and --lora's adapters (graphrl.lora.apply_lora);
+        unchanged without them."""
         from dataclasses import replace
 
+        loras = opts.loras()
+        if loras:   # --lora: adapters on the named models (graphrl.lora)
+            from dataclasses import replace
+
+            from .lora import apply_lora
+
+            self.check_roles(opts)
+            self = replace(self, models=apply_lora(self.models, loras))
         given = opts.precisions()
         if not given:
             return self
@@ -218,7 +237,8 @@ class Experiment:
         given = [("--model", r) for r, _ in opts.model_dirs] + \
                 [("--model-config", r) for r, _ in opts.model_config] + \
                 [("--model-size", r) for r in opts.sizes() if r != "*"] + \
-                [("--precision", r) for r in opts.precisions() if r != "*"]
+                [("--precision", r) for r in opts.precisions() if r != "*"] + \
+                [("--lora", r) for r in opts.loras()]
         for flag, role in given:
             if role not in names:
                 raise UsageError(f"{flag}: {self.name} has no model {role!r}"

@@ -28,13 +28,16 @@ AttrValue = Any  # int | float | str | bool
 
 @dataclass(frozen=True)
 class ModelDecl:
-    """A model of the step: its architecture, role and engine."""
+    """A model of the step: its architecture, role and engine. `shares_base`: the model
+    (with LoRA adapters) whose frozen base this one is: it holds no weights of its own
+    and runs on that model's weights with the adapters switched off (graphrl.lora)."""
 
     name: str
     spec: ModelSpec
     role: str
     trainable: bool
     engine: str = "hf"
+    shares_base: str = ""
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -118,6 +121,11 @@ class Graph:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def weights_owner(self, name: str) -> str:
+        """The model whose weights `name`'s calls run on: the model itself, or for a
+        shared base (ModelDecl.shares_base) the model whose base it is."""
+        return next((m.shares_base or m.name for m in self.models if m.name == name), name)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

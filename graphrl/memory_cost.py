@@ -42,8 +42,16 @@ def model_state_bytes(spec: ModelSpec, strategy: Strategy) -> float:
     stage's share (zero_sharded_bytes) sharded over dp (Rajbhandari et al. 2020). With
     `offload` the optimizer states (12 or 8 B) are in host memory (host_state_bytes) and
     the GPU keeps the weights and gradients, sharded as the stage says (ZeRO-Offload, Ren
-    et al. 2021 §4.1)."""
-    local = spec.num_params / (strategy.tp * strategy.pp)
+    et al. 2021 §4.1). LoRA (graphrl.lora): the frozen base holds its weights only (2 or
+    4 B/param, sharded over dp under ZeRO-3), the adapters the states above."""
+    if spec.lora is not None:
+        return _weights_per_gpu(spec, strategy) + _state_bytes(spec.trained_params, spec,
+                                                               strategy)
+    return _state_bytes(spec.num_params, spec, strategy)
+
+
+def _state_bytes(num_params: int, spec: ModelSpec, strategy: Strategy) -> float:
+    local = num_params / (strategy.tp * strategy.pp)
     total = sum(TRAIN_STATE_BYTES[spec.dtype])
     sharded = zero_sharded_bytes(spec, strategy.zero)
     if strategy.offload:
@@ -59,7 +67,7 @@ def host_state_bytes(spec: ModelSpec, strategy: Strategy) -> float:
     over dp from ZeRO-1 on)."""
     if not strategy.offload:
         return 0.0
-    local = spec.num_params / (strategy.tp * strategy.pp)
+    local = spec.trained_params / (strategy.tp * strategy.pp)
     return (local * TRAIN_STATE_BYTES[spec.dtype][2]
             / (strategy.dp if strategy.zero >= 1 else 1))
 

@@ -40,7 +40,9 @@ def memory_uses(plan: Plan) -> Iterator[MemoryUse]:
     generates = {n.name for n in plan.graph.nodes if n.target == "generate"}
 
     def unit_of(i: Instr) -> str:   # a policy's generation keeps its own copy of the weights
-        return f"{i.model}.generate" if i.node in generates else i.model
+        if i.node in generates:
+            return f"{i.model}.generate"
+        return plan.graph.weights_owner(i.model) if i.model else i.model   # shared base
 
     for s in plan.streams:
         if s.worker == HOST:

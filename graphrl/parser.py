@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import re
 
-from .errors import GraphSyntaxError
+from .errors import GraphSyntaxError, UsageError
 from .graph import Graph, ModelDecl, Node, Placement, Value
+from .lora import LoRA
 from .parallel import DeviceMesh, Strategy
 from .schedule import Schedule, Timing
 from .types import WEIGHTS, Field, ModelSpec, PayloadSpec
@@ -24,7 +25,7 @@ _SPEC_KEYS = {"vocab": "vocab_size", "hidden": "hidden_size", "layers": "num_lay
               "qkv_bias": "qkv_bias", "o_bias": "o_bias", "mlp_bias": "mlp_bias",
               "qk_norm": "qk_norm", "rope_theta": "rope_theta",
               "rope_scaling": "rope_scaling", "window": "sliding_window",
-              "act": "activation", "eps": "norm_eps"}
+              "act": "activation", "eps": "norm_eps", "lora": "lora"}
 _SPEC_BOOLS = ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
 
 
@@ -127,8 +128,10 @@ def _model_spec(c: _Cursor) -> ModelSpec:
         if k in kw:
             kw[k] = bool(kw[k])
     try:
+        if "lora" in kw:
+            kw["lora"] = LoRA.from_dict(kw["lora"])
         return ModelSpec(family, **kw)  # type: ignore[arg-type]
-    except (TypeError, ValueError, ZeroDivisionError) as e:   # heads=0 divides by zero
+    except (TypeError, ValueError, ZeroDivisionError, UsageError) as e:   # heads=0: /0
         raise c.fail(f"a valid model spec ({e})") from None
 
 
@@ -137,7 +140,7 @@ def _spec_value(c: _Cursor, key: str) -> object:
         return c.ident()
     if key in ("rope_theta", "eps"):
         return float(c.match(_NUMBER, "a number"))
-    if key == "rope_scaling":   # a JSON object (ModelSpec.arch_text)
+    if key in ("rope_scaling", "lora"):   # a JSON object (ModelSpec.arch_text)
         c.ws()
         try:
             value, end = json.JSONDecoder().raw_decode(c.s, c.i)
@@ -293,8 +296,9 @@ def parse_graph(text: str) -> Graph:
                 c.expect("frozen")
             c.expect("engine=")
             engine = c.ident()
+            base = c.ident() if c.take("base=") else ""
             c.end()
-            models.append(ModelDecl(mname, spec, role, trainable, engine))
+            models.append(ModelDecl(mname, spec, role, trainable, engine, base))
         elif c.take("schedule"):
             if schedule is not None:
                 raise c.fail("one schedule line, not two")

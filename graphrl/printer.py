@@ -45,7 +45,8 @@ def format_attrs(attrs: tuple[tuple[str, object], ...]) -> str:
 
 def model_line(m: ModelDecl) -> str:
     mode = "trainable" if m.trainable else "frozen"
-    return f"model {m.name} = {m.spec.text()} role={m.role} {mode} engine={m.engine}"
+    base = f" base={m.shares_base}" if m.shares_base else ""
+    return f"model {m.name} = {m.spec.text()} role={m.role} {mode} engine={m.engine}{base}"
 
 
 def payload_text(spec: PayloadSpec) -> str:

@@ -25,6 +25,7 @@ from .hf_dir import is_model_dir, read_config
 from .loss_def import LossDef
 from .loss_def import resolve as resolve_loss
 from .model_checks import check_model_fields
+from .lora import LoRA
 from .printer import format_attr
 from .train_options import check_train_options
 from .types import PRECISIONS, Field, ModelSpec, PayloadSpec, weights_spec
@@ -45,6 +46,10 @@ class Model:
     weights and Adam state when it trains, bf16 weights only when frozen) or "fp32"; None
     keeps a ModelSpec config's own `dtype`, else bf16. The plan carries it as the model
     spec's `dtype`, and every engine runs it (docs/engines.md).
+    lora: a graphrl.LoRA: train low-rank adapters, the weights frozen (docs/lora.md).
+    shares_base: the name of a model with LoRA whose frozen base this (frozen, lm) model
+    is, e.g. a reference that starts as the policy: it runs on that model's weights with
+    the adapters off and holds none of its own.
     """
 
     name: str
@@ -56,9 +61,13 @@ class Model:
     options: Mapping[str, Any] = field(default_factory=dict)
     init_from: str = ""
     precision: str | None = None
+    lora: LoRA | None = None
+    shares_base: str = ""
 
     def __post_init__(self) -> None:
         check_model_fields(self.name, self.role, self.head, self.engine, self.options)
+        if self.lora is not None and not isinstance(self.lora, LoRA):
+            raise UsageError(f"model {self.name}: lora={self.lora!r} is not a graphrl.LoRA")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"model {self.name}: unknown precision {self.precision!r} "
                              f"(allowed: {', '.join(PRECISIONS)})")
@@ -71,7 +80,7 @@ class Model:
     @property
     def spec(self) -> ModelSpec:
         if isinstance(self.config, ModelSpec):
-            return replace(self.config, head=self.head,
+            return replace(self.config, head=self.head, lora=self.lora,
                            dtype=self.precision or self.config.dtype)
         config = read_config(self.config) if is_model_dir(self.config) else self.config
         try:
@@ -81,14 +90,15 @@ class Model:
             raise TraceError(f"model {self.name} ({where}): graphrl cannot read this "
                              f"config (llama, mistral, qwen2, qwen3 or gpt2): "
                              f"{type(e).__name__} {e}") from None
-        return replace(spec, dtype=self.precision or "bf16")
+        return replace(spec, dtype=self.precision or "bf16", lora=self.lora)
 
     def engine_options(self) -> dict[str, Any]:
         """What the engine is built with: `options`, plus the checkpoint directory."""
         return {**self.options, **({"checkpoint": self.checkpoint} if self.checkpoint else {})}
 
     def decl(self) -> ModelDecl:
-        return ModelDecl(self.name, self.spec, self.role, self.trainable, self.engine)
+        return ModelDecl(self.name, self.spec, self.role, self.trainable, self.engine,
+                         self.shares_base)
 
 
 @dataclass(frozen=True)
@@ -245,9 +255,15 @@ class Tracer:
                                tuple(values), model, attrs))
         return [TracedValue(self, v.name, v.spec) for v in values]
 
+    def weights_spec(self, model: str) -> PayloadSpec:
+        """The Weights payload of `model`: 0 bytes for a shared base (graphrl.lora), which
+        holds none of its own."""
+        decl = self.decls[model]
+        spec = weights_spec(model, decl.spec)
+        return replace(spec, weight_bytes=0) if decl.shares_base else spec
+
     def _weights(self, model: Model) -> TracedValue:
-        name = self.weights[model.name]
-        return TracedValue(self, name, weights_spec(model.name, self.decls[model.name].spec))
+        return TracedValue(self, self.weights[model.name], self.weights_spec(model.name))
 
     # -- model methods ----------------------------------------------------------------
     def call_generate(self, model: Model, prompts: Any, *, max_new_tokens: int,
@@ -392,6 +408,8 @@ def trace(step: Callable[..., Any], models: list[Model], name: str | None = None
     for m in models:
         if m.init_from and m.init_from not in by_name:
             raise TraceError(f"model {m.name}: init_from={m.init_from!r} is not a model")
+        if m.shares_base and m.shares_base not in by_name:
+            raise TraceError(f"model {m.name}: shares_base={m.shares_base!r} is not a model")
     tracer = Tracer(name, models)
     kwargs: dict[str, Any] = {}
     for pname in inspect.signature(step).parameters:
@@ -404,7 +422,7 @@ def trace(step: Callable[..., Any], models: list[Model], name: str | None = None
                              f"({', '.join(by_name)}) nor a given input "
                              f"({', '.join(inputs) or 'none'})")
     for m in models:
-        w = tracer.add_input(f"{m.name}@0", weights_spec(m.name, tracer.decls[m.name].spec))
+        w = tracer.add_input(f"{m.name}@0", tracer.weights_spec(m.name))
         tracer.weights[m.name], tracer.versions[m.name] = w.name, 0
     result = step(**kwargs)
     if not isinstance(result, Mapping) or not all(isinstance(v, TracedValue)

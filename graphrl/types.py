@@ -147,6 +147,7 @@ class ModelSpec:
     sliding_window: int = 0
     activation: str = ""
     norm_eps: float = 0.0   # 0 at construction: the family's (HF default) epsilon
+    lora: Any = None        # a graphrl.lora.LoRA: adapters train, the weights stay frozen
 
     def __post_init__(self) -> None:
         from .architecture import FAMILIES as TYPES
@@ -214,7 +215,8 @@ class ModelSpec:
         return Architecture(self.model_type, self.family, self.head_dim, self.qkv_bias,
                             self.o_bias, self.mlp_bias, self.qk_norm, self.rope_theta,
                             self.rope_scaling, self.sliding_window, self.activation,
-                            self.head_dim * self.num_heads != self.hidden_size)
+                            self.head_dim * self.num_heads != self.hidden_size,
+                            self.lora is not None)
 
     @property
     def params_per_layer(self) -> int:
@@ -245,6 +247,18 @@ class ModelSpec:
     def weight_bytes(self) -> int:
         return self.num_params * DTYPE_BYTES[self.dtype]
 
+    @property
+    def trained_params(self) -> int:
+        """Parameters with gradients and optimizer state: the LoRA adapters', or all."""
+        return self.lora.num_params(self) if self.lora is not None else self.num_params
+
+    @property
+    def sync_bytes(self) -> int:
+        """Bytes a training-to-generation weight sync moves: the adapters in the
+        model's precision under LoRA (the frozen base is on the generation side
+        already), else every weight."""
+        return self.trained_params * DTYPE_BYTES[self.dtype]
+
     def arch_text(self) -> list[str]:
         """`key=value` of each architecture field that differs from the family default
         (parser.py reads them back)."""
@@ -270,6 +284,8 @@ class ModelSpec:
             out.append(f"act={self.activation}")
         if self.norm_eps != NORM_EPS[self.family]:
             out.append(f"eps={self.norm_eps!r}")
+        if self.lora is not None:
+            out.append(f"lora={self.lora.text()}")
         return out
 
     def text(self) -> str:

@@ -45,6 +45,7 @@ def kind_of(spec: PayloadSpec) -> str:
 def verify_graph(g: Graph) -> Graph:
     """Check every invariant; return the graph unchanged so it chains."""
     _check_names(g)
+    _check_lora(g)
     values = {v.name: v.spec for v in g.values()}
     producers = g.producers()
     for n in g.nodes:
@@ -81,6 +82,38 @@ def _check_names(g: Graph) -> None:
                 second = [i for i, n in enumerate(names) if n == dup[0]][1]
                 line = 1 + second + (len(g.models) if label == "value" else 0)
             raise _fail(g, node, f"duplicate {label} name {dup[0]}", line)
+
+
+def _check_lora(g: Graph) -> None:
+    """LoRA (graphrl.lora): targets that are linears of the model's family, on a
+    trainable lm model; a shared-base model names a model with LoRA of the same
+    architecture, and is frozen with an lm head."""
+    from .errors import UsageError
+
+    names = {m.name: m for m in g.models}
+    for k, m in enumerate(g.models):
+        why = ""
+        if m.spec.lora is not None:
+            try:
+                m.spec.lora.check(m.spec, f"model {m.name}")
+            except UsageError as e:
+                why = str(e).partition(": ")[2]
+            if not why and not (m.trainable and m.spec.head == "lm"):
+                why = "LoRA adapts a trainable model with an lm head (a policy)"
+        if m.shares_base:
+            base = names.get(m.shares_base)
+            from dataclasses import replace
+
+            if base is None or base.spec.lora is None:
+                why = (f"shares_base={m.shares_base!r} is not a model with LoRA adapters "
+                       "(only a LoRA model's frozen base can be shared)")
+            elif m.trainable or m.spec.head != "lm" or m.spec.lora is not None:
+                why = "a shared-base model is frozen, has an lm head and no LoRA of its own"
+            elif replace(base.spec, lora=None) != m.spec:
+                why = (f"its architecture {m.spec.text()} is not {m.shares_base}'s base "
+                       f"{replace(base.spec, lora=None).text()}")
+        if why:
+            raise _fail(g, None, f"model {m.name}: {why}", 1 + k)
 
 
 def _check_node(g: Graph, n: Node, values: dict[str, PayloadSpec]) -> None:

@@ -58,7 +58,11 @@ def call_infos(graph: Graph) -> list[CallInfo]:
             if n.target == "train":  # each minibatch is one optimizer step (and gradient sync)
                 minibatches = max(1, int(n.attr("minibatches", 1)))
                 batch, steps = max(1, batch // minibatches), int(n.attr("epochs", 1)) * minibatches
-            out.append(CallInfo(n.name, n.call, n.model, unit_of(n), n.target, batch,
+            # a shared base (graphrl.lora) runs on its owner's engine: that model's unit,
+            # tied to its leading call, holding no weights of its own
+            owner = graph.weights_owner(n.model)
+            unit = unit_of(n) if owner == n.model else owner
+            out.append(CallInfo(n.name, n.call, owner, unit, n.target, batch,
                                 data[0].seq, 0, deps, steps))
     return out
 

@@ -85,7 +85,8 @@ def plan_traffic(spec: ModelSpec, src: Placement, dst: Placement,
     same shapes and, without pipeline stages, the same layouts: the plan of one layer is
     computed and scaled by the layer count (exact for pp == 1). Beyond
     EXACT_PLAN_MAX_GPUS GPUs, or without `exact`, the closed form of analytic_traffic."""
-    if not exact or len(set(src.mesh.gpus) | set(dst.mesh.gpus)) > EXACT_PLAN_MAX_GPUS:
+    if (not exact or len(set(src.mesh.gpus) | set(dst.mesh.gpus)) > EXACT_PLAN_MAX_GPUS
+            or spec.lora is not None):   # LoRA: the adapters move, closed form over them
         return analytic_traffic(spec, src, dst)
     if src.strategy.pp == 1 and dst.strategy.pp == 1 and spec.num_layers > 1:
         one = _plan(spec, src, dst, layers=1)
@@ -113,7 +114,7 @@ def analytic_traffic(spec: ModelSpec, src: Placement, dst: Placement) -> Reshard
     generation shard M/(t_g p_g) minus the part of it that it already holds of the
     training layout when it is one of the training GPUs (graphrl.cost.
     reshard_received_bytes); senders share the total evenly."""
-    m = spec.weight_bytes
+    m = spec.sync_bytes
     st, sg = src.strategy, dst.strategy
     src_gpus = set(src.mesh.gpus)
     own = int(reshard_received_bytes(m, st, sg, colocated=True))
@@ -187,6 +188,8 @@ class InsertReshard:
                                   ("network_bytes", traffic.total_bytes),
                                   ("sent", traffic.sent_text()),
                                   ("src", f"{src.mesh.text()}:{src.strategy.text()}"))
-                        + (((EVAL_EVERY, every),) if every is not None else ()), dst)
+                        + (((EVAL_EVERY, every),) if every is not None else ())
+                        + ((("sync", "adapters"),) if spec.lora is not None else ()),
+                        dst)
             graph = graph.insert_before(n.name, node).rename_input(n.name, weights, out.name)
         return graph

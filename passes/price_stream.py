@@ -168,7 +168,7 @@ def no_room_for_gradient_copy(plan: Any, marked: tuple[str, ...], problem: Any
     refused = {}
     for name, n in trains.items():
         st = n.placement.strategy
-        copy = (GRAD_BYTES * problem.specs[n.model].num_params / (st.tp * st.pp)
+        copy = (GRAD_BYTES * problem.specs[n.model].trained_params / (st.tp * st.pp)
                 / (st.dp if st.zero >= 2 else 1))
         if peak.get(name, 0) + copy > problem.capacity:
             refused[name] = (f"its GPUs cannot also hold the head part's gradient copy "

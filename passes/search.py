@@ -272,7 +272,8 @@ class Problem:
             fixed = self.engines.get(c.model, "")
             features = frozenset(self.specs[c.model].arch.features())
             cands = [v for s in raw for v in engine_variants(c.phase, s, fixed, features)] or [
-                replace(s, engine=fixed) for s in raw]
+                replace(s, engine=fixed) for s in raw if "lora" not in features
+                or c.phase == "generate"]   # LoRA: only what an engine runs exactly
         for s in cands:
             ch = self.cost(c, s)
             tied = [self._tied(f, s) for f in followers]   # priced with their leader
@@ -544,7 +545,7 @@ class Problem:
                 continue
             st, sg = choices[train.name].strategy, choices[gen.name].strategy
             mt, mg = assign[train.unit], assign[gen.unit]
-            received = reshard_received_bytes(self.specs[gen.model].weight_bytes, st, sg,
+            received = reshard_received_bytes(self.specs[gen.model].sync_bytes, st, sg,
                                               colocated=mt == mg)
             bw = self._link(mg.gpus if mt == mg else mt.gpus + mg.gpus)
             if received > 0:

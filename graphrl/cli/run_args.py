@@ -48,6 +48,13 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="bf16 (default: bf16 mixed precision, fp32 master weights and Adam "
                         "state) or fp32, for every model, or per role, e.g. "
                         "policy=fp32,critic=fp32; the plan prices and every engine runs it")
+    p.add_argument("--lora", metavar="ROLE[:r=R,alpha=A,targets=M1,M2,...]", action="append",
+                   default=[],
+                   help="train LoRA adapters of ROLE instead of its weights (repeatable), e.g. "
+                        "policy:r=16,alpha=32,targets=q_proj,v_proj (defaults r=16, alpha=32, "
+                        "targets q_proj,v_proj (gpt2: c_attn), dropout=0; adapter=DIR continues "
+                        "a PEFT adapter); a reference starting as ROLE then shares its frozen "
+                        "base (docs/lora.md)")
     p.add_argument("--model-config", metavar="ROLE=CONFIG.json", action="append", default=[],
                    help="a Hugging Face config file for one role (repeatable)")
     p.add_argument("--model", metavar="[ROLE=]DIR", action="append", default=[],
@@ -210,4 +217,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       max_restarts=getattr(ns, "max_restarts", 0),
                       staleness=getattr(ns, "staleness", 0) or 0,
                       precision=getattr(ns, "precision", None), **eval_fields(ns),
+                      lora=tuple(getattr(ns, "lora", None) or ()),
                       **(ray_opts if backend == "ray" else {}))
