@@ -80,7 +80,12 @@ class LocalExecutor:
         for name, m in self.program.models.items():   # before any engine is built
             refuse_unsupported(name, m.engine, m.spec.arch)
         engines = {name: create_engine(m.engine, m.decl(), m.engine_options(), device, self.seed)
-                   for name, m in self.program.models.items()}
+                   for name, m in self.program.models.items() if not m.shares_base}
+        for name, m in self.program.models.items():   # runs on its owner's module (LoRA)
+            if m.shares_base:
+                from .engines.lora_hf import SharedBase
+
+                engines[name] = SharedBase(m.decl(), engines[m.shares_base])
         for name, m in self.program.models.items():
             if m.init_from:
                 engines[name].load_weights(engines[m.init_from].export_weights())

@@ -158,6 +158,22 @@ def parse_lora_option(text: str) -> tuple[str, LoRA]:
     return role, LoRA(**kw)
 
 
+def check_save_target(path: str, models: Any) -> None:
+    """--save of a run whose policy trains LoRA adapters writes a PEFT adapter directory:
+    refuse a directory that holds a full model (config.json without adapter_config.json)
+    before any work."""
+    from pathlib import Path
+
+    if not any(getattr(m, "lora", None) is not None and m.trainable for m in models):
+        return
+    out = Path(path)
+    if (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
+        raise UsageError(f"--save {path}: holds a full model (config.json, no "
+                         "adapter_config.json); a LoRA run saves a PEFT adapter directory "
+                         "there: choose another directory (or --save-merged for a full "
+                         "model)")
+
+
 def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ...]:
     """graphrl.Models with `given` (model name -> LoRA, from --lora) applied. A frozen
     model that starts as a model with fresh adapters (init_from, no adapter directory to
@@ -172,4 +188,5 @@ def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ..
                  for m in out)
 
 
-__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "parse_lora_option", "apply_lora"]
+__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "parse_lora_option", "apply_lora",
+           "check_save_target"]

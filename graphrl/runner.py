@@ -84,6 +84,11 @@ def save_run(program: Any, executor: Any, target: str) -> list[str]:
     from graphrl.hf_dir import TOKENIZER_FILES
 
     policy = next((m for m in program.models.values() if m.trainable and m.head == "lm"), None)
+    if policy is not None and policy.lora is not None:   # a PEFT adapter directory
+        from graphrl.backends.engines.lora_hf import save_adapter
+
+        return save_adapter(target, executor.engines[policy.name], policy.checkpoint,
+                            program.models, executor.export_weights)
     source = policy.checkpoint if policy is not None else None
     if source is not None and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         source = None
@@ -147,7 +152,10 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
                           time.perf_counter() - start, len(state["rows"]))
     run_dir.prepare(given, opts)
     if opts.save:
+        from .lora import check_save_target as check_lora_save
+
         check_save_target(opts.save, opts.overwrite)
+        check_lora_save(opts.save, exp.models)
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
     if opts.metrics:

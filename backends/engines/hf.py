@@ -131,9 +131,13 @@ class HFEngine:
         checkpoint = self.options.get("checkpoint")
         torch.manual_seed(seed_for(seed, decl.name))
         self.module = build_module(decl, checkpoint).to(self.device)
-        self.module.eval()  # no dropout anywhere; train() only toggles autograd
-        if not decl.trainable:   # frozen: held in its precision only (bf16: no fp32 copy)
-            self.module.to(TORCH_DTYPES[self.precision])
+        self.module.eval()  # no dropout anywhere (LoRA's: while training); train() only
+        if not decl.trainable:   # toggles autograd. Frozen: held in its precision only
+            self.module.to(TORCH_DTYPES[self.precision])   # (bf16: no fp32 copy)
+        if decl.spec.lora is not None:   # adapters train, the base frozen (lora_hf.py)
+            from .lora_hf import wrap
+
+            self.module = wrap(self.module, decl, self.precision, checkpoint)
         self.tokens = special_tokens(checkpoint, self.module.config)
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = 0
@@ -145,11 +149,22 @@ class HFEngine:
 
     # -- precision ------------------------------------------------------------------------
     def compute(self) -> Any:
-        """The context every forward/backward runs in (bf16 autocast over fp32 weights)."""
+        """The context every forward/backward runs in (bf16 autocast over fp32 weights;
+        LoRA: over the bf16 base and the fp32 adapters)."""
+        if self.decl.spec.lora is not None and self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return autocast(self.device, self.precision, self.module)
 
     def ran_precision(self) -> str:
-        """The precision this engine computes in, read off what it holds and runs."""
+        """The precision this engine computes in, read off what it holds and runs (LoRA:
+        what its frozen base holds, the adapters' fp32 under autocast)."""
+        if self.decl.spec.lora is not None:
+            from .lora_hf import base_model
+
+            frozen = [p for p in base_model(self.module).parameters() if not p.requires_grad]
+            held = {p.dtype for p in frozen}
+            return "bf16" if held == {torch.bfloat16} else ran_precision(
+                self.module.get_base_model(), self.precision == "bf16")
         return ran_precision(self.module, self.precision == "bf16")
 
     def hold_frozen(self) -> None:
@@ -287,7 +302,8 @@ class HFEngine:
         ids[:, :plen], mask[:, :plen] = prompt_ids, prompt_mask
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         next_pos = prompt_mask.sum(-1, keepdim=True)
-        cache_arg = cache_argument(self.module)
+        cache_arg = cache_argument(getattr(self.module, "get_base_model",
+                                           lambda: self.module)())   # peft: the HF module
         with self.compute():
             out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
                               position_ids=positions(prompt_mask), use_cache=True)
@@ -328,10 +344,19 @@ class HFEngine:
                 # master copy) until hold_frozen(); the optimizer state is fp32 either way
                 self.module.float()
             o = self.options
-            self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o["lr"],
+            self.optimizer = torch.optim.AdamW(self._trained().parameters(), lr=o["lr"],
                                                betas=tuple(o["betas"]),
                                                weight_decay=o["weight_decay"])
         return self.optimizer
+
+    def _trained(self) -> Any:
+        """What the optimizer holds: the module, or under LoRA its adapters (a view
+        whose named_parameters are the trainable ones)."""
+        if self.decl.spec.lora is None:
+            return self.module
+        from .lora_hf import trainable
+
+        return trainable(self.module)
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: Any, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,
@@ -360,7 +385,7 @@ class HFEngine:
                                    bound.measure)
                 idx = idx.chunk(ranks)[rank]
             mb = micro_batches(self.decl.name, inputs, idx, 1, self._to)[0]
-            with torch.enable_grad():
+            with torch.enable_grad(), self._adapter_dropout():
                 value, stats = loss_fn(self.loss_forward(), mb, **hyper)
                 opt.zero_grad(set_to_none=True)
                 w = share * (parts.weight() if parts else 1.0)
@@ -370,11 +395,12 @@ class HFEngine:
             if self.after_backward is not None:
                 self.after_backward()
             if parts is not None:
-                stats = parts.finish(self.module.parameters(), stats)
+                stats = parts.finish(self._trained().parameters(), stats)
                 if part == "head":   # the optimizer steps after the rest
                     return stats
             if self.options["grad_clip"]:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.options["grad_clip"])
+                nn.utils.clip_grad_norm_(list(self._trained().parameters()),
+                                         self.options["grad_clip"])
             opt.step()
             return stats
 
@@ -383,6 +409,15 @@ class HFEngine:
         if part != "head":
             self.version += 1
         return stats
+
+    def _adapter_dropout(self) -> Any:
+        if self.decl.spec.lora is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        from .lora_hf import adapter_dropout
+
+        return adapter_dropout(self.module)
 
     # -- weights and memory ---------------------------------------------------------------
     def export_weights(self) -> dict[str, torch.Tensor]:
@@ -409,7 +444,7 @@ class HFEngine:
         from .engine_state import named_optimizer_state
 
         return {"weights": self.export_weights(), "version": self.version,
-                "optimizer": named_optimizer_state(self.module, self.optimizer)}
+                "optimizer": named_optimizer_state(self._trained(), self.optimizer)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what state_dict() returned (weights checked by name and shape)."""
@@ -418,7 +453,7 @@ class HFEngine:
         self.load_weights(state["weights"])
         self.optimizer = None
         if state["optimizer"] is not None:
-            load_named_optimizer_state(self.module, self._optimizer(), state["optimizer"])
+            load_named_optimizer_state(self._trained(), self._optimizer(), state["optimizer"])
         self.version = int(state["version"])
 
     def _move(self, device: torch.device) -> None:
