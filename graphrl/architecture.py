@@ -82,7 +82,7 @@ ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
     "deepspeed": ALL_FEATURES - {"lora"},
     "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
-                       "sliding_window"}),
+                       "sliding_window", "lora"}),
     "megatron": frozenset("qkv_bias o_bias mlp_bias qk_norm head_dim rope_llama3".split()),
 }
 

@@ -73,7 +73,9 @@ class FastEngine(HFEngine):
         self._refuse_unsupported()
         # bf16: the fused kernels run bf16 mixed precision themselves (fp32 masters cast to
         # bf16 once per call, fp32 norms / rotary / log-softmax), without autocast
-        self.fused_forward = (fused and decl.spec.head == "lm" and supported(self.module))
+        # (LoRA: HF's forward through peft; the fused kernels read the base weights only)
+        self.fused_forward = (fused and decl.spec.head == "lm" and decl.spec.lora is None
+                              and supported(self.module))
         self._lm: FastLM | None = None
         self._graphs: Any = None
         self.last_stats: dict[str, float] = {}
@@ -107,7 +109,16 @@ class FastEngine(HFEngine):
         dtype = TORCH_DTYPES[self.precision]   # the decode copy and KV cache: bf16 or fp32
         if (lm is None or lm.slots < slots or lm.max_len < max_len or lm.device != p.device
                 or lm.dtype != dtype):
-            lm = self._lm = FastLM(self.module, slots, max_len, dtype)
+            if self.decl.spec.lora is None:
+                lm = FastLM(self.module, slots, max_len, dtype)
+            else:   # the decode copy holds W + (alpha / r) B A, merged at each refresh
+                from functools import partial
+
+                from .lora_hf import base_model, merged
+
+                lm = FastLM(base_model(self.module), slots, max_len, dtype,
+                            merged=partial(merged, self.module))
+            self._lm = lm
             self._graphs = None
             if lm.device.type == "cuda" and self.cuda_graphs:
                 from .fast_graphs import GraphDecoder

@@ -70,9 +70,10 @@ class FastLM:
     whose weights `refresh()` copies."""
 
     def __init__(self, module: nn.Module, slots: int, max_len: int,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, merged: Any = None):
         cfg = module.config
         self.module = module
+        self.merged = merged   # LoRA: a context in which module's weights are W + s B A
         self.family = "gpt2" if cfg.model_type == "gpt2" else "llama"
         p = next(module.parameters())
         # weights and KV cache in `dtype` (the model's precision), default the module's
@@ -134,7 +135,14 @@ class FastLM:
         self.w[name].copy_(value)
 
     def refresh(self) -> None:
-        """Copy the module's current weights into this model's buffers (in place)."""
+        """Copy the module's current weights into this model's buffers (in place); with
+        `merged` (LoRA adapters), the weights with the adapters folded in."""
+        if self.merged is not None:
+            with self.merged():
+                return self._refresh()
+        return self._refresh()
+
+    def _refresh(self) -> None:
         m = self.module
         if self.family == "gpt2":
             t = m.transformer

@@ -171,6 +171,27 @@ class SharedBase:
         """Nothing of its own: the owner's engine moves the weights."""
 
 
+@contextlib.contextmanager
+def merged(module: nn.Module) -> Iterator[None]:
+    """Inside: each target linear's weight reads W + (alpha / r) B A (computed in the
+    base's dtype); after: the very tensors W again (swapped back, not subtracted: the
+    frozen base stays bit-exact). What the fast engine's decode copy is refreshed from."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in (m for m in base_model(module).modules() if isinstance(m, LoraLayer)):
+                w = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+                swapped.append((w, w.data))
+                w.data = w.data + delta.to(w.dtype)
+        yield
+    finally:
+        for w, data in swapped:
+            w.data = data
+
+
 def merged_weights(module: nn.Module, adapters: bool = True) -> dict[str, torch.Tensor]:
     """The plain HF state dict of a peft model: each target's W + (alpha / r) B A
     (`adapters`), or the base's W alone; computed on copies, the module unchanged."""
@@ -245,5 +266,5 @@ def save_adapter(target: str, engine: Any, base_source: str | None,
     return written
 
 
-__all__ = ["wrap", "trainable", "adapter_dropout", "base_model", "SharedBase",
+__all__ = ["wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
            "merged_weights", "save_adapter", "check_adapter_dir"]

@@ -227,26 +227,35 @@ def compare_main(ns: argparse.Namespace, build: Any) -> int:
     graph = build(opts).program().graph
     cluster = cluster_of(ns.cluster)
     progress = Progress("graphrl compare")
-    rows = compare_rows(graph, cluster, gen_engine(ns.gen_engine, opts.planning_only),
-                        load_placement(ns.placement), lengths, ns.memory_headroom, progress,
-                        opts.staleness)
+    variants = [("", graph)]
+    if opts.lora:   # LoRA beside full fine-tuning of the same models (docs/lora.md)
+        from dataclasses import replace
+
+        variants = [("full", build(replace(opts, lora=())).program().graph), ("lora", graph)]
+    rows = []
+    for tuning, g in variants:
+        rows += [{**r, "tuning": tuning} if tuning else r for r in compare_rows(
+            g, cluster, gen_engine(ns.gen_engine, opts.planning_only),
+            load_placement(ns.placement), lengths, ns.memory_headroom, progress,
+            opts.staleness)]
     progress.done()
     if ns.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"graphrl compare: @{graph.name} on {cluster.text()}")
-    print(f"{'policy':<14}{'stale':>6}{'step s':>10}{'auto speedup':>14}{'compile s':>11}"
+    print(f"{'policy':<18}{'stale':>6}{'step s':>10}{'auto speedup':>14}{'compile s':>11}"
           "  pools")
     for r in rows:
-        name = r["policy"] + (" async" if r.get("mode") == "async" else "")
+        name = (r["policy"] + (" async" if r.get("mode") == "async" else "")
+                + (f" {r['tuning']}" if r.get("tuning") else ""))
         if r["feasible"]:
             compile_s = (f"{r['compile_seconds']:>11.2f}" if r["compile_seconds"] is not None
                          else f"{'-':>11}")
             note = (f"  {r['split']} " + ("(chosen)" if r["chosen"] else
                                           f"(sync kept: {r['error']})")
                     if r.get("mode") == "async" else "")
-            print(f"{name:<14}{r['staleness']:>6}{r['step_seconds']:>10.3f}"
+            print(f"{name:<18}{r['staleness']:>6}{r['step_seconds']:>10.3f}"
                   f"{r['auto_speedup']:>13.2f}x{compile_s}{note}")
         else:
-            print(f"{name:<14}{r['staleness']:>6}{'infeasible':>10}   {r['error']}")
+            print(f"{name:<18}{r['staleness']:>6}{'infeasible':>10}   {r['error']}")
     return 0
