@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q --no-build-isolation $(ENGINES)
-	$(PY) -m pip install -q -e '.[dev,engines,loggers]'
+	$(PY) -m pip install -q -e '.[dev,engines,loggers,lora]'
 	DS_ACCELERATOR=cpu LOCAL_RANK=0 $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 

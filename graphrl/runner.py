@@ -109,6 +109,13 @@ def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> A
     if opts.backend == "ray":
         from .launch import start_executor
 
+        lora = [m.name for m in program.models.values() if m.lora is not None or m.shares_base]
+        if lora:   # refused before launch: not what the Ray workers implement yet
+            raise UsageError(f"--backend ray: {', '.join(lora)} use LoRA adapters or a "
+                             "shared base, which run on --backend local only (the Ray "
+                             "workers' adapter sync and shared-base engine are not "
+                             "implemented); use --backend local")
+
         return start_executor(program, opts, out=None if opts.quiet else out)
     raise UsageError(f"unknown backend {opts.backend!r} (known: local, ray)")
 

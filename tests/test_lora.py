@@ -310,3 +310,12 @@ def test_a_lora_run_resumes_bit_exact_and_saves_an_adapter(tmp_path):
     assert (tmp_path / "out" / "critic" / "config.json").is_file()
     with pytest.raises(UsageError, match="holds a full model"):
         run(save=str(tmp_path / "out" / "critic"))
+
+
+def test_ray_refuses_lora_before_launch():
+    from graphrl.runner import make_executor
+
+    opts = gr.RunOptions(backend="ray", lora=(LORA,))
+    exp = load_build("grpo")(opts)
+    with pytest.raises(UsageError, match="--backend ray: policy, reference use LoRA"):
+        make_executor(exp.with_precision(opts).program(), opts)

@@ -1,0 +1,127 @@
+"""LoRA against full fine-tuning of the same policy (docs/lora.md).
+
+Measured (local backend, CPU, one thread): the GRPO example (examples/grpo.py, its tiny
+Llama, the reward model trained once and shared), run for --iterations steps with full
+fine-tuning and with --lora policy:<SPEC>, alternating the two --repeats times so both
+see the same machine load. Per variant: trained parameters (what the optimizer holds,
+counted off the engine), the bytes the policy engine keeps after training (weights,
+gradients and Adam state, summed over its tensors), the median step and policy.train
+seconds (first step excluded), and the mean reward of the first and last 5 steps.
+
+Planned (cost model, 7B and 70B GRPO on one 8xH100 node): feasibility, the predicted
+step, the policy.train call's peak bytes per GPU, and the bytes per step the
+train-to-generation reshard moves (adapters only under LoRA). The local backend runs in
+one process, where the sync is a no-op: a run's reshard bytes are the plan's only.
+
+    .venv/bin/python benchmarks/lora_vs_full.py --out docs/lora.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def engine_bytes(engine) -> dict[str, int]:
+    """Bytes of the policy engine's weights, gradients and optimizer state tensors."""
+    import torch
+
+    weights = sum(t.numel() * t.element_size() for t in engine.module.state_dict().values())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters()
+                if p.grad is not None)
+    optim = sum(v.numel() * v.element_size() for s in (engine.optimizer.state.values()
+                                                        if engine.optimizer else ())
+                for v in s.values() if torch.is_tensor(v))
+    trained = sum(p.numel() for g in engine.optimizer.param_groups for p in g["params"])
+    return {"weight_bytes": weights, "grad_bytes": grads, "optimizer_bytes": optim,
+            "trained_params": trained}
+
+
+def measure(lora: str, lr: float, iterations: int, cache: dict) -> dict:
+    import graphrl as gr
+    from conftest import load_build, shared_prepare
+    from graphrl.backends.local import LocalExecutor
+    from graphrl.runner import run_experiment
+
+    opts = gr.RunOptions(seed=11, quiet=True, iterations=iterations,
+                         lora=(lora,) if lora else ())
+    exp = load_build("grpo")(opts)
+    exp = replace(exp, models=tuple(replace(m, options={**m.options, "lr": lr})
+                                    if m.name == "policy" else m for m in exp.models))
+    exp = shared_prepare(exp, cache, opts.seed)
+    executor = LocalExecutor(exp.with_precision(opts).program(), seed=opts.seed)
+    t = time.perf_counter()
+    summary = run_experiment(exp, opts, out=open("/dev/null", "w"), executor=executor)
+    rows = summary.rows[1:]
+    return {"variant": lora or "full", "lr": lr, "seconds": time.perf_counter() - t,
+            "step_seconds": statistics.median(r["step_seconds"] for r in rows),
+            "train_seconds": statistics.median(r["seconds/policy.train"] for r in rows),
+            "generate_seconds": statistics.median(r["seconds/policy.generate"] for r in rows),
+            "reward_first5": summary.reward_window(True),
+            "reward_last5": summary.reward_window(False),
+            **engine_bytes(executor.engines["policy"])}
+
+
+def planned(lora: str) -> list[dict]:
+    import graphrl as gr
+    from conftest import load_build
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+    from graphrl.errors import GraphRLError
+
+    out = []
+    for size in ("7b", "70b"):
+        opts = gr.RunOptions(model_size=size, lora=(lora,) if lora else ())
+        graph = load_build("grpo")(opts).program().graph
+        row = {"variant": lora or "full", "size": size, "cluster": "1x8xH100"}
+        try:
+            plan = compile_graph(graph, ClusterSpec.parse("1x8xH100"), "auto").plan
+        except GraphRLError as e:
+            out.append({**row, "feasible": False, "error": str(e).splitlines()[0]})
+            continue
+        g = plan.graph
+        train = next(n for n in g.calls() if n.call == "policy.train")
+        reshard = [n for n in g.nodes if n.target == "reshard" and n.model == "policy"]
+        out.append({**row, "feasible": True, "step_seconds": plan.predicted_step_seconds,
+                    "train_peak_gib": train.timing.peak_bytes / 2**30,
+                    "trained_params": g.model("policy").spec.trained_params,
+                    "reshard_network_bytes": sum(n.attr("network_bytes") for n in reshard),
+                    "reshard_sync": [n.attr("sync", "weights") for n in reshard]})
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lora", default="policy:r=16,alpha=32")
+    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--full-lr", type=float, default=2e-3)
+    p.add_argument("--lora-lr", type=float, default=2e-2)
+    p.add_argument("--out", metavar="FILE.json")
+    ns = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    cache: dict = {}
+    runs = []
+    for _ in range(ns.repeats):
+        runs.append(measure("", ns.full_lr, ns.iterations, cache))
+        runs.append(measure(ns.lora, ns.lora_lr, ns.iterations, cache))
+    result = {"measured": runs, "planned": planned("") + planned(ns.lora)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if ns.out:
+        Path(ns.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
