@@ -175,16 +175,22 @@ def check_save_target(path: str, models: Any) -> None:
 
 
 def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ...]:
-    """graphrl.Models with `given` (model name -> LoRA, from --lora) applied. A frozen
-    model that starts as a model with fresh adapters (init_from, no adapter directory to
-    load) becomes its shared base: the adapters start at B = 0, so the base *is* that
-    model's initial function, and it needs no copy of its own."""
+    """graphrl.Models with `given` (model name -> LoRA, from --lora) applied. A frozen lm
+    model that starts as a model with fresh adapters (no adapter directory to load) --
+    init_from it, or loaded from the same model directory -- becomes its shared base: the
+    adapters start at B = 0, so the base *is* that model's initial function, and it
+    needs no copy of its own."""
     from dataclasses import replace
 
     out = [replace(m, lora=given[m.name]) if m.name in given else m for m in models]
-    fresh = {m.name for m in out if m.lora is not None and not m.lora.adapter}
-    return tuple(replace(m, init_from="", shares_base=m.init_from)
-                 if m.init_from in fresh and not m.trainable and m.head == "lm" else m
+    fresh = [m for m in out if m.lora is not None and not m.lora.adapter]
+
+    def owner(m: Any) -> str:
+        if m.trainable or m.head != "lm" or m.shares_base:
+            return ""
+        return next((f.name for f in fresh if m.init_from == f.name or (
+            m.checkpoint is not None and m.checkpoint == f.checkpoint)), "")
+    return tuple(replace(m, init_from="", shares_base=owner(m)) if owner(m) else m
                  for m in out)
 
 
