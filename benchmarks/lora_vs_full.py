@@ -100,11 +100,11 @@ def planned(lora: str) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lora", default="policy:r=16,alpha=32")
+    p.add_argument("--lora", default="policy:r=8,alpha=16")
     p.add_argument("--iterations", type=int, default=60)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--full-lr", type=float, default=2e-3)
-    p.add_argument("--lora-lr", type=float, default=2e-2)
+    p.add_argument("--lora-lr", type=float, default=1e-2)
     p.add_argument("--out", metavar="FILE.json")
     ns = p.parse_args()
     import torch

@@ -53,9 +53,12 @@ def task_for(opts: gr.RunOptions) -> TopicTokensTask:
 
 def policy_and_reference(opts: gr.RunOptions) -> tuple[gr.Model, gr.Model]:
     """The trained policy and its frozen reference, which starts as a copy of it (also of
-    the policy's --model directory, unless the reference is given one of its own)."""
+    the policy's --model directory, unless the reference is given one of its own; with
+    --lora policy: its shared base). LoRA adapters train at a 5x learning rate (their
+    update is a low-rank product starting from B = 0; docs/lora.md)."""
+    lr = 1e-2 if "policy" in opts.loras() else 2e-3
     return (gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
-                     trainable=True, options={"lr": 2e-3}),
+                     trainable=True, options={"lr": lr}),
             gr.Model("reference", opts.config_for("reference", opts.model_dir("policy")
                                                   or llama_config()),
                      role="reference", init_from="policy"))

@@ -237,7 +237,7 @@ def save_adapter(target: str, engine: Any, base_source: str | None,
     written = [target]
     try:
         module = engine.module
-        base_path = base_source
+        base_path = str(Path(base_source).resolve()) if base_source else None
         if base_source is None:   # a base built in code: saved beside the adapter
             base = base_model(module)
             state = merged_weights(module, adapters=False)
