@@ -60,6 +60,7 @@ class RunOptions:
     eval_greedy: bool = False            # also decode the held-out prompts at temperature 0
     eval_threshold: float = 0.5          # a held-out response is correct if reward >= this
     lora: tuple[str, ...] = ()           # --lora ROLE:r=16,alpha=32,targets=q_proj,v_proj
+    save_merged: str | None = None       # --lora run: the merged policy, an HF directory
 
     @property
     def files_dir(self) -> str:

@@ -163,6 +163,11 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
 
         check_save_target(opts.save, opts.overwrite)
         check_lora_save(opts.save, exp.models)
+    if opts.save_merged:
+        check_save_target(opts.save_merged)
+        if not any(m.lora is not None and m.trainable for m in exp.models):
+            raise UsageError(f"--save-merged {opts.save_merged}: no model of {exp.name} "
+                             "trains LoRA adapters (--lora ROLE); use --save")
     if opts.trace:  # before any work: a long run must not die at the end on its trace path
         check_output_file("--trace", opts.trace)
     if opts.metrics:
@@ -273,6 +278,11 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             with writing("--save", opts.save):
                 saved = save_run(program, executor, opts.save)
             extra.append("  saved: " + ", ".join(saved))
+        if opts.save_merged:
+            from graphrl.backends.engines.lora_hf import save_merged
+
+            extra.append("  saved merged: " + save_merged(opts.save_merged, program.models,
+                                                          executor.engines))
         finished = True
     finally:
         if bar is not None:

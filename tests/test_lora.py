@@ -300,7 +300,8 @@ def test_a_lora_run_resumes_bit_exact_and_saves_an_adapter(tmp_path):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in summary.rows]
 
     ckpts = tmp_path / "ckpt"
-    rows = run(checkpoint_dir=str(ckpts), checkpoint_every=2, save=str(tmp_path / "out"))
+    rows = run(checkpoint_dir=str(ckpts), checkpoint_every=2, save=str(tmp_path / "out"),
+               save_merged=str(tmp_path / "merged"))
     first = published(ckpts)[0]
     state = torch.load(first / "models" / "policy.pt", weights_only=False)
     assert set(state["optimizer"]["state"]) == {k for k in state["weights"] if "lora_" in k}
@@ -310,6 +311,21 @@ def test_a_lora_run_resumes_bit_exact_and_saves_an_adapter(tmp_path):
     assert (tmp_path / "out" / "critic" / "config.json").is_file()
     with pytest.raises(UsageError, match="holds a full model"):
         run(save=str(tmp_path / "out" / "critic"))
+    # --save-merged: a plain HF model with the function of base + adapter (bf16 merge)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokens = rollout(seed=4)["tokens"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), tmp_path / "out")
+    with torch.no_grad():
+        a, b = (torch.log_softmax(m(input_ids=tokens).logits.float(), -1)
+                for m in (merged, adapted))
+    assert (a - b).abs().max() < 0.05
+    with pytest.raises(UsageError, match="--save-merged .* no model of ppo_step trains LoRA"):
+        opts = gr.RunOptions(batch_size=4, quiet=True, save_merged=str(tmp_path / "m2"))
+        run_experiment(load_example(str(path))(opts), opts)
 
 
 def test_ray_refuses_lora_before_launch():

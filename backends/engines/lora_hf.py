@@ -266,5 +266,26 @@ def save_adapter(target: str, engine: Any, base_source: str | None,
     return written
 
 
-__all__ = ["wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
+def save_merged(target: str, models: Mapping[str, Any], engines: Mapping[str, Any]) -> str:
+    """Write the LoRA policy with its adapters merged (W + (alpha / r) B A) as a plain
+    Hugging Face directory at `target` (atomically; the tokenizer of the model directory
+    it was loaded from copied beside it)."""
+    from dataclasses import replace
+
+    from graphrl.hf_dir import TOKENIZER_FILES
+
+    from .hf_checkpoint import empty_module, save_models
+
+    policy = next(m for m in models.values() if m.lora is not None and m.trainable)
+    decl = policy.decl()
+    plain = replace(decl, spec=replace(decl.spec, lora=None))
+    source = policy.checkpoint
+    if source is not None and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        source = None
+    save_models(target, [("", empty_module(plain, policy.checkpoint),
+                          merged_weights(engines[policy.name].module))], source)
+    return target
+
+
+__all__ = ["save_merged", "wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
            "merged_weights", "save_adapter", "check_adapter_dir"]

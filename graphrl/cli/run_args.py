@@ -93,6 +93,9 @@ def add_run_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="after the run, write the trained policy as a Hugging Face "
                         "directory (tokenizer copied beside it; a critic in DIR/critic), "
                         "atomically")
+    p.add_argument("--save-merged", metavar="DIR",
+                   help="after a --lora run, also write the policy with its adapters merged "
+                        "(W + alpha/r B A) as a plain Hugging Face directory, atomically")
     p.add_argument("--staleness", type=int_at_least(0, MAX_STALENESS), default=0,
                    metavar="K",
                    help="asynchronous off-policy steps: rollouts generated at step n train "
@@ -218,4 +221,5 @@ def run_options(ns: argparse.Namespace) -> RunOptions:
                       staleness=getattr(ns, "staleness", 0) or 0,
                       precision=getattr(ns, "precision", None), **eval_fields(ns),
                       lora=tuple(getattr(ns, "lora", None) or ()),
+                      save_merged=getattr(ns, "save_merged", None),
                       **(ray_opts if backend == "ray" else {}))
