@@ -144,6 +144,21 @@ def test_70b_ppo_with_lora_fits_on_fewer_gpus(ppo_70b):
         assert n.attr("network_bytes") <= 2 * spec.sync_bytes * train.placement.mesh.size
 
 
+def test_compare_shows_full_and_lora_rows(capsys):
+    import json
+
+    from conftest import ROOT
+    from graphrl.cli import main
+
+    assert main(["compare", str(ROOT / "examples" / "grpo.py"), "--model-size", "7b",
+                 "--cluster", "1x8xH100", "--lora", "policy:r=16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["tuning"] for r in rows] == ["full"] * (len(rows) // 2) + ["lora"] * (
+        len(rows) // 2)
+    full, lora = ({r["policy"]: r for r in rows if r["tuning"] == t} for t in ("full", "lora"))
+    assert full.keys() == lora.keys() and full["auto"]["feasible"] and lora["auto"]["feasible"]
+
+
 # -- executed (hf engine through peft) -------------------------------------------------------
 def test_only_adapters_train_and_the_shared_base_is_the_untrained_model():
     from graphrl.backends.engines.hf import HFEngine, build_module
