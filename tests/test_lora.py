@@ -75,6 +75,27 @@ def test_trained_params_are_what_peft_trains():
         assert spec.trained_params == trained, family
 
 
+def test_apply_lora_shares_the_base_only_when_it_is_the_starting_policy():
+    """A frozen lm model becomes the shared base of a model with fresh adapters when it
+    starts as that model (init_from, or the same model directory); not when the
+    adapters continue from a directory (the starting policy is then not the base), and
+    never for a reward model."""
+    from graphrl.lora import apply_lora
+
+    models = (gr.Model("policy", "dir/a", "policy", trainable=True),
+              gr.Model("reference", "dir/a", "reference"),
+              gr.Model("ref2", {}, "reference", init_from="policy"),
+              gr.Model("reward", "dir/a", "reward", head="score"),
+              gr.Model("other", "dir/b", "reference"))
+    out = {m.name: m for m in apply_lora(models, {"policy": gr.LoRA(r=4)})}
+    assert out["policy"].lora == gr.LoRA(r=4)
+    assert (out["reference"].shares_base, out["ref2"].shares_base) == ("policy", "policy")
+    assert out["ref2"].init_from == ""
+    assert out["reward"].shares_base == out["other"].shares_base == ""
+    kept = apply_lora(models, {"policy": gr.LoRA(r=4, adapter="some/adapter")})
+    assert [m.shares_base for m in kept] == [""] * 5
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda: gr.LoRA(r=0), "the rank must be an int > 0"),
     (lambda: gr.LoRA(r=-2), "the rank must be an int > 0"),
