@@ -23,8 +23,6 @@ from typing import Any
 
 from .errors import UsageError
 
-# family -> target module name -> (in, out) features of each of its linears in one
-# decoder layer, from the spec (GPT-2's c_proj names the attention and the MLP output).
 def _llama_linears(s: Any) -> dict[str, tuple[tuple[int, int], ...]]:
     h, q, kv, ffn = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, \
         s.intermediate_size
@@ -38,6 +36,8 @@ def _gpt2_linears(s: Any) -> dict[str, tuple[tuple[int, int], ...]]:
     return {"c_attn": ((h, 3 * h),), "c_proj": ((h, h), (ffn, h)), "c_fc": ((h, ffn),)}
 
 
+# family -> (spec -> target module name -> (in, out) features of each of its linears in
+# one decoder layer); GPT-2's c_proj names both the attention and the MLP output
 LINEARS = {"llama": _llama_linears, "gpt2": _gpt2_linears}
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}
 
