@@ -48,12 +48,15 @@ def test_gspo_reward_rises(seed, tmp_path, reward_models):
     test_reward_rises("gspo", seed, tmp_path, reward_models)
 
 
-def test_grpo_learns_with_lora(reward_models):
-    """--lora policy:r=8,alpha=16 (q_proj, v_proj; the reference its shared base) learns
-    on the GRPO example: +0.08 mean reward in 30 iterations (full fine-tuning's bar is
-    +0.15 in 60; docs/lora.md has both curves)."""
-    opts = RunOptions(seed=11, quiet=True, iterations=30, lora=("policy:r=8,alpha=16",))
-    exp = shared_prepare(load_build("grpo")(opts), reward_models, 11)
+@pytest.mark.parametrize("example", ["ppo", "grpo"])
+def test_reward_rises_with_lora(example, reward_models):
+    """--lora policy:r=8,alpha=16 (q_proj, v_proj; the reference its shared base; the
+    examples' LoRA learning rate 1e-2) learns: +0.10 mean reward in 60 iterations, seed
+    11 (measured +0.14 on both; full fine-tuning's bar is +0.15 and it reaches +0.40 on
+    GRPO: docs/lora.md)."""
+    opts = RunOptions(seed=11, quiet=True, lora=("policy:r=8,alpha=16",))
+    exp = shared_prepare(load_build(example)(opts), reward_models, 11)
     summary = run_experiment(exp, opts)
     first, last = summary.reward_window(True), summary.reward_window(False)
-    assert last - first >= 0.08, f"grpo --lora: first5 {first:.3f} last5 {last:.3f}"
+    assert len(summary.rows) == 60
+    assert last - first >= 0.10, f"{example} --lora: first5 {first:.3f} last5 {last:.3f}"
