@@ -211,7 +211,10 @@ class GenerationStream:
                 if owner is not None:
                     self.batches[owner[0]].state[owner[1]] = WAIT
             slots = max(1, min(self.slots_max, 2 * biggest))
-            self.lm = FastLM(self.engine.module, slots, plen + max(self.max_new, 1))
+            from .engines.lora_hf import decode_source
+
+            module, merged = decode_source(self.engine.module)   # LoRA: merged weights
+            self.lm = FastLM(module, slots, plen + max(self.max_new, 1), merged=merged)
             self.held, self.pos_host = [None] * slots, [0] * slots
             self.tok, self.pos, self.seq, self.step = (
                 torch.zeros(slots, dtype=torch.long, device=self.lm.device) for _ in range(4))

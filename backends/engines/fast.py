@@ -109,16 +109,11 @@ class FastEngine(HFEngine):
         dtype = TORCH_DTYPES[self.precision]   # the decode copy and KV cache: bf16 or fp32
         if (lm is None or lm.slots < slots or lm.max_len < max_len or lm.device != p.device
                 or lm.dtype != dtype):
-            if self.decl.spec.lora is None:
-                lm = FastLM(self.module, slots, max_len, dtype)
-            else:   # the decode copy holds W + (alpha / r) B A, merged at each refresh
-                from functools import partial
+            from .lora_hf import decode_source
 
-                from .lora_hf import base_model, merged
-
-                lm = FastLM(base_model(self.module), slots, max_len, dtype,
-                            merged=partial(merged, self.module))
-            self._lm = lm
+            # LoRA: the decode copy holds W + (alpha / r) B A, merged at each refresh
+            module, merged = decode_source(self.module)
+            lm = self._lm = FastLM(module, slots, max_len, dtype, merged=merged)
             self._graphs = None
             if lm.device.type == "cuda" and self.cuda_graphs:
                 from .fast_graphs import GraphDecoder

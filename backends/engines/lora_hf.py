@@ -192,6 +192,16 @@ def merged(module: nn.Module) -> Iterator[None]:
             w.data = data
 
 
+def decode_source(module: nn.Module) -> tuple[nn.Module, Any]:
+    """What a decode copy (fast_model.FastLM) is built from: the HF module, and under
+    LoRA the context in which its weights are merged (None without adapters)."""
+    if not hasattr(module, "get_base_model"):
+        return module, None
+    from functools import partial
+
+    return base_model(module), partial(merged, module)
+
+
 def merged_weights(module: nn.Module, adapters: bool = True) -> dict[str, torch.Tensor]:
     """The plain HF state dict of a peft model: each target's W + (alpha / r) B A
     (`adapters`), or the base's W alone; computed on copies, the module unchanged."""
@@ -287,5 +297,5 @@ def save_merged(target: str, models: Mapping[str, Any], engines: Mapping[str, An
     return target
 
 
-__all__ = ["save_merged", "wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
+__all__ = ["decode_source", "save_merged", "wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
            "merged_weights", "save_adapter", "check_adapter_dir"]
