@@ -23,6 +23,7 @@ last 5 of the same number of steps (averaged over the repetitions).
     make trl                               # installs TRL into .venv (not part of make test)
     .venv/bin/python benchmarks/vs_trl.py --out docs/vs_trl.json   # prints the table too
     .venv/bin/python benchmarks/vs_trl.py --table docs/vs_trl.json # the table of a run
+    .venv/bin/python benchmarks/vs_trl.py --lora --out docs/vs_trl_lora.json   # LoRA on both
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": (16, 64, 2, 4), "3M": (512, 256, 4, 4)}   # vocab, hidden, layers, heads
 PROMPTS, GROUP, PROMPT_LEN, LR, BETA, CLIP = 16, 4, 6, 1e-3, 0.01, 0.2
+# --lora: the same adapters on both sides (graphrl's gr.LoRA through peft; TRL's
+# peft_config), the reference the policy's base with the adapters off on both
+LORA_R, LORA_ALPHA, LORA_TARGETS = 16, 32, ("q_proj", "v_proj")
 
 
 def llama_dict(size: str) -> dict:
@@ -57,7 +61,7 @@ def task(size: str, length: int):
 
 # -- graphrl ---------------------------------------------------------------------------------
 def run_graphrl(size: str, length: int, steps: int, seed: int,
-                old_forward: bool = False, precision: str = "fp32") -> dict:
+                old_forward: bool = False, precision: str = "fp32", lora: bool = False) -> dict:
     import graphrl as gr
     from graphrl.backends.local import LocalExecutor
     from graphrl.signatures import ROLLOUT, SCORES
@@ -80,10 +84,12 @@ def run_graphrl(size: str, length: int, steps: int, seed: int,
         return {"task_score": s, "policy_stats": stats}
 
     opts = {"lr": LR, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": 1.0}
+    adapters = gr.LoRA(LORA_R, LORA_ALPHA, LORA_TARGETS) if lora else None
     models = (gr.Model("policy", llama_dict(size), role="policy", trainable=True,
-                       engine="fast", options=opts, precision=precision),
-              gr.Model("reference", llama_dict(size), role="reference", init_from="policy",
-                       engine="fast", precision=precision))
+                       engine="fast", options=opts, precision=precision, lora=adapters),
+              gr.Model("reference", llama_dict(size), role="reference",
+                       engine="fast", precision=precision,
+                       **({"shares_base": "policy"} if lora else {"init_from": "policy"})))
     exp = gr.Experiment(name="grpo_vs_trl", step=step, models=models,
                         inputs={"prompts": gr.prompts_spec(PROMPTS, PROMPT_LEN)},
                         data=lambda i: {"prompts": t.prompts(PROMPTS, seed=seed * 7919 + i)},
@@ -114,7 +120,7 @@ def word_tokenizer(vocab: int):
 
 
 def run_trl(size: str, length: int, steps: int, seed: int,
-            checkpointing: bool = False, precision: str = "fp32") -> dict:
+            checkpointing: bool = False, precision: str = "fp32", lora: bool = False) -> dict:
     import torch
     import transformers
     from datasets import Dataset
@@ -174,8 +180,15 @@ def run_trl(size: str, length: int, steps: int, seed: int,
         gradient_checkpointing=checkpointing,
         # pad/eos are never sampled: every response is exactly `length` tokens, as in graphrl
         generation_kwargs={"suppress_tokens": [vocab, vocab + 1]})
+    peft = {}
+    if lora:
+        from peft import LoraConfig
+
+        peft["peft_config"] = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                         target_modules=list(LORA_TARGETS),
+                                         task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=str(state / "init"), reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[Clock()])
+                          processing_class=tokenizer, callbacks=[Clock()], **peft)
     trainer.train()
     shutil.rmtree(state, ignore_errors=True)
     return {"times": times, "cpu_times": cpu, "rewards": rewards}
@@ -185,17 +198,17 @@ def run_trl(size: str, length: int, steps: int, seed: int,
 def child(argv: list[str]) -> None:
     import torch
 
-    which, size, length, steps, seed, threads, flag, precision = argv
+    which, size, length, steps, seed, threads, flag, precision, lora = argv
     torch.set_num_threads(int(threads))
     fn = run_graphrl if which == "graphrl" else run_trl
     print("RESULT " + json.dumps(fn(size, int(length), int(steps), int(seed), flag == "1",
-                                    precision)))
+                                    precision, lora == "1")))
 
 
 def run(which: str, size: str, length: int, steps: int, seed: int, threads: int,
-        flag: bool, precision: str) -> dict:
+        flag: bool, precision: str, lora: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", which, size, str(length), str(steps),
-           str(seed), str(threads), str(int(flag)), precision]
+           str(seed), str(threads), str(int(flag)), precision, str(int(lora))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT,
                          env={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                               "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -222,7 +235,7 @@ def table(rows: list[dict]) -> str:
              "| TRL reward (first 5 -> last 5) |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(
-            f"| {r.get('precision', 'fp32')} | {r['size']} | {r['response_len']} | {r['graphrl_s_per_step']:.3f} "
+            f"| {r.get('precision', 'fp32')}{' LoRA' if r.get('lora') else ''} | {r['size']} | {r['response_len']} | {r['graphrl_s_per_step']:.3f} "
             f"| {r['trl_s_per_step']:.3f} | **{r['speedup']:.2f}x** "
             f"| {r.get('cpu_speedup', float('nan')):.2f}x | {r.get('load_avg_1min', -1):.1f} "
             f"| {r['graphrl_reward_first5']} -> {r['graphrl_reward_last5']} "
@@ -251,7 +264,11 @@ def main() -> None:
                     help="cProfile graphrl's steps at one size/length instead")
     ap.add_argument("--profile-trl", action="store_true", help="--profile TRL's steps")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a run's --out")
-    ap.add_argument("--child", nargs=8)
+    ap.add_argument("--lora", action="store_true",
+                    help=f"LoRA on both sides (r={LORA_R}, alpha={LORA_ALPHA}, "
+                         f"{'+'.join(LORA_TARGETS)}; graphrl's reference the shared base, "
+                         "TRL's peft_config)")
+    ap.add_argument("--child", nargs=9)
     a = ap.parse_args()
     if a.child:
         child(a.child)
@@ -265,10 +282,12 @@ def main() -> None:
         size, length = a.profile[0], int(a.profile[1])
         p = a.precisions[0]
         if a.profile_trl:
-            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing, p),
+            profile_steps(lambda n: run_trl(size, length, n, a.seed, a.trl_checkpointing, p,
+                                          a.lora),
                           a.threads)
         else:
-            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward, p),
+            profile_steps(lambda n: run_graphrl(size, length, n, a.seed, a.old_forward, p,
+                                              a.lora),
                           a.threads)
         return
     rows = []
@@ -280,13 +299,13 @@ def main() -> None:
             for which in ("graphrl", "trl"):
                 flag = a.old_forward if which == "graphrl" else a.trl_checkpointing
                 r = run(which, size, length, a.steps, a.seed, a.threads, flag,
-                        precision)
+                        precision, a.lora)
                 res[which]["times"] += r["times"][1:]
                 res[which]["cpu_times"] += r["cpu_times"][1:]
                 res[which]["rewards"].append(r["rewards"])
         g, t = (statistics.median(res[k]["times"]) for k in ("graphrl", "trl"))
         gc, tc = (statistics.median(res[k]["cpu_times"]) for k in ("graphrl", "trl"))
-        row = {"precision": precision, "size": size, "response_len": length,
+        row = {"precision": precision, "size": size, "response_len": length, "lora": a.lora,
                "steps": a.steps, "reps": a.reps, "threads": a.threads, "graphrl_old_forward": a.old_forward,
                "trl_checkpointing": a.trl_checkpointing,
                "graphrl_s_per_step": round(g, 4), "trl_s_per_step": round(t, 4),
