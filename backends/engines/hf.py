@@ -131,9 +131,11 @@ class HFEngine:
         checkpoint = self.options.get("checkpoint")
         torch.manual_seed(seed_for(seed, decl.name))
         self.module = build_module(decl, checkpoint).to(self.device)
-        self.module.eval()  # no dropout anywhere (LoRA's: while training); train() only
-        if not decl.trainable:   # toggles autograd. Frozen: held in its precision only
-            self.module.to(TORCH_DTYPES[self.precision])   # (bf16: no fp32 copy)
+        # no dropout anywhere (LoRA's adapter dropout: while training); train() only
+        # toggles autograd
+        self.module.eval()
+        if not decl.trainable:   # frozen: held in its precision only (bf16: no fp32 copy)
+            self.module.to(TORCH_DTYPES[self.precision])
         if decl.spec.lora is not None:   # adapters train, the base frozen (lora_hf.py)
             from .lora_hf import wrap
 
@@ -159,12 +161,9 @@ class HFEngine:
         """The precision this engine computes in, read off what it holds and runs (LoRA:
         what its frozen base holds, the adapters' fp32 under autocast)."""
         if self.decl.spec.lora is not None:
-            from .lora_hf import base_model
-
-            frozen = [p for p in base_model(self.module).parameters() if not p.requires_grad]
-            held = {p.dtype for p in frozen}
-            return "bf16" if held == {torch.bfloat16} else ran_precision(
-                self.module.get_base_model(), self.precision == "bf16")
+            held = {p.dtype for p in self.module.parameters() if not p.requires_grad}
+            names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+            return names.get(held.pop(), "mixed") if len(held) == 1 else "mixed"
         return ran_precision(self.module, self.precision == "bf16")
 
     def hold_frozen(self) -> None:
