@@ -254,6 +254,10 @@ def test_save_is_a_peft_adapter_that_peft_loads(tmp_path):
     other = tiny_decl(lora=gr.LoRA(r=4, targets=("q_proj", "v_proj"), adapter=str(out)))
     with pytest.raises(UsageError, match=r"made with r 2 \(the spec says 4\)"):
         HFEngine(other, {}, seed=0)
+    wider = tiny_decl(lora=replace(e.decl.spec.lora, adapter=str(out)))
+    wider = replace(wider, spec=replace(wider.spec, hidden_size=48))
+    with pytest.raises(UsageError, match="does not fit this base"):
+        HFEngine(wider, {}, seed=0)
     # continuing from it: the same function as the saved model
     again = HFEngine(tiny_decl(lora=replace(e.decl.spec.lora, adapter=str(out))),
                      {"checkpoint": str(out / "base")}, seed=1)
