@@ -133,6 +133,28 @@ def test_engines_without_lora_are_refused_with_the_reason():
 
 
 # -- planned -------------------------------------------------------------------------------
+def test_the_cost_model_prices_adapters_as_its_formulas_say():
+    """Model states = base weights (2 B/param in bf16, /dp under ZeRO-3) + 16 B per
+    adapter parameter (sharded as the stage says); the backward computes data gradients
+    only (1x the forward instead of 2x); the weight sync moves the adapters' bytes."""
+    from graphrl.cost import CALIBRATED, model_state_bytes, train_breakdown
+    from graphrl.parallel import Strategy
+
+    full = gr.llama2("7b")
+    lora = replace(full, lora=gr.LoRA(r=16))
+    n, t = full.num_params, lora.trained_params
+    assert t == 32 * 16 * (4096 + 4096) * 2   # q and v: r (in + out) per layer
+    assert model_state_bytes(lora, Strategy()) == 2 * n + 16 * t
+    z3 = Strategy(dp=4, zero=3)
+    assert model_state_bytes(lora, z3) == pytest.approx(2 * n / 4 + 16 * t / 4)
+    assert model_state_bytes(full, z3) == pytest.approx(16 * n / 4)
+    bwd = CALIBRATED.bwd_eff_ratio
+    c_full, c_lora = (train_breakdown(s, 8, 512)["compute"] for s in (full, lora))
+    assert c_lora / c_full == pytest.approx((1 + 1 / bwd) / (1 + 2 / bwd))
+    assert lora.sync_bytes == 2 * t and full.sync_bytes == full.weight_bytes
+
+
+
 @pytest.fixture(scope="module")
 def ppo_70b():
     from graphrl.cluster import ClusterSpec
