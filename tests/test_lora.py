@@ -397,3 +397,26 @@ def test_ray_refuses_lora_before_launch():
     exp = load_build("grpo")(opts)
     with pytest.raises(UsageError, match="--backend ray: policy, reference use LoRA"):
         make_executor(exp.with_precision(opts).program(), opts)
+
+
+def test_adapter_dropout_runs_while_training_only():
+    """dropout > 0: forward and generate are deterministic (eval), the train step draws
+    dropout masks (two steps from one state and seed differ only through them)."""
+    from graphrl.backends.engines.hf import HFEngine
+
+    decl = tiny_decl(lora=gr.LoRA(r=2, alpha=4.0, targets=("q_proj", "v_proj"), dropout=0.5))
+    e = HFEngine(decl, {"lr": 1e-2}, seed=0)
+    with torch.no_grad():
+        for n, p in e.module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)   # adapters that matter
+    r = rollout()
+    assert torch.equal(e.forward(r)["logprobs"], e.forward(r)["logprobs"])
+    state = copy.deepcopy(e.state_dict())
+    losses = []
+    for s in (1, 2):
+        torch.manual_seed(s)
+        e.load_state_dict(copy.deepcopy(state))
+        losses.append(e.train(grpo_inputs(), loss="grpo", clip=0.2, kl_coef=0.0)["loss"])
+    assert losses[0] != losses[1]
+    assert not any(m.training for m in e.module.modules())

@@ -353,9 +353,9 @@ class HFEngine:
         whose named_parameters are the trainable ones)."""
         if self.decl.spec.lora is None:
             return self.module
-        from .lora_hf import trainable
+        from .lora_hf import TrainableView
 
-        return trainable(self.module)
+        return TrainableView(self.module)
 
     def train(self, inputs: Mapping[str, Mapping[str, Any]], *, loss: Any, seed: int = 0,
               epochs: int = 1, minibatches: int = 1, shard: tuple[int, int] | None = None,

@@ -83,11 +83,7 @@ def wrap(module: nn.Module, decl: Any, precision: str, base_source: str | None) 
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()   # fp32 master weights of the adapters
-    return model
-
-
-def trainable(module: nn.Module) -> "TrainableView":
-    return TrainableView(module)
+    return model.eval()   # new adapter modules too: their dropout only while training
 
 
 class TrainableView:
@@ -297,5 +293,5 @@ def save_merged(target: str, models: Mapping[str, Any], engines: Mapping[str, An
     return target
 
 
-__all__ = ["decode_source", "save_merged", "wrap", "trainable", "adapter_dropout", "base_model", "SharedBase", "merged",
+__all__ = ["decode_source", "save_merged", "wrap", "TrainableView", "adapter_dropout", "base_model", "SharedBase", "merged",
            "merged_weights", "save_adapter", "check_adapter_dir"]
