@@ -35,8 +35,13 @@ PIN_KEYS = ("gpus", "tp", "pp", "dp", "zero", "micro_batches", "recompute", "off
             "engine")
 
 
-def unit_of(n: Node) -> str:
-    return f"{n.model}.generate" if n.target == "generate" else n.model
+def unit_of(n: Node, graph: Graph | None = None) -> str:
+    """What a call's memory and mesh belong to: its model's engine (`<model>.generate`
+    for a generate call's own copy); with `graph`, a shared base's (graphrl.lora) calls
+    belong to its owner's engine."""
+    if n.target == "generate":
+        return f"{n.model}.generate"
+    return graph.weights_owner(n.model) if graph is not None else n.model
 
 
 def call_infos(graph: Graph) -> list[CallInfo]:
@@ -60,9 +65,8 @@ def call_infos(graph: Graph) -> list[CallInfo]:
                 batch, steps = max(1, batch // minibatches), int(n.attr("epochs", 1)) * minibatches
             # a shared base (graphrl.lora) runs on its owner's engine: that model's unit,
             # tied to its leading call, holding no weights of its own
-            owner = graph.weights_owner(n.model)
-            unit = unit_of(n) if owner == n.model else owner
-            out.append(CallInfo(n.name, n.call, owner, unit, n.target, batch,
+            out.append(CallInfo(n.name, n.call, graph.weights_owner(n.model),
+                                unit_of(n, graph), n.target, batch,
                                 data[0].seq, 0, deps, steps))
     return out
 
@@ -154,7 +158,7 @@ def parse_pins(entries: Mapping[str, Mapping[str, Any]], graph: Graph,
         pins[call] = Pin(mesh, fields, engine)
     units: dict[str, DeviceMesh] = {}
     for call, pin in pins.items():
-        u = unit_of(calls[call])
+        u = unit_of(calls[call], graph)
         if pin.mesh is not None:
             if u in units and units[u] != pin.mesh:
                 raise UsageError(f"placement {call!r}: gpus {pin.mesh.text()} differ from "
@@ -217,7 +221,7 @@ def placement_pins(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, Pin]:
     for n in graph.calls():   # a unit's calls share one mesh (see search.py)
         if n.placement is None:
             continue
-        first = units.setdefault(unit_of(n), n)
+        first = units.setdefault(unit_of(n, graph), n)
         if out[n.call].mesh.gpu_set != out[first.call].mesh.gpu_set:
             raise UsageError(f"node {n.name} ({n.call}) is placed on "
                              f"{n.placement.mesh.text()}, {first.name} ({first.call}) on "
@@ -278,7 +282,7 @@ class AssignDevices:
 def _as_placed(graph: Graph, problem: Problem) -> Evaluation:
     """The schedule of a graph that places every call (its pins say where and how): at
     its schedule line's streaming factor, else the fastest of STREAMS."""
-    units = {unit_of(n): n.call for n in graph.calls()}
+    units = {unit_of(n, graph): n.call for n in graph.calls()}
     assignment = {u: problem.pins[call].mesh for u, call in units.items()}
     streams = (graph.schedule.stream,) if graph.schedule is not None else STREAMS
     best = None

@@ -187,6 +187,16 @@ def test_70b_ppo_with_lora_fits_on_fewer_gpus(ppo_70b):
         assert n.attr("network_bytes") <= 2 * spec.sync_bytes * train.placement.mesh.size
 
 
+def test_a_shared_base_pinned_away_from_its_owner_is_refused():
+    from graphrl.cluster import ClusterSpec
+    from graphrl.compiler import compile_graph
+
+    graph = load_build("grpo")(gr.RunOptions(model_size="7b", lora=("policy",))).program().graph
+    pins = {"policy.train": {"gpus": "0-3"}, "reference.forward": {"gpus": "4-7"}}
+    with pytest.raises(UsageError, match="'reference.forward': gpus 4-7 differ from 0-3"):
+        compile_graph(graph, ClusterSpec.parse("1x8xH100"), "auto", placement=pins)
+
+
 def test_compare_shows_full_and_lora_rows(capsys):
     import json
 
