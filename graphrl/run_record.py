@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 FORMAT = "graphrl-run/1"
 CONFIG_FILE = "config.json"
 LIBRARIES = ("torch", "transformers", "ray", "tokenizers", "numpy", "tensorboard", "wandb",
-             "deepspeed", "megatron-core")
-PATH_FIELDS = ("metrics", "trace", "data", "save", "run_dir", "checkpoint_dir", "resume",
-               "placement", "config")
+             "deepspeed", "megatron-core", "peft")
+PATH_FIELDS = ("metrics", "trace", "data", "save", "save_merged", "run_dir", "checkpoint_dir",
+               "resume", "placement", "config")
 GIT_TIMEOUT_S = 5.0
 
 
