@@ -330,6 +330,12 @@ def test_fast_engine_generates_from_the_merged_adapters():
     hf.load_state_dict(copy.deepcopy(fast.state_dict()))
     assert torch.equal(tokens, hf.generate(prompts, max_new_tokens=6, temperature=0.0)["tokens"])
     assert not torch.equal(tokens, first)   # the refresh took the trained adapters
+    from graphrl.backends.engines.lora_hf import SharedBase
+
+    ref = SharedBase(gr.ModelDecl("reference", replace(decl.spec, lora=None), "reference",
+                                  False, "fast", shares_base="policy"), fast)
+    assert torch.equal(ref.generate(prompts, max_new_tokens=6, temperature=0.0)["tokens"],
+                       first)   # adapters off: the base's decode copy
     after = fast.export_weights()
     assert all(torch.equal(after[k], v) for k, v in base.items())
 

@@ -178,6 +178,8 @@ def merged(module: nn.Module) -> Iterator[None]:
     try:
         with torch.no_grad():
             for layer in (m for m in base_model(module).modules() if isinstance(m, LoraLayer)):
+                if layer.disable_adapters:   # inside disable_adapter(): the base itself
+                    continue
                 w = layer.get_base_layer().weight
                 delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
                 swapped.append((w, w.data))
