@@ -290,6 +290,17 @@ def test_save_is_a_peft_adapter_that_peft_loads(tmp_path):
     wider = replace(wider, spec=replace(wider.spec, hidden_size=48))
     with pytest.raises(UsageError, match="does not fit this base"):
         HFEngine(wider, {}, seed=0)
+    import json
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(out, renamed, ignore=shutil.ignore_patterns("base"))
+    cfg = json.loads((renamed / "adapter_config.json").read_text())
+    (renamed / "adapter_config.json").write_text(json.dumps(
+        {**cfg, "base_model_name_or_path": "/models/another-llama"}))
+    with pytest.raises(UsageError, match="made for base '/models/another-llama'"):
+        HFEngine(tiny_decl(lora=replace(e.decl.spec.lora, adapter=str(renamed))),
+                 {"checkpoint": str(out / "base")}, seed=0)
     # continuing from it: the same function as the saved model
     again = HFEngine(tiny_decl(lora=replace(e.decl.spec.lora, adapter=str(out))),
                      {"checkpoint": str(out / "base")}, seed=1)
