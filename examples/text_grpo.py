@@ -49,7 +49,8 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
                                 group_size=8, max_new_tokens=opts.response_len or 4,
                                 prompt_field=opts.prompt_field,
                                 chat_template=opts.chat_template, prompt_len=opts.prompt_len,
-                                lr=3e-3, kl_coef=0.01, seed=opts.seed, iterations=400,
+                                lr=1.5e-2 if "policy" in opts.loras() else 3e-3,   # LoRA: 5x
+                                kl_coef=0.01, seed=opts.seed, iterations=400,
                                 reward_timeout=opts.reward_timeout,
                                 eval_data=eval_data,
                                 evaluation=gr.evaluation.eval_options(opts))
