@@ -62,20 +62,20 @@ def token_counts(rollout: dict[str, Any]) -> dict[str, float]:
             "response_length_max": float(lengths.max())}
 
 
-def check_save_target(path: str, overwrite: bool = False) -> None:
-    """--save must be creatable: not a file, not an earlier output (unless overwrite), its
-    parent a directory we can write in."""
+def check_save_target(path: str, overwrite: bool = False, flag: str = "--save") -> None:
+    """--save (or `flag`) must be creatable: not a file, not an earlier output (unless
+    overwrite), its parent a directory we can write in."""
     from .outputs import why_not_writable
 
     target = Path(path)
     if target.exists() and not target.is_dir():
-        raise UsageError(f"--save {path}: is a file")
+        raise UsageError(f"{flag} {path}: is a file")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UsageError(f"--save {path}: the directory holds an earlier output; choose "
+        raise UsageError(f"{flag} {path}: the directory holds an earlier output; choose "
                          "another name or pass --overwrite")
     why = why_not_writable(target.resolve().parent)
     if why:
-        raise UsageError(f"--save {path}: {why}")
+        raise UsageError(f"{flag} {path}: {why}")
 
 
 def save_run(program: Any, executor: Any, target: str) -> list[str]:
@@ -164,7 +164,7 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         check_save_target(opts.save, opts.overwrite)
         check_lora_save(opts.save, exp.models)
     if opts.save_merged:
-        check_save_target(opts.save_merged)
+        check_save_target(opts.save_merged, opts.overwrite, "--save-merged")
         if not any(m.lora is not None and m.trainable for m in exp.models):
             raise UsageError(f"--save-merged {opts.save_merged}: no model of {exp.name} "
                              "trains LoRA adapters (--lora ROLE); use --save")
@@ -281,8 +281,9 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
         if opts.save_merged:
             from graphrl.backends.engines.lora_hf import save_merged
 
-            extra.append("  saved merged: " + save_merged(opts.save_merged, program.models,
-                                                          executor.engines))
+            with writing("--save-merged", opts.save_merged):
+                merged = save_merged(opts.save_merged, program.models, executor.engines)
+            extra.append("  saved merged: " + merged)
         finished = True
     finally:
         if bar is not None:

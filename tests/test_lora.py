@@ -398,8 +398,10 @@ def test_a_lora_run_resumes_bit_exact_and_saves_an_adapter(tmp_path):
     assert run(resume=str(first)) == rows
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "critic" / "config.json").is_file()
+    with pytest.raises(UsageError, match="holds an earlier output"):
+        run(save=str(tmp_path / "out"))
     with pytest.raises(UsageError, match="holds a full model"):
-        run(save=str(tmp_path / "out" / "critic"))
+        run(save=str(tmp_path / "out" / "critic"), overwrite=True)
     # --save-merged: a plain HF model with the function of base + adapter (bf16 merge)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
