@@ -32,7 +32,7 @@ KEEP_FRACTION = 0.5   # expected share of groups with varied accuracy: generate 
 THRESHOLD = 0.75
 
 
-def build(opts: gr.RunOptions) -> gr.Experiment:
+def build(opts: gr.RunOptions, keep_fraction: float = KEEP_FRACTION) -> gr.Experiment:
     """DAPO with dynamic sampling on a synthetic task (graphrl example)."""
     task = task_for(opts)
     score_task = task_score(task)
@@ -47,7 +47,7 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
                                   samples=GROUP_SIZE)
         kept, kept_accuracy = gr.ops.dynamic_sampling(rollout, accuracy(rollout),
                                                       group_size=GROUP_SIZE,
-                                                      keep_fraction=KEEP_FRACTION)
+                                                      keep_fraction=keep_fraction)
         old_logprobs = policy.forward(kept)
         advantages = gr.ops.group_advantages(kept, kept_accuracy, group_size=GROUP_SIZE)
         policy_stats = policy.train(loss="ppo", rollout=kept, old_logprobs=old_logprobs,
@@ -55,7 +55,7 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
         return {"task_score": score_task(rollout), "kept": kept, "policy_stats": policy_stats}
 
     trained = opts.batch_size or 16   # prompts whose groups train each step (planned)
-    prompts = round(trained / KEEP_FRACTION)
+    prompts = round(trained / keep_fraction)
     return gr.Experiment(name="dapo_step", step=dapo_step,
                          models=(policy_and_reference(opts)[0],),
                          inputs={"prompts": gr.prompts_spec(prompts, task.prompt_len)},
