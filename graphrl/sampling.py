@@ -126,14 +126,17 @@ mask_truncated = OpDef("mask_truncated", _mask_truncated, (sig.ROLLOUT,),
                        (("rollout", sig.ROLLOUT, sig.ROLLOUT_FIELDS),), _check_mask_truncated)
 
 
-def variable_values(graph: Any) -> set[str]:
-    """Names of the values whose batch may be smaller than declared at run time: the
-    outputs of filtering ops (nodes with keep_fraction) and every data value computed
-    from one."""
-    out: set[str] = set()
+def variable_values(graph: Any) -> dict[str, int]:
+    """The values whose batch may be smaller than declared at run time (the outputs of
+    filtering ops, nodes with keep_fraction, and every data value computed from one),
+    each with the unit its batch is a multiple of (the filter's group_size)."""
+    out: dict[str, int] = {}
     for n in graph.nodes:
-        if n.attr(KEEP_ATTR) is not None or any(i in out for i in n.inputs):
-            out.update(v.name for v in n.outputs if not v.spec.is_weights)
+        units = [out[i] for i in n.inputs if i in out]
+        if n.attr(KEEP_ATTR) is not None:
+            units.append(int(n.attr("group_size", 1)))
+        if units:
+            out.update((v.name, max(units)) for v in n.outputs if not v.spec.is_weights)
     return out
 
 

@@ -87,7 +87,8 @@ def test_the_kept_batch_is_planned_and_variable_downstream():
     assert batches["forward"] == 16 and batches["group_advantages"] == 16
     assert "keep_fraction=0.5" in g.text()
     variable = variable_values(g)
-    assert {"%kept_rollout", "%kept_scores", "%policy_logprobs", "%advantages"} <= variable
+    assert {"%kept_rollout", "%kept_scores", "%policy_logprobs", "%advantages"} <= set(variable)
+    assert variable["%advantages"] == 4   # a whole number of groups of 4
     assert "%rollout" not in variable and "%all" not in variable
 
 

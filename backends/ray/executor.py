@@ -124,9 +124,12 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                 continue
             ranks = n.placement.strategy.dp   # the rest of the mesh is tp x pp (megatron)
             batch = self.graph.value(n.inputs[1]).spec.batch
+            what = "batch"
+            if n.inputs[1] in self._variable:   # any number of kept groups must split
+                batch, what = self._variable[n.inputs[1]], "kept group of"
             mb = int(n.attr("minibatches", 1))
             if ranks > 1 and (batch % mb or (batch // mb) % ranks):
-                raise UsageError(f"node {n.name} ({n.call}): batch {batch} in {mb} "
+                raise UsageError(f"node {n.name} ({n.call}): {what} {batch} in {mb} "
                                  f"minibatches does not split evenly over its {ranks} "
                                  f"data-parallel ranks {n.placement.mesh.text()}")
 
