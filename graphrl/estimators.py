@@ -106,6 +106,9 @@ def _check_grpo(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
     _check_known(where, attrs, ("group_size", "scale", "eps"))
     _check_group_size(where, specs, attrs)
     _check_scale(where, attrs)
+    if attrs.get("scale") == "none" and "eps" in attrs:
+        raise TraceError(f"{where}: eps={attrs['eps']!r} contradicts scale='none': eps "
+                         "guards a division by a std, and scale='none' divides by nothing")
 
 
 # -- RLOO -----------------------------------------------------------------------------------

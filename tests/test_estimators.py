@@ -173,6 +173,8 @@ def trace_with(body, batch=4):
     (lambda r, s, p, m: ops.rloo(r, s, group_size=3), r"batch 8 is not a multiple of group_size 3"),
     (lambda r, s, p, m: ops.group_advantages(r, s, group_size=2, scale="groop"),
      r"unknown scale 'groop' \(did you mean 'group'\?\)"),
+    (lambda r, s, p, m: ops.group_advantages(r, s, group_size=2, scale="none", eps=0.1),
+     r"eps=0.1 contradicts scale='none'"),
     (lambda r, s, p, m: ops.rloo(r, s, group_sise=2), r"unknown argument 'group_sise' \(did you mean 'group_size'\?\)"),
     (lambda r, s, p, m: ops.pass_at_k(r, s, group_size=2, k=3), r"k=3 must be an int in \[1, group_size=2\]"),
     (lambda r, s, p, m: ops.remax(r, s, ops.group_advantages(r, s, group_size=2)),
