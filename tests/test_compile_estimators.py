@@ -60,6 +60,7 @@ def test_dapo_plan_prices_the_oversampled_generation():
         assert g.value(train.inputs[1]).spec.batch == 256 * 4   # the kept batch
         assert flt.attr("keep_fraction") == (0.5 if prompts == 512 else 1.0)
         assert "keep_fraction=0.5" in g.text() or prompts == 256
+    assert parse_graph(half.graph.text()) == half.graph   # the factor is in the IR
     seconds = lambda c, call: next(n.timing.seconds for n in c.graph.nodes  # noqa: E731
                                    if n.target == call)
     assert seconds(half, "generate") > 1.5 * seconds(full, "generate")
