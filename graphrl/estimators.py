@@ -10,6 +10,7 @@ out. `ESTIMATORS` names them all; `estimator(name)` looks one up by name.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from . import signatures as sig
@@ -144,7 +145,7 @@ def _reinforce_pp(rollout: dict, scores: dict, logprobs: dict, ref_logprobs: dic
 
     mask = rollout["response_mask"]
     rewards = -kl_coef * (logprobs["logprobs"] - ref_logprobs["logprobs"]) * mask
-    rows = torch.arange(mask.shape[0])
+    rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last_token_index(mask)] += scores["score"]
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -217,9 +218,9 @@ def _pass_at_k(rollout: dict, scores: dict, *, group_size: int, k: int,
     correct = _groups(scores["score"], group_size) >= threshold
     n = group_size
     n_neg = (~correct).sum(dim=1, keepdim=True)
-    mean = 1.0 - _comb(n_neg, k) / _comb(torch.tensor(n), k)
+    mean = 1.0 - _comb(n_neg, k) / math.comb(n, k)
     std = (mean * (1.0 - mean)).sqrt()
-    fail_with = _comb(n_neg - 1, k - 1) / _comb(torch.tensor(n - 1), k - 1)
+    fail_with = _comb(n_neg - 1, k - 1) / math.comb(n - 1, k - 1)
     adv = torch.where(correct, 1.0 - mean, 1.0 - mean - fail_with) / (std + eps)
     adv = torch.where(std > 0, adv, torch.zeros_like(adv))   # all equal: no signal
     return _tokens(adv.reshape(-1).to(scores["score"].dtype), rollout)

@@ -45,8 +45,10 @@ def _dynamic_sampling(rollout: dict, scores: dict, *, group_size: int,
     g = s.view(-1, group_size)
     varied = (g.max(dim=1).values > g.min(dim=1).values).nonzero().flatten()
     cap = kept_groups(g.shape[0], keep_fraction)
-    keep = varied[:cap] if varied.numel() else torch.zeros(1, dtype=torch.long)
-    rows = (keep.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+    keep = varied[:cap] if varied.numel() else torch.zeros(1, dtype=torch.long,
+                                                           device=s.device)
+    rows = (keep.unsqueeze(1) * group_size
+            + torch.arange(group_size, device=s.device)).flatten()
     return {k: v[rows] for k, v in rollout.items()}, {"score": s[rows]}
 
 
@@ -101,7 +103,8 @@ def _mask_truncated(rollout: dict, *, max_new_tokens: int, eos_id: int = -1) -> 
     mask = rollout["response_mask"]
     from .estimators import last_token_index
 
-    last = rollout["tokens"][torch.arange(mask.shape[0]), last_token_index(mask)]
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    last = rollout["tokens"][rows, last_token_index(mask)]
     truncated = (mask.sum(dim=1) >= max_new_tokens) & (last != eos_id)
     return {**rollout, "response_mask": mask * (~truncated).to(mask.dtype).unsqueeze(1)}
 
