@@ -143,3 +143,17 @@ def variable_values(graph: Any) -> dict[str, int]:
     return out
 
 
+
+
+def oversampling_lines(graph: Any) -> list[str]:
+    """One line per filtering op: how much more the step generates than it trains on."""
+    out = []
+    for n in graph.nodes:
+        f = n.attr(KEEP_ATTR)
+        if f is None:
+            continue
+        src, kept = graph.value(n.inputs[0]).spec.batch, n.outputs[0].spec.batch
+        out.append(f"{n.target} {n.name}: generates {src} rows, trains on at most {kept} "
+                   f"(keep_fraction {f}: oversampled x{src / kept:.2f}); the plan prices "
+                   "each call on its own batch")
+    return out

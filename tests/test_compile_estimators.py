@@ -34,6 +34,9 @@ def test_graphrl_compile_for_a_cluster(example, root):
                    "--response-len", "1024", "--batch-size", "256"])
     assert rc == 0
     assert "predicted step:" in buf.getvalue()
+    line = ("dynamic_sampling %kept: generates 2048 rows, trains on at most 1024 "
+            "(keep_fraction 0.5: oversampled x2.00)")
+    assert (line in buf.getvalue()) == (example == "dapo")
 
 
 def test_remax_places_both_generates():
