@@ -32,7 +32,7 @@ def masked_whiten(x: Any, mask: Any, eps: float = 1e-6) -> Any:
     return (x - mean) * (var + eps).rsqrt() * mask
 
 
-def _check_group_size(where: str, specs: tuple[PayloadSpec, ...], attrs: Mapping[str, Any],
+def check_group_size(where: str, specs: tuple[PayloadSpec, ...], attrs: Mapping[str, Any],
                       minimum: int = 2) -> int:
     g = attrs.get("group_size")
     if not isinstance(g, int) or isinstance(g, bool):
@@ -47,7 +47,7 @@ def _check_group_size(where: str, specs: tuple[PayloadSpec, ...], attrs: Mapping
     return g
 
 
-def _check_known(where: str, attrs: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+def check_known(where: str, attrs: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     from .nearest import suggest
 
     for key in attrs:
@@ -104,8 +104,8 @@ def _grpo(rollout: dict, scores: dict, *, group_size: int, scale: str = "group",
 
 
 def _check_grpo(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    _check_known(where, attrs, ("group_size", "scale", "eps"))
-    _check_group_size(where, specs, attrs)
+    check_known(where, attrs, ("group_size", "scale", "eps"))
+    check_group_size(where, specs, attrs)
     _check_scale(where, attrs)
     if attrs.get("scale") == "none" and "eps" in attrs:
         raise TraceError(f"{where}: eps={attrs['eps']!r} contradicts scale='none': eps "
@@ -123,8 +123,8 @@ def _rloo(rollout: dict, scores: dict, *, group_size: int) -> dict:
 
 
 def _check_rloo(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    _check_known(where, attrs, ("group_size",))
-    _check_group_size(where, specs, attrs)
+    check_known(where, attrs, ("group_size",))
+    check_group_size(where, specs, attrs)
 
 
 # -- REINFORCE++ -----------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def _reinforce_pp(rollout: dict, scores: dict, logprobs: dict, ref_logprobs: dic
 
 
 def _check_reinforce_pp(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    _check_known(where, attrs, ("kl_coef", "gamma"))
+    check_known(where, attrs, ("kl_coef", "gamma"))
     gamma = attrs.get("gamma", 1.0)
     if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
         raise TraceError(f"{where}: gamma={gamma!r} must be in [0, 1]")
@@ -185,7 +185,7 @@ def _remax(rollout: dict, scores: dict, baseline_scores: dict) -> dict:
 
 
 def _check_remax(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    _check_known(where, attrs, ())
+    check_known(where, attrs, ())
     sampled, greedy = specs[1].batch, specs[2].batch
     if greedy < 1 or sampled % greedy:
         raise TraceError(f"{where}: {sampled} sampled scores do not split into the "
@@ -227,8 +227,8 @@ def _pass_at_k(rollout: dict, scores: dict, *, group_size: int, k: int,
 
 
 def _check_pass_at_k(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    _check_known(where, attrs, ("group_size", "k", "threshold", "eps"))
-    g = _check_group_size(where, specs, attrs)
+    check_known(where, attrs, ("group_size", "k", "threshold", "eps"))
+    g = check_group_size(where, specs, attrs)
     k = attrs.get("k")
     if not isinstance(k, int) or not 1 <= k <= g:
         raise TraceError(f"{where}: k={k!r} must be an int in [1, group_size={g}]")
@@ -249,7 +249,8 @@ reinforce_pp_baseline = _adv_op("reinforce_pp_baseline", _reinforce_pp_baseline,
 remax = _adv_op("remax", _remax, (sig.ROLLOUT, sig.SCORES, sig.SCORES), _check_remax)
 pass_at_k = _adv_op("pass_at_k", _pass_at_k, _RS, _check_pass_at_k)
 
-ESTIMATORS: dict[str, OpDef] = {"grpo": group_advantages, "rloo": rloo, "reinforce_pp": reinforce_pp,
+ESTIMATORS: dict[str, OpDef] = {"grpo": group_advantages, "rloo": rloo,
+                                "reinforce_pp": reinforce_pp,
                                 "reinforce_pp_baseline": reinforce_pp_baseline,
                                 "remax": remax, "pass_at_k": pass_at_k}
 

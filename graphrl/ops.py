@@ -7,7 +7,7 @@ name -> tensor) in the order of its `inputs` and returns one dict per output.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from . import signatures as sig
 from .estimators import (ADV_FIELDS, ESTIMATORS, SCALES, estimator,  # noqa: F401

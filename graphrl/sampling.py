@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from . import signatures as sig
 from .errors import TraceError
+from .estimators import check_group_size, check_known, last_token_index
 from .trace import OpDef
 from .types import Field, PayloadSpec
 
@@ -54,10 +55,8 @@ def _dynamic_sampling(rollout: dict, scores: dict, *, group_size: int,
 
 def _check_dynamic_sampling(where: str, specs: tuple[PayloadSpec, ...],
                             attrs: Mapping[str, Any]) -> int:
-    from .estimators import _check_group_size, _check_known
-
-    _check_known(where, attrs, ("group_size", KEEP_ATTR))
-    g = _check_group_size(where, specs, attrs)
+    check_known(where, attrs, ("group_size", KEEP_ATTR))
+    g = check_group_size(where, specs, attrs)
     f = attrs.get(KEEP_ATTR)
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
         raise TraceError(f"{where}: {KEEP_ATTR}={f!r} must be in (0, 1]: the expected "
@@ -84,9 +83,7 @@ def _overlong_penalty(rollout: dict, scores: dict, *, max_len: int, cache: int,
 
 
 def _check_overlong(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    from .estimators import _check_known
-
-    _check_known(where, attrs, ("max_len", "cache", "coef"))
+    check_known(where, attrs, ("max_len", "cache", "coef"))
     m, c = attrs.get("max_len"), attrs.get("cache")
     if not isinstance(m, int) or not isinstance(c, int) or not 0 < c <= m:
         raise TraceError(f"{where}: needs ints 0 < cache <= max_len, got max_len={m!r}, "
@@ -101,8 +98,6 @@ def _mask_truncated(rollout: dict, *, max_new_tokens: int, eos_id: int = -1) -> 
     import torch
 
     mask = rollout["response_mask"]
-    from .estimators import last_token_index
-
     rows = torch.arange(mask.shape[0], device=mask.device)
     last = rollout["tokens"][rows, last_token_index(mask)]
     truncated = (mask.sum(dim=1) >= max_new_tokens) & (last != eos_id)
@@ -110,9 +105,7 @@ def _mask_truncated(rollout: dict, *, max_new_tokens: int, eos_id: int = -1) -> 
 
 
 def _check_mask_truncated(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    from .estimators import _check_known
-
-    _check_known(where, attrs, ("max_new_tokens", "eos_id"))
+    check_known(where, attrs, ("max_new_tokens", "eos_id"))
     n = attrs.get("max_new_tokens")
     if not isinstance(n, int) or n < 1:
         raise TraceError(f"{where}: max_new_tokens={n!r} must be the generate call's "

@@ -158,11 +158,16 @@ def tiny_policy():
     return gr.Model("policy", llama_config(), role="policy", trainable=True)
 
 
+def scorer(name):
+    """A Rollout -> Scores op (traced only, never run here)."""
+    return ops.op(name, (gr.signatures.ROLLOUT,), ((name, gr.signatures.SCORES, (
+        gr.Field("score", "f32", per_token=False),)),))(lambda r: {})
+
+
 def trace_with(body, batch=4):
     def step(prompts, policy):
         rollout = policy.generate(prompts, max_new_tokens=4, samples=2)
-        score = ops.op("score", (gr.signatures.ROLLOUT,), (("score", gr.signatures.SCORES, (
-            gr.Field("score", "f32", per_token=False),)),))(lambda r: {})(rollout)
+        score = scorer("score")(rollout)
         return {"adv": body(rollout, score, prompts, policy)}
     return gr.trace(step, [tiny_policy()], prompts=gr.prompts_spec(batch, 4))
 
@@ -175,8 +180,10 @@ def trace_with(body, batch=4):
      r"unknown scale 'groop' \(did you mean 'group'\?\)"),
     (lambda r, s, p, m: ops.group_advantages(r, s, group_size=2, scale="none", eps=0.1),
      r"eps=0.1 contradicts scale='none'"),
-    (lambda r, s, p, m: ops.rloo(r, s, group_sise=2), r"unknown argument 'group_sise' \(did you mean 'group_size'\?\)"),
-    (lambda r, s, p, m: ops.pass_at_k(r, s, group_size=2, k=3), r"k=3 must be an int in \[1, group_size=2\]"),
+    (lambda r, s, p, m: ops.rloo(r, s, group_sise=2),
+     r"unknown argument 'group_sise' \(did you mean 'group_size'\?\)"),
+    (lambda r, s, p, m: ops.pass_at_k(r, s, group_size=2, k=3),
+     r"k=3 must be an int in \[1, group_size=2\]"),
     (lambda r, s, p, m: ops.remax(r, s, ops.group_advantages(r, s, group_size=2)),
      r"payload mismatch"),
 ])
@@ -189,8 +196,7 @@ def test_remax_traces_two_generates():
     """ReMax's greedy baseline is a second generate on the same prompts."""
     def body(r, s, prompts, policy):
         greedy = policy.generate(prompts, max_new_tokens=4, temperature=0.0)
-        return ops.remax(r, s, ops.op("s2", (gr.signatures.ROLLOUT,), (("s2", gr.signatures.SCORES, (
-            gr.Field("score", "f32", per_token=False),)),))(lambda x: {})(greedy))
+        return ops.remax(r, s, scorer("greedy_score")(greedy))
     program = trace_with(body)
     gens = [n for n in program.graph.nodes if n.target == "generate"]
     assert [n.attr("temperature") for n in gens] == [1.0, 0.0]

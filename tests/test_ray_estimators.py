@@ -19,7 +19,8 @@ from graphrl.cluster import ClusterSpec  # noqa: E402
 from graphrl.compiler import compile_graph  # noqa: E402
 from graphrl.runner import run_experiment  # noqa: E402
 
-PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3}, "policy.generate": {"gpus": "2-3"}}
+PLACEMENT = {"policy.train": {"gpus": "0-1", "dp": 2, "zero": 3},
+             "policy.generate": {"gpus": "2-3"}}
 ITERATIONS, SEED = 3, 0
 
 
