@@ -61,7 +61,7 @@ def check_payload(node: Node, spec: PayloadSpec, value: Any, variable: bool = Fa
     for f in spec.fields:
         shape = tuple(getattr(value[f.name], "shape", ()))
         want = f.shape(spec.batch, spec.seq)
-        if variable and shape[1:] == want[1:] and shape and 1 <= shape[0] <= want[0]:
+        if variable and shape and shape[1:] == want[1:] and 1 <= shape[0] <= want[0]:
             continue
         if shape != want:
             raise ExecutionError(f"node {node.name} ({node.call}): field {f.name} has shape "
