@@ -135,3 +135,20 @@ def test_text_dapo_runs_and_refuses_contradictions(text_job):
                                             r"\(0, 1\].*overlong_cache=9 must be in"):
         gr.recipes.text_dapo(ckpt, data, correct_answer, keep_fraction=0,
                              max_new_tokens=4, overlong_cache=9)
+
+
+def test_a_variable_batch_may_shrink_but_not_grow():
+    from graphrl.backends.local import check_payload
+
+    def body(r, s, policy):
+        kept, ks = ops.dynamic_sampling(r, s, group_size=4, keep_fraction=0.5)
+        return {"kept": kept, "ks": ks}
+    g = dapo_trace(body).graph
+    node = next(n for n in g.nodes if n.target == "dynamic_sampling")
+    spec = node.outputs[1].spec                      # Scores[16]
+    check_payload(node, spec, {"score": torch.zeros(8)}, variable=True)
+    for rows in (0, 20):
+        with pytest.raises(gr.ExecutionError, match=rf"field score has shape \({rows},\)"):
+            check_payload(node, spec, {"score": torch.zeros(rows)}, variable=True)
+    with pytest.raises(gr.ExecutionError, match=r"shape \(8,\)"):   # a fixed batch
+        check_payload(node, spec, {"score": torch.zeros(8)})
