@@ -2,8 +2,9 @@
 
 DAPO (Yu et al. 2025) as graphrl ops: a rule-based accuracy reward (a response is right
 when >= 75% of its tokens come from the half the topic asks for), dynamic sampling (the
-groups whose accuracies are all equal carry no gradient and are dropped), clip-higher and
-a token-level loss (PPO's surrogate averaged over all the kept response tokens), no KL.
+groups whose accuracies are all equal carry no gradient and are dropped) and a token-level
+loss (PPO's surrogate averaged over all the kept response tokens), no KL. (Clip-higher,
+clip=(0.2, 0.28), waits for the loss options of the ppo loss; clip is 0.2 here.)
 
 To keep the trained batch full, the step generates an oversampled batch: 1/KEEP_FRACTION
 times the prompts (the expected share of groups with varied rewards). The plan prices

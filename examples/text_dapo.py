@@ -6,8 +6,7 @@
 
 As examples/text_grpo.py (a tiny Llama and arithmetic word problems are built under
 --run-dir when --model / --data are not given), trained with DAPO (Yu et al. 2025):
-dynamic sampling over twice the prompts (keep_fraction 0.5), clip-higher, a token-level
-loss, no KL, the soft overlong penalty over the last 2 of the --response-len tokens and
+dynamic sampling over twice the prompts (keep_fraction 0.5), a token-level loss, no KL, the soft overlong penalty over the last 2 of the --response-len tokens and
 truncated responses masked out of the loss (graphrl.recipes.text_dapo).
 """
 from __future__ import annotations
