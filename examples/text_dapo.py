@@ -22,7 +22,7 @@ from word_problems import correct_answer, write_problems, write_tiny_llama  # no
 
 def build(opts: gr.RunOptions) -> gr.Experiment:
     """DAPO of a causal LM on text prompts with a reward function (graphrl example)."""
-    run_dir = Path(opts.run_dir) / "text_grpo"   # the same tiny model and problems
+    run_dir = Path(opts.files_dir) / "text_grpo"   # the same tiny model and problems
     policy = opts.model_dir("policy")
     if policy is None:
         tiny = run_dir / f"tiny-llama-seed{opts.seed}"
