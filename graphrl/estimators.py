@@ -33,27 +33,23 @@ def masked_whiten(x: Any, mask: Any, eps: float = 1e-6) -> Any:
 
 
 def check_group_size(where: str, specs: tuple[PayloadSpec, ...], attrs: Mapping[str, Any],
-                      minimum: int = 2) -> int:
+                     minimum: int = 2) -> int:
+    """group_size: an int >= 2 (a group needs a baseline) that divides the first
+    input's rows (prompts x samples). Unknown or missing attributes are refused before
+    (trace.check_arguments, against the kernel's keyword arguments)."""
     g = attrs.get("group_size")
-    if not isinstance(g, int) or isinstance(g, bool):
-        raise TraceError(f"{where}: group_size={g!r} must be an int (the samples per prompt)")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise TraceError(f"{where}: group_size={g!r} must be an int >= {minimum} (the "
+                         "samples of one prompt: generate(..., samples=group_size))")
     if g < minimum:
         raise TraceError(f"{where}: group_size={g} has no baseline: a group's advantage "
                          f"needs at least {minimum} samples of a prompt "
                          "(generate(..., samples=N) with N >= 2)")
     batch = specs[0].batch
     if batch % g:
-        raise TraceError(f"{where}: batch {batch} is not a multiple of group_size {g}")
+        raise TraceError(f"{where}: group_size={g} does not divide the rollout's {batch} "
+                         "rows (generate samples=group_size per prompt)")
     return g
-
-
-def check_known(where: str, attrs: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-    from .nearest import suggest
-
-    for key in attrs:
-        if key not in allowed:
-            raise TraceError(f"{where}: unknown argument {key!r}{suggest(key, allowed)} "
-                             f"(it takes {', '.join(allowed)})")
 
 
 def _groups(scores: Any, group_size: int) -> Any:
@@ -104,7 +100,6 @@ def _grpo(rollout: dict, scores: dict, *, group_size: int, scale: str = "group",
 
 
 def _check_grpo(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("group_size", "scale", "eps"))
     check_group_size(where, specs, attrs)
     _check_scale(where, attrs)
     if attrs.get("scale") == "none" and "eps" in attrs:
@@ -123,7 +118,6 @@ def _rloo(rollout: dict, scores: dict, *, group_size: int) -> dict:
 
 
 def _check_rloo(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("group_size",))
     check_group_size(where, specs, attrs)
 
 
@@ -156,7 +150,6 @@ def _reinforce_pp(rollout: dict, scores: dict, logprobs: dict, ref_logprobs: dic
 
 
 def _check_reinforce_pp(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("kl_coef", "gamma"))
     gamma = attrs.get("gamma", 1.0)
     if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
         raise TraceError(f"{where}: gamma={gamma!r} must be in [0, 1]")
@@ -185,7 +178,6 @@ def _remax(rollout: dict, scores: dict, baseline_scores: dict) -> dict:
 
 
 def _check_remax(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ())
     sampled, greedy = specs[1].batch, specs[2].batch
     if greedy < 1 or sampled % greedy:
         raise TraceError(f"{where}: {sampled} sampled scores do not split into the "
@@ -227,7 +219,6 @@ def _pass_at_k(rollout: dict, scores: dict, *, group_size: int, k: int,
 
 
 def _check_pass_at_k(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("group_size", "k", "threshold", "eps"))
     g = check_group_size(where, specs, attrs)
     k = attrs.get("k")
     if not isinstance(k, int) or not 1 <= k <= g:

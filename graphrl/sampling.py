@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from . import signatures as sig
 from .errors import TraceError
-from .estimators import check_group_size, check_known, last_token_index
+from .estimators import check_group_size, last_token_index
 from .trace import OpDef
 from .types import Field, PayloadSpec
 
@@ -55,7 +55,6 @@ def _dynamic_sampling(rollout: dict, scores: dict, *, group_size: int,
 
 def _check_dynamic_sampling(where: str, specs: tuple[PayloadSpec, ...],
                             attrs: Mapping[str, Any]) -> int:
-    check_known(where, attrs, ("group_size", KEEP_ATTR))
     g = check_group_size(where, specs, attrs)
     f = attrs.get(KEEP_ATTR)
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
@@ -83,7 +82,6 @@ def _overlong_penalty(rollout: dict, scores: dict, *, max_len: int, cache: int,
 
 
 def _check_overlong(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("max_len", "cache", "coef"))
     m, c = attrs.get("max_len"), attrs.get("cache")
     if not isinstance(m, int) or not isinstance(c, int) or not 0 < c <= m:
         raise TraceError(f"{where}: needs ints 0 < cache <= max_len, got max_len={m!r}, "
@@ -105,7 +103,6 @@ def _mask_truncated(rollout: dict, *, max_new_tokens: int, eos_id: int = -1) -> 
 
 
 def _check_mask_truncated(where: str, specs: tuple, attrs: Mapping[str, Any]) -> None:
-    check_known(where, attrs, ("max_new_tokens", "eos_id"))
     n = attrs.get("max_new_tokens")
     if not isinstance(n, int) or n < 1:
         raise TraceError(f"{where}: max_new_tokens={n!r} must be the generate call's "
