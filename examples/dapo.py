@@ -2,9 +2,9 @@
 
 DAPO (Yu et al. 2025) as graphrl ops: a rule-based accuracy reward (a response is right
 when >= 75% of its tokens come from the half the topic asks for), dynamic sampling (the
-groups whose accuracies are all equal carry no gradient and are dropped) and a token-level
-loss (PPO's surrogate averaged over all the kept response tokens), no KL. (Clip-higher,
-clip=(0.2, 0.28), waits for the loss options of the ppo loss; clip is 0.2 here.)
+groups whose accuracies are all equal carry no gradient and are dropped), clip-higher
+(clip=(0.2, 0.28)) and a token-level loss (PPO's surrogate averaged over all the kept
+response tokens: aggregation token-mean), no KL.
 
 To keep the trained batch full, the step generates an oversampled batch: 1/KEEP_FRACTION
 times the prompts (the expected share of groups with varied rewards). The plan prices
@@ -52,7 +52,8 @@ def build(opts: gr.RunOptions, keep_fraction: float = KEEP_FRACTION) -> gr.Exper
         old_logprobs = policy.forward(kept)
         advantages = gr.ops.group_advantages(kept, kept_accuracy, group_size=GROUP_SIZE)
         policy_stats = policy.train(loss="ppo", rollout=kept, old_logprobs=old_logprobs,
-                                    advantages=advantages, clip=0.2, epochs=2, minibatches=2)
+                                    advantages=advantages, clip=(0.2, 0.28),
+                                    aggregation="token-mean", epochs=2, minibatches=2)
         return {"task_score": score_task(rollout), "kept": kept, "policy_stats": policy_stats}
 
     trained = opts.batch_size or 16   # prompts whose groups train each step (planned)

@@ -6,7 +6,8 @@
 
 As examples/text_grpo.py (a tiny Llama and arithmetic word problems are built under
 --run-dir when --model / --data are not given), trained with DAPO (Yu et al. 2025):
-dynamic sampling over twice the prompts (keep_fraction 0.5), a token-level loss, no KL, the soft overlong penalty over the last 2 of the --response-len tokens and
+dynamic sampling over twice the prompts (keep_fraction 0.5), clip-higher, a token-level
+loss, no KL, the soft overlong penalty over the last 2 of the --response-len tokens and
 truncated responses masked out of the loss (graphrl.recipes.text_dapo).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def build(opts: gr.RunOptions) -> gr.Experiment:
     return gr.recipes.text_dapo(policy, data, reward, batch=opts.batch_size or 16,
                                 group_size=8, keep_fraction=0.5,
                                 max_new_tokens=opts.response_len or 4, overlong_cache=2,
-                                mask_truncated=True, clip=0.2,
+                                mask_truncated=True, clip=(0.2, 0.28),
                                 prompt_field=opts.prompt_field,
                                 chat_template=opts.chat_template, prompt_len=opts.prompt_len,
                                 lr=3e-3, seed=opts.seed, iterations=400)

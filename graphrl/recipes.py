@@ -106,17 +106,19 @@ def text_grpo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
 def text_dapo(policy: str, data: str, reward: Callable[..., Any], *, batch: int = 16,
               group_size: int = 8, keep_fraction: float = 0.5, max_new_tokens: int = 32,
               overlong_cache: int = 0, mask_truncated: bool = False,
-              clip: Any = 0.2, temperature: float = 1.0, top_p: float = 1.0,
+              clip: Any = (0.2, 0.28), temperature: float = 1.0, top_p: float = 1.0,
               prompt_field: str = "prompt", chat_template: bool = False,
               prompt_len: int | None = None, lr: float = 1e-4, epochs: int = 1,
               minibatches: int = 1, seed: int = 0, iterations: int = 100,
-              name: str = "text_dapo") -> Experiment:
+              reward_timeout: float | None = None, name: str = "text_dapo") -> Experiment:
     """DAPO (Yu et al. 2025) of the causal LM in directory `policy` on the prompts of
     `data`, scored by `reward` over text: `group_size` responses a prompt; dynamic
     sampling keeps the groups whose rewards differ (graphrl/sampling.py): the step
     generates round(batch / keep_fraction) prompts' groups and trains on at most `batch`
     of them (fewer when fewer differ); group-normalised advantages; PPO's clipped
-    surrogate averaged over all kept response tokens; no reference, no KL.
+    surrogate with DAPO's clip-higher range `clip=(low, high)`, averaged over all kept
+    response tokens (aggregation token-mean); no reference, no KL; each reward call must
+    return within `reward_timeout` seconds (default 60).
     `overlong_cache` L > 0: the soft overlong penalty over the last L tokens before
     max_new_tokens (DAPO eq. 13); `mask_truncated`: responses cut off at max_new_tokens
     (no EOS) are left out of the loss."""
@@ -139,7 +141,7 @@ def text_dapo(policy: str, data: str, reward: Callable[..., Any], *, batch: int 
     generated = round(batch / keep_fraction)
     prompts = PromptData(rows, tokenizer, batch=generated, seed=seed,
                          prompt_len=prompt_len, chat_template=chat_template)
-    score = text_reward(reward, prompts)
+    score = text_reward(reward, prompts, timeout=reward_timeout)
     eos = tokenizer.eos_token_id
     models = (Model("policy", policy, role="policy", trainable=True, options={"lr": lr}),)
 
