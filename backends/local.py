@@ -16,6 +16,7 @@ from graphrl.errors import ExecutionError, GraphRLError, OpError
 from graphrl.evaluation import due, run_attrs
 from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, OP, SYSTEM, Graph, Node
+from graphrl.sampling import variable_values
 from graphrl.timeline import Event
 from graphrl.trace import Program
 from graphrl.types import PayloadSpec
@@ -44,8 +45,10 @@ class StepResult:
     warmup: bool = False      # an async step that only generated (its queue was empty)
 
 
-def check_payload(node: Node, spec: PayloadSpec, value: Any) -> None:
-    """Raise if an engine or op returned something other than its declared payload."""
+def check_payload(node: Node, spec: PayloadSpec, value: Any, variable: bool = False) -> None:
+    """Raise if an engine or op returned something other than its declared payload;
+    `variable`: its batch may be smaller than declared (after dynamic sampling:
+    graphrl/sampling.py), at least 1 row."""
     if spec.is_weights:
         return
     if not isinstance(value, Mapping):
@@ -57,7 +60,10 @@ def check_payload(node: Node, spec: PayloadSpec, value: Any) -> None:
                              f"{sorted(value)}, its {spec.kind} payload declares {sorted(want)}")
     for f in spec.fields:
         shape = tuple(getattr(value[f.name], "shape", ()))
-        if shape != f.shape(spec.batch, spec.seq):
+        want = f.shape(spec.batch, spec.seq)
+        if variable and shape and shape[1:] == want[1:] and 1 <= shape[0] <= want[0]:
+            continue
+        if shape != want:
             raise ExecutionError(f"node {node.name} ({node.call}): field {f.name} has shape "
                                  f"{shape}, {spec.text()} declares "
                                  f"{f.shape(spec.batch, spec.seq)}")
@@ -72,6 +78,7 @@ class LocalExecutor:
         self.engines = dict(engines) if engines is not None else self._create(device)
         self.carried: dict[str, Any] | None = None  # set at the first step
         self._dead = self.graph.last_uses()
+        self._variable = variable_values(self.graph)
         self._clock0 = time.perf_counter()
 
     def _create(self, device: str) -> dict[str, ModelEngine]:
@@ -198,7 +205,7 @@ class LocalExecutor:
                                      f"{iteration}: {type(e).__name__}: {e}") from e
             end = self.now()
             for v, r in zip(n.outputs, results):
-                check_payload(n, v.spec, r)
+                check_payload(n, v.spec, r, v.name in self._variable)
                 env[v.name] = r
             if n.kind == OP:
                 check_op_outputs(n, results, iteration)

@@ -93,6 +93,8 @@ ROW_OPS = ("group_advantages", "gae")   # ops whose rows depend on their own gro
 
 def _op_refusal(n: Any, samples: int) -> str:
     if n.target == "group_advantages":
+        if n.attr("scale", "group") == "batch":
+            return "scale=batch: advantages divided by the whole batch's std"
         g = int(n.attr("group_size", 1))
         return "" if g >= 1 and samples % g == 0 else (
             f"group_size={g} groups do not lie within the head part's groups of {samples}")

@@ -106,14 +106,16 @@ class OpDef:
     """A pure tensor op usable in a step: `fn(*payload_dicts, **attrs)` returns one dict
     per output. `inputs` are the payload kinds it takes; `outputs` (name, kind, fields)
     what it returns, with the batch and sequence length of its first data input. The
-    attributes of a call are checked against fn's keyword arguments when it is traced,
-    and by `check(attrs, first_input_spec)` (an error message, or "" when fine)."""
+    attributes of a call are checked against fn's keyword arguments when it is traced;
+    `check(where, input_specs, attrs)`, if given, runs then too: it raises a TraceError
+    for bad attributes or payloads and returns the outputs' batch (None: the first
+    input's), e.g. the kept batch of a filtering op (graphrl/sampling.py)."""
 
     name: str
     fn: Callable[..., Any]
     inputs: tuple[str, ...]
     outputs: tuple[tuple[str, str, tuple[Field, ...]], ...]
-    check: Callable[[Mapping[str, Any], PayloadSpec], str] | None = None
+    check: Callable[[str, tuple[PayloadSpec, ...], Mapping[str, Any]], int | None] | None = None
 
     def __call__(self, *args: "TracedValue", **attrs: Any) -> Any:
         if not args or not all(isinstance(a, TracedValue) for a in args):
@@ -370,10 +372,9 @@ class Tracer:
             raise TraceError(f"{where}: two different ops share the name {op.name!r}")
         check_arguments(where, op.fn, tuple(checked), attrs, skip=len(checked))
         first = checked[0].spec
-        problem = op.check(attrs, first) if op.check is not None else ""
-        if problem:
-            raise TraceError(f"{where}: {problem}")
-        outs = [(name, PayloadSpec(kind, first.batch, first.seq, fields))
+        batch = op.check(where, tuple(a.spec for a in checked), attrs) if op.check else None
+        outs = [(name, PayloadSpec(kind, first.batch if batch is None else batch, first.seq,
+                                   fields))
                 for name, kind, fields in op.outputs]
         return self._record(OP, op.name, "", checked, list(op.inputs), outs,
                             self._attrs(where, attrs))

@@ -47,6 +47,7 @@ from graphrl.evaluation import EVAL_EVERY, due, run_attrs
 from graphrl.finite import check_op_outputs
 from graphrl.graph import CALL, Node
 from graphrl.plan import HOST, Plan
+from graphrl.sampling import variable_values
 from graphrl.timeline import Event
 from graphrl.trace import Program
 
@@ -99,6 +100,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
             self.engines = assign_engines(self.graph, program.models, seed, noop)
             self.order = dispatch_order(plan)
             self._frees = self._count_frees()
+            self._variable = variable_values(self.graph)
             self._check_batches()
             check_streams(self)
             self._start(store_host, dict(env or {}))
@@ -122,9 +124,12 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
                 continue
             ranks = n.placement.strategy.dp   # the rest of the mesh is tp x pp (megatron)
             batch = self.graph.value(n.inputs[1]).spec.batch
+            what = "batch"
+            if n.inputs[1] in self._variable:   # any number of kept groups must split
+                batch, what = self._variable[n.inputs[1]], "kept group of"
             mb = int(n.attr("minibatches", 1))
             if ranks > 1 and (batch % mb or (batch // mb) % ranks):
-                raise UsageError(f"node {n.name} ({n.call}): batch {batch} in {mb} "
+                raise UsageError(f"node {n.name} ({n.call}): {what} {batch} in {mb} "
                                  f"minibatches does not split evenly over its {ranks} "
                                  f"data-parallel ranks {n.placement.mesh.text()}")
 
@@ -379,6 +384,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
             env[n.outputs[1].name] = _Value(parts=results, stamps=stamps, mean=True)
             return
         batch = self.graph.value(n.inputs[1]).spec.batch
+        if n.inputs[1] in self._variable:   # after dynamic sampling: the rows it holds
+            batch = data[0].bounds[-1][1]
         samples = int(n.attr("samples", 1)) if n.target == "generate" else 1
         # megatron / DeepSpeed: a collective; every rank takes the whole batch, splits it
         # by its own coordinates and returns the whole result (the first rank's is used)
@@ -437,7 +444,7 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         end = time.time()
         results = list(out) if isinstance(out, tuple) else [out]
         for v, r in zip(n.outputs, results):
-            check_payload(n, v.spec, r)
+            check_payload(n, v.spec, r, v.name in self._variable)
             env[v.name] = _Value(local=r)
         check_op_outputs(n, results, iteration)
         return Event(n.name, n.call, n.model, "host", start - self._t0, end - self._t0,

@@ -87,6 +87,7 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
     from ..evaluation import describe as describe_evaluation
     from .run_args import run_options
     from ..progress import Progress
+    from ..sampling import oversampling_lines
 
     from ..outputs import check_output_dir
 
@@ -115,6 +116,8 @@ def compile_main(ns: argparse.Namespace, build: Any) -> int:
           f"offloaded GPUs: {notes['offloaded_gpus']}, compile {compiled.compile_seconds:.2f} s)")
     print(f"pipeline: {compiled.pipeline}")
     for line in describe_evaluation(plan.graph):
+        print(line)
+    for line in oversampling_lines(graph):   # dynamic sampling (graphrl/sampling.py)
         print(line)
     if opts.staleness:
         print(async_line(compiled.findings))
