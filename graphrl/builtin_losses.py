@@ -12,6 +12,11 @@ Policy losses' options (docs/algorithms.md lists them with TRL's and verl's name
   aggregation="token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"
               | "seq-mean-token-sum-norm"  (norm_length: its constant L; 0 = response width)
   kl_coef, kl_estimator="k1" | "k2" | "k3"   (grpo: the KL-to-reference term in the loss)
+  kl_control="fixed" | "adaptive", kl_target, kl_gain   (grpo: "adaptive" makes kl_coef
+                                the initial value of a coefficient the trained model's
+                                engine keeps and updates once per train call from the
+                                call's measured KL, Ziegler et al. 2019, §2.2:
+                                beta <- beta (1 + kl_gain clip(KL / kl_target - 1, ±0.2)))
   entropy_coef=c                minus c times the token entropy (engines giving
                                 `forward.with_entropy`: hf, fast, deepspeed, FSDP)
 """
@@ -29,7 +34,9 @@ MB = Mapping[str, Mapping[str, Any]]
 
 PG_OPTIONS = {"clip": 0.2, "clip_high": None, "dual_clip": 0.0, "ratio": "token",
               "aggregation": "token-mean", "norm_length": 0.0, "entropy_coef": 0.0}
-KL_OPTIONS = {"kl_coef": 0.04, "kl_estimator": "k3"}
+KL_OPTIONS = {"kl_coef": 0.04, "kl_estimator": "k3", "kl_control": "fixed",
+              "kl_target": 0.1, "kl_gain": 0.1}
+KL_CONTROLS = ("fixed", "adaptive")
 
 
 def forward_each(forward: Forward, *payloads: Any) -> list[Any]:
@@ -111,6 +118,23 @@ def check_pg(o: Mapping[str, Any]) -> str | None:
     if o.get("kl_estimator", "k3") not in lm.KL_ESTIMATORS:
         return (f"kl_estimator={o['kl_estimator']!r} (known: "
                 f"{', '.join(lm.KL_ESTIMATORS)})")
+    return check_kl_control(o)
+
+
+def check_kl_control(o: Mapping[str, Any]) -> str | None:
+    """kl_control's contradictions (None when fine or when the loss has no KL term)."""
+    control = o.get("kl_control", "fixed")
+    if control not in KL_CONTROLS:
+        return f"kl_control={control!r} (known: {', '.join(KL_CONTROLS)})"
+    if control == "fixed":
+        return None
+    if not float(o["kl_coef"]) > 0:
+        return (f"kl_control='adaptive' needs a KL term: kl_coef={o['kl_coef']!r} is the "
+                "initial coefficient and must be > 0")
+    if not float(o["kl_target"]) > 0:
+        return f"kl_control='adaptive': kl_target={o['kl_target']!r} must be > 0"
+    if not 0 < float(o["kl_gain"]) <= 1:
+        return f"kl_control='adaptive': kl_gain={o['kl_gain']!r} must be in (0, 1]"
     return None
 
 
@@ -158,7 +182,7 @@ def ppo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
 
 @loss("grpo", inputs=(("rollout", sig.ROLLOUT), ("old_logprobs", sig.LOGPROBS),
                       ("ref_logprobs", sig.LOGPROBS), ("advantages", sig.ADVANTAGES)),
-      stats=("loss", "clip_fraction", "kl"), options={**PG_OPTIONS, **KL_OPTIONS},
+      stats=("loss", "clip_fraction", "kl", "kl_coef"), options={**PG_OPTIONS, **KL_OPTIONS},
       optional=("old_logprobs",), weight=pg_weight, check=check_pg,
       prepare=split_clip)
 def grpo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
@@ -171,7 +195,9 @@ def grpo(forward: Forward, mb: MB, **o: Any) -> tuple[Any, dict[str, float]]:
     surrogate, clip_frac = pg_surrogate(new_lp, old, adv, mask, o)
     kl = kl_term(new_lp, ref, mask, o)
     value = entropy_bonus(surrogate + o["kl_coef"] * kl, ent[0] if ent else None, mask, o)
-    return value, {"loss": value.item(), "clip_fraction": clip_frac.item(), "kl": kl.item()}
+    # kl_coef: the coefficient used (with kl_control="adaptive" the engine's, kl_control.py)
+    return value, {"loss": value.item(), "clip_fraction": clip_frac.item(), "kl": kl.item(),
+                   "kl_coef": float(o["kl_coef"])}
 
 
 def _decoupled_surrogate(new_lp: Any, prox_lp: Any, behav_lp: Any, adv: Any, mask: Any,
@@ -273,6 +299,6 @@ DECOUPLED: Mapping[str, str] = MappingProxyType({"ppo": "ppo_decoupled",
                                                  "grpo": "grpo_decoupled"})
 
 __all__ = ["BUILTIN", "DECOUPLED", "forward_each", "token_inputs", "entropy_bonus",
-           "pg_surrogate", "kl_term",
+           "pg_surrogate", "kl_term", "check_kl_control", "KL_CONTROLS",
            "clip_bounds", "split_clip", "check_pg", "ppo", "grpo", "value", "bradley_terry",
            "ppo_decoupled", "grpo_decoupled"]

@@ -124,10 +124,17 @@ def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: fl
     """Ziegler et al. 2019 ("Fine-tuning language models from human preferences",
     §2.2): beta <- beta (1 + K_beta e), e = clip((KL - target) / target, -0.2, 0.2),
     K_beta = steps / horizon (steps: samples since the last update)."""
+    return kl_controller_step(coef, observed_kl, target, steps / horizon)
+
+
+def kl_controller_step(coef: float, observed_kl: float, target: float, gain: float) -> float:
+    """One update of Ziegler et al. 2019's adaptive KL coefficient (§2.2) with the gain
+    K_beta given directly: beta (1 + K_beta clip(KL / target - 1, -0.2, 0.2))."""
     err = min(max((observed_kl - target) / target, -0.2), 0.2)
-    return coef * (1.0 + err * steps / horizon)
+    return coef * (1.0 + gain * err)
 
 
 __all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "RATIO_LEVELS", "masked", "masked_sum",
            "masked_mean", "response_width", "aggregate", "log_ratio", "clipped_objective",
-           "clip_fraction", "kl_estimate", "adaptive_kl_coef"]
+           "clip_fraction", "kl_estimate", "adaptive_kl_coef",
+           "kl_controller_step"]

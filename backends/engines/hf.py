@@ -31,6 +31,7 @@ from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
 from .hf_classes import hf_class, inference_config
 from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
+from .kl_control import KLControl
 from .train_loop import TwoParts, bind_loss, micro_batches, rank_share, train_epochs
 
 DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "betas": (0.9, 0.95)}
@@ -145,6 +146,9 @@ class HFEngine:
         self.version = 0
         # called after each backward, before clipping: data-parallel gradient averaging
         self.after_backward: Callable[[], None] | None = None
+        # an in-place sum of a tensor over the data-parallel ranks (the adaptive KL stat)
+        self.sum_over_ranks: Callable[[torch.Tensor], None] | None = None
+        self.kl_control = KLControl()   # adaptive KL coefficient (kl_control.py)
         # generate runs every step even when all its rows have stopped (ranks of a
         # sharded engine must make the same number of collective forward passes)
         self.lockstep = False
@@ -369,7 +373,11 @@ class HFEngine:
         (train_loop.TwoParts: "head" accumulates the first part's gradient, "rest" adds
         the second's, each weighted by its share of the loss tokens, and steps)."""
         opt = self._optimizer()
-        bound = bind_loss(self.decl.name, loss, hyper)
+        defn = bind_loss(self.decl.name, loss, hyper).defn
+        given = hyper
+        hyper = self.kl_control.options(defn, given)   # kl_coef: the engine's (adaptive)
+        bound = bind_loss(self.decl.name, defn, hyper)
+        bound.kl_controlled = True
         parts = TwoParts.begin(self, part, inputs, seed, epochs * minibatches, bound.measure)
 
         def step(loss_fn: Callable[..., Any], idx: torch.Tensor) -> Mapping[str, float]:
@@ -407,6 +415,8 @@ class HFEngine:
                              minibatches=minibatches, step=step)
         if part != "head":
             self.version += 1
+            stats = self.kl_control.update(self.decl.name, defn, given, stats,
+                                           shard[1] if shard else 1, self.sum_over_ranks)
         return stats
 
     def _adapter_dropout(self) -> Any:
@@ -443,7 +453,8 @@ class HFEngine:
         from .engine_state import named_optimizer_state
 
         return {"weights": self.export_weights(), "version": self.version,
-                "optimizer": named_optimizer_state(self._trained(), self.optimizer)}
+                "optimizer": named_optimizer_state(self._trained(), self.optimizer),
+                "kl_coef": self.kl_control.coef}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what state_dict() returned (weights checked by name and shape)."""
@@ -454,6 +465,7 @@ class HFEngine:
         if state["optimizer"] is not None:
             load_named_optimizer_state(self._trained(), self._optimizer(), state["optimizer"])
         self.version = int(state["version"])
+        self.kl_control.coef = state.get("kl_coef")   # absent in older checkpoints
 
     def _move(self, device: torch.device) -> None:
         move_module_and_optimizer(self.module, self.optimizer, device)

@@ -24,6 +24,7 @@ from graphrl.builtin_losses import BUILTIN
 from graphrl.loss_def import LossDef, resolve
 
 from .base import loss_tokens
+from .kl_control import refuse_adaptive
 
 Inputs = Mapping[str, Mapping[str, Any]]
 Reduce = Callable[[torch.Tensor], None]     # an in-place sum over ranks (all_reduce)
@@ -45,6 +46,8 @@ class BoundLoss:
     def __init__(self, model: str, loss: Any, options: Mapping[str, Any]):
         self.defn = loss.defn if isinstance(loss, BoundLoss) else loss_function(model, loss)
         self.options = dict(options)
+        # set by an engine that keeps an adaptive KL coefficient (kl_control.py)
+        self.kl_controlled = False
 
     def __call__(self, forward: Any, mb: Inputs, **options: Any) -> tuple[Any, dict]:
         return self.defn.run(forward, mb, options)
@@ -82,6 +85,8 @@ def train_epochs(model: str, inputs: Inputs, *, loss: Any, seed: int, epochs: in
     stats) on every minibatch; the stats averaged over the minibatches. `loss`: a
     BoundLoss, a LossDef or a built-in's name (then bound to `options`)."""
     loss_fn = bind_loss(model, loss, options or {})
+    if not loss_fn.kl_controlled:
+        refuse_adaptive(model, "this", loss_fn.defn, loss_fn.options)
     left_out = [k for k in loss_fn.defn.optional if k not in inputs]
     if left_out and epochs * minibatches > 1:
         raise UsageError(f"{model}.train: loss {loss_fn.defn.name!r} without "

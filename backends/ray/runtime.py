@@ -198,6 +198,12 @@ class ExecWorker(RankWorker):
                 off += g.numel()
         hf.after_backward = average
 
+        def sum_over_ranks(t: torch.Tensor) -> None:   # the adaptive KL stat
+            on = t.to(params[0].device)
+            dist.all_reduce(on, group=pg)
+            t.copy_(on.cpu())
+        hf.sum_over_ranks = sum_over_ranks
+
     # -- calls ------------------------------------------------------------------------------
     def run(self, spec: CallSpec, *parts: Any) -> tuple[Any, Stamp]:
         """Run this rank's share of a call node; returns (payload, stamp)."""
