@@ -59,11 +59,19 @@ def experiment(opts, **train):
                          iterations=3)
 
 
-def rows(**train):
+def rows(run=None, **train):
     torch.set_num_threads(1)
-    opts = gr.RunOptions(batch_size=2, quiet=True, seed=0)
-    summary = run_experiment(experiment(opts, **train), opts, out=open(os.devnull, "w"))
-    return summary.rows
+    opts = gr.RunOptions(batch_size=2, quiet=True, seed=0, **(run or {}))
+    with open(os.devnull, "w") as out:
+        return run_experiment(experiment(opts, **train), opts, out=out).rows
+
+
+@pytest.fixture(scope="module")
+def adaptive(tmp_path_factory):
+    """Three iterations with kl_control="adaptive", a checkpoint after each."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    return rows({"checkpoint_dir": str(folder), "checkpoint_every": 1, "keep": 3},
+                **KL), folder
 
 
 def stat(row, name):
@@ -72,8 +80,8 @@ def stat(row, name):
     return row[keys[0]]
 
 
-def test_coefficient_follows_ziegler_over_three_train_calls():
-    got = rows(**KL)
+def test_coefficient_follows_ziegler_over_three_train_calls(adaptive):
+    got, _ = adaptive
     coefs, kls = [stat(r, "/kl_coef") for r in got], [stat(r, "/kl") for r in got]
     # the stats travel as float32 tensors (backends/local.py): compare to 1e-6
     assert len(coefs) == 3 and coefs[0] == pytest.approx(KL["kl_coef"], rel=1e-7)
@@ -84,6 +92,18 @@ def test_coefficient_follows_ziegler_over_three_train_calls():
         assert abs(kls[t] / KL["kl_target"] - 1) < 0.2, kls
     assert coefs[1] != coefs[0] and coefs[2] != coefs[1]
     assert any(kl > 0 for kl in kls)
+
+
+def test_resume_goes_on_from_the_saved_coefficient(adaptive):
+    """A run resumed after iteration 1 reports the uninterrupted run's rows, its
+    coefficients included (the engine's checkpoint state holds the coefficient)."""
+    got, folder = adaptive
+    resumed = rows({"resume": str(folder / "ckpt-00000001")}, **KL)
+
+    def same(rs):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert same(resumed) == same(got)
+    assert stat(resumed[2], "/kl_coef") != KL["kl_coef"]
 
 
 def test_fixed_coefficient_stays():
@@ -145,3 +165,36 @@ def test_engines_without_a_coefficient_refuse_adaptive():
     with pytest.raises(gr.UsageError, match="kl_control='adaptive' is not supported"):
         train_epochs("m", {"rollout": {"tokens": torch.zeros(2, 3)}}, loss="grpo", seed=0,
                      epochs=1, minibatches=1, step=lambda fn, idx: {}, options=KL)
+
+
+def engine_coefficients(cls):
+    """Three adaptive grpo train calls on a tiny model of engine class `cls`: the
+    coefficients and KLs they report (float64 stats, straight from the engine)."""
+    decl = gr.ModelDecl("m", gr.ModelSpec("llama", 16, 32, 1, 2, 2, 64, 32, "lm",
+                                          dtype="fp32"), "policy", True)
+    eng = cls(decl, {"lr": 5e-2}, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16, (4, 8), generator=gen)
+    mask = torch.zeros(4, 8)
+    mask[:, 3:] = 1
+    rollout = {"tokens": tokens, "attention_mask": torch.ones(4, 8), "response_mask": mask}
+    ref = eng.forward(rollout)["logprobs"]
+    adv = {"advantages": torch.randn(4, 8, generator=gen) * mask}
+    out = []
+    for i in range(3):
+        stats = eng.train({"rollout": rollout, "ref_logprobs": {"logprobs": ref},
+                           "advantages": adv}, loss="grpo", seed=i, **KL)
+        out.append((stats["kl_coef"], stats["kl"]))
+    return out
+
+
+def test_hf_and_fast_engines_carry_the_same_coefficients():
+    from graphrl.backends.engines.fast import FastEngine
+    from graphrl.backends.engines.hf import HFEngine
+
+    hf = engine_coefficients(HFEngine)
+    assert hf[0][0] == KL["kl_coef"]
+    for (coef, kl), (after, _) in zip(hf, hf[1:]):
+        assert after == ziegler(coef, kl, KL["kl_target"], KL["kl_gain"])
+    fast = engine_coefficients(FastEngine)
+    assert [c for c, _ in fast] == pytest.approx([c for c, _ in hf], rel=1e-6)
