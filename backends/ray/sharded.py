@@ -219,6 +219,12 @@ class FSDPEngine:
         self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
         self.local_arrays()   # checks the layout against the real shards
 
+        def sum_over_ranks(t: torch.Tensor) -> None:   # the adaptive KL stat
+            on = t.to(device)
+            torch.distributed.all_reduce(on, group=group)
+            t.copy_(on.cpu())
+        self.engine.sum_over_ranks = sum_over_ranks
+
     @property
     def version(self) -> int:
         return self.engine.version
@@ -298,7 +304,8 @@ class FSDPEngine:
             return t.full_tensor().detach().cpu().clone() if isinstance(t, DTensor) else t
         return {"weights": self.export_weights(), "version": self.engine.version,
                 "optimizer": named_optimizer_state(self.engine.module, self.engine.optimizer,
-                                                   full)}
+                                                   full),
+                "kl_coef": self.engine.kl_control.coef}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take this rank's shards of a full state (every mesh rank passes the same)."""
@@ -317,6 +324,7 @@ class FSDPEngine:
             load_named_optimizer_state(self.engine.module, self.engine._optimizer(),
                                        state["optimizer"], local)
         self.engine.version = int(state["version"])
+        self.engine.kl_control.coef = state.get("kl_coef")   # absent in older checkpoints
 
 
 class ShardBuffers:
