@@ -307,13 +307,7 @@ def save_models(target: str, models: Sequence[tuple[str, Any, Mapping[str, Any]]
             _write_model(directory, module, state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -336,3 +330,15 @@ def save_trained(target: str, models: Mapping[str, Any], export: Callable[[str],
         written.append(str(Path(target) / sub) if sub else target)
     save_models(target, entries, tokenizer_from)
     return written
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out` by renames: a reader sees the earlier
+    output or the whole new one, never a half-written one."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

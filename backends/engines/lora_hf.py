@@ -230,13 +230,12 @@ def save_adapter(target: str, engine: Any, base_source: str | None,
     gives the trained model. Any other trained model of the run (`models`, graphrl.Model
     by name: a critic) goes to target/<name> as a Hugging Face directory, its weights
     from `export(name)`. Refuses a target that holds a full model."""
-    import os
     import shutil
     import tempfile
 
     from graphrl.lora import check_save_target
 
-    from .hf_checkpoint import empty_module, save_models
+    from .hf_checkpoint import empty_module, publish_dir, save_models
 
     check_save_target(target, models.values())
     out = Path(target)
@@ -256,13 +255,7 @@ def save_adapter(target: str, engine: Any, base_source: str | None,
             written.append(str(out / BASE_DIR))
         module.peft_config["default"].base_model_name_or_path = base_path
         module.save_pretrained(str(tmp), safe_serialization=True)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
