@@ -198,6 +198,7 @@ def placement_pins(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, Pin]:
     and whole strategy. A generation mesh that insert-reshard reordered on its model's
     training GPUs is pinned as the training mesh (the search's view of it)."""
     out = dict(pins)
+    placed: set[str] = set()   # calls pinned from the graph's placements below
     train_mesh = {n.model: n.placement.mesh for n in graph.calls()
                   if n.target != "generate" and n.placement is not None}
     for n in graph.calls():
@@ -216,7 +217,9 @@ def placement_pins(graph: Graph, pins: Mapping[str, Pin]) -> dict[str, Pin]:
             raise UsageError(f"node {n.name} ({n.call}): dp {strategy.dp} x tp {strategy.tp}"
                              f" x pp {strategy.pp} = {strategy.world}, not the {mesh.size} "
                              f"GPUs it is placed on ({n.placement.mesh.text()})")
-        out[n.call] = Pin(mesh, (), "", strategy)
+        others = out[n.call].node_strategies if n.call in placed else ()   # same call's
+        out[n.call] = Pin(mesh, (), "", strategy, (*others, (n.name, strategy)))
+        placed.add(n.call)
     units: dict[str, Node] = {}
     for n in graph.calls():   # a unit's calls share one mesh (see search.py)
         if n.placement is None:

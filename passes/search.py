@@ -71,6 +71,12 @@ class Pin:
     fields: tuple[tuple[str, int], ...] = ()
     engine: str = ""   # a training/inference engine the user asked for (graphrl.engines)
     strategy: Strategy | None = None   # the whole strategy, as a placed graph states it
+    # a placed graph's calls of one name (ReMax's sampled and greedy generate) each keep
+    # their own strategy: node name -> strategy, over `strategy`
+    node_strategies: tuple[tuple[str, Strategy], ...] = ()
+
+    def strategy_of(self, node: str) -> Strategy | None:
+        return dict(self.node_strategies).get(node, self.strategy)
 
 
 @dataclass(frozen=True)
@@ -262,8 +268,9 @@ class Problem:
         fitting: list[tuple[float, Choice]] = []
         least = math.inf
         followers = self._followers.get(name, ())
-        if pin is not None and pin.strategy is not None:   # a placed graph's: as it is
-            cands = [pin.strategy] if pin.strategy.world == n else []
+        placed = pin.strategy_of(name) if pin is not None else None
+        if placed is not None:   # a placed graph's: as it is
+            cands = [placed] if placed.world == n else []
         else:
             raw = [s for s in candidate_strategies(self.specs[c.model], c.phase, n, c.batch,
                                                    self.cluster.gpus_per_node, self.uneven_dp)

@@ -14,6 +14,7 @@ from graphrl.cli import main
 from graphrl.placement_file import cluster_of
 from graphrl.compiler import compile_graph
 from graphrl.experiment import RunOptions
+from graphrl.lower_placed import lower_placed
 from graphrl.parser import parse_graph
 
 PLANNING = dict(model_size="7b", prompt_len=1024, response_len=1024, batch_size=256)
@@ -50,6 +51,16 @@ def test_remax_places_both_generates():
     assert len(outs) == len(set(outs)) and {g.inputs[0] for g in gens} <= set(outs)
     # the placed graph printed and parsed back is the same program
     assert parse_graph(c.graph.text()) == c.graph
+
+
+@pytest.mark.parametrize("example", ["rloo", "reinforce_pp", "remax", "dapo"])
+def test_the_placed_graph_schedules_again_to_its_plan(example):
+    """Re-scheduled from its placements, a placed graph gives its own plan: ReMax's two
+    generate calls of one name keep each its own strategy."""
+    c = compiled(example)
+    again = lower_placed(c.graph.text(), cluster_of("2x8xH100"))
+    assert again.changed == ()
+    assert again.plan.to_json() == c.plan.to_json()
 
 
 def test_dapo_plan_prices_the_oversampled_generation():
