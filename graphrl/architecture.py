@@ -71,7 +71,8 @@ FEATURES = {
     "sliding_window": "sliding-window attention shorter than the context",
     "activation": "an MLP activation other than the family's (silu / tanh-gelu)",
     "lora": "LoRA adapters (graphrl.lora; run through peft on the Hugging Face module, "
-            "and not implemented on megatron-core's tensor-parallel linears)",
+            "also under DeepSpeed ZeRO, and not implemented on megatron-core's "
+            "tensor-parallel linears)",
 }
 ALL_FEATURES = frozenset(FEATURES)
 
@@ -80,7 +81,7 @@ ALL_FEATURES = frozenset(FEATURES)
 # megatron converts the weights into megatron-core's GPTModel.
 ENGINE_FEATURES = {
     "hf": ALL_FEATURES,
-    "deepspeed": ALL_FEATURES - {"lora"},
+    "deepspeed": ALL_FEATURES,   # LoRA: peft under ZeRO, adapters-only optimizer
     "fast": frozenset({"qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_norm", "rope_llama3",
                        "sliding_window", "lora"}),
     "megatron": frozenset("qkv_bias o_bias mlp_bias qk_norm head_dim rope_llama3".split()),

@@ -19,6 +19,19 @@ bf16, fp32 master weights and Adam state in the ZeRO optimizer; runs on CPU with
 DS_ACCELERATOR=cpu); bf16 with ZeRO-0 is bf16 autocast over fp32 weights (see
 `_initialize`); fp32 is plain fp32. `degrees()` reports what the module computes in.
 
+LoRA (graphrl.lora; the model spec's `lora`): HFEngine wraps the module through peft
+(lora_hf.wrap: base frozen, requires_grad False, bf16 under bf16; adapters fp32), and only
+the adapters go into the optimizer, so DeepSpeed's ZeRO optimizer holds fp32 masters and
+Adam state for the adapters alone (its trainable-parameter groups skip frozen ones;
+ZeRO-1/2 shard those over the mesh). The frozen base: a full copy per rank under ZeRO
+0-2; under ZeRO-3 DeepSpeed partitions every module parameter, frozen ones included
+(parameter_offload._convert_to_zero_parameters walks module.parameters()), and gathers
+them in forward. With DeepSpeed's bf16 (ZeRO 1-3) the module's adapter copies are bf16
+beside their fp32 masters; `export_weights` reports the masters (what the HF LoRA engine
+holds). `module` is the peft model, so lora_hf.SharedBase (a reference that is the
+policy's base) runs this engine's forward with the adapters off; `base_weights` is its
+export.
+
 Set DS_ACCELERATOR=cpu in the process environment before DeepSpeed is imported on CPU
 (`ensure_accelerator`).
 """
@@ -142,7 +155,9 @@ class DeepSpeedEngine:
         import deepspeed
 
         o = self.hf.options
-        opt = torch.optim.AdamW(self.hf.module.parameters(), lr=o["lr"],
+        # LoRA: the adapters only (HFEngine._trained); DeepSpeed keeps frozen parameters
+        # out of its ZeRO optimizer's groups either way
+        opt = torch.optim.AdamW(self.hf._trained().parameters(), lr=o["lr"],
                                 betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
         zero: dict[str, Any] = {"stage": self.zero}
         if self.offload_optimizer:
@@ -233,7 +248,7 @@ class DeepSpeedEngine:
         sums = WeightedStats()
         summed = None
         for i, mb in enumerate(mbs):
-            with torch.enable_grad():
+            with torch.enable_grad(), self.hf._adapter_dropout():
                 value, stats = loss_fn(self.hf.loss_forward(), mb, **hyper)
                 # DeepSpeed averages gradients over dp: x dp makes it the weighted sum
                 value = value * float(weights[i]) * self.dp
@@ -261,9 +276,66 @@ class DeepSpeedEngine:
                                                  modifier_rank=None)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Full weights (ZeRO-3: an all-gather over the mesh, a collective)."""
+        """Full weights (ZeRO-3: an all-gather over the mesh, a collective). LoRA under
+        DeepSpeed's bf16: the adapters' fp32 master weights (a collective over the mesh
+        at any stage), the frozen base as held, so the export is the HF LoRA engine's."""
         with self._gathered():
-            return {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
+            out = {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
+        out.update(self._adapter_masters())
+        return out
+
+    def _adapter_masters(self) -> dict[str, torch.Tensor]:
+        """LoRA with DeepSpeed's bf16: each adapter's full fp32 master by state-dict name
+        (deepspeed.utils.safe_get_full_fp32_param, a collective); else nothing."""
+        if self.decl.spec.lora is None or not self.ds.bfloat16_enabled():
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).detach().cpu().clone()
+                for n, p in self.hf._trained().named_parameters()}
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The HF module (LoRA: the peft model; lora_hf.SharedBase switches its adapters
+        off around this engine's forward)."""
+        return self.hf.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.device
+
+    @property
+    def tokens(self) -> Any:
+        return self.hf.tokens
+
+    def ran_precision(self) -> str:
+        return self.hf.ran_precision()
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """LoRA: the frozen base's weights under the HF module's own names (what
+        lora_hf.SharedBase exports; ZeRO-3: gathered, a collective)."""
+        from .lora_hf import merged_weights
+
+        with self._gathered():
+            return merged_weights(self.hf.module, adapters=False)
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """LoRA: the plain HF state dict with each target's W + (alpha / r) B A, the
+        adapters' fp32 masters in the product (lora_hf.merged_weights on the HF LoRA
+        engine gives the same; ZeRO-3 or bf16: a collective)."""
+        from .lora_hf import merged_weights
+
+        masters = self._adapter_masters()
+        params = dict(self.hf._trained().named_parameters())
+        with self._gathered():
+            held = {n: params[n].data for n in masters}
+            try:
+                for n, t in masters.items():
+                    params[n].data = t.to(params[n].device)
+                return merged_weights(self.hf.module)
+            finally:
+                for n, data in held.items():
+                    params[n].data = data
 
     def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
         """Replace the weights (every rank passes the same full ones). Allowed before the

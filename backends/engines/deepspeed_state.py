@@ -12,6 +12,9 @@ row-major flattening:
   partition size), less the end padding (`safe_get_local_fp32_param`,
   `safe_get_local_optimizer_state`);
 - ZeRO-0: rank 0 writes whole tensors (every rank holds the same).
+A frozen parameter (the base under LoRA: no optimizer state) is written as weights only:
+its `ds_tensor` partition as held under ZeRO-3, whole by rank 0 under ZeRO 0-2; the index
+lists the trained parameters (`trained`), the ones with Adam moments.
 Saving is no collective. A state-dict entry that is no parameter of its own (a tied LM
 head) is recorded as an alias; any other (a persistent buffer) is written whole by rank 0.
 
@@ -80,7 +83,19 @@ def _named(eng: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
 
 def _piece(eng: Any, p: Any, keys: list[str]) -> tuple[tuple[int, int], dict[str, Any]] | None:
     """This rank's slice of parameter `p`: ((start, numel), key -> flat tensor), keys
-    "weights" and the optimizer state keys; None when it owns none of it."""
+    "weights" and the optimizer state keys (a frozen parameter: "weights" only, as
+    held); None when it owns none of it."""
+    if not p.requires_grad:
+        if eng.zero == 3:
+            k = p.ds_tensor.numel()
+            start = eng.dp_rank * k
+            numel = max(0, min(k, p.ds_numel - start))
+            data = p.ds_tensor.data
+        else:
+            start, numel, data = 0, p.numel() if eng.dp_rank == 0 else 0, p.data
+        if numel == 0:
+            return None
+        return (start, numel), {"weights": data.reshape(-1)[:numel].detach().cpu().clone()}
     if eng.zero == 3:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
@@ -124,8 +139,8 @@ def save_shards(eng: Any, folder: Path) -> list[str]:
         if got is None:
             continue
         body["pieces"][name] = got[0]
-        for k in keys:
-            body[k][name] = got[1][k]
+        for k, t in got[1].items():
+            body[k][name] = t
     if eng.dp_rank == 0 and extra:
         sd = eng.hf.module.state_dict()
         body["extra"] = {n: sd[n].detach().cpu().clone() for n in extra}
@@ -137,6 +152,7 @@ def save_shards(eng: Any, folder: Path) -> list[str]:
             "shapes": {n: list(p.ds_shape if eng.zero == 3 else p.shape)
                        for n, p in params.items()},
             "params": list(params), "aliases": aliases, "extra_from": eng.rank,
+            "trained": [n for n, p in params.items() if p.requires_grad],
             "optimizer": has_opt,
             "param_groups": hyper_groups(_base(eng)) if has_opt else None,
             "files": [shard_file(r) for r in eng.ranks]})
@@ -162,6 +178,7 @@ def _load_moments(eng: Any, named: Mapping[str, Any]) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     params, _, _ = _named(eng)
+    params = {n: p for n, p in params.items() if p.requires_grad}   # LoRA: the adapters
     missing = sorted(set(params) - set(named["state"]))
     if missing:
         raise UsageError(f"model {eng.decl.name}: the checkpoint's optimizer state lacks "

@@ -148,8 +148,10 @@ class SharedBase:
             return self.owner.generate(prompts, **kw)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """The base's weights under the HF module's own names."""
-        return merged_weights(self.owner.module, adapters=False)
+        """The base's weights under the HF module's own names (an owner that shards its
+        weights, the DeepSpeed engine, gathers them itself: its `base_weights`)."""
+        own = getattr(self.owner, "base_weights", None)
+        return own() if own is not None else merged_weights(self.owner.module, adapters=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"shares_base": self.owner.decl.name, "version": self.version}

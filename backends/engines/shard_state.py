@@ -119,7 +119,7 @@ def _step(shards: Mapping[str, Mapping[str, Any]], where: str) -> float:
 def _optimizer(index: Mapping[str, Any], moments: Mapping[str, Mapping[str, torch.Tensor]],
                step_count: float) -> dict[str, Any]:
     """engine_state's named optimizer form from full moments by HF parameter name."""
-    params = list(index["params"])
+    params = list(index.get("trained", index["params"]))   # LoRA: the adapters only
     step = torch.tensor(float(step_count))
     state = {n: {"step": step.clone(), **{k: moments[k][n] for k in MOMENTS}} for n in params}
     groups = index["param_groups"]
@@ -137,11 +137,12 @@ def _assemble_flat(index: Mapping[str, Any], shards: Mapping[str, Mapping[str, A
     full = {k: {n: torch.empty(torch.Size(s).numel()) for n, s in shapes.items()}
             for k in kinds}
     seen = {n: torch.zeros(torch.Size(s).numel(), dtype=torch.int32) for n, s in shapes.items()}
+    trained = set(index.get("trained", shapes))   # frozen (LoRA's base): weights only
     for fname, body in sorted(shards.items()):
         for n, (start, numel) in body["pieces"].items():
             if n not in shapes:
                 raise UsageError(f"{where}/{fname}: parameter {n} is not in {INDEX}")
-            for k in kinds:
+            for k in (kinds if n in trained else kinds[:1]):
                 t = body[k][n].reshape(-1)
                 if t.numel() != numel:
                     raise UsageError(f"{where}/{fname}: {k} of {n} has {t.numel()} "
@@ -159,8 +160,8 @@ def _assemble_flat(index: Mapping[str, Any], shards: Mapping[str, Mapping[str, A
         src = index["aliases"].get(name, name)
         weights[name] = params[src] if src in params else shards[shard_file(
             index["extra_from"])]["extra"][name]
-    moments = {k: {n: full[k][n].reshape(shapes[n]) for n in shapes} for k in MOMENTS
-               if k in full}
+    moments = {k: {n: full[k][n].reshape(shapes[n]) for n in shapes if n in trained}
+               for k in MOMENTS if k in full}
     optimizer = _optimizer(index, moments, _step(shards, where)) if index["optimizer"] else None
     return {"weights": weights, "optimizer": optimizer}
 
