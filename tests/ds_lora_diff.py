@@ -169,7 +169,7 @@ def run(configs: list, folder: str, world: int = 2, timeout_s: float = 600.0) ->
     return spawn(worker, (configs, folder, out), world, out, timeout_s, "deepspeed LoRA")
 
 
-if __name__ == "__main__":   # manual run: python tests/ds_lora_diff.py "[[1,'llama','qv','fp32',1]]"
+if __name__ == "__main__":   # manual: python ds_lora_diff.py "[[1,'llama','qv','fp32',1]]"
     import sys
     import tempfile
 

@@ -350,7 +350,9 @@ class DeepSpeedEngine:
 
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         """This rank's piece of every weight, as the layout (deepspeed_layout) says: the
-        flat ZeRO-3 partition (`ds_tensor`), or the full tensor under ZeRO 0-2."""
+        flat ZeRO-3 partition (`ds_tensor`), or the full tensor under ZeRO 0-2. The
+        module's tensors: under DeepSpeed's bf16 a LoRA adapter's is its bf16 copy (the
+        value bf16 autocast computes with), not the fp32 master export_weights reports."""
         out = {}
         params = dict(self.hf.module.named_parameters())
         for name in self.names:

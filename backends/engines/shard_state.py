@@ -14,7 +14,8 @@ Two shard formats:
   numel) of its row-major flattening that the rank owns (ZeRO-1/2: the fragment of the
   fp32 master partition DeepSpeed maps to the parameter, `_hp_mapping`; ZeRO-3: the
   rank's `ds_tensor` partition without its end padding; ZeRO-0: rank 0 writes whole
-  tensors), with the same slices of Adam's moments.
+  tensors), with the same slices of Adam's moments. Frozen parameters (a LoRA base) have
+  weights only; the index's `trained` lists those with moments (absent: all).
 - `megatron` (megatron-core): each (pp, tp) coordinate's local megatron-core parameters
   by their megatron names (written by its data-parallel rank 0), and the Adam moments
   each rank's optimizer holds (ZeRO-1 splits them over the data-parallel ranks).
