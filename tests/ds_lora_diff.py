@@ -1,7 +1,7 @@
 """LoRA on the DeepSpeed engine against the HF LoRA engine (peft), in spawned gloo ranks
 (tests/test_deepspeed_lora.py; the process harness and `compare` of engine_diff.py).
 
-Per config [zero, family, targets, precision, micro-batches] each rank builds a DeepSpeed
+Per config [zero, family, targets, precision, micro-batches(, "offload")] each rank builds a DeepSpeed
 LoRA engine over all ranks and a one-process HF LoRA engine (fp32) on the same seeded
 base and adapters, then measures (engine_diff.compare: forward, 4 AdamW steps, weights
 and update against the reference) and what the engine holds: the base bit-unchanged by
@@ -79,10 +79,12 @@ def one(rank: int, world: int, config: list, mesh: Any, self_group: Any,
     from graphrl.backends.engines.lora_hf import SharedBase, merged_weights
     from graphrl.graph import ModelDecl
 
-    zero, family, targets, precision, mb = config
+    zero, family, targets, precision, mb = config[:5]
+    offload = bool(config[5:] and config[5] == "offload")   # ZeRO-Offload of Adam's state
     decl, options = lora_decl(family, targets, precision, folder)
     eng = DeepSpeedEngine(decl, options, ranks=list(range(world)), rank=rank, group=mesh,
-                          self_group=self_group, zero=zero, micro_batches=mb)
+                          self_group=self_group, zero=zero, micro_batches=mb,
+                          offload=offload)
     ref_decl, _ = lora_decl(family, targets, "fp32", folder)
     ref = HFEngine(ref_decl, options)   # the fp32 HF LoRA reference (peft)
     adapters = [n for n, p in ref.module.named_parameters() if p.requires_grad]

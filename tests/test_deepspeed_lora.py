@@ -13,7 +13,7 @@ from test_engine_deepspeed import (BF16_FWD, BF16_LOSS, BF16_UPDATE, FWD, LOSS, 
                                    UPDATE, WEIGHTS)
 
 FP32 = [  # zero stage, model, LoRA targets (q_proj,v_proj or all 7), precision, micro-batches
-    [1, "llama", "qv", "fp32", 1],
+    [1, "llama", "qv", "fp32", 1, "offload"],   # ZeRO-Offload: the adapters' Adam on CPU
     [2, "llama", "qv", "fp32", 2],
     [3, "llama", "qv", "fp32", 2],
     [3, "qwen2", "all", "fp32", 1],   # Qwen2: q/k/v biases; every linear adapted
@@ -39,7 +39,8 @@ def results(tmp_path_factory):
 
 
 def test_adapters_and_logprobs_equal_the_hf_lora_engine(results):
-    """fp32, ZeRO 1, 2, 3 (and a Qwen2 with all seven targets): log-probs, losses and
+    """fp32, ZeRO 1 (optimizer offload), 2, 3 (and a Qwen2 with all seven targets):
+    log-probs, losses and
     the adapters after 4 AdamW steps equal peft's on the HF engine within the tolerances
     of the full-model DeepSpeed tests; the base does not move by one bit."""
     for r in results["fp32"]:
