@@ -93,6 +93,10 @@ def one(rank: int, world: int, config: list, mesh: Any, self_group: Any,
     untrained = eng.forward(fed)["logprobs"]   # B = 0: the base's function, as this engine
     before = eng.export_weights()
     out: dict[str, Any] = {"config": config, **compare(eng, ref, "lm")}
+    # the HF LoRA engine in the engine's own precision (bf16: bf16 base, fp32 adapters,
+    # autocast): the same log-probs before training, bit for bit
+    same = HFEngine(decl, options).forward(fed)["logprobs"]
+    out["forward_same_precision"] = float((untrained - same).abs().max())
     after = eng.export_weights()
     base_names = [k for k in after if k not in adapters]
     out["base_unchanged"] = all(torch.equal(before[k], after[k]) for k in base_names)

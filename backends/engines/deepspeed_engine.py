@@ -14,7 +14,7 @@ micro-batches as DeepSpeed gradient-accumulation steps; micro-batch losses are w
 by their share of the minibatch's loss tokens, so the step equals the one-process step
 on the whole minibatch's masked mean.
 
-Precision: bf16 with ZeRO 1-3 is DeepSpeed's `"bf16": {"enabled": true}` (the module in
+Precision (LoRA: below): bf16 with ZeRO 1-3 is DeepSpeed's `"bf16": {"enabled": true}` (the module in
 bf16, fp32 master weights and Adam state in the ZeRO optimizer; runs on CPU with
 DS_ACCELERATOR=cpu); bf16 with ZeRO-0 is bf16 autocast over fp32 weights (see
 `_initialize`); fp32 is plain fp32. `degrees()` reports what the module computes in.
@@ -26,11 +26,14 @@ Adam state for the adapters alone (its trainable-parameter groups skip frozen on
 ZeRO-1/2 shard those over the mesh). The frozen base: a full copy per rank under ZeRO
 0-2; under ZeRO-3 DeepSpeed partitions every module parameter, frozen ones included
 (parameter_offload._convert_to_zero_parameters walks module.parameters()), and gathers
-them in forward. With DeepSpeed's bf16 (ZeRO 1-3) the module's adapter copies are bf16
-beside their fp32 masters; `export_weights` reports the masters (what the HF LoRA engine
-holds). `module` is the peft model, so lora_hf.SharedBase (a reference that is the
-policy's base) runs this engine's forward with the adapters off; `base_weights` is its
-export.
+them in forward. bf16 under LoRA at every stage is the HF LoRA engine's own scheme, not
+DeepSpeed's bf16 mode (which would cast the adapters in the module to bf16 beside fp32
+masters): DeepSpeed's fp32 optimizer path over the fp32 adapters, the frozen base held
+in bf16, forward and backward under bf16 autocast (HFEngine.compute), so the module's
+adapters are the fp32 masters (what export_weights and local_arrays report) and the
+log-probs before training equal the bf16 HF LoRA engine's bit for bit. `module` is the
+peft model, so lora_hf.SharedBase (a reference that is the policy's base) runs this
+engine's forward with the adapters off; `base_weights` is its export.
 
 Set DS_ACCELERATOR=cpu in the process environment before DeepSpeed is imported on CPU
 (`ensure_accelerator`).
@@ -169,7 +172,9 @@ class DeepSpeedEngine:
             # whose update we measured 3.4x further from fp32's than bf16 autocast's
             # (relative error 0.33 vs 0.097, tiny Llama, 4 AdamW steps): ZeRO-0 runs the
             # HF engine's bf16 autocast over fp32 weights instead. fp32: neither.
-            "bf16": {"enabled": self.hf.precision == "bf16" and self.zero >= 1},
+            # LoRA: the HF LoRA engine's bf16 at every stage (module doc)
+            "bf16": {"enabled": self.hf.precision == "bf16" and self.zero >= 1
+                     and self.decl.spec.lora is None},
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": self._accumulation_steps(),
             "gradient_clipping": float(o["grad_clip"] or 0.0),   # explicit: DS defaults to 1
@@ -276,23 +281,10 @@ class DeepSpeedEngine:
                                                  modifier_rank=None)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Full weights (ZeRO-3: an all-gather over the mesh, a collective). LoRA under
-        DeepSpeed's bf16: the adapters' fp32 master weights (a collective over the mesh
-        at any stage), the frozen base as held, so the export is the HF LoRA engine's."""
+        """Full weights (ZeRO-3: an all-gather over the mesh, a collective); LoRA: the
+        peft state dict, as the HF LoRA engine exports it (base as held, fp32 adapters)."""
         with self._gathered():
-            out = {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
-        out.update(self._adapter_masters())
-        return out
-
-    def _adapter_masters(self) -> dict[str, torch.Tensor]:
-        """LoRA with DeepSpeed's bf16: each adapter's full fp32 master by state-dict name
-        (deepspeed.utils.safe_get_full_fp32_param, a collective); else nothing."""
-        if self.decl.spec.lora is None or not self.ds.bfloat16_enabled():
-            return {}
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return {n: safe_get_full_fp32_param(p).detach().cpu().clone()
-                for n, p in self.hf._trained().named_parameters()}
+            return {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -320,22 +312,12 @@ class DeepSpeedEngine:
             return merged_weights(self.hf.module, adapters=False)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        """LoRA: the plain HF state dict with each target's W + (alpha / r) B A, the
-        adapters' fp32 masters in the product (lora_hf.merged_weights on the HF LoRA
-        engine gives the same; ZeRO-3 or bf16: a collective)."""
+        """LoRA: the plain HF state dict with each target's W + (alpha / r) B A
+        (lora_hf.merged_weights, as on the HF LoRA engine; ZeRO-3: a collective)."""
         from .lora_hf import merged_weights
 
-        masters = self._adapter_masters()
-        params = dict(self.hf._trained().named_parameters())
         with self._gathered():
-            held = {n: params[n].data for n in masters}
-            try:
-                for n, t in masters.items():
-                    params[n].data = t.to(params[n].device)
-                return merged_weights(self.hf.module)
-            finally:
-                for n, data in held.items():
-                    params[n].data = data
+            return merged_weights(self.hf.module)
 
     def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
         """Replace the weights (every rank passes the same full ones). Allowed before the
@@ -350,9 +332,7 @@ class DeepSpeedEngine:
 
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         """This rank's piece of every weight, as the layout (deepspeed_layout) says: the
-        flat ZeRO-3 partition (`ds_tensor`), or the full tensor under ZeRO 0-2. The
-        module's tensors: under DeepSpeed's bf16 a LoRA adapter's is its bf16 copy (the
-        value bf16 autocast computes with), not the fp32 master export_weights reports."""
+        flat ZeRO-3 partition (`ds_tensor`), or the full tensor under ZeRO 0-2."""
         out = {}
         params = dict(self.hf.module.named_parameters())
         for name in self.names:
