@@ -126,9 +126,39 @@ def one(rank: int, world: int, config: list, mesh: Any, self_group: Any,
     mine = shared.export_weights()   # the base as held (bf16: the fp32 base rounded once)
     theirs = plain.export_weights()
     out["shared_export_names"] = list(mine) == list(theirs)
+    if config[:4] == [3, "llama", "qv", "fp32"]:
+        out.update(saved_adapter(eng, fed, Path(folder) / "adapter"))
     out["shared_export"] = max(float((mine[k].float() - theirs[k].to(mine[k].dtype).float())
                                      .abs().max()) for k in theirs)
     return out
+
+
+def saved_adapter(eng: Any, fed: dict, target: Path) -> dict[str, Any]:
+    """--save of a ZeRO-3 LoRA policy: every rank gathers the weights, rank 0 writes the
+    PEFT adapter directory (lora_hf.save_adapter; the base built in code goes to
+    target/base); peft's PeftModel.from_pretrained on that base gives the engine's
+    log-probs (at real positions, each row run alone: engine_diff.hf_logprobs)."""
+    import torch
+    import torch.distributed as dist
+
+    from engine_diff import hf_logprobs, real_pairs, hf_module
+    from graphrl.backends.engines.lora_hf import save_adapter
+
+    with eng.gathered():
+        if eng.dp_rank == 0:
+            save_adapter(str(target), eng, None, {}, None)
+    dist.barrier(group=eng.group)
+    mine = eng.forward(fed)["logprobs"]
+    if eng.dp_rank:
+        return {}
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(hf_module(str(target / "base")), str(target)).eval()
+    with torch.no_grad():
+        theirs = hf_logprobs(model, fed["tokens"], fed["attention_mask"])
+    keep = real_pairs(fed["attention_mask"])
+    return {"saved_adapter": float((mine - theirs)[keep].abs().max()),
+            "saved_files": sorted(p.name for p in target.iterdir())}
 
 
 def checkpoint(rank: int, world: int, mesh: Any, self_group: Any, folder: str) -> dict:

@@ -99,6 +99,15 @@ def test_the_shared_base_is_the_base(results):
         assert r["shared_export"] == 0.0, r   # the fp32 base rounded once to bf16
 
 
+def test_save_of_a_zero3_policy_is_a_peft_adapter_that_peft_loads(results):
+    """--save of a ZeRO-3 LoRA policy (partitioned weights gathered, rank 0 writes):
+    peft's PeftModel.from_pretrained on the saved base gives the engine's log-probs."""
+    r = next(r for r in results["fp32"] if r["config"][:4] == [3, "llama", "qv", "fp32"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= set(
+        r["saved_files"]), r["saved_files"]
+    assert r["saved_adapter"] < FWD, r["saved_adapter"]
+
+
 def test_checkpoints_hold_adapters_and_their_adam_state(results):
     """ZeRO-2 ranks write their shards (the frozen base by rank 0, the adapters' fp32
     fragments and moments by their owners); the same placement resumes bit-exact; ZeRO-3

@@ -270,7 +270,12 @@ class DeepSpeedEngine:
         return sums.result(self._dp_sum)
 
     # -- weights ------------------------------------------------------------------------
-    def _gathered(self) -> Any:
+    def gathered(self) -> Any:
+        """A context inside which `module` holds the full weights on every rank (ZeRO-3:
+        deepspeed.zero.GatheredParameters, a collective of the mesh on entry and exit;
+        ZeRO 0-2: nothing to do). For code that reads the HF module whole, e.g. a LoRA
+        policy's --save: `with eng.gathered(): lora_hf.save_adapter(dir, eng, ...)`
+        on every rank, the writing on one."""
         import contextlib
 
         if self.zero != 3:
@@ -283,7 +288,7 @@ class DeepSpeedEngine:
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Full weights (ZeRO-3: an all-gather over the mesh, a collective); LoRA: the
         peft state dict, as the HF LoRA engine exports it (base as held, fp32 adapters)."""
-        with self._gathered():
+        with self.gathered():
             return {k: v.detach().cpu().clone() for k, v in self.hf.module.state_dict().items()}
 
     @property
@@ -308,7 +313,7 @@ class DeepSpeedEngine:
         lora_hf.SharedBase exports; ZeRO-3: gathered, a collective)."""
         from .lora_hf import merged_weights
 
-        with self._gathered():
+        with self.gathered():
             return merged_weights(self.hf.module, adapters=False)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -316,7 +321,7 @@ class DeepSpeedEngine:
         (lora_hf.merged_weights, as on the HF LoRA engine; ZeRO-3: a collective)."""
         from .lora_hf import merged_weights
 
-        with self._gathered():
+        with self.gathered():
             return merged_weights(self.hf.module)
 
     def load_weights(self, named: Mapping[str, torch.Tensor]) -> None:
