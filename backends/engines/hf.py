@@ -31,7 +31,8 @@ from graphrl.graph import ModelDecl
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
 from .hf_classes import hf_class, inference_config
-from .precision import TORCH_DTYPES, autocast, check_precision, held_as, ran_precision
+from .precision import (TORCH_DTYPES, autocast, check_precision, held_as, ran_precision,
+                        sharded)
 from .kl_control import KLControl
 from .train_loop import TwoParts, bind_loss, micro_batches, rank_share, train_epochs
 
@@ -177,8 +178,8 @@ class HFEngine:
         on whether generation runs here or on a copy of its own (the Ray backend's, after
         a reshard). As held for fp32, LoRA (its base is bf16-held already), and FSDP2
         (its MixedPrecisionPolicy casts the gathered weights)."""
-        if self.precision != "bf16" or self.decl.spec.lora is not None or any(
-                type(p).__name__ == "DTensor" for p in self.module.parameters()):
+        if self.precision != "bf16" or self.decl.spec.lora is not None or \
+                sharded(self.module):
             return contextlib.nullcontext()
         return held_as(self.module, torch.bfloat16)
 

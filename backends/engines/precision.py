@@ -85,6 +85,19 @@ def held_dtype(module: torch.nn.Module) -> torch.dtype:
     return dtypes.pop()
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # a torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether `module` holds sharded (FSDP2 DTensor) parameters."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
 @contextlib.contextmanager
 def held_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Run `module` on its floating-point parameters and buffers cast to `dtype`, as a
@@ -103,7 +116,7 @@ def held_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
                     if p is None or id(p) in seen or not p.is_floating_point() \
                             or p.dtype == dtype:
                         continue
-                    if type(p.data).__name__ == "DTensor":
+                    if _is_dtensor(p):
                         raise UsageError(f"{type(module).__name__}: held_as on a sharded "
                                          "(DTensor) parameter")
                     seen.add(id(p))
@@ -133,4 +146,4 @@ def ran_precision(module: torch.nn.Module, autocast_on: bool) -> str:
 
 
 __all__ = ["TORCH_DTYPES", "bf16_supported", "check_precision", "check_precisions",
-           "autocast", "held_as", "held_dtype", "ran_precision"]
+           "autocast", "held_as", "held_dtype", "ran_precision", "sharded"]
