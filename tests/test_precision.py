@@ -174,6 +174,47 @@ def test_fast_engine_decodes_on_a_bf16_copy_and_cache():
         assert {p.dtype for p in fast.module.parameters()} == {torch.float32}
 
 
+def test_hf_generates_as_its_generation_copy():
+    """A trainable bf16 hf model generates on its weights rounded to bf16, as the copy a
+    reshard fills on the Ray backend (a frozen engine, bf16-held) does: the same logits
+    at every step, bit for bit, so a run samples the same tokens whether generation has
+    a copy of its own or not. (Autocast over the fp32 masters gave other logits and, at a
+    near tie, another sampled token: tests/test_ray_adaptive_kl.py's local run drifted
+    from its Ray run.) The masters, their optimizer state and the buffers come back
+    untouched."""
+    import torch
+
+    roll = _rollout()
+    trained = _engine(_decl("bf16"))
+    inputs = {"rollout": roll, "old_logprobs": trained.forward(roll),
+              "advantages": {"advantages": torch.randn(4, 10)}}
+    trained.train(inputs, loss="ppo", seed=0)   # masters off the bf16 grid, Adam state
+    copy = _engine(_decl("bf16", trainable=False))
+    copy.load_weights(trained.export_weights())
+    before = {k: v.clone() for k, v in trained.module.state_dict().items()}
+    buffers = {k: v.clone() for k, v in trained.module.named_buffers()}
+    assert buffers and {v.dtype for v in buffers.values()} == {torch.float32}
+    logits: dict[str, list] = {"trained": [], "copy": []}
+    for name, eng in (("trained", trained), ("copy", copy)):
+        eng.module.register_forward_hook(
+            lambda m, a, out, got=logits[name]: got.append(out.logits.float().clone()))
+    prompts = {"tokens": roll["tokens"][:, :4], "attention_mask": roll["attention_mask"][:, :4]}
+    kw = dict(max_new_tokens=6, temperature=1.0, samples=2, seed=3)
+    out = trained.generate(prompts, **kw)
+    assert torch.equal(out["tokens"], copy.generate(prompts, **kw)["tokens"])
+    assert len(logits["trained"]) == len(logits["copy"]) == 6
+    for a, b in zip(logits["trained"], logits["copy"]):
+        assert torch.equal(a, b)
+    after = trained.module.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v)
+               for k, v in before.items())
+    assert all(torch.equal(b, buffers[k]) and b.dtype == torch.float32
+               for k, b in trained.module.named_buffers())
+    params = list(trained.module.parameters())
+    assert all(p is q for p, q in zip(trained.optimizer.param_groups[0]["params"], params))
+    assert trained.ran_precision() == "bf16"
+
+
 @pytest.mark.parametrize("head,field", [("value", "values"), ("score", "score")])
 def test_scalar_heads_return_fp32_in_bf16(head, field):
     import torch

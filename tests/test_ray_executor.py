@@ -44,9 +44,9 @@ TIMEOUT = 60.0
 def ppo_experiment():
     """The PPO example without its reward-model pre-training (a minute on CPU; the
     comparison needs the same reward model on both sides, not a trained one), in fp32:
-    the Ray runs are compared with local runs exactly (in bf16 Ray's generation copies
-    hold bf16 weights, the local policy generates from its fp32 masters under autocast,
-    and megatron/DeepSpeed round differently from HF)."""
+    the Ray runs are compared with local runs exactly (in bf16 both sample alike, but
+    data-parallel ranks round their gradients to bf16 before averaging them, and
+    megatron/DeepSpeed round differently from HF: tests/test_ray_adaptive_kl.py)."""
     exp = load_build("ppo")(gr.RunOptions(batch_size=BATCH, seed=SEED, precision="fp32"))
     return dataclasses.replace(exp, prepare=None)
 

@@ -16,6 +16,7 @@ model holds bf16 weights only. fp32: fp32 throughout.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -30,7 +31,8 @@ from graphrl.graph import ModelDecl
 from .base import move_module_and_optimizer
 from .hf_checkpoint import special_tokens
 from .hf_classes import hf_class, inference_config
-from .precision import TORCH_DTYPES, autocast, check_precision, ran_precision
+from .precision import (TORCH_DTYPES, autocast, check_precision, held_as, ran_precision,
+                        sharded)
 from .kl_control import KLControl
 from .train_loop import TwoParts, bind_loss, micro_batches, rank_share, train_epochs
 
@@ -170,6 +172,17 @@ class HFEngine:
             return names.get(held.pop(), "mixed") if len(held) == 1 else "mixed"
         return ran_precision(self.module, self.precision == "bf16")
 
+    def _generation_weights(self) -> Any:
+        """The weights generate computes on: a bf16 model's as its generation copy holds
+        them (precision.held_as: bf16, no autocast), so what is sampled does not depend
+        on whether generation runs here or on a copy of its own (the Ray backend's, after
+        a reshard). As held for fp32, LoRA (its base is bf16-held already), and FSDP2
+        (its MixedPrecisionPolicy casts the gathered weights)."""
+        if self.precision != "bf16" or self.decl.spec.lora is not None or \
+                sharded(self.module):
+            return contextlib.nullcontext()
+        return held_as(self.module, torch.bfloat16)
+
     def hold_frozen(self) -> None:
         """After a set-up phase trained a frozen model (a reward model fitted before RL):
         hold it in its precision only again, with no optimizer state."""
@@ -305,34 +318,36 @@ class HFEngine:
         ids[:, :plen], mask[:, :plen] = prompt_ids, prompt_mask
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         next_pos = prompt_mask.sum(-1, keepdim=True)
-        cache_arg = cache_argument(getattr(self.module, "get_base_model",
-                                           lambda: self.module)())   # peft: the HF module
-        with self.compute():
-            out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
-                              position_ids=positions(prompt_mask), use_cache=True)
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if temperature > 0:
-                probs = filter_probs(torch.softmax(logits / temperature, dim=-1), top_k, top_p)
-                noise = torch.empty((total, probs.shape[-1]), dtype=probs.dtype,
-                                    device=probs.device).exponential_(1, generator=gen)
-                tok = (probs / noise[first:first + rows]).argmax(-1)
-            else:
-                tok = logits.argmax(dim=-1)
-            col = plen + step
-            tok = torch.where(alive, tok, pad)
-            ids[:, col], mask[:, col] = tok, alive.long()
-            alive &= ~torch.isin(tok, single)
-            for seq in multi:
-                if col + 1 - plen >= len(seq):
-                    alive &= ~(ids[:, col + 1 - len(seq):col + 1] == seq).all(-1)
-            if step + 1 == max_new_tokens or not (alive.any() or self.lockstep):
-                break
+        with self._generation_weights():   # as its generation copy computes
+            cache_arg = cache_argument(getattr(self.module, "get_base_model",
+                                               lambda: self.module)())   # peft: HF module
             with self.compute():
-                out = self.module(input_ids=tok.unsqueeze(-1),
-                                  attention_mask=mask[:, :col + 1],
-                                  position_ids=next_pos + step, use_cache=True,
-                                  **{cache_arg: output_cache(out)})
+                out = self.module(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                  position_ids=positions(prompt_mask), use_cache=True)
+            for step in range(max_new_tokens):
+                logits = out.logits[:, -1].float()
+                if temperature > 0:
+                    probs = filter_probs(torch.softmax(logits / temperature, dim=-1),
+                                         top_k, top_p)
+                    noise = torch.empty((total, probs.shape[-1]), dtype=probs.dtype,
+                                        device=probs.device).exponential_(1, generator=gen)
+                    tok = (probs / noise[first:first + rows]).argmax(-1)
+                else:
+                    tok = logits.argmax(dim=-1)
+                col = plen + step
+                tok = torch.where(alive, tok, pad)
+                ids[:, col], mask[:, col] = tok, alive.long()
+                alive &= ~torch.isin(tok, single)
+                for seq in multi:
+                    if col + 1 - plen >= len(seq):
+                        alive &= ~(ids[:, col + 1 - len(seq):col + 1] == seq).all(-1)
+                if step + 1 == max_new_tokens or not (alive.any() or self.lockstep):
+                    break
+                with self.compute():
+                    out = self.module(input_ids=tok.unsqueeze(-1),
+                                      attention_mask=mask[:, :col + 1],
+                                      position_ids=next_pos + step, use_cache=True,
+                                      **{cache_arg: output_cache(out)})
         response = torch.zeros((rows, width), dtype=torch.float32)
         response[:, plen:] = mask[:, plen:].float().cpu()
         return {"tokens": ids.cpu(), "attention_mask": mask.float().cpu(),

@@ -8,6 +8,10 @@ A model's precision is its spec's `dtype` (graphrl.types.PRECISIONS):
   `torch.autocast(dtype=torch.bfloat16)`; log-softmax, losses, the value/score head's
   output and the gradient norm stay fp32. A frozen model (and a generation copy) holds
   bf16 weights only and computes in bf16, with no fp32 copy and no per-call cast.
+  `generate` of a bf16 model computes as its generation copy does, on bf16-held
+  weights (`held_as`: a trainable model's weights rounded to bf16 for the call), so
+  the tokens sampled do not depend on whether generation runs on the trainer or on a
+  copy of its own (the Ray backend's, after a reshard).
 - "fp32": fp32 weights, compute and optimizer state.
 
 `check_precision` refuses bf16 on a device that cannot compute it (before any engine is
@@ -16,7 +20,7 @@ built), naming the model, the device and the `--precision fp32` way out.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -81,6 +85,55 @@ def held_dtype(module: torch.nn.Module) -> torch.dtype:
     return dtypes.pop()
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # a torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether `module` holds sharded (FSDP2 DTensor) parameters."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def held_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run `module` on its floating-point parameters and buffers cast to `dtype`, as a
+    copy made by `module.to(dtype)` would hold them (a generation copy, graphrl's Ray
+    backend), then put the originals back, bit for bit: the Parameter objects, their
+    gradients and the optimizer's state are untouched. The cast tensors are a transient
+    copy (what a generation copy holds). Refused on DTensor parameters (FSDP2 casts its
+    own, MixedPrecisionPolicy)."""
+    params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    seen: set[int] = set()
+    try:
+        with torch.no_grad():
+            for m in module.modules():
+                for p in m._parameters.values():
+                    if p is None or id(p) in seen or not p.is_floating_point() \
+                            or p.dtype == dtype:
+                        continue
+                    if _is_dtensor(p):
+                        raise UsageError(f"{type(module).__name__}: held_as on a sharded "
+                                         "(DTensor) parameter")
+                    seen.add(id(p))
+                    params.append((p, p.data))
+                    p.data = p.data.to(dtype)
+                for name, b in m._buffers.items():
+                    if b is not None and b.is_floating_point() and b.dtype != dtype:
+                        buffers.append((m, name, b))
+                        m._buffers[name] = b.to(dtype)
+        yield
+    finally:
+        for p, data in params:
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 def ran_precision(module: torch.nn.Module, autocast_on: bool) -> str:
     """The precision a module computes in, from what it holds: bf16 weights, or fp32
     weights under bf16 autocast, are bf16; fp32 weights without it fp32."""
@@ -93,4 +146,4 @@ def ran_precision(module: torch.nn.Module, autocast_on: bool) -> str:
 
 
 __all__ = ["TORCH_DTYPES", "bf16_supported", "check_precision", "check_precisions",
-           "autocast", "held_dtype", "ran_precision"]
+           "autocast", "held_as", "held_dtype", "ran_precision", "sharded"]
