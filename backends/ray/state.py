@@ -44,11 +44,15 @@ def check_checkpointable(ex: Any) -> None:
 
 
 def model_shapes(ex: Any) -> dict[str, dict[str, list[int]]]:
+    """Model -> parameter name -> shape, as the local backend lists them (LoRA: the peft
+    module's names; a shared base: its owner's module, which it runs on)."""
     from .sharded import param_specs
 
-    return {name: {p.name: list(p.shape)
-                   for p in param_specs(m.decl(), checkpoint=m.checkpoint)}
-            for name, m in sorted(ex.program.models.items())}
+    models = ex.program.models
+    return {name: {p.name: list(p.shape) for p in param_specs(
+                   models[m.shares_base or name].decl(),
+                   checkpoint=models[m.shares_base or name].checkpoint)}
+            for name, m in sorted(models.items())}
 
 
 def save_state(ex: Any, folder: Path) -> dict[str, Any]:
