@@ -1,6 +1,7 @@
 """LoRA on the Ray executor (4 fake GPUs on CPU): `--lora policy:r=8` with the policy
 trained by FSDP2 on GPUs 0-1 (peft inside fully_shard: the base frozen, the adapters
-trained), generation on replicas on GPUs 2-3 fed by an adapter-only reshard each step,
+trained), generation on replicas on GPUs 2-3 fed by an adapter-only reshard each step
+(GRPO: the fast engine, decoding from the merged adapters; PPO: hf, peft unmerged),
 and the reference as the policy's shared base: a forward on the policy's own FSDP
 engine with the adapters off (no weights of its own anywhere).
 
@@ -49,11 +50,13 @@ def options(precision: str = "fp32", **kw) -> gr.RunOptions:
                          quiet=True, **{"iterations": ITERATIONS, **kw})
 
 
-def experiment(name: str, precision: str = "fp32"):
+def experiment(name: str, precision: str = "fp32", engine: str = "hf"):
     """The example without its reward-model pre-training (both sides need the same
-    reward model, not a trained one)."""
+    reward model, not a trained one), its policy on `engine`."""
     exp = load_build(name)(options(precision))
-    return dataclasses.replace(exp, prepare=None, iterations=ITERATIONS)
+    models = tuple(dataclasses.replace(m, engine=engine) if m.name == "policy" else m
+                   for m in exp.models)
+    return dataclasses.replace(exp, models=models, prepare=None, iterations=ITERATIONS)
 
 
 def close(a, b, keys):
@@ -70,14 +73,16 @@ def logprobs(module, tokens):
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
 
 
-# -- GRPO: rows, engines, adapter-only reshards --------------------------------------------
+# -- GRPO on the fast engine: rows, engines, adapter-only reshards ------------------------
 @pytest.fixture(scope="module")
 def grpo(ray_session):
-    """A Ray run and a local run of the GRPO example with LoRA; the Ray executor is
-    closed (its GPUs free for the next runs) after its trained weights are fetched."""
+    """A Ray run and a local run of the GRPO example with LoRA, the policy on the fast
+    engine (generation replicas decode from W + (alpha/r) B A, merged at each refresh
+    after the adapters arrive); the Ray executor is closed (its GPUs free for the next
+    runs) after its trained weights are fetched."""
     from graphrl.backends.ray.executor import RayExecutor
 
-    exp = experiment("grpo")
+    exp = experiment("grpo", engine="fast")
     program = exp.with_precision(options()).program()
     plan = compile_graph(program.graph, ClusterSpec.parse("1x4xcpu"), "auto",
                          placement=PLACEMENT).plan
@@ -121,8 +126,10 @@ def test_the_reference_is_the_policys_fsdp_engine_with_adapters_off(grpo):
     assert ex.engines.node_engine["%reference_logprobs"] == "reference"
     engines = ex.call_engines()
     for call in ("reference.forward", "policy.forward", "policy.train"):
-        e = engines[call]
-        assert (e["engine"], e["dp"], e["zero"], e["differs"]) == ("hf", 2, 3, []), call
+        e = engines[call]   # the policy's engine, FSDP2 over GPUs 0-1, as planned
+        assert (e["engine"], e["dp"], e["zero"], e["differs"]) == ("fast", 2, 3, []), call
+    assert (engines["policy.generate"]["engine"], engines["policy.generate"]["dp"]) == \
+        ("fast", 2)
     assert "reference.forward    0-1" in out
 
 
