@@ -263,3 +263,18 @@ def test_lora_on_megatron_or_deepspeed_on_ray_is_refused_naming_the_call():
             refuse_lora_engines(graph, chosen)
     refuse_lora_engines(graph, {name: "hf" for name in calls})
     refuse_lora_engines(graph, {name: "fast" for name in calls})
+
+
+def test_ray_checkpoints_list_the_local_backends_shapes():
+    """A Ray checkpoint's manifest names the models' tensors as the local backend's does
+    (the peft module's names, and for the shared base its owner's), so LoRA checkpoints
+    resume across the backends."""
+    from types import SimpleNamespace
+
+    from graphrl.backends.ray.state import model_shapes
+
+    program = experiment("grpo").with_precision(options()).program()
+    local = LocalExecutor(program, seed=SEED).model_shapes()
+    assert model_shapes(SimpleNamespace(program=program)) == local
+    assert local["reference"] == local["policy"] and any(map(is_adapter_tensor,
+                                                             local["policy"]))
