@@ -265,6 +265,25 @@ def test_lora_on_megatron_or_deepspeed_on_ray_is_refused_naming_the_call():
     refuse_lora_engines(graph, {name: "fast" for name in calls})
 
 
+def test_a_ray_run_pinning_lora_to_deepspeed_is_refused_before_ray_starts(tmp_path,
+                                                                          monkeypatch):
+    """Even where the DeepSpeed engine itself runs LoRA (graphrl.architecture says so),
+    the Ray workers do not: `graphrl run --backend ray` refuses it after compiling,
+    before Ray starts."""
+    from graphrl.architecture import ENGINE_FEATURES
+    from graphrl.runner import make_executor
+
+    monkeypatch.setitem(ENGINE_FEATURES, "deepspeed", ENGINE_FEATURES["deepspeed"] | {"lora"})
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({**PLACEMENT, "policy.train": {
+        "gpus": "0-1", "dp": 2, "zero": 2, "engine": "deepspeed"}}))
+    opts = options(backend="ray", cluster="1x4xcpu", placement=str(placement))
+    with pytest.raises(UsageError, match=r"model policy trains LoRA adapters; on --backend "
+                                         r"ray LoRA runs on the hf and fast engines .* not "
+                                         "deepspeed"):
+        make_executor(experiment("grpo").with_precision(opts).program(), opts)
+
+
 def test_ray_checkpoints_list_the_local_backends_shapes():
     """A Ray checkpoint's manifest names the models' tensors as the local backend's does
     (the peft module's names, and for the shared base its owner's), so LoRA checkpoints

@@ -173,8 +173,11 @@ class ExecWorker(RankWorker):
         """The engine and the degrees it ran its last call with on this rank (megatron,
         DeepSpeed: as they report; HF modules: data-parallel over the mesh, FSDP2 = ZeRO-3,
         one micro-batch, no optimizer offload)."""
+        from ..engines.lora_hf import SharedBase
+
         eng = self.engine(key)
-        eng = getattr(eng, "owner", eng)   # a shared base runs on its owner's engine
+        if isinstance(eng, SharedBase):   # it runs on its owner's engine
+            eng = eng.owner
         if hasattr(eng, "degrees"):
             return eng.degrees()
         if isinstance(eng, NoopEngine):
