@@ -12,7 +12,9 @@ GPU receives ModelSpec.sync_bytes per step (the plan's figure), and after each t
 generation copies equal the trained weights bit for bit, base included (built from the
 same seed). A checkpointed Ray run resumes to the uninterrupted run's rows; its --save
 is a PEFT adapter directory peft loads with the trained model's log-probs; in bf16 the
-workers hold a bf16 base with fp32 adapters and fp32 Adam state for the adapters only.
+workers (FSDP2, or data-parallel hf replicas) hold a bf16 base with fp32 adapters and
+fp32 Adam state for the adapters only. LoRA on megatron / DeepSpeed engines is refused
+before Ray starts.
 """
 from __future__ import annotations
 
@@ -214,14 +216,18 @@ def test_ray_save_is_a_peft_adapter_with_the_trained_log_probs(ppo):
 
 
 # -- bf16: what the workers hold -------------------------------------------------------------
-def test_bf16_workers_hold_a_bf16_base_and_fp32_adapters(ray_session, tmp_path):
+@pytest.mark.parametrize("zero,kind", [(3, "fsdp2"), (0, "replicas")])
+def test_bf16_workers_hold_a_bf16_base_and_fp32_adapters(ray_session, tmp_path, zero, kind):
+    """FSDP2 (zero=3) and data-parallel hf replicas (zero=0: adapter gradients
+    all-reduced) train the policy in bf16 as one process does."""
     from graphrl.backends.engines.precision import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has no bf16 kernels")
     exp = experiment("grpo", "bf16")
     placement = tmp_path / "placement.json"
-    placement.write_text(json.dumps(PLACEMENT))
+    placement.write_text(json.dumps({**PLACEMENT, "policy.train": {
+        "gpus": "0-1", "dp": 2, "zero": zero}}))
     opts = options("bf16", backend="ray", cluster="1x4xcpu", placement=str(placement),
                    call_timeout=TIMEOUT, iterations=1, checkpoint_dir=str(tmp_path / "c"))
     out = io.StringIO()
@@ -242,7 +248,10 @@ def test_bf16_workers_hold_a_bf16_base_and_fp32_adapters(ray_session, tmp_path):
     moments = state["optimizer"]["state"]
     assert set(moments) == {k for k in state["weights"] if is_adapter_tensor(k)}
     assert {s["exp_avg"].dtype for s in moments.values()} == {torch.float32}
-    assert "precision=bf16" in out.getvalue()
+    import re
+
+    assert re.search(rf"policy.train +0-1 .*engine=hf dp=2 .*zero={zero} micro_batches=1 "
+                     r"offload=0 precision=bf16 yes", out.getvalue()), kind
 
 
 # -- refused before launch ------------------------------------------------------------------
