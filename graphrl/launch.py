@@ -79,6 +79,12 @@ def start_executor(program: Any, opts: RunOptions, out: Optional[TextIO] = None,
         check_address(opts.address)
     compiled = compile_for(program, opts)
     plan = compiled.plan
+    if any(m.lora is not None or m.shares_base for m in program.models.values()):
+        from .backends.ray.assign import refuse_lora_engines   # before Ray starts
+        from .engines import resolve_engines
+
+        refuse_lora_engines(plan.graph, resolve_engines(
+            plan.graph, {name: m.engine for name, m in program.models.items()}))
     if out is not None:
         print(f"[ray] @{plan.graph.name} compiled for {plan.cluster.text()} (policy "
               f"{opts.policy or 'auto'}): predicted {plan.predicted_step_seconds:.3f} s "

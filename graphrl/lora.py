@@ -126,6 +126,12 @@ class LoRA:
                    d.get("dropout", 0.0), str(d.get("adapter", "")))
 
 
+def is_adapter_tensor(name: str) -> bool:
+    """A state-dict name of a LoRA adapter tensor (peft's `...lora_A.<adapter>.weight`,
+    `...lora_B.<adapter>.weight`): what a training-to-generation sync moves."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def parse_lora_option(text: str) -> tuple[str, LoRA]:
     """`ROLE:r=16,alpha=32,targets=q_proj,v_proj,dropout=0.05,adapter=DIR` (the --lora
     option) -> (role, LoRA); a bare ROLE takes the defaults. Names after targets= up to
@@ -194,5 +200,5 @@ def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ..
                  for m in out)
 
 
-__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "parse_lora_option", "apply_lora",
+__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "parse_lora_option", "is_adapter_tensor", "apply_lora",
            "check_save_target"]

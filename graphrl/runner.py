@@ -78,6 +78,13 @@ def check_save_target(path: str, overwrite: bool = False, flag: str = "--save") 
         raise UsageError(f"{flag} {path}: {why}")
 
 
+def trained_engine(executor: Any, name: str) -> Any:
+    """An engine in this process holding model `name`'s trained weights: the local
+    backend's own, or a copy the Ray driver builds from the workers' (driver_engine)."""
+    copy = getattr(executor, "driver_engine", None)
+    return copy(name) if copy is not None else executor.engines[name]
+
+
 def save_run(program: Any, executor: Any, target: str) -> list[str]:
     """Write the run's trained models as Hugging Face directories (graphrl.backends)."""
     from graphrl.backends.engines.hf_checkpoint import save_trained
@@ -87,8 +94,8 @@ def save_run(program: Any, executor: Any, target: str) -> list[str]:
     if policy is not None and policy.lora is not None:   # a PEFT adapter directory
         from graphrl.backends.engines.lora_hf import save_adapter
 
-        return save_adapter(target, executor.engines[policy.name], policy.checkpoint,
-                            program.models, executor.export_weights)
+        return save_adapter(target, trained_engine(executor, policy.name),
+                            policy.checkpoint, program.models, executor.export_weights)
     source = policy.checkpoint if policy is not None else None
     if source is not None and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         source = None
@@ -108,13 +115,6 @@ def make_executor(program: Any, opts: RunOptions, out: TextIO = sys.stdout) -> A
         return LocalExecutor(program, device=opts.device, seed=opts.seed)
     if opts.backend == "ray":
         from .launch import start_executor
-
-        lora = [m.name for m in program.models.values() if m.lora is not None or m.shares_base]
-        if lora:   # refused before launch: not what the Ray workers implement yet
-            raise UsageError(f"--backend ray: {', '.join(lora)} use LoRA adapters or a "
-                             "shared base, which run on --backend local only (the Ray "
-                             "workers' adapter sync and shared-base engine are not "
-                             "implemented); use --backend local")
 
         return start_executor(program, opts, out=None if opts.quiet else out)
     raise UsageError(f"unknown backend {opts.backend!r} (known: local, ray)")
@@ -282,7 +282,10 @@ def run_experiment(exp: Experiment, opts: RunOptions, out: TextIO = sys.stdout,
             from graphrl.backends.engines.lora_hf import save_merged
 
             with writing("--save-merged", opts.save_merged):
-                merged = save_merged(opts.save_merged, program.models, executor.engines)
+                lora = next(m.name for m in program.models.values()
+                            if m.lora is not None and m.trainable)
+                merged = save_merged(opts.save_merged, program.models,
+                                     {lora: trained_engine(executor, lora)})
             extra.append("  saved merged: " + merged)
         finished = True
     finally:

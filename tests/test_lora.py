@@ -418,15 +418,6 @@ def test_a_lora_run_resumes_bit_exact_and_saves_an_adapter(tmp_path):
         run_experiment(load_example(str(path))(opts), opts)
 
 
-def test_ray_refuses_lora_before_launch():
-    from graphrl.runner import make_executor
-
-    opts = gr.RunOptions(backend="ray", lora=(LORA,))
-    exp = load_build("grpo")(opts)
-    with pytest.raises(UsageError, match="--backend ray: policy, reference use LoRA"):
-        make_executor(exp.with_precision(opts).program(), opts)
-
-
 def test_adapter_dropout_runs_while_training_only():
     """dropout > 0: forward and generate are deterministic (eval), the train step draws
     dropout masks (two steps from one state and seed differ only through them)."""

@@ -57,10 +57,21 @@ def check_adapter_dir(path: str, decl: Any, base_source: str | None) -> dict[str
     return cfg
 
 
+def lora_config(decl: Any) -> Any:
+    """peft's LoraConfig of the model spec's LoRA."""
+    from peft import LoraConfig
+
+    lora = decl.spec.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                      target_modules=list(lora.targets_for(decl.spec.family)),
+                      lora_dropout=lora.dropout, bias="none",
+                      fan_in_fan_out=decl.spec.family == "gpt2")   # GPT-2's Conv1D
+
+
 def wrap(module: nn.Module, decl: Any, precision: str, base_source: str | None) -> nn.Module:
     """`module` with LoRA adapters (peft), base frozen in the planned precision, the
     adapters fp32 and trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     lora = decl.spec.lora
     if precision == "bf16":   # the frozen base: bf16 weights only
@@ -74,11 +85,7 @@ def wrap(module: nn.Module, decl: Any, precision: str, base_source: str | None) 
             raise UsageError(f"model {decl.name}: LoRA adapter {lora.adapter} does not fit "
                              f"this base: {first[-1] if first else e}") from None
     else:
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha,
-                            target_modules=list(lora.targets_for(decl.spec.family)),
-                            lora_dropout=lora.dropout, bias="none",
-                            fan_in_fan_out=decl.spec.family == "gpt2")   # GPT-2's Conv1D
-        model = get_peft_model(module, config)
+        model = get_peft_model(module, lora_config(decl))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -290,5 +297,5 @@ def save_merged(target: str, models: Mapping[str, Any], engines: Mapping[str, An
     return target
 
 
-__all__ = ["decode_source", "save_merged", "wrap", "TrainableView", "adapter_dropout", "base_model", "SharedBase", "merged",
+__all__ = ["decode_source", "save_merged", "wrap", "lora_config", "TrainableView", "adapter_dropout", "base_model", "SharedBase", "merged",
            "merged_weights", "save_adapter", "check_adapter_dir"]

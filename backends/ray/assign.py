@@ -14,7 +14,14 @@
   train call (or first forward call), and the process groups it needs; a strategy no
   engine runs, or a forward call planned with other degrees than its model's shared
   engine runs it with (graphrl.engines.shared_strategy), is refused there, before
-  anything starts.
+  anything starts. LoRA (graphrl.lora): a model with adapters runs on the hf or fast
+  engine as any other (peft inside FSDP2 or the replicas; generation copies hold the
+  frozen base from the same seed or model directory, and reshards move the adapters);
+  a shared base (ModelDecl.shares_base: a reference that is the policy's frozen base)
+  gets no engine of its own: a `base` spec that runs its calls on its owner's engine,
+  on the owner's ranks, with the adapters off. Refused here: a shared base whose calls
+  the plan put elsewhere, and LoRA on megatron or DeepSpeed engines on Ray
+  (`refuse_lora_engines`).
 - `split_rows`: how a call's batch is split over its ranks. Every call runs on every rank
   of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n) on HF
   replicas; megatron and DeepSpeed engines take the whole batch and split it by their
@@ -77,23 +84,67 @@ def _engine_groups(kind: str, gpus: tuple[int, ...], s: Any,
     return tuple(names)
 
 
+LORA_ENGINES = ("hf", "fast")   # the engines LoRA runs on with the Ray backend
+
+
+def refuse_lora_engines(graph: Graph, chosen: Mapping[str, str]) -> None:
+    """UsageError, before any worker starts, for a call of a LoRA model or a shared base
+    that `chosen` (node -> engine, graphrl.engines.resolve_engines) gives to an engine
+    the Ray workers do not run LoRA on."""
+    for n in graph.nodes:
+        if n.kind != CALL or chosen.get(n.name, "hf") in LORA_ENGINES:
+            continue
+        decl = graph.model(n.model)
+        what = ("trains LoRA adapters" if decl.spec.lora is not None else
+                f"is the shared base of {decl.shares_base}" if decl.shares_base else "")
+        if what:
+            raise UsageError(
+                f"node {n.name} ({n.call}): model {decl.name} {what}; on --backend ray "
+                f"LoRA runs on the {' and '.join(LORA_ENGINES)} engines (FSDP2 or "
+                f"replicas), not {chosen[n.name]}: the adapter-only weight sync from its "
+                "shards and a shared base on it are not implemented there; pin the call "
+                "to engine hf (e.g. zero=3 for FSDP2), or use --backend local")
+
+
+def _shared_base(decl: Any, calls: list[Any], specs: dict[str, EngineSpec],
+                 node_engine: dict[str, str], noop: bool) -> None:
+    """The spec of a shared base: its owner's engine kind, ranks and group, run there."""
+    owner = specs.get(decl.shares_base)
+    meshes = sorted({n.placement.mesh.gpus for n in calls})
+    if owner is None or any(m != owner.gpus for m in meshes):
+        where = f"GPUs {list(owner.gpus)}" if owner is not None else "no engine"
+        raise UsageError(f"model {decl.name}: the shared base of {decl.shares_base} runs "
+                         f"on its engine ({where}), but the plan puts its calls on "
+                         f"{[list(m) for m in meshes]}; the Ray backend runs a shared base "
+                         "only on its owner's engine (tie its calls to the owner's mesh)")
+    specs[decl.name] = replace(owner, key=decl.name, decl=decl, options={},
+                               kind="noop" if noop else owner.kind, init_from=None,
+                               init_checkpoint=None, base="" if noop else owner.key)
+    for n in calls:
+        node_engine[n.name] = decl.name
+
+
 def assign_engines(graph: Graph, models: Mapping[str, Any], seed: int = 0,
                    noop: bool = False) -> EnginePlan:
     """`models`: name -> graphrl.Model (engine options and init_from)."""
     from graphrl.engines import resolve_engines
 
     chosen = resolve_engines(graph, {name: m.engine for name, m in models.items()})
+    refuse_lora_engines(graph, chosen)
     specs: dict[str, EngineSpec] = {}
     node_engine: dict[str, str] = {}
     groups: dict[str, tuple[int, ...]] = {}
     gen_engine: dict[str, str] = {}
     resharded = {n.model for n in graph.nodes if n.target == "reshard"}
-    for decl in graph.models:
+    for decl in sorted(graph.models, key=lambda d: bool(d.shares_base)):   # owners first
         calls = [n for n in graph.nodes if n.kind == CALL and n.model == decl.name]
         for n in calls:
             if n.placement is None:
                 raise UsageError(f"node {n.name} ({n.call}) has no placement: compile the "
                                  "graph before running it on Ray")
+        if decl.shares_base:
+            _shared_base(decl, calls, specs, node_engine, noop)
+            continue
         main = [n for n in calls if n.target != "generate"]
         gens = [n for n in calls if n.target == "generate"]
         model = models[decl.name]
@@ -198,4 +249,4 @@ def dispatch_order(plan: Plan) -> tuple[Group, ...]:
     return tuple(out)
 
 
-__all__ = ["EnginePlan", "assign_engines", "split_rows", "Group", "dispatch_order"]
+__all__ = ["EnginePlan", "assign_engines", "refuse_lora_engines", "LORA_ENGINES", "split_rows", "Group", "dispatch_order"]

@@ -24,6 +24,13 @@ class DriverEngines(Mapping[str, Any]):
             self.built[name] = eng
         return self.built[name]
 
+    def holding(self, name: str, export: Any) -> Any:
+        """The engine of model `name` with the weights `export(name)` gives loaded (those
+        of the workers' engine: a trained model, LoRA adapters and all)."""
+        eng = self[name]
+        eng.load_weights(export(name))
+        return eng
+
     def __iter__(self):
         return iter(self.program.models)
 

@@ -19,7 +19,8 @@ A step walks the plan's instruction groups in `assign.dispatch_order`:
   the step's other instructions (stream_calls.py, head_parts.py).
 - `run` on the host: an op, on the driver, once its inputs have arrived.
 - `reshard`: every GPU of the TransferPlan runs its part (torch.distributed
-  point-to-point); the bytes each sent are recorded beside the plan's figure.
+  point-to-point); the bytes each sent are recorded beside the plan's figure. A LoRA
+  model's reshard (sync="adapters") moves its adapters only (reshard_steps.py).
 - `offload` / `onload`: on each rank; `send` / `recv`: nothing to do (data moves as Ray
   objects); `free`: the driver drops the value once every worker has freed it.
 Every wait has a deadline and watches every call in flight, so a rank that dies or
@@ -167,8 +168,10 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         self.group.init_process_group(host, timeout_s=self.timeout_s)
         for name in sorted(self.engines.groups):
             self.group.new_group(name, self.engines.groups[name], timeout_s=self.timeout_s)
+        # a shared base (LoRA) is built after the engine it runs on, on each of its ranks
+        specs = sorted(self.engines.specs.items(), key=lambda kv: (bool(kv[1].base), kv[0]))
         refs = {(key, rank): self.group.actors[rank].build.remote(spec)
-                for key, spec in sorted(self.engines.specs.items()) for rank in spec.gpus}
+                for key, spec in specs for rank in spec.gpus}
         self.layouts = {key: layout for (key, _), layout in
                         self._gather_keyed(refs, "build").items()}
         self.versions = {key: 0 for key in self.engines.specs}
@@ -213,7 +216,8 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         engines = DriverEngines(self.program, self.seed)
         result = dict(fn(engines))
         for name, eng in engines.built.items():
-            keys = [k for k, s in self.engines.specs.items() if s.decl.name == name]
+            keys = [k for k, s in self.engines.specs.items()
+                    if s.decl.name == name and not s.base]   # a shared base holds nothing
             if not keys or self.noop:
                 continue
             weights = ray.put(eng.export_weights())
@@ -530,6 +534,14 @@ class RayExecutor(CheckpointMethods, ReshardSteps):
         """The full weights of `model`'s training engine (one rank's copy)."""
         per_rank = self.weights(model)
         return per_rank[min(per_rank)]
+
+    def driver_engine(self, model: str) -> Any:
+        """An engine of `model` built on the driver (CPU) holding the trained weights (one
+        rank's copy): what --save and --save-merged of a LoRA run write from (a peft
+        module, as the local backend's engine is)."""
+        from .driver_engines import DriverEngines
+
+        return DriverEngines(self.program, self.seed).holding(model, self.export_weights)
 
     def predicted_call_seconds(self) -> dict[str, float]:
         """Call -> predicted seconds per step (graphrl.simulate's timeline)."""

@@ -3,7 +3,7 @@ the executor's TransferPlan, the compiled plan's figure) and predicted vs measur
 seconds per call."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from graphrl.plan import Plan
@@ -23,6 +23,8 @@ class ReshardRecord:
                                        # in the model spec's dtype, e.g. bf16)
     scale: float                       # wire itemsize / the spec dtype's bytes
     exact: Optional[bool] = None       # generation weights == training weights (check)
+    sync: str = "weights"              # what moved: weights, or adapters (LoRA)
+    received: Mapping[int, int] = field(default_factory=dict)   # bytes each rank received
 
 
 def predicted_call_seconds(plan: Plan) -> dict[str, float]:
@@ -66,9 +68,13 @@ def summary_lines(plan: Plan, reshards: Sequence[ReshardRecord], events: Sequenc
         compiled = (f"{'=' if same else '!='} the compiled plan" if r.scale == 1 else
                     f"compiled plan {dict(sorted(r.compiled.items()))} in the spec dtype, "
                     f"x{r.scale:g} for the float32 weights run here")
-        lines.append(f"  reshard[{r.model}] bytes sent per GPU: measured "
+        what = " (LoRA adapters only)" if r.sync == "adapters" else ""
+        lines.append(f"  reshard[{r.model}]{what} bytes sent per GPU: measured "
                      f"{dict(sorted(r.measured.items()))} "
                      f"({'=' if ok else '!='} the transfer plan; {compiled})")
+        got = {g: b for g, b in sorted(r.received.items()) if b}
+        if got:
+            lines.append(f"    received per GPU, per step: {got}")
     return lines
 
 

@@ -1,6 +1,12 @@
 """Weight reshards of a RayExecutor step (mixin): plan each reshard node's transfers on the
 engines' real layouts, run them on their GPUs (torch.distributed point-to-point), and
-record the bytes each GPU sent beside the compiled plan's figure."""
+record the bytes each GPU sent beside the compiled plan's figure.
+
+A reshard node with sync="adapters" (a LoRA model: passes/insert_reshard.py) moves the
+adapter tensors only (graphrl.lora.is_adapter_tensor): its TransferPlan covers the
+generation engine's lora_A / lora_B and nothing else, since that engine holds the same
+frozen base from the start (built from the same seed or model directory; a resumed
+run loads it from the checkpoint)."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,6 +39,8 @@ class ReshardSteps:
             if src is None or dst is None:     # noop engines
                 out[n.name] = (None, None)
                 continue
+            if n.attr("sync") == "adapters":
+                dst = adapter_layout(dst, n)
             tp = plan_model_reshard(src, dst, itemsize=ITEMSIZE)
             out[n.name] = (tp, ray.put(tp))
         return out
@@ -88,9 +96,25 @@ class ReshardSteps:
                 iteration, n.name, n.model,
                 {r: (s.sent_bytes if s is not None else 0) for r, s in stats.items()},
                 {r: tp.bytes_sent_by(r) for r in stats} if tp is not None else {},
-                compiled, ITEMSIZE / self._planned_itemsize(spec), exact.get(n.name)))
+                compiled, ITEMSIZE / self._planned_itemsize(spec), exact.get(n.name),
+                str(n.attr("sync") or "weights"),
+                {r: (s.received_bytes if s is not None else 0) for r, s in stats.items()}))
 
     def _planned_itemsize(self, spec: Any) -> int:
         """Bytes per weight the compiled plan counted: float32 on a cpu cluster (what the
         CPU engines hold), else the spec's serving dtype."""
         return 4 if self.plan.cluster.gpu.name == "cpu" else DTYPE_BYTES[spec.dtype]
+
+
+def adapter_layout(layout: Any, n: Node) -> Any:
+    """`layout` restricted to the LoRA adapter tensors (what an adapter sync moves)."""
+    from graphrl.errors import ExecutionError
+    from graphrl.lora import is_adapter_tensor
+    from graphrl.shard import ModelLayout
+
+    kept = tuple((k, v) for k, v in layout.items() if is_adapter_tensor(k))
+    if not kept:
+        raise ExecutionError(f"node {n.name} (reshard[{n.model}]) syncs adapters, but the "
+                             f"generation engine of {n.model} holds no lora_A / lora_B "
+                             "tensors")
+    return ModelLayout(kept)

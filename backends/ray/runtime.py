@@ -15,6 +15,9 @@ the rows it computes. Engine kinds:
 - `replicas`: a full copy on each rank (`sharded.ReplicatedEngine`); with `group` set,
   training averages gradients over the group after every backward (data-parallel, as
   DDP does), so the copies stay identical.
+- a spec with `base` (a LoRA policy's shared base): no engine of its own;
+  `lora_hf.SharedBase` runs its calls on the owner's engine of this rank (the `base`
+  key), with the adapters off.
 - `noop`: no model; calls return zeros of the declared payload shapes (dispatch-overhead
   measurements).
 """
@@ -117,6 +120,11 @@ class ExecWorker(RankWorker):
         if spec.kind == "noop":
             self._add(spec.key, NoopEngine())
             return None
+        if spec.base:   # a shared base (LoRA): its owner's engine with the adapters off
+            from ..engines.lora_hf import SharedBase
+
+            self._add(spec.key, SharedBase(spec.decl, self.engine(spec.base)))
+            return None
         if spec.kind == "fsdp":
             layout = self.build_fsdp_engine(spec.key, spec.decl, spec.options, spec.group,
                                             seed=spec.seed)
@@ -165,7 +173,11 @@ class ExecWorker(RankWorker):
         """The engine and the degrees it ran its last call with on this rank (megatron,
         DeepSpeed: as they report; HF modules: data-parallel over the mesh, FSDP2 = ZeRO-3,
         one micro-batch, no optimizer offload)."""
+        from ..engines.lora_hf import SharedBase
+
         eng = self.engine(key)
+        if isinstance(eng, SharedBase):   # it runs on its owner's engine
+            eng = eng.owner
         if hasattr(eng, "degrees"):
             return eng.degrees()
         if isinstance(eng, NoopEngine):

@@ -10,6 +10,12 @@ and writes.
   gloo"). Every weight is a DTensor `Shard(0)`: even dim-0 chunks with torch.chunk
   semantics = `layout_for(..., zero=3, zero_format="dim0")`. Calls on it are collectives
   over its mesh: every rank of the mesh makes the same call.
+  LoRA (graphrl.lora): the module is the peft model lora_hf.wrap makes (the frozen base
+  in the planned precision, bf16 or fp32, requires_grad False; the adapters fp32
+  masters), sharded as it is: FSDP2 gathers each weight in its own dtype and reduces
+  gradients of the adapters only (the base has none), the optimizer holds the adapters
+  only, and bf16 compute is the engine's autocast, as in one process (no
+  MixedPrecisionPolicy: the base is bf16 already, the adapters are cast by autocast).
 - `ReplicatedEngine`: a full HF model on each rank of its mesh (generation / inference).
 - `ShardBuffers`: plain arrays for any layout (tensor-parallel, flat ZeRO, …) with no
   model behind them: a destination for layouts no engine here runs yet.
@@ -62,15 +68,26 @@ def param_specs(decl: ModelDecl, module: Any = None, checkpoint: Any = None
 
 
 def _meta_module(decl: ModelDecl, checkpoint: Any) -> nn.Module:
-    """The HF module of `decl` (from `checkpoint`'s config when given), weights not loaded."""
+    """The HF module of `decl` (from `checkpoint`'s config when given), weights not loaded;
+    with LoRA, inside peft's wrapper (the names and shapes the engine holds)."""
     if checkpoint is None:
-        return build_module(decl)
-    import transformers
+        module = build_module(decl)
+    else:
+        import transformers
 
-    from ..engines.hf_classes import hf_class, inference_config
+        from ..engines.hf_classes import hf_class, inference_config
 
-    config = transformers.AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
-    return hf_class(decl.spec, auto=True).from_config(inference_config(config, decl.spec.head))
+        config = transformers.AutoConfig.from_pretrained(str(checkpoint),
+                                                         local_files_only=True)
+        module = hf_class(decl.spec, auto=True).from_config(
+            inference_config(config, decl.spec.head))
+    if decl.spec.lora is not None:
+        from peft import get_peft_model
+
+        from ..engines.lora_hf import lora_config
+
+        module = get_peft_model(module, lora_config(decl))
+    return module
 
 
 def fsdp_layout(specs: Sequence[ParamSpec], gpus: Sequence[int], num_layers: int = 1
@@ -133,6 +150,19 @@ class ReplicatedEngine:
     @property
     def version(self) -> int:
         return self.engine.version
+
+    # what lora_hf.SharedBase reads of the engine it runs a shared base on
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def tokens(self) -> Any:
+        return self.engine.tokens
 
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         named = dict(self.engine.module.state_dict(keep_vars=True))
@@ -208,7 +238,7 @@ class FSDPEngine:
         # bf16: FSDP2 gathers bf16 copies of the fp32 (master) shards for compute and
         # reduces gradients in fp32 (MixedPrecisionPolicy); fp32: no policy
         mp = {}
-        if self.engine.precision == "bf16" and decl.trainable:
+        if self.engine.precision == "bf16" and decl.trainable and decl.spec.lora is None:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -228,6 +258,19 @@ class FSDPEngine:
     @property
     def version(self) -> int:
         return self.engine.version
+
+    # what lora_hf.SharedBase reads of the engine it runs a shared base on
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def tokens(self) -> Any:
+        return self.engine.tokens
 
     def _dtensors(self) -> dict[str, Any]:
         from torch.distributed.tensor import DTensor, Shard
@@ -303,8 +346,8 @@ class FSDPEngine:
         def full(t: Any) -> Any:
             return t.full_tensor().detach().cpu().clone() if isinstance(t, DTensor) else t
         return {"weights": self.export_weights(), "version": self.engine.version,
-                "optimizer": named_optimizer_state(self.engine.module, self.engine.optimizer,
-                                                   full),
+                "optimizer": named_optimizer_state(self.engine._trained(),
+                                                   self.engine.optimizer, full),
                 "kl_coef": self.engine.kl_control.coef}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -321,7 +364,7 @@ class FSDPEngine:
             def local(name: str, t: Any) -> Any:
                 p = params[name]
                 return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-            load_named_optimizer_state(self.engine.module, self.engine._optimizer(),
+            load_named_optimizer_state(self.engine._trained(), self.engine._optimizer(),
                                        state["optimizer"], local)
         self.engine.version = int(state["version"])
         self.engine.kl_control.coef = state.get("kl_coef")   # absent in older checkpoints

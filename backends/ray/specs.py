@@ -26,6 +26,9 @@ class EngineSpec:
     engine: str = "hf"          # hf | megatron | deepspeed (graphrl.engines)
     strategy: Optional[Strategy] = None     # the degrees it runs (megatron, deepspeed)
     groups: tuple[str, ...] = ()            # process groups it needs (megatron, deepspeed)
+    base: str = ""              # a shared base (LoRA): the key of the engine whose frozen
+                                # base it is; it runs there with the adapters off, holds
+                                # nothing of its own, and `kind` is that engine's
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ one that trains it) writes its state:
   and Adam moments by parameter name, how each is split, the step count);
 - HF engines: the first rank models/<model>.pt, full tensors in the placement-independent
   form of engines/engine_state.py (FSDP2 all-gathers its shards over the mesh first).
-Engines on disjoint meshes write at the same time. Generation engines (`policy.gen`)
+A LoRA model's engine writes its peft module's weights (base and adapters) and the
+adapters' Adam state; a shared base (LoRA) writes what the local backend's does, the
+name of its owner and a version, no weights. Engines on disjoint meshes write at the
+same time. Generation engines (`policy.gen`)
 write nothing: each step reshards the trained weights into them before they generate.
 An asynchronous run (--staleness K) also writes the rollouts queued on the driver,
 carried.pt (the local backend's CARRIED_FILE: either backend resumes the other's).
@@ -44,11 +47,15 @@ def check_checkpointable(ex: Any) -> None:
 
 
 def model_shapes(ex: Any) -> dict[str, dict[str, list[int]]]:
+    """Model -> parameter name -> shape, as the local backend lists them (LoRA: the peft
+    module's names; a shared base: its owner's module, which it runs on)."""
     from .sharded import param_specs
 
-    return {name: {p.name: list(p.shape)
-                   for p in param_specs(m.decl(), checkpoint=m.checkpoint)}
-            for name, m in sorted(ex.program.models.items())}
+    models = ex.program.models
+    return {name: {p.name: list(p.shape) for p in param_specs(
+                   models[m.shares_base or name].decl(),
+                   checkpoint=models[m.shares_base or name].checkpoint)}
+            for name, m in sorted(models.items())}
 
 
 def save_state(ex: Any, folder: Path) -> dict[str, Any]:
