@@ -160,7 +160,8 @@ def pytest_collection_modifyitems(config, items):
 # With GRAPHRL_TEST_CPU set, each test's CPU seconds (user+system of this process and of
 # the children it reaped during the test; setup, call and teardown) and wall seconds are
 # appended to that file, one JSON line a test: on a shared machine CPU time is the steadier
-# measure. A Ray cluster's processes are counted when it is stopped (its raylet reaped).
+# measure. A Ray cluster's processes are counted when it is stopped (its raylet reaped);
+# ranks forked from the fork server (spawn's preload) are its children: not counted.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     import os
