@@ -444,7 +444,7 @@ def run_spawned(plan: Sequence[Strategy], decl: Any, d: Path, probe: Mapping[str
     largest strategy needs); what rank 0 measured, per strategy."""
     import torch
 
-    from .engines.spawn import spawn
+    from .engines.spawn import ENGINE_MODULES, spawn
     from .conformance_ranks import worker
 
     world = max(s.world for s in plan)
@@ -455,7 +455,8 @@ def run_spawned(plan: Sequence[Strategy], decl: Any, d: Path, probe: Mapping[str
                     "decl": decl, "options": engine_options(d), "probe": dict(probe),
                     "inputs": inputs}, job)
         try:
-            spawn(worker, (job, out), world, timeout_s, f"check-model {what}")
+            spawn(worker, (job, out), world, timeout_s, f"check-model {what}",
+                  preload=ENGINE_MODULES)   # one import of megatron-core, not one a rank
         except ExecutionError as e:
             current = Path(out + ".current")
             at = f" (while checking {current.read_text()})" if current.is_file() else ""

@@ -154,3 +154,33 @@ def pytest_collection_modifyitems(config, items):
         if (groups and getattr(config.option, "loadgroup", False)   # an xdist worker's flag
                 and node_id is not None and "@" not in str(node_id).rpartition("]")[2]):
             item._id = type(node_id).parse(f"{node_id}@{'_'.join(groups)}")
+
+
+# -- measuring the suite's cost (GRAPHRL_TEST_CPU=path) -----------------------------------
+# With GRAPHRL_TEST_CPU set, each test's CPU seconds (user+system of this process and of
+# the children it reaped during the test; setup, call and teardown) and wall seconds are
+# appended to that file, one JSON line a test: on a shared machine CPU time is the steadier
+# measure. A Ray cluster's processes are counted when it is stopped (its raylet reaped);
+# ranks forked from the fork server (spawn's preload) are its children: not counted.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import os
+
+    path = os.environ.get("GRAPHRL_TEST_CPU")
+    if not path:
+        yield
+        return
+    import json
+    import resource
+    import time
+
+    def cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    c0, t0 = cpu(), time.monotonic()
+    yield
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": item.nodeid, "cpu": round(cpu() - c0, 3),
+                            "wall": round(time.monotonic() - t0, 3)}) + "\n")

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from graphrl.backends.engines.spawn import init_rank, megatron_process_groups  # noqa: F401
+from graphrl.backends.engines.spawn import ENGINE_MODULES
 from graphrl.backends.engines.spawn import spawn as spawn_ranks
 
 B, S, VOCAB = 8, 12, 32
@@ -377,8 +378,9 @@ def worker(rank: int, world: int, port: int, which: str, configs: list, out: str
 
 def spawn(worker: Any, args: tuple, world: int, out: str, timeout_s: float, what: str) -> Any:
     """Spawn `world` ranks of worker(rank, world, port, *args) (graphrl's spawn: killed
-    after `timeout_s`); the JSON rank 0 wrote to `out`."""
-    spawn_ranks(worker, args, world, timeout_s, what)
+    after `timeout_s`; forked from the fork server that imported ENGINE_MODULES once
+    this session, not each rank anew); the JSON rank 0 wrote to `out`."""
+    spawn_ranks(worker, args, world, timeout_s, what, preload=ENGINE_MODULES)
     with open(out) as f:
         return json.load(f)
 

@@ -183,7 +183,12 @@ def test_a_crashed_or_hung_rank_is_named():
     from graphrl.backends.engines.spawn import spawn
     from graphrl.errors import ExecutionError
 
-    with pytest.raises(ExecutionError, match="megatron tp=2: a rank failed: .*boom on rank 1"):
-        spawn(failing_rank, (0.0,), 2, 60, "megatron tp=2")
-    with pytest.raises(ExecutionError, match="deepspeed zero=3 dp=2: .* did not finish in 2 s"):
-        spawn(failing_rank, (60.0,), 1, 2, "deepspeed zero=3 dp=2")
+    from graphrl.backends.engines.spawn import ENGINE_MODULES
+
+    for preload in ((), ENGINE_MODULES):   # fresh interpreters; forked from the fork server
+        with pytest.raises(ExecutionError,
+                           match="megatron tp=2: a rank failed: .*boom on rank 1"):
+            spawn(failing_rank, (0.0,), 2, 60, "megatron tp=2", preload=preload)
+        with pytest.raises(ExecutionError,
+                           match="deepspeed zero=3 dp=2: .* did not finish in 2 s"):
+            spawn(failing_rank, (60.0,), 1, 2, "deepspeed zero=3 dp=2", preload=preload)
