@@ -41,6 +41,9 @@ def _gpt2_linears(s: Any) -> dict[str, tuple[tuple[int, int], ...]]:
 # one decoder layer); GPT-2's c_proj names both the attention and the MLP output
 LINEARS = {"llama": _llama_linears, "gpt2": _gpt2_linears}
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}
+# the output head (hidden -> vocab), once per model: a target of either family when its
+# weights are not tied to the input embeddings (peft targets it by the same name)
+HEAD = "lm_head"
 # the other family's module doing the same job (a suggestion for a target given in the
 # wrong family's names: GPT-2 fuses q/k/v into c_attn and names both outputs c_proj)
 COUNTERPART = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn",
@@ -55,10 +58,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 class LoRA:
     """r: the rank (> 0); alpha: the scale numerator (the update is (alpha / r) B A);
     targets: module names of the decoder layers' linears (llama family: q_proj, k_proj,
-    v_proj, o_proj, gate_proj, up_proj, down_proj; gpt2: c_attn, c_proj, c_fc), () for
-    the family's default (q_proj, v_proj / c_attn); dropout: on the adapters' input while
-    training; adapter: an existing PEFT adapter directory to continue training from
-    (its r, alpha and targets must be these)."""
+    v_proj, o_proj, gate_proj, up_proj, down_proj; gpt2: c_attn, c_proj, c_fc) and/or
+    lm_head (the output head, untied models), () for the family's default (q_proj,
+    v_proj / c_attn); dropout: on the adapters' input while training; adapter: an
+    existing PEFT adapter directory to continue training from (r, alpha and targets not
+    given are its own; given, they must be its own)."""
 
     r: int = None            # type: ignore[assignment]  # None: 16, or the adapter's
     alpha: float = None      # type: ignore[assignment]  # None: 32, or the adapter's
@@ -109,7 +113,11 @@ class LoRA:
         its tensors' shapes are not this model's (made for another base)."""
         from .nearest import suggest
 
-        linears = LINEARS[spec.family](spec)
+        linears = targets_of(spec)
+        if HEAD in self.targets_for(spec.family) and spec.tie_embeddings:
+            raise UsageError(f"{where}: LoRA target {HEAD!r}: this model's output head "
+                             "is tied to its input embeddings (an adapter on it would "
+                             "adapt one and not the other); leave lm_head out")
         for t in self.targets_for(spec.family):
             if t not in linears:
                 hint = suggest(t, list(linears))
@@ -146,7 +154,7 @@ class LoRA:
         weights = Path(self.adapter) / ADAPTER_WEIGHTS
         if not weights.is_file():
             return   # an older adapter_model.bin: the engine's load checks the shapes
-        linears = LINEARS[spec.family](spec)
+        linears = targets_of(spec)
         for name, shape in safetensors_shapes(weights, where).items():
             parts = name.split(".")
             kind = next((p for p in parts if p in ("lora_A", "lora_B")), None)
@@ -164,9 +172,10 @@ class LoRA:
     def num_params(self, spec: Any) -> int:
         """Trained parameters: r * (in + out) per target linear per layer."""
         linears = LINEARS[spec.family](spec)
-        per_layer = sum(self.r * (i + o) for t in self.targets_for(spec.family)
-                        for i, o in linears.get(t, ()))
-        return per_layer * spec.num_layers
+        targets = self.targets_for(spec.family)
+        per_layer = sum(self.r * (i + o) for t in targets for i, o in linears.get(t, ()))
+        head = self.r * (spec.hidden_size + spec.vocab_size) if HEAD in targets else 0
+        return per_layer * spec.num_layers + head
 
     # -- text ---------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
@@ -187,6 +196,12 @@ class LoRA:
             raise ValueError(f"a LoRA object has r, alpha, targets, dropout, adapter: {d!r}")
         return cls(int(d.get("r", 16)), d.get("alpha", 32.0), tuple(d.get("targets", ())),
                    d.get("dropout", 0.0), str(d.get("adapter", "")))
+
+
+def targets_of(spec: Any) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Target name -> (in, out) of each of its linears: the decoder layers' (LINEARS)
+    and the output head (HEAD)."""
+    return {**LINEARS[spec.family](spec), HEAD: ((spec.hidden_size, spec.vocab_size),)}
 
 
 def read_adapter_config(path: str, where: str) -> dict[str, Any]:
@@ -301,5 +316,5 @@ def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ..
                  for m in out)
 
 
-__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "parse_lora_option", "apply_lora",
+__all__ = ["LoRA", "LINEARS", "DEFAULT_TARGETS", "HEAD", "targets_of", "parse_lora_option", "apply_lora",
            "check_save_target", "read_adapter_config", "safetensors_shapes"]

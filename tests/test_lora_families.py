@@ -36,7 +36,10 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
 
 def targets(name: str) -> tuple[str, ...]:
-    return ("c_attn", "c_proj", "c_fc") if name == "gpt2" else LLAMA_LINEARS
+    """Every linear of the family; the untied Llama-3 config also its output head."""
+    if name == "gpt2":
+        return ("c_attn", "c_proj", "c_fc")
+    return LLAMA_LINEARS + (("lm_head",) if name == "llama3" else ())
 
 
 def lora_decl(path: str, name: str, engine: str = "hf", precision: str = "fp32",
@@ -104,6 +107,8 @@ def test_hf_engine_lora_is_peft_lora(name, checkpoints):
         m for m in ref.modules() if hasattr(m, "lora_A") and "default" in m.lora_A])
     assert {k for k, p in e.module.named_parameters() if p.requires_grad} == \
         {k for k, p in ref.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in ref.parameters() if p.requires_grad) == \
+        e.decl.spec.trained_params   # graphrl's count (the cost model's) is peft's
     vocab = ref.config.vocab_size
     r = rollout(vocab)
     mine = e.forward(r)["logprobs"]
@@ -277,6 +282,8 @@ def test_r_above_a_targets_smaller_side_and_llama_names_on_gpt2_are_refused(chec
         gr.LoRA(4, targets=("q_proj", "v_proj")).check(gpt2, "model policy")
     with pytest.raises(UsageError, match=r"'down_proj'.*did you mean 'c_proj'"):
         gr.LoRA(4, targets=("down_proj",)).check(gpt2, "model policy")
+    with pytest.raises(UsageError, match=r"'lm_head'.*tied to its input embeddings"):
+        gr.LoRA(4, targets=("c_attn", "lm_head")).check(gpt2, "model policy")
     with pytest.raises(UsageError, match=r"r=48 exceeds c_attn's smaller side 32"):
         gr.LoRA(48, targets=("c_attn",)).check(gpt2, "model policy")
     qwen3 = gr.ModelSpec.from_hf_config(read_config(checkpoints["qwen3"]))   # kv 2 x 16
