@@ -304,7 +304,12 @@ def apply_lora(models: tuple[Any, ...], given: dict[str, LoRA]) -> tuple[Any, ..
     needs no copy of its own."""
     from dataclasses import replace
 
-    out = [replace(m, lora=given[m.name]) if m.name in given else m for m in models]
+    def merged(m: Any) -> Any:   # given without targets: the ones the model declares
+        g = given[m.name]
+        if m.lora is not None and m.lora.targets and not g.targets:
+            g = replace(g, targets=m.lora.targets)
+        return replace(m, lora=g)
+    out = [merged(m) if m.name in given else m for m in models]
     fresh = [m for m in out if m.lora is not None and not m.lora.adapter]
 
     def owner(m: Any) -> str:
