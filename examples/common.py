@@ -9,6 +9,7 @@ from graphrl.signatures import ROLLOUT, SCORES
 from graphrl.synthetic import TopicTokensTask
 
 TASK = TopicTokensTask(vocab_size=16, prompt_len=6, response_len=8)
+LORA_TARGETS = ("q_proj", "v_proj", "lm_head")   # the examples' LoRA (docs/lora.md)
 EVAL_PROMPTS = 32          # held-out prompts of --eval-every
 HELD_OUT_SEED = 2_000_000_000   # + --seed: prompts seeded apart from the training batches
 
@@ -56,9 +57,14 @@ def policy_and_reference(opts: gr.RunOptions) -> tuple[gr.Model, gr.Model]:
     the policy's --model directory, unless the reference is given one of its own; with
     --lora policy: its shared base). LoRA adapters train at a 5x learning rate (their
     update is a low-rank product starting from B = 0; docs/lora.md)."""
-    lr = 1e-2 if "policy" in opts.loras() else 2e-3
+    lora = opts.loras().get("policy")
+    lr = 1e-2 if lora is not None else 2e-3
+    # --lora policy without targets, on the example's own (untied) model: q_proj, v_proj
+    # and the output head (choosing among 16 tokens is the task; docs/lora.md)
+    own = lora is not None and not lora.targets and opts.model_dir("policy") is None
+    lora = gr.LoRA(lora.r, lora.alpha, LORA_TARGETS, lora.dropout) if own else None
     return (gr.Model("policy", opts.config_for("policy", llama_config()), role="policy",
-                     trainable=True, options={"lr": lr}),
+                     trainable=True, options={"lr": lr}, lora=lora),
             gr.Model("reference", opts.config_for("reference", opts.model_dir("policy")
                                                   or llama_config()),
                      role="reference", init_from="policy"))

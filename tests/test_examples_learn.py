@@ -54,14 +54,14 @@ def test_gspo_reward_rises(seed, tmp_path, reward_models):
 
 
 @pytest.mark.parametrize("example", ["ppo", "grpo"])
-def test_reward_rises_with_lora(example, reward_models):
-    """--lora policy:r=8,alpha=16 (q_proj, v_proj; the reference its shared base; the
-    examples' LoRA learning rate 1e-2) learns: +0.10 mean reward in 60 iterations, seed
-    11 (measured +0.14 on both; full fine-tuning's bar is +0.15 and it reaches +0.40 on
-    GRPO: docs/lora.md)."""
-    opts = RunOptions(seed=11, quiet=True, lora=("policy:r=8,alpha=16",))
-    exp = shared_prepare(load_build(example)(opts), reward_models, 11)
+@pytest.mark.parametrize("seed", [11, 23])
+def test_reward_rises_with_lora(example, seed, reward_models):
+    """--lora policy (r=16, alpha=32; the examples' targets q_proj, v_proj, lm_head; the
+    reference its shared base; the examples' LoRA learning rate 1e-2) learns as full
+    fine-tuning does: the same +0.15 bar, 60 iterations, both seeds (docs/lora.md)."""
+    opts = RunOptions(seed=seed, quiet=True, lora=("policy",))
+    exp = shared_prepare(load_build(example)(opts), reward_models, seed)
     summary = run_experiment(exp, opts)
     first, last = summary.reward_window(True), summary.reward_window(False)
     assert len(summary.rows) == 60
-    assert last - first >= 0.10, f"{example} --lora: first5 {first:.3f} last5 {last:.3f}"
+    assert last - first >= 0.15, f"{example} --lora: first5 {first:.3f} last5 {last:.3f}"

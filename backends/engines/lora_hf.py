@@ -19,7 +19,6 @@ loads onto the base.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -28,28 +27,19 @@ from torch import nn
 
 from graphrl.errors import UsageError
 
-ADAPTER_CONFIG = "adapter_config.json"
+from graphrl.lora import ADAPTER_CONFIG  # noqa: E402,F401  (the name, kept here too)
 BASE_DIR = "base"   # --save of a LoRA model whose base was built in code: the base, beside
 
 
 def check_adapter_dir(path: str, decl: Any, base_source: str | None) -> dict[str, Any]:
     """The adapter_config.json of a PEFT adapter directory, after checking it is LoRA
-    with this spec's r, alpha and targets, and (when both name one) the same base."""
+    with this spec's r, alpha and targets and tensors of this model's shapes
+    (graphrl.lora.LoRA.check_adapter), and (when both name one) the same base."""
+    from graphrl.lora import read_adapter_config
+
     where = f"model {decl.name}: LoRA adapter {path}"
-    cfg_path = Path(path) / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise UsageError(f"{where}: no {ADAPTER_CONFIG} there (not a PEFT adapter directory)")
-    cfg = json.loads(cfg_path.read_text())
-    lora = decl.spec.lora
-    if cfg.get("peft_type") != "LORA":
-        raise UsageError(f"{where}: a {cfg.get('peft_type')} adapter, not LoRA")
-    want = {"r": lora.r, "lora_alpha": lora.alpha,
-            "target_modules": sorted(lora.targets_for(decl.spec.family))}
-    got = {"r": cfg.get("r"), "lora_alpha": float(cfg.get("lora_alpha") or 0),
-           "target_modules": sorted(cfg.get("target_modules") or [])}
-    bad = [f"{k} {got[k]} (the spec says {want[k]})" for k in want if got[k] != want[k]]
-    if bad:
-        raise UsageError(f"{where}: made with " + ", ".join(bad))
+    decl.spec.lora.check_adapter(decl.spec, f"model {decl.name}")
+    cfg = read_adapter_config(path, where)
     named = cfg.get("base_model_name_or_path") or ""
     if named and base_source and Path(named).name != Path(base_source).name:
         raise UsageError(f"{where}: made for base {named!r}, this model loads "
