@@ -246,6 +246,8 @@ class FSDPEngine:
         for layer in decoder_layers(module, decl.spec.num_layers):
             fully_shard(layer, mesh=self.mesh, **mp)
         fully_shard(module, mesh=self.mesh, **mp)
+        if decl.spec.head != "lm":
+            self._scalar_through_root(module)
         self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
         self.local_arrays()   # checks the layout against the real shards
 
@@ -254,6 +256,20 @@ class FSDPEngine:
             torch.distributed.all_reduce(on, group=group)
             t.copy_(on.cpu())
         self.engine.sum_over_ranks = sum_over_ranks
+
+    def _scalar_through_root(self, module: nn.Module) -> None:
+        """A scalar head (value, score) runs the HF body and the head Linear
+        (HFEngine._scalar), not the root module's forward, so FSDP2's root pre-forward
+        hook, which all-gathers the root's own weights (embeddings, final norm, the head)
+        and after backward reduce-scatters their gradients, would not run: the body would
+        compute on sharded DTensors. Registered as a forward method of the root
+        (torch.distributed.fsdp.register_fsdp_forward_method), that call runs the root's
+        pre/post-forward hooks as module(...) does, for forward and train alike."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        module.graphrl_scalar = self.engine._scalar   # a plain attribute: no weights
+        register_fsdp_forward_method(module, "graphrl_scalar")
+        self.engine._scalar = module.graphrl_scalar
 
     @property
     def version(self) -> int:
