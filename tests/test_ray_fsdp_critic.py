@@ -81,3 +81,26 @@ def test_fsdp2_critic_in_bf16(ray_session):
     assert r["reward_mean"] == l["reward_mean"]
     assert r["critic_stats/loss"] == pytest.approx(l["critic_stats/loss"], rel=2e-2)
     assert all(torch.isfinite(t).all() for w in got.values() for t in w.values())
+
+
+def test_fsdp2_calls_that_bypass_the_root_module(root):
+    """Without Ray (one gloo rank in a subprocess, tests/fsdp_one_rank.py): FSDP2 engines
+    whose calls do not run the root module's forward. Value and score heads give the
+    plain engine's outputs bit for bit (fp32); the fast engine's fused kernels read the
+    parameters directly (shards here), so on FSDP2 it scores through HF's forward, within
+    fp32 rounding of its fused path, and its generate (a decode copy of full weights) is
+    refused with a message naming the model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(root / "tests" / "fsdp_one_rank.py")],
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["hf/value"]["diff"] == 0.0 and out["hf/score"]["diff"] == 0.0
+    fast = out["fast/lm"]
+    assert fast["plain_fused"] and not fast["fused"] and fast["diff"] < 1e-5
+    assert fast["generate"].startswith("model m: engine fast cannot generate on FSDP2")

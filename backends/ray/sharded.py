@@ -216,7 +216,10 @@ class FSDPEngine:
     each weight. `train` takes this rank's slice of the batch (`shard_batch`); gradients
     are averaged over the mesh, so equal slices give the single-process step on the whole
     batch. `train`, `forward`, `generate` and `export_weights` are collectives: every
-    rank of the mesh must make the same call.
+    rank of the mesh must make the same call. Calls that do not run the root module's
+    forward: a scalar head's body + head (HFEngine._scalar) runs as a registered forward
+    method of the root; the fast engine scores through HF's forward (its fused kernels
+    would read shards) and cannot generate here (its decode copy reads full weights).
     """
 
     def __init__(self, decl: ModelDecl, options: Mapping[str, Any], gpus: Sequence[int],
@@ -248,6 +251,11 @@ class FSDPEngine:
         fully_shard(module, mesh=self.mesh, **mp)
         if decl.spec.head != "lm":
             self._scalar_through_root(module)
+        if getattr(self.engine, "fused_forward", False):
+            # the fast engine's fused kernels (fast_forward) read the module's parameters
+            # directly, which are shards here: score and train through HF's forward of
+            # the root (FastEngine._head's fallback) instead
+            self.engine.fused_forward = False
         self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
         self.local_arrays()   # checks the layout against the real shards
 
@@ -315,6 +323,11 @@ class FSDPEngine:
             self._reshard()
 
     def generate(self, prompts: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+        if hasattr(self.engine, "_decoder"):   # FastEngine: decodes on a copy (FastLM)
+            raise UsageError(f"model {self.decl.name}: engine fast cannot generate on "
+                             "FSDP2 shards (its decode copy reads full weights); place "
+                             f"{self.decl.name}.generate on GPUs of its own (replicas, "
+                             "fed by a reshard) or use engine hf")
         try:
             return self.engine.generate(prompts, **kw)
         finally:
