@@ -229,17 +229,26 @@ class HFEngine:
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)   # fp32 reduction
             picked = lp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             return F.pad(picked, (1, 0))
-        body, linear = scalar_parts(self.module)
-        with self.compute():
-            hidden = body(input_ids=tokens, attention_mask=mask, position_ids=pos,
-                          use_cache=False).last_hidden_state
-        if linear.weight.dtype == torch.float32:   # the scalar head in fp32
-            out = linear(hidden.float()).squeeze(-1)
-        else:                                      # bf16-held: its output cast to fp32
-            out = linear(hidden).squeeze(-1).float()
+        # the compute context chosen here, on the weights as held (a sharded engine's
+        # _scalar sees some gathered, some not: sharded.FSDPEngine)
+        out = self._scalar(tokens, mask, pos, self.compute())
         if head == "value":
             return shifted(out)
         return out[torch.arange(out.shape[0], device=out.device), last_index(mask)]
+
+    def _scalar(self, tokens: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                compute: Any) -> torch.Tensor:
+        """A scalar head's output at every position (fp32): the HF body in the context
+        `compute` (self.compute()), then the head Linear on its last hidden states. It
+        calls the body and the head, not the root module: a sharded engine runs it as a
+        forward of the root (sharded.FSDPEngine)."""
+        body, linear = scalar_parts(self.module)
+        with compute:
+            hidden = body(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                          use_cache=False).last_hidden_state
+        if linear.weight.dtype == torch.float32:   # the scalar head in fp32
+            return linear(hidden.float()).squeeze(-1)
+        return linear(hidden).squeeze(-1).float()  # bf16-held: its output cast to fp32
 
     def _heads(self, payloads: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
         """_head of each payload, in one forward pass when they have one width (a

@@ -216,7 +216,10 @@ class FSDPEngine:
     each weight. `train` takes this rank's slice of the batch (`shard_batch`); gradients
     are averaged over the mesh, so equal slices give the single-process step on the whole
     batch. `train`, `forward`, `generate` and `export_weights` are collectives: every
-    rank of the mesh must make the same call.
+    rank of the mesh must make the same call. Calls that do not run the root module's
+    forward: a scalar head's body + head (HFEngine._scalar) runs as a registered forward
+    method of the root; the fast engine scores through HF's forward (its fused kernels
+    would read shards) and cannot generate here (its decode copy reads full weights).
     """
 
     def __init__(self, decl: ModelDecl, options: Mapping[str, Any], gpus: Sequence[int],
@@ -246,6 +249,13 @@ class FSDPEngine:
         for layer in decoder_layers(module, decl.spec.num_layers):
             fully_shard(layer, mesh=self.mesh, **mp)
         fully_shard(module, mesh=self.mesh, **mp)
+        if decl.spec.head != "lm":
+            self._scalar_through_root(module)
+        if getattr(self.engine, "fused_forward", False):
+            # the fast engine's fused kernels (fast_forward) read the module's parameters
+            # directly, which are shards here: score and train through HF's forward of
+            # the root (FastEngine._head's fallback) instead
+            self.engine.fused_forward = False
         self.layout = fsdp_layout(self.specs, self.gpus, decl.spec.num_layers)
         self.local_arrays()   # checks the layout against the real shards
 
@@ -254,6 +264,20 @@ class FSDPEngine:
             torch.distributed.all_reduce(on, group=group)
             t.copy_(on.cpu())
         self.engine.sum_over_ranks = sum_over_ranks
+
+    def _scalar_through_root(self, module: nn.Module) -> None:
+        """A scalar head (value, score) runs the HF body and the head Linear
+        (HFEngine._scalar), not the root module's forward, so FSDP2's root pre-forward
+        hook, which all-gathers the root's own weights (embeddings, final norm, the head)
+        and after backward reduce-scatters their gradients, would not run: the body would
+        compute on sharded DTensors. Registered as a forward method of the root
+        (torch.distributed.fsdp.register_fsdp_forward_method), that call runs the root's
+        pre/post-forward hooks as module(...) does, for forward and train alike."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        module.graphrl_scalar = self.engine._scalar   # a plain attribute: no weights
+        register_fsdp_forward_method(module, "graphrl_scalar")
+        self.engine._scalar = module.graphrl_scalar
 
     @property
     def version(self) -> int:
@@ -299,6 +323,11 @@ class FSDPEngine:
             self._reshard()
 
     def generate(self, prompts: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+        if hasattr(self.engine, "_decoder"):   # FastEngine: decodes on a copy (FastLM)
+            raise UsageError(f"model {self.decl.name}: engine fast cannot generate on "
+                             "FSDP2 shards (its decode copy reads full weights); place "
+                             f"{self.decl.name}.generate on GPUs of its own (replicas, "
+                             "fed by a reshard) or use engine hf")
         try:
             return self.engine.generate(prompts, **kw)
         finally:
