@@ -15,6 +15,10 @@ one process, where the sync is a no-op: a run's reshard bytes are the plan's onl
 
 Generation: merged vs unmerged adapters on one engine (`generation`).
 
+Peak memory: each measured variant runs in a fresh process of its own (`--one`), whose
+peak resident set (getrusage ru_maxrss: the Python interpreter, torch and the run's
+tensors) is reported as `peak_rss_bytes`, and the reward model is trained anew in each.
+
     .venv/bin/python benchmarks/lora_vs_full.py --repeats 2 --out docs/lora.json
 """
 from __future__ import annotations
@@ -63,7 +67,11 @@ def measure(lora: str, lr: float, iterations: int, cache: dict) -> dict:
     t = time.perf_counter()
     summary = run_experiment(exp, opts, out=open("/dev/null", "w"), executor=executor)
     rows = summary.rows[1:]
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
     return {"variant": lora or "full", "lr": lr, "seconds": time.perf_counter() - t,
+            "peak_rss_bytes": peak,
             "step_seconds": statistics.median(r["step_seconds"] for r in rows),
             "train_seconds": statistics.median(r["seconds/policy.train"] for r in rows),
             "generate_seconds": statistics.median(r["seconds/policy.generate"] for r in rows),
@@ -137,9 +145,22 @@ def generation(repeats: int = 5) -> dict:
             "token_agreement": same}
 
 
+def measure_apart(lora: str, lr: float, iterations: int) -> dict:
+    """`measure` in a fresh process: its peak resident set is this variant's alone."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", lora or "full", "--one-lr", str(lr),
+           "--iterations", str(iterations)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"lora_vs_full: the {lora or 'full'} run failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lora", default="policy:r=8,alpha=16")
+    p.add_argument("--lora", default="policy",
+                   help="the LoRA variant (default: the examples' own, docs/lora.md)")
     p.add_argument("--iterations", type=int, default=60)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--full-lr", type=float, default=2e-3)
@@ -147,18 +168,24 @@ def main() -> int:
     p.add_argument("--parts", default="measured,planned,generation",
                    help="which parts to run (comma-separated)")
     p.add_argument("--out", metavar="FILE.json")
+    p.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)   # measure_apart's
+    p.add_argument("--one-lr", type=float, help=argparse.SUPPRESS)
     ns = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     cache: dict = {}
+    if ns.one:
+        lora = "" if ns.one == "full" else ns.one
+        print(json.dumps(measure(lora, ns.one_lr, ns.iterations, cache)))
+        return 0
     parts = ns.parts.split(",")
     result: dict = {}
     if "measured" in parts:
         result["measured"] = []
         for _ in range(ns.repeats):
-            result["measured"].append(measure("", ns.full_lr, ns.iterations, cache))
-            result["measured"].append(measure(ns.lora, ns.lora_lr, ns.iterations, cache))
+            result["measured"].append(measure_apart("", ns.full_lr, ns.iterations))
+            result["measured"].append(measure_apart(ns.lora, ns.lora_lr, ns.iterations))
     if "planned" in parts:
         result["planned"] = planned("") + planned(ns.lora)
     if "generation" in parts:
