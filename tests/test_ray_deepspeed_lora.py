@@ -10,7 +10,9 @@ tests/test_ray_engines.py; each step's reshard moves the adapters only (out of Z
 flat partitions): ModelSpec.sync_bytes to each generation GPU, the generation copies then
 equal to the trained weights bit for bit. The run's sharded checkpoint resumes on Ray
 onto DeepSpeed ZeRO-2; its --save is a PEFT adapter peft loads with the trained
-log-probs, its --save-merged a plain HF model with them.
+log-probs, its --save-merged a plain HF model with them. Without a placement file the
+compiler itself puts this LoRA policy on DeepSpeed ZeRO-1 beside its generation; that plan
+runs too.
 """
 from __future__ import annotations
 
@@ -181,3 +183,22 @@ def test_ray_save_of_a_deepspeed_policy_is_a_peft_adapter(zero3):
     assert torch.allclose(logprobs(loaded, tokens), want, atol=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(d / "merged")   # W + (alpha/r) B A
     assert torch.allclose(logprobs(merged, tokens), want, atol=1e-4)
+
+
+def test_the_automatic_ray_plan_runs_lora_on_deepspeed_zero1(ray_session, local):
+    """Without a placement file the compiler puts this LoRA policy on DeepSpeed ZeRO-1
+    over GPUs 0-3 beside its generation (the plan `graphrl run --backend ray` makes);
+    it runs and gives the local rows, adapters alone resharded into the generation
+    copies on the same GPUs."""
+    exp = experiment("grpo")
+    opts = options(backend="ray", cluster="1x4xcpu", call_timeout=TIMEOUT)
+    summary, _, facts = run_on_ray(exp, opts)
+    train = facts["engines"]["policy.train"]
+    assert (train["engine"], train["dp"], train["zero"], train["differs"]) == \
+        ("deepspeed", 4, 1, [])
+    assert facts["engines"]["reference.forward"]["engine"] == "deepspeed"
+    close_to_local(summary.rows, local[1])
+    for r in facts["reshards"]:   # ZeRO-1: every rank holds the adapters whole
+        assert (r.sync, r.exact) == ("adapters", True)
+        assert r.measured == r.transfer_plan == r.compiled
+        assert set(r.received.values()) == {0}   # copied on each GPU, nothing sent
