@@ -202,3 +202,21 @@ def test_the_automatic_ray_plan_runs_lora_on_deepspeed_zero1(ray_session, local)
         assert (r.sync, r.exact) == ("adapters", True)
         assert r.measured == r.transfer_plan == r.compiled
         assert set(r.received.values()) == {0}   # copied on each GPU, nothing sent
+
+
+def test_the_driver_copy_of_a_policy_declared_on_deepspeed_is_the_hf_peft_model():
+    """--save of a Ray run writes from a driver-side engine (RayExecutor.driver_engine):
+    for a policy declared engine="deepspeed" that is the one-process hf engine over the
+    same peft model, loading the names the DeepSpeed ranks export."""
+    from graphrl.backends.engines.hf import HFEngine
+    from graphrl.backends.ray.driver_engines import DriverEngines
+
+    program = experiment("grpo", engine="deepspeed").with_precision(options()).program()
+    assert program.models["policy"].engine == "deepspeed"
+    trained = LocalExecutor(experiment("grpo").with_precision(options()).program(),
+                            seed=1).engines["policy"].export_weights()
+    eng = DriverEngines(program, seed=0).holding("policy", lambda name: trained)
+    assert isinstance(eng, HFEngine) and hasattr(eng.module, "disable_adapter")
+    got = eng.export_weights()
+    assert list(got) == list(trained)
+    assert all(torch.equal(got[k], w) for k, w in trained.items())
