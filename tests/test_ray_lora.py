@@ -13,8 +13,9 @@ generation copies equal the trained weights bit for bit, base included (built fr
 same seed). A checkpointed Ray run resumes to the uninterrupted run's rows; its --save
 is a PEFT adapter directory peft loads with the trained model's log-probs; in bf16 the
 workers (FSDP2, or data-parallel hf replicas) hold a bf16 base with fp32 adapters and
-fp32 Adam state for the adapters only. LoRA on megatron / DeepSpeed engines is refused
-before Ray starts.
+fp32 Adam state for the adapters only. LoRA on megatron is refused before Ray starts;
+an automatic Ray plan for a LoRA policy never picks it. LoRA on DeepSpeed inside a Ray
+run: tests/test_ray_deepspeed_lora.py.
 """
 from __future__ import annotations
 
@@ -254,43 +255,51 @@ def test_bf16_workers_hold_a_bf16_base_and_fp32_adapters(ray_session, tmp_path, 
                      r"offload=0 precision=bf16 yes", out.getvalue()), kind
 
 
-# -- refused before launch ------------------------------------------------------------------
-def test_lora_on_megatron_or_deepspeed_on_ray_is_refused_naming_the_call():
+# -- refused before launch: megatron only ------------------------------------------------
+def test_lora_on_megatron_on_ray_is_refused_naming_the_call():
+    """DeepSpeed runs LoRA on Ray (tests/test_ray_deepspeed_lora.py); megatron-core does
+    not (no LoRA on its parallel linears): refused naming the call."""
     from graphrl.backends.ray.assign import refuse_lora_engines
 
     graph = experiment("grpo").with_precision(options()).program().graph
     calls = {n.name: n.call for n in graph.nodes if n.kind == "call"}
-    for engine in ("deepspeed", "megatron"):
-        chosen = {name: (engine if call == "policy.train" else "hf")
-                  for name, call in calls.items()}
-        with pytest.raises(UsageError, match=rf"\(policy.train\): model policy trains LoRA "
-                                             rf"adapters; on --backend ray .* not {engine}"):
+    for call, what in (("policy.train", r"\(policy.train\): model policy trains LoRA "
+                                        r"adapters; on --backend ray .* not megatron"),
+                       ("reference.forward", "is the shared base of policy")):
+        chosen = {name: ("megatron" if c == call else "hf") for name, c in calls.items()}
+        with pytest.raises(UsageError, match=what):
             refuse_lora_engines(graph, chosen)
-        chosen = {name: (engine if call == "reference.forward" else "hf")
-                  for name, call in calls.items()}
-        with pytest.raises(UsageError, match="is the shared base of policy"):
-            refuse_lora_engines(graph, chosen)
-    refuse_lora_engines(graph, {name: "hf" for name in calls})
-    refuse_lora_engines(graph, {name: "fast" for name in calls})
+    for engine in ("hf", "fast", "deepspeed"):
+        refuse_lora_engines(graph, {name: engine for name in calls})
 
 
-def test_a_ray_run_pinning_lora_to_deepspeed_is_refused_before_ray_starts(tmp_path,
-                                                                          monkeypatch):
-    """Even where the DeepSpeed engine itself runs LoRA (graphrl.architecture says so),
-    the Ray workers do not: `graphrl run --backend ray` refuses it after compiling,
-    before Ray starts."""
-    from graphrl.architecture import ENGINE_FEATURES
+def test_a_ray_run_pinning_lora_to_megatron_is_refused_before_ray_starts(tmp_path):
     from graphrl.runner import make_executor
 
-    monkeypatch.setitem(ENGINE_FEATURES, "deepspeed", ENGINE_FEATURES["deepspeed"] | {"lora"})
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({**PLACEMENT, "policy.train": {
-        "gpus": "0-1", "dp": 2, "zero": 2, "engine": "deepspeed"}}))
+        "gpus": "0-1", "dp": 2, "engine": "megatron"}}))
     opts = options(backend="ray", cluster="1x4xcpu", placement=str(placement))
-    with pytest.raises(UsageError, match=r"model policy trains LoRA adapters; on --backend "
-                                         r"ray LoRA runs on the hf and fast engines .* not "
-                                         "deepspeed"):
+    with pytest.raises(UsageError, match=r"model policy: engine megatron cannot run this "
+                                         r"llama model: it does not implement LoRA"):
         make_executor(experiment("grpo").with_precision(opts).program(), opts)
+
+
+@pytest.mark.parametrize("cluster", ["1x4xcpu", "2x4xcpu"])
+def test_an_automatic_ray_plan_for_lora_is_one_the_executor_runs(cluster):
+    """`graphrl run --backend ray` compiles (graphrl.launch.compile_for) a plan whose
+    engines the Ray executor accepts for a LoRA policy: never megatron (the search
+    skips engines without LoRA: graphrl.architecture.ENGINE_FEATURES)."""
+    from graphrl.backends.ray.assign import refuse_lora_engines
+    from graphrl.engines import resolve_engines
+    from graphrl.launch import compile_for
+
+    opts = options(backend="ray", cluster=cluster)
+    program = experiment("grpo").with_precision(opts).program()
+    plan = compile_for(program, opts).plan
+    chosen = resolve_engines(plan.graph, {n: m.engine for n, m in program.models.items()})
+    assert "megatron" not in chosen.values()
+    refuse_lora_engines(plan.graph, chosen)
 
 
 def test_ray_checkpoints_list_the_local_backends_shapes():

@@ -63,13 +63,47 @@ def ensure_accelerator(device: str, local_rank: int = 0) -> None:
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
+# deepspeed 0.19.8 modules that call zero.utils.assert_ints_same_as_other_ranks by their
+# own global name: ZeRO-3's check that every rank recorded the same module trace (at the
+# start of a forward while it records one), and its optional safe-mode / sanity checks
+TRACE_CHECKERS = ("deepspeed.runtime.zero.partitioned_param_coordinator",
+                  "deepspeed.runtime.zero.partition_parameters",
+                  "deepspeed.runtime.zero.stage3")
+
+
+def same_on_mesh(group: Any, device: Any) -> Any:
+    """`assert_ints_same_as_other_ranks` over `group`: the mesh's first rank broadcasts
+    its list (length, then values) and every rank compares it with its own."""
+
+    def check(ints: Sequence[int]) -> None:
+        first = dist.get_global_rank(group, 0)
+        n = torch.tensor([len(ints)], dtype=torch.long, device=device)
+        dist.broadcast(n, src=first, group=group)
+        theirs = torch.tensor(list(ints) if int(n) == len(ints) else [0] * int(n),
+                              dtype=torch.long, device=device)
+        dist.broadcast(theirs, src=first, group=group)
+        if theirs.tolist() != list(ints):
+            raise RuntimeError(f"DeepSpeed ZeRO-3: rank {dist.get_rank()} recorded "
+                               f"{len(ints)} ids, the mesh's first rank {first} "
+                               f"{int(n)} (or other ones): the ranks ran different modules")
+    return check
+
+
 @contextlib.contextmanager
-def mesh_barriers(group: Any) -> Iterator[None]:
-    """While inside, DeepSpeed's barriers without a group wait on `group` (the engine's
-    mesh): deepspeed 0.19.8's ZeRO-3 set-up calls `deepspeed.comm.barrier()` on the whole
-    world (stage3.py), which hangs when the mesh is part of a larger world whose other
-    ranks are not building this engine (a ZeRO-3 critic on GPUs 2-3 beside a policy on
-    0-1). Its other collectives already take the data-parallel group of the mpu."""
+def mesh_barriers(group: Any, device: Any = "cpu") -> Iterator[None]:
+    """While inside, DeepSpeed's collectives that go to the whole world wait on `group`
+    (the engine's mesh) instead, which would hang when the mesh is part of a larger
+    world whose other ranks are not in this call (a ZeRO-3 critic on GPUs 2-3 beside a
+    policy on 0-1; a LoRA policy's forward on 0-1 beside generation on 2-3):
+    - `deepspeed.comm.barrier()` without a group (ZeRO-3 set-up, stage3.py);
+    - ZeRO-3's trace check, `assert_ints_same_as_other_ranks`, which broadcasts from
+      world rank 0 over the world at the start of a forward while the trace is recorded
+      (the first two forwards, and again after the module order changed, e.g. a shared
+      base's forward with the adapters off): `same_on_mesh` instead.
+    Its other collectives already take the data-parallel group of the mpu. The patches
+    are undone on exit (one call at a time per process)."""
+    import importlib
+
     import deepspeed.comm as dscomm
 
     world_barrier = dscomm.barrier
@@ -78,11 +112,20 @@ def mesh_barriers(group: Any) -> Iterator[None]:
         return world_barrier(group=group if group is not None else mesh, **kw)
 
     mesh = group
+    check = same_on_mesh(group, device)
+    patched = []
+    for name in TRACE_CHECKERS if group is not None else ():   # None: the world
+        module = importlib.import_module(name)
+        if hasattr(module, "assert_ints_same_as_other_ranks"):
+            patched.append((module, module.assert_ints_same_as_other_ranks))
+            module.assert_ints_same_as_other_ranks = check
     dscomm.barrier = barrier
     try:
         yield
     finally:
         dscomm.barrier = world_barrier
+        for module, original in patched:
+            module.assert_ints_same_as_other_ranks = original
 
 
 class _MeshMPU:
@@ -186,7 +229,7 @@ class DeepSpeedEngine:
         }
         mpu = _MeshMPU(self.group, self.ranks, self.rank)
         mpu._self_group = self.self_group
-        with mesh_barriers(self.group):
+        with mesh_barriers(self.group, self.hf.device):
             self.ds, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.hf.module, optimizer=opt, config=config, mpu=mpu,
                 dist_init_required=False)
@@ -212,7 +255,8 @@ class DeepSpeedEngine:
         """The head quantity for the whole batch on every rank (each its slice, gathered)."""
         n = next(iter(rollout.values())).shape[0]
         mine = self._slice(n, "forward")
-        out = self.hf.forward({k: v[mine] for k, v in rollout.items()})
+        with mesh_barriers(self.group, self.hf.device):
+            out = self.hf.forward({k: v[mine] for k, v in rollout.items()})
         self.ran_micro_batches = 1   # one pass over its slice
         key, local = next(iter(out.items()))
         full = [torch.zeros_like(local) for _ in range(self.dp)]
@@ -230,9 +274,11 @@ class DeepSpeedEngine:
         """HFEngine.train's minibatches (train_loop.train_epochs); each rank its slice."""
         self.ds.train()
         self.hf.module.eval()   # no dropout (as HFEngine); DeepSpeed's train() flag only
-        stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed, epochs=epochs,
-                             minibatches=minibatches, options=hyper,
-                             step=lambda fn, idx: self._minibatch(fn, inputs, idx, hyper))
+        with mesh_barriers(self.group, self.hf.device):
+            stats = train_epochs(self.decl.name, inputs, loss=loss, seed=seed,
+                                 epochs=epochs, minibatches=minibatches, options=hyper,
+                                 step=lambda fn, idx: self._minibatch(fn, inputs, idx,
+                                                                      hyper))
         self.version += 1
         return stats
 

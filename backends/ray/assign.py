@@ -14,14 +14,15 @@
   train call (or first forward call), and the process groups it needs; a strategy no
   engine runs, or a forward call planned with other degrees than its model's shared
   engine runs it with (graphrl.engines.shared_strategy), is refused there, before
-  anything starts. LoRA (graphrl.lora): a model with adapters runs on the hf or fast
-  engine as any other (peft inside FSDP2 or the replicas; generation copies hold the
-  frozen base from the same seed or model directory, and reshards move the adapters);
-  a shared base (ModelDecl.shares_base: a reference that is the policy's frozen base)
-  gets no engine of its own: a `base` spec that runs its calls on its owner's engine,
-  on the owner's ranks, with the adapters off. Refused here: a shared base whose calls
-  the plan put elsewhere, and LoRA on megatron or DeepSpeed engines on Ray
-  (`refuse_lora_engines`).
+  anything starts. LoRA (graphrl.lora): a model with adapters runs on the hf, fast or
+  DeepSpeed engine as any other (peft inside FSDP2, the replicas or DeepSpeed ZeRO;
+  generation copies hold the frozen base from the same seed or model directory, and
+  reshards move the adapters); a shared base (ModelDecl.shares_base: a reference that
+  is the policy's frozen base) gets no engine of its own: a `base` spec that runs its
+  calls on its owner's engine, on the owner's ranks, with the adapters off (on a
+  DeepSpeed owner: a collective of its mesh, the whole batch on every rank, as the
+  owner's own calls). Refused here: a shared base whose calls the plan put elsewhere,
+  and LoRA on megatron engines (`refuse_lora_engines`).
 - `split_rows`: how a call's batch is split over its ranks. Every call runs on every rank
   of its mesh with an equal slice (rank i of n: rows i*B//n to (i+1)*B//n) on HF
   replicas; megatron and DeepSpeed engines take the whole batch and split it by their
@@ -84,7 +85,9 @@ def _engine_groups(kind: str, gpus: tuple[int, ...], s: Any,
     return tuple(names)
 
 
-LORA_ENGINES = ("hf", "fast")   # the engines LoRA runs on with the Ray backend
+# the engines LoRA runs on with the Ray backend (megatron-core's parallel linears have no
+# LoRA: graphrl.architecture.ENGINE_FEATURES, so the compiler never chooses it for one)
+LORA_ENGINES = ("hf", "fast", "deepspeed")
 
 
 def refuse_lora_engines(graph: Graph, chosen: Mapping[str, str]) -> None:
@@ -100,10 +103,9 @@ def refuse_lora_engines(graph: Graph, chosen: Mapping[str, str]) -> None:
         if what:
             raise UsageError(
                 f"node {n.name} ({n.call}): model {decl.name} {what}; on --backend ray "
-                f"LoRA runs on the {' and '.join(LORA_ENGINES)} engines (FSDP2 or "
-                f"replicas), not {chosen[n.name]}: the adapter-only weight sync from its "
-                "shards and a shared base on it are not implemented there; pin the call "
-                "to engine hf (e.g. zero=3 for FSDP2), or use --backend local")
+                f"LoRA runs on the {', '.join(LORA_ENGINES)} engines, not "
+                f"{chosen[n.name]}: it has no LoRA on its parallel linears; pin the call "
+                "to engine hf (e.g. zero=3 for FSDP2) or deepspeed")
 
 
 def _shared_base(decl: Any, calls: list[Any], specs: dict[str, EngineSpec],

@@ -8,17 +8,21 @@ from graphrl.trace import Program
 
 class DriverEngines(Mapping[str, Any]):
     """Engines built on the driver on first use, for an Experiment's `prepare` (e.g.
-    reward-model training), seeded as the workers' engines are."""
+    reward-model training) and a run's --save (`holding`), seeded as the workers'
+    engines are. A model declared on a multi-rank engine (megatron, deepspeed) gets the
+    one-process hf engine here: the same HF module (LoRA: the same peft model), whose
+    names those engines export their weights under."""
 
     def __init__(self, program: Program, seed: int):
         self.program, self.seed, self.built = program, seed, {}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.built:
-            from graphrl.backends.engines.registry import create_engine
+            from graphrl.backends.engines.registry import MULTI_RANK, create_engine
 
             m = self.program.models[name]
-            eng = create_engine(m.engine, m.decl(), m.engine_options(), "cpu", self.seed)
+            kind = "hf" if MULTI_RANK.get(m.engine) else m.engine
+            eng = create_engine(kind, m.decl(), m.engine_options(), "cpu", self.seed)
             if m.init_from:
                 eng.load_weights(self[m.init_from].export_weights())
             self.built[name] = eng
