@@ -132,7 +132,31 @@ def _check_decl(decl: ModelDecl, specs: Sequence[ParamSpec], module: nn.Module) 
 
 
 # -- engines -------------------------------------------------------------------------------
-class ReplicatedEngine:
+class _WrapsEngine:
+    """What a rank's engine here reads through to the one-process engine it wraps
+    (`self.engine`): its version, and what lora_hf.SharedBase reads of the engine it runs
+    a shared base on (module, device, tokens)."""
+
+    engine: Any
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def tokens(self) -> Any:
+        return self.engine.tokens
+
+
+class ReplicatedEngine(_WrapsEngine):
     """A full engine of the model's declared kind (HFEngine, or FastEngine for
     engine=fast) on this rank; one of `gpus` replicas."""
 
@@ -146,23 +170,6 @@ class ReplicatedEngine:
         self.engine = create_engine(decl.engine, decl, options, device, seed)
         self.specs = param_specs(decl, self.engine.module)
         self.layout = replicated_layout(self.specs, self.gpus, decl.spec.num_layers)
-
-    @property
-    def version(self) -> int:
-        return self.engine.version
-
-    # what lora_hf.SharedBase reads of the engine it runs a shared base on
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def tokens(self) -> Any:
-        return self.engine.tokens
 
     def local_arrays(self) -> dict[str, list[torch.Tensor]]:
         named = dict(self.engine.module.state_dict(keep_vars=True))
@@ -209,7 +216,7 @@ def decoder_layers(module: nn.Module, num_layers: int) -> nn.ModuleList:
                      f"{type(module).__name__}")
 
 
-class FSDPEngine:
+class FSDPEngine(_WrapsEngine):
     """An HF model sharded by FSDP2 over the ranks `gpus` of process group `group`.
 
     Every rank builds the same seeded model, then `fully_shard` keeps its dim-0 chunk of
@@ -278,23 +285,6 @@ class FSDPEngine:
         module.graphrl_scalar = self.engine._scalar   # a plain attribute: no weights
         register_fsdp_forward_method(module, "graphrl_scalar")
         self.engine._scalar = module.graphrl_scalar
-
-    @property
-    def version(self) -> int:
-        return self.engine.version
-
-    # what lora_hf.SharedBase reads of the engine it runs a shared base on
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def tokens(self) -> Any:
-        return self.engine.tokens
 
     def _dtensors(self) -> dict[str, Any]:
         from torch.distributed.tensor import DTensor, Shard
